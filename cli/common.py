@@ -1,0 +1,44 @@
+"""Shared CLI plumbing: one console, user-error handling, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from mzoo.errors import UserError
+
+console = Console()
+if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
+    console = Console(width=200)
+err_console = Console(stderr=True)
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and warnings would drown mzoo's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Print a UserError as one red sentence and exit 2, with no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")

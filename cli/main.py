@@ -1,0 +1,37 @@
+"""The `mzoo` command: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from mzoo import __version__
+from mzoo.cli import demo as demo_cmd
+from mzoo.cli import init as init_cmd
+from mzoo.cli import zoo as zoo_cmd
+
+app = typer.Typer(
+    name="mzoo",
+    help="Train, convert, reshard and ship LLMs on a Megatron-style parallel engine.\n\n"
+    "Example: mzoo zoo list --family llama",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(zoo_cmd.app, name="zoo")
+app.command("init")(init_cmd.init)
+app.command("demo")(demo_cmd.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mzoo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    pass
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,80 @@
+"""`mzoo zoo list|show`: browse the presets and what they cost."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mzoo.cli.common import console, print_json, user_errors
+from mzoo.config import ModelConfig
+from mzoo.params import human
+from mzoo import zoo as zoo_lib
+
+app = typer.Typer(help="Browse the model zoo: published presets and tiny test variants.", no_args_is_help=True)
+
+
+def _summary(p: zoo_lib.Preset) -> dict:
+    c: ModelConfig = p.config
+    count = p.count
+    return {
+        "name": c.name,
+        "family": c.family,
+        "params": count.total,
+        "active_params": count.active,
+        "layers": c.num_layers,
+        "hidden": c.hidden_size,
+        "heads": c.num_attention_heads if c.ssm is None or "attention" in c.layer_types else None,
+        "groups": c.groups if c.ssm is None or "attention" in c.layer_types else None,
+        "experts": c.moe.num_experts if c.moe else None,
+        "context": c.max_position_embeddings if c.position_embedding != "none" or c.ssm is None or "attention" in c.layer_types else None,
+        "published_params": p.published_params,
+        "source": c.source,
+    }
+
+
+@app.command("list")
+@user_errors
+def list_(
+    family: Optional[str] = typer.Option(None, "--family", "-f", help="Only this family (gpt, llama, mixtral, deepseek, mamba)."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List presets with exact parameter counts.
+
+    Example: mzoo zoo list --family llama
+    """
+    rows = [_summary(zoo_lib.get(n)) for n in zoo_lib.names(family)]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="mzoo zoo")
+    for col in ("name", "family", "params", "active", "layers", "hidden", "heads/groups", "experts", "context"):
+        table.add_column(col, justify="left" if col in ("name", "family") else "right")
+    for r in rows:
+        heads = f"{r['heads']}/{r['groups']}" if r["heads"] else "-"
+        table.add_row(r["name"], r["family"], human(r["params"]), human(r["active_params"]), str(r["layers"]),
+                      str(r["hidden"]), heads, str(r["experts"] or "-"), str(r["context"] or "-"))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def show(
+    name: str = typer.Argument(..., help="Preset name, e.g. llama3-8b."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
+) -> None:
+    """Show a preset's full configuration and parameter counts.
+
+    Example: mzoo zoo show llama3-8b
+    """
+    p = zoo_lib.get(name)
+    if as_json:
+        print_json({**_summary(p), "config": p.config.to_dict()})
+        return
+    s = _summary(p)
+    console.print(f"[bold]{name}[/] ({s['family']}): {human(s['params'])} parameters"
+                  + (f", {human(s['active_params'])} active per token" if s["active_params"] != s["params"] else ""))
+    if s["source"]:
+        console.print(f"source: {s['source']}", highlight=False)
+    console.print(p.config.to_yaml(), highlight=False, markup=False)

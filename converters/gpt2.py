@@ -1,0 +1,100 @@
+"""GPT-2 <-> canonical: Conv1D transposes, the fused [q; k; v] c_attn, learned positions, tied head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.converters.adapter import Adapter, register
+from mzoo.converters.mapping import Direct, FusedQKV, MappingTable, Transposed
+
+L = "decoder.layers.*."
+H = "transformer.h.*."
+
+TABLE = MappingTable([
+    Direct("embedding.word_embeddings.weight", "transformer.wte.weight"),
+    Direct("embedding.position_embeddings.weight", "transformer.wpe.weight"),
+    Direct("decoder.final_layernorm.weight", "transformer.ln_f.weight"),
+    Direct("decoder.final_layernorm.bias", "transformer.ln_f.bias"),
+    Direct("output_layer.weight", "lm_head.weight"),
+    Direct(L + "self_attention.linear_qkv.layer_norm_weight", H + "ln_1.weight"),
+    Direct(L + "self_attention.linear_qkv.layer_norm_bias", H + "ln_1.bias"),
+    FusedQKV(L + "self_attention.linear_qkv.weight", {"x": H + "attn.c_attn.weight"}, transposed=True),
+    FusedQKV(L + "self_attention.linear_qkv.bias", {"x": H + "attn.c_attn.bias"}),
+    Transposed(L + "self_attention.linear_proj.weight", {"x": H + "attn.c_proj.weight"}),
+    Direct(L + "self_attention.linear_proj.bias", H + "attn.c_proj.bias"),
+    Direct(L + "mlp.linear_fc1.layer_norm_weight", H + "ln_2.weight"),
+    Direct(L + "mlp.linear_fc1.layer_norm_bias", H + "ln_2.bias"),
+    Transposed(L + "mlp.linear_fc1.weight", {"x": H + "mlp.c_fc.weight"}),
+    Direct(L + "mlp.linear_fc1.bias", H + "mlp.c_fc.bias"),
+    Transposed(L + "mlp.linear_fc2.weight", {"x": H + "mlp.c_proj.weight"}),
+    Direct(L + "mlp.linear_fc2.bias", H + "mlp.c_proj.bias"),
+])
+
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"GPT-2 activation_function '{act}' is not supported; use one of {', '.join(ACTIVATIONS)}.")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise ConfigError(f"GPT-2 configs with {flag}=true have no Megatron equivalent; mzoo cannot convert them.")
+    if hf.get("scale_attn_weights") is False:
+        raise ConfigError("GPT-2 configs with scale_attn_weights=false have no Megatron equivalent.")
+    hidden = hf["n_embd"]
+    return ModelConfig(
+        name=hf.get("_name_or_path", "") or "",
+        family="gpt",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=hf["n_layer"],
+        num_attention_heads=hf["n_head"],
+        ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
+        activation=ACTIVATIONS[act],
+        normalization="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        position_embedding="learned",
+        max_position_embeddings=hf["n_positions"],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        add_bias_linear=True,
+        add_qkv_bias=True,
+    )
+
+
+def config_to_hf(cfg: ModelConfig):
+    from transformers import GPT2Config
+
+    problems = {
+        "layernorm normalization": cfg.normalization == "layernorm",
+        "learned positions": cfg.position_embedding == "learned",
+        "biases on every linear": cfg.add_bias_linear and cfg.add_qkv_bias,
+        "multi-head attention": cfg.groups == cfg.num_attention_heads,
+        "head_dim = hidden / heads": cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size,
+        "a non-gated activation": cfg.activation in ("gelu", "gelu_tanh", "relu"),
+    }
+    missing = [k for k, ok in problems.items() if not ok]
+    if missing:
+        raise ConfigError(f"GPT-2 in transformers needs {', '.join(missing)}; this config differs.")
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
+    return GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_position_embeddings,
+        n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_attention_heads,
+        n_inner=cfg.ffn_hidden_size,
+        activation_function=act,
+        layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        architectures=["GPT2LMHeadModel"],
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+ADAPTER = register(Adapter("gpt", "gpt2", "GPT2LMHeadModel", TABLE, config_from_hf, config_to_hf))

@@ -1,0 +1,127 @@
+"""Hugging Face <-> canonical, tensor by tensor: load into an mzoo model, save, random init.
+
+Canonical tensors come from (or go to) the family adapter's mapping table; which canonical
+tensors exist and how they split comes from a model built on the meta device.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from mzoo.ckpt.atomic import atomic_dir
+from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, write_json
+from mzoo.ckpt.sidecar import write_sidecar
+from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.converters import adapter as adapters
+from mzoo.models import build_model, meta_model
+from mzoo.models.gpt import init_tensor
+from mzoo.parallel.sharding import ShardSpec, get_spec
+from mzoo.parallel.state import ParallelState
+
+
+@dataclass(frozen=True)
+class CanonicalTensor:
+    name: str
+    shape: tuple[int, ...]  # global shape on the true vocabulary
+    spec: ShardSpec
+
+
+def canonical_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
+    """Every canonical tensor of the model, with global (unpadded) shapes, in module order."""
+    model = meta_model(cfg, ParallelConfig(make_vocab_size_divisible_by=1))
+    return [CanonicalTensor(n, tuple(p.shape), get_spec(p)) for n, p in model.named_parameters()]
+
+
+def read_config(path: str | Path) -> tuple[HFReader, adapters.Adapter, ModelConfig]:
+    reader = HFReader(path)
+    adapter = adapters.for_hf_config(reader.config)
+    cfg = adapter.config_from_hf(reader.config)
+    cfg.validate(str(path))
+    return reader, adapter, cfg
+
+
+def hf_canonical_stream(reader: HFReader, adapter: adapters.Adapter, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(canonical name, full tensor) for every tensor of the model, built from HF tensors."""
+    for t in canonical_tensors(cfg):
+        value = adapter.to_canonical(t.name, reader.get, cfg)
+        if tuple(value.shape) != t.shape:
+            raise ValueError(f"{t.name}: the checkpoint gives shape {tuple(value.shape)} but the config implies {t.shape}.")
+        yield t.name, value
+
+
+def pad_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows up to the padded vocabulary (Megatron-Bridge's convention)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    pad = torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=0)
+
+
+@torch.no_grad()
+def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
+    """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
+    state: ParallelState = model.state
+    for name, p in model.named_parameters():
+        spec = get_spec(p)
+        value = fetch(model.canonical_name(name))
+        if spec.vocab:
+            value = pad_vocab(value, p.shape[spec.dim] * (state.tp if spec.axis == "tp" else 1))
+        size, rank = (state.tp, state.tp_rank) if spec.axis == "tp" else (1, 0)
+        piece = spec.shard(value, rank, size)
+        if piece.shape != p.shape:
+            raise ValueError(f"{name}: shard shape {tuple(piece.shape)} does not fit parameter {tuple(p.shape)}.")
+        p.copy_(piece)
+
+
+def load_hf_model(
+    path: str | Path, state: Optional[ParallelState] = None, dtype: torch.dtype = torch.float32
+) -> tuple[ModelConfig, nn.Module]:
+    """An mzoo model (this rank's part) holding the weights of a Hugging Face checkpoint."""
+    reader, adapter, cfg = read_config(path)
+    model = build_model(cfg, state, dtype=dtype)
+    load_canonical(model, lambda name: adapter.to_canonical(name, reader.get, cfg))
+    return cfg, model
+
+
+def save_hf(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out: str | Path,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = 5 * 10**9,
+    tokenizer_files: Iterable[Path] = (),
+    overwrite: bool = False,
+    generation: Optional[dict] = None,
+) -> Path:
+    """Write canonical tensors as a Hugging Face checkpoint that from_pretrained loads."""
+    adapter = adapters.for_family(cfg.family)
+    hf_config = adapter.config_to_hf(cfg)  # fails on configs HF cannot express, before any work
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        writer = HFWriter(tmp, max_shard_bytes)
+        seen_dtype = dtype
+        for name, tensor in tensors:
+            tensor = tensor.to(dtype) if dtype is not None else tensor
+            seen_dtype = seen_dtype or tensor.dtype
+            for hf_name, value in adapter.to_hf(name, tensor, cfg):
+                writer.add(hf_name, value)
+        writer.close()
+        hf_config.dtype = dtype_name(seen_dtype or torch.float32)
+        hf_config.to_json_file(str(tmp / "config.json"), use_diff=False)
+        write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
+        for file in tokenizer_files:
+            shutil.copy2(file, tmp / Path(file).name)
+        write_sidecar(tmp, cfg, "hf", dtype_name(seen_dtype or torch.float32))
+    return out
+
+
+def random_canonical(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron-style random init, one canonical tensor at a time (bounded memory)."""
+    for t in canonical_tensors(cfg):
+        yield t.name, init_tensor(cfg, t.name, t.shape, seed)

@@ -1,0 +1,138 @@
+"""Declarative name/layout mappings between Hugging Face tensors and canonical tensors.
+
+A family adapter is a table of these (the Megatron-Bridge style): each entry names one canonical
+tensor pattern, the Hugging Face tensor(s) it is made of, and a small typed transform in both
+directions. `*` in a pattern stands for the global layer index. Nothing here knows how tensors
+split over TP: that comes from the model's ShardSpecs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping as TMapping, Optional
+
+import torch
+
+from mzoo.config import ModelConfig
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """canonical <- one HF tensor, unchanged."""
+
+    canonical: str
+    hf: TMapping[str, str]  # role -> HF name pattern
+
+    def to_canonical(self, parts: Tensors, cfg: ModelConfig) -> torch.Tensor:
+        return parts["x"]
+
+    def to_hf(self, tensor: torch.Tensor, cfg: ModelConfig) -> Tensors:
+        return {"x": tensor}
+
+
+def Direct(canonical: str, hf: str) -> Mapping:
+    return Mapping(canonical, {"x": hf})
+
+
+@dataclass(frozen=True)
+class Transposed(Mapping):
+    """GPT-2's Conv1D stores weights [in, out]; canonical linears are [out, in]."""
+
+    def to_canonical(self, parts, cfg):
+        return parts["x"].t().contiguous()
+
+    def to_hf(self, tensor, cfg):
+        return {"x": tensor.t().contiguous()}
+
+
+def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """[q; k; v] (rows) -> per query group [q heads of g; k_g; v_g] (Megatron's layout)."""
+    g, d = cfg.groups, cfg.kv_channels
+    per = cfg.num_attention_heads // g
+    tail = q.shape[1:]
+    q = q.reshape(g, per * d, *tail)
+    k = k.reshape(g, d, *tail)
+    v = v.reshape(g, d, *tail)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
+
+
+def _ungroup_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, d = cfg.groups, cfg.kv_channels
+    per = cfg.num_attention_heads // g
+    tail = qkv.shape[1:]
+    grouped = qkv.reshape(g, (per + 2) * d, *tail)
+    q, k, v = grouped.split([per * d, d, d], dim=1)
+    return (q.reshape(-1, *tail).contiguous(), k.reshape(-1, *tail).contiguous(), v.reshape(-1, *tail).contiguous())
+
+
+@dataclass(frozen=True)
+class QKV(Mapping):
+    """Separate q/k/v projections (weights or biases) <-> the grouped fused QKV."""
+
+    def to_canonical(self, parts, cfg):
+        return _group_qkv(parts["q"], parts["k"], parts["v"], cfg)
+
+    def to_hf(self, tensor, cfg):
+        q, k, v = _ungroup_qkv(tensor, cfg)
+        return {"q": q, "k": k, "v": v}
+
+
+@dataclass(frozen=True)
+class FusedQKV(Mapping):
+    """One HF tensor holding [q; k; v] (GPT-2 c_attn, optionally Conv1D-transposed)."""
+
+    transposed: bool = False
+
+    def to_canonical(self, parts, cfg):
+        x = parts["x"].t() if self.transposed else parts["x"]
+        q, k, v = x.split([cfg.num_attention_heads * cfg.kv_channels] + [cfg.groups * cfg.kv_channels] * 2, dim=0)
+        return _group_qkv(q, k, v, cfg)
+
+    def to_hf(self, tensor, cfg):
+        fused = torch.cat(_ungroup_qkv(tensor, cfg), dim=0)
+        return {"x": fused.t().contiguous() if self.transposed else fused}
+
+
+@dataclass(frozen=True)
+class GatedMLP(Mapping):
+    """gate_proj + up_proj <-> linear_fc1 as [gate; up]."""
+
+    def to_canonical(self, parts, cfg):
+        return torch.cat([parts["gate"], parts["up"]], dim=0)
+
+    def to_hf(self, tensor, cfg):
+        gate, up = tensor.chunk(2, dim=0)
+        return {"gate": gate.contiguous(), "up": up.contiguous()}
+
+
+@dataclass
+class MappingTable:
+    """Looks up the mapping and concrete HF names for a canonical name, and the reverse."""
+
+    mappings: list[Mapping]
+    _compiled: list[tuple[re.Pattern, Mapping]] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._compiled = [(_regex(m.canonical), m) for m in self.mappings]
+
+    def resolve(self, canonical: str) -> Optional[tuple[Mapping, dict[str, str]]]:
+        """(mapping, role -> concrete HF name) for a canonical name, or None when unmapped."""
+        for regex, m in self._compiled:
+            match = regex.match(canonical)
+            if match:
+                index = match.group(1) if regex.groups else None
+                return m, {role: p.replace("*", index) if index else p for role, p in m.hf.items()}
+        return None
+
+    def hf_names(self, canonical: str) -> dict[str, str]:
+        found = self.resolve(canonical)
+        if found is None:
+            raise KeyError(f"no Hugging Face mapping for canonical tensor {canonical}")
+        return found[1]

@@ -1,0 +1,248 @@
+"""Megatron-Core's GPTModel in plain torch: the decoder behind GPT-2/3 and LLaMA 2/3.
+
+Read top to bottom: rotary/learned positions -> attention -> MLP -> transformer layer -> block ->
+model. Parameter names are Megatron-Core's Transformer-Engine spelling, so a legacy Megatron rank
+file loads with `load_state_dict(strict=True)`. Activations are [sequence, batch, hidden].
+Families differ only by configuration (norm, activation, positions, biases, GQA, tying).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mzoo.config import ModelConfig
+from mzoo.parallel import collectives as C
+from mzoo.parallel.layers import (
+    ColumnParallelLinear,
+    LayerNormColumnParallelLinear,
+    Norm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from mzoo.parallel.sharding import get_spec
+from mzoo.parallel.state import ParallelState
+from mzoo.models.rope import RotaryEmbedding, apply_rotary
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "squared_relu": lambda x: F.relu(x).square(),
+    "silu": F.silu,
+    "swiglu": F.silu,  # gated: act(gate) * up
+    "geglu": F.gelu,
+}
+
+
+class SelfAttention(nn.Module):
+    """Grouped-query attention with a fused QKV laid out per query group: [q heads; k; v]."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+        super().__init__()
+        tp = state.tp
+        self.heads, self.groups, self.dim = cfg.num_attention_heads // tp, cfg.groups // tp, cfg.kv_channels
+        rows = (cfg.num_attention_heads + 2 * cfg.groups) * self.dim
+        self.linear_qkv = LayerNormColumnParallelLinear(
+            cfg.hidden_size, rows, state, cfg.normalization, cfg.norm_eps,
+            bias=cfg.add_qkv_bias or cfg.add_bias_linear, dtype=dtype,
+        )
+        if cfg.qk_layernorm:
+            self.q_layernorm = Norm(self.dim, cfg.normalization, cfg.norm_eps, dtype)
+            self.k_layernorm = Norm(self.dim, cfg.normalization, cfg.norm_eps, dtype)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        self.linear_proj = RowParallelLinear(
+            cfg.num_attention_heads * self.dim, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        qkv = self.linear_qkv(x)
+        s, b = qkv.shape[:2]
+        per_group = self.heads // self.groups
+        qkv = qkv.view(s, b, self.groups, per_group + 2, self.dim)
+        q = qkv[:, :, :, :per_group].reshape(s, b, self.heads, self.dim)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # [s, b, h, d] -> [b, h, s, d] for SDPA; GQA handled by enable_gqa.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.dim)
+        return self.linear_proj(out)
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2; gated fc1 holds [gate; up], split per section over TP."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None):
+        super().__init__()
+        self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
+        width = ffn * (2 if self.gated else 1)
+        self.linear_fc1 = LayerNormColumnParallelLinear(
+            cfg.hidden_size, width, state, cfg.normalization, cfg.norm_eps,
+            bias=cfg.add_bias_linear, sections=(ffn, ffn) if self.gated else None, dtype=dtype,
+        )
+        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.linear_fc2(h)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm residual layer; the norms live inside the fused linears (TE spelling)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+        super().__init__()
+        self.self_attention = SelfAttention(cfg, state, dtype)
+        self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.self_attention(x, rope)
+        return x + self.mlp(x)
+
+
+class TransformerBlock(nn.Module):
+    """The layers of this pipeline stage (local numbering, like Megatron) and the final norm."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, layers: range, post_process: bool, dtype=None):
+        super().__init__()
+        self.layer_offset = layers.start
+        self.layers = nn.ModuleList(TransformerLayer(cfg, state, dtype) for _ in layers)
+        self.final_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype) if post_process else None
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.final_layernorm(x) if self.final_layernorm is not None else x
+
+
+class Embedding(nn.Module):
+    """Word embeddings (vocab-parallel) plus learned positions for GPT-2-style models."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, padded_vocab: int, dtype=None):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, state, dtype)
+        self.position_embeddings = None
+        if cfg.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(positions)
+        return x.transpose(0, 1).contiguous()  # [s, b, h]
+
+
+class GPTModel(nn.Module):
+    """One pipeline stage of a decoder-only transformer (the whole model when pp = 1).
+
+    forward(input_ids [b, s]) returns logits [b, s, vocab_size] on the true vocabulary (padding
+    rows dropped, gathered over TP) on the last stage, or hidden states [s, b, h] before it.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        state: Optional[ParallelState] = None,
+        layers: Optional[range] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        state = state or ParallelState.single()
+        self.cfg, self.state = cfg, state
+        self.layers_range = layers if layers is not None else range(cfg.num_layers)
+        self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
+        divisible = state.config.make_vocab_size_divisible_by
+        self.padded_vocab = cfg.padded_vocab_size(state.tp, divisible)
+        self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
+        self.rotary = RotaryEmbedding(cfg, cfg.kv_channels) if cfg.position_embedding == "rope" else None
+        self.decoder = TransformerBlock(cfg, state, self.layers_range, self.post_process, dtype)
+        self.output_layer = None
+        if self.post_process and not (cfg.tie_embeddings and self.pre_process):
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, self.padded_vocab, state, bias=False, vocab=True, dtype=dtype
+            )
+
+    def output_weight(self) -> torch.Tensor:
+        return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        hidden: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        x = self.embedding(input_ids, position_ids) if self.pre_process else hidden
+        if self.state.config.sequence_parallel and self.pre_process:
+            x = C.scatter_to_sp(x, self.state.tp_group)
+        rope = self.rotary(position_ids) if self.rotary is not None else None
+        x = self.decoder(x, rope)
+        if not self.post_process:
+            return x
+        if self.state.config.sequence_parallel:
+            x = C.gather_from_sp(x, self.state.tp_group)
+        logits = F.linear(C.copy_to_tp(x, self.state.tp_group), self.output_weight())
+        logits = C.gather_from_tp(logits, self.state.tp_group)
+        return logits.transpose(0, 1)[..., : self.cfg.vocab_size]
+
+    # ---- naming and initialisation ------------------------------------------------------------
+    def canonical_name(self, local_name: str) -> str:
+        """State-dict name -> canonical name (global layer index)."""
+        prefix = "decoder.layers."
+        if local_name.startswith(prefix) and self.decoder.layer_offset:
+            index, rest = local_name[len(prefix) :].split(".", 1)
+            return f"{prefix}{int(index) + self.decoder.layer_offset}.{rest}"
+        return local_name
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Megatron's init on the global tensors, then this rank's shard: the same seed gives
+        the same model in every layout."""
+        for name, p in self.named_parameters():
+            full_shape = _global_shape(p, self.state)
+            value = init_tensor(self.cfg, self.canonical_name(name), full_shape, seed)
+            spec = get_spec(p)
+            axis_rank = self.state.tp_rank if spec.axis == "tp" else 0
+            p.copy_(spec.shard(value, axis_rank, self.state.tp if spec.axis == "tp" else 1).to(p.dtype))
+
+
+def _global_shape(p: torch.Tensor, state: ParallelState) -> tuple[int, ...]:
+    spec = get_spec(p)
+    shape = list(p.shape)
+    if spec.axis == "tp":
+        shape[spec.dim] *= state.tp
+    return tuple(shape)
+
+
+def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Initial value of a canonical tensor: normal(0, std) for weights (std / sqrt(2L) on the
+    output projections, as Megatron scales them), ones for norm weights, zeros for biases."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("bias", "layer_norm_bias"):
+        return torch.zeros(shape)
+    if leaf == "layer_norm_weight" or (leaf == "weight" and "norm" in name.rsplit(".", 2)[-2]):
+        return torch.ones(shape)
+    std = cfg.init_method_std
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight", "out_proj.weight")):
+        std = std / math.sqrt(2.0 * cfg.num_layers)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+

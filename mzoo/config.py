@@ -1,0 +1,427 @@
+"""Typed model and parallel configuration, YAML I/O and validation.
+
+One `ModelConfig` describes every family in the zoo. Field names follow Megatron-Core's
+`TransformerConfig` where one exists (num_query_groups, ffn_hidden_size, add_bias_linear, ...),
+so a config reads the same to someone who knows Megatron. Sub-configs hold what only some
+families need (MoE, MLA, SSM).
+"""
+
+from __future__ import annotations
+
+from mzoo.errors import UserError
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+FAMILIES = ("gpt", "llama", "mixtral", "deepseek", "mamba")
+Activation = Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu", "silu"]
+Normalization = Literal["layernorm", "rmsnorm"]
+PositionEmbedding = Literal["learned", "rope", "none"]
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+# Megatron hybrid layer symbols: Mamba mixer, self-attention, dense MLP, MoE.
+HYBRID_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+class ConfigError(UserError):
+    """A configuration a user wrote is invalid; the message is one sentence saying how to fix it."""
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding parameters; `scaling` mirrors transformers' `rope_type`."""
+
+    theta: float = 10000.0
+    scaling: Optional[Literal["linear", "llama3", "yarn"]] = None
+    factor: float = 1.0
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: Optional[int] = None
+    # yarn (DeepSeek)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    rotary_percent: float = 1.0
+
+
+@dataclass
+class MoEConfig:
+    """Routed (+ shared) experts. Expert FFNs use the model's activation."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    ffn_hidden_size: int = 0
+    num_shared_experts: int = 0
+    shared_expert_ffn_hidden_size: Optional[int] = None  # per shared expert; default ffn_hidden_size
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    expert_bias: bool = False  # DeepSeek-V3 aux-loss-free e_score_correction_bias
+    n_group: Optional[int] = None  # group-limited routing
+    topk_group: Optional[int] = None
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    first_k_dense: int = 0  # leading dense layers (DeepSeek first_k_dense_replace)
+    layer_freq: int = 1  # MoE on every layer_freq-th layer after the dense prefix
+    aux_loss_coeff: float = 0.0
+
+
+@dataclass
+class MLAConfig:
+    """DeepSeek multi-latent attention dimensions."""
+
+    q_lora_rank: Optional[int] = None  # None: direct q projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+
+@dataclass
+class SSMConfig:
+    """Mamba mixer dimensions; `hybrid_pattern` turns the stack into a Megatron hybrid model."""
+
+    version: Literal[1, 2] = 2
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64  # Mamba-2
+    num_groups: int = 1  # Mamba-2
+    chunk_size: int = 256  # Mamba-2
+    dt_rank: Optional[int] = None  # Mamba-1; default ceil(hidden / 16)
+    conv_bias: bool = True
+    proj_bias: bool = False
+    hybrid_pattern: Optional[str] = None  # e.g. "M-M*-" (Megatron hybrid_override_pattern)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one model; everything needed to build it and count its parameters."""
+
+    name: str = ""
+    family: str = "llama"
+    source: str = ""  # the public config this preset reproduces
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_attention_heads: int = 32
+    num_query_groups: Optional[int] = None  # None: multi-head attention
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    ffn_hidden_size: int = 11008
+    activation: Activation = "swiglu"
+    normalization: Normalization = "rmsnorm"
+    norm_eps: float = 1e-5
+    position_embedding: PositionEmbedding = "rope"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+    moe: Optional[MoEConfig] = None
+    mla: Optional[MLAConfig] = None
+    ssm: Optional[SSMConfig] = None
+
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Kind of every layer: 'transformer' (attention + MLP/MoE) or a hybrid symbol's kind."""
+        if self.ssm is not None:
+            if self.ssm.hybrid_pattern:
+                return [HYBRID_SYMBOLS[c] for c in self.ssm.hybrid_pattern]
+            return ["mamba"] * self.num_layers
+        return ["transformer"] * self.num_layers
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether transformer layer `index` (global, 0-based) uses routed experts."""
+        if self.moe is None or index < self.moe.first_k_dense:
+            return False
+        return (index - self.moe.first_k_dense) % self.moe.layer_freq == 0
+
+    def padded_vocab_size(self, tp: int = 1, divisible_by: Optional[int] = None) -> int:
+        """Megatron's padding: a multiple of make_vocab_size_divisible_by * tp."""
+        multiple = (self.make_vocab_size_divisible_by if divisible_by is None else divisible_by) * tp
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    # ---- I/O ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _drop_none(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "ModelConfig":
+        cfg = _build(cls, data, where)
+        cfg.validate(where)
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist; pass a zoo preset name or a YAML file that exists.") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{at}; fix the syntax and retry.") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}.")
+        return cls.from_dict(data, where=str(path))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A validated copy with some top-level fields changed (dotted keys reach sub-configs)."""
+        data = self.to_dict()
+        for key, value in changes.items():
+            _set_dotted(data, key, value)
+        return ModelConfig.from_dict(data, where=self.name or "config")
+
+    # ---- validation --------------------------------------------------------------------------
+    def validate(self, where: str = "config") -> None:
+        """Raise ConfigError with one sentence for the first impossible setting."""
+
+        def fail(msg: str) -> None:
+            raise ConfigError(f"{where}: {msg}")
+
+        if self.family not in FAMILIES:
+            fail(f"family '{self.family}' is unknown; use one of {', '.join(FAMILIES)}.")
+        for name in ("vocab_size", "hidden_size", "num_layers", "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                fail(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.norm_eps <= 0:
+            fail(f"norm_eps must be positive, got {self.norm_eps}.")
+        needs_attention = self.ssm is None or "attention" in self.layer_types
+        if needs_attention:
+            self._validate_attention(fail)
+        needs_mlp = self.ssm is None or {"mlp", "moe"} & set(self.layer_types)
+        if needs_mlp and self.ffn_hidden_size <= 0 and self.moe is None:
+            fail(f"ffn_hidden_size must be positive, got {self.ffn_hidden_size}.")
+        if self.position_embedding == "learned" and self.max_position_embeddings <= 0:
+            fail("learned position embeddings need max_position_embeddings > 0.")
+        if self.moe is not None:
+            self._validate_moe(fail)
+        if self.ssm is not None:
+            self._validate_ssm(fail)
+
+    def _validate_attention(self, fail) -> None:
+        heads, groups = self.num_attention_heads, self.groups
+        if heads <= 0:
+            fail(f"num_attention_heads must be positive, got {heads}.")
+        if groups <= 0 or heads % groups:
+            fail(
+                f"num_attention_heads ({heads}) must be divisible by num_query_groups ({groups}); "
+                "pick a group count that divides the head count."
+            )
+        if self.head_dim is None and self.mla is None and self.hidden_size % heads:
+            fail(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads ({heads}); "
+                "set head_dim explicitly or change one of them."
+            )
+        rope = self.rope
+        if self.position_embedding == "rope":
+            if rope.theta <= 0:
+                fail(f"rope.theta must be positive, got {rope.theta}.")
+            if rope.scaling is not None and rope.factor <= 0:
+                fail(f"rope.factor must be positive, got {rope.factor}.")
+            if rope.scaling in ("llama3", "yarn") and not rope.original_max_position_embeddings:
+                fail(f"rope.scaling '{rope.scaling}' needs rope.original_max_position_embeddings.")
+            if rope.scaling == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+                fail("rope.high_freq_factor must be larger than rope.low_freq_factor for llama3 scaling.")
+            rot = self.mla.qk_rope_head_dim if self.mla else self.kv_channels
+            if int(rot * rope.rotary_percent) % 2:
+                fail(f"the rotary dimension ({int(rot * rope.rotary_percent)}) must be even.")
+
+    def _validate_moe(self, fail) -> None:
+        moe = self.moe
+        if moe.num_experts <= 0 or moe.ffn_hidden_size <= 0:
+            fail("moe.num_experts and moe.ffn_hidden_size must be positive.")
+        if not 0 < moe.top_k <= moe.num_experts:
+            fail(f"moe.top_k ({moe.top_k}) must be between 1 and moe.num_experts ({moe.num_experts}).")
+        if (moe.n_group is None) != (moe.topk_group is None):
+            fail("group-limited routing needs both moe.n_group and moe.topk_group (or neither).")
+        if moe.n_group is not None:
+            if moe.num_experts % moe.n_group:
+                fail(f"moe.num_experts ({moe.num_experts}) must be divisible by moe.n_group ({moe.n_group}).")
+            if not 0 < moe.topk_group <= moe.n_group:
+                fail(f"moe.topk_group ({moe.topk_group}) must be between 1 and moe.n_group ({moe.n_group}).")
+        if moe.layer_freq <= 0 or moe.first_k_dense < 0:
+            fail("moe.layer_freq must be positive and moe.first_k_dense non-negative.")
+        if moe.first_k_dense > self.num_layers:
+            fail(f"moe.first_k_dense ({moe.first_k_dense}) exceeds num_layers ({self.num_layers}).")
+        if moe.expert_bias and moe.score_function != "sigmoid":
+            fail("moe.expert_bias (aux-loss-free routing) needs moe.score_function 'sigmoid'.")
+
+    def _validate_ssm(self, fail) -> None:
+        ssm = self.ssm
+        if ssm.d_state <= 0 or ssm.d_conv <= 0 or ssm.expand <= 0:
+            fail("ssm.d_state, ssm.d_conv and ssm.expand must be positive.")
+        d_inner = ssm.expand * self.hidden_size
+        if ssm.version == 2:
+            if d_inner % ssm.head_dim:
+                fail(f"the Mamba-2 inner size ({d_inner}) must be divisible by ssm.head_dim ({ssm.head_dim}).")
+            nheads = d_inner // ssm.head_dim
+            if ssm.num_groups <= 0 or nheads % ssm.num_groups:
+                fail(f"Mamba-2 heads ({nheads}) must be divisible by ssm.num_groups ({ssm.num_groups}).")
+        pattern = ssm.hybrid_pattern
+        if pattern:
+            bad = sorted(set(pattern) - set(HYBRID_SYMBOLS))
+            if bad:
+                fail(f"ssm.hybrid_pattern has unknown symbols {bad}; use M (mamba), * (attention), - (mlp), E (moe).")
+            if len(pattern) != self.num_layers:
+                fail(
+                    f"ssm.hybrid_pattern has {len(pattern)} symbols but num_layers is {self.num_layers}; "
+                    "they must be equal."
+                )
+            if "E" in pattern and self.moe is None:
+                fail("ssm.hybrid_pattern has MoE layers (E) but the config has no moe section.")
+
+    # ---- derived sizes used by models and counting ------------------------------------------
+    def mamba_dims(self) -> dict[str, int]:
+        """Sizes of a Mamba mixer (d_inner, nheads, conv_dim, in_proj rows, dt_rank)."""
+        ssm = self.ssm
+        d_inner = ssm.expand * self.hidden_size
+        if ssm.version == 1:
+            dt_rank = ssm.dt_rank or math.ceil(self.hidden_size / 16)
+            return {"d_inner": d_inner, "dt_rank": dt_rank, "conv_dim": d_inner, "in_proj": 2 * d_inner}
+        nheads = d_inner // ssm.head_dim
+        conv_dim = d_inner + 2 * ssm.num_groups * ssm.d_state
+        return {
+            "d_inner": d_inner,
+            "nheads": nheads,
+            "conv_dim": conv_dim,
+            "in_proj": 2 * d_inner + 2 * ssm.num_groups * ssm.d_state + nheads,
+        }
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. Rank order follows Megatron: tp fastest, then cp, dp (ep), pp."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    ep: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+    make_vocab_size_divisible_by: Optional[int] = None  # overrides the model's value
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    def validate_for(self, cfg: ModelConfig) -> None:
+        """One sentence for the first layout this model cannot take."""
+        for name in ("tp", "pp", "vpp", "dp", "ep", "cp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        types = cfg.layer_types
+        if "attention" in types or "transformer" in types:
+            if cfg.mla is None and cfg.groups % self.tp:
+                raise ConfigError(
+                    f"tensor parallel size {self.tp} does not divide the {cfg.groups} query groups of "
+                    f"{cfg.name or 'this model'}; choose a TP that divides {cfg.groups}."
+                )
+            if cfg.num_attention_heads % self.tp:
+                raise ConfigError(
+                    f"tensor parallel size {self.tp} does not divide the {cfg.num_attention_heads} attention "
+                    "heads; choose a TP that divides it."
+                )
+        if cfg.ssm is not None and cfg.ssm.version == 2 and "mamba" in types:
+            dims = cfg.mamba_dims()
+            if dims["nheads"] % self.tp or cfg.ssm.num_groups % self.tp:
+                raise ConfigError(
+                    f"tensor parallel size {self.tp} must divide the Mamba-2 heads ({dims['nheads']}) and "
+                    f"groups ({cfg.ssm.num_groups}); choose a TP that divides both."
+                )
+        if self.pp * self.vpp > cfg.num_layers:
+            raise ConfigError(
+                f"pipeline size {self.pp} x virtual stages {self.vpp} exceeds the {cfg.num_layers} layers; "
+                "use fewer stages."
+            )
+        if cfg.moe is not None and cfg.moe.num_experts % self.ep:
+            raise ConfigError(
+                f"expert parallel size {self.ep} does not divide the {cfg.moe.num_experts} experts; "
+                "choose an EP that divides it."
+            )
+
+
+# ---- dataclass <-> dict helpers ------------------------------------------------------------------
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+    data[parts[-1]] = value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}.")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}."
+            raise ConfigError(f"{where}: unknown key '{key}' in {cls.__name__}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}: {key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Optional or (origin is not None and type(None) in args):
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where.split(":")[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}.")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}.")
+    return value

@@ -1,0 +1,185 @@
+"""Megatron's tensor-parallel autograd collectives.
+
+Each function is the identity when the group is None (one rank), so model code calls them
+unconditionally and runs unchanged in one process, under gloo on CPUs and NCCL on GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+Group = Optional[dist.ProcessGroup]
+
+
+def _size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    if _size(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _gather_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _split_last(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=-1)[dist.get_rank(group)].contiguous()
+
+
+def _gather_first(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_first(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def _split_first(x: torch.Tensor, group: Group) -> torch.Tensor:
+    n = _size(group)
+    if n == 1:
+        return x
+    return x.chunk(n, dim=0)[dist.get_rank(group)].contiguous()
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Forward identity, backward all-reduce: the input of a column-parallel linear."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Forward all-reduce, backward identity: the output of a row-parallel linear."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Forward all-gather on the last dim, backward split."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split_last(g, ctx.group), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Forward split on the last dim, backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_last(g, ctx.group), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Sequence parallel: all-gather along the sequence (first) dim; backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_first(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_first(g, ctx.group), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Sequence parallel: reduce-scatter along the sequence dim; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_first(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_first(g, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Sequence parallel: keep this rank's sequence chunk; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_first(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_first(g, ctx.group), None
+
+
+def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _ScatterToTP.apply(x, group)
+
+
+def gather_from_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _GatherFromSP.apply(x, group)
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _ReduceScatterToSP.apply(x, group)
+
+
+def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group is None else _ScatterToSP.apply(x, group)

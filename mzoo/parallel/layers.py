@@ -1,0 +1,140 @@
+"""Tensor-parallel building blocks with Megatron-Core (Transformer-Engine spelling) parameter names.
+
+Every parameter carries a ShardSpec (see sharding.py) so that the model itself declares how its
+global tensors split. Activations use Megatron's [sequence, batch, hidden] layout so sequence
+parallelism is a split along dim 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mzoo.parallel import collectives as C
+from mzoo.parallel.sharding import REPLICATED, ShardSpec, set_spec
+from mzoo.parallel.state import ParallelState
+
+
+def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, eps: float):
+    """LayerNorm or RMSNorm; RMSNorm computes in fp32 like transformers' LlamaRMSNorm."""
+    if kind == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _param(shape: Sequence[int], spec: ShardSpec, dtype: Optional[torch.dtype]) -> nn.Parameter:
+    return set_spec(nn.Parameter(torch.empty(*shape, dtype=dtype)), spec)
+
+
+class Norm(nn.Module):
+    """Stand-alone norm (`final_layernorm`, q/k norms): parameters `weight` (+ `bias`)."""
+
+    def __init__(self, size: int, kind: str, eps: float, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = _param((size,), REPLICATED, dtype)
+        self.bias = _param((size,), REPLICATED, dtype) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_norm(x, self.weight, self.bias, self.kind, self.eps)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X W^T with W split by rows (output features) over TP. `sections` splits fused outputs
+    ([gate; up]) per section so each rank gets matching slices of every part."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        state: ParallelState,
+        bias: bool = False,
+        sections: Optional[Sequence[int]] = None,
+        gather_output: bool = False,
+        vocab: bool = False,
+        dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        tp = state.tp
+        if out_features % tp or (sections and any(s % tp for s in sections)):
+            raise ValueError(f"output size {out_features} (sections {sections}) does not split over TP={tp}")
+        self.state, self.gather_output = state, gather_output
+        spec = ShardSpec("tp", 0, tuple(sections) if sections else None, vocab=vocab)
+        self.weight = _param((out_features // tp, in_features), spec, dtype)
+        self.bias = _param((out_features // tp,), ShardSpec("tp", 0, spec.sections), dtype) if bias else None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state.config.sequence_parallel:
+            return C.gather_from_sp(x, self.state.tp_group)
+        return C.copy_to_tp(x, self.state.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self._input(x), self.weight, self.bias)
+        return C.gather_from_tp(y, self.state.tp_group) if self.gather_output else y
+
+
+class LayerNormColumnParallelLinear(ColumnParallelLinear):
+    """Norm fused in front of a column-parallel linear (TE's LayerNormLinear): the norm parameters
+    are `layer_norm_weight` / `layer_norm_bias`, the spelling Megatron's TE spec uses."""
+
+    def __init__(self, in_features: int, out_features: int, state: ParallelState, norm: str, eps: float, **kw):
+        super().__init__(in_features, out_features, state, **kw)
+        self.norm_kind, self.eps = norm, eps
+        dtype = kw.get("dtype")
+        self.layer_norm_weight = _param((in_features,), REPLICATED, dtype)
+        self.layer_norm_bias = _param((in_features,), REPLICATED, dtype) if norm == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = apply_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.norm_kind, self.eps)
+        return super().forward(x)
+
+
+class RowParallelLinear(nn.Module):
+    """Y = X W^T with W split by columns (input features) over TP; partial sums are reduced
+    (reduce-scattered along the sequence under sequence parallelism). Bias is added once."""
+
+    def __init__(
+        self, in_features: int, out_features: int, state: ParallelState, bias: bool = False, dtype=None
+    ):
+        super().__init__()
+        if in_features % state.tp:
+            raise ValueError(f"input size {in_features} does not split over TP={state.tp}")
+        self.state = state
+        self.weight = _param((out_features, in_features // state.tp), ShardSpec("tp", 1), dtype)
+        self.bias = _param((out_features,), REPLICATED, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.state.config.sequence_parallel:
+            y = C.reduce_scatter_to_sp(y, self.state.tp_group)
+        else:
+            y = C.reduce_from_tp(y, self.state.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the (padded) vocabulary split over TP; each rank looks up its own rows."""
+
+    def __init__(self, padded_vocab: int, hidden: int, state: ParallelState, dtype=None):
+        super().__init__()
+        if padded_vocab % state.tp:
+            raise ValueError(f"padded vocabulary {padded_vocab} does not split over TP={state.tp}")
+        self.state = state
+        self.rows = padded_vocab // state.tp
+        self.start = state.tp_rank * self.rows
+        self.weight = _param((self.rows, hidden), ShardSpec("tp", 0, vocab=True), dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.state.tp == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return C.reduce_from_tp(out, self.state.tp_group)

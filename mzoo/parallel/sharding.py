@@ -1,0 +1,80 @@
+"""ShardSpec: how one global (canonical) tensor is split across a parallel axis.
+
+Parallel layers attach a ShardSpec to every parameter they create. The engine uses it to size
+local shards; checkpoint writers and converters read it off a model built on the `meta` device to
+split and merge. This is the only place that knows how a fused tensor splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+
+Axis = Literal["tp", "ep"]
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """`axis` None means replicated. `sections` are global sizes along `dim` split separately
+    (gated fc1: [ffn, ffn]; Mamba in_proj: [z, x, B, C, dt]); rank r holds section_i[r] of each.
+    `vocab` marks tensors whose dim is the (padded) vocabulary."""
+
+    axis: Optional[Axis] = None
+    dim: int = 0
+    sections: Optional[tuple[int, ...]] = None
+    vocab: bool = False
+
+    @property
+    def replicated(self) -> bool:
+        return self.axis is None
+
+    def local_shape(self, shape: Sequence[int], size: int) -> tuple[int, ...]:
+        if self.replicated or size == 1:
+            return tuple(shape)
+        out = list(shape)
+        if out[self.dim] % size:
+            raise ValueError(f"dimension {self.dim} of size {out[self.dim]} does not split into {size} shards")
+        out[self.dim] //= size
+        return tuple(out)
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """This rank's piece of the global tensor."""
+        if self.replicated or size == 1:
+            return full
+        if self.sections is None:
+            return full.chunk(size, dim=self.dim)[rank]
+        pieces = full.split(list(self.sections), dim=self.dim)
+        return torch.cat([p.chunk(size, dim=self.dim)[rank] for p in pieces], dim=self.dim)
+
+    def merge(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The global tensor from all ranks' pieces, in rank order."""
+        if self.replicated or len(shards) == 1:
+            return shards[0]
+        if self.sections is None:
+            return torch.cat(list(shards), dim=self.dim)
+        size = len(shards)
+        local_sections = [s // size for s in self.sections]
+        split = [s.split(local_sections, dim=self.dim) for s in shards]
+        return torch.cat([split[r][i] for i in range(len(self.sections)) for r in range(size)], dim=self.dim)
+
+
+REPLICATED = ShardSpec()
+
+
+def set_spec(param: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
+    param.shard_spec = spec  # type: ignore[attr-defined]
+    return param
+
+
+def get_spec(param: torch.Tensor) -> ShardSpec:
+    return getattr(param, "shard_spec", REPLICATED)
+
+
+def shard_specs(module: torch.nn.Module) -> dict[str, ShardSpec]:
+    """ShardSpec of every parameter and persistent buffer of a module, by state-dict name."""
+    out = {name: get_spec(p) for name, p in module.named_parameters()}
+    for name, b in module.named_buffers():
+        out.setdefault(name, get_spec(b))
+    return out

@@ -1,0 +1,98 @@
+"""ParallelState: this process's place in the layout, and its process groups.
+
+Built from a ParallelConfig and passed to model code explicitly (no globals). Rank order follows
+Megatron-Core: tp varies fastest, then cp, then dp, then pp, so global rank
+r = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)) and legacy rank files map one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.distributed as dist
+
+from mzoo.config import ParallelConfig
+
+Group = Optional[dist.ProcessGroup]
+
+
+@dataclass
+class ParallelState:
+    config: ParallelConfig = field(default_factory=ParallelConfig)
+    rank: int = 0
+    tp_rank: int = 0
+    cp_rank: int = 0
+    dp_rank: int = 0
+    pp_rank: int = 0
+    tp_group: Group = None
+    cp_group: Group = None
+    dp_group: Group = None
+    pp_group: Group = None
+    pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
+
+    @property
+    def tp(self) -> int:
+        return self.config.tp
+
+    @property
+    def pp(self) -> int:
+        return self.config.pp
+
+    @property
+    def dp(self) -> int:
+        return self.config.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.config.pp - 1
+
+    @classmethod
+    def single(cls, config: Optional[ParallelConfig] = None) -> "ParallelState":
+        """One process holding everything; `config` may still say tp/pp for shapes (meta models)."""
+        return cls(config=config or ParallelConfig())
+
+    @classmethod
+    def for_rank(cls, config: ParallelConfig, rank: int) -> "ParallelState":
+        """Coordinates of `rank` without process groups: for sizing shards and naming rank files."""
+        tp_rank, rest = rank % config.tp, rank // config.tp
+        cp_rank, rest = rest % config.cp, rest // config.cp
+        dp_rank, pp_rank = rest % config.dp, rest // config.dp
+        return cls(config=config, rank=rank, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
+
+    @classmethod
+    def build(cls, config: ParallelConfig) -> "ParallelState":
+        """Create every process group (all ranks must call this, in the same order)."""
+        world = dist.get_world_size()
+        if config.world_size != world:
+            raise ValueError(
+                f"the layout tp={config.tp} x cp={config.cp} x dp={config.dp} x pp={config.pp} needs "
+                f"{config.world_size} processes but {world} were started; make the product match."
+            )
+        me = cls.for_rank(config, dist.get_rank())
+        coords = {
+            r: (s.tp_rank, s.cp_rank, s.dp_rank, s.pp_rank)
+            for r in range(world)
+            for s in [cls.for_rank(config, r)]
+        }
+        axes = {"tp": 0, "cp": 1, "dp": 2, "pp": 3}
+        for name, axis in axes.items():
+            keys = sorted({tuple(c[:axis] + c[axis + 1 :]) for c in coords.values()})
+            for key in keys:
+                ranks = [r for r, c in coords.items() if tuple(c[:axis] + c[axis + 1 :]) == key]
+                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                if me.rank in ranks:
+                    setattr(me, f"{name}_group", group)
+                    if name == "pp":
+                        me.pp_ranks = tuple(ranks)
+        return me
+
+
+def rank_grid(config: ParallelConfig) -> list[ParallelState]:
+    """All ranks' coordinates in global-rank order."""
+    return [ParallelState.for_rank(config, r) for r in range(config.world_size)]
+

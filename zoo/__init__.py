@@ -1,0 +1,85 @@
+"""The model zoo: YAML presets with the published hyperparameters of real models.
+
+Each preset is one file in `zoo/presets/`: ModelConfig keys, a `source` naming the public config
+it reproduces, and the published parameter counts (`published_params`, and for MoE
+`published_active_params`) that tests hold the exact count to, within 0.5% unless the preset
+sets `published_tolerance` and says why.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from mzoo.config import FAMILIES, ConfigError, ModelConfig
+from mzoo.params import ParamCount, count_params
+
+PRESET_DIR = Path(__file__).parent / "presets"
+_PUBLISHED_KEYS = ("published_params", "published_active_params", "published_tolerance")
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: ModelConfig
+    published_params: Optional[float]
+    published_active_params: Optional[float]
+    published_tolerance: float = 0.005  # relative; wider only where a preset's comment says why
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def count(self) -> ParamCount:
+        return count_params(self.config)
+
+
+def _load(path: Path) -> Preset:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {path.name} is not valid YAML ({e.__class__.__name__}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path.name} must hold a mapping of config keys.")
+    published = {k: data.pop(k, None) for k in _PUBLISHED_KEYS}
+    data.setdefault("name", path.stem)
+    cfg = ModelConfig.from_dict(data, where=f"preset {path.stem}")
+    tolerance = published["published_tolerance"] or 0.005
+    return Preset(cfg, published["published_params"], published["published_active_params"], float(tolerance))
+
+
+@lru_cache(maxsize=None)
+def presets() -> dict[str, Preset]:
+    """All presets by name, in file-name order."""
+    return {p.stem: _load(p) for p in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+def names(family: Optional[str] = None) -> list[str]:
+    """Preset names by family (zoo order), then size."""
+    if family is not None and family not in FAMILIES:
+        raise ConfigError(f"unknown family '{family}'; use one of {', '.join(FAMILIES)}.")
+    chosen = [p for p in presets().values() if family is None or p.config.family == family]
+    chosen.sort(key=lambda p: (FAMILIES.index(p.config.family), p.count.total, p.name))
+    return [p.name for p in chosen]
+
+
+def get(name: str) -> Preset:
+    table = presets()
+    if name not in table:
+        close = difflib.get_close_matches(name, list(table), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; run `mzoo zoo list` to see them."
+        raise ConfigError(f"unknown preset '{name}'{hint}")
+    return table[name]
+
+
+def resolve(name_or_path: str) -> ModelConfig:
+    """A preset name or a path to a YAML ModelConfig."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or (path.exists() and path.is_file()):
+        return ModelConfig.from_yaml(path)
+    return get(name_or_path).config
