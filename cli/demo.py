@@ -33,9 +33,10 @@ def demo(
         root = workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         hf_dir = root / f"{preset}-hf"
-        console.print(f"[bold]1.[/] init {preset} ({count_params(cfg).total:,} parameters) -> {hf_dir}")
+        say = (lambda *_: None) if as_json else console.print
+        say(f"[bold]1.[/] init {preset} ({count_params(cfg).total:,} parameters) -> {hf_dir}")
         save_hf(cfg, random_canonical(cfg, seed=0), hf_dir, overwrite=True)
-        console.print("[bold]2.[/] load it with transformers and with mzoo, compare logits (fp32)")
+        say("[bold]2.[/] load it with transformers and with mzoo, compare logits (fp32)")
         parity = against_transformers(hf_dir)
         ok = parity.match
         summary = {"preset": preset, "hf_checkpoint": str(hf_dir), "max_abs_diff": parity.max_abs_diff,

@@ -84,7 +84,7 @@ def config_to_hf(cfg: ModelConfig):
         n_embd=cfg.hidden_size,
         n_layer=cfg.num_layers,
         n_head=cfg.num_attention_heads,
-        n_inner=cfg.ffn_hidden_size,
+        n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size,
         activation_function=act,
         layer_norm_epsilon=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,

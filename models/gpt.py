@@ -196,9 +196,12 @@ class GPTModel(nn.Module):
         x = self.decoder(x, rope)
         if not self.post_process:
             return x
+        # Under SP the all-gather's backward (reduce-scatter) replaces copy_to_tp's all-reduce.
         if self.state.config.sequence_parallel:
             x = C.gather_from_sp(x, self.state.tp_group)
-        logits = F.linear(C.copy_to_tp(x, self.state.tp_group), self.output_weight())
+        else:
+            x = C.copy_to_tp(x, self.state.tp_group)
+        logits = F.linear(x, self.output_weight())
         logits = C.gather_from_tp(logits, self.state.tp_group)
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]
 

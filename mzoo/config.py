@@ -211,6 +211,8 @@ class ModelConfig:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.norm_eps <= 0:
             fail(f"norm_eps must be positive, got {self.norm_eps}.")
+        if self.ssm is not None:  # first: the pattern decides which other checks apply
+            self._validate_ssm(fail)
         needs_attention = self.ssm is None or "attention" in self.layer_types
         if needs_attention:
             self._validate_attention(fail)
@@ -221,8 +223,6 @@ class ModelConfig:
             fail("learned position embeddings need max_position_embeddings > 0.")
         if self.moe is not None:
             self._validate_moe(fail)
-        if self.ssm is not None:
-            self._validate_ssm(fail)
 
     def _validate_attention(self, fail) -> None:
         heads, groups = self.num_attention_heads, self.groups

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 
 Group = Optional[dist.ProcessGroup]
+# torch >= 2.13 renamed the single-tensor collectives; same arguments.
+_all_gather_tensor = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 
 
 def _size(group: Group) -> int:
@@ -47,7 +50,7 @@ def _gather_first(x: torch.Tensor, group: Group) -> torch.Tensor:
     if n == 1:
         return x
     out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_tensor(out, x.contiguous(), group=group)
     return out
 
 
@@ -56,7 +59,7 @@ def _reduce_scatter_first(x: torch.Tensor, group: Group) -> torch.Tensor:
     if n == 1:
         return x
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter_tensor(out, x.contiguous(), group=group)
     return out
 
 

@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny Hugging Face models made by transformers itself, and gloo process groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(1)
+
+
+def make_hf_model(path: Path, config, seed: int = 0) -> Path:
+    """Random-init a transformers model from `config`, perturb norms/biases so that every tensor
+    matters, and save_pretrained it to `path`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norms start at 1 and biases at 0: make them informative
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def hf_factory(tmp_path):
+    counter = {"n": 0}
+
+    def factory(config, seed: int = 0) -> Path:
+        counter["n"] += 1
+        return make_hf_model(tmp_path / f"hf{counter['n']}", config, seed)
+
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

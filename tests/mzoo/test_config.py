@@ -1,0 +1,79 @@
+"""ModelConfig: YAML round trip and one clear sentence for every impossible setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.zoo import get, presets
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_every_preset_round_trips_through_yaml(name, tmp_path):
+    cfg = get(name).config
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(cfg.to_yaml())
+    assert ModelConfig.from_yaml(path) == cfg
+
+
+BAD = {
+    "heads not divisible by groups": ({"num_attention_heads": 6, "num_query_groups": 4}, "divisible by num_query_groups"),
+    "hidden not divisible by heads": ({"hidden_size": 100, "num_attention_heads": 6, "num_query_groups": 6}, "set head_dim"),
+    "unknown key with suggestion": ({"hiden_size": 64}, "did you mean 'hidden_size'"),
+    "wrong type": ({"num_layers": "two"}, "num_layers must be an integer"),
+    "bad literal": ({"activation": "swish"}, "activation must be one of"),
+    "unknown family": ({"family": "bert"}, "family 'bert' is unknown"),
+    "llama3 scaling without original length": ({"rope": {"scaling": "llama3", "factor": 8.0}}, "original_max_position_embeddings"),
+    "top_k > experts": ({"moe": {"num_experts": 4, "top_k": 5, "ffn_hidden_size": 8}}, "moe.top_k (5)"),
+    "pattern length": ({"num_layers": 3, "ssm": {"hybrid_pattern": "M*"}}, "has 2 symbols but num_layers is 3"),
+    "pattern symbol": ({"num_layers": 2, "ssm": {"hybrid_pattern": "MX"}}, "unknown symbols"),
+    "negative size": ({"hidden_size": -4}, "hidden_size must be a positive integer"),
+    "nested unknown key": ({"rope": {"thetaa": 1.0}}, "did you mean 'theta'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_configs_fail_with_one_sentence(case):
+    changes, expected = BAD[case]
+    base = get("llama-tiny").config.to_dict()
+    base.update(changes)
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict(base, where="test.yaml")
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message and message.startswith("test.yaml")
+
+
+def test_bad_yaml_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("hidden_size: [64\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        ModelConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ModelConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_replace_reaches_sub_configs_and_validates():
+    cfg = get("llama-tiny").config
+    assert cfg.replace(num_layers=3, **{"rope.theta": 5.0}).rope.theta == 5.0
+    with pytest.raises(ConfigError):
+        cfg.replace(num_query_groups=3)
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        (ParallelConfig(tp=3), "does not divide the 2 query groups"),
+        (ParallelConfig(pp=3), "exceeds the 2 layers"),
+        (ParallelConfig(tp=0), "--tp must be at least 1"),
+    ],
+)
+def test_layouts_the_model_cannot_take(layout, message):
+    with pytest.raises(ConfigError, match=message):
+        layout.validate_for(get("llama-tiny").config)
+
+
+def test_padded_vocab_follows_megatron():
+    cfg = get("llama3-8b").config
+    assert cfg.padded_vocab_size(1) == 128256
+    assert cfg.padded_vocab_size(8) == 129024
