@@ -21,7 +21,7 @@ from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.models import build_model, meta_model
 from mzoo.models.gpt import init_tensor
-from mzoo.parallel.sharding import ShardSpec, get_spec
+from mzoo.parallel.sharding import ShardSpec, get_spec, pad_vocab
 from mzoo.parallel.state import ParallelState
 
 
@@ -53,14 +53,6 @@ def hf_canonical_stream(reader: HFReader, adapter: adapters.Adapter, cfg: ModelC
         if tuple(value.shape) != t.shape:
             raise ValueError(f"{t.name}: the checkpoint gives shape {tuple(value.shape)} but the config implies {t.shape}.")
         yield t.name, value
-
-
-def pad_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero rows up to the padded vocabulary (Megatron-Bridge's convention)."""
-    if tensor.shape[0] == rows:
-        return tensor
-    pad = torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
-    return torch.cat([tensor, pad], dim=0)
 
 
 @torch.no_grad()

@@ -63,6 +63,14 @@ class ShardSpec:
 REPLICATED = ShardSpec()
 
 
+def pad_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows up to the padded vocabulary (Megatron-Bridge's convention; trimmed on export)."""
+    if tensor.shape[0] >= rows:
+        return tensor
+    pad = torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad], dim=0)
+
+
 def set_spec(param: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     param.shard_spec = spec  # type: ignore[attr-defined]
     return param

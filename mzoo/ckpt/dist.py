@@ -1,0 +1,184 @@
+"""Megatron-Core's "torch_dist" format: PyTorch DCP files holding GLOBAL tensors.
+
+    iter_0000100/  __0_0.distcp ...  .metadata  common.pt  metadata.json (written last)
+
+Homogeneous layer stacks are stored stacked: `decoder.layers.<suffix>` has a leading layer axis.
+Writing goes through DCP's public planner API with a planner that produces each layer's tensor
+only when DCP asks for it (`resolve_data`), one file per item, so memory stays bounded by a few
+tensors. Reading parses the metadata with a restricted unpickler and reads only the chunks that
+overlap the requested layer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
+
+METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                 "common_backend": "torch", "common_backend_version": 1}
+COMMON = "common.pt"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a global tensor: `produce()` makes it when DCP asks."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
+
+
+class _StreamingPlanner(DefaultSavePlanner):
+    def __init__(self, chunks: list[Chunk], on_item: Callable[[int], None]):
+        super().__init__()
+        self.chunks = {(c.key, c.offsets): c for c in chunks}
+        self.on_item = on_item
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator=True)
+
+    def create_local_plan(self) -> SavePlan:
+        items = [
+            WriteItem(
+                index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.shape)),
+                    properties=TensorProperties(dtype=c.dtype),
+                    size=torch.Size(c.global_shape),
+                ),
+            )
+            for c in self.chunks.values()
+        ]
+        self.plan = SavePlan(items, planner_data={})
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+        value = c.produce().to(c.dtype).contiguous()
+        if tuple(value.shape) != c.shape:
+            raise ValueError(f"{c.key}: produced shape {tuple(value.shape)}, expected {c.shape}")
+        self.on_item(value.numel() * value.element_size())
+        return value
+
+
+def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
+               on_item: Callable[[int], None] = lambda n: None) -> None:
+    """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1, sync_files=True)
+    dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, on_item), no_dist=True)
+    torch.save(common, folder / COMMON)
+    (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+def is_dist_checkpoint(folder: Path) -> Optional[str]:
+    """The sharded backend named by metadata.json ('torch_dist', 'zarr'), or None."""
+    meta = Path(folder) / "metadata.json"
+    if not meta.exists():
+        return None
+    try:
+        return json.loads(meta.read_text()).get("sharded_backend")
+    except ValueError:
+        raise CheckpointError(f"{meta} is not valid JSON; the checkpoint is damaged.") from None
+
+
+class DistReader:
+    """Region reads from a torch_dist checkpoint written by mzoo or by megatron-core."""
+
+    def __init__(self, folder: str | Path, trust_pickle: bool = False):
+        self.folder = Path(folder)
+        self.trust_pickle = trust_pickle
+        if is_dist_checkpoint(self.folder) != "torch_dist":
+            raise CheckpointError(f"{self.folder} has no metadata.json naming torch_dist; the save did not finish.")
+        if not (self.folder / ".metadata").exists():
+            raise CheckpointError(f"{self.folder} has no DCP .metadata file; the checkpoint is incomplete.")
+        self.metadata = load_dcp_metadata(self.folder / ".metadata", trust_pickle)
+        self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
+                        if not isinstance(v, BytesStorageMetadata)}
+        self.objects = [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        self.storage = {}
+        for index, info in self.metadata.storage_data.items():
+            self.storage[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = info
+        for info in self.storage.values():
+            if not (self.folder / info.relative_path).exists():
+                raise CheckpointError(f"{self.folder} is missing {info.relative_path}; the copy is incomplete.")
+        self.common = self._common()
+
+    def _common(self) -> dict[str, Any]:
+        if (self.folder / COMMON).exists():
+            return torch_load(self.folder / COMMON, self.trust_pickle)
+        key = next((k for k in self.objects if k.startswith("common")), None)
+        if key is None:
+            return {}
+        return torch_load(io.BytesIO(self._bytes(key)), self.trust_pickle)  # core >= 0.19: in-DCP common state
+
+    def _bytes(self, key: str) -> bytes:
+        info = next(v for (fqn, _), v in self.storage.items() if fqn == key)
+        with open(self.folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            return f.read(info.length)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def read(self, key: str, index: Optional[int] = None) -> torch.Tensor:
+        """The whole global tensor, or row `index` of its leading (layer) axis."""
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.folder} has no tensor {key}; the checkpoint does not match its config.")
+        meta = self.tensors[key]
+        shape = list(meta.size)
+        lo, hi = (0, shape[0]) if index is None else (index, index + 1)
+        out_shape = [hi - lo] + shape[1:] if shape else []
+        out = torch.empty(out_shape, dtype=meta.properties.dtype)
+        for chunk in meta.chunks:
+            c_lo, c_hi = (chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if shape else (0, 0)
+            if shape and (c_hi <= lo or c_lo >= hi):
+                continue
+            piece = self._chunk(key, chunk)
+            if not shape:
+                return piece
+            a, b = max(lo, c_lo), min(hi, c_hi)
+            region = [slice(a - lo, b - lo)] + [slice(o, o + s) for o, s in zip(chunk.offsets[1:], chunk.sizes[1:])]
+            out[tuple(region)] = piece[a - c_lo : b - c_lo]
+        return out[0] if index is not None else out
+
+    def _chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        info = self.storage.get((key, tuple(chunk.offsets)))
+        if info is None:
+            raise CheckpointError(f"{self.folder}: no stored data for {key} at {tuple(chunk.offsets)}; the checkpoint is damaged.")
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{key} is stored with transforms {info.transform_descriptors}, which mzoo cannot read yet.")
+        with open(self.folder / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = f.read(info.length)
+        if len(data) != info.length:
+            raise CheckpointError(f"{self.folder / info.relative_path} is truncated; re-copy the checkpoint.")
+        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return tensor.reshape(tuple(chunk.sizes)) if tuple(tensor.shape) != tuple(chunk.sizes) else tensor
