@@ -16,6 +16,8 @@ console = Console()
 if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
     console = Console(width=200)
 err_console = Console(stderr=True)
+if not err_console.is_terminal:
+    err_console = Console(stderr=True, width=400)  # one error, one line, in logs
 
 
 def quiet_transformers() -> None:

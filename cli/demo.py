@@ -10,7 +10,7 @@ import typer
 
 from mzoo.cli.common import console, print_json, quiet_transformers, user_errors
 from mzoo.converters.hf import random_canonical, save_hf
-from mzoo.converters.parity import TOLERANCE, against_transformers
+from mzoo.converters.verify import TOLERANCE, against_transformers
 from mzoo.params import count_params
 from mzoo.zoo import get
 

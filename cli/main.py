@@ -8,6 +8,9 @@ from mzoo import __version__
 from mzoo.cli import demo as demo_cmd
 from mzoo.cli import init as init_cmd
 from mzoo.cli import zoo as zoo_cmd
+from mzoo.cli import convert as convert_cmd
+from mzoo.cli import inspect as inspect_cmd
+from mzoo.cli import verify as verify_cmd
 
 app = typer.Typer(
     name="mzoo",
@@ -19,6 +22,10 @@ app = typer.Typer(
 )
 app.add_typer(zoo_cmd.app, name="zoo")
 app.command("init")(init_cmd.init)
+app.command("convert")(convert_cmd.convert)
+app.command("reshard")(convert_cmd.reshard)
+app.command("inspect")(inspect_cmd.inspect)
+app.command("verify")(verify_cmd.verify)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -82,6 +82,21 @@ class Source:
     files: dict[str, int] = field(default_factory=dict)
     tensors: list[CanonicalTensor] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        shapes = {t.name: t.shape for t in self.tensors}
+        raw = self.get
+
+        def checked(name: str) -> torch.Tensor:
+            value = raw(name)
+            if tuple(value.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"{name} has shape {tuple(value.shape)} in {self.path} but the config implies {shapes[name]}; "
+                    "the checkpoint does not match its config."
+                )
+            return value
+
+        self.get = checked
+
     @property
     def nbytes(self) -> int:
         size = torch.empty((), dtype=self.dtype).element_size()

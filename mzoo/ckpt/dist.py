@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,7 +88,9 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
     """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1, sync_files=True)
-    dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, on_item), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, on_item), no_dist=True)
     torch.save(common, folder / COMMON)
     (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 

@@ -70,6 +70,12 @@ def torch_load(path: str | Path | io.BytesIO, trust_pickle: bool = False, mmap: 
     try:
         with torch.serialization.safe_globals(allowlist()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError as e:
+        if "PytorchStreamReader" in str(e) or "zip archive" in str(e) or "file" in str(e).lower():
+            raise CheckpointError(f"{where} is not a readable torch file (truncated or corrupt); re-copy it.") from None
+        raise
+    except (EOFError, ValueError) as e:
+        raise CheckpointError(f"{where} is not a readable torch file ({e.__class__.__name__}); re-copy it.") from None
     except pickle.UnpicklingError as e:
         culprit = str(e).split("GLOBAL ")[-1].split(" ")[0] if "GLOBAL" in str(e) else "an object"
         raise CheckpointError(

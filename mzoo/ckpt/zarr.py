@@ -19,13 +19,16 @@ import json
 import os
 from itertools import product
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import tensorstore as ts
 import torch
 
 from mzoo.ckpt.hf import CheckpointError
+
+if TYPE_CHECKING:
+    from mzoo.ckpt.dist import Chunk
 
 METADATA_FILE = "metadata.json"
 COMMON_FILE = "common.pt"
@@ -69,7 +72,8 @@ def zarray_bytes(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: torch.d
         "filters": None, "order": "C", "shape": list(shape), "zarr_format": 2,
     }
     # zarr.util.json_dumps: indent=4, sort_keys=True, ensure_ascii=True, separators=(",", ": ").
-    return json.dumps(meta, indent=4, sort_keys=True, ensure_ascii=True, separators=(",", ": ")).encode("ascii")
+    text = json.dumps(meta, indent=4, sort_keys=True, ensure_ascii=True, separators=(",", ": "))
+    return text.encode("ascii")
 
 
 def _spec(folder: Path) -> dict[str, Any]:
@@ -142,7 +146,9 @@ class ZarrReader:
     def __init__(self, path: Union[str, Path]):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"{self.path} is not a folder; pass the checkpoint folder (e.g. iter_0000100).")
+            raise CheckpointError(
+                f"{self.path} is not a folder; pass the checkpoint folder (e.g. iter_0000100)."
+            )
         meta_file = self.path / METADATA_FILE
         if not meta_file.exists():
             raise CheckpointError(
@@ -154,12 +160,14 @@ class ZarrReader:
         except (ValueError, AttributeError):
             raise CheckpointError(f"{meta_file} is not valid JSON; the checkpoint is damaged.") from None
         if backend != "zarr":
-            raise CheckpointError(f"{self.path} uses the {backend!r} backend, not 'zarr'; open it with that reader.")
+            raise CheckpointError(
+                f"{self.path} uses the {backend!r} backend, not 'zarr'; open it with that reader."
+            )
         self._arrays: dict[str, ts.TensorStore] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
     def keys(self) -> list[str]:
-        """Sharded-tensor keys: folders holding a .zarray (zarr's `.sync` lock folders skipped, as Megatron did)."""
+        """Sharded-tensor keys: folders holding a .zarray (`.sync` lock folders skipped, as Megatron did)."""
         return sorted(
             d.name for d in self.path.iterdir()
             if d.is_dir() and d.suffix != ".sync" and (d / ".zarray").is_file()
@@ -170,14 +178,20 @@ class ZarrReader:
             return self._arrays[key]
         folder = self.path / key
         if "/" in key or key in ("", ".", "..") or not (folder / ".zarray").is_file():
-            raise CheckpointError(f"{self.path} has no array {key!r}; its keys are listed by ZarrReader.keys().")
+            raise CheckpointError(
+                f"{self.path} has no array {key!r}; its keys are listed by ZarrReader.keys()."
+            )
         try:
             meta = json.loads((folder / ".zarray").read_text())
             store = ts.open(_spec(folder), open=True, read=True).result()
         except (ValueError, OSError) as e:
-            raise CheckpointError(f"array {key!r} in {self.path} cannot be opened ({_short(e)}); it is damaged.") from None
+            raise CheckpointError(
+                f"array {key!r} in {self.path} cannot be opened ({_short(e)}); it is damaged."
+            ) from None
         if store.dtype.name not in _TORCH_BY_TS:
-            raise CheckpointError(f"array {key!r} has dtype {store.dtype.name}, which has no torch equivalent.")
+            raise CheckpointError(
+                f"array {key!r} has dtype {store.dtype.name}, which has no torch equivalent."
+            )
         self._arrays[key], self._meta[key] = store, meta
         return store
 
@@ -187,19 +201,24 @@ class ZarrReader:
     def dtype(self, key: str) -> torch.dtype:
         return _TORCH_BY_TS[self._open(key).dtype.name]
 
-    def read(self, key: str, index: Index = ()) -> torch.Tensor:
-        """The region `index` (ints and slices, numpy rules) of array `key`; only overlapping chunks are read."""
+    def read(self, key: str, index: Union[Index, int, None] = ()) -> torch.Tensor:
+        """Region `index` (ints and slices, numpy rules) of `key`; only overlapping chunks are read.
+
+        A bare int picks one row of the leading (layer) axis and None the whole array, as DistReader.
+        """
         store = self._open(key)
-        idx = _normalize(index, self.shape(key), f"array {key!r}")
+        idx = _normalize(() if index is None else index, self.shape(key), f"array {key!r}")
         self._check_chunks(key, idx)
         try:
             data = store[idx].read().result()
         except ValueError as e:
-            raise CheckpointError(f"array {key!r} in {self.path} cannot be read ({_short(e)}); it is damaged.") from None
+            raise CheckpointError(
+                f"array {key!r} in {self.path} cannot be read ({_short(e)}); it is damaged."
+            ) from None
         return _to_torch(data, self.dtype(key))
 
     def _check_chunks(self, key: str, idx: tuple[Union[slice, int], ...]) -> None:
-        """A missing chunk would read back as zeros; Megatron wrote every chunk, so it means a partial copy."""
+        """A missing chunk would read back as zeros; Megatron wrote every chunk, so it is a partial copy."""
         meta = self._meta[key]
         if meta.get("fill_value") is not None:
             return  # with a real fill value, absent chunks are legitimately "all fill"
@@ -208,7 +227,8 @@ class ZarrReader:
         for name in _chunk_names(idx, tuple(meta["chunks"]), sep):
             if not os.path.isfile(folder / name.replace("/", os.sep)):
                 raise CheckpointError(
-                    f"array {key!r} in {self.path} is missing chunk {name}; the checkpoint copy is incomplete."
+                    f"array {key!r} in {self.path} is missing chunk {name};"
+                    " the checkpoint copy is incomplete."
                 )
 
 
@@ -257,16 +277,20 @@ class ZarrWriter:
         if key not in self._arrays:
             raise KeyError(f"array {key!r} was not created by this writer; call create() first.")
         if tensor.dtype != self._dtypes[key]:
-            raise TypeError(f"array {key!r} holds {self._dtypes[key]}, got a {tensor.dtype} tensor; convert it first.")
+            raise TypeError(
+                f"array {key!r} holds {self._dtypes[key]}, got a {tensor.dtype} tensor; convert it first."
+            )
         store = self._arrays[key]
         idx = _normalize(index, tuple(int(n) for n in store.shape), f"array {key!r}")
         region = store[idx]
         if tuple(region.shape) != tuple(tensor.shape):
-            raise ValueError(f"array {key!r}: region {tuple(region.shape)} does not match tensor {tuple(tensor.shape)}.")
+            raise ValueError(
+                f"array {key!r}: region {tuple(region.shape)} does not match tensor {tuple(tensor.shape)}."
+            )
         region.write(_to_numpy(tensor)).commit.result()
 
     def close(self) -> None:
-        """Release the arrays after checking every chunk was written (Megatron's readers expect all of them)."""
+        """Release the arrays after checking every chunk was written (Megatron's readers expect all)."""
         for key, store in self._arrays.items():
             chunks = tuple(json.loads((self.folder / key / ".zarray").read_text())["chunks"])
             whole = _normalize((), tuple(int(n) for n in store.shape), key)
@@ -287,6 +311,49 @@ class ZarrWriter:
             self.close()
         else:
             self._arrays.clear()
+
+
+class ZarrCheckpoint(ZarrReader):
+    """A ZarrReader plus the checkpoint's common state (common.pt), what the converter pipeline reads."""
+
+    def __init__(self, path: Union[str, Path], trust_pickle: bool = False):
+        super().__init__(path)
+        from mzoo.ckpt.safe_pickle import torch_load
+
+        common = self.path / COMMON_FILE
+        self.common: Any = torch_load(common, trust_pickle) if common.exists() else {}
+
+
+def write_checkpoint(
+    folder: Path,
+    chunks: Iterable["Chunk"],
+    common: dict[str, Any],
+    on_item: Callable[[int], None] = lambda n: None,
+) -> None:
+    """A whole zarr-backend checkpoint from dist.Chunk pieces, one piece in memory at a time.
+
+    Each key's zarr chunk is its pieces' shape (Megatron's one-chunk-per-shard layout); then
+    common.pt, and metadata.json last, as Megatron's save did.
+    """
+    pieces: dict[str, list[Chunk]] = {}
+    for c in chunks:
+        pieces.setdefault(c.key, []).append(c)
+    with ZarrWriter(folder) as writer:
+        for key, group in pieces.items():
+            first = group[0]
+            same = all(tuple(c.shape) == tuple(first.shape) for c in group)
+            writer.create(key, tuple(first.global_shape), first.dtype, tuple(first.shape) if same else None)
+            for c in group:
+                value = c.produce().to(c.dtype)
+                if tuple(value.shape) != tuple(c.shape):
+                    raise ValueError(
+                        f"{key}: produced shape {tuple(value.shape)}, expected {tuple(c.shape)}."
+                    )
+                writer.write(key, tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape)), value)
+                on_item(value.numel() * value.element_size())
+                del value
+    torch.save(common, Path(folder) / COMMON_FILE)
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(ZARR_METADATA))
 
 
 def _short(e: BaseException) -> str:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError, HFReader
 from mzoo.converters.hf import hf_canonical_stream, random_canonical, read_config, save_hf
-from mzoo.converters.parity import against_transformers
+from mzoo.converters.verify import against_transformers
 from mzoo.zoo import get
 
 CONFIGS = {

@@ -1,0 +1,114 @@
+"""`mzoo convert` and `mzoo reshard`: one streaming pipeline between formats and layouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mzoo.cli.common import console, print_json, user_errors
+from mzoo.cli.progress import byte_progress, summary_line
+from mzoo.ckpt.hf import parse_dtype, parse_size
+from mzoo.ckpt.megatron import MegatronLayout
+from mzoo.converters.pipeline import Target, convert as run_convert, open_source
+from mzoo.errors import UserError
+
+DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
+
+
+def parse_direction(text: str) -> tuple[str, str]:
+    """'hf->megatron' or 'hf:megatron' -> ('hf', 'megatron'); catches the unquoted-arrow accident."""
+    t = text.strip().lower()
+    if t in ("hf-", "megatron-"):
+        target = "megatron" if t == "hf-" else "hf (or megatron)"
+        raise UserError(
+            f"DIRECTION arrived as '{text}': the shell read '>' as a redirect and created a file named "
+            f"'{target.split()[0]}' in this folder; quote it, e.g. mzoo convert '{t}>{target.split()[0]}' SRC DST "
+            "(and delete that stray file)."
+        )
+    for sep in ("->", ":", "2"):
+        if sep in t:
+            a, b = (x.strip() for x in t.split(sep, 1))
+            if (a, b) in DIRECTIONS:
+                return a, b
+    raise UserError(f"unknown direction '{text}'; use 'hf->megatron', 'megatron->hf' or 'megatron->megatron'.")
+
+
+def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int, pp: int, vpp: int,
+         first: Optional[int], last: Optional[int], spec: str, dtype: Optional[str], shard_size: str,
+         trust_pickle: bool, vocab_size: Optional[int], overwrite: bool, as_json: bool, quiet: bool,
+         expect_src: Optional[str]) -> None:
+    if spec not in ("te", "local"):
+        raise UserError(f"unknown --spec '{spec}'; use te or local.")
+    if megatron_format not in ("torch", "torch_dist", "zarr"):
+        raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch, torch_dist or zarr.")
+    torch_dtype = parse_dtype(dtype)
+    max_bytes = parse_size(shard_size)
+    src = open_source(src_path, trust_pickle, vocab_size)
+    if expect_src == "hf" and src.fmt != "hf":
+        raise UserError(f"{src_path} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
+    if expect_src == "megatron" and src.fmt == "hf":
+        raise UserError(f"{src_path} is a Hugging Face checkpoint, not Megatron; use 'hf->...'.")
+    fmt = "hf" if dst_kind == "hf" else megatron_format
+    layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec,
+                            make_vocab_size_divisible_by=src.cfg.make_vocab_size_divisible_by)
+    target = Target(fmt, layout, torch_dtype, max_bytes)
+    with byte_progress(src.nbytes, f"{src.fmt} -> {fmt}", quiet or as_json) as tick:
+        summary = run_convert(src, dst, target, overwrite, tick)
+    if as_json:
+        print_json(summary.as_dict())
+    elif not quiet:
+        console.print(summary_line(summary), highlight=False)
+
+
+TP = typer.Option(1, "--tp", help="Tensor-parallel size of the output.")
+PP = typer.Option(1, "--pp", help="Pipeline-parallel size of the output.")
+VPP = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).")
+FIRST = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage (uneven split).")
+LAST = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeline stage (uneven split).")
+FMT = typer.Option("torch_dist", "--megatron-format", help="torch_dist (default), torch (legacy) or zarr.")
+SPEC = typer.Option("te", "--spec", help="Parameter spelling: te (Transformer Engine) or local.")
+DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep the source's).")
+SHARD = typer.Option("5GB", "--shard-size", help="Largest safetensors shard for Hugging Face output.")
+TRUST = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist (trusted files only).")
+VOCAB = typer.Option(None, "--vocab-size", help="True vocabulary size when the source records only a padded one.")
+OVER = typer.Option(False, "--overwrite", help="Replace DST if it exists.")
+JSON = typer.Option(False, "--json", help="Print a JSON summary.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")
+
+
+@user_errors
+def convert(
+    direction: str = typer.Argument(..., help="'hf->megatron', 'megatron->hf' or 'megatron->megatron' (quote it!)."),
+    src: Path = typer.Argument(..., help="Source checkpoint folder."),
+    dst: Path = typer.Argument(..., help="Folder to create."),
+    tp: int = TP, pp: int = PP, vpp: int = VPP, first_stage_layers: Optional[int] = FIRST,
+    last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
+    dtype: Optional[str] = DTYPE, shard_size: str = SHARD, trust_pickle: bool = TRUST,
+    vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, as_json: bool = JSON, quiet: bool = QUIET,
+) -> None:
+    """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
+
+    Example: mzoo convert 'hf->megatron' ./llama-hf ./llama-mcore --tp 2 --pp 2
+    """
+    a, b = parse_direction(direction)
+    _run(src, dst, b, megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype, shard_size,
+         trust_pickle, vocab_size, overwrite, as_json, quiet, a)
+
+
+@user_errors
+def reshard(
+    src: Path = typer.Argument(..., help="Megatron checkpoint (any format, any layout)."),
+    dst: Path = typer.Argument(..., help="Folder to create."),
+    tp: int = TP, pp: int = PP, vpp: int = VPP, first_stage_layers: Optional[int] = FIRST,
+    last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
+    dtype: Optional[str] = DTYPE, trust_pickle: bool = TRUST, vocab_size: Optional[int] = VOCAB,
+    overwrite: bool = OVER, as_json: bool = JSON, quiet: bool = QUIET,
+) -> None:
+    """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
+
+    Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
+    """
+    _run(src, dst, "megatron", megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype,
+         "5GB", trust_pickle, vocab_size, overwrite, as_json, quiet, "megatron")

@@ -1,0 +1,41 @@
+"""`mzoo verify`: prove two checkpoints are the same model by their logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mzoo.cli.common import console, print_json, user_errors
+from mzoo.converters.pipeline import open_source
+from mzoo.converters.verify import TOLERANCE, verify_sources
+
+
+@user_errors
+def verify(
+    a: Path = typer.Argument(..., help="First checkpoint (any format, any layout)."),
+    b: Path = typer.Argument(..., help="Second checkpoint."),
+    batch: int = typer.Option(2, help="Sequences in the test batch."),
+    seq_len: int = typer.Option(32, help="Tokens per sequence."),
+    seed: int = typer.Option(0, help="Seed of the random token batch."),
+    tolerance: float = typer.Option(TOLERANCE, help="Largest max |Δlogits| (fp32) that counts as a match."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="True vocabulary size if unrecorded."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Run both checkpoints on the same tokens and compare logits on the true vocabulary; exit 0 only if they match.
+
+    Example: mzoo verify ./llama-hf ./llama-mcore-tp2pp2
+    """
+    result = verify_sources(open_source(a, trust_pickle, vocab_size), open_source(b, trust_pickle, vocab_size),
+                            batch, seq_len, seed, tolerance)
+    if as_json:
+        print_json(result.as_dict())
+    else:
+        verdict = "[green]match[/]" if result.match else "[red]MISMATCH[/]"
+        console.print(f"max |Δlogits| {result.max_abs_diff:.3e} (tolerance {tolerance:g}), mean KL "
+                      f"{result.mean_kl:.3e}, argmax agreement {result.argmax_agreement:.2%} over "
+                      f"{result.tokens} tokens: {verdict}")
+    if not result.match:
+        raise typer.Exit(1)

@@ -1,0 +1,83 @@
+"""Are two checkpoints the same model? Run both on one token batch and compare logits.
+
+Both sides run in mzoo's engine in fp32 (any format, any layout: tensors are merged to the
+canonical form first), or one side in transformers itself (`against_transformers`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mzoo.converters.hf import load_canonical, load_hf_model
+from mzoo.errors import UserError
+from mzoo.models import build_model
+
+# fp32 max |Δlogits| under which two checkpoints count as the same model. Identical weights give
+# 0; a real conversion bug (a wrong QKV order, a swapped gate/up) gives differences of order 1.
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Comparison:
+    max_abs_diff: float
+    mean_kl: float
+    argmax_agreement: float
+    tokens: int
+    tolerance: float = TOLERANCE
+
+    @property
+    def match(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "match": self.match}
+
+
+def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def compare_logits(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> Comparison:
+    a, b = a.float(), b.float()
+    kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
+    return Comparison(
+        max_abs_diff=(a - b).abs().max().item(),
+        mean_kl=kl.mean().item(),
+        argmax_agreement=(a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        tokens=a.shape[0] * a.shape[1],
+        tolerance=tolerance,
+    )
+
+
+@torch.no_grad()
+def source_logits(src, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a converters.pipeline.Source, run by mzoo in one process in fp32."""
+    model = build_model(src.cfg, dtype=torch.float32)
+    load_canonical(model, lambda name: src.get(name).float())
+    return model.eval()(ids)
+
+
+def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance: float = TOLERANCE) -> Comparison:
+    if a.cfg.vocab_size != b.cfg.vocab_size:
+        raise UserError(
+            f"the checkpoints have different vocabularies ({a.cfg.vocab_size} vs {b.cfg.vocab_size}); "
+            "pass --vocab-size if one of them only records its padded size."
+        )
+    seq = min(seq, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
+    ids = sample_tokens(a.cfg.vocab_size, batch, seq, seed)
+    return compare_logits(source_logits(a, ids), source_logits(b, ids), tolerance)
+
+
+@torch.no_grad()
+def against_transformers(path: str | Path, batch: int = 2, seq: int = 32) -> Comparison:
+    """Run the HF checkpoint at `path` in transformers and in mzoo (fp32) and compare logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, ours = load_hf_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = sample_tokens(cfg.vocab_size, batch, min(seq, cfg.max_position_embeddings))
+    return compare_logits(ref(ids).logits[..., : cfg.vocab_size], ours.eval()(ids))

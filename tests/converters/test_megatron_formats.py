@@ -1,0 +1,232 @@
+"""HF -> Megatron (any format, layout, spelling) -> HF is bit-exact; reshard chains are exact;
+bad input fails with one sentence and leaves no output that looks complete."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2Config, LlamaConfig
+
+from mzoo.ckpt.atomic import OutputError
+from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.megatron import MegatronLayout
+from mzoo.config import ConfigError
+from mzoo.converters.pipeline import Target, convert, open_source
+from mzoo.converters.verify import verify_sources
+
+MODELS = {
+    # GQA, untied, vocab 999 is not a multiple of 128 * TP
+    "llama": LlamaConfig(vocab_size=999, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, intermediate_size=96),
+    "llama-tied": LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=True),
+    "gpt2": GPT2Config(vocab_size=1001, n_embd=64, n_head=4, n_layer=4, n_positions=64),
+}
+
+# (format, tp, pp, vpp, first, last, spec)
+LAYOUTS = [
+    ("torch", 1, 1, 1, None, None, "te"),
+    ("torch", 2, 2, 1, None, None, "te"),
+    ("torch", 4, 1, 1, None, None, "local"),
+    ("torch", 1, 3, 1, 1, 1, "te"),  # uneven: 1 + 2 + 1
+    ("torch", 2, 2, 2, None, None, "local"),  # VPP 2
+    ("torch_dist", 1, 1, 1, None, None, "te"),
+    ("torch_dist", 2, 2, 1, None, None, "local"),
+    ("torch_dist", 4, 1, 1, None, None, "te"),
+    ("torch_dist", 1, 2, 2, None, None, "te"),
+    ("zarr", 2, 1, 1, None, None, "te"),
+    ("zarr", 1, 2, 1, None, None, "local"),
+]
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _layout_id(l):
+    fmt, tp, pp, vpp, first, last, spec = l
+    return f"{fmt}-tp{tp}pp{pp}vpp{vpp}{'-uneven' if first else ''}-{spec}"
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    from conftest import make_hf_model
+
+    root = tmp_path_factory.mktemp("src")
+    return {name: make_hf_model(root / name, cfg) for name, cfg in MODELS.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+@pytest.mark.parametrize("model", MODELS)
+def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
+    fmt, tp, pp, vpp, first, last, spec = layout
+    src = sources[model]
+    mid = tmp_path / "megatron"
+    lay = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec)
+    convert(open_source(src), mid, Target(fmt, lay))
+    back = tmp_path / "back"
+    convert(open_source(mid), back, Target("hf"))
+    before, after = _tensors(src), _tensors(back)
+    assert set(before) == set(after)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    # the layout on disk is what was asked for
+    m = open_source(mid)
+    assert (m.fmt, m.layout.spec) == (fmt, spec)
+    if fmt == "torch":
+        assert (m.layout.tp, m.layout.pp, m.layout.vpp) == (tp, pp, vpp)
+
+
+def test_legacy_layout_on_disk(sources, tmp_path):
+    """Rank folders, local layer numbering, model0/model1 chunks, padded vocab, args, tied copy."""
+    out = tmp_path / "m"
+    convert(open_source(sources["llama-tied"]), out, Target("torch", MegatronLayout(tp=2, pp=2, vpp=1)))
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
+    folder = out / "iter_0000000"
+    assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
+                                                        "mp_rank_01_001"]
+    last = torch.load(folder / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
+    names = set(last["model"])
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in names  # local numbering (global 2)
+    assert "decoder.layers.2.self_attention.linear_qkv.weight" not in names
+    assert last["model"]["output_layer.weight"].shape == (512, 64)  # tied copy, padded 1024 / TP2
+    assert last["args"].padded_vocab_size == 1024 and last["args"].tensor_model_parallel_size == 2
+    first = torch.load(folder / "mp_rank_00_000" / "model_optim_rng.pt", weights_only=False)
+    emb = first["model"]["embedding.word_embeddings.weight"]
+    assert emb.shape == (512, 64)
+
+    out2 = tmp_path / "v"
+    convert(open_source(sources["llama"]), out2, Target("torch", MegatronLayout(tp=1, pp=2, vpp=2)))
+    f = torch.load(out2 / "iter_0000000" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
+    assert set(k for k in f if k.startswith("model")) == {"model0", "model1"}
+
+
+def test_gated_fc1_is_split_per_section(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=2)))
+    hf = _tensors(sources["llama"])
+    gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
+    rank1 = torch.load(out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
+    fc1 = rank1["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1, torch.cat([gate[48:], up[48:]]))
+
+
+def test_reshard_chain_is_exact(sources, tmp_path):
+    src = sources["llama"]
+    a = tmp_path / "a"
+    convert(open_source(src), a, Target("torch_dist", MegatronLayout(tp=2, pp=2)))
+    b = tmp_path / "b"
+    convert(open_source(a), b, Target("torch", MegatronLayout(tp=4, pp=1)))
+    c = tmp_path / "c"
+    convert(open_source(b), c, Target("torch", MegatronLayout(tp=1, pp=3, first_stage_layers=1, last_stage_layers=1,
+                                                              spec="local")))
+    d = tmp_path / "d"
+    convert(open_source(c), d, Target("torch_dist", MegatronLayout(tp=2, pp=1, spec="local")))
+    back = tmp_path / "back"
+    convert(open_source(d), back, Target("hf"))
+    before, after = _tensors(src), _tensors(back)
+    assert all(torch.equal(before[k], after[k]) for k in before) and set(before) == set(after)
+    assert verify_sources(open_source(src), open_source(c)).max_abs_diff == 0.0
+
+
+def test_dtype_conversion(sources, tmp_path):
+    out = tmp_path / "bf16"
+    convert(open_source(sources["gpt2"]), out, Target("torch_dist", MegatronLayout(tp=2), dtype=torch.bfloat16))
+    src = open_source(out)
+    assert src.dtype == torch.bfloat16
+    assert torch.equal(src.get("embedding.word_embeddings.weight"),
+                       _tensors(sources["gpt2"])["transformer.wte.weight"].bfloat16())
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def test_tp_that_does_not_divide_groups(sources, tmp_path):
+    with pytest.raises(ConfigError, match="does not divide the 4 query groups"):
+        convert(open_source(sources["llama"]), tmp_path / "x", Target("torch", MegatronLayout(tp=8)))
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_rank_file(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=2)))
+    (out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt").unlink()
+    with pytest.raises(CheckpointError, match="has no model_optim_rng.pt"):
+        open_source(out)
+
+
+def test_truncated_rank_file(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=1)))
+    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        open_source(out)
+
+
+def test_unfinished_dist_save_is_not_a_checkpoint(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch_dist", MegatronLayout()))
+    (out / "iter_0000000" / "metadata.json").unlink()
+    with pytest.raises(CheckpointError, match="no metadata.json"):
+        open_source(out)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickles_outside_the_allowlist_need_trust(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(f, weights_only=False)
+    state["evil"] = Evil()
+    torch.save(state, f)
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        open_source(out)
+    assert open_source(out, trust_pickle=True).fmt == "torch"
+
+
+def test_megatron_enums_and_numpy_rng_state_load_without_trust(sources, tmp_path):
+    """What real Megatron-LM rank files carry: enums in args, numpy RandomState in rng_state."""
+    import numpy as np
+
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(f, weights_only=False)
+    state["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
+    torch.save(state, f)
+    assert open_source(out).fmt == "torch"
+
+
+def test_shape_mismatch_between_config_and_tensors(sources, tmp_path):
+    out = tmp_path / "m"
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    side = out / "mzoo.yaml"
+    side.write_text(side.read_text().replace("ffn_hidden_size: 96", "ffn_hidden_size: 64"))
+    with pytest.raises(CheckpointError, match="has shape .* but the config implies"):
+        convert(open_source(out), tmp_path / "hf", Target("hf"))
+    assert not (tmp_path / "hf").exists()
+    assert not list(tmp_path.glob("hf.mzoo-tmp*"))
+
+
+def test_existing_destination_is_not_clobbered(sources, tmp_path):
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        convert(open_source(sources["llama"]), tmp_path / "dst", Target("torch_dist"))
+
+
+def test_unknown_format(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="not a checkpoint mzoo recognises"):
+        open_source(tmp_path / "junk")

@@ -1,0 +1,560 @@
+"""The REAL megatron-core (0.16.1) on CPU as a test reference for mzoo's Megatron checkpoints.
+
+The model/checkpoint functions run inside a gloo process group (tests launch them on 1 or 2
+ranks with `tests/dist.py`'s `run(fn, world, *args)`, as module-level functions of a test
+module). The only thing replaced in megatron-core is the handful of `torch.cuda` calls that
+`megatron_shim.install_cpu_shim()` maps to the CPU. Importing this module does NOT import
+megatron or install the shim: that happens on the first call that needs megatron, so the pytest
+process itself stays unpatched and can use the plain-DCP helpers (`dcp_metadata`,
+`read_dcp_tensors`, `write_plain_dcp_checkpoint`, `stack_layers`).
+
+What it offers a test:
+- `transformer_config(cfg, tp)` / `build_gpt_model(cfg, tp, padded_vocab)`: a megatron-core
+  `GPTModel` with the LOCAL spec (`get_gpt_layer_local_spec`), fp32, CPU-initialised, for
+  mzoo's dense configs (LLaMA-style and GPT-2-style). `unsupported(cfg)` says what it can't do.
+- `save_dist_checkpoint(model, path, args, iteration)`: megatron-core writes a torch_dist
+  checkpoint with the top level of Megatron-LM's `save_checkpoint` (`model` sharded, `args`,
+  `iteration`, `checkpoint_version`, `content_metadata`; no optimizer, no rng state).
+- `load_dist_checkpoint(model, path)`: megatron-core reads a torch_dist checkpoint into the model
+  as Megatron-LM's `load_checkpoint` does (vocab-padding mismatches handled by megatron).
+- `logits(model, ids)`: full padded-vocab logits [b, s, V_padded], gathered over TP.
+- `sharded_keys(model)`, `local_state_dict(model)`, `global_tensors(model)`, `dcp_metadata(path)`,
+  `read_dcp_tensors(path)`: the names, shapes and values megatron expects and writes.
+- `LOCAL_TO_CHECKPOINT`, `stack_layers(state_dict, num_layers)`, `write_plain_dcp_checkpoint`:
+  build a torch_dist checkpoint WITHOUT megatron-core, the way mzoo writes one.
+
+Megatron mapping of mzoo's activations (local spec, no Transformer Engine):
+- swiglu: `gated_linear_unit=True, activation_func=F.silu` (Megatron-LM `--swiglu`).
+- geglu: `gated_linear_unit=True, activation_func=F.gelu`.
+- gelu (exact erf GELU): `activation_func=F.gelu` with `bias_activation_fusion=False`. Careful:
+  Megatron-LM's default `--bias-gelu-fusion` swaps in `bias_gelu`, a TANH approximation, whenever
+  fc1 has a bias; this reference keeps all fusions off so it computes what the config says.
+- gelu_tanh (GPT-2's HF `gelu_new`): `activation_func=openai_gelu` from
+  megatron.core.transformer.utils (Megatron-LM `--openai-gelu`):
+  0.5*x*(1+tanh(0.7978845608028654*(x+0.044715*x^3))), the same formula as HF `gelu_new` and as
+  `F.gelu(x, approximate="tanh")`. (megatron.core.activations.fast_gelu and the fused
+  `bias_gelu` are the same curve with the constant rounded to 0.7978845608 / 0.79788456.)
+- relu / squared_relu / silu: `F.relu` / `megatron.core.activations.squared_relu` / `F.silu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_shim import install_cpu_shim
+from mzoo.config import ModelConfig
+
+CHECKPOINT_VERSION = 3.0  # what Megatron-LM's generate_state_dict writes
+# content_metadata Megatron-LM (training/checkpointing.py) saves with a model-only checkpoint
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+METADATA_JSON = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+# Local-spec module names whose checkpoint key is the TE spelling (megatron's
+# TransformerLayer.sharded_state_dict_keys_map for the local spec); everything else keeps its name.
+LOCAL_TO_CHECKPOINT = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "input_layernorm.bias": "self_attention.linear_qkv.layer_norm_bias",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+    "pre_mlp_layernorm.bias": "mlp.linear_fc1.layer_norm_bias",
+}
+
+
+def _activation(name: str):
+    """mzoo activation -> (gated_linear_unit, activation_func) in megatron-core terms."""
+    from megatron.core.activations import squared_relu
+    from megatron.core.transformer.utils import openai_gelu
+
+    return {
+        "swiglu": (True, F.silu),
+        "geglu": (True, F.gelu),
+        "gelu": (False, F.gelu),
+        "gelu_tanh": (False, openai_gelu),
+        "relu": (False, F.relu),
+        "squared_relu": (False, squared_relu),
+        "silu": (False, F.silu),
+    }[name]
+
+
+# ---- results across processes -------------------------------------------------------------------
+def pack(obj: Any) -> bytes:
+    """Serialise a result (tensors included) to bytes for the trip back from a `dist.run` rank.
+    torch tensors put on a multiprocessing queue travel as shared-memory handles that die with
+    the worker process; bytes do not."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> Any:
+    import io
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+# ---- parallel state ------------------------------------------------------------------------------
+def init_parallel(tp: int, seed: int = 1234) -> None:
+    """(Re)initialise megatron's model-parallel groups for tensor parallel size `tp` on the
+    already-initialised default (gloo) group, and seed megatron's RNG tracker
+    (model_parallel_cuda_manual_seed, which the shim routes to the CPU generator)."""
+    install_cpu_shim()
+    from megatron.core import parallel_state, tensor_parallel
+
+    assert dist.is_initialized(), "run inside a torch.distributed (gloo) process group"
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+
+
+# ---- model ---------------------------------------------------------------------------------------
+def unsupported(cfg: ModelConfig) -> Optional[str]:
+    """Why this dense megatron-core reference cannot express `cfg`, or None if it can."""
+    if cfg.mla is not None:
+        return "MLA needs Transformer Engine"
+    if cfg.ssm is not None:
+        return "Mamba needs the mamba-ssm kernels"
+    if cfg.moe is not None:
+        return "MoE is not covered by this dense reference"
+    if cfg.position_embedding == "rope":
+        r = cfg.rope
+        if r.scaling == "yarn":
+            return "YaRN rope is only used with MLA here"
+        if r.scaling == "llama3" and (r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings) != (
+            1.0,
+            4.0,
+            8192,
+        ):
+            return "megatron-core's llama3 rope scaling hard-codes low=1, high=4, original_max=8192"
+    return None
+
+
+def transformer_config(cfg: ModelConfig, tp: int, **overrides: Any):
+    """megatron-core TransformerConfig for an mzoo dense config: fp32, CPU init, no dropout and
+    no fusions (so the reference computes exactly the configured math)."""
+    install_cpu_shim()
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    why = unsupported(cfg)
+    if why:
+        raise NotImplementedError(f"{cfg.name or 'config'}: {why}")
+    gated, act = _activation(cfg.activation)
+    kwargs: dict[str, Any] = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.groups,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=gated,
+        activation_func=act,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The GPTModel constructor arguments that are not TransformerConfig fields."""
+    kw: dict[str, Any] = dict(
+        max_sequence_length=cfg.max_position_embeddings,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type={"learned": "learned_absolute", "rope": "rope", "none": "none"}[
+            cfg.position_embedding
+        ],
+    )
+    if cfg.position_embedding == "rope":
+        kw.update(rotary_base=cfg.rope.theta, rotary_percent=cfg.rope.rotary_percent)
+        if cfg.rope.scaling == "linear":
+            kw["seq_len_interpolation_factor"] = cfg.rope.factor
+        elif cfg.rope.scaling == "llama3":
+            kw.update(rope_scaling=True, rope_scaling_factor=cfg.rope.factor)
+    return kw
+
+
+def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = None, seed: int = 1234):
+    """A megatron-core GPTModel (local spec, fp32, CPU, eval mode) for `cfg` at tensor parallel
+    size `tp` (the process group's world must be a multiple of tp; the rest is DP). Initialises
+    megatron's parallel state and RNG. With CPU initialisation megatron draws the full master
+    weights and slices them, so the same seed gives the same global model at every TP."""
+    init_parallel(tp, seed)
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(cfg, tp)
+    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=cfg.qk_layernorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab or cfg.padded_vocab_size(tp),
+        pre_process=True,
+        post_process=True,
+        parallel_output=True,
+        **gpt_model_kwargs(cfg),
+    )
+    return model.eval()
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
+    """Make norm weights and biases informative (they start at 1 and 0). Every rank draws the
+    same full-size noise and adds its own TP slice, so the global model is layout-independent."""
+    from megatron.core import parallel_state
+
+    gen = torch.Generator().manual_seed(seed)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    for _, p in sorted(model.named_parameters()):
+        if p.dim() != 1:
+            continue
+        parallel = getattr(p, "tensor_model_parallel", False) and getattr(p, "partition_dim", -1) == 0
+        noise = torch.randn(p.shape[0] * (tp if parallel else 1), generator=gen) * scale
+        if parallel:
+            noise = noise.view(tp, -1)[tp_rank]
+        p.add_(noise.to(p.dtype))
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits [b, s, V_padded] of the real megatron-core forward, gathered over
+    TP. The causal mask is passed explicitly (True = masked), as Megatron-LM's
+    get_ltor_masks_and_position_ids does: megatron's fallback default-mask helper allocates on
+    device "cuda"."""
+    b, s = ids.shape
+    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
+    return model(ids, position_ids, mask, runtime_gather_output=True).float()
+
+
+# ---- names and shapes ----------------------------------------------------------------------------
+def sharded_state_dict(model) -> dict:
+    """model.sharded_state_dict() with the metadata Megatron-LM passes for torch_dist saves
+    (singleton_local_shards=False keeps gated fc1 under ONE key, [gate_all; up_all];
+    True would write `..._w` / `..._v` keys instead)."""
+    from megatron.core import parallel_state
+
+    metadata = dict(CONTENT_METADATA, dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return model.sharded_state_dict(metadata=metadata)
+
+
+def sharded_keys(model) -> dict[str, dict[str, Any]]:
+    """How each model.state_dict() name maps to the checkpoint, from megatron's own sharded
+    state dict: {name: {"kind": "tensor" | "object" | "factory", "key", "global_shape",
+    "local_shape", "global_offset", "axis_fragmentations", "replica_id", "prepend_axis_num",
+    "allow_shape_mismatch"}} (fewer fields for objects and factories)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    out = {}
+    for name, sh in sharded_state_dict(model).items():
+        if isinstance(sh, ShardedTensor):
+            out[name] = dict(
+                kind="tensor",
+                key=sh.key,
+                global_shape=tuple(sh.global_shape),
+                local_shape=tuple(sh.local_shape),
+                global_offset=tuple(sh.global_offset),
+                axis_fragmentations=tuple(sh.axis_fragmentations),
+                replica_id=sh.replica_id,
+                prepend_axis_num=sh.prepend_axis_num,
+                allow_shape_mismatch=sh.allow_shape_mismatch,
+            )
+        elif isinstance(sh, ShardedObject):
+            out[name] = dict(
+                kind="object",
+                key=sh.unique_key,
+                global_shape=tuple(sh.global_shape),
+                global_offset=tuple(sh.global_offset),
+                replica_id=sh.replica_id,
+            )
+        elif isinstance(sh, ShardedTensorFactory):
+            out[name] = dict(kind="factory", key=sh.key, local_shape=tuple(sh.data.shape))
+        else:  # pragma: no cover
+            out[name] = dict(kind=type(sh).__name__)
+    return out
+
+
+def local_state_dict(model) -> dict[str, Any]:
+    """model.state_dict() (what a legacy "torch"-format rank file holds under `model`): tensors
+    detached and cloned, `_extra_state` entries with their value (None in the local spec)."""
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
+
+
+def global_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's global tensors under megatron's checkpoint keys, exactly as torch_dist stores
+    them (stacked layers with a leading [L] axis, gated fc1 as [gate_all; up_all]), assembled
+    from megatron's own ShardedTensors (factories applied) and summed over ranks: each main
+    replica contributes its disjoint piece. Collective. `_extra_state` objects are left out."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories, is_main_replica
+
+    sd = sharded_state_dict(model)
+    apply_factories(sd)
+    pieces: list = []
+
+    def collect(x):
+        if isinstance(x, ShardedTensor):
+            pieces.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                collect(v)
+
+    collect(sd)
+    out: dict[str, torch.Tensor] = {}
+    for sh in pieces:
+        full = out.get(sh.key)
+        if full is None:
+            full = out[sh.key] = torch.zeros(sh.global_shape, dtype=sh.data.dtype)
+        if not is_main_replica(sh.replica_id):
+            continue
+        shape = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+        index = tuple(slice(o, o + n) for o, n in zip(sh.global_offset, shape))
+        full[index] = sh.data.detach().reshape(shape)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for key in sorted(out):
+            dist.all_reduce(out[key])
+    return out
+
+
+# ---- checkpoints written and read by megatron-core -----------------------------------------------
+def megatron_args(cfg: ModelConfig, tp: int, padded_vocab: int, **extra: Any) -> argparse.Namespace:
+    """An `args` Namespace with the Megatron-LM argument names that a checkpoint reader
+    (Megatron-LM's load_args_from_checkpoint, or mzoo) needs to rebuild the model. A real
+    Megatron-LM run stores its full argparse Namespace (hundreds of fields); these are the
+    architecture/layout ones."""
+    pos = {"learned": "learned_absolute", "rope": "rope", "none": "none"}[cfg.position_embedding]
+    theta = cfg.rope.theta
+    args = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=cfg.groups != cfg.num_attention_heads,
+        num_query_groups=cfg.groups,
+        kv_channels=cfg.kv_channels,
+        max_position_embeddings=cfg.max_position_embeddings,
+        seq_length=cfg.max_position_embeddings,
+        position_embedding_type=pos,
+        add_position_embedding=pos == "learned_absolute",
+        use_rotary_position_embeddings=pos == "rope",
+        rotary_base=int(theta) if float(theta).is_integer() else theta,
+        rotary_percent=cfg.rope.rotary_percent,
+        rotary_interleaved=False,
+        rotary_seq_len_interpolation_factor=cfg.rope.factor if cfg.rope.scaling == "linear" else None,
+        use_rope_scaling=cfg.rope.scaling == "llama3",
+        rope_scaling_factor=cfg.rope.factor if cfg.rope.scaling == "llama3" else 8.0,
+        normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
+        norm_epsilon=cfg.norm_eps,
+        apply_layernorm_1p=False,
+        swiglu=cfg.activation == "swiglu",
+        squared_relu=cfg.activation == "squared_relu",
+        openai_gelu=cfg.activation == "gelu_tanh",
+        onnx_safe=False,
+        bias_gelu_fusion=False,
+        bias_swiglu_fusion=False,
+        add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        untie_embeddings_and_output_weights=not cfg.tie_embeddings,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        expert_model_parallel_size=1,
+        num_experts=None,
+        init_method_std=cfg.init_method_std,
+        params_dtype=torch.float32,
+        fp16=False,
+        bf16=False,
+        ckpt_format="torch_dist",
+        use_dist_ckpt=True,
+        tokenizer_type="NullTokenizer",
+    )
+    args.update(extra)
+    return argparse.Namespace(**args)
+
+
+def save_dist_checkpoint(model, path: str | os.PathLike, args: Optional[argparse.Namespace] = None,
+                         iteration: int = 0) -> None:
+    """megatron-core writes its own torch_dist checkpoint of `model` into directory `path`
+    (collective: every rank calls it). Top level as Megatron-LM's save_checkpoint with
+    --no-save-optim --no-save-rng: `model` (sharded), `args`, `iteration`,
+    `checkpoint_version`, plus the `content_metadata` Megatron-LM passes to dist_checkpointing.
+
+    Where things go in 0.16.1: tensors and the `_extra_state` ShardedObjects -> DCP
+    (`__<rank>_<n>.distcp` + `.metadata`); everything else (args, iteration,
+    checkpoint_version, content_metadata) -> `common.pt` (torch.save by rank 0);
+    `metadata.json` last. The save starts writer processes (spawn)."""
+    install_cpu_shim()
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if dist.get_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state: dict[str, Any] = {
+        "model": sharded_state_dict(model),
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+    }
+    if args is not None:
+        state["args"] = args
+    dist_checkpointing.save(state, str(path), content_metadata=dict(CONTENT_METADATA))
+
+
+def load_dist_checkpoint(model, path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+    """megatron-core loads the torch_dist checkpoint at `path` into `model` (collective), as
+    Megatron-LM's load_checkpoint does: dist_checkpointing.load({"model":
+    model.sharded_state_dict()}) then model.load_state_dict(state["model"], strict).
+
+    Vocabulary padding needs nothing extra: megatron marks the embedding and output-layer
+    ShardedTensors allow_shape_mismatch=True (VocabParallelEmbedding.sharded_state_dict and
+    LanguageModule.sharded_state_dict), so a checkpoint padded to another size (or not padded)
+    fills the overlapping rows and leaves the model's extra rows zero.
+    Returns the common state that came back (args, iteration, checkpoint_version, ...)."""
+    install_cpu_shim()
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(path))
+    model.load_state_dict(state.pop("model"), strict=strict)
+    return state
+
+
+def load_common(path: str | os.PathLike) -> dict[str, Any]:
+    """common.pt as megatron-core reads it (dist_checkpointing.load_common_state_dict)."""
+    install_cpu_shim()
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path))
+
+
+# ---- plain torch.distributed.checkpoint: no megatron needed --------------------------------------
+def dcp_metadata(path: str | os.PathLike) -> dict[str, tuple]:
+    """What a torch_dist directory holds, from its DCP `.metadata` only:
+    {key: ("tensor", shape, dtype) or ("bytes",)}."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata()
+    out: dict[str, tuple] = {}
+    for key, m in meta.state_dict_metadata.items():
+        if isinstance(m, TensorStorageMetadata):
+            out[key] = ("tensor", tuple(m.size), m.properties.dtype)
+        elif isinstance(m, BytesStorageMetadata):
+            out[key] = ("bytes",)
+        else:  # pragma: no cover
+            out[key] = (type(m).__name__,)
+    return out
+
+
+def read_dcp_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint as a full global tensor, read with plain
+    torch.distributed.checkpoint (no megatron, no process group)."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp_metadata(path)
+    sd = {k: torch.empty(m[1], dtype=m[2]) for k, m in meta.items() if m[0] == "tensor"}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    return sd
+
+
+def read_dcp_objects(path: str | os.PathLike) -> dict[str, Any]:
+    """The non-tensor (bytes) entries of a torch_dist checkpoint, unpickled (the `_extra_state`
+    ShardedObjects megatron writes: key `<name>._extra_state/shard_<layer>_<L>`)."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp_metadata(path)
+    sd = {k: io.BytesIO() for k, m in meta.items() if m[0] == "bytes"}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    out = {}
+    for k, buf in sd.items():
+        buf.seek(0)
+        out[k] = torch.load(buf, weights_only=False)
+    return out
+
+
+def stack_layers(state_dict: dict[str, Any], num_layers: int) -> dict[str, torch.Tensor]:
+    """A TP=1 megatron state dict (local-spec names, `decoder.layers.{i}.…`) -> the global
+    torch_dist tensors: per-layer tensors stacked on a leading [L] axis under
+    `decoder.layers.<name>` with the local-spec norms renamed to the TE spelling
+    (LOCAL_TO_CHECKPOINT); `_extra_state` entries dropped."""
+    out: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, list] = {}
+    prefix = "decoder.layers."
+    for name, value in state_dict.items():
+        if name.endswith("_extra_state") or not isinstance(value, torch.Tensor):
+            continue
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            rest = LOCAL_TO_CHECKPOINT.get(rest, rest)
+            per_layer.setdefault(prefix + rest, [None] * num_layers)[int(index)] = value
+        else:
+            out[name] = value
+    for key, values in per_layer.items():
+        assert all(v is not None for v in values), f"{key} is missing in some layers"
+        out[key] = torch.stack(values)
+    return out
+
+
+def write_plain_dcp_checkpoint(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                               common: Optional[dict[str, Any]] = None) -> None:
+    """A torch_dist checkpoint written WITHOUT megatron-core, as mzoo writes one: full global
+    tensors under megatron's keys with plain torch.distributed.checkpoint (no `_extra_state`),
+    then common.pt (torch.save of `common`) and metadata.json last. One process, no group."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        storage_writer=dcp.FileSystemWriter(str(path)),
+        no_dist=True,
+    )
+    torch.save(common or {}, path / "common.pt")
+    (path / "metadata.json").write_text(json.dumps(METADATA_JSON))

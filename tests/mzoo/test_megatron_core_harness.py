@@ -1,0 +1,333 @@
+"""The megatron-core CPU harness (tests/mcore_ref.py + tests/megatron_shim.py) works on its own.
+
+Everything here is the REAL megatron-core 0.16.1 (local spec, fp32, CPU, gloo); only the few
+torch.cuda calls are shimmed. What these tests established (and keep asserting):
+
+torch_dist checkpoint megatron-core 0.16.1 writes for the tiny LLaMA-style model (vocab 1000
+padded to 1024, hidden 64, 2 layers, 4 heads, 2 query groups, head_dim 16, ffn 160, swiglu,
+RMSNorm, rope, untied, no biases) at TP=1 -- `FileSystemReader(path).read_metadata()`:
+
+    embedding.word_embeddings.weight                            tensor [1024, 64]   fp32
+    decoder.layers.self_attention.linear_qkv.layer_norm_weight  tensor [2, 64]
+    decoder.layers.self_attention.linear_qkv.weight             tensor [2, 128, 64]
+    decoder.layers.self_attention.linear_proj.weight            tensor [2, 64, 64]
+    decoder.layers.mlp.linear_fc1.layer_norm_weight             tensor [2, 64]
+    decoder.layers.mlp.linear_fc1.weight                        tensor [2, 320, 64]
+    decoder.layers.mlp.linear_fc2.weight                        tensor [2, 64, 160]
+    decoder.final_layernorm.weight                              tensor [64]
+    output_layer.weight                                         tensor [1024, 64]
+    decoder.layers.self_attention.linear_qkv._extra_state/shard_{0,1}_2   bytes (pickled None)
+    decoder.layers.self_attention.linear_proj._extra_state/shard_{0,1}_2  bytes
+    decoder.layers.mlp.linear_fc1._extra_state/shard_{0,1}_2              bytes
+    decoder.layers.mlp.linear_fc2._extra_state/shard_{0,1}_2              bytes
+
+- Layer stacks are stored stacked (leading [L] axis) under `decoder.layers.<name>` and the
+  local-spec norms are written under their TE names (input_layernorm -> linear_qkv.layer_norm_*,
+  pre_mlp_layernorm -> linear_fc1.layer_norm_*); keys are the same at TP=2 (layout-independent
+  global tensors). No `output_layer._extra_state` key: the output layer's extra state is not
+  part of megatron's sharded state dict. Tied embeddings: no `output_layer.weight` key at all.
+- The global linear_qkv is Megatron's canonical per-group layout [q_g (heads/groups * d);
+  k_g (d); v_g (d)] for g in groups, and the gated linear_fc1 is [gate_all; up_all]: checked by
+  an independent plain-torch forward from the stored tensors that reproduces megatron's logits,
+  and by the TP=2 save storing bit-identical global tensors.
+- Files: `__0_0.distcp __0_1.distcp .metadata common.pt metadata.json` (TP=1; TP=2 adds
+  `__1_*.distcp`). metadata.json = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+  "common_backend": "torch", "common_backend_version": 1}. common.pt (torch.save, needs
+  weights_only=False because of argparse.Namespace) holds everything that is not a
+  ShardedTensor/ShardedObject: here {"checkpoint_version": 3.0, "iteration": 7, "args":
+  Namespace(...), "content_metadata": {"singleton_local_shards": False,
+  "chained_optim_avoid_prefix": True}}.
+- A checkpoint holding ONLY plain global tensors under those keys (plain
+  torch.distributed.checkpoint.save, no `_extra_state`, plus metadata.json and common.pt) loads in
+  megatron-core at TP=1 and TP=2 with strict load_state_dict and gives the same logits; with an
+  unpadded 1000-row vocabulary too (megatron fills the overlapping rows, pads with zeros).
+
+Legacy "torch"-format state dict of the same GPTModel (model.state_dict(), TP=1), local names:
+`embedding.word_embeddings.weight [1024, 64]`, per layer i `decoder.layers.{i}.input_layernorm.weight
+[64]`, `.self_attention.linear_qkv.weight [128, 64]`, `.self_attention.linear_qkv._extra_state`,
+`.self_attention.linear_proj.weight [64, 64]`, `.self_attention.linear_proj._extra_state`,
+`.pre_mlp_layernorm.weight [64]`, `.mlp.linear_fc1.weight [320, 64]`, `.mlp.linear_fc1._extra_state`,
+`.mlp.linear_fc2.weight [64, 160]`, `.mlp.linear_fc2._extra_state`; `decoder.final_layernorm.weight
+[64]`, `output_layer.weight [1024, 64]`, `output_layer._extra_state`. Every `_extra_state` value
+is None; a strict load_state_dict accepts a dict with or without them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dist as D
+import mcore_ref as R
+from mzoo.config import ModelConfig, RopeConfig
+
+pytest.importorskip("megatron.core")
+pytest.importorskip("psutil")  # undeclared megatron-core dependency: saves hang without it
+
+VOCAB, PADDED = 1000, 1024
+LLAMA = ModelConfig(
+    name="tiny-llama", family="llama", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+    num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160, activation="swiglu",
+    normalization="rmsnorm", norm_eps=1e-5, position_embedding="rope", max_position_embeddings=64,
+    rope=RopeConfig(theta=500000.0), tie_embeddings=False, add_bias_linear=False,
+)
+GPT2 = ModelConfig(
+    name="tiny-gpt2", family="gpt", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+    num_attention_heads=4, ffn_hidden_size=256, activation="gelu_tanh", normalization="layernorm",
+    norm_eps=1e-5, position_embedding="learned", max_position_embeddings=64, tie_embeddings=True,
+    add_bias_linear=True, add_qkv_bias=True,
+)
+IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+LLAMA_DCP_KEYS = {
+    "embedding.word_embeddings.weight": (1024, 64),
+    "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (2, 64),
+    "decoder.layers.self_attention.linear_qkv.weight": (2, 128, 64),
+    "decoder.layers.self_attention.linear_proj.weight": (2, 64, 64),
+    "decoder.layers.mlp.linear_fc1.layer_norm_weight": (2, 64),
+    "decoder.layers.mlp.linear_fc1.weight": (2, 320, 64),
+    "decoder.layers.mlp.linear_fc2.weight": (2, 64, 160),
+    "decoder.final_layernorm.weight": (64,),
+    "output_layer.weight": (1024, 64),
+}
+LLAMA_DCP_OBJECTS = {
+    f"decoder.layers.{m}._extra_state/shard_{i}_2"
+    for m in ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+    for i in range(2)
+}
+
+
+# ---- an independent plain-torch forward from the global checkpoint tensors -----------------------
+def reference_logits(cfg: ModelConfig, t: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, V_padded] computed from torch_dist global tensors ASSUMING Megatron's
+    canonical layouts: linear_qkv rows grouped per query group [q_g; k_g; v_g], gated fc1 rows
+    [gate; up], rotate-half RoPE. Shares no code with megatron or mzoo."""
+    b, s = ids.shape
+    heads, groups, d = cfg.num_attention_heads, cfg.groups, cfg.kv_channels
+    L = "decoder.layers."
+
+    def norm(x, w, bias):
+        if cfg.normalization == "rmsnorm":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+        return F.layer_norm(x, (x.shape[-1],), w, bias, cfg.norm_eps)
+
+    def get(name, i=None):
+        v = t.get(name)
+        return v if v is None or i is None else v[i]
+
+    x = t["embedding.word_embeddings.weight"][ids]  # [b, s, h]
+    if cfg.position_embedding == "learned":
+        x = x + t["embedding.position_embeddings.weight"][:s]
+    if cfg.position_embedding == "rope":
+        inv = 1.0 / cfg.rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+        freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv)
+        emb = torch.cat([freqs, freqs], -1)  # [s, d]
+        cos, sin = emb.cos(), emb.sin()
+
+        def rope(u):  # [b, n, s, d]
+            u1, u2 = u.chunk(2, -1)
+            return u * cos + torch.cat([-u2, u1], -1) * sin
+
+    act = {"swiglu": F.silu, "gelu_tanh": lambda u: F.gelu(u, approximate="tanh"), "gelu": F.gelu}[cfg.activation]
+    for i in range(cfg.num_layers):
+        h = norm(x, get(L + "self_attention.linear_qkv.layer_norm_weight", i),
+                 get(L + "self_attention.linear_qkv.layer_norm_bias", i))
+        qkv = F.linear(h, get(L + "self_attention.linear_qkv.weight", i), get(L + "self_attention.linear_qkv.bias", i))
+        qkv = qkv.view(b, s, groups, heads // groups + 2, d)
+        q = qkv[:, :, :, : heads // groups].reshape(b, s, heads, d).transpose(1, 2)
+        k = qkv[:, :, :, -2].transpose(1, 2)
+        v = qkv[:, :, :, -1].transpose(1, 2)
+        if cfg.position_embedding == "rope":
+            q, k = rope(q), rope(k)
+        k = k.repeat_interleave(heads // groups, dim=1)
+        v = v.repeat_interleave(heads // groups, dim=1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+        att = att.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+        o = (att @ v).transpose(1, 2).reshape(b, s, heads * d)
+        x = x + F.linear(o, get(L + "self_attention.linear_proj.weight", i), get(L + "self_attention.linear_proj.bias", i))
+        h = norm(x, get(L + "mlp.linear_fc1.layer_norm_weight", i), get(L + "mlp.linear_fc1.layer_norm_bias", i))
+        h = F.linear(h, get(L + "mlp.linear_fc1.weight", i), get(L + "mlp.linear_fc1.bias", i))
+        if cfg.gated:
+            gate, up = h.chunk(2, -1)
+            h = act(gate) * up
+        else:
+            h = act(h)
+        x = x + F.linear(h, get(L + "mlp.linear_fc2.weight", i), get(L + "mlp.linear_fc2.bias", i))
+    x = norm(x, t["decoder.final_layernorm.weight"], t.get("decoder.final_layernorm.bias"))
+    out_w = t["embedding.word_embeddings.weight"] if cfg.tie_embeddings else t["output_layer.weight"]
+    return x @ out_w.t()
+
+
+# ---- functions launched on gloo ranks (module level: they are pickled by spawn) -------------------
+def _save_tp1(rank, world, cfg, path, ids):
+    """Build a perturbed TP=1 model, save it with megatron-core, report what it holds."""
+    model = R.build_gpt_model(cfg, 1, PADDED, seed=11)
+    R.perturb_(model, seed=1)
+    out = R.logits(model, ids)
+    R.save_dist_checkpoint(model, path, args=R.megatron_args(cfg, 1, PADDED), iteration=7)
+    return R.pack(dict(
+        logits=out,
+        state_dict=R.local_state_dict(model),
+        sharded_keys=R.sharded_keys(model),
+        tensors=R.global_tensors(model),
+    ))
+
+
+def _load(rank, world, cfg, path, ids, padded, resave_path=None):
+    """A fresh, differently seeded model at TP=world loads `path` with megatron-core."""
+    model = R.build_gpt_model(cfg, world, padded, seed=99 + rank)
+    common = R.load_dist_checkpoint(model, path)
+    out = R.logits(model, ids)
+    tensors = R.global_tensors(model)
+    if resave_path is not None:
+        R.save_dist_checkpoint(model, resave_path, args=R.megatron_args(cfg, world, padded), iteration=8)
+    common.pop("args", None)
+    return R.pack(dict(logits=out, common=common, tensors=tensors if rank == 0 else None))
+
+
+def _roundtrip(cfg, tmp_path):
+    ck1, ck2 = tmp_path / "tp1", tmp_path / "tp2"
+    saved = R.unpack(D.run(_save_tp1, 1, cfg, ck1, IDS)[0])
+    loaded = [R.unpack(r) for r in D.run(_load, 2, cfg, ck1, IDS, PADDED, ck2)]
+    return saved, loaded, ck1, ck2
+
+
+def _check_roundtrip(cfg, saved, loaded, ck1, ck2):
+    # the TP=2 model loaded from the TP=1 checkpoint gives the same logits on every rank
+    for r in loaded:
+        assert r["logits"].shape == (2, 12, PADDED)
+        torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
+        assert r["common"]["iteration"] == 7 and r["common"]["checkpoint_version"] == 3.0
+    # an independent forward that assumes the canonical layouts reproduces megatron's logits
+    ref = reference_logits(cfg, R.read_dcp_tensors(ck1), IDS)
+    torch.testing.assert_close(ref, saved["logits"], atol=1e-5, rtol=0)
+    # global tensors are layout-independent: the TP=2 save stores exactly the TP=1 tensors
+    t1, t2 = R.read_dcp_tensors(ck1), R.read_dcp_tensors(ck2)
+    assert t1.keys() == t2.keys() == saved["tensors"].keys() == loaded[0]["tensors"].keys()
+    for k in t1:
+        assert torch.equal(t1[k], t2[k]), k
+        assert torch.equal(t1[k], saved["tensors"][k]), k
+        assert torch.equal(t1[k], loaded[0]["tensors"][k]), k
+    # and the stacked TP=1 state dict is exactly what torch_dist holds
+    stacked = R.stack_layers(saved["state_dict"], cfg.num_layers)
+    assert stacked.keys() == t1.keys()
+    for k in t1:
+        assert torch.equal(stacked[k], t1[k]), k
+
+
+# ---- tests ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_roundtrip(tmp_path_factory):
+    return _roundtrip(LLAMA, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.mark.dist
+def test_llama_tp1_save_loads_at_tp2_with_same_logits(llama_roundtrip):
+    _check_roundtrip(LLAMA, *llama_roundtrip)
+
+
+@pytest.mark.dist
+def test_gpt2_tp1_save_loads_at_tp2_with_same_logits(tmp_path):
+    saved, loaded, ck1, ck2 = _roundtrip(GPT2, tmp_path)
+    _check_roundtrip(GPT2, saved, loaded, ck1, ck2)
+    keys = R.dcp_metadata(ck1)
+    assert "embedding.position_embeddings.weight" in keys and "output_layer.weight" not in keys
+    assert keys["decoder.layers.self_attention.linear_qkv.bias"][1] == (2, 192)
+    assert keys["decoder.layers.self_attention.linear_qkv.layer_norm_bias"][1] == (2, 64)
+    assert keys["decoder.layers.mlp.linear_fc1.bias"][1] == (2, 256)
+    assert keys["decoder.final_layernorm.bias"][1] == (64,)
+
+
+@pytest.mark.dist
+def test_llama_torch_dist_key_inventory(llama_roundtrip):
+    saved, _, ck1, ck2 = llama_roundtrip
+    meta = R.dcp_metadata(ck1)
+    tensors = {k: m[1] for k, m in meta.items() if m[0] == "tensor"}
+    objects = {k for k, m in meta.items() if m[0] == "bytes"}
+    assert tensors == LLAMA_DCP_KEYS
+    assert all(m[2] == torch.float32 for m in meta.values() if m[0] == "tensor")
+    assert objects == LLAMA_DCP_OBJECTS
+    assert set(R.read_dcp_objects(ck1).values()) == {None}
+    assert {k: m[1] for k, m in R.dcp_metadata(ck2).items() if m[0] == "tensor"} == LLAMA_DCP_KEYS
+
+    files = {p.name for p in ck1.iterdir()}
+    assert {".metadata", "common.pt", "metadata.json"} <= files
+    assert all(f.endswith(".distcp") for f in files - {".metadata", "common.pt", "metadata.json"})
+    assert R.json.loads((ck1 / "metadata.json").read_text()) == R.METADATA_JSON
+    common = torch.load(ck1 / "common.pt", weights_only=False)
+    assert set(common) == {"checkpoint_version", "iteration", "args", "content_metadata"}
+    assert common["content_metadata"] == R.CONTENT_METADATA
+    args = common["args"]
+    assert (args.num_layers, args.hidden_size, args.num_query_groups, args.padded_vocab_size) == (2, 64, 2, 1024)
+    assert args.swiglu and args.normalization == "RMSNorm" and args.untie_embeddings_and_output_weights
+
+    # how megatron maps its (local-spec) state dict onto those keys
+    sk = saved["sharded_keys"]
+    assert sk["decoder.layers.1.input_layernorm.weight"]["key"] == "decoder.layers.self_attention.linear_qkv.layer_norm_weight"
+    assert sk["decoder.layers.1.input_layernorm.weight"]["global_offset"] == (1, 0)
+    assert sk["decoder.layers.0.mlp.linear_fc1.weight"] == dict(kind="factory", key="decoder.layers.mlp.linear_fc1.weight", local_shape=(320, 64))
+    assert sk["embedding.word_embeddings.weight"]["allow_shape_mismatch"]
+    assert sk["output_layer.weight"]["allow_shape_mismatch"]
+    assert "output_layer._extra_state" not in sk
+
+    # the legacy "torch"-format state dict: local names, _extra_state None on every linear
+    sd = saved["state_dict"]
+    extra = {k for k in sd if k.endswith("_extra_state")}
+    assert extra == {f"decoder.layers.{i}.{m}._extra_state" for i in range(2) for m in
+                     ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")} | {
+        "output_layer._extra_state"}
+    assert all(sd[k] is None for k in extra)
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if k not in extra}
+    assert shapes == {
+        "embedding.word_embeddings.weight": (1024, 64),
+        **{f"decoder.layers.{i}.{n}": s for i in range(2) for n, s in {
+            "input_layernorm.weight": (64,),
+            "self_attention.linear_qkv.weight": (128, 64),
+            "self_attention.linear_proj.weight": (64, 64),
+            "pre_mlp_layernorm.weight": (64,),
+            "mlp.linear_fc1.weight": (320, 64),
+            "mlp.linear_fc2.weight": (64, 160),
+        }.items()},
+        "decoder.final_layernorm.weight": (64,),
+        "output_layer.weight": (1024, 64),
+    }
+
+
+@pytest.mark.dist
+def test_plain_dcp_checkpoint_without_extra_state_loads_in_megatron(llama_roundtrip, tmp_path):
+    """What mzoo writes: plain global tensors (stacked from the TP=1 state dict), plain
+    torch.distributed.checkpoint.save, metadata.json + common.pt, no _extra_state."""
+    saved = llama_roundtrip[0]
+    tensors = R.stack_layers(saved["state_dict"], LLAMA.num_layers)
+    common = {"checkpoint_version": 3.0, "iteration": 5, "args": R.megatron_args(LLAMA, 1, PADDED)}
+    plain = tmp_path / "plain"
+    R.write_plain_dcp_checkpoint(tensors, plain, common)
+    assert all(m[0] == "tensor" for m in R.dcp_metadata(plain).values())
+    for r in map(R.unpack, D.run(_load, 2, LLAMA, plain, IDS, PADDED)):
+        torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
+        assert r["common"] == {"checkpoint_version": 3.0, "iteration": 5}
+
+    # unpadded vocabulary (1000 rows) into a model padded to 1024: megatron fills rows [:1000]
+    trimmed = dict(tensors)
+    for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        trimmed[k] = tensors[k][:VOCAB]
+    plain2 = tmp_path / "plain_unpadded"
+    R.write_plain_dcp_checkpoint(trimmed, plain2, common)
+    r = R.unpack(D.run(_load, 1, LLAMA, plain2, IDS, PADDED)[0])
+    torch.testing.assert_close(r["logits"][..., :VOCAB], saved["logits"][..., :VOCAB], atol=1e-5, rtol=0)
+    assert torch.count_nonzero(r["tensors"]["output_layer.weight"][VOCAB:]) == 0
+    assert torch.count_nonzero(r["tensors"]["embedding.word_embeddings.weight"][VOCAB:]) == 0
+
+
+def test_activation_mapping_for_gpt2_gelu_new():
+    """Megatron's openai_gelu (--openai-gelu) is exactly GPT-2's gelu_new / tanh GELU."""
+    from megatron.core.transformer.utils import openai_gelu  # pure function, no CUDA involved
+
+    x = torch.linspace(-8, 8, 4001)
+    gelu_new = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    torch.testing.assert_close(openai_gelu(x), gelu_new, atol=1e-6, rtol=0)
+    torch.testing.assert_close(openai_gelu(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+    assert R.unsupported(GPT2) is None and R.unsupported(LLAMA) is None
