@@ -6,6 +6,7 @@ tensors exist and how they split comes from a model built on the meta device.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,22 +96,34 @@ def save_hf(
     adapter = adapters.for_family(cfg.family)
     hf_config = adapter.config_to_hf(cfg)  # fails on configs HF cannot express, before any work
     out = Path(out)
+    tensors = iter(tensors)
+    first = next(tensors, None)
+    if first is None:
+        raise ValueError("no tensors to write")
+    dtype = dtype or first[1].dtype
+    plan = hf_plan(cfg, adapter, dtype)
     with atomic_dir(out, overwrite) as tmp:
-        writer = HFWriter(tmp, max_shard_bytes)
-        seen_dtype = dtype
-        for name, tensor in tensors:
-            tensor = tensor.to(dtype) if dtype is not None else tensor
-            seen_dtype = seen_dtype or tensor.dtype
-            for hf_name, value in adapter.to_hf(name, tensor, cfg):
+        writer = HFWriter(tmp, plan, max_shard_bytes)
+        for name, tensor in itertools.chain([first], tensors):
+            for hf_name, value in adapter.to_hf(name, tensor.to(dtype), cfg):
                 writer.add(hf_name, value)
         writer.close()
-        hf_config.dtype = dtype_name(seen_dtype or torch.float32)
+        hf_config.dtype = dtype_name(dtype)
         hf_config.to_json_file(str(tmp / "config.json"), use_diff=False)
         write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
         for file in tokenizer_files:
             shutil.copy2(file, tmp / Path(file).name)
-        write_sidecar(tmp, cfg, "hf", dtype_name(seen_dtype or torch.float32))
+        write_sidecar(tmp, cfg, "hf", dtype_name(dtype))
     return out
+
+
+def hf_plan(cfg: ModelConfig, adapter: adapters.Adapter, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(HF name, shape, dtype) of every output tensor, in write order, from a meta-device pass."""
+    plan = []
+    for t in canonical_tensors(cfg):
+        for hf_name, value in adapter.to_hf(t.name, torch.empty(t.shape, dtype=dtype, device="meta"), cfg):
+            plan.append((hf_name, tuple(value.shape), dtype))
+    return plan
 
 
 def random_canonical(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -503,20 +503,16 @@ def read_dcp_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def read_dcp_objects(path: str | os.PathLike) -> dict[str, Any]:
-    """The non-tensor (bytes) entries of a torch_dist checkpoint, unpickled (the `_extra_state`
-    ShardedObjects megatron writes: key `<name>._extra_state/shard_<layer>_<L>`)."""
+    """The non-tensor (bytes) entries of a torch_dist checkpoint, unpickled by plain DCP. Megatron
+    writes each ShardedObject as torch.save([obj.data]) under `obj.unique_key`, e.g. the
+    `_extra_state` of stacked layer i of L: `<name>._extra_state/shard_<i>_<L>` -> [None]."""
     import io
 
     import torch.distributed.checkpoint as dcp
 
-    meta = dcp_metadata(path)
-    sd = {k: io.BytesIO() for k, m in meta.items() if m[0] == "bytes"}
-    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-    out = {}
-    for k, buf in sd.items():
-        buf.seek(0)
-        out[k] = torch.load(buf, weights_only=False)
-    return out
+    sd: dict[str, Any] = {k: io.BytesIO() for k, m in dcp_metadata(path).items() if m[0] == "bytes"}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)  # replaces values
+    return sd
 
 
 def stack_layers(state_dict: dict[str, Any], num_layers: int) -> dict[str, torch.Tensor]:

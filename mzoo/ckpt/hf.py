@@ -17,7 +17,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -154,49 +153,76 @@ def parse_size(text: str) -> int:
     raise UserError(f"cannot read size '{text}'; write it like 5GB, 500MB or 2GiB.")
 
 
-class HFWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes`, then the index.
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
 
-    Memory is bounded by one shard; shards get their final `model-0000i-of-0000n` names at close.
+
+class HFWriter:
+    """Streams tensors into safetensors shards whose headers are known in advance.
+
+    The caller gives the plan (name, shape, dtype in the order tensors will arrive, e.g. from a
+    meta-device pass); headers are written first and each tensor's bytes go straight to disk, so
+    memory holds one tensor, not one shard.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9):
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 10**9):
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str], int]] = []  # (temp file, names, bytes)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [(name, shape, dtype, i) for i, shard in enumerate(shards) for name, shape, dtype, _ in shard]
+        self.shards = shards
+        self.position = 0
+        self.handle = None
+        self.current = -1
+
+    def _open(self, index: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[index]:
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(self.folder / self.files[index], "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.current = index
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-
-    def _flush(self) -> None:
-        temp = f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(self.folder / temp), metadata={"format": "pt"})
-        self.shards.append((temp, list(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
+        expected, shape, dtype, shard = self.order[self.position]
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self.current:
+            self._open(shard)
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.handle.write(memoryview(data))
+        self.position += 1
 
     def close(self) -> list[str]:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.folder / self.shards[0][0], self.folder / SINGLE)
-            return [SINGLE]
-        weight_map, files = {}, []
-        for i, (temp, names, _) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / temp, self.folder / final)
-            weight_map.update({name: final for name in names})
-            files.append(final)
-        total = sum(b for _, _, b in self.shards)
+        if self.position != len(self.order):
+            raise ValueError(f"writer got {self.position} of {len(self.order)} planned tensors")
+        if self.handle is None:  # an empty model: still a valid file
+            self._open(0)
+        self.handle.close()
+        if len(self.files) == 1:
+            return self.files
+        weight_map = {name: self.files[shard] for name, _, _, shard in self.order}
+        total = sum(nbytes for shard in self.shards for *_, nbytes in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return files + [INDEX]
+        return self.files + [INDEX]
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,0 +1,380 @@
+"""Benchmark: checkpoint conversion speed and memory against a plain copy and the naive transformers path.
+
+What it measures, in one run, on a randomly initialised llama-family model of ~1.3 GB (bf16) made on
+the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1):
+
+  interpreter   python -c "import torch, transformers, mzoo.converters"   (fixed start-up cost)
+  plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor)
+  naive         AutoModelForCausalLM.from_pretrained + save_pretrained      (what other tools do)
+  hf->mcore     mzoo convert 'hf->megatron' SRC DST --tp 2 --pp 2 --quiet   (torch_dist)
+  hf->legacy    same with --megatron-format torch                           (legacy torch)
+  mcore->hf     mzoo convert 'megatron->hf' on the torch_dist output above
+
+Every step runs in its own subprocess. Wall time is measured around that subprocess (start-up
+included); peak RSS is the subprocess's own high-water mark, read with os.wait4 (ru_maxrss, which
+also covers any descendants it waited for), cross-checked by polling /proc for the whole process tree
+(summed RSS, and peak anonymous vs file-backed RSS, which shows whether a step holds tensors on the
+heap or only touches mmapped files). Throughput is the model's safetensors bytes / wall time (GB =
+1e9 bytes). `os.sync()` runs between steps (not timed) so one step's write-back does not land in
+the next step's timing; the page cache is not dropped (that needs root), so sources are read warm.
+
+Targets checked for each mzoo row:
+  peak RSS  <  interpreter baseline RSS + 3 x largest tensor     (ratio column "RSS/budget" <= 1)
+  time      <= 2 x plain-copy time                               (ratio column "time/copy"  <= 2)
+
+Run:  .venv/bin/python benchmarks/convert.py
+      [--workdir DIR] [--keep] [--layers N] [--hidden H] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+GB = 1e9
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def model_yaml(layers: int, hidden: int) -> str:
+    """A Llama-style config; heads/groups/ffn follow hidden (2048 -> 16 heads, 4 groups, ffn 5632)."""
+    heads = max(1, hidden // 128)
+    groups = max(1, heads // 4)
+    ffn = max(128, round(hidden * 11 / 4 / 128) * 128)
+    return f"""\
+name: bench-llama-{layers}x{hidden}
+family: llama
+source: mzoo benchmarks/convert.py (random weights)
+vocab_size: 32000
+hidden_size: {hidden}
+num_layers: {layers}
+num_attention_heads: {heads}
+num_query_groups: {groups}
+ffn_hidden_size: {ffn}
+activation: swiglu
+normalization: rmsnorm
+norm_eps: 1.0e-5
+position_embedding: rope
+rope:
+  theta: 10000.0
+max_position_embeddings: 4096
+tie_embeddings: false
+add_bias_linear: false
+add_qkv_bias: false
+"""
+
+
+def safetensors_stats(folder: Path) -> tuple[int, int, str, int]:
+    """(total tensor bytes, largest tensor bytes, its name, tensor count) from the files' headers."""
+    total, largest, name, count = 0, 0, "", 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            total += end - start
+            count += 1
+            if end - start > largest:
+                largest, name = end - start, key
+    return total, largest, name, count
+
+
+def dir_bytes(path: Path) -> int:
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# measurement
+# ---------------------------------------------------------------------------------------------
+def _tree_pids(root: int) -> list[int]:
+    """root and its descendants, from /proc (no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _rss_parts(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed + shmem) resident bytes of one process."""
+    anon = filed = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith(("RssFile:", "RssShmem:")):
+                    filed += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return anon, filed
+
+
+class Poller(threading.Thread):
+    """Samples the process tree's RSS every `interval` seconds; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.peak_total = self.peak_anon = self.peak_file = 0
+        self.max_procs = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pids = _tree_pids(self.pid)
+            anon = filed = 0
+            for p in pids:
+                a, f = _rss_parts(p)
+                anon, filed = anon + a, filed + f
+            self.peak_total = max(self.peak_total, anon + filed)
+            self.peak_anon = max(self.peak_anon, anon)
+            self.peak_file = max(self.peak_file, filed)
+            self.max_procs = max(self.max_procs, len(pids))
+            self.stop.wait(self.interval)
+
+
+@dataclass
+class Row:
+    step: str
+    command: str
+    wall_s: float = 0.0
+    peak_rss: int = 0  # bytes: max(ru_maxrss of the subprocess, polled tree sum)
+    ru_maxrss: int = 0  # bytes, from os.wait4
+    polled_tree_rss: int = 0
+    peak_anon: int = 0
+    peak_file: int = 0
+    max_procs: int = 0
+    out_bytes: int = 0
+    rc: int = 0
+    error: str = ""
+    throughput_gbs: Optional[float] = None
+    rss_budget_ratio: Optional[float] = None
+    time_copy_ratio: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def measure(step: str, argv: list[str], env: dict, out: Optional[Path] = None) -> Row:
+    """Run argv in its own subprocess; wall time and that subprocess's peak RSS."""
+    os.sync()
+    time.sleep(0.5)
+    row = Row(step=step, command=" ".join(argv))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    poller = Poller(proc.pid)
+    poller.start()
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    row.wall_s = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    poller.stop.set()
+    poller.join()
+    reader.join()
+    row.rc = proc.returncode
+    row.ru_maxrss = usage.ru_maxrss * 1024  # Linux reports KiB
+    row.polled_tree_rss = poller.peak_total
+    row.peak_rss = max(row.ru_maxrss, poller.peak_total)
+    row.peak_anon, row.peak_file, row.max_procs = poller.peak_anon, poller.peak_file, poller.max_procs
+    if out is not None:
+        row.out_bytes = dir_bytes(out)
+    if row.rc != 0:
+        text = b"".join(output).decode(errors="replace").strip()
+        row.error = text[-2000:] or f"exit status {row.rc}"
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+def fmt_gb(n: int) -> str:
+    return f"{n / GB:.2f}"
+
+
+def print_table(rows: list[Row], info: dict) -> None:
+    headers = ["step", "wall s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
+               "RSS/budget (<=1)", "time/copy (<=2)"]
+    body = []
+    for r in rows:
+        if r.rc != 0:
+            body.append([r.step, "FAILED", "", "", "", "", "", f"rc={r.rc}"])
+            continue
+
+        def verdict(v: Optional[float], lim: float) -> str:
+            return "" if v is None else f"{v:.2f} {'ok' if v <= lim else 'MISS'}"
+
+        body.append([
+            r.step,
+            f"{r.wall_s:.2f}",
+            "" if r.throughput_gbs is None else f"{r.throughput_gbs:.2f}",
+            fmt_gb(r.peak_rss),
+            f"{fmt_gb(r.peak_anon)} / {fmt_gb(r.peak_file)}",
+            fmt_gb(r.out_bytes) if r.out_bytes else "",
+            verdict(r.rss_budget_ratio, 1.0),
+            verdict(r.time_copy_ratio, 2.0),
+        ])
+    title = (f"convert benchmark: {info['model']} ({info['params_h']} params, {fmt_gb(info['model_bytes'])} GB "
+             f"bf16, largest tensor {info['largest_tensor']} = {info['largest_tensor_bytes']:,} B); "
+             f"RSS budget = {fmt_gb(info['interp_rss'])} + 3 x {fmt_gb(info['largest_tensor_bytes'])} "
+             f"= {fmt_gb(info['rss_budget'])} GB")
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(title)
+    print(line(headers))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for b in body:
+        print(line(b))
+    print("peak RSS = max(ru_maxrss from os.wait4, polled sum over the process tree); anon / file = polled peaks "
+          "of RssAnon and RssFile+RssShmem (file = mmapped/page-cache pages counted in RSS).")
+    for r in rows:
+        if r.rc != 0:
+            print(f"\n{r.step} failed ({r.command}):\n{r.error}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the model and outputs")
+    ap.add_argument("--layers", type=int, default=12, help="transformer layers (default 12 -> ~1.34 GB)")
+    ap.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
+    ap.add_argument("--json", action="store_true", help="print the table as JSON")
+    args = ap.parse_args(argv)
+
+    py = sys.executable
+    mzoo = shutil.which("mzoo", path=str(Path(py).parent)) or shutil.which("mzoo")
+    if mzoo is None:
+        print("cannot find the mzoo command next to", py, file=sys.stderr)
+        return 2
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="mzoo-bench-", dir=args.workdir))
+    else:
+        work = Path(tempfile.mkdtemp(prefix="mzoo-bench-"))
+    log = sys.stderr
+    try:
+        cfg = work / "model.yaml"
+        cfg.write_text(model_yaml(args.layers, args.hidden))
+        hf = work / "hf"
+        print(f"[bench] writing model to {hf} ...", file=log, flush=True)
+        init = subprocess.run([mzoo, "init", str(cfg), str(hf), "--dtype", "bf16", "--seed", "0", "--json"],
+                              env=env, capture_output=True, text=True)
+        if init.returncode != 0:
+            print(init.stdout + init.stderr, file=sys.stderr)
+            return 1
+        params = json.loads(init.stdout)["params"]
+        model_bytes, largest, largest_name, n_tensors = safetensors_stats(hf)
+
+        steps: list[tuple[str, list[str], Optional[Path]]] = [
+            ("interpreter", [py, "-c", "import torch, transformers, mzoo.converters"], None),
+            ("plain copy", [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",
+                            str(hf), str(work / "copy")], work / "copy"),
+            ("naive (transformers)", [py, "-c",
+                                      "import sys\nfrom transformers import AutoModelForCausalLM\n"
+                                      "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')\n"
+                                      "m.save_pretrained(sys.argv[2])",
+                                      str(hf), str(work / "naive")], work / "naive"),
+            ("mzoo hf->torch_dist", [mzoo, "convert", "hf->megatron", str(hf), str(work / "mcore"),
+                                     "--tp", "2", "--pp", "2", "--quiet"], work / "mcore"),
+            ("mzoo hf->torch", [mzoo, "convert", "hf->megatron", str(hf), str(work / "legacy"),
+                                "--tp", "2", "--pp", "2", "--megatron-format", "torch", "--quiet"],
+             work / "legacy"),
+            ("mzoo torch_dist->hf", [mzoo, "convert", "megatron->hf", str(work / "mcore"), str(work / "back"),
+                                     "--quiet"], work / "back"),
+        ]
+        rows: list[Row] = []
+        for name, cmd, out in steps:
+            if name == "mzoo torch_dist->hf" and any(r.step == "mzoo hf->torch_dist" and r.rc for r in rows):
+                rows.append(Row(step=name, command=" ".join(cmd), rc=-1, error="skipped: its source step failed"))
+                continue
+            print(f"[bench] {name} ...", file=log, flush=True)
+            r = measure(name, cmd, env, out)
+            print(f"[bench]   {r.wall_s:.2f} s, peak RSS {fmt_gb(r.peak_rss)} GB, rc {r.rc}", file=log, flush=True)
+            rows.append(r)
+
+        by = {r.step: r for r in rows}
+        interp, copy = by["interpreter"], by["plain copy"]
+        budget = interp.peak_rss + 3 * largest
+        for r in rows:
+            if r.rc != 0 or r.step == "interpreter":
+                continue
+            r.throughput_gbs = model_bytes / GB / r.wall_s
+            if r.step.startswith("mzoo"):
+                r.rss_budget_ratio = r.peak_rss / budget
+                if copy.rc == 0:
+                    r.time_copy_ratio = r.wall_s / copy.wall_s
+            r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
+
+        info = {
+            "date": datetime.date.today().isoformat(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                       f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.0f} GiB RAM, {platform.system()}",
+            "python": platform.python_version(),
+            "model": f"llama {args.layers}x{args.hidden}",
+            "params": params,
+            "params_h": f"{params / 1e9:.3f} B" if params >= 1e9 else f"{params / 1e6:.0f} M",
+            "tensors": n_tensors,
+            "model_bytes": model_bytes,
+            "largest_tensor": largest_name,
+            "largest_tensor_bytes": largest,
+            "interp_rss": interp.peak_rss,
+            "rss_budget": budget,
+            "copy_wall_s": copy.wall_s,
+        }
+        if args.json:
+            print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        else:
+            print(f"{info['date']}  {info['machine']}  python {info['python']}")
+            print_table(rows, info)
+        return 0 if all(r.rc == 0 for r in rows) else 1
+    finally:
+        if args.keep:
+            print(f"[bench] kept {work}", file=log)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
