@@ -4,7 +4,9 @@ What it measures, in one run, on a randomly initialised llama-family model of ~1
 the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1):
 
   interpreter   python -c "import torch, transformers, mzoo.converters"   (fixed start-up cost)
-  plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor)
+  mzoo start-up mzoo --help                                                 (the CLI's own start-up; info)
+  plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor; the time target)
+  copy + fsync  the same, then fsync every file       (info: mzoo fsyncs its output, the copy does not)
   naive         AutoModelForCausalLM.from_pretrained + save_pretrained      (what other tools do)
   hf->mcore     mzoo convert 'hf->megatron' SRC DST --tp 2 --pp 2 --quiet   (torch_dist)
   hf->legacy    same with --megatron-format torch                           (legacy torch)
@@ -53,8 +55,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # ---------------------------------------------------------------------------------------------
 def model_yaml(layers: int, hidden: int) -> str:
     """A Llama-style config; heads/groups/ffn follow hidden (2048 -> 16 heads, 4 groups, ffn 5632)."""
-    heads = max(1, hidden // 128)
-    groups = max(1, heads // 4)
+    heads = max(2, hidden // 128)
+    groups = max(2, heads // 4)  # TP2 must divide the query groups
     ffn = max(128, round(hidden * 11 / 4 / 128) * 128)
     return f"""\
 name: bench-llama-{layers}x{hidden}
@@ -227,12 +229,12 @@ def fmt_gb(n: int) -> str:
 
 
 def print_table(rows: list[Row], info: dict) -> None:
-    headers = ["step", "wall s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
+    headers = ["step", "wall s", "wall-interp s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
                "RSS/budget (<=1)", "time/copy (<=2)"]
     body = []
     for r in rows:
         if r.rc != 0:
-            body.append([r.step, "FAILED", "", "", "", "", "", f"rc={r.rc}"])
+            body.append([r.step, "skipped" if r.rc == -1 else "FAILED", "", "", "", "", "", "", f"rc={r.rc}"])
             continue
 
         def verdict(v: Optional[float], lim: float) -> str:
@@ -241,6 +243,7 @@ def print_table(rows: list[Row], info: dict) -> None:
         body.append([
             r.step,
             f"{r.wall_s:.2f}",
+            "" if "net_wall_s" not in r.extra else f"{r.extra['net_wall_s']:.2f}",
             "" if r.throughput_gbs is None else f"{r.throughput_gbs:.2f}",
             fmt_gb(r.peak_rss),
             f"{fmt_gb(r.peak_anon)} / {fmt_gb(r.peak_file)}",
@@ -263,6 +266,7 @@ def print_table(rows: list[Row], info: dict) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
         print(line(b))
+    print("wall-interp = wall time minus the interpreter row (rough cost net of start-up; targets use raw wall).")
     print("peak RSS = max(ru_maxrss from os.wait4, polled sum over the process tree); anon / file = polled peaks "
           "of RssAnon and RssFile+RssShmem (file = mmapped/page-cache pages counted in RSS).")
     for r in rows:
@@ -309,8 +313,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         steps: list[tuple[str, list[str], Optional[Path]]] = [
             ("interpreter", [py, "-c", "import torch, transformers, mzoo.converters"], None),
+            ("mzoo start-up (--help)", [mzoo, "--help"], None),
             ("plain copy", [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",
                             str(hf), str(work / "copy")], work / "copy"),
+            ("plain copy + fsync", [py, "-c",
+                                    "import os, shutil, sys\nshutil.copytree(sys.argv[1], sys.argv[2])\n"
+                                    "for d, _, fs in os.walk(sys.argv[2]):\n"
+                                    "    for f in fs:\n"
+                                    "        fd = os.open(os.path.join(d, f), os.O_RDONLY); os.fsync(fd); os.close(fd)",
+                                    str(hf), str(work / "copy_fsync")], work / "copy_fsync"),
             ("naive (transformers)", [py, "-c",
                                       "import sys\nfrom transformers import AutoModelForCausalLM\n"
                                       "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')\n"
@@ -338,14 +349,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         interp, copy = by["interpreter"], by["plain copy"]
         budget = interp.peak_rss + 3 * largest
         for r in rows:
-            if r.rc != 0 or r.step == "interpreter":
+            if r.rc != 0 or r.out_bytes == 0:  # interpreter / start-up rows move no data
                 continue
             r.throughput_gbs = model_bytes / GB / r.wall_s
             if r.step.startswith("mzoo"):
                 r.rss_budget_ratio = r.peak_rss / budget
                 if copy.rc == 0:
                     r.time_copy_ratio = r.wall_s / copy.wall_s
-            r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
+            if not r.step.startswith("plain copy"):  # the copies run a bare interpreter, no torch import
+                r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
 
         info = {
             "date": datetime.date.today().isoformat(),

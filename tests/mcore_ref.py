@@ -446,21 +446,31 @@ def save_dist_checkpoint(model, path: str | os.PathLike, args: Optional[argparse
     dist_checkpointing.save(state, str(path), content_metadata=dict(CONTENT_METADATA))
 
 
-def load_dist_checkpoint(model, path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+def load_dist_checkpoint(model, path: str | os.PathLike, strict: bool = True,
+                         dist_strictness: str = "assume_ok_unexpected") -> dict[str, Any]:
     """megatron-core loads the torch_dist checkpoint at `path` into `model` (collective), as
     Megatron-LM's load_checkpoint does: dist_checkpointing.load({"model":
-    model.sharded_state_dict()}) then model.load_state_dict(state["model"], strict).
+    model.sharded_state_dict()}, strict=dist_strictness) then
+    model.load_state_dict(state["model"], strict=strict).
+
+    `dist_strictness` is Megatron-LM's --dist-ckpt-strictness (default "assume_ok_unexpected":
+    every requested key, `_extra_state` objects included, must be in the checkpoint or DCP raises
+    "Missing key in checkpoint state_dict"). With "log_unexpected" megatron drops requested keys
+    the checkpoint lacks; the module load then needs strict=False for the dropped `_extra_state`
+    (Megatron-LM's load_model_state_dict retries with strict=False by itself).
 
     Vocabulary padding needs nothing extra: megatron marks the embedding and output-layer
     ShardedTensors allow_shape_mismatch=True (VocabParallelEmbedding.sharded_state_dict and
     LanguageModule.sharded_state_dict), so a checkpoint padded to another size (or not padded)
     fills the overlapping rows and leaves the model's extra rows zero.
-    Returns the common state that came back (args, iteration, checkpoint_version, ...)."""
+    Returns the common state that came back (args, iteration, checkpoint_version, ...) plus
+    "_incompatible_keys" (missing, unexpected) from load_state_dict."""
     install_cpu_shim()
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(path))
-    model.load_state_dict(state.pop("model"), strict=strict)
+    state = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(path), strict=dist_strictness)
+    result = model.load_state_dict(state.pop("model"), strict=strict)
+    state["_incompatible_keys"] = (sorted(result.missing_keys), sorted(result.unexpected_keys))
     return state
 
 
@@ -538,17 +548,39 @@ def stack_layers(state_dict: dict[str, Any], num_layers: int) -> dict[str, torch
     return out
 
 
-def write_plain_dcp_checkpoint(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+def extra_state_entries(num_layers: int, modules: tuple[str, ...] = (
+        "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")) -> dict[str, Any]:
+    """The `_extra_state` objects megatron-core 0.16.1 (local spec, dense GPT) writes into a
+    torch_dist checkpoint and, at its default strictness, requires on load: for each stacked
+    layer module and layer i of L, key `decoder.layers.<module>._extra_state/shard_<i>_<L>`
+    holding torch.save([None]) (a ShardedObject is stored as the pickled list of its data).
+    Pass them to write_plain_dcp_checkpoint next to the tensors (they are written as DCP bytes)."""
+    import io
+
+    out: dict[str, Any] = {}
+    for module in modules:
+        for i in range(num_layers):
+            buf = io.BytesIO()
+            torch.save([None], buf)
+            buf.seek(0)
+            out[f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"] = buf
+    return out
+
+
+def write_plain_dcp_checkpoint(entries: dict[str, Any], path: str | os.PathLike,
                                common: Optional[dict[str, Any]] = None) -> None:
     """A torch_dist checkpoint written WITHOUT megatron-core, as mzoo writes one: full global
-    tensors under megatron's keys with plain torch.distributed.checkpoint (no `_extra_state`),
-    then common.pt (torch.save of `common`) and metadata.json last. One process, no group."""
+    tensors under megatron's keys (and optionally io.BytesIO objects, e.g. extra_state_entries())
+    with plain torch.distributed.checkpoint.save, then common.pt (torch.save of `common`) and
+    metadata.json last. One process, no process group."""
+    import io
+
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dcp.save(
-        {k: v.detach().contiguous() for k, v in tensors.items()},
+        {k: v if isinstance(v, io.BytesIO) else v.detach().contiguous() for k, v in entries.items()},
         storage_writer=dcp.FileSystemWriter(str(path)),
         no_dist=True,
     )

@@ -176,16 +176,29 @@ def _save_tp1(rank, world, cfg, path, ids):
     ))
 
 
-def _load(rank, world, cfg, path, ids, padded, resave_path=None):
+def _load(rank, world, cfg, path, ids, padded, resave_path=None, strict=True, dist_strictness="assume_ok_unexpected"):
     """A fresh, differently seeded model at TP=world loads `path` with megatron-core."""
     model = R.build_gpt_model(cfg, world, padded, seed=99 + rank)
-    common = R.load_dist_checkpoint(model, path)
+    common = R.load_dist_checkpoint(model, path, strict=strict, dist_strictness=dist_strictness)
     out = R.logits(model, ids)
     tensors = R.global_tensors(model)
     if resave_path is not None:
         R.save_dist_checkpoint(model, resave_path, args=R.megatron_args(cfg, world, padded), iteration=8)
     common.pop("args", None)
     return R.pack(dict(logits=out, common=common, tensors=tensors if rank == 0 else None))
+
+
+def _load_default_then_lenient(rank, world, cfg, path, ids, padded):
+    """Megatron's default strictness on a checkpoint without _extra_state (expected to fail),
+    then Megatron-LM's lenient route (--dist-ckpt-strictness log_unexpected, non-strict module load)."""
+    model = R.build_gpt_model(cfg, world, padded, seed=99 + rank)
+    try:
+        R.load_dist_checkpoint(model, path)
+        error = None
+    except Exception as e:  # DCP raises the same CheckpointException on every rank
+        error = f"{type(e).__name__}: {e}"
+    common = R.load_dist_checkpoint(model, path, strict=False, dist_strictness="log_unexpected")
+    return R.pack(dict(error=error, logits=R.logits(model, ids), common=common))
 
 
 def _roundtrip(cfg, tmp_path):
@@ -201,6 +214,8 @@ def _check_roundtrip(cfg, saved, loaded, ck1, ck2):
         assert r["logits"].shape == (2, 12, PADDED)
         torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
         assert r["common"]["iteration"] == 7 and r["common"]["checkpoint_version"] == 3.0
+        assert r["common"]["content_metadata"] == R.CONTENT_METADATA
+        assert r["common"]["_incompatible_keys"] == ([], [])
     # an independent forward that assumes the canonical layouts reproduces megatron's logits
     ref = reference_logits(cfg, R.read_dcp_tensors(ck1), IDS)
     torch.testing.assert_close(ref, saved["logits"], atol=1e-5, rtol=0)
@@ -251,7 +266,7 @@ def test_llama_torch_dist_key_inventory(llama_roundtrip):
     assert all(m[2] == torch.float32 for m in meta.values() if m[0] == "tensor")
     assert objects == LLAMA_DCP_OBJECTS
     assert all(v == [None] for v in R.read_dcp_objects(ck1).values())  # torch.save([obj.data])
-    assert {k: m[1] for k, m in R.dcp_metadata(ck2).items() if m[0] == "tensor"} == LLAMA_DCP_KEYS
+    assert R.dcp_metadata(ck2) == meta  # TP=2 writes the same keys, shapes and objects
 
     files = {p.name for p in ck1.iterdir()}
     assert {".metadata", "common.pt", "metadata.json"} <= files
@@ -297,26 +312,46 @@ def test_llama_torch_dist_key_inventory(llama_roundtrip):
 
 
 @pytest.mark.dist
-def test_plain_dcp_checkpoint_without_extra_state_loads_in_megatron(llama_roundtrip, tmp_path):
-    """What mzoo writes: plain global tensors (stacked from the TP=1 state dict), plain
-    torch.distributed.checkpoint.save, metadata.json + common.pt, no _extra_state."""
+def test_plain_dcp_checkpoint_loads_in_megatron(llama_roundtrip, tmp_path):
+    """What mzoo writes: plain global tensors (stacked from the TP=1 state dict) with plain
+    torch.distributed.checkpoint.save, plus metadata.json and common.pt.
+
+    Without `_extra_state` entries megatron's default load (--dist-ckpt-strictness
+    assume_ok_unexpected) refuses it; it loads with log_unexpected + a non-strict module load.
+    With the `_extra_state` objects written as plain DCP bytes it loads with the defaults and a
+    strict module load, at TP=2, and with an unpadded vocabulary."""
     saved = llama_roundtrip[0]
     tensors = R.stack_layers(saved["state_dict"], LLAMA.num_layers)
     common = {"checkpoint_version": 3.0, "iteration": 5, "args": R.megatron_args(LLAMA, 1, PADDED)}
-    plain = tmp_path / "plain"
-    R.write_plain_dcp_checkpoint(tensors, plain, common)
-    assert all(m[0] == "tensor" for m in R.dcp_metadata(plain).values())
-    for r in map(R.unpack, D.run(_load, 2, LLAMA, plain, IDS, PADDED)):
-        torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
-        assert r["common"] == {"checkpoint_version": 3.0, "iteration": 5}
+    extra_keys = sorted(R.extra_state_entries(LLAMA.num_layers))
+    assert set(extra_keys) == LLAMA_DCP_OBJECTS
 
-    # unpadded vocabulary (1000 rows) into a model padded to 1024: megatron fills rows [:1000]
-    trimmed = dict(tensors)
+    # (1) tensors only
+    bare = tmp_path / "tensors_only"
+    R.write_plain_dcp_checkpoint(tensors, bare, common)
+    assert {k: m[1] for k, m in R.dcp_metadata(bare).items()} == LLAMA_DCP_KEYS
+    for r in map(R.unpack, D.run(_load_default_then_lenient, 2, LLAMA, bare, IDS, PADDED)):
+        assert r["error"] is not None and "Missing key in checkpoint state_dict" in r["error"]
+        assert "_extra_state/shard_" in r["error"]
+        torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
+        missing, unexpected = r["common"]["_incompatible_keys"]
+        assert unexpected == [] and all(k.endswith("._extra_state") for k in missing)
+
+    # (2) tensors + _extra_state objects: Megatron's defaults, strict module load, TP=2
+    full = tmp_path / "with_extra_state"
+    R.write_plain_dcp_checkpoint({**tensors, **R.extra_state_entries(LLAMA.num_layers)}, full, common)
+    assert R.dcp_metadata(full) == R.dcp_metadata(llama_roundtrip[2])  # same inventory as megatron's
+    for r in map(R.unpack, D.run(_load, 2, LLAMA, full, IDS, PADDED)):
+        torch.testing.assert_close(r["logits"], saved["logits"], atol=1e-5, rtol=0)
+        assert r["common"]["iteration"] == 5 and r["common"]["_incompatible_keys"] == ([], [])
+
+    # (3) unpadded vocabulary (1000 rows) into a model padded to 1024: megatron fills rows [:1000]
+    trimmed = {**tensors, **R.extra_state_entries(LLAMA.num_layers)}
     for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
         trimmed[k] = tensors[k][:VOCAB]
-    plain2 = tmp_path / "plain_unpadded"
-    R.write_plain_dcp_checkpoint(trimmed, plain2, common)
-    r = R.unpack(D.run(_load, 1, LLAMA, plain2, IDS, PADDED)[0])
+    unpadded = tmp_path / "unpadded"
+    R.write_plain_dcp_checkpoint(trimmed, unpadded, common)
+    r = R.unpack(D.run(_load, 1, LLAMA, unpadded, IDS, PADDED)[0])
     torch.testing.assert_close(r["logits"][..., :VOCAB], saved["logits"][..., :VOCAB], atol=1e-5, rtol=0)
     assert torch.count_nonzero(r["tensors"]["output_layer.weight"][VOCAB:]) == 0
     assert torch.count_nonzero(r["tensors"]["embedding.word_embeddings.weight"][VOCAB:]) == 0
