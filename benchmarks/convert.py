@@ -335,6 +335,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             ("mzoo torch_dist->hf", [mzoo, "convert", "megatron->hf", str(work / "mcore"), str(work / "back"),
                                      "--quiet"], work / "back"),
         ]
+        # untimed warm-up: the first torch import after a cold start reads ~1 GB of .so/.pyc files; every
+        # measured step then starts from the same warm page cache
+        print("[bench] warm-up ...", file=log, flush=True)
+        subprocess.run(steps[0][1], env=env, capture_output=True)
+        subprocess.run([mzoo, "--help"], env=env, capture_output=True)
+        load_before = os.getloadavg()
         rows: list[Row] = []
         for name, cmd, out in steps:
             if name == "mzoo torch_dist->hf" and any(r.step == "mzoo hf->torch_dist" and r.rc for r in rows):
@@ -348,6 +354,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         by = {r.step: r for r in rows}
         interp, copy = by["interpreter"], by["plain copy"]
         budget = interp.peak_rss + 3 * largest
+        if by.get("mzoo start-up (--help)") and by["mzoo start-up (--help)"].rc == 0:
+            su = by["mzoo start-up (--help)"]
+            su.extra["net_wall_s"] = round(su.wall_s - interp.wall_s, 3)
         for r in rows:
             if r.rc != 0 or r.out_bytes == 0:  # interpreter / start-up rows move no data
                 continue
@@ -374,11 +383,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             "interp_rss": interp.peak_rss,
             "rss_budget": budget,
             "copy_wall_s": copy.wall_s,
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
         }
         if args.json:
             print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
         else:
-            print(f"{info['date']}  {info['machine']}  python {info['python']}")
+            print(f"{info['date']}  {info['machine']}  python {info['python']}  load avg (1 min) "
+                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after")
             print_table(rows, info)
         return 0 if all(r.rc == 0 for r in rows) else 1
     finally:

@@ -151,8 +151,9 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     cfg = _megatron_config(root, args, vocab_size)
     tensors = canonical_tensors(cfg)
     specs = {t.name: t.spec for t in tensors}
+    # key spelling on disk (megatron-core writes TE names; older tools may not) vs the model spec in args
     spec = "local" if any(k.endswith("input_layernorm.weight") for k in store.keys()) else "te"
-    layout = args_to_layout(args, spec) if args is not None else MegatronLayout(spec=spec)
+    layout = args_to_layout(args) if args is not None else MegatronLayout(spec=spec)
     layout.iteration = iteration
     some = store.keys()[0]
     dtype = store.dtype(some)
@@ -271,7 +272,9 @@ def write_megatron(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Call
             legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
                                 cfg.tie_embeddings, tick)
         else:
-            chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype)
+            # megatron-core stores norms under their TE names in torch_dist whatever the spec
+            # (its local-spec modules map input_layernorm -> linear_qkv.layer_norm_* on save).
+            chunks = dist_chunks(cfg, tensors, fetch, "te", padded, dtype)
             common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
             if target.fmt == "torch_dist":
                 dist_fmt.write_dist(folder, chunks, common, tick)

@@ -552,35 +552,29 @@ def extra_state_entries(num_layers: int, modules: tuple[str, ...] = (
         "self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")) -> dict[str, Any]:
     """The `_extra_state` objects megatron-core 0.16.1 (local spec, dense GPT) writes into a
     torch_dist checkpoint and, at its default strictness, requires on load: for each stacked
-    layer module and layer i of L, key `decoder.layers.<module>._extra_state/shard_<i>_<L>`
-    holding torch.save([None]) (a ShardedObject is stored as the pickled list of its data).
-    Pass them to write_plain_dcp_checkpoint next to the tensors (they are written as DCP bytes)."""
-    import io
-
-    out: dict[str, Any] = {}
-    for module in modules:
-        for i in range(num_layers):
-            buf = io.BytesIO()
-            torch.save([None], buf)
-            buf.seek(0)
-            out[f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}"] = buf
-    return out
+    layer module and layer i of L, key `decoder.layers.<module>._extra_state/shard_<i>_<L>` with
+    value [None] (megatron stores a ShardedObject as torch.save of the list of its data).
+    Plain `dcp.save` of the Python list [None] writes byte-for-byte the same record (DCP
+    torch.saves non-tensor values); do NOT pass an io.BytesIO, DCP would pickle the buffer."""
+    return {
+        f"decoder.layers.{module}._extra_state/shard_{i}_{num_layers}": [None]
+        for module in modules
+        for i in range(num_layers)
+    }
 
 
 def write_plain_dcp_checkpoint(entries: dict[str, Any], path: str | os.PathLike,
                                common: Optional[dict[str, Any]] = None) -> None:
     """A torch_dist checkpoint written WITHOUT megatron-core, as mzoo writes one: full global
-    tensors under megatron's keys (and optionally io.BytesIO objects, e.g. extra_state_entries())
-    with plain torch.distributed.checkpoint.save, then common.pt (torch.save of `common`) and
-    metadata.json last. One process, no process group."""
-    import io
-
+    tensors under megatron's keys (plus, optionally, non-tensor objects such as
+    extra_state_entries(), which DCP stores as bytes) with plain torch.distributed.checkpoint.save,
+    then common.pt (torch.save of `common`) and metadata.json last. One process, no group."""
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dcp.save(
-        {k: v if isinstance(v, io.BytesIO) else v.detach().contiguous() for k, v in entries.items()},
+        {k: v.detach().contiguous() if isinstance(v, torch.Tensor) else v for k, v in entries.items()},
         storage_writer=dcp.FileSystemWriter(str(path)),
         no_dist=True,
     )
