@@ -9,19 +9,35 @@ process itself stays unpatched and can use the plain-DCP helpers (`dcp_metadata`
 `read_dcp_tensors`, `write_plain_dcp_checkpoint`, `stack_layers`).
 
 What it offers a test:
-- `transformer_config(cfg, tp)` / `build_gpt_model(cfg, tp, padded_vocab)`: a megatron-core
-  `GPTModel` with the LOCAL spec (`get_gpt_layer_local_spec`), fp32, CPU-initialised, for
-  mzoo's dense configs (LLaMA-style and GPT-2-style). `unsupported(cfg)` says what it can't do.
+- `transformer_config(cfg, tp)` / `build_gpt_model(cfg, tp, padded_vocab, seed)`: a megatron-core
+  `GPTModel` with the LOCAL spec (`get_gpt_layer_local_spec`), fp32, CPU-initialised, eval mode,
+  for mzoo's dense configs (LLaMA-style and GPT-2-style); `unsupported(cfg)` names what it can't
+  express. `perturb_(model)` makes norms/biases informative.
 - `save_dist_checkpoint(model, path, args, iteration)`: megatron-core writes a torch_dist
   checkpoint with the top level of Megatron-LM's `save_checkpoint` (`model` sharded, `args`,
   `iteration`, `checkpoint_version`, `content_metadata`; no optimizer, no rng state).
-- `load_dist_checkpoint(model, path)`: megatron-core reads a torch_dist checkpoint into the model
-  as Megatron-LM's `load_checkpoint` does (vocab-padding mismatches handled by megatron).
+  `megatron_args(cfg, tp, padded_vocab)` builds the `args` Namespace (Megatron-LM names).
+- `load_dist_checkpoint(model, path, strict, dist_strictness)`: megatron-core reads a torch_dist
+  checkpoint into the model as Megatron-LM's `load_checkpoint` does (vocab-padding mismatches
+  handled by megatron itself).
 - `logits(model, ids)`: full padded-vocab logits [b, s, V_padded], gathered over TP.
-- `sharded_keys(model)`, `local_state_dict(model)`, `global_tensors(model)`, `dcp_metadata(path)`,
-  `read_dcp_tensors(path)`: the names, shapes and values megatron expects and writes.
-- `LOCAL_TO_CHECKPOINT`, `stack_layers(state_dict, num_layers)`, `write_plain_dcp_checkpoint`:
-  build a torch_dist checkpoint WITHOUT megatron-core, the way mzoo writes one.
+- `sharded_keys(model)`, `local_state_dict(model)`, `global_tensors(model)`: how megatron names,
+  shards and stacks the model's tensors (collective where noted).
+- Without megatron (safe in the pytest process): `dcp_metadata`, `read_dcp_tensors`,
+  `read_dcp_objects` read a torch_dist directory with plain DCP; `LOCAL_TO_CHECKPOINT`,
+  `stack_layers`, `extra_state_entries`, `write_plain_dcp_checkpoint` build one the way mzoo
+  writes it. `pack`/`unpack` carry results (tensors included) back from `dist.run` ranks.
+
+Loading a plain-DCP checkpoint in megatron-core 0.16.1: at megatron's default strictness
+("assume_ok_unexpected", Megatron-LM's default --dist-ckpt-strictness) every key megatron asks
+for must exist, and it asks for the `_extra_state` ShardedObjects of the linear layers
+(`decoder.layers.<module>._extra_state/shard_<i>_<L>`, value [None] in the local spec); a
+checkpoint without them fails with "Missing key in checkpoint state_dict". Write them
+(`extra_state_entries`), or load with dist_strictness="log_unexpected" and strict=False.
+
+Note: megatron-core 0.16.1 wraps openai_gelu, squared_relu, ... in `jit_fuser` = torch.compile,
+so GPT-2-style / squared-relu references compile with inductor on first use (needs a C++
+compiler on CPU; a few seconds).
 
 Megatron mapping of mzoo's activations (local spec, no Transformer Engine):
 - swiglu: `gated_linear_unit=True, activation_func=F.silu` (Megatron-LM `--swiglu`).
@@ -239,7 +255,9 @@ def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = Non
 @torch.no_grad()
 def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> None:
     """Make norm weights and biases informative (they start at 1 and 0). Every rank draws the
-    same full-size noise and adds its own TP slice, so the global model is layout-independent."""
+    same full-size noise and adds its own contiguous TP slice, so the global model is the same at
+    every TP -- except for a gated fc1 bias, whose rank slice is [gate_r; up_r], not contiguous
+    (perturb at TP=1 when that matters)."""
     from megatron.core import parallel_state
 
     gen = torch.Generator().manual_seed(seed)

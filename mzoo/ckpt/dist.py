@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.megatron import extra_state_name
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -50,9 +51,10 @@ class Chunk:
 
 
 class _StreamingPlanner(DefaultSavePlanner):
-    def __init__(self, chunks: list[Chunk], on_item: Callable[[int], None]):
+    def __init__(self, chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[int], None]):
         super().__init__()
         self.chunks = {(c.key, c.offsets): c for c in chunks}
+        self.objects = objects
         self.on_item = on_item
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
@@ -71,16 +73,34 @@ class _StreamingPlanner(DefaultSavePlanner):
             )
             for c in self.chunks.values()
         ]
+        items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
         self.plan = SavePlan(items, planner_data={})
         return self.plan
 
     def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buf = io.BytesIO()
+            torch.save(self.objects[write_item.index.fqn], buf)
+            buf.seek(0)
+            return buf
         c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
         value = c.produce().to(c.dtype).contiguous()
         if tuple(value.shape) != c.shape:
             raise ValueError(f"{c.key}: produced shape {tuple(value.shape)}, expected {c.shape}")
         self.on_item(value.numel() * value.element_size())
         return value
+
+
+def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
+    """The `_extra_state` objects megatron-core saves for every stacked linear, one per layer
+    (`<module>._extra_state/shard_<layer>_<L>`, value [None]); its default load strictness
+    requires them."""
+    out = {}
+    for c in chunks:
+        if c.key.startswith("decoder.layers.") and c.key.endswith(".weight") and extra_state_name(c.key):
+            layers = c.global_shape[0]
+            out[f"{extra_state_name(c.key)}/shard_{c.offsets[0]}_{layers}"] = [None]
+    return out
 
 
 def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
@@ -90,7 +110,8 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1, sync_files=True)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, on_item), no_dist=True)
+        dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, extra_state_objects(chunks), on_item),
+                 no_dist=True)
     torch.save(common, folder / COMMON)
     (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 

@@ -186,6 +186,9 @@ def write_legacy(
                     states[t][model_key(v, layout.vpp)][extra] = None
             on_tensor(full.numel() * full.element_size())
             del full
+        if p == layout.pp - 1:  # megatron's output layer has extra state even when its weight is tied
+            for t in range(layout.tp):
+                states[t][model_key(layout.vpp - 1, layout.vpp)].setdefault("output_layer._extra_state", None)
         for t in range(layout.tp):
             top = {"args": args, "checkpoint_version": 3.0, "iteration": layout.iteration if isinstance(layout.iteration, int) else 0,
                    **states[t]}

@@ -38,9 +38,16 @@ RMSNorm, rope, untied, no biases) at TP=1 -- `FileSystemReader(path).read_metada
   Namespace(...), "content_metadata": {"singleton_local_shards": False,
   "chained_optim_avoid_prefix": True}}.
 - A checkpoint holding ONLY plain global tensors under those keys (plain
-  torch.distributed.checkpoint.save, no `_extra_state`, plus metadata.json and common.pt) loads in
-  megatron-core at TP=1 and TP=2 with strict load_state_dict and gives the same logits; with an
-  unpadded 1000-row vocabulary too (megatron fills the overlapping rows, pads with zeros).
+  torch.distributed.checkpoint.save, no `_extra_state`, plus metadata.json and common.pt) does NOT
+  load at megatron's default strictness (dist_checkpointing.load strict="assume_ok_unexpected",
+  Megatron-LM's default --dist-ckpt-strictness): DCP raises "Missing key in checkpoint state_dict:
+  decoder.layers.self_attention.linear_proj._extra_state/shard_0_2". It loads (same logits, TP=2)
+  with strict="log_unexpected" plus a non-strict module load_state_dict (missing keys: only the
+  `_extra_state` entries; Megatron-LM's load_model_state_dict falls back to strict=False itself).
+  Adding the objects with plain DCP -- `dcp.save({..., "<key>._extra_state/shard_<i>_<L>": [None]})`,
+  which stores exactly megatron's record torch.save([None]) -- gives the same inventory as
+  megatron's own save, and it loads with the defaults and a strict module load, at TP=1 and TP=2,
+  and with an unpadded 1000-row vocabulary (megatron fills the overlapping rows, zeros the rest).
 
 Legacy "torch"-format state dict of the same GPTModel (model.state_dict(), TP=1), local names:
 `embedding.word_embeddings.weight [1024, 64]`, per layer i `decoder.layers.{i}.input_layernorm.weight
@@ -48,12 +55,16 @@ Legacy "torch"-format state dict of the same GPTModel (model.state_dict(), TP=1)
 `.self_attention.linear_proj.weight [64, 64]`, `.self_attention.linear_proj._extra_state`,
 `.pre_mlp_layernorm.weight [64]`, `.mlp.linear_fc1.weight [320, 64]`, `.mlp.linear_fc1._extra_state`,
 `.mlp.linear_fc2.weight [64, 160]`, `.mlp.linear_fc2._extra_state`; `decoder.final_layernorm.weight
-[64]`, `output_layer.weight [1024, 64]`, `output_layer._extra_state`. Every `_extra_state` value
-is None; a strict load_state_dict accepts a dict with or without them.
+[64]`, `output_layer.weight [1024, 64]`, `output_layer._extra_state` (also present, without a
+weight, when embeddings are tied). Every `_extra_state` value is None; a strict
+load_state_dict requires the keys (the linears define set_extra_state). At TP=2 rank r holds
+contiguous dim-0 chunks of the global qkv / embedding / output layer, [gate_r; up_r] for the
+gated fc1, and dim-1 halves of linear_proj / linear_fc2.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -65,8 +76,10 @@ import dist as D
 import mcore_ref as R
 from mzoo.config import ModelConfig, RopeConfig
 
-pytest.importorskip("megatron.core")
-pytest.importorskip("psutil")  # undeclared megatron-core dependency: saves hang without it
+# find_spec, not importorskip: the pytest process itself never imports megatron (only the ranks do)
+for _needed in ("megatron.core", "psutil"):  # psutil: undeclared megatron-core dependency, saves hang without it
+    if importlib.util.find_spec(_needed) is None:
+        pytest.skip(f"{_needed} is not installed (pip install -e '.[test]')", allow_module_level=True)
 
 VOCAB, PADDED = 1000, 1024
 LLAMA = ModelConfig(
@@ -169,7 +182,14 @@ def _save_tp1(rank, world, cfg, path, ids):
     R.perturb_(model, seed=1)
     out = R.logits(model, ids)
     R.save_dist_checkpoint(model, path, args=R.megatron_args(cfg, 1, PADDED), iteration=7)
+    from megatron.core.transformer.utils import openai_gelu  # Megatron-LM --openai-gelu
+
+    x = torch.linspace(-8, 8, 4001)
+    gelu_new = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
     return R.pack(dict(
+        openai_gelu_vs_gelu_new=float((openai_gelu(x) - gelu_new).abs().max()),
+        openai_gelu_vs_torch_tanh=float((openai_gelu(x) - F.gelu(x, approximate="tanh")).abs().max()),
+        model_activation=model.config.activation_func.__name__,
         logits=out,
         state_dict=R.local_state_dict(model),
         sharded_keys=R.sharded_keys(model),
@@ -186,7 +206,14 @@ def _load(rank, world, cfg, path, ids, padded, resave_path=None, strict=True, di
     if resave_path is not None:
         R.save_dist_checkpoint(model, resave_path, args=R.megatron_args(cfg, world, padded), iteration=8)
     common.pop("args", None)
-    return R.pack(dict(logits=out, common=common, tensors=tensors if rank == 0 else None))
+    # the model _save_tp1 built, built again at this TP from the same seed (CPU init is global)
+    same_seed = R.build_gpt_model(cfg, world, padded, seed=11)
+    R.perturb_(same_seed, seed=1)
+    same_seed_tensors = R.global_tensors(same_seed)
+    return R.pack(dict(
+        logits=out, common=common, state_dict=R.local_state_dict(model),
+        tensors=tensors if rank == 0 else None, same_seed_tensors=same_seed_tensors if rank == 0 else None,
+    ))
 
 
 def _load_default_then_lenient(rank, world, cfg, path, ids, padded):
@@ -227,6 +254,28 @@ def _check_roundtrip(cfg, saved, loaded, ck1, ck2):
         assert torch.equal(t1[k], t2[k]), k
         assert torch.equal(t1[k], saved["tensors"][k]), k
         assert torch.equal(t1[k], loaded[0]["tensors"][k]), k
+    # CPU initialisation draws global weights: the same seed gives the same model at TP=2
+    for k in t1:
+        assert torch.equal(loaded[0]["same_seed_tensors"][k], saved["tensors"][k]), k
+    # TP=2 rank files (legacy layout): qkv is a contiguous dim-0 chunk of the global per-group
+    # layout; gated fc1 holds [gate_r; up_r]; linear_proj / fc2 split dim 1; vocab split dim 0
+    L0 = "decoder.layers.0."
+    for r, res in enumerate(loaded):
+        sd = res["state_dict"]
+        qkv = t1["decoder.layers.self_attention.linear_qkv.weight"][0]
+        assert torch.equal(sd[L0 + "self_attention.linear_qkv.weight"], qkv.chunk(2)[r])
+        fc1 = t1["decoder.layers.mlp.linear_fc1.weight"][0]
+        if cfg.gated:
+            gate, up = fc1.chunk(2)
+            assert torch.equal(sd[L0 + "mlp.linear_fc1.weight"], torch.cat([gate.chunk(2)[r], up.chunk(2)[r]]))
+        else:
+            assert torch.equal(sd[L0 + "mlp.linear_fc1.weight"], fc1.chunk(2)[r])
+        proj = t1["decoder.layers.self_attention.linear_proj.weight"][0]
+        assert torch.equal(sd[L0 + "self_attention.linear_proj.weight"], proj.chunk(2, dim=1)[r])
+        fc2 = t1["decoder.layers.mlp.linear_fc2.weight"][0]
+        assert torch.equal(sd[L0 + "mlp.linear_fc2.weight"], fc2.chunk(2, dim=1)[r])
+        emb = t1["embedding.word_embeddings.weight"]
+        assert torch.equal(sd["embedding.word_embeddings.weight"], emb.chunk(2)[r])
     # and the stacked TP=1 state dict is exactly what torch_dist holds
     stacked = R.stack_layers(saved["state_dict"], cfg.num_layers)
     assert stacked.keys() == t1.keys()
@@ -249,6 +298,9 @@ def test_llama_tp1_save_loads_at_tp2_with_same_logits(llama_roundtrip):
 def test_gpt2_tp1_save_loads_at_tp2_with_same_logits(tmp_path):
     saved, loaded, ck1, ck2 = _roundtrip(GPT2, tmp_path)
     _check_roundtrip(GPT2, saved, loaded, ck1, ck2)
+    # GPT-2's gelu_new (HF) = F.gelu(approximate="tanh") = megatron's openai_gelu (--openai-gelu)
+    assert saved["model_activation"] == "openai_gelu"
+    assert saved["openai_gelu_vs_gelu_new"] < 1e-6 and saved["openai_gelu_vs_torch_tanh"] < 1e-6
     keys = R.dcp_metadata(ck1)
     assert "embedding.position_embeddings.weight" in keys and "output_layer.weight" not in keys
     assert keys["decoder.layers.self_attention.linear_qkv.bias"][1] == (2, 192)
@@ -269,9 +321,9 @@ def test_llama_torch_dist_key_inventory(llama_roundtrip):
     assert all(v == [None] for v in R.read_dcp_objects(ck1).values())  # torch.save([obj.data])
     assert R.dcp_metadata(ck2) == meta  # TP=2 writes the same keys, shapes and objects
 
-    files = {p.name for p in ck1.iterdir()}
-    assert {".metadata", "common.pt", "metadata.json"} <= files
-    assert all(f.endswith(".distcp") for f in files - {".metadata", "common.pt", "metadata.json"})
+    meta_files = {".metadata", "common.pt", "metadata.json"}
+    assert {p.name for p in ck1.iterdir()} == meta_files | {"__0_0.distcp", "__0_1.distcp"}
+    assert {p.name for p in ck2.iterdir()} == meta_files | {f"__{r}_{i}.distcp" for r in range(2) for i in range(2)}
     assert R.json.loads((ck1 / "metadata.json").read_text()) == R.METADATA_JSON
     common = torch.load(ck1 / "common.pt", weights_only=False)
     assert set(common) == {"checkpoint_version", "iteration", "args", "content_metadata"}
@@ -358,12 +410,9 @@ def test_plain_dcp_checkpoint_loads_in_megatron(llama_roundtrip, tmp_path):
     assert torch.count_nonzero(r["tensors"]["embedding.word_embeddings.weight"][VOCAB:]) == 0
 
 
-def test_activation_mapping_for_gpt2_gelu_new():
-    """Megatron's openai_gelu (--openai-gelu) is exactly GPT-2's gelu_new / tanh GELU."""
-    from megatron.core.transformer.utils import openai_gelu  # pure function, no CUDA involved
-
-    x = torch.linspace(-8, 8, 4001)
-    gelu_new = 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
-    torch.testing.assert_close(openai_gelu(x), gelu_new, atol=1e-6, rtol=0)
-    torch.testing.assert_close(openai_gelu(x), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+def test_unsupported_configs_are_named():
     assert R.unsupported(GPT2) is None and R.unsupported(LLAMA) is None
+    assert "llama3" in R.unsupported(LLAMA.replace(**{"rope.scaling": "llama3", "rope.factor": 8.0,
+                                                      "rope.original_max_position_embeddings": 4096}))
+    assert R.unsupported(LLAMA.replace(**{"rope.scaling": "llama3", "rope.factor": 8.0,
+                                          "rope.original_max_position_embeddings": 8192})) is None
