@@ -55,8 +55,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # ---------------------------------------------------------------------------------------------
 def model_yaml(layers: int, hidden: int) -> str:
     """A Llama-style config; heads/groups/ffn follow hidden (2048 -> 16 heads, 4 groups, ffn 5632)."""
-    heads = max(2, hidden // 128)
-    groups = max(2, heads // 4)  # TP2 must divide the query groups
+    heads = hidden // 128 if hidden >= 256 else 2
+    groups = max(2, heads // 4)
+    while heads % groups or groups % 2:  # TP2 must divide the query groups, groups must divide heads
+        groups -= 1
     ffn = max(128, round(hidden * 11 / 4 / 128) * 128)
     return f"""\
 name: bench-llama-{layers}x{hidden}
@@ -283,6 +285,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
     args = ap.parse_args(argv)
+    if args.layers < 2:
+        ap.error("--layers must be at least 2 (the mzoo rows use PP2)")
+    if args.hidden < 256 or args.hidden % 256:
+        ap.error("--hidden must be a multiple of 256 (even head count for TP2)")
 
     py = sys.executable
     mzoo = shutil.which("mzoo", path=str(Path(py).parent)) or shutil.which("mzoo")
