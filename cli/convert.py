@@ -9,9 +9,6 @@ import typer
 
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.cli.progress import byte_progress, summary_line
-from mzoo.ckpt.hf import parse_dtype, parse_size
-from mzoo.ckpt.megatron import MegatronLayout
-from mzoo.converters.pipeline import Target, convert as run_convert, open_source
 from mzoo.errors import UserError
 
 DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
@@ -39,6 +36,9 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
          first: Optional[int], last: Optional[int], spec: str, dtype: Optional[str], shard_size: str,
          trust_pickle: bool, vocab_size: Optional[int], overwrite: bool, as_json: bool, quiet: bool,
          expect_src: Optional[str]) -> None:
+    from mzoo.ckpt.hf import parse_dtype, parse_size
+    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.converters.pipeline import Target, convert as run_convert, open_source
     if spec not in ("te", "local"):
         raise UserError(f"unknown --spec '{spec}'; use te or local.")
     if megatron_format not in ("torch", "torch_dist", "zarr"):

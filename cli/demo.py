@@ -8,11 +8,8 @@ from typing import Optional
 
 import typer
 
+from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
 from mzoo.cli.common import console, print_json, quiet_transformers, user_errors
-from mzoo.ckpt.megatron import MegatronLayout
-from mzoo.converters.hf import random_canonical, save_hf
-from mzoo.converters.pipeline import Target, convert, open_source
-from mzoo.converters.verify import TOLERANCE, against_transformers, verify_sources
 from mzoo.params import count_params
 from mzoo.zoo import get
 
@@ -29,6 +26,10 @@ def demo(
 
     Example: mzoo demo --preset gpt-tiny
     """
+    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.converters.hf import random_canonical, save_hf
+    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.converters.verify import against_transformers, verify_sources
     cfg = get(preset).config
     quiet_transformers()
     say = (lambda *_: None) if as_json else console.print

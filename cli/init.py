@@ -7,10 +7,6 @@ from pathlib import Path
 import typer
 
 from mzoo.cli.common import console, print_json, user_errors
-from mzoo.ckpt.atomic import check_destination
-from mzoo.ckpt.hf import parse_dtype, parse_size
-from mzoo.converters import for_family
-from mzoo.converters.hf import random_canonical, save_hf
 from mzoo.params import count_params, human
 from mzoo.zoo import resolve
 
@@ -29,6 +25,10 @@ def init(
 
     Example: mzoo init llama-tiny ./tiny-llama --seed 1
     """
+    from mzoo.ckpt.atomic import check_destination
+    from mzoo.ckpt.hf import parse_dtype, parse_size
+    from mzoo.converters import for_family
+    from mzoo.converters.hf import random_canonical, save_hf
     cfg = resolve(preset)
     torch_dtype = parse_dtype(dtype)
     max_bytes = parse_size(shard_size)

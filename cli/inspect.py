@@ -8,12 +8,13 @@ from typing import Optional
 import typer
 
 from mzoo.cli.common import console, print_json, user_errors
-from mzoo.ckpt.sidecar import read_sidecar
-from mzoo.converters.pipeline import open_source
 from mzoo.params import count_params, human
 
 
 def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> dict:
+    from mzoo.ckpt.sidecar import read_sidecar
+    from mzoo.converters.pipeline import open_source
+
     src = open_source(path, trust_pickle, vocab_size)
     lay = src.layout
     root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent

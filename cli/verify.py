@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
+from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
 from mzoo.cli.common import console, print_json, user_errors
-from mzoo.converters.pipeline import open_source
-from mzoo.converters.verify import TOLERANCE, verify_sources
 
 
 @user_errors
@@ -28,6 +27,8 @@ def verify(
 
     Example: mzoo verify ./llama-hf ./llama-mcore-tp2pp2
     """
+    from mzoo.converters.pipeline import open_source
+    from mzoo.converters.verify import verify_sources
     result = verify_sources(open_source(a, trust_pickle, vocab_size), open_source(b, trust_pickle, vocab_size),
                             batch, seq_len, seed, tolerance)
     if as_json:

@@ -21,7 +21,6 @@ from mzoo.ckpt.atomic import atomic_dir, check_destination
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron import (
     MegatronLayout,
-    args_dtype,
     args_to_config,
     args_to_layout,
     config_to_args,
@@ -31,7 +30,7 @@ from mzoo.ckpt.megatron import (
     write_tracker,
 )
 from mzoo.ckpt.sidecar import read_sidecar, write_sidecar
-from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.converters.hf import CanonicalTensor, canonical_tensors, save_hf
 from mzoo.errors import UserError

@@ -14,11 +14,10 @@ import torch.nn.functional as F
 
 from mzoo.converters.hf import load_canonical, load_hf_model
 from mzoo.errors import UserError
+from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.models import build_model
 
-# fp32 max |Δlogits| under which two checkpoints count as the same model. Identical weights give
-# 0; a real conversion bug (a wrong QKV order, a swapped gate/up) gives differences of order 1.
-TOLERANCE = 1e-4
+TOLERANCE = VERIFY_TOLERANCE
 
 
 @dataclass(frozen=True)

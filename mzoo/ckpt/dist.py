@@ -19,15 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    MetadataIndex,
-    TensorProperties,
-)
-from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron import extra_state_name
@@ -50,45 +41,54 @@ class Chunk:
     produce: Callable[[], torch.Tensor]
 
 
-class _StreamingPlanner(DefaultSavePlanner):
-    def __init__(self, chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[int], None]):
-        super().__init__()
-        self.chunks = {(c.key, c.offsets): c for c in chunks}
-        self.objects = objects
-        self.on_item = on_item
+def _planner(chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[int], None]):
+    """A DCP SavePlanner that produces each chunk only when DCP writes it (DCP imported lazily:
+    it costs most of a second at start-up)."""
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
-    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
-        super().set_up_planner(state_dict, storage_meta, is_coordinator=True)
+    class _StreamingPlanner(DefaultSavePlanner):
+        def __init__(self, chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[int], None]):
+            super().__init__()
+            self.chunks = {(c.key, c.offsets): c for c in chunks}
+            self.objects = objects
+            self.on_item = on_item
 
-    def create_local_plan(self) -> SavePlan:
-        items = [
-            WriteItem(
-                index=MetadataIndex(c.key, torch.Size(c.offsets)),
-                type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.shape)),
-                    properties=TensorProperties(dtype=c.dtype),
-                    size=torch.Size(c.global_shape),
-                ),
-            )
-            for c in self.chunks.values()
-        ]
-        items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
-        self.plan = SavePlan(items, planner_data={})
-        return self.plan
+        def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = False) -> None:
+            super().set_up_planner(state_dict, storage_meta, is_coordinator=True)
 
-    def resolve_data(self, write_item: WriteItem):
-        if write_item.type == WriteItemType.BYTE_IO:
-            buf = io.BytesIO()
-            torch.save(self.objects[write_item.index.fqn], buf)
-            buf.seek(0)
-            return buf
-        c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
-        value = c.produce().to(c.dtype).contiguous()
-        if tuple(value.shape) != c.shape:
-            raise ValueError(f"{c.key}: produced shape {tuple(value.shape)}, expected {c.shape}")
-        self.on_item(value.numel() * value.element_size())
-        return value
+        def create_local_plan(self) -> SavePlan:
+            items = [
+                WriteItem(
+                    index=MetadataIndex(c.key, torch.Size(c.offsets)),
+                    type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.shape)),
+                        properties=TensorProperties(dtype=c.dtype),
+                        size=torch.Size(c.global_shape),
+                    ),
+                )
+                for c in self.chunks.values()
+            ]
+            items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self.objects]
+            self.plan = SavePlan(items, planner_data={})
+            return self.plan
+
+        def resolve_data(self, write_item: WriteItem):
+            if write_item.type == WriteItemType.BYTE_IO:
+                buf = io.BytesIO()
+                torch.save(self.objects[write_item.index.fqn], buf)
+                buf.seek(0)
+                return buf
+            c = self.chunks[(write_item.index.fqn, tuple(write_item.index.offset))]
+            value = c.produce().to(c.dtype).contiguous()
+            if tuple(value.shape) != c.shape:
+                raise ValueError(f"{c.key}: produced shape {tuple(value.shape)}, expected {c.shape}")
+            self.on_item(value.numel() * value.element_size())
+            return value
+
+    return _StreamingPlanner(chunks, objects, on_item)
 
 
 def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
@@ -107,10 +107,12 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
                on_item: Callable[[int], None] = lambda n: None) -> None:
     """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last."""
     folder.mkdir(parents=True, exist_ok=True)
+    import torch.distributed.checkpoint as dcp
+
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1, sync_files=True)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({}, storage_writer=writer, planner=_StreamingPlanner(chunks, extra_state_objects(chunks), on_item),
+        dcp.save({}, storage_writer=writer, planner=_planner(chunks, extra_state_objects(chunks), on_item),
                  no_dist=True)
     torch.save(common, folder / COMMON)
     (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
@@ -137,6 +139,8 @@ class DistReader:
             raise CheckpointError(f"{self.folder} has no metadata.json naming torch_dist; the save did not finish.")
         if not (self.folder / ".metadata").exists():
             raise CheckpointError(f"{self.folder} has no DCP .metadata file; the checkpoint is incomplete.")
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
         self.metadata = load_dcp_metadata(self.folder / ".metadata", trust_pickle)
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if not isinstance(v, BytesStorageMetadata)}
@@ -180,6 +184,14 @@ class DistReader:
         shape = list(meta.size)
         lo, hi = (0, shape[0]) if index is None else (index, index + 1)
         out_shape = [hi - lo] + shape[1:] if shape else []
+        covering = [c for c in meta.chunks if not shape or (
+            c.offsets[0] <= lo and c.offsets[0] + c.sizes[0] >= hi and tuple(c.sizes[1:]) == tuple(shape[1:]))]
+        if covering:  # one stored chunk holds the whole request: no second buffer
+            piece = self._chunk(key, covering[0])
+            if not shape:
+                return piece
+            part = piece[lo - covering[0].offsets[0] : hi - covering[0].offsets[0]]
+            return part[0] if index is not None else part
         out = torch.empty(out_shape, dtype=meta.properties.dtype)
         for chunk in meta.chunks:
             c_lo, c_hi = (chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if shape else (0, 0)
@@ -193,16 +205,17 @@ class DistReader:
             out[tuple(region)] = piece[a - c_lo : b - c_lo]
         return out[0] if index is not None else out
 
-    def _chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+    def _chunk(self, key: str, chunk: Any) -> torch.Tensor:
         info = self.storage.get((key, tuple(chunk.offsets)))
         if info is None:
             raise CheckpointError(f"{self.folder}: no stored data for {key} at {tuple(chunk.offsets)}; the checkpoint is damaged.")
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{key} is stored with transforms {info.transform_descriptors}, which mzoo cannot read yet.")
-        with open(self.folder / info.relative_path, "rb") as f:
+        with open(self.folder / info.relative_path, "rb", buffering=0) as f:
             f.seek(info.offset)
-            data = f.read(info.length)
+            data = f.read(info.length)  # bytes: BytesIO shares them without a copy
         if len(data) != info.length:
             raise CheckpointError(f"{self.folder / info.relative_path} is truncated; re-copy the checkpoint.")
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        del data
         return tensor.reshape(tuple(chunk.sizes)) if tuple(tensor.shape) != tuple(chunk.sizes) else tensor

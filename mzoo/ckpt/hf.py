@@ -10,13 +10,11 @@ from __future__ import annotations
 from mzoo.errors import UserError
 
 import json
-import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -24,8 +22,9 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(UserError):
@@ -58,6 +57,11 @@ def read_header(file: Path) -> dict[str, Any]:
     return header
 
 
+def _header_length(file: Path) -> int:
+    with open(file, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
 class HFReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint."""
 
@@ -81,7 +85,7 @@ class HFReader:
         for name, file in self.weight_map.items():
             if name not in self.headers[file]:
                 raise CheckpointError(f"{INDEX} says {name} is in {file}, but it is not; the index is stale.")
-        self._handles: dict[str, Any] = {}
+        self._header_bytes = {f: _header_length(self.path / f) for f in self.headers}
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / INDEX).exists():
@@ -115,19 +119,41 @@ class HFReader:
         begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
         return end - begin
 
-    def _handle(self, file: str):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        return self._handles[file]
-
-    def get(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, start_row: int = 0, stop_row: Optional[int] = None) -> torch.Tensor:
+        """Read bytes with pread into a fresh buffer (not mmap): pages read are not kept in this
+        process's RSS after the tensor is freed, so memory stays bounded by the tensors alive."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint does not match its config.")
-        return self._handle(self.weight_map[name]).get_tensor(name)
+        file = self.weight_map[name]
+        header = self.headers[file]
+        meta = header[name]
+        shape = list(meta["shape"])
+        dtype = _TORCH_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{name} has dtype {meta['dtype']}, which mzoo cannot convert.")
+        begin, end = meta["data_offsets"]
+        if shape and (start_row or stop_row is not None):
+            stop_row = shape[0] if stop_row is None else min(stop_row, shape[0])
+            row_bytes = (end - begin) // max(shape[0], 1)
+            begin, end = begin + start_row * row_bytes, begin + stop_row * row_bytes
+            shape[0] = stop_row - start_row
+        base = 8 + self._header_bytes[file]
+        buf = bytearray(end - begin)
+        if buf:
+            with open(self.path / file, "rb", buffering=0) as f:
+                f.seek(base + begin)
+                got = f.readinto(buf)
+            if got != len(buf):
+                raise CheckpointError(f"{self.path / file} is truncated; re-download or re-convert it.")
+            return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name)
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of dim 0, reading only those bytes."""
-        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+        return self._read(name, start, stop)
 
     def total_bytes(self) -> int:
         return sum(self.nbytes(n) for n in self.weight_map)

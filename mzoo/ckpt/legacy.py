@@ -98,6 +98,10 @@ class LegacyReader:
 
     def _load(self, key: tuple[int, int]) -> dict[str, Any]:
         if key not in self._cache:
+            # Canonical order walks the stages in turn: drop other stages' mappings so the pages
+            # they touched leave this process.
+            for other in [k for k in self._cache if k[1] != key[1]]:
+                del self._cache[other]
             self._cache[key] = torch_load(self.files[key], self.trust_pickle, mmap=True)
         return self._cache[key]
 

@@ -3,9 +3,6 @@ bad input fails with one sentence and leaves no output that looks complete."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import pickle
 
 import pytest
 import torch
