@@ -20,7 +20,7 @@ class Adapter:
     architecture: str  # HF architectures[0]
     table: MappingTable
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
-    config_to_hf: Callable[[ModelConfig], Any]  # -> a transformers PretrainedConfig
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]  # -> config.json contents
 
     registry: ClassVar[dict[str, "Adapter"]] = {}
 

@@ -63,9 +63,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig):
-    from transformers import GPT2Config
-
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json contents (what GPT2Config reads; tests load it with transformers itself)."""
     problems = {
         "layernorm normalization": cfg.normalization == "layernorm",
         "learned positions": cfg.position_embedding == "learned",
@@ -78,7 +77,8 @@ def config_to_hf(cfg: ModelConfig):
     if missing:
         raise ConfigError(f"GPT-2 in transformers needs {', '.join(missing)}; this config differs.")
     act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
-    return GPT2Config(
+    return dict(
+        model_type="gpt2",
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_position_embeddings,
         n_embd=cfg.hidden_size,

@@ -108,13 +108,21 @@ def save_hf(
             for hf_name, value in adapter.to_hf(name, tensor.to(dtype), cfg):
                 writer.add(hf_name, value)
         writer.close()
-        hf_config.dtype = dtype_name(dtype)
-        hf_config.to_json_file(str(tmp / "config.json"), use_diff=False)
+        write_json(tmp / "config.json", {**hf_config, "dtype": dtype_name(dtype), "transformers_version": _tf_version()})
         write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
         for file in tokenizer_files:
             shutil.copy2(file, tmp / Path(file).name)
         write_sidecar(tmp, cfg, "hf", dtype_name(dtype))
     return out
+
+
+def _tf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "5.0.0"
 
 
 def hf_plan(cfg: ModelConfig, adapter: adapters.Adapter, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

@@ -93,12 +93,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-def config_to_hf(cfg: ModelConfig):
-    from transformers import LlamaConfig
-
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json contents (what LlamaConfig reads; tests load it with transformers itself)."""
     if cfg.add_bias_linear != cfg.add_qkv_bias:
         raise ConfigError("LLaMA in transformers ties q/k/v/o biases together; set add_qkv_bias equal to add_bias_linear.")
-    return LlamaConfig(
+    return dict(
+        model_type="llama",
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.ffn_hidden_size,

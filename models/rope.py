@@ -15,7 +15,13 @@ from mzoo.config import ModelConfig, RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [dim/2], attention_factor) for a rotary dimension `dim`."""
+    """(inv_freq [dim/2], attention_factor) for a rotary dimension `dim`; always computed on the
+    CPU (inside a meta-device build, meta kernels would pull in torch's compiler stack: ~2 s)."""
+    with torch.device("cpu"):
+        return _inverse_frequencies(rope, dim, max_positions)
+
+
+def _inverse_frequencies(rope: RopeConfig, dim: int, max_positions: int) -> tuple[torch.Tensor, float]:
     base = rope.theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if rope.scaling is None:
