@@ -24,7 +24,9 @@ from mzoo.parallel.layers import (
     Norm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    mark_sequence_parallel,
 )
+from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import ParallelState
 from mzoo.models.rope import RotaryEmbedding, apply_rotary
@@ -123,6 +125,8 @@ class TransformerBlock(nn.Module):
         self.layer_offset = layers.start
         self.layers = nn.ModuleList(TransformerLayer(cfg, state, dtype) for _ in layers)
         self.final_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype) if post_process else None
+        if self.final_layernorm is not None:
+            mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         for layer in self.layers:
@@ -151,7 +155,8 @@ class GPTModel(nn.Module):
     """One pipeline stage of a decoder-only transformer (the whole model when pp = 1).
 
     forward(input_ids [b, s]) returns logits [b, s, vocab_size] on the true vocabulary (padding
-    rows dropped, gathered over TP) on the last stage, or hidden states [s, b, h] before it.
+    rows dropped, gathered over TP) on the last stage, or hidden states [s, b, h] before it; with
+    `labels` [b, s] the last stage returns the per-token loss [b, s] (vocab-parallel CE).
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class GPTModel(nn.Module):
         input_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
         if position_ids is None:
@@ -201,7 +207,11 @@ class GPTModel(nn.Module):
             x = C.gather_from_sp(x, self.state.tp_group)
         else:
             x = C.copy_to_tp(x, self.state.tp_group)
-        logits = F.linear(x, self.output_weight())
+        logits = F.linear(x, self.output_weight())  # [s, b, V_padded / tp]
+        if labels is not None:  # per-token loss [b, s] without gathering the vocabulary
+            start = self.state.tp_rank * logits.shape[-1]
+            loss = vocab_parallel_cross_entropy(logits, labels.t(), start, self.cfg.vocab_size, self.state.tp_group)
+            return loss.t()
         logits = C.gather_from_tp(logits, self.state.tp_group)
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]
 

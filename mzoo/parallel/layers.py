@@ -32,6 +32,15 @@ def _param(shape: Sequence[int], spec: ShardSpec, dtype: Optional[torch.dtype]) 
     return set_spec(nn.Parameter(torch.empty(*shape, dtype=dtype)), spec)
 
 
+def mark_sequence_parallel(*params: Optional[torch.Tensor]) -> None:
+    """Replicated parameters applied to sequence-sharded activations: under sequence parallelism
+    each TP rank sees part of the sequence, so their grads must be summed over TP (Megatron's
+    `sequence_parallel` attribute)."""
+    for p in params:
+        if p is not None:
+            p.sequence_parallel = True  # type: ignore[attr-defined]
+
+
 class Norm(nn.Module):
     """Stand-alone norm (`final_layernorm`, q/k norms): parameters `weight` (+ `bias`)."""
 
@@ -89,6 +98,7 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
         dtype = kw.get("dtype")
         self.layer_norm_weight = _param((in_features,), REPLICATED, dtype)
         self.layer_norm_bias = _param((in_features,), REPLICATED, dtype) if norm == "layernorm" else None
+        mark_sequence_parallel(self.layer_norm_weight, self.layer_norm_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = apply_norm(x, self.layer_norm_weight, self.layer_norm_bias, self.norm_kind, self.eps)
@@ -108,6 +118,7 @@ class RowParallelLinear(nn.Module):
         self.state = state
         self.weight = _param((out_features, in_features // state.tp), ShardSpec("tp", 1), dtype)
         self.bias = _param((out_features,), REPLICATED, dtype) if bias else None
+        mark_sequence_parallel(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)

@@ -1,0 +1,322 @@
+"""Pipeline-parallel forward/backward schedules, after megatron.core.pipeline_parallel.schedules.
+
+Three schedules with one signature:
+
+    schedule(forward_step, model, num_microbatches, state, shape, dtype, forward_only=False) -> losses
+
+- `forward_step(microbatch_index, model_chunk, input_tensor) -> output_tensor`: `input_tensor` is
+  None where the chunk reads data (the first chunk of the first stage), else the activation received
+  from the previous stage. On the last chunk of the last stage the output is the scalar loss of that
+  microbatch, already divided by `num_microbatches` (Megatron divides inside its forward_step);
+  elsewhere it is the hidden tensor of `shape` / `dtype` sent on to the next stage.
+- `model`: the model chunks of this rank, one nn.Module unless virtual pipelining (then
+  `state.config.vpp` chunks, chunk v holding Megatron's virtual stage v).
+- Returns the detached per-microbatch losses, in microbatch order, on the last stage; [] elsewhere.
+  Gradients accumulate into the parameters' `.grad` (sum over microbatches, like one big batch).
+
+Backward follows Megatron's backward_step: `torch.autograd.backward(output, grad_from_next_stage)`
+(or on the loss), then the input's `.grad` goes upstream. Each stage keeps an activation only from
+its forward until its backward, so a stage holds at most its 1F1B in-flight count of microbatches.
+With `forward_only` (evaluation) no graph is built at all and nothing is kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from mzoo.config import ConfigError
+from mzoo.parallel import p2p
+from mzoo.parallel.state import ParallelState
+
+ForwardStep = Callable[[int, nn.Module, Optional[torch.Tensor]], torch.Tensor]
+Shape = Sequence[int]
+Chunks = Union[nn.Module, Sequence[nn.Module]]
+
+
+def _chunks(model: Chunks) -> list[nn.Module]:
+    return [model] if isinstance(model, nn.Module) else list(model)
+
+
+def _run_forward(
+    forward_step: ForwardStep,
+    microbatch: int,
+    chunk: nn.Module,
+    input_tensor: Optional[torch.Tensor],
+    produces_loss: bool,
+    losses: list[torch.Tensor],
+    forward_only: bool,
+) -> torch.Tensor:
+    """One microbatch through one chunk; the last chunk's loss is recorded (Megatron's forward_step)."""
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        output = forward_step(microbatch, chunk, input_tensor)
+    if produces_loss:
+        if output.numel() != 1:
+            raise ValueError(
+                f"the last pipeline stage's forward_step must return a scalar loss, got shape {tuple(output.shape)}."
+            )
+        losses.append(output.detach())
+    return output
+
+
+def _run_backward(
+    input_tensor: Optional[torch.Tensor], output: torch.Tensor, output_grad: Optional[torch.Tensor]
+) -> Optional[torch.Tensor]:
+    """Megatron's backward_step: backprop this stage's output, return the gradient of its input."""
+    torch.autograd.backward(output, grad_tensors=output_grad)
+    return None if input_tensor is None else input_tensor.grad
+
+
+# ---- pp == 1 -------------------------------------------------------------------------------------
+def forward_backward_no_pipelining(
+    forward_step: ForwardStep,
+    model: Chunks,
+    num_microbatches: int,
+    state: ParallelState,
+    shape: Shape,
+    dtype: torch.dtype,
+    forward_only: bool = False,
+) -> list[torch.Tensor]:
+    """Forward then backward of each microbatch in turn, gradients accumulating (Megatron's pp=1 path).
+
+    `shape` and `dtype` are unused (nothing is communicated); they keep the signature common.
+    """
+    chunks = _chunks(model)
+    if len(chunks) != 1 or state.pp != 1:
+        raise ConfigError(
+            f"the no-pipelining schedule runs one model chunk with pp=1, got {len(chunks)} chunks and "
+            f"pp={state.pp}; use pick_schedule(state) to choose the schedule for this layout."
+        )
+    losses: list[torch.Tensor] = []
+    for mb in range(num_microbatches):
+        loss = _run_forward(forward_step, mb, chunks[0], None, True, losses, forward_only)
+        if not forward_only:
+            _run_backward(None, loss, None)
+    return losses
+
+
+# ---- 1F1B ----------------------------------------------------------------------------------------
+def forward_backward_pipelining_without_interleaving(
+    forward_step: ForwardStep,
+    model: Chunks,
+    num_microbatches: int,
+    state: ParallelState,
+    shape: Shape,
+    dtype: torch.dtype,
+    forward_only: bool = False,
+) -> list[torch.Tensor]:
+    """1F1B (PipeDream-Flush): pp - rank - 1 warm-up forwards, then one forward / one backward per
+    step, then the remaining backwards; at most pp - rank microbatches in flight on a rank."""
+    chunks = _chunks(model)
+    if len(chunks) != 1:
+        raise ConfigError(
+            f"the 1F1B schedule runs one model chunk per rank, got {len(chunks)}; "
+            "use forward_backward_pipelining_with_interleaving for virtual pipeline stages."
+        )
+    chunk, last = chunks[0], state.is_last_stage
+    device = p2p.default_device(state)
+    warmup = num_microbatches if forward_only else min(state.pp - state.pp_rank - 1, num_microbatches)
+    remaining = num_microbatches - warmup
+    inputs: deque[Optional[torch.Tensor]] = deque()
+    outputs: deque[torch.Tensor] = deque()
+    losses: list[torch.Tensor] = []
+
+    def forward(mb: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+        return _run_forward(forward_step, mb, chunk, x, last, losses, forward_only)
+
+    for mb in range(warmup):
+        x = p2p.recv_forward(state, shape, dtype, device)
+        y = forward(mb, x)
+        p2p.send_forward(y, state, shape, dtype)
+        if not forward_only:
+            inputs.append(x)
+            outputs.append(y)
+
+    x = p2p.recv_forward(state, shape, dtype, device) if remaining else None
+    for i in range(remaining):  # steady state: only reached when training
+        final = i == remaining - 1
+        y = forward(warmup + i, x)
+        grad = p2p.send_forward_recv_backward(y, state, shape, dtype, device)
+        inputs.append(x)
+        outputs.append(y)
+        input_grad = _run_backward(inputs.popleft(), outputs.popleft(), grad)
+        if final:
+            x = None
+            p2p.send_backward(input_grad, state, shape, dtype)
+        else:
+            x = p2p.send_backward_recv_forward(input_grad, state, shape, dtype, device)
+
+    if not forward_only:  # cool-down: the backwards of the warm-up microbatches
+        for _ in range(warmup):
+            grad = p2p.recv_backward(state, shape, dtype, device)
+            input_grad = _run_backward(inputs.popleft(), outputs.popleft(), grad)
+            p2p.send_backward(input_grad, state, shape, dtype)
+    return losses
+
+
+# ---- interleaved 1F1B (virtual pipeline) ---------------------------------------------------------
+class _VirtualOrder:
+    """Megatron's schedule table for microbatch groups of pp (its default group size).
+
+    Virtual microbatch k runs, in forward, chunk (k mod pp*V) // pp on microbatch
+    (k // pp*V) * pp + k mod pp: pp microbatches through chunk 0, the same pp through chunk 1, ...
+    Backward walks the chunks in reverse. Virtual ids past the end wrap around, as in Megatron.
+    """
+
+    def __init__(self, state: ParallelState, num_microbatches: int, num_chunks: int, forward_only: bool):
+        self.pp, self.rank, self.chunks = state.pp, state.pp_rank, num_chunks
+        self.first, self.last = state.is_first_stage, state.is_last_stage
+        self.total = num_microbatches * num_chunks
+        if forward_only:
+            warmup = self.total
+        else:
+            warmup = (self.pp - self.rank - 1) * 2 + (num_chunks - 1) * self.pp
+        self.warmup = min(warmup, self.total)
+        self.all_warmup = warmup >= self.total
+        self.remaining = self.total - self.warmup
+
+    def chunk(self, k: int, forward: bool) -> int:
+        v = (k % self.total) % (self.pp * self.chunks) // self.pp
+        return v if forward else self.chunks - 1 - v
+
+    def microbatch(self, k: int) -> int:
+        return k // (self.pp * self.chunks) * self.pp + k % self.pp
+
+    def is_loss_chunk(self, v: int) -> bool:
+        return self.last and v == self.chunks - 1
+
+    def is_data_chunk(self, v: int) -> bool:
+        return self.first and v == 0
+
+    def receives(self, k: int, forward: bool) -> tuple[bool, int]:
+        """Megatron's recv_tensor_from_previous_stage: after virtual step k, does a tensor arrive
+        (from prev in forward, from next in backward), and for which chunk?"""
+        leading = self.first if forward else self.last
+        if not leading:
+            return True, self.chunk(k + 1, forward)
+        # The leading stage is pp - 1 steps ahead of the stage that feeds it around the ring.
+        recv = k >= self.pp - 1
+        source = self.chunk(k - (self.pp - 1), forward) if recv else self.chunk(k + 1, forward)
+        if source == (self.chunks - 1 if forward else 0):
+            recv = False  # the source chunk is the end of the model: it sends nothing round the ring
+        return recv, source + (1 if forward else -1)
+
+
+def forward_backward_pipelining_with_interleaving(
+    forward_step: ForwardStep,
+    model: Chunks,
+    num_microbatches: int,
+    state: ParallelState,
+    shape: Shape,
+    dtype: torch.dtype,
+    forward_only: bool = False,
+) -> list[torch.Tensor]:
+    """Interleaved 1F1B over `vpp` model chunks per rank (Megatron's virtual pipeline).
+
+    Chunk v of rank p is virtual stage v * pp + p; activations travel round the ring of ranks V
+    times. The microbatch count must be a multiple of pp (Megatron's requirement for its default
+    microbatch group size of pp); warm-up forwards = 2 * (pp - rank - 1) + (V - 1) * pp.
+    """
+    chunks = _chunks(model)
+    if len(chunks) != state.config.vpp or len(chunks) < 2:
+        raise ConfigError(
+            f"the interleaved schedule needs one model chunk per virtual stage (vpp={state.config.vpp}, "
+            f"at least 2), got {len(chunks)} chunks; build vpp chunks or use the 1F1B schedule."
+        )
+    if num_microbatches < state.pp or num_microbatches % state.pp:
+        raise ConfigError(
+            f"the interleaved pipeline schedule needs the number of microbatches ({num_microbatches}) to be "
+            f"a positive multiple of the pipeline size pp={state.pp}, as Megatron requires; change the "
+            "global batch or micro-batch size."
+        )
+    order = _VirtualOrder(state, num_microbatches, len(chunks), forward_only)
+    device = p2p.default_device(state)
+    # Per chunk, in microbatch order: inputs received (or None for data), outputs awaiting backward,
+    # gradients received for those outputs.
+    inputs: list[deque[Optional[torch.Tensor]]] = [deque() for _ in chunks]
+    outputs: list[deque[torch.Tensor]] = [deque() for _ in chunks]
+    grads: list[deque[torch.Tensor]] = [deque() for _ in chunks]
+    losses: list[torch.Tensor] = []
+
+    def forward(k: int) -> Optional[torch.Tensor]:
+        """Forward of virtual step k; returns what to send to the next stage (None at the model's end)."""
+        v = order.chunk(k, forward=True)
+        if order.is_data_chunk(v):
+            inputs[v].append(None)
+        x = inputs[v][len(outputs[v])]  # the first input whose forward has not run yet
+        y = _run_forward(forward_step, order.microbatch(k), chunks[v], x, order.is_loss_chunk(v), losses, forward_only)
+        if forward_only:
+            inputs[v].popleft()
+        else:
+            outputs[v].append(y)
+        return None if order.is_loss_chunk(v) else y
+
+    def backward(k: int) -> Optional[torch.Tensor]:
+        """Backward of virtual step k; returns the gradient to send upstream (None at the model's start)."""
+        v = order.chunk(k, forward=False)
+        grad = None if order.is_loss_chunk(v) else grads[v].popleft()
+        input_grad = _run_backward(inputs[v].popleft(), outputs[v].popleft(), grad)
+        return None if order.is_data_chunk(v) else input_grad
+
+    def comm(
+        out: Optional[torch.Tensor], in_grad: Optional[torch.Tensor], recv_prev: bool, recv_next: bool
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return p2p.send_forward_backward_recv_forward_backward(
+            out, in_grad, recv_prev, recv_next, state, shape, dtype, device
+        )
+
+    if not order.is_data_chunk(0):
+        inputs[0].append(p2p.communicate(state, recv_prev=True, shape=shape, dtype=dtype, device=device)[0])
+
+    for k in range(order.warmup):
+        recv_prev, v_in = order.receives(k, forward=True)
+        recv_prev = recv_prev and k != order.total - 1
+        y = forward(k)
+        # The last warm-up step also fetches the first output gradient (Megatron does the same).
+        recv_next = k == order.warmup - 1 and not forward_only and not order.all_warmup and not state.is_last_stage
+        x, g = comm(y, None, recv_prev, recv_next)
+        if recv_prev:
+            inputs[v_in].append(x)
+        if recv_next:
+            grads[len(chunks) - 1].append(g)
+
+    for i in range(order.remaining):  # steady state: forward of step warmup + i, backward of step i
+        fk = order.warmup + i
+        y = forward(fk)
+        in_grad = backward(i)
+        recv_prev, v_in = order.receives(fk, forward=True)
+        recv_next, v_grad = order.receives(i, forward=False)
+        recv_prev = recv_prev and i != order.remaining - 1
+        x, g = comm(y, in_grad, recv_prev, recv_next)
+        if recv_prev:
+            inputs[v_in].append(x)
+        if recv_next:
+            grads[v_grad].append(g)
+
+    if not forward_only:
+        if order.all_warmup and not order.is_loss_chunk(len(chunks) - 1):
+            grads[len(chunks) - 1].append(comm(None, None, False, True)[1])
+        for k in range(order.remaining, order.total):  # cool-down backwards
+            recv_next, v_grad = order.receives(k, forward=False)
+            recv_next = recv_next and k != order.total - 1
+            in_grad = backward(k)
+            g = comm(None, in_grad, False, recv_next)[1]
+            if recv_next:
+                grads[v_grad].append(g)
+    return losses
+
+
+Schedule = Callable[..., list[torch.Tensor]]
+
+
+def pick_schedule(state: ParallelState) -> Schedule:
+    """Megatron's get_forward_backward_func: interleaved when pp > 1 and vpp > 1, 1F1B when pp > 1,
+    otherwise no pipelining."""
+    if state.pp > 1:
+        if state.config.vpp > 1:
+            return forward_backward_pipelining_with_interleaving
+        return forward_backward_pipelining_without_interleaving
+    return forward_backward_no_pipelining

@@ -1,0 +1,127 @@
+"""The training loop: global batches of micro-batches, DP-sharded by global sample index.
+
+A global batch is `global_batch` samples starting at `consumed_samples`; DP rank r takes every
+micro-batch slice Megatron's pretraining sampler gives it, so the data a run sees depends only on
+the global counter, never on the layout. The loss is the mean over every token of the global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.parallel.optimizer import AdamWConfig, Optimizer, lr_at
+from mzoo.parallel.state import ParallelState
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 64
+    micro_batch: int = 2
+    global_batch: int = 8
+    steps: int = 20
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 2
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    seed: int = 1234
+    distributed_optimizer: bool = False
+    precision: str = "fp32"
+
+    def validate(self, state: ParallelState) -> None:
+        per_step = self.micro_batch * state.dp
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"global batch {self.global_batch} is not a multiple of micro batch {self.micro_batch} x "
+                f"data parallel {state.dp}; change one of them."
+            )
+
+    def microbatches(self, state: ParallelState) -> int:
+        return self.global_batch // (self.micro_batch * state.dp)
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    consumed_samples: int
+
+
+Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
+
+
+def mock_sampler(vocab_size: int, seq_len: int, seed: int) -> Sampler:
+    """Deterministic random tokens per global sample index (for --mock-data and tests)."""
+
+    def sample(index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        ids = torch.randint(0, vocab_size, (seq_len + 1,), generator=g)
+        return {"tokens": ids[:-1], "labels": ids[1:]}
+
+    return sample
+
+
+def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, m: int) -> list[int]:
+    """Global sample indices of micro-batch `m` of this DP rank in the global batch at `consumed`.
+    Megatron's sampler: each micro-step takes micro_batch * dp consecutive samples, rank r the
+    r-th slice of them."""
+    start = consumed + m * tcfg.micro_batch * state.dp + state.dp_rank * tcfg.micro_batch
+    return list(range(start, start + tcfg.micro_batch))
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, cfg: ModelConfig, state: ParallelState, tcfg: TrainConfig,
+                 sampler: Sampler):
+        if state.pp > 1:
+            raise ConfigError("pipeline parallel training is not wired into `mzoo train` yet; use --pp 1.")
+        tcfg.validate(state)
+        self.model, self.cfg, self.state, self.tcfg, self.sampler = model, cfg, state, tcfg, sampler
+        self.optimizer = Optimizer(model, state, AdamWConfig(
+            lr=tcfg.lr, weight_decay=tcfg.weight_decay, clip_grad=tcfg.clip_grad,
+            distributed=tcfg.distributed_optimizer))
+        self.step = 0
+        self.consumed_samples = 0
+
+    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        samples = [self.sampler(i) for i in indices]
+        return torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples])
+
+    def train_step(self) -> StepLog:
+        start = time.perf_counter()
+        tcfg, state = self.tcfg, self.state
+        n_micro = tcfg.microbatches(state)
+        self.model.train()
+        self.optimizer.zero_grad()
+        total = torch.zeros(())
+        for m in range(n_micro):
+            tokens, labels = self._batch(micro_batch_indices(self.consumed_samples, tcfg, state, m))
+            loss = self.model(tokens, labels=labels).mean() / n_micro
+            loss.backward()
+            total += loss.detach()
+        if state.dp_group is not None:  # report the global-batch loss on every rank
+            torch.distributed.all_reduce(total, group=state.dp_group)
+            total /= state.dp
+        self.step += 1
+        lr = lr_at(self.step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps, tcfg.schedule)
+        norm = self.optimizer.step(lr)
+        self.consumed_samples += tcfg.global_batch
+        seconds = time.perf_counter() - start
+        tokens = tcfg.global_batch * tcfg.seq_len
+        return StepLog(self.step, total.item(), lr, norm, tokens / seconds, self.consumed_samples)
+
+    def train(self, steps: Optional[int] = None, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
+        logs = []
+        for _ in range((steps or self.tcfg.steps) - self.step):
+            log = self.train_step()
+            on_step(log)
+            logs.append(log)
+        return logs
