@@ -8,9 +8,11 @@ from mzoo import __version__
 from mzoo.cli import demo as demo_cmd
 from mzoo.cli import init as init_cmd
 from mzoo.cli import zoo as zoo_cmd
+from mzoo.cli import data as data_cmd
 from mzoo.cli import convert as convert_cmd
 from mzoo.cli import inspect as inspect_cmd
 from mzoo.cli import verify as verify_cmd
+from mzoo.cli import train as train_cmd
 
 app = typer.Typer(
     name="mzoo",
@@ -21,11 +23,13 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(zoo_cmd.app, name="zoo")
+app.add_typer(data_cmd.app, name="data")
 app.command("init")(init_cmd.init)
 app.command("convert")(convert_cmd.convert)
 app.command("reshard")(convert_cmd.reshard)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(verify_cmd.verify)
+app.command("train")(train_cmd.train)
 app.command("demo")(demo_cmd.demo)
 
 
@@ -42,3 +46,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # torchrun relaunches `python -m mzoo.cli.main train ...`
+    main()

@@ -137,13 +137,11 @@ def forward_backward_pipelining_without_interleaving(
 
     x = p2p.recv_forward(state, shape, dtype, device) if remaining else None
     for i in range(remaining):  # steady state: only reached when training
-        final = i == remaining - 1
-        y = forward(warmup + i, x)
-        grad = p2p.send_forward_recv_backward(y, state, shape, dtype, device)
         inputs.append(x)
-        outputs.append(y)
+        outputs.append(forward(warmup + i, x))  # no local reference: freed right after its backward
+        grad = p2p.send_forward_recv_backward(outputs[-1], state, shape, dtype, device)
         input_grad = _run_backward(inputs.popleft(), outputs.popleft(), grad)
-        if final:
+        if i == remaining - 1:
             x = None
             p2p.send_backward(input_grad, state, shape, dtype)
         else:
@@ -274,10 +272,9 @@ def forward_backward_pipelining_with_interleaving(
     for k in range(order.warmup):
         recv_prev, v_in = order.receives(k, forward=True)
         recv_prev = recv_prev and k != order.total - 1
-        y = forward(k)
         # The last warm-up step also fetches the first output gradient (Megatron does the same).
         recv_next = k == order.warmup - 1 and not forward_only and not order.all_warmup and not state.is_last_stage
-        x, g = comm(y, None, recv_prev, recv_next)
+        x, g = comm(forward(k), None, recv_prev, recv_next)
         if recv_prev:
             inputs[v_in].append(x)
         if recv_next:
@@ -285,12 +282,12 @@ def forward_backward_pipelining_with_interleaving(
 
     for i in range(order.remaining):  # steady state: forward of step warmup + i, backward of step i
         fk = order.warmup + i
-        y = forward(fk)
-        in_grad = backward(i)
         recv_prev, v_in = order.receives(fk, forward=True)
         recv_next, v_grad = order.receives(i, forward=False)
         recv_prev = recv_prev and i != order.remaining - 1
-        x, g = comm(y, in_grad, recv_prev, recv_next)
+        out = forward(fk)
+        x, g = comm(out, backward(i), recv_prev, recv_next)
+        out = None  # drop the local reference: the output now lives only until its backward
         if recv_prev:
             inputs[v_in].append(x)
         if recv_next:
@@ -302,8 +299,7 @@ def forward_backward_pipelining_with_interleaving(
         for k in range(order.remaining, order.total):  # cool-down backwards
             recv_next, v_grad = order.receives(k, forward=False)
             recv_next = recv_next and k != order.total - 1
-            in_grad = backward(k)
-            g = comm(None, in_grad, False, recv_next)[1]
+            g = comm(None, backward(k), False, recv_next)[1]
             if recv_next:
                 grads[v_grad].append(g)
     return losses

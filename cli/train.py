@@ -1,0 +1,150 @@
+"""`mzoo train`: pretrain a zoo model on the Megatron-style engine, relaunching under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mzoo.cli.common import console, err_console, print_json, user_errors
+from mzoo.errors import UserError
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--override '{item}' is not key=value; write e.g. --override num_layers=2.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _hooks(fmt: str):
+    import torch
+
+    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.converters.hf import canonical_tensors, load_canonical
+    from mzoo.converters.pipeline import Target, open_source, write_megatron
+    from mzoo.models import build_model
+    from mzoo.train.run import Hooks
+    from mzoo.train.trainer import mock_sampler
+
+    def load_weights(model, path: str) -> None:
+        src = open_source(path)
+        mine, theirs = model.cfg.to_dict(), src.cfg.to_dict()
+        keys = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "vocab_size", "activation", "normalization", "tie_embeddings")
+        diff = [k for k in keys if mine.get(k) != theirs.get(k)]
+        if diff:
+            raise UserError(f"{path} is a different model ({', '.join(diff)} differ); train the matching preset.")
+        load_canonical(model, src.get)
+
+    def save(cfg, tensors, dst: Path, iteration: int) -> None:
+        layout = MegatronLayout(iteration=iteration, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+        dtype = next(iter(tensors.values())).dtype
+        write_megatron(cfg, canonical_tensors(cfg), tensors.__getitem__, dst, Target(fmt, layout, dtype), dtype,
+                       iteration, overwrite=True, tick=lambda n: None)
+
+    def sampler(cfg, tcfg):
+        return mock_sampler(cfg.vocab_size, tcfg.seq_len, tcfg.seed)
+
+    return Hooks(lambda cfg, state: build_model(cfg, state, dtype=torch.float32), load_weights, save, sampler)
+
+
+@user_errors
+def train(
+    model: str = typer.Argument(..., help="Zoo preset (e.g. llama-tiny, llama3-8b) or a model YAML file."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1 for now)."),
+    dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp))."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes to launch (default tp*pp*dp)."),
+    sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP."),
+    distributed_optimizer: bool = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam states over DP."),
+    mock_data: bool = typer.Option(True, "--mock-data/--no-mock-data", help="Random tokens (the only data source wired in so far)."),
+    seq_len: int = typer.Option(128, help="Tokens per sample."),
+    micro_batch: int = typer.Option(2, help="Samples per micro-batch per DP rank."),
+    global_batch: int = typer.Option(8, help="Samples per optimizer step, all DP ranks together."),
+    steps: int = typer.Option(20, help="Optimizer steps."),
+    lr: float = typer.Option(3e-4, help="Peak learning rate."),
+    min_lr: float = typer.Option(3e-5, help="Final learning rate."),
+    warmup: int = typer.Option(2, help="Linear warm-up steps."),
+    schedule: str = typer.Option("cosine", help="cosine, wsd or constant."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
+    clip_grad: float = typer.Option(1.0, help="Global gradient-norm clipping (0 disables)."),
+    seed: int = typer.Option(1234, help="Seed for initialisation and data."),
+    load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write the final checkpoint here."),
+    megatron_format: str = typer.Option("torch_dist", "--megatron-format", help="torch_dist or torch."),
+    log_json: Optional[Path] = typer.Option(None, "--log-json", help="One JSON object per step (step, loss, lr, grad_norm, tokens_per_s)."),
+    override: list[str] = typer.Option([], "--override", help="Preset override key=value (repeatable; dotted keys reach sub-configs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the resolved layout and final losses as JSON."),
+) -> None:
+    """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
+
+    Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
+    """
+    from mzoo.config import ParallelConfig
+    from mzoo.train.run import RunConfig, in_launcher, run, summary
+    from mzoo.train.trainer import TrainConfig
+    from mzoo.zoo import resolve
+
+    cfg = resolve(model)
+    if override:
+        cfg = cfg.replace(**_parse_overrides(override))
+    if pp != 1:
+        raise UserError("pipeline-parallel training is not wired into `mzoo train` yet; use --pp 1 (convert supports any PP).")
+    if megatron_format not in ("torch_dist", "torch"):
+        raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
+    world = int(os.environ.get("WORLD_SIZE", nproc_per_node or tp * pp * (dp or 1)))
+    if dp is None:
+        dp = max(1, world // (tp * pp))
+    layout = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel)
+    layout.validate_for(cfg)
+    if layout.world_size != world:
+        raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
+                        "make the product match --nproc-per-node.")
+    if cfg.max_position_embeddings < seq_len and cfg.position_embedding == "learned":
+        raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
+    tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
+                       min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
+                       clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer)
+    from mzoo.parallel.state import ParallelState
+
+    tcfg.validate(ParallelState.single(layout))
+    if schedule not in ("cosine", "wsd", "constant"):
+        raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
+    if load:
+        from mzoo.converters.pipeline import open_source
+
+        open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
+    rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, str(log_json) if log_json else None)
+
+    if world > 1 and not in_launcher():
+        if not as_json:
+            console.print(f"layout: {summary(rc)}", highlight=False)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "mzoo.cli.main", "train", *sys.argv[2:]]
+        raise typer.Exit(subprocess.call(cmd))
+
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0 and not as_json and not in_launcher():
+        console.print(f"layout: {summary(rc)}", highlight=False)
+
+    def show(log) -> None:
+        if rank == 0 and not as_json:
+            err_console.print(f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm "
+                              f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s", highlight=False)
+
+    logs = run(rc, _hooks(megatron_format), show)
+    if rank == 0:
+        if as_json:
+            print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})
+        elif save:
+            console.print(f"saved {megatron_format} checkpoint to {save}", highlight=False)

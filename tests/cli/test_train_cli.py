@@ -1,0 +1,50 @@
+"""`mzoo train` end to end: relaunch under torchrun on 2 gloo processes, start from a Hugging Face
+checkpoint, save, convert the result back and verify it; bad layouts fail before any launch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mzoo.converters.pipeline import Target, convert, open_source
+from mzoo.converters.verify import verify_sources
+
+MZOO = str(Path(sys.executable).with_name("mzoo"))
+
+
+def run(*args, cwd):
+    return subprocess.run([MZOO, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.dist
+def test_train_tp2_from_hf_save_convert_verify(tmp_path):
+    assert run("init", "llama-tiny", "hf", cwd=tmp_path).returncode == 0
+    proc = run("train", "llama-tiny", "--tp", "2", "--steps", "4", "--seq-len", "32", "--lr", "3e-3",
+               "--load", "hf", "--save", "ck", "--log-json", "log.jsonl", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(logs[0])
+    convert(open_source(tmp_path / "ck"), tmp_path / "back", Target("hf"))
+    assert verify_sources(open_source(tmp_path / "ck"), open_source(tmp_path / "back")).max_abs_diff == 0.0
+    assert not verify_sources(open_source(tmp_path / "hf"), open_source(tmp_path / "ck")).match  # it trained
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tp", "2", "--dp", "2", "--nproc-per-node", "2"], "4 processes, but 2 were asked for"),
+        (["--tp", "3"], "does not divide the 2 query groups"),
+        (["--global-batch", "7"], "not a multiple of micro batch"),
+        (["--override", "num_layers"], "is not key=value"),
+        (["--load", "missing-dir"], "does not exist"),
+    ],
+)
+def test_bad_training_input_fails_before_launch(tmp_path, args, message):
+    proc = run("train", "llama-tiny", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
