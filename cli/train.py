@@ -26,12 +26,12 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _hooks(fmt: str):
+def _hooks(fmt: str, tp: int):
     import torch
 
     from mzoo.ckpt.megatron import MegatronLayout
     from mzoo.converters.hf import canonical_tensors, load_canonical
-    from mzoo.converters.pipeline import Target, open_source, write_megatron
+    from mzoo.converters.pipeline import Target, add_iteration, open_source
     from mzoo.models import build_model
     from mzoo.train.run import Hooks
     from mzoo.train.trainer import mock_sampler
@@ -46,11 +46,12 @@ def _hooks(fmt: str):
             raise UserError(f"{path} is a different model ({', '.join(diff)} differ); train the matching preset.")
         load_canonical(model, src.get)
 
-    def save(cfg, tensors, dst: Path, iteration: int) -> None:
-        layout = MegatronLayout(iteration=iteration, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    def save(cfg, tensors, root: Path, iteration: int, extra) -> None:
+        layout = MegatronLayout(tp=tp, iteration=iteration,
+                                make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
         dtype = next(iter(tensors.values())).dtype
-        write_megatron(cfg, canonical_tensors(cfg), tensors.__getitem__, dst, Target(fmt, layout, dtype), dtype,
-                       iteration, overwrite=True, tick=lambda n: None)
+        add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, Target(fmt, layout, dtype), dtype,
+                      iteration, extra)
 
     def sampler(cfg, tcfg):
         return mock_sampler(cfg.vocab_size, tcfg.seq_len, tcfg.seed)
@@ -80,7 +81,9 @@ def train(
     clip_grad: float = typer.Option(1.0, help="Global gradient-norm clipping (0 disables)."),
     seed: int = typer.Option(1234, help="Seed for initialisation and data."),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write the final checkpoint here."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added, the tracker updated last."),
+    save_interval: int = typer.Option(0, "--save-interval", help="Also save every N steps (0: only at the end)."),
+    load_optim: bool = typer.Option(True, "--load-optim/--no-load-optim", help="Resume optimizer state and position from --load when present."),
     megatron_format: str = typer.Option("torch_dist", "--megatron-format", help="torch_dist or torch."),
     log_json: Optional[Path] = typer.Option(None, "--log-json", help="One JSON object per step (step, loss, lr, grad_norm, tokens_per_s)."),
     override: list[str] = typer.Option([], "--override", help="Preset override key=value (repeatable; dotted keys reach sub-configs)."),
@@ -124,7 +127,8 @@ def train(
         from mzoo.converters.pipeline import open_source
 
         open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
-    rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, str(log_json) if log_json else None)
+    rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
+                   str(log_json) if log_json else None)
 
     if world > 1 and not in_launcher():
         if not as_json:
@@ -142,7 +146,7 @@ def train(
             err_console.print(f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm "
                               f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s", highlight=False)
 
-    logs = run(rc, _hooks(megatron_format), show)
+    logs = run(rc, _hooks(megatron_format, tp), show)
     if rank == 0:
         if as_json:
             print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})

@@ -22,7 +22,7 @@ from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.models import build_model, meta_model
 from mzoo.models.gpt import init_tensor
-from mzoo.parallel.sharding import ShardSpec, get_spec, pad_vocab
+from mzoo.parallel.sharding import ShardSpec, get_spec, to_local
 from mzoo.parallel.state import ParallelState
 
 
@@ -61,15 +61,10 @@ def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> No
     """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
     state: ParallelState = model.state
     for name, p in model.named_parameters():
-        spec = get_spec(p)
-        value = fetch(model.canonical_name(name))
-        if spec.vocab:
-            value = pad_vocab(value, p.shape[spec.dim] * (state.tp if spec.axis == "tp" else 1))
-        size, rank = (state.tp, state.tp_rank) if spec.axis == "tp" else (1, 0)
-        piece = spec.shard(value, rank, size)
-        if piece.shape != p.shape:
-            raise ValueError(f"{name}: shard shape {tuple(piece.shape)} does not fit parameter {tuple(p.shape)}.")
-        p.copy_(piece)
+        try:
+            p.copy_(to_local(p, fetch(model.canonical_name(name)), state.tp, state.tp_rank))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}.") from None
 
 
 def load_hf_model(

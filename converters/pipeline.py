@@ -8,6 +8,7 @@ from a meta model of the configuration (ShardSpecs), never from a table here.
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
-from mzoo.ckpt.atomic import atomic_dir, check_destination
+from mzoo.ckpt.atomic import atomic_dir, check_destination, fsync_tree
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron import (
     MegatronLayout,
@@ -259,31 +260,66 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
 def write_megatron(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor], dst: Path,
                    target: Target, dtype: torch.dtype, iteration: int | str, overwrite: bool,
                    tick: Callable[[int], None], tokenizer_files: list[Path] = ()) -> None:
+    """A new Megatron checkpoint folder (tracker + one iteration), atomically."""
+    with atomic_dir(dst, overwrite) as tmp:
+        _write_iteration(iteration_dir(tmp, iteration), cfg, tensors, fetch, target, dtype, iteration, tick)
+        _finish_root(tmp, cfg, target, dtype, iteration)
+
+
+def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor],
+                  target: Target, dtype: torch.dtype, iteration: int,
+                  extra: Callable[[Path], None] = lambda folder: None) -> Path:
+    """Add one iteration to a (possibly existing) checkpoint root, as training saves do: the
+    iteration folder is built under a temporary name and renamed, the tracker is updated last."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".{final.name}.mzoo-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_iteration(tmp, cfg, tensors, fetch, target, dtype, iteration, lambda n: None)
+        extra(tmp)
+        fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _finish_root(root, cfg, target, dtype, iteration)
+    return final
+
+
+def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTensor],
+                     fetch: Callable[[str], torch.Tensor], target: Target, dtype: torch.dtype,
+                     iteration: int | str, tick: Callable[[int], None]) -> None:
     lay = target.layout
     lay.iteration = iteration
     padded = lay.padded_vocab(cfg)
     args = config_to_args(cfg, lay, dtype)
     specs = {t.name: t.spec for t in tensors}
-    with atomic_dir(dst, overwrite) as tmp:
-        folder = iteration_dir(tmp, iteration)
-        if target.fmt == "torch":
-            folder.mkdir()
-            legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
-                                cfg.tie_embeddings, tick)
-        else:
-            # megatron-core stores norms under their TE names in torch_dist whatever the spec
-            # (its local-spec modules map input_layernorm -> linear_qkv.layer_norm_* on save).
-            chunks = dist_chunks(cfg, tensors, fetch, "te", padded, dtype)
-            common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
-            if target.fmt == "torch_dist":
-                dist_fmt.write_dist(folder, chunks, common, tick)
-            else:
-                from mzoo.ckpt import zarr as zarr_fmt
+    if target.fmt == "torch":
+        folder.mkdir()
+        legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
+                            cfg.tie_embeddings, tick)
+        return
+    # megatron-core stores norms under their TE names in torch_dist whatever the spec
+    # (its local-spec modules map input_layernorm -> linear_qkv.layer_norm_* on save).
+    chunks = dist_chunks(cfg, tensors, fetch, "te", padded, dtype)
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
+    if target.fmt == "torch_dist":
+        dist_fmt.write_dist(folder, chunks, common, tick)
+    else:
+        from mzoo.ckpt import zarr as zarr_fmt
 
-                zarr_fmt.write_checkpoint(folder, chunks, common, tick)
-        write_sidecar(tmp, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.parallel(),
-                      extra={"iteration": iteration, "spec": lay.spec, "padded_vocab_size": padded})
-        write_tracker(tmp, iteration)  # last: marks the checkpoint complete
+        zarr_fmt.write_checkpoint(folder, chunks, common, tick)
+
+
+def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str) -> None:
+    lay = target.layout
+    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.parallel(),
+                  extra={"iteration": iteration, "spec": lay.spec, "padded_vocab_size": lay.padded_vocab(cfg)})
+    write_tracker(root, iteration)  # last: marks the checkpoint complete
 
 
 def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor],

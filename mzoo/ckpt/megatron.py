@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.config import ModelConfig, ParallelConfig, RopeConfig
 
@@ -231,7 +232,8 @@ def find_iteration_dir(root: Path) -> tuple[Path, int | str]:
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:
-    (root / TRACKER).write_text(f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n")
+    text = f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n"
+    atomic_write_bytes(root / TRACKER, text.encode())
 
 
 def dtype_flag(dtype: torch.dtype) -> str:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import yaml
 
 import mzoo
+from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.config import ModelConfig, ParallelConfig
 
 SIDECAR = "mzoo.yaml"
@@ -42,7 +43,7 @@ def write_sidecar(
         "files": files,
         **(extra or {}),
     }
-    (folder / SIDECAR).write_text(yaml.safe_dump(data, sort_keys=False))
+    atomic_write_bytes(folder / SIDECAR, yaml.safe_dump(data, sort_keys=False).encode())
 
 
 def read_sidecar(folder: Path) -> Optional[dict[str, Any]]:

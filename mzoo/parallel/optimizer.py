@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -137,17 +136,33 @@ class Optimizer:
             p.data.copy_(full[offset : offset + n].view_as(p))
             offset += n
 
-    def state_dict(self) -> dict:
-        return {"step": self.step_count, "master": self.master, "exp_avg": self.exp_avg,
-                "exp_avg_sq": self.exp_avg_sq, "range": (self.lo, self.hi)}
+    # ---- checkpointing: per-parameter states, so they reshard like weights ------------------
+    KINDS = ("fp32_param", "exp_avg", "exp_avg_sq")
 
-    def load_state_dict(self, sd: dict) -> None:
-        if tuple(sd["range"]) != (self.lo, self.hi):
-            raise ValueError("optimizer shard does not match this layout; reshard the optimizer state first")
-        self.step_count = sd["step"]
-        self.master.copy_(sd["master"])
-        self.exp_avg.copy_(sd["exp_avg"])
-        self.exp_avg_sq.copy_(sd["exp_avg_sq"])
+    def _shards(self) -> dict[str, torch.Tensor]:
+        return {"fp32_param": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def param_states(self) -> dict[str, list[torch.Tensor]]:
+        """kind -> this rank's full local tensor of every parameter (DP shards gathered)."""
+        out = {}
+        for kind, shard in self._shards().items():
+            full = shard
+            if self.config.distributed and self.state.dp_group is not None:
+                full = C._gather_first(shard.contiguous(), self.state.dp_group)
+            views, offset = [], 0
+            for p in self.params:
+                views.append(full[offset : offset + p.numel()].view(p.shape))
+                offset += p.numel()
+            out[kind] = views
+        return out
+
+    def load_param_states(self, states: dict[str, list[torch.Tensor]], step: int) -> None:
+        """Inverse of param_states: full local tensors per parameter -> this rank's shards."""
+        for kind, shard in self._shards().items():
+            flat = torch.zeros(self.padded, dtype=torch.float32)
+            torch.cat([t.reshape(-1).float() for t in states[kind]], out=flat[: self.numel])
+            shard.copy_(flat[self.lo : self.hi])
+        self.step_count = step
         self._write_back()
 
 

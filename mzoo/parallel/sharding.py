@@ -86,3 +86,29 @@ def shard_specs(module: torch.nn.Module) -> dict[str, ShardSpec]:
     for name, b in module.named_buffers():
         out.setdefault(name, get_spec(b))
     return out
+
+
+def to_local(param: torch.Tensor, value: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+    """This rank's piece of a canonical (global, unpadded) tensor for `param`: pad the vocabulary
+    to the model's padded size, then shard by the parameter's ShardSpec."""
+    spec = get_spec(param)
+    on_tp = spec.axis == "tp"
+    if spec.vocab:
+        value = pad_vocab(value, param.shape[spec.dim] * (tp if on_tp else 1))
+    piece = spec.shard(value, tp_rank, tp) if on_tp else value
+    if piece.shape != param.shape:
+        raise ValueError(f"shard shape {tuple(piece.shape)} does not fit parameter {tuple(param.shape)}")
+    return piece
+
+
+def to_global(param: torch.Tensor, local: torch.Tensor, tp_group, tp: int, vocab_size: int) -> torch.Tensor:
+    """The canonical tensor from every TP rank's `local` piece (collective over the TP group)."""
+    import torch.distributed as dist
+
+    spec = get_spec(param)
+    value = local.detach()
+    if spec.axis == "tp" and tp_group is not None:
+        parts = [torch.empty_like(value) for _ in range(tp)]
+        dist.all_gather(parts, value.contiguous(), group=tp_group)
+        value = spec.merge(parts)
+    return value[:vocab_size] if spec.vocab else value

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.parallel.sharding import to_global, to_local
 from mzoo.parallel.state import ParallelState
 from mzoo.train.trainer import Sampler, StepLog, TrainConfig, Trainer
 
@@ -25,7 +26,8 @@ from mzoo.train.trainer import Sampler, StepLog, TrainConfig, Trainer
 class Hooks:
     build_model: Callable[[ModelConfig, ParallelState], torch.nn.Module]
     load_weights: Callable[[torch.nn.Module, str], None]  # any checkpoint, any layout
-    save_checkpoint: Callable[[ModelConfig, dict[str, torch.Tensor], Path, int], None]  # rank 0, canonical tensors
+    # rank 0: canonical tensors -> a new iteration in the root; the callback adds files to that folder
+    save_checkpoint: Callable[[ModelConfig, dict[str, torch.Tensor], Path, int, Callable[[Path], None]], None]
     make_sampler: Callable[[ModelConfig, TrainConfig], Sampler]
 
 
@@ -36,7 +38,13 @@ class RunConfig:
     train: TrainConfig
     load: Optional[str] = None
     save: Optional[str] = None
+    save_interval: int = 0
+    load_optimizer: bool = True
     log_json: Optional[str] = None
+
+
+OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
+TRAIN_STATE_FILE = "mzoo_train_state.json"
 
 
 def in_launcher() -> bool:
@@ -59,23 +67,61 @@ def build_state(layout: ParallelConfig) -> ParallelState:
 
 
 @torch.no_grad()
-def gather_canonical(model: torch.nn.Module, state: ParallelState) -> dict[str, torch.Tensor]:
-    """Full canonical tensors (TP shards merged, vocab padding trimmed) on every TP rank.
-    Holds the whole model: fine for the sizes `mzoo train` saves today (see issue notes)."""
-    from mzoo.parallel.sharding import get_spec
-
+def gather_canonical(model: torch.nn.Module, state: ParallelState,
+                     values: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Canonical tensors of the parameters (or of per-parameter `values`, e.g. Adam states) on
+    every TP rank. Holds the whole model: fine for the sizes `mzoo train` saves today."""
     out = {}
-    for name, p in model.named_parameters():
-        spec = get_spec(p)
-        value = p.detach()
-        if spec.axis == "tp" and state.tp_group is not None:
-            parts = [torch.empty_like(value) for _ in range(state.tp)]
-            dist.all_gather(parts, value.contiguous(), group=state.tp_group)
-            value = spec.merge(parts)
-        if spec.vocab:
-            value = value[: model.cfg.vocab_size]
-        out[model.canonical_name(name)] = value.clone()
+    for i, (name, p) in enumerate(model.named_parameters()):
+        local = p if values is None else values[i]
+        out[model.canonical_name(name)] = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).clone()
     return out
+
+
+def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> None:
+    """Weights in the requested Megatron format plus, in the same iteration folder, the optimizer
+    states as canonical tensors (so a resume may use another layout) and the loop's position."""
+    from safetensors.torch import save_file
+
+    tensors = gather_canonical(model, state)
+    opt = {}
+    for kind, values in trainer.optimizer.param_states().items():
+        for name, value in gather_canonical(model, state, values).items():
+            opt[f"{kind}/{name}"] = value.contiguous()
+    position = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
+                "optimizer_step": trainer.optimizer.step_count}
+
+    def extra(folder: Path) -> None:
+        save_file(opt, str(folder / OPTIMIZER_FILE))
+        (folder / TRAIN_STATE_FILE).write_text(json.dumps(position) + "\n")
+
+    if state.rank == 0:
+        hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, extra)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
+    """Restore optimizer states and the loop's position when the checkpoint has them."""
+    from safetensors.torch import load_file
+
+    from mzoo.ckpt.megatron import find_iteration_dir
+
+    try:
+        folder, _ = find_iteration_dir(Path(path))
+    except ValueError:
+        return False
+    if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
+        return False
+    saved = load_file(str(folder / OPTIMIZER_FILE))
+    states = {}
+    for kind in trainer.optimizer.KINDS:
+        states[kind] = [to_local(p, saved[f"{kind}/{model.canonical_name(n)}"], state.tp, state.tp_rank)
+                        for n, p in model.named_parameters()]
+    position = json.loads((folder / TRAIN_STATE_FILE).read_text())
+    trainer.optimizer.load_param_states(states, position["optimizer_step"])
+    trainer.step, trainer.consumed_samples = position["step"], position["consumed_samples"]
+    return True
 
 
 def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
@@ -88,13 +134,17 @@ def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda
     else:
         model.init_weights(seed=rc.train.seed)
     trainer = Trainer(model, rc.model, state, rc.train, hooks.make_sampler(rc.model, rc.train))
-    log_file = open(rc.log_json, "w") if rc.log_json and state.rank == 0 else None
+    if rc.load and rc.load_optimizer:
+        resume(rc.load, model, trainer, state)
+    log_file = open(rc.log_json, "a" if trainer.step else "w") if rc.log_json and state.rank == 0 else None
 
     def step(log: StepLog) -> None:
         if log_file:
             log_file.write(json.dumps(asdict(log)) + "\n")
             log_file.flush()
         on_step(log)
+        if rc.save and rc.save_interval and log.step % rc.save_interval == 0 and log.step < rc.train.steps:
+            save(rc, hooks, model, trainer, state)
 
     try:
         logs = trainer.train(on_step=step)
@@ -102,11 +152,7 @@ def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda
         if log_file:
             log_file.close()
     if rc.save:
-        tensors = gather_canonical(model, state)
-        if state.rank == 0:
-            hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step)
-        if dist.is_initialized():
-            dist.barrier()
+        save(rc, hooks, model, trainer, state)
     return logs
 
 

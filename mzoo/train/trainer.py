@@ -8,7 +8,7 @@ the global counter, never on the layout. The loss is the mean over every token o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
