@@ -26,7 +26,7 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _hooks(fmt: str, tp: int):
+def _hooks(fmt: str, tp: int, precision: str = "fp32"):
     import torch
 
     from mzoo.ckpt.megatron import MegatronLayout
@@ -56,7 +56,8 @@ def _hooks(fmt: str, tp: int):
     def sampler(cfg, tcfg):
         return mock_sampler(cfg.vocab_size, tcfg.seq_len, tcfg.seed)
 
-    return Hooks(lambda cfg, state: build_model(cfg, state, dtype=torch.float32), load_weights, save, sampler)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Hooks(lambda cfg, state: build_model(cfg, state, dtype=dtype), load_weights, save, sampler)
 
 
 @user_errors
@@ -80,6 +81,9 @@ def train(
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
     clip_grad: float = typer.Option(1.0, help="Global gradient-norm clipping (0 disables)."),
     seed: int = typer.Option(1234, help="Seed for initialisation and data."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 (fp32 master weights) or fp16 (+ dynamic loss scaling)."),
+    recompute: str = typer.Option("none", help="Activation recomputation: none, selective (attention) or full."),
+    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s, to report MFU."),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added, the tracker updated last."),
     save_interval: int = typer.Option(0, "--save-interval", help="Also save every N steps (0: only at the end)."),
@@ -117,7 +121,12 @@ def train(
         raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
     tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
-                       clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer)
+                       clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,
+                       precision=precision, recompute=recompute, peak_tflops=peak_tflops)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16.")
+    if recompute not in ("none", "selective", "full"):
+        raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
     from mzoo.parallel.state import ParallelState
 
     tcfg.validate(ParallelState.single(layout))
@@ -143,10 +152,13 @@ def train(
 
     def show(log) -> None:
         if rank == 0 and not as_json:
+            mfu = f"  MFU {log.mfu:.1%}" if log.mfu is not None else ""
+            skip = "  (skipped: overflow)" if log.skipped else ""
             err_console.print(f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm "
-                              f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s", highlight=False)
+                              f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s  "
+                              f"{log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}", highlight=False)
 
-    logs = run(rc, _hooks(megatron_format, tp), show)
+    logs = run(rc, _hooks(megatron_format, tp, precision), show)
     if rank == 0:
         if as_json:
             print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mzoo.config import ModelConfig
 from mzoo.parallel import collectives as C
@@ -62,6 +63,10 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * self.dim, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype
         )
+        self.recompute = False  # selective recomputation of the core attention
+
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         qkv = self.linear_qkv(x)
@@ -76,7 +81,10 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # [s, b, h, d] -> [b, h, s, d] for SDPA; GQA handled by enable_gqa.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        if self.recompute and self.training and torch.is_grad_enabled():  # selective: keep no [s, s] scores
+            out = checkpoint(self._core_attention, q, k, v, use_reentrant=False)
+        else:
+            out = self._core_attention(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.dim)
         return self.linear_proj(out)
 
@@ -124,13 +132,17 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_offset = layers.start
         self.layers = nn.ModuleList(TransformerLayer(cfg, state, dtype) for _ in layers)
+        self.recompute_layers = False  # full recomputation: keep only each layer's input
         self.final_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype) if post_process else None
         if self.final_layernorm is not None:
             mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, rope)
+            if self.recompute_layers and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -214,6 +226,14 @@ class GPTModel(nn.Module):
             return loss.t()
         logits = C.gather_from_tp(logits, self.state.tp_group)
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation: 'none', 'selective' (core attention) or 'full' (every layer)."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"unknown recompute mode '{mode}'; use none, selective or full.")
+        self.decoder.recompute_layers = mode == "full"
+        for layer in self.decoder.layers:
+            layer.self_attention.recompute = mode == "selective"
 
     # ---- naming and initialisation ------------------------------------------------------------
     def canonical_name(self, local_name: str) -> str:

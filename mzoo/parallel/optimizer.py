@@ -106,11 +106,16 @@ class Optimizer:
         return math.sqrt(sq.item())
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
-        """Reduce, clip, update, write back. Returns the grad norm before clipping."""
+    def step(self, lr: float, loss_scale: float = 1.0) -> float:
+        """Reduce, unscale, clip, update, write back. Returns the grad norm before clipping, or
+        inf (and skips the update) when a gradient overflowed: fp16 loss scaling backs off then."""
         cfg = self.config
         grads = self._reduce(self._flat_grads())
+        if loss_scale != 1.0:
+            grads = grads / loss_scale
         norm = self.grad_norm(grads)
+        if not math.isfinite(norm):
+            return norm
         if cfg.clip_grad and norm > cfg.clip_grad:
             grads = grads * (cfg.clip_grad / (norm + 1e-6))
         self.step_count += 1

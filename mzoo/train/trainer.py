@@ -7,6 +7,7 @@ the global counter, never on the layout. The loss is the mean over every token o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,7 +33,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     distributed_optimizer: bool = False
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, bf16 (fp32 master weights), fp16 (+ dynamic loss scaling)
+    recompute: str = "none"  # none, selective, full
+    peak_tflops: Optional[float] = None  # per device, for MFU
 
     def validate(self, state: ParallelState) -> None:
         per_step = self.micro_batch * state.dp
@@ -54,6 +57,38 @@ class StepLog:
     grad_norm: float
     tokens_per_s: float
     consumed_samples: int
+    tflops_per_device: float = 0.0
+    mfu: Optional[float] = None
+    loss_scale: float = 1.0
+    skipped: bool = False
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16: halve on overflow (the step is skipped), double after
+    `window` clean steps."""
+
+    def __init__(self, enabled: bool, initial: float = 2.0**16, window: int = 1000):
+        self.scale = initial if enabled else 1.0
+        self.enabled, self.window, self.clean = enabled, window, 0
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.clean = max(self.scale / 2, 1.0), 0
+        else:
+            self.clean += 1
+            if self.clean % self.window == 0:
+                self.scale *= 2
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters touched) + attention scores
+    (12 x layers x hidden x seq), the usual estimate (Megatron / PaLM appendix B)."""
+    from mzoo.params import count_params
+
+    active = count_params(cfg).active - cfg.vocab_size * cfg.hidden_size  # lookups are not matmuls
+    return 6.0 * active + 12.0 * cfg.num_layers * cfg.kv_channels * cfg.num_attention_heads * seq_len
 
 
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
@@ -90,6 +125,10 @@ class Trainer:
             distributed=tcfg.distributed_optimizer))
         self.step = 0
         self.consumed_samples = 0
+        self.scaler = LossScaler(tcfg.precision == "fp16")
+        if hasattr(model, "set_recompute"):
+            model.set_recompute(tcfg.recompute)
+        self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
 
     def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         samples = [self.sampler(i) for i in indices]
@@ -104,19 +143,25 @@ class Trainer:
         total = torch.zeros(())
         for m in range(n_micro):
             tokens, labels = self._batch(micro_batch_indices(self.consumed_samples, tcfg, state, m))
-            loss = self.model(tokens, labels=labels).mean() / n_micro
-            loss.backward()
+            loss = self.model(tokens, labels=labels).float().mean() / n_micro
+            (loss * self.scaler.scale).backward()
             total += loss.detach()
         if state.dp_group is not None:  # report the global-batch loss on every rank
             torch.distributed.all_reduce(total, group=state.dp_group)
             total /= state.dp
         self.step += 1
         lr = lr_at(self.step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps, tcfg.schedule)
-        norm = self.optimizer.step(lr)
+        scale = self.scaler.scale
+        norm = self.optimizer.step(lr, loss_scale=scale)
+        skipped = not math.isfinite(norm)
+        self.scaler.update(skipped)
         self.consumed_samples += tcfg.global_batch
         seconds = time.perf_counter() - start
         tokens = tcfg.global_batch * tcfg.seq_len
-        return StepLog(self.step, total.item(), lr, norm, tokens / seconds, self.consumed_samples)
+        tflops = self.flops_per_token * tokens / seconds / state.config.world_size / 1e12
+        mfu = tflops / tcfg.peak_tflops if tcfg.peak_tflops else None
+        return StepLog(self.step, total.item(), lr, norm, tokens / seconds, self.consumed_samples, tflops, mfu,
+                       scale, skipped)
 
     def train(self, steps: Optional[int] = None, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
         logs = []

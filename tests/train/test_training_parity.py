@@ -70,3 +70,52 @@ def test_loss_curve_matches_single_process(reference, layout, world, dist_opt):
         assert len(losses) == STEPS
         diffs = [abs(a - b) for a, b in zip(losses, reference)]
         assert max(diffs) <= 1e-5, diffs
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_fp32(reference, precision):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=STEPS, lr=3e-3, min_lr=3e-4, warmup=2,
+                       precision=precision)
+    state = ParallelState.single()
+    model = build_model(CFG, state, dtype=dtype)
+    model.init_weights(seed=5)
+    trainer = Trainer(model, CFG, state, tcfg, counting_sampler(CFG.vocab_size, tcfg.seq_len))
+    losses = [log.loss for log in trainer.train()]
+    assert next(model.parameters()).dtype == dtype
+    assert trainer.optimizer.master.dtype == torch.float32
+    assert max(abs(a - b) for a, b in zip(losses, reference)) < 0.1  # same curve, low-precision noise
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_recompute_gives_identical_training(reference):
+    tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=5, lr=3e-3, min_lr=3e-4, warmup=2,
+                       recompute="full")
+    model = build_model(CFG)
+    model.init_weights(seed=5)
+    losses = [log.loss for log in Trainer(model, CFG, ParallelState.single(), tcfg,
+                                          counting_sampler(CFG.vocab_size, 16)).train()]
+    ref = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=5, lr=3e-3, min_lr=3e-4, warmup=2)
+    model = build_model(CFG)
+    model.init_weights(seed=5)
+    expected = [log.loss for log in Trainer(model, CFG, ParallelState.single(), ref,
+                                            counting_sampler(CFG.vocab_size, 16)).train()]
+    assert losses == expected
+
+
+def test_fp16_overflow_skips_the_step_and_backs_off():
+    from mzoo.train.trainer import LossScaler
+
+    model = build_model(CFG)
+    model.init_weights(seed=5)
+    tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=2, steps=1, precision="fp16")
+    trainer = Trainer(model, CFG, ParallelState.single(), tcfg, counting_sampler(CFG.vocab_size, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.scaler = LossScaler(True, initial=float("inf"))  # guaranteed overflow
+    log = trainer.train_step()
+    assert log.skipped and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    scaler = LossScaler(True, initial=8.0, window=2)
+    scaler.update(True)
+    assert scaler.scale == 4.0
+    scaler.update(False), scaler.update(False)
+    assert scaler.scale == 8.0
