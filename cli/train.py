@@ -32,7 +32,7 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32"):
     from mzoo.ckpt.megatron import MegatronLayout
     from mzoo.converters.hf import canonical_tensors, load_canonical
     from mzoo.converters.pipeline import Target, add_iteration, open_source
-    from mzoo.models import build_model
+    from mzoo.models import build_chunks
     from mzoo.train.run import Hooks
     from mzoo.train.trainer import mock_sampler
 
@@ -57,14 +57,15 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32"):
         return mock_sampler(cfg.vocab_size, tcfg.seq_len, tcfg.seed)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Hooks(lambda cfg, state: build_model(cfg, state, dtype=dtype), load_weights, save, sampler)
+    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype), load_weights, save, sampler)
 
 
 @user_errors
 def train(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama-tiny, llama3-8b) or a model YAML file."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1 for now)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1F1B schedule)."),
+    vpp: int = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp))."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes to launch (default tp*pp*dp)."),
     sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP."),
@@ -105,14 +106,12 @@ def train(
     cfg = resolve(model)
     if override:
         cfg = cfg.replace(**_parse_overrides(override))
-    if pp != 1:
-        raise UserError("pipeline-parallel training is not wired into `mzoo train` yet; use --pp 1 (convert supports any PP).")
     if megatron_format not in ("torch_dist", "torch"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
     world = int(os.environ.get("WORLD_SIZE", nproc_per_node or tp * pp * (dp or 1)))
     if dp is None:
         dp = max(1, world // (tp * pp))
-    layout = ParallelConfig(tp=tp, pp=pp, dp=dp, sequence_parallel=sequence_parallel)
+    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, sequence_parallel=sequence_parallel)
     layout.validate_for(cfg)
     if layout.world_size != world:
         raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "

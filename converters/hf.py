@@ -60,9 +60,9 @@ def hf_canonical_stream(reader: HFReader, adapter: adapters.Adapter, cfg: ModelC
 def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
     """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
     state: ParallelState = model.state
-    for name, p in model.named_parameters():
+    for name, p in model.canonical_parameters():
         try:
-            p.copy_(to_local(p, fetch(model.canonical_name(name)), state.tp, state.tp_rank))
+            p.copy_(to_local(p, fetch(name), state.tp, state.tp_rank))
         except ValueError as e:
             raise ValueError(f"{name}: {e}.") from None
 

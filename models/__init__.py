@@ -37,6 +37,42 @@ def build_model(
         return cls(cfg, state or ParallelState.single(), layers=layers, dtype=dtype)
 
 
+class ModelChunks(nn.ModuleList):
+    """This rank's model chunks: one per virtual pipeline stage (a single chunk without VPP)."""
+
+    def __init__(self, chunks: list[nn.Module], cfg: ModelConfig, state: ParallelState):
+        super().__init__(chunks)
+        self.cfg, self.state = cfg, state
+
+    def canonical_parameters(self):
+        for chunk in self:
+            yield from chunk.canonical_parameters()
+
+    def init_weights(self, seed: int = 0) -> None:
+        for chunk in self:
+            chunk.init_weights(seed)
+
+    def set_recompute(self, mode: str) -> None:
+        for chunk in self:
+            chunk.set_recompute(mode)
+
+
+def build_chunks(cfg: ModelConfig, state: ParallelState, dtype: Optional[torch.dtype] = None,
+                 first: Optional[int] = None, last: Optional[int] = None) -> ModelChunks:
+    """The chunks this pipeline rank holds, with Megatron's (interleaved) layer assignment."""
+    from mzoo.parallel.pipeline import stage_layers
+
+    ranges = stage_layers(cfg.num_layers, state.pp, state.config.vpp, first, last)[state.pp_rank]
+    vpp = len(ranges)
+    cls = model_class(cfg)
+    chunks = [
+        cls(cfg, state, layers=r, dtype=dtype,
+            pre_process=state.is_first_stage and v == 0, post_process=state.is_last_stage and v == vpp - 1)
+        for v, r in enumerate(ranges)
+    ]
+    return ModelChunks(chunks, cfg, state)
+
+
 def meta_model(cfg: ModelConfig, parallel: Optional[ParallelConfig] = None) -> nn.Module:
     """The global model (all layers, rank 0 of the given TP) on the meta device."""
     return build_model(cfg, ParallelState.single(parallel), device="meta")

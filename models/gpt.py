@@ -28,7 +28,7 @@ from mzoo.parallel.layers import (
     mark_sequence_parallel,
 )
 from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
-from mzoo.parallel.sharding import get_spec
+from mzoo.parallel.sharding import get_spec, to_local
 from mzoo.parallel.state import ParallelState
 from mzoo.models.rope import RotaryEmbedding, apply_rotary
 
@@ -177,12 +177,15 @@ class GPTModel(nn.Module):
         state: Optional[ParallelState] = None,
         layers: Optional[range] = None,
         dtype: Optional[torch.dtype] = None,
+        pre_process: Optional[bool] = None,
+        post_process: Optional[bool] = None,
     ):
         super().__init__()
         state = state or ParallelState.single()
         self.cfg, self.state = cfg, state
         self.layers_range = layers if layers is not None else range(cfg.num_layers)
-        self.pre_process, self.post_process = state.is_first_stage, state.is_last_stage
+        self.pre_process = state.is_first_stage if pre_process is None else pre_process
+        self.post_process = state.is_last_stage if post_process is None else post_process
         divisible = state.config.make_vocab_size_divisible_by
         self.padded_vocab = cfg.padded_vocab_size(state.tp, divisible)
         self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
@@ -193,6 +196,8 @@ class GPTModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 cfg.hidden_size, self.padded_vocab, state, bias=False, vocab=True, dtype=dtype
             )
+            if cfg.tie_embeddings:  # pipeline: the last stage's copy of the first stage's embedding
+                self.output_layer.weight.shared_embedding = True
 
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight
@@ -237,30 +242,38 @@ class GPTModel(nn.Module):
 
     # ---- naming and initialisation ------------------------------------------------------------
     def canonical_name(self, local_name: str) -> str:
-        """State-dict name -> canonical name (global layer index)."""
+        """State-dict name -> canonical name (global layer index; a tied output copy is the
+        embedding)."""
         prefix = "decoder.layers."
         if local_name.startswith(prefix) and self.decoder.layer_offset:
             index, rest = local_name[len(prefix) :].split(".", 1)
             return f"{prefix}{int(index) + self.decoder.layer_offset}.{rest}"
+        if local_name == "output_layer.weight" and self.cfg.tie_embeddings:
+            return "embedding.word_embeddings.weight"
         return local_name
+
+    def canonical_parameters(self):
+        """(canonical name, parameter) for every parameter of this chunk."""
+        for name, p in self.named_parameters():
+            yield self.canonical_name(name), p
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Megatron's init on the global tensors, then this rank's shard: the same seed gives
-        the same model in every layout."""
-        for name, p in self.named_parameters():
-            full_shape = _global_shape(p, self.state)
-            value = init_tensor(self.cfg, self.canonical_name(name), full_shape, seed)
-            spec = get_spec(p)
-            axis_rank = self.state.tp_rank if spec.axis == "tp" else 0
-            p.copy_(spec.shard(value, axis_rank, self.state.tp if spec.axis == "tp" else 1).to(p.dtype))
+        """Megatron's init on the global (unpadded) tensors, then this rank's shard: the same seed
+        gives the same model in every layout."""
+        for name, p in self.canonical_parameters():
+            shape = _global_shape(p, self.state, self.cfg.vocab_size)
+            value = init_tensor(self.cfg, name, shape, seed)
+            p.copy_(to_local(p, value, self.state.tp, self.state.tp_rank).to(p.dtype))
 
 
-def _global_shape(p: torch.Tensor, state: ParallelState) -> tuple[int, ...]:
+def _global_shape(p: torch.Tensor, state: ParallelState, vocab_size: int) -> tuple[int, ...]:
     spec = get_spec(p)
     shape = list(p.shape)
     if spec.axis == "tp":
         shape[spec.dim] *= state.tp
+    if spec.vocab:
+        shape[spec.dim] = vocab_size
     return tuple(shape)
 
 

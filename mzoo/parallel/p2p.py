@@ -21,11 +21,16 @@ The 1F1B helpers (recv_forward ... send_backward_recv_forward) skip the ends of 
 themselves; the virtual-pipeline helpers (send_forward_recv_forward, send_backward_recv_backward,
 send_forward_backward_recv_forward_backward) do exactly what they are told, because with model
 chunks the first and last stages do talk to each other.
+
+NCCL: torch requires the first collective on a group used with batch_isend_irecv to involve all of
+its ranks, while a pipeline's first transfer involves only stages 0 and 1. Run one collective on
+`state.pp_group` (e.g. a barrier) after building the state, or initialise the process group with
+`device_id` so NCCL communicators are created eagerly. gloo has no such rule.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,14 +72,14 @@ def _outgoing(tensor: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.T
 def communicate(
     state: ParallelState,
     *,
-    send_next: Optional[torch.Tensor] = None,
-    send_prev: Optional[torch.Tensor] = None,
+    send_next: torch.Tensor | None = None,
+    send_prev: torch.Tensor | None = None,
     recv_prev: bool = False,
     recv_next: bool = False,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Megatron's `_communicate`: post up to four transfers as one batch and wait for all of them.
 
     Returns (tensor received from prev, tensor received from next), None where nothing was asked.
@@ -107,8 +112,8 @@ def communicate(
 
 # ---- 1F1B (non-interleaved): the ends of the pipeline skip what they have no peer for -----------
 def recv_forward(
-    state: ParallelState, shape: Shape, dtype: torch.dtype, device: Optional[torch.device] = None
-) -> Optional[torch.Tensor]:
+    state: ParallelState, shape: Shape, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Input activation from the previous stage; None on the first stage (it reads data instead)."""
     if state.is_first_stage:
         return None
@@ -116,8 +121,8 @@ def recv_forward(
 
 
 def recv_backward(
-    state: ParallelState, shape: Shape, dtype: torch.dtype, device: Optional[torch.device] = None
-) -> Optional[torch.Tensor]:
+    state: ParallelState, shape: Shape, dtype: torch.dtype, device: torch.device | None = None
+) -> torch.Tensor | None:
     """Gradient of this stage's output from the next stage; None on the last stage (it has a loss)."""
     if state.is_last_stage:
         return None
@@ -125,7 +130,7 @@ def recv_backward(
 
 
 def send_forward(
-    output: Optional[torch.Tensor], state: ParallelState, shape: Shape, dtype: torch.dtype
+    output: torch.Tensor | None, state: ParallelState, shape: Shape, dtype: torch.dtype
 ) -> None:
     """Output activation to the next stage; nothing on the last stage."""
     if not state.is_last_stage:
@@ -133,7 +138,7 @@ def send_forward(
 
 
 def send_backward(
-    input_grad: Optional[torch.Tensor], state: ParallelState, shape: Shape, dtype: torch.dtype
+    input_grad: torch.Tensor | None, state: ParallelState, shape: Shape, dtype: torch.dtype
 ) -> None:
     """Gradient of this stage's input to the previous stage; nothing on the first stage."""
     if not state.is_first_stage:
@@ -141,12 +146,12 @@ def send_backward(
 
 
 def send_forward_recv_backward(
-    output: Optional[torch.Tensor],
+    output: torch.Tensor | None,
     state: ParallelState,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> Optional[torch.Tensor]:
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
     """Send this microbatch's output and receive an output gradient in one batch (1F1B steady state)."""
     if state.is_last_stage:
         return None
@@ -154,12 +159,12 @@ def send_forward_recv_backward(
 
 
 def send_backward_recv_forward(
-    input_grad: Optional[torch.Tensor],
+    input_grad: torch.Tensor | None,
     state: ParallelState,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> Optional[torch.Tensor]:
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
     """Send an input gradient and receive the next microbatch's input in one batch (1F1B steady state)."""
     if state.is_first_stage:
         return None
@@ -168,39 +173,39 @@ def send_backward_recv_forward(
 
 # ---- interleaved (virtual) pipeline: the ring wraps around, the caller decides every transfer ----
 def send_forward_recv_forward(
-    output: Optional[torch.Tensor],
+    output: torch.Tensor | None,
     recv_prev: bool,
     state: ParallelState,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> Optional[torch.Tensor]:
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
     """Send an activation to the next stage (if any) and receive one from the previous (if asked)."""
     return communicate(state, send_next=output, recv_prev=recv_prev, shape=shape, dtype=dtype, device=device)[0]
 
 
 def send_backward_recv_backward(
-    input_grad: Optional[torch.Tensor],
+    input_grad: torch.Tensor | None,
     recv_next: bool,
     state: ParallelState,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> Optional[torch.Tensor]:
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
     """Send a gradient to the previous stage (if any) and receive one from the next (if asked)."""
     return communicate(state, send_prev=input_grad, recv_next=recv_next, shape=shape, dtype=dtype, device=device)[1]
 
 
 def send_forward_backward_recv_forward_backward(
-    output: Optional[torch.Tensor],
-    input_grad: Optional[torch.Tensor],
+    output: torch.Tensor | None,
+    input_grad: torch.Tensor | None,
     recv_prev: bool,
     recv_next: bool,
     state: ParallelState,
     shape: Shape,
     dtype: torch.dtype,
-    device: Optional[torch.device] = None,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """All four transfers of one interleaved 1F1B step in one batch: (input received, output grad received)."""
     return communicate(
         state,

@@ -23,7 +23,7 @@ With `forward_only` (evaluation) no graph is built at all and nothing is kept.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,9 +32,9 @@ from mzoo.config import ConfigError
 from mzoo.parallel import p2p
 from mzoo.parallel.state import ParallelState
 
-ForwardStep = Callable[[int, nn.Module, Optional[torch.Tensor]], torch.Tensor]
+ForwardStep = Callable[[int, nn.Module, torch.Tensor | None], torch.Tensor]
 Shape = Sequence[int]
-Chunks = Union[nn.Module, Sequence[nn.Module]]
+Chunks = nn.Module | Sequence[nn.Module]
 
 
 def _chunks(model: Chunks) -> list[nn.Module]:
@@ -45,7 +45,7 @@ def _run_forward(
     forward_step: ForwardStep,
     microbatch: int,
     chunk: nn.Module,
-    input_tensor: Optional[torch.Tensor],
+    input_tensor: torch.Tensor | None,
     produces_loss: bool,
     losses: list[torch.Tensor],
     forward_only: bool,
@@ -63,11 +63,17 @@ def _run_forward(
 
 
 def _run_backward(
-    input_tensor: Optional[torch.Tensor], output: torch.Tensor, output_grad: Optional[torch.Tensor]
-) -> Optional[torch.Tensor]:
-    """Megatron's backward_step: backprop this stage's output, return the gradient of its input."""
+    input_tensor: torch.Tensor | None, output: torch.Tensor, output_grad: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Megatron's backward_step: backprop this stage's output, return the gradient of its input.
+
+    An input the output does not depend on gets a zero gradient (its true value) rather than None,
+    which would leave the previous stage waiting for a message that never comes.
+    """
     torch.autograd.backward(output, grad_tensors=output_grad)
-    return None if input_tensor is None else input_tensor.grad
+    if input_tensor is None:
+        return None
+    return torch.zeros_like(input_tensor) if input_tensor.grad is None else input_tensor.grad
 
 
 # ---- pp == 1 -------------------------------------------------------------------------------------
@@ -120,11 +126,11 @@ def forward_backward_pipelining_without_interleaving(
     device = p2p.default_device(state)
     warmup = num_microbatches if forward_only else min(state.pp - state.pp_rank - 1, num_microbatches)
     remaining = num_microbatches - warmup
-    inputs: deque[Optional[torch.Tensor]] = deque()
+    inputs: deque[torch.Tensor | None] = deque()
     outputs: deque[torch.Tensor] = deque()
     losses: list[torch.Tensor] = []
 
-    def forward(mb: int, x: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(mb: int, x: torch.Tensor | None) -> torch.Tensor:
         return _run_forward(forward_step, mb, chunk, x, last, losses, forward_only)
 
     for mb in range(warmup):
@@ -134,6 +140,7 @@ def forward_backward_pipelining_without_interleaving(
         if not forward_only:
             inputs.append(x)
             outputs.append(y)
+    y = None  # the deque alone holds each output, so its backward frees it
 
     x = p2p.recv_forward(state, shape, dtype, device) if remaining else None
     for i in range(remaining):  # steady state: only reached when training
@@ -234,12 +241,12 @@ def forward_backward_pipelining_with_interleaving(
     device = p2p.default_device(state)
     # Per chunk, in microbatch order: inputs received (or None for data), outputs awaiting backward,
     # gradients received for those outputs.
-    inputs: list[deque[Optional[torch.Tensor]]] = [deque() for _ in chunks]
+    inputs: list[deque[torch.Tensor | None]] = [deque() for _ in chunks]
     outputs: list[deque[torch.Tensor]] = [deque() for _ in chunks]
     grads: list[deque[torch.Tensor]] = [deque() for _ in chunks]
     losses: list[torch.Tensor] = []
 
-    def forward(k: int) -> Optional[torch.Tensor]:
+    def forward(k: int) -> torch.Tensor | None:
         """Forward of virtual step k; returns what to send to the next stage (None at the model's end)."""
         v = order.chunk(k, forward=True)
         if order.is_data_chunk(v):
@@ -252,7 +259,7 @@ def forward_backward_pipelining_with_interleaving(
             outputs[v].append(y)
         return None if order.is_loss_chunk(v) else y
 
-    def backward(k: int) -> Optional[torch.Tensor]:
+    def backward(k: int) -> torch.Tensor | None:
         """Backward of virtual step k; returns the gradient to send upstream (None at the model's start)."""
         v = order.chunk(k, forward=False)
         grad = None if order.is_loss_chunk(v) else grads[v].popleft()
@@ -260,8 +267,8 @@ def forward_backward_pipelining_with_interleaving(
         return None if order.is_data_chunk(v) else input_grad
 
     def comm(
-        out: Optional[torch.Tensor], in_grad: Optional[torch.Tensor], recv_prev: bool, recv_next: bool
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        out: torch.Tensor | None, in_grad: torch.Tensor | None, recv_prev: bool, recv_next: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return p2p.send_forward_backward_recv_forward_backward(
             out, in_grad, recv_prev, recv_next, state, shape, dtype, device
         )

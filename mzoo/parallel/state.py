@@ -30,6 +30,7 @@ class ParallelState:
     dp_group: Group = None
     pp_group: Group = None
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
+    embedding_group: Group = None  # first + last stage of this pipeline (tied embeddings)
 
     @property
     def tp(self) -> int:
@@ -89,6 +90,10 @@ class ParallelState:
                     setattr(me, f"{name}_group", group)
                     if name == "pp":
                         me.pp_ranks = tuple(ranks)
+                if name == "pp" and len(ranks) > 1:  # every rank creates every group, in order
+                    pair = dist.new_group([ranks[0], ranks[-1]])
+                    if me.rank in (ranks[0], ranks[-1]):
+                        me.embedding_group = pair
         return me
 
 

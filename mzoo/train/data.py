@@ -20,6 +20,7 @@ consumed-samples counter), so it resumes at the same place whatever its data-par
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -741,7 +742,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self.is_transformers:
-            return list(self.backend(list(texts))["input_ids"])
+            out = self.backend(list(texts), return_attention_mask=False, return_token_type_ids=False)
+            return list(out["input_ids"])
         return [e.ids for e in self.backend.encode_batch(list(texts))]
 
     def encode(self, text: str) -> list[int]:
@@ -914,7 +916,7 @@ def _iter_parquet(path: Path, key: str) -> Iterator[tuple[str, int]]:
     size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
     done = 0
     for batch in pf.iter_batches(columns=[key], batch_size=1024):
-        for j, value in enumerate(batch.column(0).to_pylist()):
+        for value in batch.column(0).to_pylist():
             done += 1
             nbytes = size * done // rows - size * (done - 1) // rows
             yield _text(value, f"{path} row {done}", key), nbytes
@@ -946,7 +948,7 @@ def encode_chunk(tok: Tokenizer, texts: Sequence[str], append_eod: bool, dtype: 
         ids = [d + [tok.eod_id] for d in ids if d]
     ids = [d for d in ids if d]
     lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for d in ids for t in d), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
         raise DataError(f"the tokenizer produced id {int(flat.max())}, beyond its vocabulary; the tokenizer files "
                         "are inconsistent.")

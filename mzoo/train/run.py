@@ -69,12 +69,21 @@ def build_state(layout: ParallelConfig) -> ParallelState:
 @torch.no_grad()
 def gather_canonical(model: torch.nn.Module, state: ParallelState,
                      values: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """Canonical tensors of the parameters (or of per-parameter `values`, e.g. Adam states) on
-    every TP rank. Holds the whole model: fine for the sizes `mzoo train` saves today."""
-    out = {}
-    for i, (name, p) in enumerate(model.named_parameters()):
+    """Canonical tensors of the parameters (or of per-parameter `values`, e.g. Adam states):
+    TP shards merged on every rank, pipeline stages collected on the first stage. Holds the whole
+    model: fine for the sizes `mzoo train` saves today (see the issue notes)."""
+    out: dict[str, torch.Tensor] = {}
+    for i, (name, p) in enumerate(model.canonical_parameters()):
         local = p if values is None else values[i]
-        out[model.canonical_name(name)] = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).clone()
+        value = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).clone()
+        out.setdefault(name, value)  # a tied copy on the last stage repeats the embedding
+    if state.pp_group is not None:
+        gathered: list = [None] * state.pp
+        dist.all_gather_object(gathered, out, group=state.pp_group)
+        out = {}
+        for part in gathered:
+            for name, value in part.items():
+                out.setdefault(name, value)
     return out
 
 
@@ -116,8 +125,8 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     saved = load_file(str(folder / OPTIMIZER_FILE))
     states = {}
     for kind in trainer.optimizer.KINDS:
-        states[kind] = [to_local(p, saved[f"{kind}/{model.canonical_name(n)}"], state.tp, state.tp_rank)
-                        for n, p in model.named_parameters()]
+        states[kind] = [to_local(p, saved[f"{kind}/{n}"], state.tp, state.tp_rank)
+                        for n, p in model.canonical_parameters()]
     position = json.loads((folder / TRAIN_STATE_FILE).read_text())
     trainer.optimizer.load_param_states(states, position["optimizer_step"])
     trainer.step, trainer.consumed_samples = position["step"], position["consumed_samples"]

@@ -44,6 +44,14 @@ class TrainConfig:
                 f"global batch {self.global_batch} is not a multiple of micro batch {self.micro_batch} x "
                 f"data parallel {state.dp}; change one of them."
             )
+        vpp, pp = state.config.vpp, state.pp
+        if vpp > 1 and (self.global_batch // per_step) % pp:
+            raise ConfigError(
+                f"interleaved pipelining needs micro-batches per step ({self.global_batch // per_step}) to be a "
+                f"multiple of pp={pp}; raise --global-batch."
+            )
+        if state.config.sequence_parallel and self.seq_len % state.tp:
+            raise ConfigError(f"--seq-len {self.seq_len} must be divisible by TP={state.tp} with sequence parallelism.")
 
     def microbatches(self, state: ParallelState) -> int:
         return self.global_batch // (self.micro_batch * state.dp)
@@ -116,8 +124,6 @@ def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, state: ParallelState, tcfg: TrainConfig,
                  sampler: Sampler):
-        if state.pp > 1:
-            raise ConfigError("pipeline parallel training is not wired into `mzoo train` yet; use --pp 1.")
         tcfg.validate(state)
         self.model, self.cfg, self.state, self.tcfg, self.sampler = model, cfg, state, tcfg, sampler
         self.optimizer = Optimizer(model, state, AdamWConfig(
@@ -134,24 +140,40 @@ class Trainer:
         samples = [self.sampler(i) for i in indices]
         return torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples])
 
+    def _chunks(self) -> list[torch.nn.Module]:
+        return list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
+
     def train_step(self) -> StepLog:
+        from mzoo.parallel.schedules import pick_schedule
+
         start = time.perf_counter()
         tcfg, state = self.tcfg, self.state
         n_micro = tcfg.microbatches(state)
-        self.model.train()
+        chunks = self._chunks()
+        for chunk in chunks:
+            chunk.train()
         self.optimizer.zero_grad()
-        total = torch.zeros(())
-        for m in range(n_micro):
-            tokens, labels = self._batch(micro_batch_indices(self.consumed_samples, tcfg, state, m))
-            loss = self.model(tokens, labels=labels).float().mean() / n_micro
-            (loss * self.scaler.scale).backward()
-            total += loss.detach()
-        if state.dp_group is not None:  # report the global-batch loss on every rank
-            torch.distributed.all_reduce(total, group=state.dp_group)
+        scale, consumed = self.scaler.scale, self.consumed_samples
+
+        def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+            tokens, labels = self._batch(micro_batch_indices(consumed, tcfg, state, m))
+            if not chunk.post_process:
+                return chunk(tokens, hidden=hidden)
+            return chunk(tokens, hidden=hidden, labels=labels).float().mean() / n_micro * scale
+
+        seq = tcfg.seq_len // (state.tp if state.config.sequence_parallel else 1)
+        dtype = next(chunks[0].parameters()).dtype
+        schedule = pick_schedule(state)
+        losses = schedule(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
+                          (seq, tcfg.micro_batch, self.cfg.hidden_size), dtype)
+        total = torch.stack(losses).sum() / scale if losses else torch.zeros(())
+        for group in (state.pp_group, state.dp_group):  # report the global-batch loss on every rank
+            if group is not None:
+                torch.distributed.all_reduce(total, group=group)
+        if state.dp_group is not None:
             total /= state.dp
         self.step += 1
         lr = lr_at(self.step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps, tcfg.schedule)
-        scale = self.scaler.scale
         norm = self.optimizer.step(lr, loss_scale=scale)
         skipped = not math.isfinite(norm)
         self.scaler.update(skipped)

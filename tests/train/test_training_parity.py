@@ -119,3 +119,42 @@ def test_fp16_overflow_skips_the_step_and_backs_off():
     assert scaler.scale == 4.0
     scaler.update(False), scaler.update(False)
     assert scaler.scale == 8.0
+
+
+# ---- pipeline parallelism --------------------------------------------------------------------------
+CFG4 = CFG.replace(num_layers=4)
+CFG4_TIED = CFG4.replace(tie_embeddings=True)
+
+
+def _train_chunks(cfg: ModelConfig, state: ParallelState, dist_opt: bool = False) -> list[float]:
+    from mzoo.models import build_chunks
+
+    tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=STEPS, lr=3e-3, min_lr=3e-4, warmup=2,
+                       distributed_optimizer=dist_opt)
+    model = build_chunks(cfg, state)
+    model.init_weights(seed=5)
+    return [log.loss for log in Trainer(model, cfg, state, tcfg, counting_sampler(cfg.vocab_size, 16)).train()]
+
+
+def _pp_worker(rank, world, cfg, layout):
+    torch.manual_seed(0)
+    return _train_chunks(cfg, ParallelState.build(ParallelConfig(**layout)))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "cfg, layout, world",
+    [
+        (CFG4, dict(pp=2), 2),
+        (CFG4, dict(pp=2, vpp=2), 2),
+        (CFG4_TIED, dict(pp=2), 2),
+        (CFG4, dict(tp=2, pp=2), 4),
+    ],
+    ids=["pp2-1f1b", "pp2-vpp2-interleaved", "pp2-tied-embeddings", "tp2xpp2"],
+)
+def test_pipeline_loss_curve_matches_single_process(cfg, layout, world):
+    torch.set_num_threads(1)
+    expected = _train_chunks(cfg, ParallelState.single())
+    assert expected[-1] < expected[0] - 0.3
+    for losses in D.run(_pp_worker, world, cfg, layout):
+        assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-5, (losses, expected)
