@@ -26,7 +26,7 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _hooks(fmt: str, tp: int, precision: str = "fp32"):
+def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None):
     import torch
 
     from mzoo.ckpt.megatron import MegatronLayout
@@ -34,7 +34,7 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32"):
     from mzoo.converters.pipeline import Target, add_iteration, open_source
     from mzoo.models import build_chunks
     from mzoo.train.run import Hooks
-    from mzoo.train.trainer import mock_sampler
+    from mzoo.train.trainer import dataset_sampler
 
     def load_weights(model, path: str) -> None:
         src = open_source(path)
@@ -53,11 +53,36 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32"):
         add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, Target(fmt, layout, dtype), dtype,
                       iteration, extra)
 
-    def sampler(cfg, tcfg):
-        return mock_sampler(cfg.vocab_size, tcfg.seq_len, tcfg.seed)
+    def sampler(cfg, tcfg, state):
+        from dataclasses import replace
+
+        from mzoo.train.data import DataConfig
+
+        data_cfg = replace(data or DataConfig(mock=True), seq_len=tcfg.seq_len, seed=tcfg.seed,
+                           vocab_size=cfg.vocab_size)
+        return dataset_sampler(data_cfg, tcfg.steps * tcfg.global_batch, state)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype), load_weights, save, sampler)
+
+
+def _data_config(data: list[str], split: str, mock: bool, tokenizer: Optional[Path], cfg):
+    """Validate the data flags before any process starts."""
+    from mzoo.train.data import DataConfig, IndexedDataset, check_tokenizer_fits, load_tokenizer, parse_blend, parse_split
+
+    if tokenizer is not None:
+        check_tokenizer_fits(load_tokenizer(tokenizer), cfg.vocab_size)
+    if mock and data:
+        raise UserError("pass either --data or --mock-data, not both.")
+    if not mock and not data:
+        raise UserError("no training data: pass --data PREFIX (from `mzoo data prepare`) or --mock-data.")
+    if mock:
+        return DataConfig(mock=True)
+    prefixes, weights = parse_blend(data)
+    parse_split(split)
+    for prefix in prefixes:
+        IndexedDataset(prefix)  # missing or truncated .bin/.idx: one sentence now
+    return DataConfig(prefixes=prefixes, weights=weights, split=split)
 
 
 @user_errors
@@ -70,7 +95,10 @@ def train(
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes to launch (default tp*pp*dp)."),
     sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP."),
     distributed_optimizer: bool = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam states over DP."),
-    mock_data: bool = typer.Option(True, "--mock-data/--no-mock-data", help="Random tokens (the only data source wired in so far)."),
+    data: list[str] = typer.Option([], "--data", help="Indexed dataset prefix (repeat; Megatron blend: --data 30 --data a --data 70 --data b)."),
+    split: str = typer.Option("969,30,1", "--split", help="train,valid,test shares of every dataset."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check that this tokenizer fits the model's vocabulary."),
+    mock_data: bool = typer.Option(False, "--mock-data", help="Random tokens instead of --data."),
     seq_len: int = typer.Option(128, help="Tokens per sample."),
     micro_batch: int = typer.Option(2, help="Samples per micro-batch per DP rank."),
     global_batch: int = typer.Option(8, help="Samples per optimizer step, all DP ranks together."),
@@ -135,6 +163,7 @@ def train(
         from mzoo.converters.pipeline import open_source
 
         open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
+    data_cfg = _data_config(data, split, mock_data, tokenizer, cfg)
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
                    str(log_json) if log_json else None)
 
@@ -157,7 +186,7 @@ def train(
                               f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s  "
                               f"{log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}", highlight=False)
 
-    logs = run(rc, _hooks(megatron_format, tp, precision), show)
+    logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg), show)
     if rank == 0:
         if as_json:
             print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})

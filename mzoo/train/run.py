@@ -28,7 +28,7 @@ class Hooks:
     load_weights: Callable[[torch.nn.Module, str], None]  # any checkpoint, any layout
     # rank 0: canonical tensors -> a new iteration in the root; the callback adds files to that folder
     save_checkpoint: Callable[[ModelConfig, dict[str, torch.Tensor], Path, int, Callable[[Path], None]], None]
-    make_sampler: Callable[[ModelConfig, TrainConfig], Sampler]
+    make_sampler: Callable[[ModelConfig, TrainConfig, ParallelState], Sampler]
 
 
 @dataclass
@@ -142,7 +142,7 @@ def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda
         hooks.load_weights(model, rc.load)
     else:
         model.init_weights(seed=rc.train.seed)
-    trainer = Trainer(model, rc.model, state, rc.train, hooks.make_sampler(rc.model, rc.train))
+    trainer = Trainer(model, rc.model, state, rc.train, hooks.make_sampler(rc.model, rc.train, state))
     if rc.load and rc.load_optimizer:
         resume(rc.load, model, trainer, state)
     log_file = open(rc.log_json, "a" if trainer.step else "w") if rc.log_json and state.rank == 0 else None

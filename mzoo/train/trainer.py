@@ -102,15 +102,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
 
 
-def mock_sampler(vocab_size: int, seq_len: int, seed: int) -> Sampler:
-    """Deterministic random tokens per global sample index (for --mock-data and tests)."""
+def dataset_sampler(data_cfg, num_samples: int, state: ParallelState) -> Sampler:
+    """Samples by global index from Megatron-style GPT datasets (or mock data). Rank 0 builds the
+    cached index files first so that ranks never race on them."""
+    import torch.distributed as dist
 
-    def sample(index: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        ids = torch.randint(0, vocab_size, (seq_len + 1,), generator=g)
-        return {"tokens": ids[:-1], "labels": ids[1:]}
+    from mzoo.train.data import build_gpt_datasets
 
-    return sample
+    def build():
+        return build_gpt_datasets(data_cfg, (num_samples, None, None))[0]
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        train = build() if dist.get_rank() == 0 else None
+        dist.barrier()
+        train = train if train is not None else build()
+    else:
+        train = build()
+    return lambda index: train[index]
 
 
 def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, m: int) -> list[int]:

@@ -23,7 +23,7 @@ def run(*args, cwd):
 @pytest.mark.dist
 def test_train_tp2_from_hf_save_convert_verify(tmp_path):
     assert run("init", "llama-tiny", "hf", cwd=tmp_path).returncode == 0
-    proc = run("train", "llama-tiny", "--tp", "2", "--steps", "4", "--seq-len", "32", "--lr", "3e-3",
+    proc = run("train", "llama-tiny", "--tp", "2", "--steps", "4", "--seq-len", "32", "--lr", "3e-3", "--mock-data",
                "--load", "hf", "--save", "ck", "--log-json", "log.jsonl", "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -42,9 +42,14 @@ def test_train_tp2_from_hf_save_convert_verify(tmp_path):
         (["--global-batch", "7"], "not a multiple of micro batch"),
         (["--override", "num_layers"], "is not key=value"),
         (["--load", "missing-dir"], "does not exist"),
+        (["--pp", "3"], "exceeds the 2 layers"),
+        (["--tp", "2", "--pp", "2", "--nproc-per-node", "2"], "4 processes, but 2 were asked for"),
+        (["--data", "nowhere/corpus"], "nowhere/corpus"),
+        ([], "no training data"),
     ],
 )
 def test_bad_training_input_fails_before_launch(tmp_path, args, message):
-    proc = run("train", "llama-tiny", *args, cwd=tmp_path)
+    extra = [] if ("--data" in args or args == []) else ["--mock-data"]
+    proc = run("train", "llama-tiny", *args, *extra, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
