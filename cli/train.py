@@ -164,6 +164,13 @@ def train(
 
         open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
     data_cfg = _data_config(data, split, mock_data, tokenizer, cfg)
+    if not mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
+        from dataclasses import replace as dc_replace
+
+        from mzoo.train.data import build_gpt_datasets
+
+        build_gpt_datasets(dc_replace(data_cfg, seq_len=seq_len, seed=seed, vocab_size=cfg.vocab_size),
+                           (steps * global_batch, None, None))
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
                    str(log_json) if log_json else None)
 

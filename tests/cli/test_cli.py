@@ -90,12 +90,14 @@ def test_init_then_from_pretrained(tmp_path):
 def test_demo_runs_end_to_end():
     data = json.loads(mzoo("demo", "--json").stdout)
     assert data["match"] and data["transformers_vs_mzoo"]["max_abs_diff"] <= 1e-4
-    assert data["hf_vs_round_trip"]["max_abs_diff"] == 0.0
+    assert data["hf_vs_megatron_tp2pp2"]["max_abs_diff"] == 0.0
+    assert data["learned"] and data["losses"][-1] < data["losses"][0] - 0.5
+    assert data["trained_vs_hf"]["max_abs_diff"] == 0.0
 
 
 def test_every_command_has_help_with_an_example():
     for cmd in (["zoo", "list"], ["zoo", "show"], ["init"], ["demo"], ["convert"], ["reshard"], ["inspect"],
-                ["verify"]):
+                ["verify"], ["train"], ["data", "prepare"]):
         assert "Example:" in mzoo(*cmd, "--help").stdout, cmd
 
 
