@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mzoo.config import ModelConfig
 from mzoo.parallel import collectives as C
@@ -28,6 +27,7 @@ from mzoo.parallel.layers import (
     mark_sequence_parallel,
 )
 from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
+from mzoo.parallel.random import checkpoint_with_rng
 from mzoo.parallel.sharding import get_spec, to_local
 from mzoo.parallel.state import ParallelState
 from mzoo.models.rope import RotaryEmbedding, apply_rotary
@@ -64,9 +64,13 @@ class SelfAttention(nn.Module):
             cfg.num_attention_heads * self.dim, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype
         )
         self.recompute = False  # selective recomputation of the core attention
+        self.state, self.dropout = state, cfg.attention_dropout
 
     def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.groups != self.heads)
+        p = self.dropout if self.training else 0.0
+        with self.state.rng.fork():  # this rank's heads: its own dropout stream
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                  enable_gqa=self.groups != self.heads)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         qkv = self.linear_qkv(x)
@@ -82,7 +86,7 @@ class SelfAttention(nn.Module):
         # [s, b, h, d] -> [b, h, s, d] for SDPA; GQA handled by enable_gqa.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.recompute and self.training and torch.is_grad_enabled():  # selective: keep no [s, s] scores
-            out = checkpoint(self._core_attention, q, k, v, use_reentrant=False)
+            out = checkpoint_with_rng(self._core_attention, q, k, v, tracker=self.state.rng)
         else:
             out = self._core_attention(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.dim)
@@ -119,10 +123,22 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.self_attention = SelfAttention(cfg, state, dtype)
         self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
+        self.state, self.p = state, cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.self_attention(x, rope)
-        return x + self.mlp(x)
+        x = x + hidden_dropout(self.self_attention(x, rope), self.p, self.training, self.state)
+        return x + hidden_dropout(self.mlp(x), self.p, self.training, self.state)
+
+
+def hidden_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelState) -> torch.Tensor:
+    """Dropout on the residual stream: the same mask on every TP rank (default stream), unless the
+    stream is split along the sequence (SP), where each rank draws its own (model-parallel stream)."""
+    if not p or not training:
+        return x
+    if state.config.sequence_parallel:
+        with state.rng.fork():
+            return F.dropout(x, p, True)
+    return F.dropout(x, p, True)
 
 
 class TransformerBlock(nn.Module):
@@ -140,7 +156,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         for layer in self.layers:
             if self.recompute_layers and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, use_reentrant=False)
+                x = checkpoint_with_rng(layer, x, rope, tracker=layer.state.rng)
             else:
                 x = layer(x, rope)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
@@ -215,6 +231,8 @@ class GPTModel(nn.Module):
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden
         if self.state.config.sequence_parallel and self.pre_process:
             x = C.scatter_to_sp(x, self.state.tp_group)
+        if self.pre_process:
+            x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.state)
         rope = self.rotary(position_ids) if self.rotary is not None else None
         x = self.decoder(x, rope)
         if not self.post_process:

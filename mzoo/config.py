@@ -125,6 +125,8 @@ class ModelConfig:
     qk_layernorm: bool = False
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    hidden_dropout: float = 0.0  # after attention/MLP outputs and embeddings (Megatron's hidden_dropout)
+    attention_dropout: float = 0.0  # on attention probabilities
     moe: Optional[MoEConfig] = None
     mla: Optional[MLAConfig] = None
     ssm: Optional[SSMConfig] = None
@@ -211,6 +213,9 @@ class ModelConfig:
                 fail(f"{name} must be a positive integer, got {getattr(self, name)}.")
         if self.norm_eps <= 0:
             fail(f"norm_eps must be positive, got {self.norm_eps}.")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.ssm is not None:  # first: the pattern decides which other checks apply
             self._validate_ssm(fail)
         needs_attention = self.ssm is None or "attention" in self.layer_types

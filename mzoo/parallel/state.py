@@ -13,6 +13,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from mzoo.config import ParallelConfig
+from mzoo.parallel.random import RNGTracker
 
 Group = Optional[dist.ProcessGroup]
 
@@ -31,6 +32,7 @@ class ParallelState:
     pp_group: Group = None
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
     embedding_group: Group = None  # first + last stage of this pipeline (tied embeddings)
+    rng: RNGTracker = field(default_factory=RNGTracker)  # TP-aware dropout streams
 
     @property
     def tp(self) -> int:

@@ -108,6 +108,41 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
         hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, extra)
     if dist.is_initialized():
         dist.barrier()
+    _save_rng(Path(rc.save), trainer.step, state)
+
+
+def _layout_key(state: ParallelState) -> str:
+    c = state.config
+    return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-sp{int(c.sequence_parallel)}"
+
+
+def _save_rng(root: Path, step: int, state: ParallelState) -> None:
+    """Every rank's random streams (dropout), restored on resume when the layout is the same."""
+    from safetensors.torch import save_file
+
+    from mzoo.ckpt.megatron import iteration_dir
+
+    folder = iteration_dir(root, step) / "mzoo_rng"
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".rank_{state.rank:05d}.tmp"
+    save_file(state.rng.state_dict(), str(tmp), metadata={"layout": _layout_key(state)})
+    tmp.rename(folder / f"rank_{state.rank:05d}.safetensors")
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _load_rng(folder: Path, state: ParallelState) -> bool:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = folder / "mzoo_rng" / f"rank_{state.rank:05d}.safetensors"
+    if not file.exists():
+        return False
+    with safe_open(str(file), "pt") as f:
+        if (f.metadata() or {}).get("layout") != _layout_key(state):
+            return False  # another layout: streams cannot map one to one; keep the fresh seeding
+    state.rng.load_state_dict(load_file(str(file)))
+    return True
 
 
 def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
@@ -130,6 +165,7 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     position = json.loads((folder / TRAIN_STATE_FILE).read_text())
     trainer.optimizer.load_param_states(states, position["optimizer_step"])
     trainer.step, trainer.consumed_samples = position["step"], position["consumed_samples"]
+    _load_rng(folder, state)
     return True
 
 

@@ -16,6 +16,7 @@ import torch
 
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer, lr_at
+from mzoo.parallel.random import seed_everything
 from mzoo.parallel.state import ParallelState
 
 
@@ -140,6 +141,7 @@ class Trainer:
         self.step = 0
         self.consumed_samples = 0
         self.scaler = LossScaler(tcfg.precision == "fp16")
+        seed_everything(state.rng, tcfg.seed, state.tp_rank, state.pp_rank)
         if hasattr(model, "set_recompute"):
             model.set_recompute(tcfg.recompute)
         self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)

@@ -58,3 +58,17 @@ def test_resume_in_another_layout_continues_the_curve(interrupted, layout, dist_
     root, full = interrupted
     for resumed in D.run(_dist_worker, 2, layout, str(root / "iter_0000005"), dist_opt):
         assert max(abs(a - b) for a, b in zip(resumed, full[5:])) <= 1e-5
+
+
+DROPOUT = CFG.replace(hidden_dropout=0.1, attention_dropout=0.1)
+
+
+def test_resume_with_dropout_is_exact(tmp_path):
+    """Dropout streams (default and TP-aware) are saved per rank and restored."""
+    root = tmp_path / "root"
+    rc = _rc(ParallelConfig(), save=str(root), save_interval=5)
+    rc.model = DROPOUT
+    full = _losses(rc)
+    again = _rc(ParallelConfig(), load=str(root / "iter_0000005"))
+    again.model = DROPOUT
+    assert _losses(again) == full[5:]

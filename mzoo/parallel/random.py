@@ -1,0 +1,91 @@
+"""Tensor-parallel-aware random streams (Megatron's CudaRNGStatesTracker, for any device).
+
+Dropout on activations every TP rank holds in full (hidden dropout without sequence parallelism)
+must draw the same mask on every TP rank: it uses the default generator, seeded alike on all of
+them. Dropout on activations split over TP (attention probabilities of this rank's heads, or the
+sequence chunk under sequence parallelism) must differ per rank: it runs inside
+`tracker.fork()`, a stream seeded with seed + 2718 + tp_rank, as Megatron seeds it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+MODEL_PARALLEL = "model-parallel-rng"
+
+
+def _device_rng_get() -> torch.Tensor:
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+
+
+def _device_rng_set(state: torch.Tensor) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+@dataclass
+class RNGTracker:
+    states: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, seed: int) -> None:
+        saved = _device_rng_get()
+        torch.manual_seed(seed)
+        self.states[name] = _device_rng_get()
+        _device_rng_set(saved)
+
+    @contextmanager
+    def fork(self, name: str = MODEL_PARALLEL) -> Iterator[None]:
+        if name not in self.states:  # not seeded (single process, no dropout setup): default stream
+            yield
+            return
+        saved = _device_rng_get()
+        _device_rng_set(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = _device_rng_get()
+            _device_rng_set(saved)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"default": _device_rng_get(), **{f"tracker/{k}": v for k, v in self.states.items()}}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        _device_rng_set(sd["default"])
+        self.states = {k.split("/", 1)[1]: v for k, v in sd.items() if k.startswith("tracker/")}
+
+
+def seed_everything(tracker: RNGTracker, seed: int, tp_rank: int, pp_rank: int) -> None:
+    """Megatron's seeding: default stream seed + 100 * pp_rank (same on every TP and DP rank of a
+    stage), model-parallel stream that + 2718 + tp_rank."""
+    base = seed + 100 * pp_rank
+    torch.manual_seed(base)
+    tracker.add(MODEL_PARALLEL, base + 2718 + tp_rank)
+
+
+def checkpoint_with_rng(fn, *args, tracker: RNGTracker):
+    """torch.utils.checkpoint that also replays the tracker's streams on recomputation, so dropout
+    inside `fn` draws the same masks twice (Megatron's CheckpointFunction does the same)."""
+    from torch.utils.checkpoint import checkpoint
+
+    snapshot = {k: v.clone() for k, v in tracker.states.items()}
+
+    @contextmanager
+    def forward_ctx():
+        yield
+
+    @contextmanager
+    def recompute_ctx():
+        after = tracker.states
+        tracker.states = {k: v.clone() for k, v in snapshot.items()}
+        try:
+            yield
+        finally:
+            tracker.states = after
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (forward_ctx(), recompute_ctx()))
