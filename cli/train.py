@@ -34,7 +34,7 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None):
     from mzoo.converters.pipeline import Target, add_iteration, open_source
     from mzoo.models import build_chunks
     from mzoo.train.run import Hooks
-    from mzoo.train.trainer import dataset_sampler
+    from mzoo.train.trainer import dataset_samplers
 
     def load_weights(model, path: str) -> None:
         src = open_source(path)
@@ -60,7 +60,8 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None):
 
         data_cfg = replace(data or DataConfig(mock=True), seq_len=tcfg.seq_len, seed=tcfg.seed,
                            vocab_size=cfg.vocab_size)
-        return dataset_sampler(data_cfg, tcfg.steps * tcfg.global_batch, state)
+        n_valid = tcfg.eval_iters * tcfg.global_batch if tcfg.eval_interval else None
+        return dataset_samplers(data_cfg, tcfg.steps * tcfg.global_batch, n_valid, state)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype), load_weights, save, sampler)
@@ -119,6 +120,9 @@ def train(
     load_optim: bool = typer.Option(True, "--load-optim/--no-load-optim", help="Resume optimizer state and position from --load when present."),
     megatron_format: str = typer.Option("torch_dist", "--megatron-format", help="torch_dist or torch."),
     log_json: Optional[Path] = typer.Option(None, "--log-json", help="One JSON object per step (step, loss, lr, grad_norm, tokens_per_s)."),
+    tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Write TensorBoard event files here."),
+    eval_interval: int = typer.Option(0, "--eval-interval", help="Validation loss every N steps (0: never)."),
+    eval_iters: int = typer.Option(2, "--eval-iters", help="Global batches per validation."),
     override: list[str] = typer.Option([], "--override", help="Preset override key=value (repeatable; dotted keys reach sub-configs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the resolved layout and final losses as JSON."),
 ) -> None:
@@ -149,7 +153,8 @@ def train(
     tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                        clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,
-                       precision=precision, recompute=recompute, peak_tflops=peak_tflops)
+                       precision=precision, recompute=recompute, peak_tflops=peak_tflops,
+                       eval_interval=eval_interval, eval_iters=eval_iters)
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16.")
     if recompute not in ("none", "selective", "full"):
@@ -170,9 +175,9 @@ def train(
         from mzoo.train.data import build_gpt_datasets
 
         build_gpt_datasets(dc_replace(data_cfg, seq_len=seq_len, seed=seed, vocab_size=cfg.vocab_size),
-                           (steps * global_batch, None, None))
+                           (steps * global_batch, eval_iters * global_batch if eval_interval else None, None))
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
-                   str(log_json) if log_json else None)
+                   str(log_json) if log_json else None, str(tensorboard) if tensorboard else None)
 
     if world > 1 and not in_launcher():
         if not as_json:
@@ -185,15 +190,24 @@ def train(
     if rank == 0 and not as_json and not in_launcher():
         console.print(f"layout: {summary(rc)}", highlight=False)
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err_console, transient=True, disable=rank != 0 or as_json)
+    task = bar.add_task("train", total=steps)
+
     def show(log) -> None:
+        bar.update(task, completed=log.step)
         if rank == 0 and not as_json:
             mfu = f"  MFU {log.mfu:.1%}" if log.mfu is not None else ""
             skip = "  (skipped: overflow)" if log.skipped else ""
-            err_console.print(f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm "
+            skip += f"  val_loss {log.val_loss:.4f}" if log.val_loss is not None else ""
+            bar.console.print(f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm "
                               f"{log.grad_norm:.3f}  {log.tokens_per_s:,.0f} tok/s  "
                               f"{log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}", highlight=False)
 
-    logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg), show)
+    with bar:
+        logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg), show)
     if rank == 0:
         if as_json:
             print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})

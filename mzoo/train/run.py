@@ -28,7 +28,8 @@ class Hooks:
     load_weights: Callable[[torch.nn.Module, str], None]  # any checkpoint, any layout
     # rank 0: canonical tensors -> a new iteration in the root; the callback adds files to that folder
     save_checkpoint: Callable[[ModelConfig, dict[str, torch.Tensor], Path, int, Callable[[Path], None]], None]
-    make_sampler: Callable[[ModelConfig, TrainConfig, ParallelState], Sampler]
+    # (train, valid or None) samplers by global sample index
+    make_samplers: Callable[[ModelConfig, TrainConfig, ParallelState], tuple[Sampler, Optional[Sampler]]]
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RunConfig:
     save_interval: int = 0
     load_optimizer: bool = True
     log_json: Optional[str] = None
+    tensorboard: Optional[str] = None
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -178,15 +180,30 @@ def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda
         hooks.load_weights(model, rc.load)
     else:
         model.init_weights(seed=rc.train.seed)
-    trainer = Trainer(model, rc.model, state, rc.train, hooks.make_sampler(rc.model, rc.train, state))
+    train_sampler, valid_sampler = hooks.make_samplers(rc.model, rc.train, state)
+    trainer = Trainer(model, rc.model, state, rc.train, train_sampler, valid_sampler)
     if rc.load and rc.load_optimizer:
         resume(rc.load, model, trainer, state)
     log_file = open(rc.log_json, "a" if trainer.step else "w") if rc.log_json and state.rank == 0 else None
+    board = None
+    if rc.tensorboard and state.rank == 0:
+        from mzoo.train.tensorboard import EventWriter
+
+        board = EventWriter(rc.tensorboard)
 
     def step(log: StepLog) -> None:
         if log_file:
             log_file.write(json.dumps(asdict(log)) + "\n")
             log_file.flush()
+        if board:
+            values = {"train/loss": log.loss, "train/lr": log.lr, "train/grad_norm": log.grad_norm,
+                      "perf/tokens_per_s": log.tokens_per_s, "perf/tflops_per_device": log.tflops_per_device,
+                      "train/loss_scale": log.loss_scale}
+            if log.mfu is not None:
+                values["perf/mfu"] = log.mfu
+            if log.val_loss is not None:
+                values["valid/loss"] = log.val_loss
+            board.scalars(log.step, values)
         on_step(log)
         if rc.save and rc.save_interval and log.step % rc.save_interval == 0 and log.step < rc.train.steps:
             save(rc, hooks, model, trainer, state)
@@ -196,6 +213,8 @@ def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda
     finally:
         if log_file:
             log_file.close()
+        if board:
+            board.close()
     if rc.save:
         save(rc, hooks, model, trainer, state)
     return logs

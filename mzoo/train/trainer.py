@@ -37,6 +37,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (fp32 master weights), fp16 (+ dynamic loss scaling)
     recompute: str = "none"  # none, selective, full
     peak_tflops: Optional[float] = None  # per device, for MFU
+    eval_interval: int = 0  # validation loss every N steps (0: never)
+    eval_iters: int = 2  # global batches per validation
 
     def validate(self, state: ParallelState) -> None:
         per_step = self.micro_batch * state.dp
@@ -70,6 +72,7 @@ class StepLog:
     mfu: Optional[float] = None
     loss_scale: float = 1.0
     skipped: bool = False
+    val_loss: Optional[float] = None
 
 
 class LossScaler:
@@ -103,23 +106,25 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
 
 
-def dataset_sampler(data_cfg, num_samples: int, state: ParallelState) -> Sampler:
-    """Samples by global index from Megatron-style GPT datasets (or mock data). Rank 0 builds the
-    cached index files first so that ranks never race on them."""
+def dataset_samplers(data_cfg, num_train: int, num_valid: Optional[int], state: ParallelState
+                     ) -> tuple[Sampler, Optional[Sampler]]:
+    """(train, valid) samplers by global index over Megatron-style GPT datasets (or mock data).
+    Rank 0 builds the cached index files first so that ranks never race on them."""
     import torch.distributed as dist
 
     from mzoo.train.data import build_gpt_datasets
 
     def build():
-        return build_gpt_datasets(data_cfg, (num_samples, None, None))[0]
+        return build_gpt_datasets(data_cfg, (num_train, num_valid, None))
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        train = build() if dist.get_rank() == 0 else None
+        splits = build() if dist.get_rank() == 0 else None
         dist.barrier()
-        train = train if train is not None else build()
+        splits = splits if splits is not None else build()
     else:
-        train = build()
-    return lambda index: train[index]
+        splits = build()
+    train, valid = splits[0], splits[1]
+    return (lambda i: train[i]), (None if valid is None else (lambda i: valid[i]))
 
 
 def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, m: int) -> list[int]:
@@ -132,9 +137,10 @@ def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, 
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, state: ParallelState, tcfg: TrainConfig,
-                 sampler: Sampler):
+                 sampler: Sampler, valid_sampler: Optional[Sampler] = None):
         tcfg.validate(state)
         self.model, self.cfg, self.state, self.tcfg, self.sampler = model, cfg, state, tcfg, sampler
+        self.valid_sampler = valid_sampler
         self.optimizer = Optimizer(model, state, AdamWConfig(
             lr=tcfg.lr, weight_decay=tcfg.weight_decay, clip_grad=tcfg.clip_grad,
             distributed=tcfg.distributed_optimizer))
@@ -146,42 +152,55 @@ class Trainer:
             model.set_recompute(tcfg.recompute)
         self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
 
-    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        samples = [self.sampler(i) for i in indices]
-        return torch.stack([s["tokens"] for s in samples]), torch.stack([s["labels"] for s in samples])
-
     def _chunks(self) -> list[torch.nn.Module]:
         return list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
 
-    def train_step(self) -> StepLog:
+    def _global_batch_loss(self, sampler: Sampler, consumed: int, scale: float, forward_only: bool) -> torch.Tensor:
+        """Run one global batch through the pipeline schedule; the mean token loss on every rank."""
         from mzoo.parallel.schedules import pick_schedule
 
-        start = time.perf_counter()
         tcfg, state = self.tcfg, self.state
         n_micro = tcfg.microbatches(state)
         chunks = self._chunks()
-        for chunk in chunks:
-            chunk.train()
-        self.optimizer.zero_grad()
-        scale, consumed = self.scaler.scale, self.consumed_samples
 
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-            tokens, labels = self._batch(micro_batch_indices(consumed, tcfg, state, m))
+            samples = [sampler(i) for i in micro_batch_indices(consumed, tcfg, state, m)]
+            tokens = torch.stack([s["tokens"] for s in samples])
             if not chunk.post_process:
                 return chunk(tokens, hidden=hidden)
+            labels = torch.stack([s["labels"] for s in samples])
             return chunk(tokens, hidden=hidden, labels=labels).float().mean() / n_micro * scale
 
         seq = tcfg.seq_len // (state.tp if state.config.sequence_parallel else 1)
         dtype = next(chunks[0].parameters()).dtype
-        schedule = pick_schedule(state)
-        losses = schedule(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
-                          (seq, tcfg.micro_batch, self.cfg.hidden_size), dtype)
+        losses = pick_schedule(state)(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
+                                      (seq, tcfg.micro_batch, self.cfg.hidden_size), dtype, forward_only=forward_only)
         total = torch.stack(losses).sum() / scale if losses else torch.zeros(())
-        for group in (state.pp_group, state.dp_group):  # report the global-batch loss on every rank
+        for group in (state.pp_group, state.dp_group):  # the global-batch loss on every rank
             if group is not None:
                 torch.distributed.all_reduce(total, group=group)
-        if state.dp_group is not None:
-            total /= state.dp
+        return total / state.dp
+
+    @torch.no_grad()
+    def evaluate(self, sampler: Sampler, iters: int) -> float:
+        """Mean loss over the first `iters` global batches of the validation data."""
+        for chunk in self._chunks():
+            chunk.eval()
+        losses = [self._global_batch_loss(sampler, i * self.tcfg.global_batch, 1.0, forward_only=True).item()
+                  for i in range(iters)]
+        for chunk in self._chunks():
+            chunk.train()
+        return sum(losses) / len(losses)
+
+    def train_step(self) -> StepLog:
+        start = time.perf_counter()
+        tcfg, state = self.tcfg, self.state
+        for chunk in self._chunks():
+            chunk.train()
+        self.optimizer.zero_grad()
+        scale, consumed = self.scaler.scale, self.consumed_samples
+
+        total = self._global_batch_loss(self.sampler, consumed, scale, forward_only=False)
         self.step += 1
         lr = lr_at(self.step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps, tcfg.schedule)
         norm = self.optimizer.step(lr, loss_scale=scale)
@@ -192,8 +211,11 @@ class Trainer:
         tokens = tcfg.global_batch * tcfg.seq_len
         tflops = self.flops_per_token * tokens / seconds / state.config.world_size / 1e12
         mfu = tflops / tcfg.peak_tflops if tcfg.peak_tflops else None
+        val = None
+        if self.valid_sampler is not None and tcfg.eval_interval and self.step % tcfg.eval_interval == 0:
+            val = self.evaluate(self.valid_sampler, tcfg.eval_iters)
         return StepLog(self.step, total.item(), lr, norm, tokens / seconds, self.consumed_samples, tflops, mfu,
-                       scale, skipped)
+                       scale, skipped, val)
 
     def train(self, steps: Optional[int] = None, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
         logs = []

@@ -53,3 +53,31 @@ def test_bad_training_input_fails_before_launch(tmp_path, args, message):
     proc = run("train", "llama-tiny", *args, *extra, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.dist
+def test_train_pp2_on_prepared_data_with_validation_and_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mzoo.train.bpe import CORPUS, corpus_texts, train_bpe
+
+    tok = train_bpe(corpus_texts(), 1000, tmp_path / "tok")
+    assert run("data", "prepare", CORPUS, "--tokenizer", tok, "--out", "corpus", "--append-eod", cwd=tmp_path).returncode == 0
+    proc = run("train", "llama-tiny", "--pp", "2", "--data", "corpus", "--split", "90,10,0", "--tokenizer", tok,
+               "--steps", "4", "--seq-len", "32", "--eval-interval", "2", "--tensorboard", "tb",
+               "--log-json", "log.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [log["val_loss"] is not None for log in logs] == [False, True, False, True]
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "valid/loss"} <= set(board.Tags()["scalars"])
+    assert [round(e.value, 5) for e in board.Scalars("train/loss")] == [round(log["loss"], 5) for log in logs]
+
+
+def test_tokenizer_that_does_not_fit_the_model(tmp_path):
+    from mzoo.train.bpe import corpus_texts, train_bpe
+
+    tok = train_bpe(corpus_texts(), 400, tmp_path / "tok")
+    proc = run("train", "gpt-tiny", "--mock-data", "--tokenizer", tok, "--override", "vocab_size=300", cwd=tmp_path)
+    assert proc.returncode == 2 and "vocab" in proc.stderr.lower() and "Traceback" not in proc.stderr
