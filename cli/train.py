@@ -26,7 +26,7 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None):
+def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, last=None):
     import torch
 
     from mzoo.ckpt.megatron import MegatronLayout
@@ -64,7 +64,20 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None):
         return dataset_samplers(data_cfg, tcfg.steps * tcfg.global_batch, n_valid, state)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype), load_weights, save, sampler)
+    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype, first=first, last=last), load_weights,
+                 save, sampler)
+
+
+def _adopt_slurm() -> None:
+    """Inside `srun` (one task per process) take rank and world size from SLURM, as torchrun would
+    set them; MASTER_ADDR must come from the job script (e.g. the first host of the allocation)."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "MASTER_ADDR" not in env:
+        raise UserError("running under srun needs MASTER_ADDR (and MASTER_PORT) exported by the job script.")
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_PORT", "29500")
 
 
 def _data_config(data: list[str], split: str, mock: bool, tokenizer: Optional[Path], cfg):
@@ -93,7 +106,13 @@ def train(
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1F1B schedule)."),
     vpp: int = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp))."),
-    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes to launch (default tp*pp*dp)."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes per node (default tp*pp*dp / nnodes)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes (run the same command on each, with --node-rank)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's index (multi-node)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of node 0 (multi-node)."),
+    master_port: int = typer.Option(29500, "--master-port", help="Port on node 0 (multi-node)."),
+    first_stage_layers: Optional[int] = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage."),
+    last_stage_layers: Optional[int] = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeline stage."),
     sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP."),
     distributed_optimizer: bool = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam states over DP."),
     data: list[str] = typer.Option([], "--data", help="Indexed dataset prefix (repeat; Megatron blend: --data 30 --data a --data 70 --data b)."),
@@ -140,11 +159,19 @@ def train(
         cfg = cfg.replace(**_parse_overrides(override))
     if megatron_format not in ("torch_dist", "torch"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
-    world = int(os.environ.get("WORLD_SIZE", nproc_per_node or tp * pp * (dp or 1)))
+    _adopt_slurm()
+    if nnodes > 1 and not in_launcher() and not master_addr:
+        raise UserError("multi-node training needs --master-addr (the address of node 0).")
+    world = int(os.environ.get("WORLD_SIZE", (nproc_per_node or 0) * nnodes or tp * pp * (dp or 1)))
+    if nproc_per_node is None and world % nnodes:
+        raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
     if dp is None:
         dp = max(1, world // (tp * pp))
     layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, sequence_parallel=sequence_parallel)
     layout.validate_for(cfg)
+    from mzoo.parallel.pipeline import stage_layers
+
+    stage_layers(cfg.num_layers, pp, vpp, first_stage_layers, last_stage_layers)  # one sentence if impossible
     if layout.world_size != world:
         raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
                         "make the product match --nproc-per-node.")
@@ -182,7 +209,11 @@ def train(
     if world > 1 and not in_launcher():
         if not as_json:
             console.print(f"layout: {summary(rc)}", highlight=False)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+        per_node = world // nnodes
+        where = ["--standalone"] if nnodes == 1 else [
+            f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+            f"--master-port={master_port}"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={per_node}",
                "-m", "mzoo.cli.main", "train", *sys.argv[2:]]
         raise typer.Exit(subprocess.call(cmd))
 
@@ -207,7 +238,7 @@ def train(
                               f"{log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}", highlight=False)
 
     with bar:
-        logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg), show)
+        logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers), show)
     if rank == 0:
         if as_json:
             print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})

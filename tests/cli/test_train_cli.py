@@ -81,3 +81,20 @@ def test_tokenizer_that_does_not_fit_the_model(tmp_path):
     tok = train_bpe(corpus_texts(), 400, tmp_path / "tok")
     proc = run("train", "gpt-tiny", "--mock-data", "--tokenizer", tok, "--override", "vocab_size=300", cwd=tmp_path)
     assert proc.returncode == 2 and "vocab" in proc.stderr.lower() and "Traceback" not in proc.stderr
+
+
+@pytest.mark.dist
+def test_runs_inside_a_slurm_allocation(tmp_path):
+    """Two tasks started the way `srun -n 2 mzoo train ...` starts them: no torchrun, ranks from SLURM."""
+    import os
+
+    from conftest import free_port
+
+    env = {**os.environ, "SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([MZOO, "train", "llama-tiny", "--mock-data", "--tp", "2", "--steps", "3", "--seq-len", "32",
+                               "--json"], cwd=tmp_path, env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    result = json.loads(outs[0][0])
+    assert result["layout"]["tp"] == 2 and len(result["losses"]) == 3

@@ -53,7 +53,8 @@ def test_resume_is_exact(interrupted):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("layout, dist_opt", [(dict(tp=2), False), (dict(dp=2), True)], ids=["tp2", "dp2-distopt"])
+@pytest.mark.parametrize("layout, dist_opt", [(dict(tp=2), False), (dict(dp=2), True), (dict(pp=2), False)],
+                         ids=["tp2", "dp2-distopt", "pp2"])
 def test_resume_in_another_layout_continues_the_curve(interrupted, layout, dist_opt):
     root, full = interrupted
     for resumed in D.run(_dist_worker, 2, layout, str(root / "iter_0000005"), dist_opt):
