@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+import struct
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -211,6 +214,9 @@ class DistReader:
             raise CheckpointError(f"{self.folder}: no stored data for {key} at {tuple(chunk.offsets)}; the checkpoint is damaged.")
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{key} is stored with transforms {info.transform_descriptors}, which mzoo cannot read yet.")
+        direct = read_saved_tensor(self.folder / info.relative_path, info.offset, info.length)
+        if direct is not None:
+            return direct.reshape(tuple(chunk.sizes)) if tuple(direct.shape) != tuple(chunk.sizes) else direct
         with open(self.folder / info.relative_path, "rb", buffering=0) as f:
             f.seek(info.offset)
             data = f.read(info.length)  # bytes: BytesIO shares them without a copy
@@ -219,3 +225,88 @@ class DistReader:
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         del data
         return tensor.reshape(tuple(chunk.sizes)) if tuple(tensor.shape) != tuple(chunk.sizes) else tensor
+
+
+# ---- reading one torch.save'd tensor straight into its final buffer --------------------------------
+class _Slice(io.RawIOBase):
+    """A read-only window [offset, offset + length) of a file, for zipfile."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.offset + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got
+
+
+class _TensorMeta(pickle.Unpickler):
+    """Reads the dtype, size and stride of the single tensor in a torch.save pickle, constructing
+    nothing but plain tuples (no arbitrary code)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *rest: ("tensor", storage, offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        _, storage_type, key, _, numel = pid
+        return (storage_type, key, numel)
+
+
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ByteStorage": torch.uint8}
+
+
+def read_saved_tensor(path: Path, offset: int, length: int) -> Optional[torch.Tensor]:
+    """The tensor of a torch.save'd item at [offset, offset + length) of `path`, read once straight
+    into its own buffer (no bytes copy, no second buffer), or None when the item is anything but a
+    single contiguous, uncompressed tensor (the caller then uses torch.load)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            z = zipfile.ZipFile(_Slice(f, offset, length))
+            entries = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
+            records = [k for k in entries if k.startswith("data/")]
+            if "data.pkl" not in entries or len(records) != 1 or entries[records[0]].compress_type != 0:
+                return None
+            meta = _TensorMeta(io.BytesIO(z.read(entries["data.pkl"]))).load()
+            if not (isinstance(meta, tuple) and meta and meta[0] == "tensor"):
+                return None
+            _, (storage_type, key, numel), storage_offset, size, stride = meta
+            dtype = _STORAGE_DTYPES.get(storage_type)
+            contiguous = torch.empty(size, device="meta").stride() == stride
+            info = entries[f"data/{key}"] if f"data/{key}" in entries else None
+            if dtype is None or storage_offset or not contiguous or info is None:
+                return None
+            out = torch.empty(size, dtype=dtype)
+            nbytes = out.numel() * out.element_size()
+            if info.file_size != nbytes:
+                return None
+            f.seek(offset + info.header_offset + 26)
+            name_len, extra_len = struct.unpack("<HH", f.read(4))
+            f.seek(offset + info.header_offset + 30 + name_len + extra_len)
+            if nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != nbytes:
+                raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
+            return out
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, struct.error):
+        return None

@@ -27,7 +27,7 @@ from mzoo.ckpt.megatron import (
 from mzoo.ckpt.safe_pickle import torch_load
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter
 from mzoo.parallel.pipeline import layer_owner, stage_layers
-from mzoo.parallel.sharding import ShardSpec, pad_vocab
+from mzoo.parallel.sharding import ShardSpec, shard_padded
 
 FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -179,11 +179,10 @@ def write_legacy(
         for v, name, local in by_stage[p]:
             full = fetch(name)
             spec = specs.get(name, ShardSpec())
-            if spec.vocab:
-                full = pad_vocab(full, padded_vocab)
             spelled = to_spelling(local, layout.spec)
             for t in range(layout.tp):
-                piece = spec.shard(full, t, layout.tp) if spec.axis == "tp" else full
+                size, rank = (layout.tp, t) if spec.axis == "tp" else (1, 0)
+                piece = shard_padded(full, spec, rank, size, padded_vocab)
                 states[t][model_key(v, layout.vpp)][spelled] = writers[t].tensor(piece)
                 extra = extra_state_name(spelled)
                 if extra:

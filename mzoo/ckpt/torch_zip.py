@@ -46,11 +46,11 @@ class IncrementalTorchWriter:
         value = value.detach().contiguous().cpu()
         key = str(self.count)
         self.count += 1
-        storage = value.untyped_storage()
-        if value.storage_offset() or storage.nbytes() != value.numel() * value.element_size():
-            value = value.clone()
-            storage = value.untyped_storage()
-        self.zip.write_record(f"data/{key}", storage, storage.nbytes())
+        nbytes = value.numel() * value.element_size()
+        start = value.storage_offset() * value.element_size()
+        # a contiguous view (a TP shard of a bigger tensor) is written from its own bytes: no copy
+        storage = value.untyped_storage()[start : start + nbytes] if nbytes else value.untyped_storage()
+        self.zip.write_record(f"data/{key}", storage, nbytes)
         return SavedTensor(_StorageRef(key, value.dtype, value.numel()), value.shape)
 
     def finish(self, obj: Any) -> None:

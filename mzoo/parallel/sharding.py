@@ -88,6 +88,17 @@ def shard_specs(module: torch.nn.Module) -> dict[str, ShardSpec]:
     return out
 
 
+def shard_padded(value: torch.Tensor, spec: ShardSpec, rank: int, size: int, padded_rows: int) -> torch.Tensor:
+    """This rank's shard of a vocabulary tensor padded to `padded_rows`, without materialising the
+    padded whole: only the shard that crosses the end of the vocabulary is copied."""
+    if not spec.vocab or spec.dim != 0:
+        return spec.shard(pad_vocab(value, padded_rows) if spec.vocab else value, rank, size)
+    rows = padded_rows // size
+    start, stop = rank * rows, (rank + 1) * rows
+    real = value[min(start, value.shape[0]) : min(stop, value.shape[0])]
+    return real if real.shape[0] == rows else pad_vocab(real, rows)
+
+
 def to_local(param: torch.Tensor, value: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
     """This rank's piece of a canonical (global, unpadded) tensor for `param`: pad the vocabulary
     to the model's padded size, then shard by the parameter's ShardSpec."""
