@@ -40,11 +40,13 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).parent))
+from proctree import run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -112,66 +114,6 @@ def dir_bytes(path: Path) -> int:
 # ---------------------------------------------------------------------------------------------
 # measurement
 # ---------------------------------------------------------------------------------------------
-def _tree_pids(root: int) -> list[int]:
-    """root and its descendants, from /proc (no psutil needed)."""
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as fh:
-                stat = fh.read().decode(errors="replace")
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _rss_parts(pid: int) -> tuple[int, int]:
-    """(anonymous, file-backed + shmem) resident bytes of one process."""
-    anon = filed = 0
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-                elif line.startswith(("RssFile:", "RssShmem:")):
-                    filed += int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return anon, filed
-
-
-class Poller(threading.Thread):
-    """Samples the process tree's RSS every `interval` seconds; keeps the peaks."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.stop = threading.Event()
-        self.peak_total = self.peak_anon = self.peak_file = 0
-        self.max_procs = 0
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            pids = _tree_pids(self.pid)
-            anon = filed = 0
-            for p in pids:
-                a, f = _rss_parts(p)
-                anon, filed = anon + a, filed + f
-            self.peak_total = max(self.peak_total, anon + filed)
-            self.peak_anon = max(self.peak_anon, anon)
-            self.peak_file = max(self.peak_file, filed)
-            self.max_procs = max(self.max_procs, len(pids))
-            self.stop.wait(self.interval)
-
-
 @dataclass
 class Row:
     step: str
@@ -197,29 +139,16 @@ def measure(step: str, argv: list[str], env: dict, out: Optional[Path] = None) -
     os.sync()
     time.sleep(0.5)
     row = Row(step=step, command=" ".join(argv))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    poller = Poller(proc.pid)
-    poller.start()
-    output: list[bytes] = []
-    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    row.wall_s = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    poller.stop.set()
-    poller.join()
-    reader.join()
-    row.rc = proc.returncode
-    row.ru_maxrss = usage.ru_maxrss * 1024  # Linux reports KiB
+    run = run_measured(argv, env)
+    row.wall_s, row.rc, row.ru_maxrss = run.wall_s, run.rc, run.ru_maxrss
+    poller = run.poller
     row.polled_tree_rss = poller.peak_total
-    row.peak_rss = max(row.ru_maxrss, poller.peak_total)
+    row.peak_rss = run.peak_rss
     row.peak_anon, row.peak_file, row.max_procs = poller.peak_anon, poller.peak_file, poller.max_procs
     if out is not None:
         row.out_bytes = dir_bytes(out)
     if row.rc != 0:
-        text = b"".join(output).decode(errors="replace").strip()
-        row.error = text[-2000:] or f"exit status {row.rc}"
+        row.error = run.output[-2000:] or f"exit status {row.rc}"
     return row
 
 

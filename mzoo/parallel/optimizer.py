@@ -57,8 +57,10 @@ class Optimizer:
             offset += n
         self.lo, self.hi = self._shard_range()
         self.master = flat[self.lo : self.hi].clone()
-        self.decay = decay[self.lo : self.hi]
-        self.unique = unique[self.lo : self.hi]
+        # precomputed once: the per-element weight decay, and the unique elements as contiguous runs
+        self.weight_decay = decay[self.lo : self.hi].float() * config.weight_decay
+        self.unique_runs = _runs(unique[self.lo : self.hi])
+        self.flat = torch.zeros(self.padded, dtype=torch.float32)  # reused gradient buffer
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         self.step_count = 0
@@ -85,12 +87,14 @@ class Optimizer:
             for p in self.params:
                 if getattr(p, "sequence_parallel", False) and p.grad is not None:
                     dist.all_reduce(p.grad, group=self.state.tp_group)
-        flat = torch.zeros(self.padded, dtype=torch.float32)
+        flat = self.flat
         offset = 0
         for p in self.params:
             n = p.numel()
             if p.grad is not None:
-                flat[offset : offset + n] = p.grad.reshape(-1).float()
+                flat[offset : offset + n].copy_(p.grad.reshape(-1))
+            else:
+                flat[offset : offset + n].zero_()
             offset += n
         return flat
 
@@ -109,7 +113,11 @@ class Optimizer:
 
     def grad_norm(self, grads: torch.Tensor) -> float:
         """Global L2 norm over every parameter of the model, each counted once."""
-        sq = grads[self.unique].double().square().sum().float()
+        sq = torch.zeros((), dtype=torch.float64)
+        for a, b in self.unique_runs:  # fp32 dot products, accumulated in fp64
+            seg = grads[a:b]
+            sq += torch.dot(seg, seg).double()
+        sq = sq.float()
         for group in (self.state.tp_group, self.state.pp_group):
             if group is not None:
                 dist.all_reduce(sq, group=group)
@@ -136,8 +144,7 @@ class Optimizer:
         self.exp_avg_sq.mul_(b2).addcmul_(grads, grads, value=1 - b2)
         bias1, bias2 = 1 - b1**self.step_count, 1 - b2**self.step_count
         denom = (self.exp_avg_sq / bias2).sqrt_().add_(cfg.eps)
-        wd = torch.where(self.decay, cfg.weight_decay, 0.0)
-        self.master.mul_(1 - lr * wd)
+        self.master.mul_(1 - lr * self.weight_decay)
         self.master.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
         self._write_back()
         return norm
@@ -181,6 +188,15 @@ class Optimizer:
             shard.copy_(flat[self.lo : self.hi])
         self.step_count = step
         self._write_back()
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) runs of True in a 1-D bool mask."""
+    if not mask.numel():
+        return []
+    edges = torch.diff(mask.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
+                       append=torch.zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2]))
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine") -> float:

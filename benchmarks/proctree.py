@@ -1,0 +1,117 @@
+"""Peak memory of a process tree, sampled from /proc (no psutil): shared by the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def rss_parts(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed + shmem) resident bytes of one process."""
+    anon = filed = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith(("RssFile:", "RssShmem:")):
+                    filed += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return anon, filed
+
+
+def is_worker(pid: int) -> bool:
+    """A torchrun worker: RANK is in its environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return b"\0RANK=" in b"\0" + fh.read()
+    except OSError:
+        return False
+
+
+class Poller(threading.Thread):
+    """Samples the tree's RSS every `interval` seconds; keeps peaks of the whole tree, its anonymous
+    and file-backed parts, and of the training workers alone (the root when there are none)."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop = threading.Event()
+        self.peak_total = self.peak_anon = self.peak_file = self.peak_workers = self.max_procs = 0
+        self._workers: dict[int, bool] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            pids = tree_pids(self.pid)
+            anon = filed = workers = 0
+            for p in pids:
+                a, f = rss_parts(p)
+                anon, filed = anon + a, filed + f
+                if p not in self._workers:
+                    self._workers[p] = is_worker(p)
+                if self._workers[p]:
+                    workers += a + f
+            if not any(self._workers.get(p) for p in pids):
+                workers = sum(rss_parts(self.pid))
+            self.peak_total = max(self.peak_total, anon + filed)
+            self.peak_anon, self.peak_file = max(self.peak_anon, anon), max(self.peak_file, filed)
+            self.peak_workers = max(self.peak_workers, workers)
+            self.max_procs = max(self.max_procs, len(pids))
+            self.stop.wait(self.interval)
+
+
+@dataclass
+class Run:
+    wall_s: float
+    rc: int
+    ru_maxrss: int  # bytes, from wait4 (covers descendants it waited for)
+    poller: Poller
+    output: str
+
+    @property
+    def peak_rss(self) -> int:
+        return max(self.ru_maxrss, self.poller.peak_total)
+
+
+def run_measured(argv: list[str], env: dict) -> Run:
+    """argv in its own subprocess: wall time, exit code, peak RSS (wait4 and polled), output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    poller = Poller(proc.pid)
+    poller.start()
+    output: list[bytes] = []
+    reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc
+    poller.stop.set()
+    poller.join()
+    reader.join()
+    return Run(wall, rc, usage.ru_maxrss * 1024, poller, b"".join(output).decode(errors="replace").strip())
