@@ -132,7 +132,7 @@ def train(
     seed: int = typer.Option(1234, help="Seed for initialisation and data."),
     precision: str = typer.Option("fp32", help="fp32, bf16 (fp32 master weights) or fp16 (+ dynamic loss scaling)."),
     recompute: str = typer.Option("none", help="Activation recomputation: none, selective (attention) or full."),
-    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s, to report MFU."),
+    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs)."),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added, the tracker updated last."),
     save_interval: int = typer.Option(0, "--save-interval", help="Also save every N steps (0: only at the end)."),

@@ -96,6 +96,9 @@ class ParallelState:
                     pair = dist.new_group([ranks[0], ranks[-1]])
                     if me.rank in (ranks[0], ranks[-1]):
                         me.embedding_group = pair
+        if me.pp_group is not None and dist.get_backend() == "nccl":
+            # NCCL wants a group's first operation to involve all of its ranks before batched p2p
+            dist.barrier(group=me.pp_group)
         return me
 
 

@@ -94,6 +94,19 @@ class LossScaler:
                 self.scale *= 2
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, for MFU when --peak-tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+                    "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
+
+
+def detect_peak_tflops() -> Optional[float]:
+    """The device's bf16 peak from its name, or None (CPUs, unknown devices: give --peak-tflops)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().upper()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x (non-embedding parameters touched) + attention scores
     (12 x layers x hidden x seq), the usual estimate (Megatron / PaLM appendix B)."""
@@ -151,6 +164,7 @@ class Trainer:
         if hasattr(model, "set_recompute"):
             model.set_recompute(tcfg.recompute)
         self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
+        self.peak_tflops = tcfg.peak_tflops or detect_peak_tflops()
 
     def _chunks(self) -> list[torch.nn.Module]:
         return list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
@@ -210,7 +224,7 @@ class Trainer:
         seconds = time.perf_counter() - start
         tokens = tcfg.global_batch * tcfg.seq_len
         tflops = self.flops_per_token * tokens / seconds / state.config.world_size / 1e12
-        mfu = tflops / tcfg.peak_tflops if tcfg.peak_tflops else None
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
         val = None
         if self.valid_sampler is not None and tcfg.eval_interval and self.step % tcfg.eval_interval == 0:
             val = self.evaluate(self.valid_sampler, tcfg.eval_iters)

@@ -158,3 +158,18 @@ def test_pipeline_loss_curve_matches_single_process(cfg, layout, world):
     assert expected[-1] < expected[0] - 0.3
     for losses in D.run(_pp_worker, world, cfg, layout):
         assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-5, (losses, expected)
+
+
+def test_flops_and_mfu_are_reported():
+    from mzoo.train.trainer import flops_per_token
+
+    tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=1, peak_tflops=1.0)
+    model = build_model(CFG)
+    model.init_weights(seed=5)
+    log = Trainer(model, CFG, ParallelState.single(), tcfg, counting_sampler(CFG.vocab_size, 16)).train()[0]
+    assert log.tflops_per_device > 0 and log.mfu == pytest.approx(log.tflops_per_device)
+    # 6 x non-embedding parameters + attention: a 6N-dominated estimate
+    from mzoo.params import count_params
+
+    n = count_params(CFG).total - CFG.vocab_size * CFG.hidden_size  # true (unpadded) vocabulary
+    assert flops_per_token(CFG, 16) == 6 * n + 12 * CFG.num_layers * CFG.hidden_size * 16
