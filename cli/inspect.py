@@ -8,45 +8,7 @@ from typing import Optional
 import typer
 
 from mzoo.cli.common import console, print_json, user_errors
-from mzoo.params import count_params, human
-
-
-def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> dict:
-    from mzoo.ckpt.sidecar import read_sidecar
-    from mzoo.converters.pipeline import open_source
-
-    src = open_source(path, trust_pickle, vocab_size)
-    lay = src.layout
-    root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
-    side = read_sidecar(root) or {}
-    problems = []
-    recorded = side.get("files") or {}
-    base = src.path if src.fmt == "hf" else root
-    for rel, size in recorded.items():
-        f = base / rel
-        if not f.exists():
-            problems.append(f"{rel} is missing")
-        elif f.stat().st_size != size:
-            problems.append(f"{rel} has {f.stat().st_size} bytes, mzoo.yaml recorded {size}")
-    count = count_params(src.cfg)
-    return {
-        "path": str(path),
-        "format": src.fmt,
-        "iteration": src.iteration if src.fmt != "hf" else None,
-        "tp": lay.tp if lay else 1,
-        "pp": lay.pp if lay else 1,
-        "vpp": lay.vpp if lay else 1,
-        "spec": lay.spec if lay else None,
-        "dtype": str(src.dtype).replace("torch.", ""),
-        "num_params": count.total,
-        "active_params": count.active,
-        "vocab_size": src.cfg.vocab_size,
-        "total_bytes": sum(src.files.values()),
-        "files": src.files,
-        "written_by_mzoo": bool(side),
-        "problems": problems,
-        "model": src.cfg.to_dict(),
-    }
+from mzoo.params import human
 
 
 @user_errors
@@ -60,6 +22,8 @@ def inspect(
 
     Example: mzoo inspect ./llama-mcore --json
     """
+    from mzoo.converters.pipeline import describe
+
     info = describe(path, trust_pickle, vocab_size)
     if as_json:
         print_json(info)

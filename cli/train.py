@@ -30,21 +30,11 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, la
     import torch
 
     from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.hf import canonical_tensors, load_canonical
-    from mzoo.converters.pipeline import Target, add_iteration, open_source
+    from mzoo.converters.hf import canonical_tensors
+    from mzoo.converters.pipeline import Target, add_iteration, load_checkpoint
     from mzoo.models import build_chunks
     from mzoo.train.run import Hooks
     from mzoo.train.trainer import dataset_samplers
-
-    def load_weights(model, path: str) -> None:
-        src = open_source(path)
-        mine, theirs = model.cfg.to_dict(), src.cfg.to_dict()
-        keys = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "vocab_size", "activation", "normalization", "tie_embeddings")
-        diff = [k for k in keys if mine.get(k) != theirs.get(k)]
-        if diff:
-            raise UserError(f"{path} is a different model ({', '.join(diff)} differ); train the matching preset.")
-        load_canonical(model, src.get)
 
     def save(cfg, tensors, root: Path, iteration: int, extra) -> None:
         layout = MegatronLayout(tp=tp, iteration=iteration,
@@ -64,39 +54,8 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, la
         return dataset_samplers(data_cfg, tcfg.steps * tcfg.global_batch, n_valid, state)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype, first=first, last=last), load_weights,
-                 save, sampler)
-
-
-def _adopt_slurm() -> None:
-    """Inside `srun` (one task per process) take rank and world size from SLURM, as torchrun would
-    set them; MASTER_ADDR must come from the job script (e.g. the first host of the allocation)."""
-    env = os.environ
-    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
-        return
-    if "MASTER_ADDR" not in env:
-        raise UserError("running under srun needs MASTER_ADDR (and MASTER_PORT) exported by the job script.")
-    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
-    env.setdefault("MASTER_PORT", "29500")
-
-
-def _data_config(data: list[str], split: str, mock: bool, tokenizer: Optional[Path], cfg):
-    """Validate the data flags before any process starts."""
-    from mzoo.train.data import DataConfig, IndexedDataset, check_tokenizer_fits, load_tokenizer, parse_blend, parse_split
-
-    if tokenizer is not None:
-        check_tokenizer_fits(load_tokenizer(tokenizer), cfg.vocab_size)
-    if mock and data:
-        raise UserError("pass either --data or --mock-data, not both.")
-    if not mock and not data:
-        raise UserError("no training data: pass --data PREFIX (from `mzoo data prepare`) or --mock-data.")
-    if mock:
-        return DataConfig(mock=True)
-    prefixes, weights = parse_blend(data)
-    parse_split(split)
-    for prefix in prefixes:
-        IndexedDataset(prefix)  # missing or truncated .bin/.idx: one sentence now
-    return DataConfig(prefixes=prefixes, weights=weights, split=split)
+    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype, first=first, last=last),
+                 lambda model, path: load_checkpoint(model, path), save, sampler)
 
 
 @user_errors
@@ -150,7 +109,8 @@ def train(
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
     """
     from mzoo.config import ParallelConfig
-    from mzoo.train.run import RunConfig, in_launcher, run, summary
+    from mzoo.train.data import data_config_from_flags
+    from mzoo.train.run import RunConfig, adopt_slurm_env, in_launcher, run, summary
     from mzoo.train.trainer import TrainConfig
     from mzoo.zoo import resolve
 
@@ -159,7 +119,7 @@ def train(
         cfg = cfg.replace(**_parse_overrides(override))
     if megatron_format not in ("torch_dist", "torch"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
-    _adopt_slurm()
+    adopt_slurm_env()
     if nnodes > 1 and not in_launcher() and not master_addr:
         raise UserError("multi-node training needs --master-addr (the address of node 0).")
     world = int(os.environ.get("WORLD_SIZE", (nproc_per_node or 0) * nnodes or tp * pp * (dp or 1)))
@@ -195,7 +155,7 @@ def train(
         from mzoo.converters.pipeline import open_source
 
         open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
-    data_cfg = _data_config(data, split, mock_data, tokenizer, cfg)
+    data_cfg = data_config_from_flags(data, split, mock_data, tokenizer, cfg.vocab_size)
     if not mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
         from dataclasses import replace as dc_replace
 

@@ -35,9 +35,6 @@ class Adapter:
         mapping, names = self._resolve(canonical)
         return mapping.to_canonical({role: read(name) for role, name in names.items()}, cfg)
 
-    def hf_sources(self, canonical: str) -> list[str]:
-        return list(self._resolve(canonical)[1].values())
-
     def _resolve(self, canonical: str):
         found = self.table.resolve(canonical)
         if found is None:

@@ -47,15 +47,6 @@ def read_config(path: str | Path) -> tuple[HFReader, adapters.Adapter, ModelConf
     return reader, adapter, cfg
 
 
-def hf_canonical_stream(reader: HFReader, adapter: adapters.Adapter, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(canonical name, full tensor) for every tensor of the model, built from HF tensors."""
-    for t in canonical_tensors(cfg):
-        value = adapter.to_canonical(t.name, reader.get, cfg)
-        if tuple(value.shape) != t.shape:
-            raise ValueError(f"{t.name}: the checkpoint gives shape {tuple(value.shape)} but the config implies {t.shape}.")
-        yield t.name, value
-
-
 @torch.no_grad()
 def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
     """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""

@@ -130,9 +130,3 @@ class MappingTable:
                 index = match.group(1) if regex.groups else None
                 return m, {role: p.replace("*", index) if index else p for role, p in m.hf.items()}
         return None
-
-    def hf_names(self, canonical: str) -> dict[str, str]:
-        found = self.resolve(canonical)
-        if found is None:
-            raise KeyError(f"no Hugging Face mapping for canonical tensor {canonical}")
-        return found[1]

@@ -32,8 +32,9 @@ from mzoo.ckpt.megatron import (
 )
 from mzoo.ckpt.sidecar import read_sidecar, write_sidecar
 from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
-from mzoo.converters.hf import CanonicalTensor, canonical_tensors, save_hf
+from mzoo.converters.hf import CanonicalTensor, canonical_tensors, load_canonical, save_hf
 from mzoo.errors import UserError
 from mzoo.parallel.sharding import ShardSpec, pad_vocab
 
@@ -132,7 +133,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
 
         reader, adapter, cfg = read_config(path)
         first = reader.names()[0]
-        dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(reader.dtype(first), torch.float32)
+        dtype = reader.torch_dtype(first)
         return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg),
                       tokenizer_files=reader.tokenizer_files(), files=_files(path), tensors=canonical_tensors(cfg))
     folder, iteration = find_iteration_dir(path)
@@ -169,6 +170,52 @@ def _zarr_reader(folder: Path):
     from mzoo.ckpt import zarr as zarr_fmt
 
     return zarr_fmt.ZarrCheckpoint(folder)
+
+
+def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Source:
+    """Fill this rank's model (any layout) from a checkpoint in any format and layout: reshard on load."""
+    src = open_source(path, trust_pickle)
+    diff = model.cfg.architecture_differences(src.cfg)
+    if diff:
+        raise UserError(f"{path} holds a different model ({', '.join(diff)} differ); pick the matching preset.")
+    load_canonical(model, src.get)
+    return src
+
+
+def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> dict[str, Any]:
+    """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes."""
+    src = open_source(path, trust_pickle, vocab_size)
+    lay = src.layout
+    root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
+    side = read_sidecar(root) or {}
+    problems = []
+    recorded = side.get("files") or {}
+    base = src.path if src.fmt == "hf" else root
+    for rel, size in recorded.items():
+        f = base / rel
+        if not f.exists():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, mzoo.yaml recorded {size}")
+    count = count_params(src.cfg)
+    return {
+        "path": str(path),
+        "format": src.fmt,
+        "iteration": src.iteration if src.fmt != "hf" else None,
+        "tp": lay.tp if lay else 1,
+        "pp": lay.pp if lay else 1,
+        "vpp": lay.vpp if lay else 1,
+        "spec": lay.spec if lay else None,
+        "dtype": str(src.dtype).replace("torch.", ""),
+        "num_params": count.total,
+        "active_params": count.active,
+        "vocab_size": src.cfg.vocab_size,
+        "total_bytes": sum(src.files.values()),
+        "files": src.files,
+        "written_by_mzoo": bool(side),
+        "problems": problems,
+        "model": src.cfg.to_dict(),
+    }
 
 
 def stacked_key(name: str, spec: str) -> tuple[str, Optional[int]]:

@@ -17,7 +17,6 @@ from mzoo.errors import UserError
 from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.models import build_model
 
-TOLERANCE = VERIFY_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class Comparison:
     mean_kl: float
     argmax_agreement: float
     tokens: int
-    tolerance: float = TOLERANCE
+    tolerance: float = VERIFY_TOLERANCE
 
     @property
     def match(self) -> bool:
@@ -40,7 +39,7 @@ def sample_tokens(vocab_size: int, batch: int = 2, seq: int = 32, seed: int = 0)
     return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def compare_logits(a: torch.Tensor, b: torch.Tensor, tolerance: float = TOLERANCE) -> Comparison:
+def compare_logits(a: torch.Tensor, b: torch.Tensor, tolerance: float = VERIFY_TOLERANCE) -> Comparison:
     a, b = a.float(), b.float()
     kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
     return Comparison(
@@ -60,7 +59,7 @@ def source_logits(src, ids: torch.Tensor) -> torch.Tensor:
     return model.eval()(ids)
 
 
-def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance: float = TOLERANCE) -> Comparison:
+def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance: float = VERIFY_TOLERANCE) -> Comparison:
     if a.cfg.vocab_size != b.cfg.vocab_size:
         raise UserError(
             f"the checkpoints have different vocabularies ({a.cfg.vocab_size} vs {b.cfg.vocab_size}); "

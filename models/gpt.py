@@ -213,7 +213,10 @@ class GPTModel(nn.Module):
                 cfg.hidden_size, self.padded_vocab, state, bias=False, vocab=True, dtype=dtype
             )
             if cfg.tie_embeddings:  # pipeline: the last stage's copy of the first stage's embedding
-                self.output_layer.weight.shared_embedding = True
+                self.output_layer.weight.shared_embedding = True  # grads summed over the embedding group
+                self.output_layer.weight.embedding_copy = True  # counted once (on the first stage) in norms
+        if cfg.tie_embeddings and self.pre_process and not self.post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
 
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight

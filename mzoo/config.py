@@ -159,6 +159,14 @@ class ModelConfig:
             return False
         return (index - self.moe.first_k_dense) % self.moe.layer_freq == 0
 
+    def architecture_differences(self, other: "ModelConfig") -> list[str]:
+        """Fields that make `other` a different network (weights of one do not fit the other);
+        names, sources, dropout and init settings do not count."""
+        fields_ = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "groups", "kv_channels",
+                   "ffn_hidden_size", "activation", "normalization", "position_embedding", "tie_embeddings",
+                   "add_bias_linear", "add_qkv_bias", "qk_layernorm", "moe", "mla", "ssm")
+        return [f for f in fields_ if getattr(self, f) != getattr(other, f)]
+
     def padded_vocab_size(self, tp: int = 1, divisible_by: Optional[int] = None) -> int:
         """Megatron's padding: a multiple of make_vocab_size_divisible_by * tp."""
         multiple = (self.make_vocab_size_divisible_by if divisible_by is None else divisible_by) * tp
@@ -360,6 +368,8 @@ class ParallelConfig:
                     f"tensor parallel size {self.tp} must divide the Mamba-2 heads ({dims['nheads']}) and "
                     f"groups ({cfg.ssm.num_groups}); choose a TP that divides both."
                 )
+        if self.vpp > 1 and self.pp == 1:
+            raise ConfigError("virtual pipeline stages (--vpp) need pipeline parallelism (--pp > 1).")
         if self.pp * self.vpp > cfg.num_layers:
             raise ConfigError(
                 f"pipeline size {self.pp} x virtual stages {self.vpp} exceeds the {cfg.num_layers} layers; "

@@ -273,9 +273,7 @@ class _TensorMeta(pickle.Unpickler):
         return (storage_type, key, numel)
 
 
-_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
-                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                   "ByteStorage": torch.uint8}
+_STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 
 
 def read_saved_tensor(path: Path, offset: int, length: int) -> Optional[torch.Tensor]:

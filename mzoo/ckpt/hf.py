@@ -115,48 +115,34 @@ class HFReader:
     def dtype(self, name: str) -> str:
         return self.headers[self.weight_map[name]][name]["dtype"]
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        dtype = _TORCH_DTYPES.get(self.dtype(name))
+        if dtype is None:
+            raise CheckpointError(f"{name} has dtype {self.dtype(name)}, which mzoo cannot convert.")
+        return dtype
+
     def nbytes(self, name: str) -> int:
         begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
         return end - begin
 
-    def _read(self, name: str, start_row: int = 0, stop_row: Optional[int] = None) -> torch.Tensor:
-        """Read bytes with pread into a fresh buffer (not mmap): pages read are not kept in this
-        process's RSS after the tensor is freed, so memory stays bounded by the tensors alive."""
+    def get(self, name: str) -> torch.Tensor:
+        """Read with pread into a fresh buffer (not mmap): pages read do not stay in this process's
+        RSS after the tensor is freed, so memory stays bounded by the tensors alive."""
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint does not match its config.")
         file = self.weight_map[name]
-        header = self.headers[file]
-        meta = header[name]
-        shape = list(meta["shape"])
-        dtype = _TORCH_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{name} has dtype {meta['dtype']}, which mzoo cannot convert.")
+        meta = self.headers[file][name]
+        dtype = self.torch_dtype(name)
         begin, end = meta["data_offsets"]
-        if shape and (start_row or stop_row is not None):
-            stop_row = shape[0] if stop_row is None else min(stop_row, shape[0])
-            row_bytes = (end - begin) // max(shape[0], 1)
-            begin, end = begin + start_row * row_bytes, begin + stop_row * row_bytes
-            shape[0] = stop_row - start_row
-        base = 8 + self._header_bytes[file]
         buf = bytearray(end - begin)
-        if buf:
-            with open(self.path / file, "rb", buffering=0) as f:
-                f.seek(base + begin)
-                got = f.readinto(buf)
-            if got != len(buf):
-                raise CheckpointError(f"{self.path / file} is truncated; re-download or re-convert it.")
-            return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-        return torch.empty(shape, dtype=dtype)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._read(name)
-
-    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of dim 0, reading only those bytes."""
-        return self._read(name, start, stop)
-
-    def total_bytes(self) -> int:
-        return sum(self.nbytes(n) for n in self.weight_map)
+        if not buf:
+            return torch.empty(meta["shape"], dtype=dtype)
+        with open(self.path / file, "rb", buffering=0) as f:
+            f.seek(8 + self._header_bytes[file] + begin)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise CheckpointError(f"{self.path / file} is truncated; re-download or re-convert it.")
+        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
@@ -179,9 +165,7 @@ def parse_size(text: str) -> int:
     raise UserError(f"cannot read size '{text}'; write it like 5GB, 500MB or 2GiB.")
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
 class HFWriter:

@@ -21,7 +21,6 @@ from mzoo.ckpt.megatron import (
     args_to_layout,
     extra_state_name,
     find_iteration_dir,
-    from_spelling,
     to_spelling,
 )
 from mzoo.ckpt.safe_pickle import torch_load
@@ -126,24 +125,6 @@ class LegacyReader:
                 )
             shards.append(state[spelled])
         return spec.merge(shards)
-
-    def state_names(self) -> list[str]:
-        """Canonical names of every tensor in the checkpoint (global layer indices)."""
-        names = []
-        for (t, p), _ in sorted(self.files.items()):
-            if t:
-                continue
-            chunks = self._load((t, p))
-            for v in range(self.layout.vpp):
-                for local in chunks.get(model_key(v, self.layout.vpp), {}):
-                    if local.endswith("_extra_state"):
-                        continue
-                    layer, rest = split_layer_name(local)
-                    name = from_spelling(local)
-                    if layer is not None and self.ranges:
-                        name = f"decoder.layers.{self.ranges[p][v].start + layer}.{from_spelling(rest)}"
-                    names.append(name)
-        return names
 
 
 def write_legacy(

@@ -63,14 +63,6 @@ def to_spelling(name: str, spec: Spelling) -> str:
     return name
 
 
-def from_spelling(name: str) -> str:
-    """Any spelling -> canonical (TE)."""
-    for te, local in _TE_TO_LOCAL:
-        if name.endswith(local):
-            return name[: -len(local)] + te
-    return name
-
-
 _LINEAR = re.compile(r"(linear_qkv|linear_proj|linear_fc1|linear_fc2|output_layer)\.weight$")
 
 
@@ -80,7 +72,6 @@ def extra_state_name(name: str) -> Optional[str]:
 
 
 # ---- args <-> ModelConfig -------------------------------------------------------------------------
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def config_to_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
@@ -203,13 +194,6 @@ def args_to_layout(args: argparse.Namespace, spec: Optional[Spelling] = None) ->
     )
 
 
-def args_dtype(args: argparse.Namespace) -> torch.dtype:
-    a = vars(args)
-    if isinstance(a.get("params_dtype"), torch.dtype):
-        return a["params_dtype"]
-    return torch.bfloat16 if a.get("bf16") else torch.float16 if a.get("fp16") else torch.float32
-
-
 # ---- tracker and iteration folders --------------------------------------------------------------
 def iteration_dir(root: Path, iteration: int | str) -> Path:
     return root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
@@ -235,6 +219,3 @@ def write_tracker(root: Path, iteration: int | str) -> None:
     text = f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n"
     atomic_write_bytes(root / TRACKER, text.encode())
 
-
-def dtype_flag(dtype: torch.dtype) -> str:
-    return _DTYPES.get(dtype, str(dtype))

@@ -108,19 +108,6 @@ class _GatherFromTP(torch.autograd.Function):
         return _split_last(g, ctx.group), None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Forward split on the last dim, backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _gather_last(g, ctx.group), None
-
-
 class _GatherFromSP(torch.autograd.Function):
     """Sequence parallel: all-gather along the sequence (first) dim; backward reduce-scatter."""
 
@@ -170,10 +157,6 @@ def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group is None else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group is None else _ScatterToTP.apply(x, group)
 
 
 def gather_from_sp(x: torch.Tensor, group: Group) -> torch.Tensor:

@@ -36,10 +36,6 @@ class Optimizer:
     def __init__(self, model: nn.Module, state: ParallelState, config: AdamWConfig):
         self.state, self.config = state, config
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # the first stage's word embedding, when the last stage holds a tied copy of it
-        self.tied_input = None
-        if state.pp > 1 and getattr(getattr(model, "cfg", None), "tie_embeddings", False) and state.is_first_stage:
-            self.tied_input = next((p for n, p in model.named_parameters() if n.endswith("word_embeddings.weight")), None)
         self.numel = sum(p.numel() for p in self.params)
         dp = state.dp
         self.padded = math.ceil(self.numel / dp) * dp if config.distributed else self.numel
@@ -52,8 +48,8 @@ class Optimizer:
         for p in self.params:
             n = p.numel()
             decay[offset : offset + n] = p.dim() >= 2
-            shared_copy = getattr(p, "shared_embedding", False)  # counted on the first stage
-            unique[offset : offset + n] = (get_spec(p).axis == "tp" or state.tp_rank == 0) and not shared_copy
+            copy = getattr(p, "embedding_copy", False)  # counted on the first stage
+            unique[offset : offset + n] = (get_spec(p).axis == "tp" or state.tp_rank == 0) and not copy
             offset += n
         self.lo, self.hi = self._shard_range()
         self.master = flat[self.lo : self.hi].clone()
@@ -71,9 +67,6 @@ class Optimizer:
         size = self.padded // self.state.dp
         return self.state.dp_rank * size, (self.state.dp_rank + 1) * size
 
-    def _is_tied_input(self, p: torch.Tensor) -> bool:
-        return p is self.tied_input
-
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
@@ -81,7 +74,7 @@ class Optimizer:
     def _flat_grads(self) -> torch.Tensor:
         if self.state.embedding_group is not None:  # tied embeddings across pipeline stages
             for p in self.params:
-                if p.grad is not None and (getattr(p, "shared_embedding", False) or self._is_tied_input(p)):
+                if p.grad is not None and getattr(p, "shared_embedding", False):
                     dist.all_reduce(p.grad, group=self.state.embedding_group)
         if self.state.config.sequence_parallel and self.state.tp_group is not None:
             for p in self.params:

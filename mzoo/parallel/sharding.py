@@ -80,14 +80,6 @@ def get_spec(param: torch.Tensor) -> ShardSpec:
     return getattr(param, "shard_spec", REPLICATED)
 
 
-def shard_specs(module: torch.nn.Module) -> dict[str, ShardSpec]:
-    """ShardSpec of every parameter and persistent buffer of a module, by state-dict name."""
-    out = {name: get_spec(p) for name, p in module.named_parameters()}
-    for name, b in module.named_buffers():
-        out.setdefault(name, get_spec(b))
-    return out
-
-
 def shard_padded(value: torch.Tensor, spec: ShardSpec, rank: int, size: int, padded_rows: int) -> torch.Tensor:
     """This rank's shard of a vocabulary tensor padded to `padded_rows`, without materialising the
     padded whole: only the shard that crosses the end of the vocabulary is copied."""
@@ -100,13 +92,11 @@ def shard_padded(value: torch.Tensor, spec: ShardSpec, rank: int, size: int, pad
 
 
 def to_local(param: torch.Tensor, value: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
-    """This rank's piece of a canonical (global, unpadded) tensor for `param`: pad the vocabulary
-    to the model's padded size, then shard by the parameter's ShardSpec."""
+    """This rank's piece of a canonical (global, unpadded) tensor for `param`: sharded by the
+    parameter's ShardSpec, the vocabulary padded to the model's padded size."""
     spec = get_spec(param)
-    on_tp = spec.axis == "tp"
-    if spec.vocab:
-        value = pad_vocab(value, param.shape[spec.dim] * (tp if on_tp else 1))
-    piece = spec.shard(value, tp_rank, tp) if on_tp else value
+    size, rank = (tp, tp_rank) if spec.axis == "tp" else (1, 0)
+    piece = shard_padded(value, spec, rank, size, param.shape[spec.dim] * size)
     if piece.shape != param.shape:
         raise ValueError(f"shard shape {tuple(piece.shape)} does not fit parameter {tuple(param.shape)}")
     return piece

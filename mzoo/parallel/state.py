@@ -101,8 +101,3 @@ class ParallelState:
             dist.barrier(group=me.pp_group)
         return me
 
-
-def rank_grid(config: ParallelConfig) -> list[ParallelState]:
-    """All ranks' coordinates in global-rank order."""
-    return [ParallelState.for_rank(config, r) for r in range(config.world_size)]
-

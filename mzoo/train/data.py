@@ -632,6 +632,25 @@ class DataConfig:
 Dataset = Union[GPTDataset, BlendedDataset, MockGPTDataset]
 
 
+def data_config_from_flags(data: Sequence[str], split: str, mock: bool, tokenizer: Optional[PathLike],
+                           vocab_size: int) -> DataConfig:
+    """The training data a command line asks for, checked before any process starts: blend syntax,
+    split, every .bin/.idx readable, the tokenizer fitting the model."""
+    if tokenizer is not None:
+        check_tokenizer_fits(load_tokenizer(tokenizer), vocab_size)
+    if mock and data:
+        raise DataError("pass either --data or --mock-data, not both.")
+    if not mock and not data:
+        raise DataError("no training data: pass --data PREFIX (from `mzoo data prepare`) or --mock-data.")
+    if mock:
+        return DataConfig(mock=True)
+    prefixes, weights = parse_blend(data)
+    parse_split(split)
+    for prefix in prefixes:
+        IndexedDataset(prefix)  # missing or truncated .bin/.idx: one sentence now
+    return DataConfig(prefixes=prefixes, weights=weights, split=split)
+
+
 def build_gpt_datasets(cfg: DataConfig, num_samples: Sequence[Optional[int]] = (None, None, None)
                        ) -> list[Optional[Dataset]]:
     """[train, valid, test] datasets, like Megatron's BlendedMegatronDatasetBuilder with GPTDataset.

@@ -53,6 +53,20 @@ def in_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def adopt_slurm_env() -> None:
+    """Inside `srun` (one task per process) take rank and world size from SLURM, as torchrun would
+    set them; MASTER_ADDR must come from the job script (e.g. the first host of the allocation)."""
+    from mzoo.errors import UserError
+
+    env = os.environ
+    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "MASTER_ADDR" not in env:
+        raise UserError("running under srun needs MASTER_ADDR (and MASTER_PORT) exported by the job script.")
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    env.setdefault("MASTER_PORT", "29500")
+
+
 def init_process_group() -> None:
     if dist.is_initialized() or not in_launcher():
         return

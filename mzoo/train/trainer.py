@@ -140,14 +140,6 @@ def dataset_samplers(data_cfg, num_train: int, num_valid: Optional[int], state: 
     return (lambda i: train[i]), (None if valid is None else (lambda i: valid[i]))
 
 
-def micro_batch_indices(consumed: int, tcfg: TrainConfig, state: ParallelState, m: int) -> list[int]:
-    """Global sample indices of micro-batch `m` of this DP rank in the global batch at `consumed`.
-    Megatron's sampler: each micro-step takes micro_batch * dp consecutive samples, rank r the
-    r-th slice of them."""
-    start = consumed + m * tcfg.micro_batch * state.dp + state.dp_rank * tcfg.micro_batch
-    return list(range(start, start + tcfg.micro_batch))
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, state: ParallelState, tcfg: TrainConfig,
                  sampler: Sampler, valid_sampler: Optional[Sampler] = None):
@@ -177,8 +169,12 @@ class Trainer:
         n_micro = tcfg.microbatches(state)
         chunks = self._chunks()
 
+        from mzoo.train.data import global_sample_indices
+
+        batches = global_sample_indices(consumed, tcfg.global_batch, state.dp_rank, state.dp, tcfg.micro_batch)
+
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-            samples = [sampler(i) for i in micro_batch_indices(consumed, tcfg, state, m)]
+            samples = [sampler(i) for i in batches[m]]
             tokens = torch.stack([s["tokens"] for s in samples])
             if not chunk.post_process:
                 return chunk(tokens, hidden=hidden)

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError, HFReader
-from mzoo.converters.hf import hf_canonical_stream, random_canonical, read_config, save_hf
+from mzoo.converters.hf import random_canonical, save_hf
+from mzoo.converters.pipeline import Target, convert, open_source
 from mzoo.converters.verify import against_transformers
 from mzoo.zoo import get
 
@@ -39,8 +40,8 @@ def _all_tensors(path):
 @pytest.mark.parametrize("case", CONFIGS)
 def test_hf_canonical_hf_is_bit_exact(hf_factory, tmp_path, case):
     src = hf_factory(CONFIGS[case])
-    reader, adapter, cfg = read_config(src)
-    dst = save_hf(cfg, hf_canonical_stream(reader, adapter, cfg), tmp_path / "out", max_shard_bytes=20_000)
+    dst = tmp_path / "out"
+    convert(open_source(src), dst, Target("hf", max_shard_bytes=20_000))
     before, after = _all_tensors(src), _all_tensors(dst)
     assert set(after) == set(before)
     for name, tensor in before.items():
@@ -103,14 +104,14 @@ def test_missing_shard_and_missing_config(hf_factory, tmp_path):
         HFReader(tmp_path / "empty")
 
 
-def test_shape_mismatch_is_reported(hf_factory):
+def test_shape_mismatch_is_reported(hf_factory, tmp_path):
     src = hf_factory(CONFIGS["llama3-scaled"])
     cfg_json = json.loads((src / "config.json").read_text())
     cfg_json["intermediate_size"] = 128
     (src / "config.json").write_text(json.dumps(cfg_json))
-    reader, adapter, cfg = read_config(src)
-    with pytest.raises(ValueError, match="shape"):
-        list(hf_canonical_stream(reader, adapter, cfg))
+    with pytest.raises(CheckpointError, match="has shape .* but the config implies"):
+        convert(open_source(src), tmp_path / "out", Target("hf"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_write_leaves_no_output(tmp_path):
