@@ -31,10 +31,8 @@ Run:  .venv/bin/python benchmarks/convert.py
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -46,10 +44,9 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proctree import run_measured  # noqa: E402  (benchmarks/ is not a package)
+from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
 
         info = {
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.0f} GiB RAM, {platform.system()}",
-            "python": platform.python_version(),
+            **machine_info(load_before[0]),
             "model": f"llama {args.layers}x{args.hidden}",
             "params": params,
             "params_h": f"{params / 1e9:.3f} B" if params >= 1e9 else f"{params / 1e6:.0f} M",
@@ -318,8 +312,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             "interp_rss": interp.peak_rss,
             "rss_budget": budget,
             "copy_wall_s": copy.wall_s,
-            "loadavg_1m_before": round(load_before[0], 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
         }
         if args.json:
             print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))

@@ -115,3 +115,18 @@ def run_measured(argv: list[str], env: dict) -> Run:
     poller.join()
     reader.join()
     return Run(wall, rc, usage.ru_maxrss * 1024, poller, b"".join(output).decode(errors="replace").strip())
+
+
+def machine_info(load_before: float) -> dict:
+    """Where and when a benchmark ran, with the 1-minute load average before and after it."""
+    import datetime
+    import platform
+
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {ram:.0f} GiB RAM, {platform.system()}",
+        "python": platform.python_version(),
+        "loadavg_1m_before": round(load_before, 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }

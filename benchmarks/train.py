@@ -41,10 +41,8 @@ Run:  .venv/bin/python benchmarks/train.py
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,10 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proctree import run_measured  # noqa: E402  (benchmarks/ is not a package)
+from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
-PAGE = os.sysconf("SC_PAGE_SIZE")
 WARMUP_STEPS = 2
 MICRO_BATCH = 2
 GLOBAL_BATCH = 8
@@ -339,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=log, flush=True)
             rows.append(row)
         total_s = time.perf_counter() - t_start
-        load_after = os.getloadavg()
 
         base = rows[0]
         for r in rows:
@@ -351,10 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         params = count_params(resolve(str(cfg))).total
         info = {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                       f"{os.sysconf('SC_PHYS_PAGES') * PAGE / 2**30:.0f} GiB RAM, {platform.system()}",
-            "python": platform.python_version(),
+            **machine_info(load_before[0]),
             "dims": dims,
             "params": params,
             "baseline_params": base.extra.get("params"),
@@ -364,8 +357,6 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_step": tokens_per_step,
             "total_s": round(total_s, 1),
             "workdir": str(work),
-            "loadavg_1m_before": round(load_before[0], 2),
-            "loadavg_1m_after": round(load_after[0], 2),
         }
         if args.json:
             print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
