@@ -67,11 +67,13 @@ def adopt_slurm_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def init_process_group() -> None:
+def init_process_group() -> bool:
+    """Join the launcher's process group; True when this call created it (and must destroy it)."""
     if dist.is_initialized() or not in_launcher():
-        return
+        return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
+    return True
 
 
 def build_state(layout: ParallelConfig) -> ParallelState:
@@ -186,7 +188,15 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
 
 
 def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
-    init_process_group()
+    owns_group = init_process_group()
+    logs = _run(rc, hooks, on_step)  # on an error the launcher tears every rank down
+    if owns_group:  # tear the group down in step, so no rank exits under a live communicator thread
+        dist.barrier()
+        dist.destroy_process_group()
+    return logs
+
+
+def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None]) -> list[StepLog]:
     state = build_state(rc.layout)
     torch.manual_seed(rc.train.seed)
     model = hooks.build_model(rc.model, state)
