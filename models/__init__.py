@@ -12,11 +12,13 @@ from mzoo.parallel.state import ParallelState
 from mzoo.models.gpt import GPTModel
 
 # family -> model class; MoE, MLA and Mamba families register here as their modules land.
-MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {"gpt": GPTModel, "llama": GPTModel}
+MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {
+    "gpt": GPTModel, "llama": GPTModel, "mixtral": GPTModel, "deepseek": GPTModel,
+}
 
 
 def model_class(cfg: ModelConfig) -> Callable[..., nn.Module]:
-    if cfg.moe is not None or cfg.mla is not None or cfg.ssm is not None or cfg.family not in MODEL_CLASSES:
+    if cfg.ssm is not None or cfg.family not in MODEL_CLASSES:
         raise ConfigError(
             f"{cfg.name or cfg.family}: mzoo cannot build {cfg.family} models yet (only "
             f"{', '.join(MODEL_CLASSES)}); use a preset of those families."

@@ -28,7 +28,7 @@ from mzoo.parallel.layers import (
 )
 from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mzoo.parallel.random import checkpoint_with_rng
-from mzoo.parallel.sharding import get_spec, to_local
+from mzoo.parallel.sharding import expert_index, get_spec, renumber_expert, to_local
 from mzoo.parallel.state import ParallelState
 from mzoo.models.rope import RotaryEmbedding, apply_rotary
 
@@ -94,16 +94,20 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc1 -> activation -> fc2; gated fc1 holds [gate; up], split per section over TP."""
+    """fc1 -> activation -> fc2; gated fc1 holds [gate; up], split per section over TP. The
+    pre-MLP norm is fused into fc1 (TE spelling) except for shared experts, which follow the
+    MoE layer's own `pre_mlp_layernorm`."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None, fused_norm: bool = True):
         super().__init__()
         self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
         width = ffn * (2 if self.gated else 1)
-        self.linear_fc1 = LayerNormColumnParallelLinear(
-            cfg.hidden_size, width, state, cfg.normalization, cfg.norm_eps,
-            bias=cfg.add_bias_linear, sections=(ffn, ffn) if self.gated else None, dtype=dtype,
-        )
+        kw = dict(bias=cfg.add_bias_linear, sections=(ffn, ffn) if self.gated else None, dtype=dtype)
+        if fused_norm:
+            self.linear_fc1 = LayerNormColumnParallelLinear(
+                cfg.hidden_size, width, state, cfg.normalization, cfg.norm_eps, **kw)
+        else:
+            self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, width, state, **kw)
         self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,17 +121,40 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm residual layer; the norms live inside the fused linears (TE spelling)."""
+    """Pre-norm residual layer. Norms live inside the fused linears (TE spelling), except where
+    Megatron keeps them separate: `input_layernorm` before multi-latent attention and
+    `pre_mlp_layernorm` before a mixture of experts."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
         super().__init__()
-        self.self_attention = SelfAttention(cfg, state, dtype)
-        self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
+        self.input_layernorm = self.pre_mlp_layernorm = None
+        if cfg.mla is not None:
+            from mzoo.models.mla import MLASelfAttention
+
+            self.input_layernorm = _separate_norm(cfg, dtype)
+            self.self_attention = MLASelfAttention(cfg, state, dtype)
+        else:
+            self.self_attention = SelfAttention(cfg, state, dtype)
+        if cfg.is_moe_layer(number):
+            from mzoo.models.moe import MoELayer
+
+            self.pre_mlp_layernorm = _separate_norm(cfg, dtype)
+            self.mlp = MoELayer(cfg, state, dtype)
+        else:
+            self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
         self.state, self.p = state, cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + hidden_dropout(self.self_attention(x, rope), self.p, self.training, self.state)
-        return x + hidden_dropout(self.mlp(x), self.p, self.training, self.state)
+        h = x if self.input_layernorm is None else self.input_layernorm(x)
+        x = x + hidden_dropout(self.self_attention(h, rope), self.p, self.training, self.state)
+        h = x if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(x)
+        return x + hidden_dropout(self.mlp(h), self.p, self.training, self.state)
+
+
+def _separate_norm(cfg: ModelConfig, dtype) -> Norm:
+    norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype)
+    mark_sequence_parallel(norm.weight, norm.bias)
+    return norm
 
 
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelState) -> torch.Tensor:
@@ -147,7 +174,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, state: ParallelState, layers: range, post_process: bool, dtype=None):
         super().__init__()
         self.layer_offset = layers.start
-        self.layers = nn.ModuleList(TransformerLayer(cfg, state, dtype) for _ in layers)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, state, n, dtype) for n in layers)
         self.recompute_layers = False  # full recomputation: keep only each layer's input
         self.final_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype) if post_process else None
         if self.final_layernorm is not None:
@@ -205,7 +232,8 @@ class GPTModel(nn.Module):
         divisible = state.config.make_vocab_size_divisible_by
         self.padded_vocab = cfg.padded_vocab_size(state.tp, divisible)
         self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
-        self.rotary = RotaryEmbedding(cfg, cfg.kv_channels) if cfg.position_embedding == "rope" else None
+        rotary_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else cfg.kv_channels
+        self.rotary = RotaryEmbedding(cfg, rotary_dim) if cfg.position_embedding == "rope" else None
         self.decoder = TransformerBlock(cfg, state, self.layers_range, self.post_process, dtype)
         self.output_layer = None
         if self.post_process and not (cfg.tie_embeddings and self.pre_process):
@@ -263,9 +291,13 @@ class GPTModel(nn.Module):
 
     # ---- naming and initialisation ------------------------------------------------------------
     def canonical_name(self, local_name: str) -> str:
-        """State-dict name -> canonical name (global layer index; a tied output copy is the
-        embedding)."""
+        """State-dict name -> canonical name (global layer and expert indices; a tied output copy
+        is the embedding)."""
         prefix = "decoder.layers."
+        expert = expert_index(local_name)
+        if expert is not None and self.state.config.ep > 1:
+            local_name = renumber_expert(local_name, self.state.ep_rank * self.cfg.moe.num_experts // self.state.config.ep
+                                         + expert)
         if local_name.startswith(prefix) and self.decoder.layer_offset:
             index, rest = local_name[len(prefix) :].split(".", 1)
             return f"{prefix}{int(index) + self.decoder.layer_offset}.{rest}"
@@ -302,7 +334,7 @@ def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) 
     """Initial value of a canonical tensor: normal(0, std) for weights (std / sqrt(2L) on the
     output projections, as Megatron scales them), ones for norm weights, zeros for biases."""
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in ("bias", "layer_norm_bias"):
+    if leaf in ("bias", "layer_norm_bias", "expert_bias"):
         return torch.zeros(shape)
     if leaf == "layer_norm_weight" or (leaf == "weight" and "norm" in name.rsplit(".", 2)[-2]):
         return torch.ones(shape)

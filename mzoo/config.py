@@ -68,7 +68,8 @@ class MoEConfig:
     norm_topk_prob: bool = True
     first_k_dense: int = 0  # leading dense layers (DeepSeek first_k_dense_replace)
     layer_freq: int = 1  # MoE on every layer_freq-th layer after the dense prefix
-    aux_loss_coeff: float = 0.0
+    aux_loss_coeff: float = 0.0  # load-balancing loss weight (Megatron moe_aux_loss_coeff)
+    bias_update_rate: float = 1e-3  # aux-loss-free expert_bias step per optimizer step (DeepSeek-V3)
 
 
 @dataclass
@@ -282,6 +283,8 @@ class ModelConfig:
             fail("moe.layer_freq must be positive and moe.first_k_dense non-negative.")
         if moe.first_k_dense > self.num_layers:
             fail(f"moe.first_k_dense ({moe.first_k_dense}) exceeds num_layers ({self.num_layers}).")
+        if moe.aux_loss_coeff < 0 or moe.bias_update_rate < 0:
+            fail("moe.aux_loss_coeff and moe.bias_update_rate must not be negative.")
         if moe.expert_bias and moe.score_function != "sigmoid":
             fail("moe.expert_bias (aux-loss-free routing) needs moe.score_function 'sigmoid'.")
 
@@ -344,6 +347,12 @@ class ParallelConfig:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
 
+    @property
+    def expert_dp(self) -> int:
+        """Expert-data-parallel size: EP carves its groups out of the data-parallel ranks (Megatron,
+        expert TP = TP), so experts are replicated dp * cp / ep times."""
+        return self.dp * self.cp // self.ep
+
     def validate_for(self, cfg: ModelConfig) -> None:
         """One sentence for the first layout this model cannot take."""
         for name in ("tp", "pp", "vpp", "dp", "ep", "cp"):
@@ -375,6 +384,8 @@ class ParallelConfig:
                 f"pipeline size {self.pp} x virtual stages {self.vpp} exceeds the {cfg.num_layers} layers; "
                 "use fewer stages."
             )
+        if cfg.moe is None and self.ep > 1:
+            raise ConfigError(f"expert parallelism (--ep {self.ep}) needs a mixture-of-experts model; use --ep 1.")
         if cfg.moe is not None and cfg.moe.num_experts % self.ep:
             raise ConfigError(
                 f"expert parallel size {self.ep} does not divide the {cfg.moe.num_experts} experts; "

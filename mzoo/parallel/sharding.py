@@ -7,6 +7,7 @@ split and merge. This is the only place that knows how a fused tensor splits.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -113,3 +114,27 @@ def to_global(param: torch.Tensor, local: torch.Tensor, tp_group, tp: int, vocab
         dist.all_gather(parts, value.contiguous(), group=tp_group)
         value = spec.merge(parts)
     return value[:vocab_size] if spec.vocab else value
+
+
+# ---- experts: EP does not split a tensor, it decides which expert tensors a rank holds ------------
+_EXPERT = re.compile(r"^(?P<head>.*\.mlp\.experts\.local_experts\.)(?P<index>\d+)(?P<tail>\..+)$")
+
+
+def expert_index(name: str) -> Optional[int]:
+    """The expert number in a `...mlp.experts.local_experts.{e}...` name, or None."""
+    match = _EXPERT.match(name)
+    return int(match.group("index")) if match else None
+
+
+def renumber_expert(name: str, index: int) -> str:
+    """The same expert tensor name with expert number `index` (global <-> EP-local)."""
+    match = _EXPERT.match(name)
+    if match is None:
+        raise ValueError(f"{name} is not an expert tensor")
+    return f"{match.group('head')}{index}{match.group('tail')}"
+
+
+def expert_owner(index: int, num_experts: int, ep: int) -> tuple[int, int]:
+    """(EP rank, local index) of global expert `index`: experts are numbered ep_rank * E/EP + local."""
+    per = num_experts // ep
+    return index // per, index % per

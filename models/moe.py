@@ -1,0 +1,268 @@
+"""Mixture of experts, Megatron-Core style: router -> token dispatch (all-to-all over EP) -> experts.
+
+Names follow Megatron-Core's MoE layer (`mlp.router.weight`, `mlp.router.expert_bias`,
+`mlp.experts.local_experts.{i}.linear_fc1.weight`, `mlp.shared_experts.*`), so the same state dict
+loads in Megatron with the SequentialMLP experts. Routing reproduces the reference models exactly:
+
+- Mixtral: softmax over all experts, top-k, renormalised.
+- DeepSeek-V2: softmax, top-k (greedy, or group-limited with the group's best expert as its score),
+  scaled by routed_scaling_factor, not renormalised.
+- DeepSeek-V3: sigmoid, `expert_bias` added for the choice only, groups scored by their two best
+  experts, top-k weights renormalised and scaled.
+
+Experts are numbered `ep_rank * E/EP + local`; each rank holds E/EP experts, each split over TP like
+a dense MLP. Tokens reach their experts through `all_to_all_single` with uneven splits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mzoo.config import ModelConfig
+from mzoo.parallel import collectives as C
+from mzoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
+from mzoo.parallel.sharding import REPLICATED, set_spec
+from mzoo.parallel.state import ParallelState
+
+
+class Router(nn.Module):
+    """Scores every expert per token and picks top-k; computes in fp32 as the references do."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+        super().__init__()
+        moe = cfg.moe
+        self.moe, self.state = moe, state
+        self.weight = set_spec(nn.Parameter(torch.empty(moe.num_experts, cfg.hidden_size, dtype=dtype)), REPLICATED)
+        mark_sequence_parallel(self.weight)  # under SP each TP rank routes its own tokens
+        self.expert_bias: Optional[nn.Parameter] = None
+        if moe.expert_bias:  # aux-loss-free balancing: moved by update_expert_bias, never by gradients
+            self.expert_bias = set_spec(
+                nn.Parameter(torch.zeros(moe.num_experts, dtype=torch.float32), requires_grad=False), REPLICATED
+            )
+        self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.float64), persistent=False)
+        self.aux_loss: Optional[torch.Tensor] = None  # last load-balancing loss (detached), for logging
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.float(), self.weight.float())
+        return logits.sigmoid() if self.moe.score_function == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] fp32, expert indices [T, k], scores [T, E] fp32)."""
+        moe = self.moe
+        scores = self.scores(x)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias
+        if moe.n_group is not None:
+            choice = self._limit_groups(choice)
+        indices = torch.topk(choice.detach(), moe.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if moe.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if moe.routed_scaling_factor != 1.0:
+            weights = weights * moe.routed_scaling_factor
+        return weights, indices, scores
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep the experts of the topk_group best groups (DeepSeek's group-limited routing); a
+        group scores its best expert (V2, softmax) or the sum of its best two (V3, sigmoid)."""
+        moe = self.moe
+        grouped = choice.detach().view(choice.shape[0], moe.n_group, -1)
+        if moe.score_function == "sigmoid":
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(moe.topk_group, dim=-1).indices, True)
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+        return choice.masked_fill(~keep, float("-inf"))
+
+
+class Expert(nn.Module):
+    """One expert's weights, split over TP like a dense MLP; the MoE layer does the TP
+    communication once for all experts, so these linears are used as plain weights."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None):
+        super().__init__()
+        gated = cfg.gated
+        self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, ffn * (2 if gated else 1), state,
+                                               sections=(ffn, ffn) if gated else None, dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, dtype=dtype)
+        for p in self.parameters():
+            p.expert_parallel = True  # differs across EP ranks: reduced over expert-data-parallel ranks
+
+
+class Experts(nn.Module):
+    """This EP rank's experts (SequentialMLP naming); a per-expert loop or one batched matmul."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+        super().__init__()
+        from mzoo.models.gpt import ACTIVATIONS
+
+        self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
+        count = cfg.moe.num_experts // state.config.ep
+        self.local_experts = nn.ModuleList(Expert(cfg, state, cfg.moe.ffn_hidden_size, dtype) for _ in range(count))
+        self.batched = False  # grouped path: one padded bmm for all experts (same numbers as the loop)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(h)
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [N, H] sorted by local expert, `counts` rows each -> partial outputs [N, H] (summed over TP later)."""
+        if self.batched and len(counts) > 1:
+            return self._batched(x, counts)
+        outs = []
+        for expert, part in zip(self.local_experts, x.split(counts)):
+            h = self._ffn(F.linear(part, expert.linear_fc1.weight))
+            outs.append(F.linear(h, expert.linear_fc2.weight))
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+    def _batched(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        n, width = len(counts), max(counts)
+        if width == 0:
+            return x.new_zeros(x.shape)
+        sizes = torch.tensor(counts)
+        row = torch.arange(x.shape[0]) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        slot = torch.repeat_interleave(torch.arange(n), sizes) * width + row
+        padded = x.new_zeros(n * width, x.shape[-1]).index_copy(0, slot, x).view(n, width, -1)
+        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
+        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        h = self._ffn(torch.bmm(padded, w1.transpose(1, 2)))
+        y = torch.bmm(h, w2.transpose(1, 2))
+        return y.reshape(n * width, -1).index_select(0, slot)
+
+
+class MoELayer(nn.Module):
+    """Routed experts (+ shared experts) on [s, b, h] activations (sequence-sharded under SP)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+        super().__init__()
+        from mzoo.models.gpt import MLP
+
+        self.cfg, self.state = cfg, state
+        self.router = Router(cfg, state, dtype)
+        self.experts = Experts(cfg, state, dtype)
+        moe = cfg.moe
+        self.shared_experts = None
+        if moe.num_shared_experts:
+            width = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
+            self.shared_experts = MLP(cfg, state, width, dtype, fused_norm=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b, h = x.shape
+        tokens = x.reshape(-1, h)
+        weights, indices, scores = self.router(tokens)
+        if self.training and torch.is_grad_enabled():
+            tokens = _attach_aux_loss(tokens, self._aux_loss(scores, indices))
+        if self.training and self.router.expert_bias is not None:
+            self.router.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=self.cfg.moe.num_experts)
+        tp_group, sp = self.state.tp_group, self.state.config.sequence_parallel
+        if sp:  # every TP rank runs its expert shards on all the TP group's tokens
+            tokens, weights = C.gather_from_sp(tokens, tp_group), C.gather_from_sp(weights, tp_group)
+            indices = _all_gather_rows(indices, tp_group)
+        else:  # replicated tokens; grads of tokens and weights are partial per TP shard: sum them
+            tokens, weights = C.copy_to_tp(tokens, tp_group), C.copy_to_tp(weights, tp_group)
+        out = self._routed(tokens, weights, indices)
+        out = C.reduce_scatter_to_sp(out, tp_group) if sp else C.reduce_from_tp(out, tp_group)
+        out = out.view(-1, b, h)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _routed(self, tokens: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sort token copies by expert, exchange them over EP, run the experts, return and combine."""
+        num_experts, k = self.cfg.moe.num_experts, indices.shape[1]
+        flat = indices.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        source = order // k
+        counts = torch.bincount(flat, minlength=num_experts)
+        routed = tokens.index_select(0, source)
+        ep, group = self.state.config.ep, self.state.ep_group
+        if ep > 1 and group is not None:
+            local = num_experts // ep
+            send = counts.view(ep, local).sum(1).tolist()
+            received = C.exchange_counts(counts, group).view(ep, local)  # [source rank, local expert]
+            recv_sizes = received.sum(1).tolist()
+            arrived = C.all_to_all(routed, recv_sizes, send, group)
+            expert_of_row = torch.repeat_interleave(torch.arange(local).repeat(ep), received.reshape(-1))
+            regroup = torch.argsort(expert_of_row, stable=True)
+            out = self.experts(arrived.index_select(0, regroup), received.sum(0).tolist())
+            out = C.all_to_all(out.index_select(0, torch.argsort(regroup)), send, recv_sizes, group)
+        else:
+            out = self.experts(routed, counts.tolist())
+        out = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
+        return tokens.new_zeros(tokens.shape).index_add(0, source, out)
+
+    def _aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        """Switch-style load-balancing loss, Megatron's normalisation: E * coeff * sum_e(P_e * f_e),
+        with token counts summed over the TP group under SP so the per-rank terms add up."""
+        coeff = self.cfg.moe.aux_loss_coeff
+        if not coeff:
+            return None
+        num_experts, k = scores.shape[1], indices.shape[1]
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts).float()
+        total = torch.tensor(float(scores.shape[0]))
+        if self.state.config.sequence_parallel and self.state.tp_group is not None:
+            dist.all_reduce(counts, group=self.state.tp_group)
+            total = total * self.state.tp
+        probs = scores / scores.sum(-1, keepdim=True) if self.cfg.moe.score_function == "sigmoid" else scores
+        loss = (probs.sum(0) * counts).sum() * (num_experts * coeff / (k * total * total))
+        self.router.aux_loss = loss.detach()
+        return loss
+
+
+def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on the activations that adds d(aux)/d(router) to the backward pass, so the
+    load-balancing loss trains the router without being part of the reported LM loss. `scale`
+    is what the schedule multiplies the LM loss by (1/micro-batches, the fp16 loss scale)."""
+
+    scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, AuxLossScaler.scale)
+
+
+def _attach_aux_loss(x: torch.Tensor, aux: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if aux is None else AuxLossScaler.apply(x, aux)
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    AuxLossScaler.scale = scale
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, state: ParallelState) -> None:
+    """DeepSeek-V3's aux-loss-free balancing, after each optimizer step: move each router's
+    expert_bias by `bias_update_rate` towards under-loaded experts, on the load counted over
+    every data-parallel (and, under SP, tensor-parallel) rank since the last update."""
+    for module in model.modules():
+        if not isinstance(module, Router) or module.expert_bias is None:
+            continue
+        counts = module.tokens_per_expert.clone()
+        for group in (state.dp_group, state.tp_group if state.config.sequence_parallel else None):
+            if group is not None:
+                dist.all_reduce(counts, group=group)
+        offset = counts.mean() - counts
+        module.expert_bias.add_(torch.sign(offset).float() * module.moe.bias_update_rate)
+        module.tokens_per_expert.zero_()
