@@ -65,6 +65,7 @@ def train(
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1F1B schedule)."),
     vpp: int = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp))."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel size (MoE models); divides dp: EP groups are carved out of DP ranks."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes per node (default tp*pp*dp / nnodes)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes (run the same command on each, with --node-rank)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index (multi-node)."),
@@ -107,6 +108,7 @@ def train(
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
 
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
+             mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
     """
     from mzoo.config import ParallelConfig
     from mzoo.train.data import data_config_from_flags
@@ -127,8 +129,11 @@ def train(
         raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
     if dp is None:
         dp = max(1, world // (tp * pp))
-    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, sequence_parallel=sequence_parallel)
+    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=sequence_parallel)
     layout.validate_for(cfg)
+    if dp % ep:
+        raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
+                        "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
     from mzoo.parallel.pipeline import stage_layers
 
     stage_layers(cfg.num_layers, pp, vpp, first_stage_layers, last_stage_layers)  # one sentence if impossible

@@ -19,12 +19,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from mzoo.config import ModelConfig
-from mzoo.parallel import collectives as C
+from mzoo.parallel import experts as E
 from mzoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
 from mzoo.parallel.sharding import REPLICATED, set_spec
 from mzoo.parallel.state import ParallelState
@@ -157,112 +156,16 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, b, h = x.shape
         tokens = x.reshape(-1, h)
+        moe = self.cfg.moe
         weights, indices, scores = self.router(tokens)
-        if self.training and torch.is_grad_enabled():
-            tokens = _attach_aux_loss(tokens, self._aux_loss(scores, indices))
+        if self.training and torch.is_grad_enabled() and moe.aux_loss_coeff:
+            aux = E.load_balancing_loss(scores, indices, moe.aux_loss_coeff, moe.score_function, self.state)
+            self.router.aux_loss = aux.detach()
+            tokens = E.attach_aux_loss(tokens, aux)
         if self.training and self.router.expert_bias is not None:
-            self.router.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=self.cfg.moe.num_experts)
-        tp_group, sp = self.state.tp_group, self.state.config.sequence_parallel
-        if sp:  # every TP rank runs its expert shards on all the TP group's tokens
-            tokens, weights = C.gather_from_sp(tokens, tp_group), C.gather_from_sp(weights, tp_group)
-            indices = _all_gather_rows(indices, tp_group)
-        else:  # replicated tokens; grads of tokens and weights are partial per TP shard: sum them
-            tokens, weights = C.copy_to_tp(tokens, tp_group), C.copy_to_tp(weights, tp_group)
-        out = self._routed(tokens, weights, indices)
-        out = C.reduce_scatter_to_sp(out, tp_group) if sp else C.reduce_from_tp(out, tp_group)
+            self.router.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=moe.num_experts)
+        out = E.routed_experts(tokens, weights, indices, moe.num_experts, self.state, self.experts)
         out = out.view(-1, b, h)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
-
-    def _routed(self, tokens: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Sort token copies by expert, exchange them over EP, run the experts, return and combine."""
-        num_experts, k = self.cfg.moe.num_experts, indices.shape[1]
-        flat = indices.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        source = order // k
-        counts = torch.bincount(flat, minlength=num_experts)
-        routed = tokens.index_select(0, source)
-        ep, group = self.state.config.ep, self.state.ep_group
-        if ep > 1 and group is not None:
-            local = num_experts // ep
-            send = counts.view(ep, local).sum(1).tolist()
-            received = C.exchange_counts(counts, group).view(ep, local)  # [source rank, local expert]
-            recv_sizes = received.sum(1).tolist()
-            arrived = C.all_to_all(routed, recv_sizes, send, group)
-            expert_of_row = torch.repeat_interleave(torch.arange(local).repeat(ep), received.reshape(-1))
-            regroup = torch.argsort(expert_of_row, stable=True)
-            out = self.experts(arrived.index_select(0, regroup), received.sum(0).tolist())
-            out = C.all_to_all(out.index_select(0, torch.argsort(regroup)), send, recv_sizes, group)
-        else:
-            out = self.experts(routed, counts.tolist())
-        out = out * weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out.dtype)
-        return tokens.new_zeros(tokens.shape).index_add(0, source, out)
-
-    def _aux_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> Optional[torch.Tensor]:
-        """Switch-style load-balancing loss, Megatron's normalisation: E * coeff * sum_e(P_e * f_e),
-        with token counts summed over the TP group under SP so the per-rank terms add up."""
-        coeff = self.cfg.moe.aux_loss_coeff
-        if not coeff:
-            return None
-        num_experts, k = scores.shape[1], indices.shape[1]
-        counts = torch.bincount(indices.reshape(-1), minlength=num_experts).float()
-        total = torch.tensor(float(scores.shape[0]))
-        if self.state.config.sequence_parallel and self.state.tp_group is not None:
-            dist.all_reduce(counts, group=self.state.tp_group)
-            total = total * self.state.tp
-        probs = scores / scores.sum(-1, keepdim=True) if self.cfg.moe.score_function == "sigmoid" else scores
-        loss = (probs.sum(0) * counts).sum() * (num_experts * coeff / (k * total * total))
-        self.router.aux_loss = loss.detach()
-        return loss
-
-
-def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-class AuxLossScaler(torch.autograd.Function):
-    """Identity on the activations that adds d(aux)/d(router) to the backward pass, so the
-    load-balancing loss trains the router without being part of the reported LM loss. `scale`
-    is what the schedule multiplies the LM loss by (1/micro-batches, the fp16 loss scale)."""
-
-    scale: float = 1.0
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(aux)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (aux,) = ctx.saved_tensors
-        return grad, torch.full_like(aux, AuxLossScaler.scale)
-
-
-def _attach_aux_loss(x: torch.Tensor, aux: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if aux is None else AuxLossScaler.apply(x, aux)
-
-
-def set_aux_loss_scale(scale: float) -> None:
-    AuxLossScaler.scale = scale
-
-
-@torch.no_grad()
-def update_expert_bias(model: nn.Module, state: ParallelState) -> None:
-    """DeepSeek-V3's aux-loss-free balancing, after each optimizer step: move each router's
-    expert_bias by `bias_update_rate` towards under-loaded experts, on the load counted over
-    every data-parallel (and, under SP, tensor-parallel) rank since the last update."""
-    for module in model.modules():
-        if not isinstance(module, Router) or module.expert_bias is None:
-            continue
-        counts = module.tokens_per_expert.clone()
-        for group in (state.dp_group, state.tp_group if state.config.sequence_parallel else None):
-            if group is not None:
-                dist.all_reduce(counts, group=group)
-        offset = counts.mean() - counts
-        module.expert_bias.add_(torch.sign(offset).float() * module.moe.bias_update_rate)
-        module.tokens_per_expert.zero_()

@@ -95,13 +95,15 @@ def gather_canonical(model: torch.nn.Module, state: ParallelState,
         local = p if values is None else values[i]
         value = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).clone()
         out.setdefault(name, value)  # a tied copy on the last stage repeats the embedding
-    if state.pp_group is not None:
-        gathered: list = [None] * state.pp
-        dist.all_gather_object(gathered, out, group=state.pp_group)
-        out = {}
-        for part in gathered:
-            for name, value in part.items():
-                out.setdefault(name, value)
+    # experts differ across EP ranks (the rest is replicated), then stages differ across PP
+    for group, size in ((state.ep_group, state.config.ep), (state.pp_group, state.pp)):
+        if group is not None:
+            gathered: list = [None] * size
+            dist.all_gather_object(gathered, out, group=group)
+            out = {}
+            for part in gathered:
+                for name, value in part.items():
+                    out.setdefault(name, value)
     return out
 
 
@@ -131,7 +133,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
 
 def _layout_key(state: ParallelState) -> str:
     c = state.config
-    return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-sp{int(c.sequence_parallel)}"
+    return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-ep{c.ep}-sp{int(c.sequence_parallel)}"
 
 
 def _save_rng(root: Path, step: int, state: ParallelState) -> None:
@@ -246,7 +248,7 @@ def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None]) -> lis
 
 def summary(rc: RunConfig) -> dict[str, Any]:
     lay = rc.layout
-    return {"model": rc.model.name or rc.model.family, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp,
+    return {"model": rc.model.name or rc.model.family, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
             "sequence_parallel": lay.sequence_parallel, "world_size": lay.world_size,
             "global_batch": rc.train.global_batch, "micro_batch": rc.train.micro_batch,
             "microbatches_per_rank": rc.train.global_batch // (rc.train.micro_batch * lay.dp),

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from mzoo.config import ConfigError, ModelConfig
+from mzoo.parallel.experts import set_aux_loss_scale, update_expert_biases
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer, lr_at
 from mzoo.parallel.random import seed_everything
 from mzoo.parallel.state import ParallelState
@@ -181,6 +182,7 @@ class Trainer:
             labels = torch.stack([s["labels"] for s in samples])
             return chunk(tokens, hidden=hidden, labels=labels).float().mean() / n_micro * scale
 
+        set_aux_loss_scale(scale / n_micro)  # MoE load-balancing loss: scaled like the LM loss
         seq = tcfg.seq_len // (state.tp if state.config.sequence_parallel else 1)
         dtype = next(chunks[0].parameters()).dtype
         losses = pick_schedule(state)(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
@@ -215,6 +217,9 @@ class Trainer:
         lr = lr_at(self.step, tcfg.lr, tcfg.min_lr, tcfg.warmup, tcfg.steps, tcfg.schedule)
         norm = self.optimizer.step(lr, loss_scale=scale)
         skipped = not math.isfinite(norm)
+        if not skipped and self.cfg.moe is not None and self.cfg.moe.expert_bias:
+            routers = [m for m in self.model.modules() if getattr(m, "tokens_per_expert", None) is not None]
+            update_expert_biases(routers, self.cfg.moe.bias_update_rate, state)
         self.scaler.update(skipped)
         self.consumed_samples += tcfg.global_batch
         seconds = time.perf_counter() - start
