@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import torch
 
+from mzoo.ckpt.hf import CheckpointError, HFReader
 from mzoo.config import ConfigError, ModelConfig
-from mzoo.converters.mapping import MappingTable
+from mzoo.converters.mapping import Mapping, MappingTable, row_of
+
+Read = Callable[[str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -25,25 +29,90 @@ class Adapter:
     registry: ClassVar[dict[str, "Adapter"]] = {}
 
     def to_hf(self, canonical: str, tensor: torch.Tensor, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF (name, tensor) pairs made from one canonical tensor."""
-        mapping, names = self._resolve(canonical)
+        """HF (name, tensor) pairs made from one canonical tensor (always the first, written spelling)."""
+        mapping, names = self._resolve(canonical)[0]
         for role, value in mapping.to_hf(tensor, cfg).items():
             yield names[role], value
 
-    def to_canonical(self, canonical: str, read: Callable[[str], torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
-        """The canonical tensor, reading the HF tensors it is made of through `read(name)`."""
-        mapping, names = self._resolve(canonical)
-        return mapping.to_canonical({role: read(name) for role, name in names.items()}, cfg)
+    def to_canonical(
+        self, canonical: str, read: Read, cfg: ModelConfig, exists: Optional[Callable[[str], bool]] = None
+    ) -> torch.Tensor:
+        """The canonical tensor, reading the HF tensors it is made of through `read(name)`.
 
-    def _resolve(self, canonical: str):
-        found = self.table.resolve(canonical)
-        if found is None:
+        When the table accepts several spellings (per-expert tensors or the fused in-memory ones),
+        the first one present in the checkpoint is read; presence comes from `exists`, or from the
+        reader `read` is a method of (HFReader), or else from trying each spelling in turn."""
+        options = self._resolve(canonical)
+        exists = exists or _exists_of(read)
+        if len(options) > 1 and exists is not None:
+            present = [o for o in options if all(exists(row_of(n)[0]) for n in o[1].values())]
+            options = present[:1] or options[:1]
+        first_error: Optional[Exception] = None
+        for mapping, names in options:
+            try:
+                parts = {role: _read(read, name) for role, name in names.items()}
+            except (LookupError, CheckpointError) as e:  # this spelling is absent: try the next
+                first_error = first_error or e
+                continue
+            return mapping.to_canonical(parts, cfg)
+        raise first_error
+
+    def _resolve(self, canonical: str) -> list[tuple[Mapping, dict[str, str]]]:
+        found = self.table.candidates(canonical)
+        if not found:
             raise ConfigError(f"the {self.family} adapter has no Hugging Face name for {canonical}.")
         return found
 
 
-def register(adapter: Adapter) -> Adapter:
-    Adapter.registry[adapter.family] = adapter
+def _exists_of(read: Read) -> Optional[Callable[[str], bool]]:
+    """`name in reader` when `read` is a bound method of a reader that can tell."""
+    owner = getattr(read, "__self__", None)
+    return owner.__contains__ if owner is not None and hasattr(type(owner), "__contains__") else None
+
+
+def _read(read: Read, name: str) -> torch.Tensor:
+    """One HF tensor, or one row `name[i]` of a stacked one (an HFReader reads only that row's bytes)."""
+    base, row = row_of(name)
+    if row is None:
+        return read(name)
+    owner = getattr(read, "__self__", None)
+    if isinstance(owner, HFReader):
+        return read_row(owner, base, row)
+    return read(base)[row].clone()
+
+
+def read_row(reader: HFReader, name: str, row: int) -> torch.Tensor:
+    """Row `row` of a stored [N, ...] tensor, read by itself (a fused expert tensor can be many GB)."""
+    if name not in reader:
+        raise CheckpointError(f"{reader.path} has no tensor {name}; the checkpoint does not match its config.")
+    file = reader.weight_map[name]
+    meta = reader.headers[file][name]
+    shape = meta["shape"]
+    if not shape or not 0 <= row < shape[0]:
+        raise CheckpointError(
+            f"{name} in {reader.path} has shape {tuple(shape)}, so it has no row {row}; the checkpoint does "
+            "not match its config."
+        )
+    begin, end = meta["data_offsets"]
+    size = (end - begin) // shape[0]
+    buf = bytearray(size)
+    with open(reader.path / file, "rb", buffering=0) as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + header + begin + row * size)
+        got = f.readinto(buf)
+    if got != size:
+        raise CheckpointError(f"{reader.path / file} is truncated; re-download or re-convert it.")
+    dtype = reader.torch_dtype(name)
+    if not buf:
+        return torch.empty(shape[1:], dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape[1:])
+
+
+def register(adapter: Adapter, as_family: bool = True) -> Adapter:
+    """Make `adapter` the one for its HF model_type and (unless as_family is False, when several
+    model types share a family) the one for its mzoo family."""
+    if as_family:
+        Adapter.registry[adapter.family] = adapter
     Adapter.registry[adapter.model_type] = adapter
     return adapter
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mzoo.ckpt.atomic import atomic_dir
-from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, write_json
+from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
 from mzoo.ckpt.sidecar import write_sidecar
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters import adapter as adapters
@@ -91,7 +91,7 @@ def save_hf(
     with atomic_dir(out, overwrite) as tmp:
         writer = HFWriter(tmp, plan, max_shard_bytes)
         for name, tensor in itertools.chain([first], tensors):
-            for hf_name, value in adapter.to_hf(name, tensor.to(dtype), cfg):
+            for hf_name, value in adapter.to_hf(name, tensor.to(storage_dtype(name, dtype)), cfg):
                 writer.add(hf_name, value)
         writer.close()
         write_json(tmp / "config.json", {**hf_config, "dtype": dtype_name(dtype), "transformers_version": _tf_version()})
@@ -115,8 +115,9 @@ def hf_plan(cfg: ModelConfig, adapter: adapters.Adapter, dtype: torch.dtype) -> 
     """(HF name, shape, dtype) of every output tensor, in write order, from a meta-device pass."""
     plan = []
     for t in canonical_tensors(cfg):
-        for hf_name, value in adapter.to_hf(t.name, torch.empty(t.shape, dtype=dtype, device="meta"), cfg):
-            plan.append((hf_name, tuple(value.shape), dtype))
+        kept = storage_dtype(t.name, dtype)
+        for hf_name, value in adapter.to_hf(t.name, torch.empty(t.shape, dtype=kept, device="meta"), cfg):
+            plan.append((hf_name, tuple(value.shape), kept))
     return plan
 
 

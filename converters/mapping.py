@@ -2,8 +2,12 @@
 
 A family adapter is a table of these (the Megatron-Bridge style): each entry names one canonical
 tensor pattern, the Hugging Face tensor(s) it is made of, and a small typed transform in both
-directions. `*` in a pattern stands for the global layer index. Nothing here knows how tensors
-split over TP: that comes from the model's ShardSpecs.
+directions. Each `*` in a canonical pattern stands for a number (the global layer index, then the
+global expert index); the HF patterns take the same numbers in the same order. An HF pattern
+ending in `[*]` names one row of a stacked tensor (e.g. expert e of a fused [E, ...] tensor).
+Several entries may share a canonical pattern: the first is the spelling written, the others are
+spellings also accepted on read. Nothing here knows how tensors split over TP: that comes from the
+model's ShardSpecs.
 """
 
 from __future__ import annotations
@@ -112,9 +116,29 @@ class GatedMLP(Mapping):
         return {"gate": gate.contiguous(), "up": up.contiguous()}
 
 
+_ROW = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def row_of(name: str) -> tuple[str, Optional[int]]:
+    """'a.b[3]' -> ('a.b', 3): row 3 of a stacked tensor; a plain name -> (name, None)."""
+    match = _ROW.match(name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def _fill(pattern: str, numbers: tuple[str, ...]) -> str:
+    """Put the canonical name's numbers into an HF pattern: with one number every `*` takes it
+    (the layer-only tables), with several each `*` takes the next."""
+    if len(numbers) == 1:
+        return pattern.replace("*", numbers[0])
+    parts = pattern.split("*")
+    if len(parts) - 1 > len(numbers):
+        raise ValueError(f"HF pattern {pattern} has more wildcards than its canonical pattern")
+    return "".join(p + (numbers[i] if i < len(parts) - 1 else "") for i, p in enumerate(parts))
+
+
 @dataclass
 class MappingTable:
-    """Looks up the mapping and concrete HF names for a canonical name, and the reverse."""
+    """Looks up the mapping(s) and concrete HF names for a canonical name."""
 
     mappings: list[Mapping]
     _compiled: list[tuple[re.Pattern, Mapping]] = field(default_factory=list, init=False, repr=False)
@@ -122,11 +146,17 @@ class MappingTable:
     def __post_init__(self) -> None:
         self._compiled = [(_regex(m.canonical), m) for m in self.mappings]
 
-    def resolve(self, canonical: str) -> Optional[tuple[Mapping, dict[str, str]]]:
-        """(mapping, role -> concrete HF name) for a canonical name, or None when unmapped."""
+    def candidates(self, canonical: str) -> list[tuple[Mapping, dict[str, str]]]:
+        """Every (mapping, role -> concrete HF name) for a canonical name, the written spelling first."""
+        found = []
         for regex, m in self._compiled:
             match = regex.match(canonical)
             if match:
-                index = match.group(1) if regex.groups else None
-                return m, {role: p.replace("*", index) if index else p for role, p in m.hf.items()}
-        return None
+                numbers = match.groups()
+                found.append((m, {role: _fill(p, numbers) if numbers else p for role, p in m.hf.items()}))
+        return found
+
+    def resolve(self, canonical: str) -> Optional[tuple[Mapping, dict[str, str]]]:
+        """(mapping, role -> concrete HF name) of the written spelling, or None when unmapped."""
+        found = self.candidates(canonical)
+        return found[0] if found else None

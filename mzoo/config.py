@@ -166,7 +166,13 @@ class ModelConfig:
         fields_ = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "groups", "kv_channels",
                    "ffn_hidden_size", "activation", "normalization", "position_embedding", "tie_embeddings",
                    "add_bias_linear", "add_qkv_bias", "qk_layernorm", "moe", "mla", "ssm")
-        return [f for f in fields_ if getattr(self, f) != getattr(other, f)]
+        def arch(name: str, cfg: "ModelConfig") -> Any:
+            value = getattr(cfg, name)
+            if name == "moe" and value is not None:  # balancing coefficients shape training, not weights
+                value = dataclasses.replace(value, aux_loss_coeff=0.0, bias_update_rate=0.0)
+            return value
+
+        return [f for f in fields_ if arch(f, self) != arch(f, other)]
 
     def padded_vocab_size(self, tp: int = 1, divisible_by: Optional[int] = None) -> int:
         """Megatron's padding: a multiple of make_vocab_size_divisible_by * tp."""

@@ -251,3 +251,14 @@ def parse_dtype(text: Optional[str]) -> Optional[torch.dtype]:
     if text not in table:
         raise UserError(f"unknown dtype '{text}'; use fp32, bf16 or fp16.")
     return table[text]
+
+
+# Tensors every format keeps in fp32 whatever the checkpoint's dtype: DeepSeek-V3's routing bias is
+# added to sigmoid scores to pick experts, and bf16 rounding would change which experts win
+# (Megatron keeps router.expert_bias fp32, transformers keeps e_score_correction_bias fp32).
+FP32_TENSORS = ("router.expert_bias", "gate.e_score_correction_bias")
+
+
+def storage_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor `name` (canonical or Hugging Face) is stored in for a checkpoint of `dtype`."""
+    return torch.float32 if name.endswith(FP32_TENSORS) else dtype
