@@ -13,6 +13,7 @@ from mzoo.cli import convert as convert_cmd
 from mzoo.cli import inspect as inspect_cmd
 from mzoo.cli import verify as verify_cmd
 from mzoo.cli import train as train_cmd
+from mzoo.cli import generate as generate_cmd
 
 app = typer.Typer(
     name="mzoo",
@@ -30,6 +31,7 @@ app.command("reshard")(convert_cmd.reshard)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(verify_cmd.verify)
 app.command("train")(train_cmd.train)
+app.command("generate")(generate_cmd.generate)
 app.command("demo")(demo_cmd.demo)
 
 

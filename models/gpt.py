@@ -43,6 +43,16 @@ ACTIVATIONS = {
 }
 
 
+def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, state: ParallelState,
+                   cache=None, scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal SDPA on [b, h, s, d]; with an inference cache, new queries see every cached key."""
+    mask = cache.attention_mask(q.shape[2], k.shape[2], q.device) if cache is not None else None
+    causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+    with state.rng.fork():  # this rank's heads: its own dropout stream
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                              scale=scale, enable_gqa=enable_gqa)
+
+
 class SelfAttention(nn.Module):
     """Grouped-query attention with a fused QKV laid out per query group: [q heads; k; v]."""
 
@@ -65,14 +75,13 @@ class SelfAttention(nn.Module):
         )
         self.recompute = False  # selective recomputation of the core attention
         self.state, self.dropout = state, cfg.attention_dropout
+        self.layer_number = 0  # global index, set by the layer: keys of the inference cache
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        with self.state.rng.fork():  # this rank's heads: its own dropout stream
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                  enable_gqa=self.groups != self.heads)
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None) -> torch.Tensor:
+        return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache,
+                              enable_gqa=self.groups != self.heads)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         per_group = self.heads // self.groups
@@ -83,12 +92,14 @@ class SelfAttention(nn.Module):
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append_kv(self.layer_number, k, v)
         # [s, b, h, d] -> [b, h, s, d] for SDPA; GQA handled by enable_gqa.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.recompute and self.training and torch.is_grad_enabled():  # selective: keep no [s, s] scores
             out = checkpoint_with_rng(self._core_attention, q, k, v, tracker=self.state.rng)
         else:
-            out = self._core_attention(q, k, v)
+            out = self._core_attention(q, k, v, cache)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.dim)
         return self.linear_proj(out)
 
@@ -142,11 +153,12 @@ class TransformerLayer(nn.Module):
             self.mlp = MoELayer(cfg, state, dtype)
         else:
             self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
+        self.self_attention.layer_number = number
         self.state, self.p = state, cfg.hidden_dropout
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
         h = x if self.input_layernorm is None else self.input_layernorm(x)
-        x = x + hidden_dropout(self.self_attention(h, rope), self.p, self.training, self.state)
+        x = x + hidden_dropout(self.self_attention(h, rope, cache), self.p, self.training, self.state)
         h = x if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(x)
         return x + hidden_dropout(self.mlp(h), self.p, self.training, self.state)
 
@@ -180,12 +192,12 @@ class TransformerBlock(nn.Module):
         if self.final_layernorm is not None:
             mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
         for layer in self.layers:
             if self.recompute_layers and self.training and torch.is_grad_enabled():
                 x = checkpoint_with_rng(layer, x, rope, tracker=layer.state.rng)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, cache)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -255,17 +267,22 @@ class GPTModel(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         hidden: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        cache=None,
     ) -> torch.Tensor:
+        """`cache` (mzoo.generate.InferenceCache): decode after the cached positions."""
         b, s = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+            start = cache.offset if cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden
         if self.state.config.sequence_parallel and self.pre_process:
             x = C.scatter_to_sp(x, self.state.tp_group)
         if self.pre_process:
             x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.state)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        x = self.decoder(x, rope)
+        x = self.decoder(x, rope, cache)
+        if cache is not None and self.post_process:
+            cache.offset += s
         if not self.post_process:
             return x
         # Under SP the all-gather's backward (reduce-scatter) replaces copy_to_tp's all-reduce.

@@ -80,13 +80,14 @@ class MLASelfAttention(nn.Module):
         self.scale = softmax_scale(cfg)
         self.state, self.dropout = state, cfg.attention_dropout
         self.recompute = False
+        self.layer_number = 0
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        with self.state.rng.fork():
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.scale)
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None) -> torch.Tensor:
+        from mzoo.models.gpt import core_attention
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache, self.scale)
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None) -> torch.Tensor:
         """x [s(/tp under SP), b, h], already normed by the layer's input_layernorm."""
         if self.linear_q_proj is not None:
             q = self.linear_q_proj(x)
@@ -110,11 +111,13 @@ class MLASelfAttention(nn.Module):
             q_rot, k_rot = apply_rotary(_deinterleave(q_rot), *rope), apply_rotary(_deinterleave(k_rot), *rope)
         q = torch.cat([q_pass, q_rot], dim=-1)
         k = torch.cat([k_pass, k_rot.expand(s, b, self.heads, self.rope_dim)], dim=-1)
+        if cache is not None:  # expanded keys and values (not the latent): simple, and exact
+            k, v = cache.append_kv(self.layer_number, k, v)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.recompute and self.training and torch.is_grad_enabled():
             out = checkpoint_with_rng(self._core_attention, q, k, v, tracker=self.state.rng)
         else:
-            out = self._core_attention(q, k, v)
+            out = self._core_attention(q, k, v, cache)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.v_dim)
         return self.linear_proj(out)
 

@@ -33,6 +33,26 @@ def make_hf_model(path: Path, config, seed: int = 0) -> Path:
     return path
 
 
+def make_moe_model(path: Path, config, seed: int = 0) -> Path:
+    """A transformers MoE model whose routers make clear choices (no near-ties between experts)
+    and whose every norm, bias and expert-score correction is informative."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("gate.weight"):  # the router
+                p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def hf_factory(tmp_path):
     counter = {"n": 0}

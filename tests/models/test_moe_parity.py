@@ -4,13 +4,12 @@ loop, and TP / EP / TP x EP shards against one process (logits 1e-5, expert grad
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 import dist as D
+from conftest import make_moe_model
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters.hf import load_hf_model
 from mzoo.converters.verify import sample_tokens
@@ -42,24 +41,6 @@ CASES = {
     "deepseek-v3-no-groups-2-shared": lambda: DeepseekV3Config(**{**DEEPSEEK, "n_shared_experts": 2}, n_group=1,
                                                                topk_group=1, routed_scaling_factor=1.0),
 }
-
-
-def make_moe_model(path: Path, config, seed: int = 0) -> Path:
-    """A transformers MoE model whose routers make clear choices (no near-ties between experts)
-    and whose every norm, bias and expert-score correction is informative."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("gate.weight"):  # the router
-                p.normal_(0.0, 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("case", CASES)
