@@ -13,7 +13,9 @@ from mzoo.cli import convert as convert_cmd
 from mzoo.cli import inspect as inspect_cmd
 from mzoo.cli import verify as verify_cmd
 from mzoo.cli import train as train_cmd
+from mzoo.cli import push as push_cmd
 from mzoo.cli import generate as generate_cmd
+from mzoo.cli import finetune as finetune_cmd
 
 app = typer.Typer(
     name="mzoo",
@@ -31,7 +33,9 @@ app.command("reshard")(convert_cmd.reshard)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("verify")(verify_cmd.verify)
 app.command("train")(train_cmd.train)
+app.command("push")(push_cmd.push)
 app.command("generate")(generate_cmd.generate)
+app.command("finetune")(finetune_cmd.finetune)
 app.command("demo")(demo_cmd.demo)
 
 

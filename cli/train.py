@@ -110,9 +110,8 @@ def train(
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
              mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
     """
-    from mzoo.config import ParallelConfig
     from mzoo.train.data import data_config_from_flags
-    from mzoo.train.run import RunConfig, adopt_slurm_env, in_launcher, run, summary
+    from mzoo.train.run import RunConfig, in_launcher
     from mzoo.train.trainer import TrainConfig
     from mzoo.zoo import resolve
 
@@ -121,27 +120,8 @@ def train(
         cfg = cfg.replace(**_parse_overrides(override))
     if megatron_format not in ("torch_dist", "torch"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
-    adopt_slurm_env()
-    if nnodes > 1 and not in_launcher() and not master_addr:
-        raise UserError("multi-node training needs --master-addr (the address of node 0).")
-    world = int(os.environ.get("WORLD_SIZE", (nproc_per_node or 0) * nnodes or tp * pp * (dp or 1)))
-    if nproc_per_node is None and world % nnodes:
-        raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
-    if dp is None:
-        dp = max(1, world // (tp * pp))
-    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=sequence_parallel)
-    layout.validate_for(cfg)
-    if dp % ep:
-        raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
-                        "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
-    from mzoo.parallel.pipeline import stage_layers
-
-    stage_layers(cfg.num_layers, pp, vpp, first_stage_layers, last_stage_layers)  # one sentence if impossible
-    if layout.world_size != world:
-        raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
-                        "make the product match --nproc-per-node.")
-    if cfg.max_position_embeddings < seq_len and cfg.position_embedding == "learned":
-        raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
+    layout, world = resolve_layout(cfg, tp, pp, vpp, dp, ep, sequence_parallel, nproc_per_node, nnodes, master_addr,
+                                   first_stage_layers, last_stage_layers, seq_len)
     tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                        clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,
@@ -170,6 +150,16 @@ def train(
                            (steps * global_batch, eval_iters * global_batch if eval_interval else None, None))
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
                    str(log_json) if log_json else None, str(tensorboard) if tensorboard else None)
+    hooks = _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers)
+    execute("train", rc, hooks, world, nnodes, node_rank, master_addr, master_port, as_json,
+            f"saved {megatron_format} checkpoint to {save}" if save else None)
+
+
+def execute(command: str, rc, hooks, world: int, nnodes: int, node_rank: int, master_addr: Optional[str],
+            master_port: int, as_json: bool, saved_message: Optional[str]) -> None:
+    """Relaunch under torchrun when more than one process is needed, else run here with a progress
+    bar and one line per step (shared by `train` and `finetune`)."""
+    from mzoo.train.run import in_launcher, run, summary
 
     if world > 1 and not in_launcher():
         if not as_json:
@@ -179,7 +169,7 @@ def train(
             f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
             f"--master-port={master_port}"]
         cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={per_node}",
-               "-m", "mzoo.cli.main", "train", *sys.argv[2:]]
+               "-m", "mzoo.cli.main", command, *sys.argv[2:]]
         raise typer.Exit(subprocess.call(cmd))
 
     rank = int(os.environ.get("RANK", 0))
@@ -188,9 +178,9 @@ def train(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+    bar = Progress(TextColumn(command), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    console=err_console, transient=True, disable=rank != 0 or as_json)
-    task = bar.add_task("train", total=steps)
+    task = bar.add_task(command, total=rc.train.steps)
 
     def show(log) -> None:
         bar.update(task, completed=log.step)
@@ -203,9 +193,41 @@ def train(
                               f"{log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}", highlight=False)
 
     with bar:
-        logs = run(rc, _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers), show)
+        logs = run(rc, hooks, show)
     if rank == 0:
         if as_json:
-            print_json({"layout": summary(rc), "losses": [log.loss for log in logs]})
-        elif save:
-            console.print(f"saved {megatron_format} checkpoint to {save}", highlight=False)
+            print_json({"layout": summary(rc), "losses": [log.loss for log in logs],
+                        "val_losses": {log.step: log.val_loss for log in logs if log.val_loss is not None}})
+        elif saved_message:
+            console.print(saved_message, highlight=False)
+
+
+def resolve_layout(cfg, tp: int, pp: int, vpp: int, dp: Optional[int], ep: int, sequence_parallel: bool,
+                   nproc_per_node: Optional[int], nnodes: int, master_addr: Optional[str], first_stage_layers,
+                   last_stage_layers, seq_len: int):
+    """(ParallelConfig, world size) from the flags, every inconsistency one sentence."""
+    from mzoo.config import ParallelConfig
+    from mzoo.train.run import adopt_slurm_env, in_launcher
+
+    adopt_slurm_env()
+    if nnodes > 1 and not in_launcher() and not master_addr:
+        raise UserError("multi-node training needs --master-addr (the address of node 0).")
+    world = int(os.environ.get("WORLD_SIZE", (nproc_per_node or 0) * nnodes or tp * pp * (dp or ep)))
+    if nproc_per_node is None and world % nnodes:
+        raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
+    if dp is None:
+        dp = max(1, world // (tp * pp))
+    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=sequence_parallel)
+    layout.validate_for(cfg)
+    if dp % ep:
+        raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
+                        "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
+    from mzoo.parallel.pipeline import stage_layers
+
+    stage_layers(cfg.num_layers, pp, vpp, first_stage_layers, last_stage_layers)  # one sentence if impossible
+    if layout.world_size != world:
+        raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
+                        "make the product match --nproc-per-node.")
+    if cfg.max_position_embeddings < seq_len and cfg.position_embedding == "learned":
+        raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
+    return layout, world

@@ -44,9 +44,12 @@ ACTIVATIONS = {
 
 
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, state: ParallelState,
-                   cache=None, scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
-    """Causal SDPA on [b, h, s, d]; with an inference cache, new queries see every cached key."""
-    mask = cache.attention_mask(q.shape[2], k.shape[2], q.device) if cache is not None else None
+                   cache=None, scale: Optional[float] = None, enable_gqa: bool = False,
+                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal SDPA on [b, h, s, d]; with an inference cache, new queries see every cached key;
+    `mask` [b, 1, s, s] (packed sequences) replaces the plain causal mask."""
+    if mask is None and cache is not None:
+        mask = cache.attention_mask(q.shape[2], k.shape[2], q.device)
     causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
     with state.rng.fork():  # this rank's heads: its own dropout stream
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
@@ -77,11 +80,13 @@ class SelfAttention(nn.Module):
         self.state, self.dropout = state, cfg.attention_dropout
         self.layer_number = 0  # global index, set by the layer: keys of the inference cache
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None) -> torch.Tensor:
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache,
-                              enable_gqa=self.groups != self.heads)
+                              enable_gqa=self.groups != self.heads, mask=mask)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         per_group = self.heads // self.groups
@@ -97,9 +102,9 @@ class SelfAttention(nn.Module):
         # [s, b, h, d] -> [b, h, s, d] for SDPA; GQA handled by enable_gqa.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.recompute and self.training and torch.is_grad_enabled():  # selective: keep no [s, s] scores
-            out = checkpoint_with_rng(self._core_attention, q, k, v, tracker=self.state.rng)
+            out = checkpoint_with_rng(self._core_attention, q, k, v, None, mask, tracker=self.state.rng)
         else:
-            out = self._core_attention(q, k, v, cache)
+            out = self._core_attention(q, k, v, cache, mask)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.dim)
         return self.linear_proj(out)
 
@@ -156,9 +161,9 @@ class TransformerLayer(nn.Module):
         self.self_attention.layer_number = number
         self.state, self.p = state, cfg.hidden_dropout
 
-    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = x if self.input_layernorm is None else self.input_layernorm(x)
-        x = x + hidden_dropout(self.self_attention(h, rope, cache), self.p, self.training, self.state)
+        x = x + hidden_dropout(self.self_attention(h, rope, cache, mask), self.p, self.training, self.state)
         h = x if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(x)
         return x + hidden_dropout(self.mlp(h), self.p, self.training, self.state)
 
@@ -167,6 +172,13 @@ def _separate_norm(cfg: ModelConfig, dtype) -> Norm:
     norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype)
     mark_sequence_parallel(norm.weight, norm.bias)
     return norm
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, s] segment ids -> [b, 1, s, s] bool: causal and within the same segment."""
+    s = segments.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    return (causal & (segments[:, :, None] == segments[:, None, :])).unsqueeze(1)
 
 
 def hidden_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelState) -> torch.Tensor:
@@ -192,12 +204,12 @@ class TransformerBlock(nn.Module):
         if self.final_layernorm is not None:
             mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
-    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         for layer in self.layers:
             if self.recompute_layers and self.training and torch.is_grad_enabled():
-                x = checkpoint_with_rng(layer, x, rope, tracker=layer.state.rng)
+                x = checkpoint_with_rng(layer, x, rope, None, mask, tracker=layer.state.rng)
             else:
-                x = layer(x, rope, cache)
+                x = layer(x, rope, cache, mask)
         return self.final_layernorm(x) if self.final_layernorm is not None else x
 
 
@@ -268,8 +280,10 @@ class GPTModel(nn.Module):
         hidden: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         cache=None,
+        segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """`cache` (mzoo.generate.InferenceCache): decode after the cached positions."""
+        """`cache` (mzoo.generate.InferenceCache): decode after the cached positions. `segments`
+        [b, s]: packed examples; a token attends only to earlier tokens of its own segment."""
         b, s = input_ids.shape
         if position_ids is None:
             start = cache.offset if cache is not None else 0
@@ -280,7 +294,8 @@ class GPTModel(nn.Module):
         if self.pre_process:
             x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.state)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        x = self.decoder(x, rope, cache)
+        mask = segment_mask(segments) if segments is not None else None
+        x = self.decoder(x, rope, cache, mask)
         if cache is not None and self.post_process:
             cache.offset += s
         if not self.post_process:

@@ -82,12 +82,15 @@ class MLASelfAttention(nn.Module):
         self.recompute = False
         self.layer_number = 0
 
-    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None) -> torch.Tensor:
+    def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         from mzoo.models.gpt import core_attention
 
-        return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache, self.scale)
+        return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache, self.scale,
+                              mask=mask)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [s(/tp under SP), b, h], already normed by the layer's input_layernorm."""
         if self.linear_q_proj is not None:
             q = self.linear_q_proj(x)
@@ -115,9 +118,9 @@ class MLASelfAttention(nn.Module):
             k, v = cache.append_kv(self.layer_number, k, v)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         if self.recompute and self.training and torch.is_grad_enabled():
-            out = checkpoint_with_rng(self._core_attention, q, k, v, tracker=self.state.rng)
+            out = checkpoint_with_rng(self._core_attention, q, k, v, None, mask, tracker=self.state.rng)
         else:
-            out = self._core_attention(q, k, v, cache)
+            out = self._core_attention(q, k, v, cache, mask)
         out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.v_dim)
         return self.linear_proj(out)
 

@@ -43,6 +43,7 @@ class RunConfig:
     load_optimizer: bool = True
     log_json: Optional[str] = None
     tensorboard: Optional[str] = None
+    save_format: str = "megatron"  # or "hf": weights only, for inference and sharing (finetuning)
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -113,6 +114,12 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
     from safetensors.torch import save_file
 
     tensors = gather_canonical(model, state)
+    if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
+        if state.rank == 0:
+            hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, lambda folder: None)
+        if dist.is_initialized():
+            dist.barrier()
+        return
     opt = {}
     for kind, values in trainer.optimizer.param_states().items():
         for name, value in gather_canonical(model, state, values).items():

@@ -176,11 +176,15 @@ class Trainer:
 
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
             samples = [sampler(i) for i in batches[m]]
-            tokens = torch.stack([s["tokens"] for s in samples])
+            batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+            packed = {key: batch[key] for key in ("position_ids", "segments") if key in batch}  # finetuning data
             if not chunk.post_process:
-                return chunk(tokens, hidden=hidden)
-            labels = torch.stack([s["labels"] for s in samples])
-            return chunk(tokens, hidden=hidden, labels=labels).float().mean() / n_micro * scale
+                return chunk(batch["tokens"], hidden=hidden, **packed)
+            loss = chunk(batch["tokens"], hidden=hidden, labels=batch["labels"], **packed).float()
+            if "loss_mask" in batch:  # mean over the trained tokens of this micro-batch
+                mask = batch["loss_mask"].float()
+                return (loss * mask).sum() / mask.sum().clamp(min=1.0) / n_micro * scale
+            return loss.mean() / n_micro * scale
 
         set_aux_loss_scale(scale / n_micro)  # MoE load-balancing loss: scaled like the LM loss
         seq = tcfg.seq_len // (state.tp if state.config.sequence_parallel else 1)
