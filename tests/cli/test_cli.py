@@ -65,7 +65,8 @@ def test_zoo_show():
         (["zoo", "show", "llama3-8"], "unknown preset 'llama3-8'; did you mean"),
         (["zoo", "list", "--family", "bert"], "unknown family 'bert'"),
         (["init", "llama-tiny", "/nonexistent/dir/out"], "parent folder /nonexistent/dir does not exist"),
-        (["init", "mixtral-tiny", "x"], "no Hugging Face adapter for family 'mixtral'"),
+        (["train", "mixtral-tiny", "--ep", "3", "--save", "x"], "expert parallel size 3 does not divide the 4 experts"),
+        (["train", "llama-tiny", "--ep", "2", "--save", "x"], "expert parallelism (--ep 2) needs a mixture-of-experts"),
         (["init", "llama-tiny", "x", "--dtype", "fp8"], "unknown dtype 'fp8'"),
     ],
 )
