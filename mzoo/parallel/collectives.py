@@ -1,4 +1,4 @@
-"""Megatron's tensor-parallel autograd collectives.
+"""Megatron's tensor-parallel autograd collectives, and the expert-parallel all-to-all.
 
 Each function is the identity when the group is None (one rank), so model code calls them
 unconditionally and runs unchanged in one process, under gloo on CPUs and NCCL on GPUs.
@@ -169,3 +169,52 @@ def reduce_scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group is None else _ScatterToSP.apply(x, group)
+
+
+# ---- expert parallelism: token exchange between the ranks of an EP group ---------------------------
+def _all_to_all_rows(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                     group: Group) -> torch.Tensor:
+    """Rows x[sum(input_split_sizes[:j]):...] go to rank j; rank j's rows for us arrive in rank order."""
+    if x.shape[0] != sum(input_split_sizes):
+        raise ValueError(f"input has {x.shape[0]} rows but the input splits sum to {sum(input_split_sizes)}")
+    out = torch.empty((sum(output_split_sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    # single-tensor form: gloo supports uneven (and zero) splits only here, not in the list form
+    dist.all_to_all_single(out, x.contiguous(), list(output_split_sizes), list(input_split_sizes), group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """All-to-all along dim 0; backward sends the gradient rows back with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, output_split_sizes, input_split_sizes, group):
+        ctx.splits, ctx.group = (output_split_sizes, input_split_sizes), group
+        return _all_to_all_rows(x, output_split_sizes, input_split_sizes, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        output_split_sizes, input_split_sizes = ctx.splits
+        return _all_to_all_rows(g, input_split_sizes, output_split_sizes, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+               group: Group) -> torch.Tensor:
+    """Differentiable all-to-all of rows (dim 0) with uneven splits: input_split_sizes[j] rows go to
+    rank j of `group`, output_split_sizes[j] rows come from it. The identity when group is None."""
+    if group is None:
+        return x
+    return _AllToAll.apply(x, list(output_split_sizes), list(input_split_sizes), group)
+
+
+def exchange_counts(send_counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """Exchange counts before an all-to-all: `send_counts` holds world * k entries (e.g. k tokens
+    per local expert), block j goes to rank j of `group`; block j of the result is what rank j sent
+    us. int64, not differentiable; the identity when group is None."""
+    if group is None:
+        return send_counts
+    counts = send_counts.to(torch.int64).contiguous()
+    if counts.numel() % dist.get_world_size(group):
+        raise ValueError(f"{counts.numel()} counts do not split evenly over {dist.get_world_size(group)} ranks")
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts, group=group)
+    return out

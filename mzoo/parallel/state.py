@@ -3,6 +3,10 @@
 Built from a ParallelConfig and passed to model code explicitly (no globals). Rank order follows
 Megatron-Core: tp varies fastest, then cp, then dp, then pp, so global rank
 r = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)) and legacy rank files map one to one.
+
+Expert parallelism (Megatron-Core, expert TP = TP) re-reads the dp x cp ranks of one (tp, pp) position
+as ep x edp with ep fastest: d = cp_rank + cp * dp_rank, ep_rank = d % ep, edp_rank = d // ep. Routed
+experts are split over the EP group and replicated over the expert-data-parallel (EDP) group.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from mzoo.config import ParallelConfig
+from mzoo.config import ConfigError, ParallelConfig
 from mzoo.parallel.random import RNGTracker
 
 Group = Optional[dist.ProcessGroup]
@@ -26,10 +30,14 @@ class ParallelState:
     cp_rank: int = 0
     dp_rank: int = 0
     pp_rank: int = 0
+    ep_rank: int = 0  # expert-parallel rank: which slice of the routed experts this rank holds
+    edp_rank: int = 0  # expert-data-parallel rank: which replica of those experts
     tp_group: Group = None
     cp_group: Group = None
     dp_group: Group = None
     pp_group: Group = None
+    ep_group: Group = None  # same tp, pp, edp rank: exchanges tokens (all-to-all)
+    edp_group: Group = None  # same tp, pp, ep rank: reduces expert gradients
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
     embedding_group: Group = None  # first + last stage of this pipeline (tied embeddings)
     rng: RNGTracker = field(default_factory=RNGTracker)  # TP-aware dropout streams
@@ -45,6 +53,14 @@ class ParallelState:
     @property
     def dp(self) -> int:
         return self.config.dp
+
+    @property
+    def ep(self) -> int:
+        return self.config.ep
+
+    @property
+    def expert_dp(self) -> int:
+        return self.config.expert_dp
 
     @property
     def is_first_stage(self) -> bool:
@@ -65,7 +81,10 @@ class ParallelState:
         tp_rank, rest = rank % config.tp, rank // config.tp
         cp_rank, rest = rest % config.cp, rest // config.cp
         dp_rank, pp_rank = rest % config.dp, rest // config.dp
-        return cls(config=config, rank=rank, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank)
+        check_expert_layout(config)
+        d = cp_rank + config.cp * dp_rank
+        return cls(config=config, rank=rank, tp_rank=tp_rank, cp_rank=cp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
+                   ep_rank=d % config.ep, edp_rank=d // config.ep)
 
     @classmethod
     def build(cls, config: ParallelConfig) -> "ParallelState":
@@ -82,12 +101,14 @@ class ParallelState:
             for r in range(world)
             for s in [cls.for_rank(config, r)]
         }
+        made: dict[tuple[int, ...], Group] = {}  # rank sets already created, reused by the expert axes
         axes = {"tp": 0, "cp": 1, "dp": 2, "pp": 3}
         for name, axis in axes.items():
             keys = sorted({tuple(c[:axis] + c[axis + 1 :]) for c in coords.values()})
             for key in keys:
                 ranks = [r for r, c in coords.items() if tuple(c[:axis] + c[axis + 1 :]) == key]
                 group = dist.new_group(ranks) if len(ranks) > 1 else None
+                made[tuple(ranks)] = group
                 if me.rank in ranks:
                     setattr(me, f"{name}_group", group)
                     if name == "pp":
@@ -96,8 +117,34 @@ class ParallelState:
                     pair = dist.new_group([ranks[0], ranks[-1]])
                     if me.rank in (ranks[0], ranks[-1]):
                         me.embedding_group = pair
+        for name, ranks in expert_group_ranks(config, world):
+            key = tuple(ranks)
+            if key not in made:  # e.g. with ep 1 and cp 1 the EDP groups are the DP groups
+                made[key] = dist.new_group(ranks) if len(ranks) > 1 else None
+            if me.rank in ranks:
+                setattr(me, f"{name}_group", made[key])
         if me.pp_group is not None and dist.get_backend() == "nccl":
             # NCCL wants a group's first operation to involve all of its ranks before batched p2p
             dist.barrier(group=me.pp_group)
         return me
 
+
+def check_expert_layout(config: ParallelConfig) -> None:
+    """EP groups are carved out of the data-parallel x context-parallel ranks: ep must divide them."""
+    if config.ep < 1 or (config.dp * config.cp) % config.ep:
+        raise ConfigError(
+            f"expert parallel size {config.ep} must divide data parallel x context parallel "
+            f"({config.dp} x {config.cp}); choose an EP that divides {config.dp * config.cp}."
+        )
+
+
+def expert_group_ranks(config: ParallelConfig, world: int) -> list[tuple[str, list[int]]]:
+    """Every EP group, then every EDP group, as (axis name, ranks), in an order all ranks share.
+    EP: same tp, pp and edp rank; EDP: same tp, pp and ep rank (Megatron's expert rank generator)."""
+    coords = {r: ParallelState.for_rank(config, r) for r in range(world)}
+    out = []
+    for name, key in (("ep", lambda s: (s.pp_rank, s.edp_rank, s.tp_rank)),
+                      ("edp", lambda s: (s.pp_rank, s.ep_rank, s.tp_rank))):
+        for k in sorted({key(s) for s in coords.values()}):
+            out.append((name, [r for r, s in coords.items() if key(s) == k]))
+    return out
