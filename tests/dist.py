@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import traceback
 from typing import Any, Callable
@@ -19,7 +20,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", fn(rank, world, *args)))
+        # plain pickle: tensors travel as bytes, not as shared file descriptors that vanish when this
+        # process exits before the parent reads them
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -42,7 +45,7 @@ def run(fn: Callable, world: int, *args: Any, timeout: float = 300) -> list[Any]
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            results[rank] = pickle.loads(value)
     except queue_mod.Empty:
         raise AssertionError(f"distributed test timed out after {timeout}s") from None
     finally:

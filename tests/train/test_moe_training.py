@@ -20,7 +20,7 @@ MIXTRAL = ModelConfig(family="mixtral", vocab_size=250, hidden_size=32, num_laye
                       num_query_groups=2, ffn_hidden_size=48, max_position_embeddings=64,
                       moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=48, aux_loss_coeff=1e-2))
 DEEPSEEK = ModelConfig(
-    family="deepseek", vocab_size=250, hidden_size=32, num_layers=3, num_attention_heads=4, ffn_hidden_size=64,
+    family="deepseek", vocab_size=250, hidden_size=32, num_layers=4, num_attention_heads=4, ffn_hidden_size=64,
     max_position_embeddings=64,
     rope=RopeConfig(scaling="yarn", factor=4.0, original_max_position_embeddings=16, mscale=1.0, mscale_all_dim=1.0),
     moe=MoEConfig(num_experts=8, top_k=2, ffn_hidden_size=16, num_shared_experts=1, score_function="sigmoid",
