@@ -35,10 +35,10 @@ def parse_direction(text: str) -> tuple[str, str]:
 def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int, pp: int, vpp: int,
          first: Optional[int], last: Optional[int], spec: str, dtype: Optional[str], shard_size: str,
          trust_pickle: bool, vocab_size: Optional[int], overwrite: bool, as_json: bool, quiet: bool,
-         expect_src: Optional[str]) -> None:
+         expect_src: Optional[str], ep: int = 1, grouped: bool = False, plan: bool = False) -> None:
     from mzoo.ckpt.hf import parse_dtype, parse_size
     from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert as run_convert, open_source
+    from mzoo.converters.pipeline import Target, convert as run_convert, open_source, plan_layout
     if spec not in ("te", "local"):
         raise UserError(f"unknown --spec '{spec}'; use te or local.")
     if megatron_format not in ("torch", "torch_dist", "zarr"):
@@ -52,8 +52,15 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
         raise UserError(f"{src_path} is a Hugging Face checkpoint, not Megatron; use 'hf->...'.")
     fmt = "hf" if dst_kind == "hf" else megatron_format
     layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec,
-                            make_vocab_size_divisible_by=src.cfg.make_vocab_size_divisible_by)
-    target = Target(fmt, layout, torch_dtype, max_bytes)
+                            make_vocab_size_divisible_by=src.cfg.make_vocab_size_divisible_by, ep=ep,
+                            moe_grouped_gemm=grouped, iteration=src.iteration)
+    target = Target(fmt, layout, torch_dtype or src.dtype, max_bytes)
+    if plan:
+        if fmt == "hf":
+            raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
+        _print_plan(plan_layout(src.cfg, target, src.tensors), as_json)
+        return
+    target.dtype = torch_dtype
     with byte_progress(src.nbytes, f"{src.fmt} -> {fmt}", quiet or as_json) as tick:
         summary = run_convert(src, dst, target, overwrite, tick)
     if as_json:
@@ -62,7 +69,27 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
         console.print(summary_line(summary), highlight=False)
 
 
+def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
+    """What --plan prints: every file (or the first few) with its tensor count and size."""
+    if as_json:
+        print_json(plan.as_dict())
+        return
+    lay = plan.layout
+    console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={lay.spec}): "
+                  f"{len(plan.files)} files, {sum(len(f.entries) for f in plan.files)} tensors, "
+                  f"{plan.nbytes / 1e9:.3f} GB; nothing written", highlight=False)
+    for f in plan.files[:shown]:
+        console.print(f"  {f.path}  {len(f.entries)} tensors  {f.nbytes / 1e9:.3f} GB", highlight=False)
+    if len(plan.files) > shown:
+        console.print(f"  ... {len(plan.files) - shown} more (--json lists every file and tensor)", highlight=False)
+
+
 TP = typer.Option(1, "--tp", help="Tensor-parallel size of the output.")
+EP = typer.Option(1, "--ep", help="Expert-parallel size of the output (MoE models; must divide the experts).")
+GROUPED = typer.Option(False, "--moe-grouped-gemm",
+                       help="Legacy files: name experts as TEGroupedMLP does (experts.linear_fc1.weight<i>) instead "
+                            "of SequentialMLP (experts.local_experts.<i>.linear_fc1.weight).")
+PLAN = typer.Option(False, "--plan", help="Print the files, tensors and shapes the output would get; write nothing.")
 PP = typer.Option(1, "--pp", help="Pipeline-parallel size of the output.")
 VPP = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).")
 FIRST = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage (uneven split).")
@@ -83,32 +110,36 @@ def convert(
     direction: str = typer.Argument(..., help="'hf->megatron', 'megatron->hf' or 'megatron->megatron' (quote it!)."),
     src: Path = typer.Argument(..., help="Source checkpoint folder."),
     dst: Path = typer.Argument(..., help="Folder to create."),
-    tp: int = TP, pp: int = PP, vpp: int = VPP, first_stage_layers: Optional[int] = FIRST,
+    tp: int = TP, pp: int = PP, vpp: int = VPP, ep: int = EP, first_stage_layers: Optional[int] = FIRST,
     last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
-    dtype: Optional[str] = DTYPE, shard_size: str = SHARD, trust_pickle: bool = TRUST,
-    vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, as_json: bool = JSON, quiet: bool = QUIET,
+    moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE, shard_size: str = SHARD,
+    trust_pickle: bool = TRUST, vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, plan: bool = PLAN,
+    as_json: bool = JSON, quiet: bool = QUIET,
 ) -> None:
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
     Example: mzoo convert 'hf->megatron' ./llama-hf ./llama-mcore --tp 2 --pp 2
+    (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
     a, b = parse_direction(direction)
     _run(src, dst, b, megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype, shard_size,
-         trust_pickle, vocab_size, overwrite, as_json, quiet, a)
+         trust_pickle, vocab_size, overwrite, as_json, quiet, a, ep, moe_grouped_gemm, plan)
 
 
 @user_errors
 def reshard(
     src: Path = typer.Argument(..., help="Megatron checkpoint (any format, any layout)."),
     dst: Path = typer.Argument(..., help="Folder to create."),
-    tp: int = TP, pp: int = PP, vpp: int = VPP, first_stage_layers: Optional[int] = FIRST,
+    tp: int = TP, pp: int = PP, vpp: int = VPP, ep: int = EP, first_stage_layers: Optional[int] = FIRST,
     last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
-    dtype: Optional[str] = DTYPE, trust_pickle: bool = TRUST, vocab_size: Optional[int] = VOCAB,
-    overwrite: bool = OVER, as_json: bool = JSON, quiet: bool = QUIET,
+    moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE, trust_pickle: bool = TRUST,
+    vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, plan: bool = PLAN, as_json: bool = JSON,
+    quiet: bool = QUIET,
 ) -> None:
     """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
 
     Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
+    (MoE: mzoo reshard ./mixtral-ep4 ./mixtral-ep2 --ep 2)
     """
     _run(src, dst, "megatron", megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype,
-         "5GB", trust_pickle, vocab_size, overwrite, as_json, quiet, "megatron")
+         "5GB", trust_pickle, vocab_size, overwrite, as_json, quiet, "megatron", ep, moe_grouped_gemm, plan)

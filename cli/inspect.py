@@ -33,7 +33,7 @@ def inspect(
                   + (f", iteration {info['iteration']}" if info["iteration"] is not None else ""), highlight=False)
     console.print(f"  model   {m['family']}: {human(info['num_params'])} parameters, {m['num_layers']} layers, "
                   f"hidden {m['hidden_size']}, vocab {info['vocab_size']}", highlight=False)
-    console.print(f"  layout  tp={info['tp']} pp={info['pp']} vpp={info['vpp']}"
+    console.print(f"  layout  tp={info['tp']} pp={info['pp']} vpp={info['vpp']} ep={info['ep']}"
                   + (f" spec={info['spec']}" if info["spec"] else "") + f", dtype {info['dtype']}", highlight=False)
     console.print(f"  files   {len(info['files'])} files, {info['total_bytes'] / 1e9:.3f} GB", highlight=False)
     for p in info["problems"]:

@@ -7,6 +7,7 @@ from a meta model of the configuration (ShardSpecs), never from a table here.
 
 from __future__ import annotations
 
+import math
 import resource
 import shutil
 import time
@@ -22,16 +23,19 @@ from mzoo.ckpt.atomic import atomic_dir, check_destination, fsync_tree
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron import (
     MegatronLayout,
+    Spelling,
     args_to_config,
     args_to_layout,
+    check_expert_tp,
     config_to_args,
+    dist_spelling,
+    expert_dist_key,
     find_iteration_dir,
     iteration_dir,
-    to_spelling,
     write_tracker,
 )
 from mzoo.ckpt.sidecar import read_sidecar, write_sidecar
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
 from mzoo.converters.hf import CanonicalTensor, canonical_tensors, load_canonical, save_hf
@@ -39,6 +43,7 @@ from mzoo.errors import UserError
 from mzoo.parallel.sharding import ShardSpec, pad_vocab
 
 FORMATS = ("hf", "torch", "torch_dist", "zarr")
+_FP32 = torch.float32
 
 
 # ---- detection ------------------------------------------------------------------------------------
@@ -143,27 +148,75 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         cfg = _megatron_config(root, reader.args, vocab_size)
         tensors = canonical_tensors(cfg)
         specs = {t.name: t.spec for t in tensors}
-        reader.bind(cfg.num_layers, specs)
+        reader.bind(cfg.num_layers, specs, cfg.moe.num_experts if cfg.moe else 0)
         get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
         return Source(path, fmt, cfg, reader.dtype, get, reader.layout, iteration, files=_files(folder), tensors=tensors)
     store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
+    if args is not None:
+        check_expert_tp(args)
     cfg = _megatron_config(root, args, vocab_size)
     tensors = canonical_tensors(cfg)
     specs = {t.name: t.spec for t in tensors}
-    # key spelling on disk (megatron-core writes TE names; older tools may not) vs the model spec in args
-    spec = "local" if any(k.endswith("input_layernorm.weight") for k in store.keys()) else "te"
-    layout = args_to_layout(args) if args is not None else MegatronLayout(spec=spec)
+    keys = set(store.keys())
+    spec = _dist_spec(keys, cfg)  # unless the args name the model's implementation
+    layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spec) if args is not None \
+        else MegatronLayout(spec=spec)
     layout.iteration = iteration
-    some = store.keys()[0]
-    dtype = store.dtype(some)
+    where = {t.name: dist_location(t.name, keys, cfg, layout.spec, folder) for t in tensors}  # all, before any read
+    dtype = store.dtype(where[tensors[0].name][0])
 
     def get(name: str) -> torch.Tensor:
-        key, layer = stacked_key(name, spec)
-        return _trim(specs[name], store.read(key, layer), cfg.vocab_size)
+        key, index = where[name]
+        return _trim(specs[name], store.read(key, index or None), cfg.vocab_size)
 
     return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors)
+
+
+def _dist_spec(keys: set[str], cfg: ModelConfig) -> Spelling:
+    """The spec a torch_dist/zarr checkpoint was saved from, told by its keys where they differ:
+    MLA's separate latent norms (local) and MoE layers' own pre-MLP norm (TE); dense keys are the same."""
+    if cfg.mla is not None:
+        return "local" if any(k.endswith("kv_layernorm.weight") for k in keys) else "te"
+    if cfg.moe is not None:
+        return "te" if any(".pre_mlp_layernorm." in "." + k for k in keys) else "local"
+    return "te"
+
+
+def non_homogeneous(cfg: ModelConfig) -> bool:
+    """megatron-core stores every layer under its own `decoder.layers.{N}.` keys when the layers
+    differ (moe_layer_freq a list or > 1: DeepSeek's dense first layers); otherwise stacked."""
+    return cfg.moe is not None and (cfg.moe.first_k_dense > 0 or cfg.moe.layer_freq > 1)
+
+
+def dist_key(name: str, cfg: ModelConfig, spec: Spelling, stacked: bool) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """Canonical name -> (torch_dist key, index on its leading axes, sizes of those axes).
+
+    Stacked: `decoder.layers.<name>` [L, ...]; per layer: `decoder.layers.{N}.<name>`; experts add
+    a global expert axis under `...mlp.experts.experts.<linear>` ([L, E, ...] or [E, ...])."""
+    layer, rest = legacy.split_layer_name(name)
+    mla = cfg.mla is not None
+    if layer is None:
+        return dist_spelling(name, spec, mla), (), ()
+    rest, expert = expert_dist_key(rest)
+    rest = dist_spelling(rest, spec, mla)
+    experts = ((expert,), (cfg.moe.num_experts,)) if expert is not None else ((), ())
+    if stacked:
+        return "decoder.layers." + rest, (layer, *experts[0]), (cfg.num_layers, *experts[1])
+    return f"decoder.layers.{layer}.{rest}", experts[0], experts[1]
+
+
+def dist_location(name: str, keys: set[str], cfg: ModelConfig, spec: Spelling, folder: Path) -> tuple[str, tuple[int, ...]]:
+    """Where a canonical tensor is in a torch_dist/zarr checkpoint: the layout's spelling first,
+    stacked or per layer, whichever the checkpoint has."""
+    other: Spelling = "local" if spec == "te" else "te"
+    tries = [dist_key(name, cfg, s, stacked) for s in (spec, other) for stacked in (not non_homogeneous(cfg),
+                                                                                   non_homogeneous(cfg))]
+    for key, index, _ in tries:
+        if key in keys:
+            return key, index
+    raise CheckpointError(f"{folder} has no tensor {tries[0][0]} (for {name}); the checkpoint does not match its config.")
 
 
 def _zarr_reader(folder: Path):
@@ -205,6 +258,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "tp": lay.tp if lay else 1,
         "pp": lay.pp if lay else 1,
         "vpp": lay.vpp if lay else 1,
+        "ep": lay.ep if lay else 1,
         "spec": lay.spec if lay else None,
         "dtype": str(src.dtype).replace("torch.", ""),
         "num_params": count.total,
@@ -216,14 +270,6 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "problems": problems,
         "model": src.cfg.to_dict(),
     }
-
-
-def stacked_key(name: str, spec: str) -> tuple[str, Optional[int]]:
-    """Canonical name -> (torch_dist key, layer index on the leading axis)."""
-    layer, rest = legacy.split_layer_name(name)
-    if layer is None:
-        return to_spelling(name, spec), None
-    return "decoder.layers." + to_spelling(rest, spec), layer
 
 
 # ---- targets --------------------------------------------------------------------------------------
@@ -247,6 +293,7 @@ class Summary:
     bytes: int
     seconds: float
     peak_rss_gb: float
+    ep: int = 1
 
     @property
     def gb_per_s(self) -> float:
@@ -264,14 +311,28 @@ def validate_target(src: Source, target: Target) -> None:
     """Every reason the conversion cannot work, before any output exists."""
     if target.fmt not in FORMATS:
         raise UserError(f"unknown format '{target.fmt}'; use one of {', '.join(FORMATS)}.")
-    lay = target.layout
-    ParallelConfig(tp=lay.tp, pp=lay.pp, vpp=lay.vpp).validate_for(src.cfg)
     if target.fmt == "hf":
         adapters.for_family(src.cfg.family).config_to_hf(src.cfg)
     else:
-        from mzoo.parallel.pipeline import stage_layers
+        validate_layout(src.cfg, target.fmt, target.layout)
 
-        stage_layers(src.cfg.num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
+
+def validate_layout(cfg: ModelConfig, fmt: str, lay: MegatronLayout) -> None:
+    """Every reason `cfg` cannot take this Megatron layout, in one sentence."""
+    from mzoo.parallel.pipeline import stage_layers
+
+    if lay.spec not in ("te", "local"):
+        raise UserError(f"unknown spec '{lay.spec}'; use te or local.")
+    ParallelConfig(tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep).validate_for(cfg)
+    stage_layers(cfg.num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
+    mla = cfg.mla
+    if fmt == "torch" and lay.spec == "local" and mla is not None and lay.tp > 1:
+        # megatron-core's local MLA spec splits the latent down projections' rows over TP
+        rows = {"q_lora_rank": mla.q_lora_rank, "kv_lora_rank + qk_rope_head_dim": mla.kv_lora_rank + mla.qk_rope_head_dim}
+        for what, n in rows.items():
+            if n is not None and n % lay.tp:
+                raise ConfigError(f"tensor parallel size {lay.tp} does not divide {what} ({n}), which megatron-core's "
+                                  "local MLA spec splits over TP; use --spec te or a TP that divides it.")
 
 
 def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = False,
@@ -285,8 +346,8 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
     cfg = src.cfg
 
     def fetch(name: str) -> torch.Tensor:
-        value = src.get(name).to(dtype)
-        return value
+        value = src.get(name)
+        return value.to(tensor_dtype(name, dtype) if target.fmt != "hf" else dtype)
 
     if target.fmt == "hf":
         def stream():
@@ -301,7 +362,13 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
         write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files)
     lay = target.layout if target.fmt != "hf" else MegatronLayout()
     return Summary(str(src.path), str(dst), src.fmt, target.fmt, lay.tp, lay.pp, lay.vpp, src.nbytes,
-                   time.perf_counter() - start, peak_rss_gb())
+                   time.perf_counter() - start, peak_rss_gb(), lay.ep)
+
+
+def tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Megatron checkpoint stores a tensor in: megatron-core keeps the router's
+    expert_bias in fp32 whatever the model's dtype."""
+    return _FP32 if name.endswith("mlp.router.expert_bias") else dtype
 
 
 def write_megatron(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor], dst: Path,
@@ -348,11 +415,9 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
     if target.fmt == "torch":
         folder.mkdir()
         legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
-                            cfg.tie_embeddings, tick)
+                            cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0)
         return
-    # megatron-core stores norms under their TE names in torch_dist whatever the spec
-    # (its local-spec modules map input_layernorm -> linear_qkv.layer_norm_* on save).
-    chunks = dist_chunks(cfg, tensors, fetch, "te", padded, dtype)
+    chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype)
     common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
     if target.fmt == "torch_dist":
         dist_fmt.write_dist(folder, chunks, common, tick)
@@ -369,24 +434,129 @@ def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtyp
     write_tracker(root, iteration)  # last: marks the checkpoint complete
 
 
-def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor],
-                spec: str, padded: int, dtype: torch.dtype) -> list[dist_fmt.Chunk]:
-    """One chunk per layer of every stacked key, one per non-layer tensor; vocab rows padded."""
+def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optional[Callable[[str], torch.Tensor]],
+                spec: Spelling, padded: int, dtype: torch.dtype) -> list[dist_fmt.Chunk]:
+    """One chunk per canonical tensor (per layer of a stacked key, per expert of an expert key),
+    under the keys megatron-core uses for `spec` (see dist_key); vocab rows padded. `fetch` None
+    plans without weights."""
     chunks = []
-    layers = cfg.num_layers
+    stacked = not non_homogeneous(cfg)
     for t in tensors:
-        key, layer = stacked_key(t.name, spec)
+        key, index, lead = dist_key(t.name, cfg, spec, stacked)
         shape = list(t.shape)
         if t.spec.vocab:
             shape[0] = padded
 
-        def produce(name=t.name, vocab=t.spec.vocab) -> torch.Tensor:
+        def produce(name=t.name, vocab=t.spec.vocab, n=len(lead)) -> torch.Tensor:
             value = fetch(name)
-            return pad_vocab(value, padded) if vocab else value
+            value = pad_vocab(value, padded) if vocab else value
+            return value.reshape((1,) * n + tuple(value.shape))
 
-        if layer is None:
-            chunks.append(dist_fmt.Chunk(key, tuple(shape), (0,) * len(shape), tuple(shape), dtype, produce))
-        else:
-            chunks.append(dist_fmt.Chunk(key, (layers, *shape), (layer,) + (0,) * len(shape), (1, *shape), dtype,
-                                         lambda p=produce: p().unsqueeze(0)))
+        chunks.append(dist_fmt.Chunk(key, (*lead, *shape), (*index,) + (0,) * len(shape), (1,) * len(lead) + tuple(shape),
+                                     tensor_dtype(t.name, dtype), produce, prepend=len(lead)))
     return chunks
+
+
+# ---- planning: what a target layout gets, from the config alone ------------------------------------
+@dataclass(frozen=True)
+class PlannedEntry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class PlannedFile:
+    """One file (legacy rank file, zarr array) or, for torch_dist, the DCP checkpoint as a whole."""
+
+    path: str  # relative to the checkpoint root
+    entries: list[PlannedEntry]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(e) for e in self.entries)
+
+
+def _nbytes(e: PlannedEntry) -> int:
+    return math.prod(e.shape) * getattr(torch, e.dtype).itemsize
+
+
+@dataclass
+class Plan:
+    fmt: str
+    layout: MegatronLayout
+    files: list[PlannedFile]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def as_dict(self) -> dict[str, Any]:
+        lay = self.layout
+        return {"format": self.fmt, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep, "spec": lay.spec,
+                "bytes": self.nbytes, "files": [{"path": f.path, "bytes": f.nbytes,
+                                                 "tensors": [[e.key, list(e.shape), e.dtype] for e in f.entries]}
+                                                for f in self.files]}
+
+
+def plan_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
+    """canonical_tensors(cfg), fast for huge MoE models: a meta model of one layer of each kind
+    (dense prefix, each MoE-period position) is built and its layers repeated, instead of
+    building every expert of every layer."""
+    moe = cfg.moe
+    if moe is None or cfg.ssm is not None or cfg.num_layers <= (moe.first_k_dense > 0) + moe.layer_freq:
+        return canonical_tensors(cfg)
+    dense = int(moe.first_k_dense > 0)
+    small = cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense})
+    template: dict[int, list[CanonicalTensor]] = {}
+    head, tail = [], []
+    for t in canonical_tensors(small):
+        layer, rest = legacy.split_layer_name(t.name)
+        if layer is None:
+            (tail if template else head).append(t)
+        else:
+            template.setdefault(layer, []).append(CanonicalTensor(rest, t.shape, t.spec))
+    out = list(head)
+    for n in range(cfg.num_layers):
+        kind = 0 if n < moe.first_k_dense else dense + (n - moe.first_k_dense) % moe.layer_freq
+        out += [CanonicalTensor(f"decoder.layers.{n}.{t.name}", t.shape, t.spec) for t in template[kind]]
+    return out + tail
+
+
+def plan_layout(cfg: ModelConfig, target: Target, tensors: Optional[list[CanonicalTensor]] = None) -> Plan:
+    """The files, keys, shapes and dtypes a Megatron target layout gets, without weights or output."""
+    lay = target.layout
+    validate_layout(cfg, target.fmt, lay)
+    tensors = tensors if tensors is not None else plan_tensors(cfg)
+    dtype = target.dtype or torch.bfloat16
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    padded = lay.padded_vocab(cfg)
+    folder = iteration_dir(Path(), lay.iteration)
+    if target.fmt == "torch":
+        shapes = {t.name: t.shape for t in tensors}
+        stages = legacy.legacy_plan([t.name for t in tensors], {t.name: t.spec for t in tensors}, lay, cfg.num_layers,
+                                    cfg.tie_embeddings, cfg.moe.num_experts if cfg.moe else 0)
+        files: dict[tuple[int, int, int], PlannedFile] = {}
+        for p in range(lay.pp):
+            for e in range(lay.ep):
+                for t in range(lay.tp):
+                    path = folder / legacy.rank_dir(t, p, lay.pp, e, lay.ep) / legacy.FILE
+                    files[(p, e, t)] = PlannedFile(str(path), [])
+            for entry in stages[p]:
+                shape = list(shapes[entry.canonical])
+                spec = entry.spec
+                if spec.vocab:
+                    shape[0] = padded
+                local = spec.local_shape(shape, lay.tp) if spec.axis == "tp" else tuple(shape)
+                kind = name(tensor_dtype(entry.canonical, dtype))
+                for e, key in entry.targets:
+                    for t in range(lay.tp):
+                        files[(p, e, t)].entries.append(PlannedEntry(key, local, kind))
+        return Plan(target.fmt, lay, list(files.values()))
+    chunks = dist_chunks(cfg, tensors, None, lay.spec, padded, dtype)
+    keys: dict[str, PlannedEntry] = {}
+    for c in chunks:
+        keys.setdefault(c.key, PlannedEntry(c.key, c.global_shape, name(c.dtype)))
+    if target.fmt == "zarr":
+        return Plan(target.fmt, lay, [PlannedFile(str(folder / k), [e]) for k, e in keys.items()])
+    return Plan(target.fmt, lay, [PlannedFile(str(folder), list(keys.values()))])

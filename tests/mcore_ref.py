@@ -123,19 +123,21 @@ def unpack(data: bytes) -> Any:
 
 
 # ---- parallel state ------------------------------------------------------------------------------
-def init_parallel(tp: int, seed: int = 1234) -> None:
-    """(Re)initialise megatron's model-parallel groups for tensor parallel size `tp` on the
-    already-initialised default (gloo) group, and seed megatron's RNG tracker
-    (model_parallel_cuda_manual_seed, which the shim routes to the CPU generator)."""
+def init_parallel(tp: int, seed: int = 1234, ep: int = 1) -> None:
+    """(Re)initialise megatron's model-parallel groups for tensor parallel size `tp` (and expert
+    parallel size `ep`, carved out of the data-parallel ranks) on the already-initialised default
+    (gloo) group, and seed megatron's RNG tracker (model_parallel_cuda_manual_seed, which the
+    shim routes to the CPU generator)."""
     install_cpu_shim()
     from megatron.core import parallel_state, tensor_parallel
 
     assert dist.is_initialized(), "run inside a torch.distributed (gloo) process group"
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+        if (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size()) != (tp, ep):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
@@ -153,8 +155,6 @@ def unsupported(cfg: ModelConfig) -> Optional[str]:
         return "MLA needs Transformer Engine"
     if cfg.ssm is not None:
         return "Mamba needs the mamba-ssm kernels"
-    if cfg.moe is not None:
-        return "MoE is not covered by this dense reference"
     if cfg.position_embedding == "rope":
         r = cfg.rope
         if r.scaling == "yarn":
@@ -168,15 +168,52 @@ def unsupported(cfg: ModelConfig) -> Optional[str]:
     return None
 
 
-def transformer_config(cfg: ModelConfig, tp: int, **overrides: Any):
-    """megatron-core TransformerConfig for an mzoo dense config: fp32, CPU init, no dropout and
-    no fusions (so the reference computes exactly the configured math)."""
+def moe_config(cfg: ModelConfig, ep: int = 1) -> dict[str, Any]:
+    """megatron-core's MoE TransformerConfig fields for an mzoo MoE config (none for a dense one):
+    SequentialMLP experts (no grouped GEMM), the allgather token dispatcher (the alltoall one needs
+    CUDA streams), no token dropping, no load-balancing loss (eval reference)."""
+    moe = cfg.moe
+    if moe is None:
+        return {}
+    freq: Any = moe.layer_freq
+    if moe.first_k_dense:
+        freq = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=(
+            moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size) or None),
+        moe_router_score_function=moe.score_function,
+        # softmax over the top-k logits == renormalised top-k of the full softmax (Mixtral)
+        moe_router_pre_softmax=moe.score_function == "softmax" and not moe.norm_topk_prob,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_num_groups=moe.n_group,
+        moe_router_group_topk=moe.topk_group,
+        moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_layer_freq=freq,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=ep,
+    )
+
+
+def transformer_config(cfg: ModelConfig, tp: int, ep: int = 1, **overrides: Any):
+    """megatron-core TransformerConfig for an mzoo config: fp32, CPU init, no dropout and no
+    fusions (so the reference computes exactly the configured math); MoE fields from moe_config."""
     install_cpu_shim()
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     why = unsupported(cfg)
     if why:
         raise NotImplementedError(f"{cfg.name or 'config'}: {why}")
+    return TransformerConfig(**config_kwargs(cfg, tp, ep, **overrides))
+
+
+def config_kwargs(cfg: ModelConfig, tp: int, ep: int = 1, **overrides: Any) -> dict[str, Any]:
+    """The TransformerConfig arguments transformer_config uses (no checks)."""
     gated, act = _activation(cfg.activation)
     kwargs: dict[str, Any] = dict(
         num_layers=cfg.num_layers,
@@ -206,9 +243,10 @@ def transformer_config(cfg: ModelConfig, tp: int, **overrides: Any):
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
+        **moe_config(cfg, ep),
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
 def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -229,17 +267,22 @@ def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kw
 
 
-def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = None, seed: int = 1234):
+def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = None, seed: int = 1234, ep: int = 1):
     """A megatron-core GPTModel (local spec, fp32, CPU, eval mode) for `cfg` at tensor parallel
-    size `tp` (the process group's world must be a multiple of tp; the rest is DP). Initialises
-    megatron's parallel state and RNG. With CPU initialisation megatron draws the full master
-    weights and slices them, so the same seed gives the same global model at every TP."""
-    init_parallel(tp, seed)
+    size `tp` and expert parallel size `ep` (the process group's world must be a multiple of tp,
+    and tp * ep must divide it; the rest is DP). Initialises megatron's parallel state and RNG.
+    With CPU initialisation megatron draws the full master weights and slices them, so the same
+    seed gives the same global dense model at every TP. MoE models use the decoder block spec
+    (per-layer dense/MoE specs from moe_layer_freq) with SequentialMLP experts."""
+    init_parallel(tp, seed, ep)
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
-    config = transformer_config(cfg, tp)
-    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=cfg.qk_layernorm)
+    config = transformer_config(cfg, tp, ep)
+    if cfg.moe is not None:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=cfg.qk_layernorm)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -250,6 +293,39 @@ def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = Non
         **gpt_model_kwargs(cfg),
     )
     return model.eval()
+
+
+def build_mla_model_for_names(cfg: ModelConfig, tp: int, padded_vocab: int, ep: int = 1):
+    """megatron-core's own GPTModel for an MLA (DeepSeek) config, local spec, built ONLY to read its
+    state-dict and sharded-state-dict names and shapes; it cannot run a forward.
+
+    megatron-core 0.16.1 cannot build MLA on CPU without Transformer Engine as shipped: its local
+    DotProductAttention rejects the k_channels/v_channels MLASelfAttention passes, and
+    MLASelfAttention.__init__ tests isinstance(linear_proj, TELinear) while TELinear is None (its
+    `megatron.core.extensions.transformer_engine` import succeeds without TE, so HAVE_TE is True).
+    Here the core attention -- a module without parameters or state -- is replaced by IdentityOp
+    and multi_latent_attention.HAVE_TE is set False; every module that owns parameters or
+    checkpoint state is megatron-core's own."""
+    init_parallel(tp, 1234, ep)
+    import megatron.core.transformer.multi_latent_attention as mla_module
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    mla_module.HAVE_TE = False
+    mla, rope = cfg.mla, cfg.rope
+    dense = config_kwargs(cfg, tp, ep)
+    dense.update(multi_latent_attention=True, qk_layernorm=True, q_lora_rank=mla.q_lora_rank,
+                 kv_lora_rank=mla.kv_lora_rank, qk_head_dim=mla.qk_nope_head_dim,
+                 qk_pos_emb_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+                 rope_type="yarn" if rope.scaling == "yarn" else "rope")
+    config = MLATransformerConfig(**dense)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = IdentityOp
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab, pre_process=True,
+                    post_process=True, parallel_output=True, **gpt_model_kwargs(cfg)).eval()
 
 
 @torch.no_grad()
@@ -432,8 +508,19 @@ def megatron_args(cfg: ModelConfig, tp: int, padded_vocab: int, **extra: Any) ->
         use_dist_ckpt=True,
         tokenizer_type="NullTokenizer",
     )
+    args.update(_moe_args(cfg))
     args.update(extra)
     return argparse.Namespace(**args)
+
+
+def _moe_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Megatron-LM's MoE argument names (megatron/training/arguments.py), from moe_config."""
+    if cfg.moe is None:
+        return {}
+    fields = moe_config(cfg)
+    out = {("num_experts" if k == "num_moe_experts" else k): v for k, v in fields.items()}
+    out.pop("expert_model_parallel_size")
+    return out
 
 
 def save_dist_checkpoint(model, path: str | os.PathLike, args: Optional[argparse.Namespace] = None,

@@ -42,6 +42,7 @@ class Chunk:
     shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    prepend: int = 0  # leading axes that index layers / experts (megatron's prepended sharding axes)
 
 
 def _planner(chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[int], None]):
@@ -95,14 +96,16 @@ def _planner(chunks: list[Chunk], objects: dict[str, Any], on_item: Callable[[in
 
 
 def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
-    """The `_extra_state` objects megatron-core saves for every stacked linear, one per layer
-    (`<module>._extra_state/shard_<layer>_<L>`, value [None]); its default load strictness
-    requires them."""
+    """The `_extra_state` objects megatron-core saves for every linear of the decoder, value [None];
+    its default load strictness requires them. Their key carries the chunk's prepended axes:
+    `<module>._extra_state/shard_<layer>_<L>` (stacked), `shard_<layer>.<expert>_<L>.<E>` (stacked
+    experts), `shard_<expert>_<E>` (per-layer experts), `shard_0_1` (per-layer keys)."""
     out = {}
     for c in chunks:
-        if c.key.startswith("decoder.layers.") and c.key.endswith(".weight") and extra_state_name(c.key):
-            layers = c.global_shape[0]
-            out[f"{extra_state_name(c.key)}/shard_{c.offsets[0]}_{layers}"] = [None]
+        extra = extra_state_name(c.key)
+        if c.key.startswith("decoder.layers.") and extra:
+            offsets, shape = (c.offsets[: c.prepend], c.global_shape[: c.prepend]) if c.prepend else ((0,), (1,))
+            out[f"{extra}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"] = [None]
     return out
 
 
@@ -179,34 +182,30 @@ class DistReader:
     def dtype(self, key: str) -> torch.dtype:
         return self.tensors[key].properties.dtype
 
-    def read(self, key: str, index: Optional[int] = None) -> torch.Tensor:
-        """The whole global tensor, or row `index` of its leading (layer) axis."""
+    def read(self, key: str, index: int | tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole global tensor, or the sub-tensor at `index` of its leading (layer, expert) axes;
+        only the stored chunks that overlap it are read."""
         if key not in self.tensors:
             raise CheckpointError(f"{self.folder} has no tensor {key}; the checkpoint does not match its config.")
         meta = self.tensors[key]
-        shape = list(meta.size)
-        lo, hi = (0, shape[0]) if index is None else (index, index + 1)
-        out_shape = [hi - lo] + shape[1:] if shape else []
-        covering = [c for c in meta.chunks if not shape or (
-            c.offsets[0] <= lo and c.offsets[0] + c.sizes[0] >= hi and tuple(c.sizes[1:]) == tuple(shape[1:]))]
-        if covering:  # one stored chunk holds the whole request: no second buffer
-            piece = self._chunk(key, covering[0])
-            if not shape:
-                return piece
-            part = piece[lo - covering[0].offsets[0] : hi - covering[0].offsets[0]]
-            return part[0] if index is not None else part
-        out = torch.empty(out_shape, dtype=meta.properties.dtype)
-        for chunk in meta.chunks:
-            c_lo, c_hi = (chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if shape else (0, 0)
-            if shape and (c_hi <= lo or c_lo >= hi):
-                continue
-            piece = self._chunk(key, chunk)
-            if not shape:
-                return piece
-            a, b = max(lo, c_lo), min(hi, c_hi)
-            region = [slice(a - lo, b - lo)] + [slice(o, o + s) for o, s in zip(chunk.offsets[1:], chunk.sizes[1:])]
-            out[tuple(region)] = piece[a - c_lo : b - c_lo]
-        return out[0] if index is not None else out
+        shape = tuple(meta.size)
+        lead = () if index is None else (index,) if isinstance(index, int) else tuple(index)
+        k = len(lead)
+        if not all(0 <= i < n for i, n in zip(lead, shape)) or k > len(shape):
+            raise CheckpointError(f"{key} has shape {shape} in {self.folder}; index {lead} is out of range.")
+        chunks = [c for c in meta.chunks if all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes))]
+
+        def at(chunk: Any) -> tuple[int, ...]:
+            return tuple(i - o for i, o in zip(lead, chunk.offsets))
+
+        for c in chunks:  # one stored chunk holds the whole request: no second buffer
+            if tuple(c.offsets[k:]) == (0,) * (len(shape) - k) and tuple(c.sizes[k:]) == shape[k:]:
+                return self._chunk(key, c)[at(c)]
+        out = torch.empty(shape[k:], dtype=meta.properties.dtype)
+        for c in chunks:
+            region = tuple(slice(o, o + n) for o, n in zip(c.offsets[k:], c.sizes[k:]))
+            out[region] = self._chunk(key, c)[at(c)]
+        return out
 
     def _chunk(self, key: str, chunk: Any) -> torch.Tensor:
         info = self.storage.get((key, tuple(chunk.offsets)))

@@ -1,15 +1,19 @@
-"""Megatron-LM's legacy "torch" format: one pickle per rank, local layer numbering.
+"""Megatron-LM's legacy "torch" format: one pickle per rank, local layer and expert numbering.
 
     ROOT/latest_checkpointed_iteration.txt
-    ROOT/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt   {'args', 'checkpoint_version',
-                                                             'iteration', 'model' | 'model0'..}
+    ROOT/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   {'args', 'checkpoint_version',
+                                                                   'iteration', 'model' | 'model0'..}
 
-Rank files are written incrementally (one tensor at a time) and read memory-mapped.
+One file per (TP, PP, EP) rank: `_PPP` when PP > 1, `_EEE` when EP > 1 (so `mp_rank_TT_NNN` is PP
+or EP: the args tell which). Every EP rank's file repeats the non-expert tensors and holds its own
+E/EP experts numbered from 0 (global = ep_rank * E/EP + local). Rank files are written
+incrementally (one tensor at a time) and read memory-mapped.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -18,22 +22,44 @@ import torch
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron import (
     MegatronLayout,
+    Spelling,
     args_to_layout,
+    check_expert_tp,
     extra_state_name,
     find_iteration_dir,
+    grouped_spelling,
+    legacy_shard_spec,
     to_spelling,
 )
 from mzoo.ckpt.safe_pickle import torch_load
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter
 from mzoo.parallel.pipeline import layer_owner, stage_layers
-from mzoo.parallel.sharding import ShardSpec, shard_padded
+from mzoo.parallel.sharding import ShardSpec, expert_index, expert_owner, renumber_expert, shard_padded
 
 FILE = "model_optim_rng.pt"
-_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+Rank = tuple[int, int, int]  # (tp, pp, ep)
 
 
-def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Megatron-LM's get_checkpoint_name: mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]."""
+    name = f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name + (f"_{ep_rank:03d}" if ep > 1 else "")
+
+
+def parse_rank_dir(name: str, pp: int, ep: int) -> Optional[Rank]:
+    """(tp, pp, ep) ranks of a rank folder name, given the layout's PP and EP sizes (a three-part
+    name is ambiguous on its own); None for other names."""
+    m = _RANK_DIR.match(name)
+    if m is None:
+        return None
+    tp_rank, *rest = [int(g) for g in m.groups() if g is not None]
+    if len(rest) != (pp > 1) + (ep > 1):
+        raise CheckpointError(f"rank folder {name} does not fit the layout in the checkpoint's args (pp={pp}, ep={ep}); "
+                              "the folder holds rank files of another run.")
+    pp_rank = rest.pop(0) if pp > 1 else 0
+    ep_rank = rest.pop(0) if ep > 1 else 0
+    return tp_rank, pp_rank, ep_rank
 
 
 def model_key(vp_stage: int, vpp: int) -> str:
@@ -57,74 +83,121 @@ def placement(name: str, ranges: list[list[range]]) -> tuple[int, int, str]:
     return len(ranges) - 1, len(ranges[-1]) - 1, name  # final norm, output layer
 
 
+def expert_placement(local: str, num_experts: int, ep: int) -> tuple[range, str]:
+    """(EP ranks whose files hold this tensor, its name there): its owner with the EP-local expert
+    number for an expert tensor, every EP rank for the rest."""
+    e = expert_index(local)
+    if e is None:
+        return range(ep), local
+    owner, index = expert_owner(e, num_experts, ep)
+    return range(owner, owner + 1), renumber_expert(local, index)
+
+
+def spelled(local: str, spec: Spelling, grouped: bool) -> str:
+    """The name a canonical (stage-local, EP-local) tensor has in a rank file of this spelling."""
+    name = to_spelling(local, spec)
+    return grouped_spelling(name) if grouped else name
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one TP shard of a canonical tensor lives."""
+
+    rank: Rank
+    model: str
+    name: str
+
+
 class LegacyReader:
-    """Reads canonical tensors from legacy rank files (memory-mapped), merging TP shards."""
+    """Reads canonical tensors from legacy rank files (memory-mapped), merging TP shards and
+    gathering experts from their EP ranks. `bind` checks every rank file up front."""
 
     def __init__(self, path: str | Path, trust_pickle: bool = False):
         self.root = Path(path)
         self.folder, self.iteration = find_iteration_dir(self.root)
         self.trust_pickle = trust_pickle
-        ranks = {}
-        for d in sorted(self.folder.iterdir()):
-            m = _RANK_DIR.match(d.name)
-            if m and d.is_dir():
-                if not (d / FILE).exists():
-                    raise CheckpointError(f"{d} has no {FILE}; the checkpoint is incomplete.")
-                ranks[(int(m.group(1)), int(m.group(2) or 0))] = d / FILE
-        if not ranks:
+        dirs = sorted(d for d in self.folder.iterdir() if d.is_dir() and _RANK_DIR.match(d.name))
+        if not dirs:
             raise CheckpointError(f"{self.folder} holds no mp_rank_* folders; it is not a legacy Megatron checkpoint.")
-        self.files = ranks
-        self._cache: dict[tuple[int, int], dict[str, Any]] = {}
-        first = self._load(min(ranks))
+        for d in dirs:
+            if not (d / FILE).exists():
+                raise CheckpointError(f"{d} has no {FILE}; the checkpoint is incomplete.")
+        first = torch_load(dirs[0] / FILE, trust_pickle, mmap=True)  # rank (0, 0, 0) sorts first
         if "args" not in first:
-            raise CheckpointError(f"{self.files[min(ranks)]} has no 'args'; mzoo cannot tell the layout.")
+            raise CheckpointError(f"{dirs[0] / FILE} has no 'args'; mzoo cannot tell the layout.")
         self.args = first["args"]
+        check_expert_tp(self.args)
         model_state = first.get("model", first.get("model0", {}))
-        spec = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
+        spec: Spelling = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
         self.layout: MegatronLayout = args_to_layout(self.args, spec)
         self.layout.iteration = self.iteration
-        expected = {(t, p) for t in range(self.layout.tp) for p in range(self.layout.pp)}
-        missing = sorted(expected - set(ranks))
+        self.layout.moe_grouped_gemm = any(re.search(r"\.experts\.linear_fc[12]\.weight\d+$", k) for k in model_state)
+        lay = self.layout
+        self.files: dict[Rank, Path] = {}
+        for d in dirs:
+            self.files[parse_rank_dir(d.name, lay.pp, lay.ep)] = d / FILE
+        expected = [(t, p, e) for p in range(lay.pp) for e in range(lay.ep) for t in range(lay.tp)]
+        missing = [r for r in expected if r not in self.files]
         if missing:
-            t, p = missing[0]
+            t, p, e = missing[0]
             raise CheckpointError(
-                f"{self.folder} is missing {rank_dir(t, p, self.layout.pp)} (args say tp={self.layout.tp}, "
-                f"pp={self.layout.pp}); the copy is incomplete."
+                f"{self.folder} is missing {rank_dir(t, p, lay.pp, e, lay.ep)} (args say tp={lay.tp}, pp={lay.pp}, "
+                f"ep={lay.ep}); the copy is incomplete."
             )
+        self._cache: dict[Rank, dict[str, Any]] = {(0, 0, 0): first}
+        self.locations: dict[str, list[Location]] = {}
         self.specs: dict[str, ShardSpec] = {}
-        self.ranges: list[list[range]] = []
         self.dtype = next((v.dtype for v in model_state.values() if isinstance(v, torch.Tensor)), torch.float32)
 
-    def _load(self, key: tuple[int, int]) -> dict[str, Any]:
-        if key not in self._cache:
+    def _load(self, rank: Rank) -> dict[str, Any]:
+        if rank not in self._cache:
             # Canonical order walks the stages in turn: drop other stages' mappings so the pages
             # they touched leave this process.
-            for other in [k for k in self._cache if k[1] != key[1]]:
+            for other in [k for k in self._cache if k[1] != rank[1]]:
                 del self._cache[other]
-            self._cache[key] = torch_load(self.files[key], self.trust_pickle, mmap=True)
-        return self._cache[key]
+            self._cache[rank] = torch_load(self.files[rank], self.trust_pickle, mmap=True)
+        return self._cache[rank]
 
-    def bind(self, num_layers: int, specs: dict[str, ShardSpec]) -> None:
-        """Tell the reader the model's layers and ShardSpecs (from a meta model)."""
+    def _names(self) -> dict[Rank, dict[str, set[str]]]:
+        """Every rank file's tensor names per model chunk (each file mapped once, then released)."""
+        out = {}
+        for rank in sorted(self.files, key=lambda r: (r[1], r[2], r[0])):
+            state = self._load(rank)
+            out[rank] = {k: set(v) for k, v in state.items() if k.startswith("model") and isinstance(v, dict)}
+        return out
+
+    def bind(self, num_layers: int, specs: dict[str, ShardSpec], num_experts: int = 0) -> None:
+        """Tell the reader the model's layers, experts and ShardSpecs (from a meta model); finds
+        every tensor's shards and fails on the first one missing, before anything is read."""
         lay = self.layout
-        self.ranges = stage_layers(num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
-        self.specs = specs
+        ranges = stage_layers(num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
+        if lay.ep > 1 and (not num_experts or num_experts % lay.ep):
+            raise CheckpointError(f"the checkpoint's args say ep={lay.ep} but the model has {num_experts} experts; "
+                                  "its args do not match its config.")
+        names = self._names()
+        other: Spelling = "local" if lay.spec == "te" else "te"
+        for name, spec in specs.items():
+            p, v, local = placement(name, ranges)
+            ep_ranks, local = expert_placement(local, num_experts, lay.ep)
+            e = ep_ranks[0]
+            mk = model_key(v, lay.vpp)
+            candidates = [spelled(local, s, g) for s in (lay.spec, other) for g in (lay.moe_grouped_gemm, not lay.moe_grouped_gemm)]
+            found = next((c for c in candidates if c in names[(0, p, e)].get(mk, ())), None)
+            if found is None:
+                raise CheckpointError(
+                    f"{self.files[(0, p, e)]} has no {candidates[0]} in {mk}; the checkpoint does not match its args."
+                )
+            spec = legacy_shard_spec(found, spec, lay.spec)  # the spec detected from the files' norm names
+            tp_ranks = range(lay.tp) if spec.axis == "tp" else range(1)
+            for t in tp_ranks:
+                if found not in names[(t, p, e)].get(mk, ()):
+                    raise CheckpointError(f"{self.files[(t, p, e)]} has no {found} in {mk}; the copy is incomplete.")
+            self.locations[name] = [Location((t, p, e), mk, found) for t in tp_ranks]
+            self.specs[name] = spec
 
     def get(self, name: str) -> torch.Tensor:
-        p, v, local = placement(name, self.ranges)
-        spelled = to_spelling(local, self.layout.spec)
-        spec = self.specs.get(name, ShardSpec())
-        tp_ranks = range(self.layout.tp) if spec.axis == "tp" else range(1)
-        shards = []
-        for t in tp_ranks:
-            state = self._load((t, p)).get(model_key(v, self.layout.vpp))
-            if state is None or spelled not in state:
-                raise CheckpointError(
-                    f"{self.files[(t, p)]} has no {spelled} in {model_key(v, self.layout.vpp)}; "
-                    "the checkpoint does not match its args."
-                )
-            shards.append(state[spelled])
-        return spec.merge(shards)
+        shards = [self._load(loc.rank)[loc.model][loc.name] for loc in self.locations[name]]
+        return self.specs[name].merge(shards)
 
 
 def write_legacy(
@@ -138,45 +211,73 @@ def write_legacy(
     padded_vocab: int,
     tied: bool,
     on_tensor: Callable[[int], None] = lambda n: None,
+    num_experts: int = 0,
 ) -> list[Path]:
     """Write every rank file of `layout` into the iteration folder `folder`, stage by stage;
-    each canonical tensor is fetched once and sharded into all TP ranks' files."""
-    ranges = stage_layers(num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
-    by_stage: dict[int, list[tuple[int, str, str]]] = {p: [] for p in range(layout.pp)}
-    for name in names:
-        p, v, local = placement(name, ranges)
-        by_stage[p].append((v, name, local))
-        if tied and layout.pp > 1 and name == "embedding.word_embeddings.weight":
-            # Megatron keeps a copy of the tied embedding as output_layer on the last stage.
-            by_stage[layout.pp - 1].append((layout.vpp - 1, name, "output_layer.weight"))
+    each canonical tensor is fetched once and sharded into all TP (and, unless it is an expert,
+    all EP) ranks' files."""
+    plan = legacy_plan(names, specs, layout, num_layers, tied, num_experts)
     written = []
+    ep_ranks = range(layout.ep)
     for p in range(layout.pp):
-        writers, states = [], []
-        for t in range(layout.tp):
-            d = folder / rank_dir(t, p, layout.pp)
-            d.mkdir(parents=True)
-            writers.append(IncrementalTorchWriter(d / FILE))
-            states.append({model_key(v, layout.vpp): {} for v in range(layout.vpp)})
-        for v, name, local in by_stage[p]:
-            full = fetch(name)
-            spec = specs.get(name, ShardSpec())
-            spelled = to_spelling(local, layout.spec)
+        writers: dict[tuple[int, int], IncrementalTorchWriter] = {}
+        states: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+        for e in ep_ranks:
             for t in range(layout.tp):
-                size, rank = (layout.tp, t) if spec.axis == "tp" else (1, 0)
-                piece = shard_padded(full, spec, rank, size, padded_vocab)
-                states[t][model_key(v, layout.vpp)][spelled] = writers[t].tensor(piece)
-                extra = extra_state_name(spelled)
-                if extra:
-                    states[t][model_key(v, layout.vpp)][extra] = None
+                d = folder / rank_dir(t, p, layout.pp, e, layout.ep)
+                d.mkdir(parents=True)
+                writers[(t, e)] = IncrementalTorchWriter(d / FILE)
+                states[(t, e)] = {model_key(v, layout.vpp): {} for v in range(layout.vpp)}
+        for entry in plan[p]:
+            full = fetch(entry.canonical)
+            for t in range(layout.tp):
+                size, rank = (layout.tp, t) if entry.spec.axis == "tp" else (1, 0)
+                piece = shard_padded(full, entry.spec, rank, size, padded_vocab)
+                for e, name in entry.targets:
+                    state = states[(t, e)][entry.model]
+                    state[name] = writers[(t, e)].tensor(piece)
+                    extra = extra_state_name(name)
+                    if extra:
+                        state[extra] = None
             on_tensor(full.numel() * full.element_size())
             del full
-        if p == layout.pp - 1:  # megatron's output layer has extra state even when its weight is tied
-            for t in range(layout.tp):
-                states[t][model_key(layout.vpp - 1, layout.vpp)].setdefault("output_layer._extra_state", None)
-        for t in range(layout.tp):
-            top = {"args": args, "checkpoint_version": 3.0, "iteration": layout.iteration if isinstance(layout.iteration, int) else 0,
-                   **states[t]}
-            writers[t].finish(top)
-            written.append(writers[t].path)
+        for (t, e), writer in writers.items():
+            if p == layout.pp - 1:  # megatron's output layer has extra state even when its weight is tied
+                states[(t, e)][model_key(layout.vpp - 1, layout.vpp)].setdefault("output_layer._extra_state", None)
+            top = {"args": args, "checkpoint_version": 3.0,
+                   "iteration": layout.iteration if isinstance(layout.iteration, int) else 0, **states[(t, e)]}
+            writer.finish(top)
+            written.append(writer.path)
     return written
 
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One canonical tensor's place in a stage's rank files: which chunk, which (EP rank, name)
+    pairs, split over TP by `spec`."""
+
+    canonical: str
+    model: str
+    targets: tuple[tuple[int, str], ...]
+    spec: ShardSpec
+
+
+def legacy_plan(names: Iterable[str], specs: dict[str, ShardSpec], layout: MegatronLayout, num_layers: int,
+                tied: bool, num_experts: int = 0) -> dict[int, list[PlannedTensor]]:
+    """For each pipeline stage, every tensor its rank files get, in write order (no weights needed)."""
+    ranges = stage_layers(num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
+    plan: dict[int, list[PlannedTensor]] = {p: [] for p in range(layout.pp)}
+
+    def add(p: int, v: int, name: str, local: str) -> None:
+        ep_ranks, local = expert_placement(local, num_experts, layout.ep)
+        key = spelled(local, layout.spec, layout.moe_grouped_gemm)
+        spec = legacy_shard_spec(key, specs.get(name, ShardSpec()), layout.spec)
+        plan[p].append(PlannedTensor(name, model_key(v, layout.vpp), tuple((e, key) for e in ep_ranks), spec))
+
+    for name in names:
+        p, v, local = placement(name, ranges)
+        add(p, v, name, local)
+        if tied and layout.pp > 1 and name == "embedding.word_embeddings.weight":
+            # Megatron keeps a copy of the tied embedding as output_layer on the last stage.
+            add(layout.pp - 1, layout.vpp - 1, name, "output_layer.weight")
+    return plan

@@ -17,7 +17,8 @@ import torch
 
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.config import ModelConfig, ParallelConfig, RopeConfig
+from mzoo.config import MLAConfig, MoEConfig, ModelConfig, ParallelConfig, RopeConfig
+from mzoo.parallel.sharding import ShardSpec
 
 TRACKER = "latest_checkpointed_iteration.txt"
 Spelling = Literal["te", "local"]
@@ -35,10 +36,14 @@ class MegatronLayout:
     spec: Spelling = "te"
     make_vocab_size_divisible_by: int = 128
     iteration: int | str = 0
+    ep: int = 1  # expert parallel size; expert TP is TP (Megatron's default expert_tensor_parallel_size)
+    # legacy expert spelling: SequentialMLP `experts.local_experts.{i}.linear_fc1.weight` (False) or
+    # TEGroupedMLP `experts.linear_fc1.weight{i}` (True); torch_dist keys are the same for both
+    moe_grouped_gemm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tp=self.tp, pp=self.pp, vpp=self.vpp,
+        return ParallelConfig(tp=self.tp, pp=self.pp, vpp=self.vpp, ep=self.ep,
                               make_vocab_size_divisible_by=self.make_vocab_size_divisible_by)
 
     def padded_vocab(self, cfg: ModelConfig) -> int:
@@ -46,29 +51,101 @@ class MegatronLayout:
 
 
 # ---- spellings: TE (canonical) <-> local ----------------------------------------------------------
+# Layer-relative names (after `decoder.layers.N.`) whose local-spec module differs from the TE one.
 _TE_TO_LOCAL = [
     ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
     ("self_attention.linear_qkv.layer_norm_bias", "input_layernorm.bias"),
     ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
     ("mlp.linear_fc1.layer_norm_bias", "pre_mlp_layernorm.bias"),
+    # MLA: TE fuses the latent norms into the up projections; the local spec has separate modules
+    ("self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.q_layernorm.weight"),
+    ("self_attention.linear_kv_up_proj.layer_norm_weight", "self_attention.kv_layernorm.weight"),
 ]
+# megatron-core's local (non-MLA) TransformerLayer saves these modules under TE keys
+# (sharded_state_dict_keys_map); its local MLA layer has no such map.
+_LOCAL_SHARDED_KEYS = [("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                       ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_")]
 
 
-def to_spelling(name: str, spec: Spelling) -> str:
-    if spec == "te":
-        return name
-    for te, local in _TE_TO_LOCAL:
-        if name.endswith(te):
-            return name[: -len(te)] + local
+def _swap_suffix(name: str, pairs: list[tuple[str, str]]) -> str:
+    for old, new in pairs:
+        if name == old or name.endswith("." + old):
+            return name[: len(name) - len(old)] + new
     return name
 
 
-_LINEAR = re.compile(r"(linear_qkv|linear_proj|linear_fc1|linear_fc2|output_layer)\.weight$")
+def to_spelling(name: str, spec: Spelling) -> str:
+    """Canonical (TE) name -> the module (state-dict) name of that spec."""
+    return name if spec == "te" else _swap_suffix(name, _TE_TO_LOCAL)
+
+
+def dist_spelling(name: str, spec: Spelling, mla: bool) -> str:
+    """Canonical name -> the key megatron-core's sharded_state_dict gives it in torch_dist/zarr.
+
+    Dense layers: the TE names in both specs. Local-spec MoE layers (Mixtral) keep their separate
+    pre-MLP norm under `mlp.linear_fc1.layer_norm_weight`; local-spec MLA layers keep their module
+    names (`input_layernorm`, `pre_mlp_layernorm`, `q_layernorm`, `kv_layernorm`)."""
+    if spec == "te":
+        return name
+    local = to_spelling(name, "local")
+    if mla:
+        return local
+    head, rest = _split_layer(local)
+    for module, key in _LOCAL_SHARDED_KEYS:
+        if rest.startswith(module):
+            return head + key + rest[len(module):]
+    return local
+
+
+def _split_layer(name: str) -> tuple[str, str]:
+    m = re.match(r"((?:decoder\.layers\.)(?:\d+\.)?)(.+)$", name)
+    return (m.group(1), m.group(2)) if m else ("", name)
+
+
+# ---- experts: SequentialMLP (canonical) <-> TEGroupedMLP spelling, torch_dist keys ----------------
+_SEQUENTIAL = re.compile(r"^(?P<head>(?:.*\.)?mlp\.experts\.)local_experts\.(?P<i>\d+)\.(?P<mod>linear_fc[12])\.(?P<p>weight|bias)$")
+_GROUPED = re.compile(r"^(?P<head>(?:.*\.)?mlp\.experts\.)(?P<mod>linear_fc[12])\.(?P<p>weight|bias)(?P<i>\d+)$")
+
+
+def grouped_spelling(name: str) -> str:
+    """`...experts.local_experts.{i}.linear_fc1.weight` -> `...experts.linear_fc1.weight{i}` (TEGroupedMLP)."""
+    m = _SEQUENTIAL.match(name)
+    return f"{m['head']}{m['mod']}.{m['p']}{m['i']}" if m else name
+
+
+def sequential_spelling(name: str) -> str:
+    """The reverse of grouped_spelling; other names unchanged."""
+    m = _GROUPED.match(name)
+    return f"{m['head']}local_experts.{m['i']}.{m['mod']}.{m['p']}" if m else name
+
+
+def expert_dist_key(name: str) -> tuple[str, Optional[int]]:
+    """`...mlp.experts.local_experts.{e}.X` -> (`...mlp.experts.experts.X`, e): megatron-core stores
+    every expert of a layer under one key with a leading global expert axis."""
+    m = _SEQUENTIAL.match(name)
+    if m is None:
+        return name, None
+    return f"{m['head']}experts.{m['mod']}.{m['p']}", int(m["i"])
+
+
+_LINEAR = re.compile(r"(?:^|\.)(linear_qkv|linear_proj|linear_fc1|linear_fc2|output_layer|linear_q_proj|linear_q_down_proj"
+                     r"|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj)\.weight\d*$")
 
 
 def extra_state_name(name: str) -> Optional[str]:
-    """Megatron's linear modules add `<module>._extra_state` to state dicts; strict loads expect it."""
-    return _LINEAR.sub(lambda m: f"{m.group(1)}._extra_state", name) if _LINEAR.search(name) else None
+    """Megatron's linear modules add `<module>._extra_state` to state dicts; strict loads expect it.
+    (Norms and the MoE router are not such modules; a grouped expert linear has one for all experts.)"""
+    m = _LINEAR.search(name)
+    return name[: m.start(1)] + m.group(1) + "._extra_state" if m else None
+
+
+def legacy_shard_spec(name: str, spec: ShardSpec, spelling: Spelling) -> ShardSpec:
+    """How a tensor splits in a legacy rank file of this spelling. megatron-core's local MLA spec
+    builds the latent down projections as ColumnParallelLinear (rows split over TP, gathered after);
+    TE builds them duplicated, as the canonical ShardSpec says."""
+    if spelling == "local" and re.search(r"self_attention\.linear_(q|kv)_down_proj\.weight$", name):
+        return ShardSpec("tp", 0)
+    return spec
 
 
 # ---- args <-> ModelConfig -------------------------------------------------------------------------
@@ -76,6 +153,63 @@ def extra_state_name(name: str) -> Optional[str]:
 
 def config_to_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
     """The fields of Megatron-LM's args that describe the model, layout and dtype."""
+    args = _dense_args(cfg, layout, dtype)
+    vars(args).update(_moe_args(cfg, layout), **_mla_args(cfg))
+    return args
+
+
+def _moe_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
+    """Megatron-LM's MoE arguments (names as in megatron/training/arguments.py)."""
+    moe = cfg.moe
+    out: dict[str, Any] = dict(num_experts=moe.num_experts if moe else None, expert_model_parallel_size=layout.ep,
+                               expert_tensor_parallel_size=layout.tp)
+    if moe is None:
+        return out
+    shared = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
+    freq: int | list[int] = moe.layer_freq
+    if moe.first_k_dense:  # Megatron-LM spells DeepSeek's dense prefix as a per-layer list
+        freq = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    out.update(
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_shared_expert_overlap=False,
+        moe_router_score_function=moe.score_function,
+        moe_router_pre_softmax=moe.score_function == "softmax" and not moe.norm_topk_prob,
+        moe_router_enable_expert_bias=moe.expert_bias,
+        moe_router_bias_update_rate=moe.bias_update_rate,
+        moe_router_num_groups=moe.n_group,
+        moe_router_group_topk=moe.topk_group,
+        moe_router_topk_scaling_factor=moe.routed_scaling_factor if moe.routed_scaling_factor != 1.0 else None,
+        moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_layer_freq=freq,
+        moe_grouped_gemm=layout.moe_grouped_gemm,
+        moe_router_dtype="fp32",
+        mzoo_moe_norm_topk_prob=moe.norm_topk_prob,
+        mzoo_moe_num_shared_experts=moe.num_shared_experts,
+    )
+    return out
+
+
+def _mla_args(cfg: ModelConfig) -> dict[str, Any]:
+    """Megatron-LM's multi-latent-attention and YaRN arguments."""
+    out: dict[str, Any] = {"multi_latent_attention": cfg.mla is not None}
+    mla, rope = cfg.mla, cfg.rope
+    if mla is not None:
+        out.update(q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_head_dim=mla.qk_nope_head_dim,
+                   qk_pos_emb_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+                   qk_layernorm=True)  # Megatron's switch for the latent q/kv norms
+    if rope.scaling == "yarn":
+        out.update(rope_type="yarn", rotary_scaling_factor=rope.factor, mscale=rope.mscale,
+                   mscale_all_dim=rope.mscale_all_dim, beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,
+                   original_max_position_embeddings=rope.original_max_position_embeddings)
+    elif mla is not None:
+        out["rope_type"] = "rope"
+    return out
+
+
+def _dense_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
     rope = cfg.rope
     return argparse.Namespace(
         num_layers=cfg.num_layers,
@@ -150,9 +284,18 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         rope.original_max_position_embeddings = 8192
     elif a.get("rotary_seq_len_interpolation_factor"):
         rope.scaling, rope.factor = "linear", float(a["rotary_seq_len_interpolation_factor"])
+    elif a.get("rope_type") == "yarn":
+        rope.scaling, rope.factor = "yarn", float(a.get("rotary_scaling_factor") or 1.0)
+        rope.beta_fast, rope.beta_slow = float(a.get("beta_fast", 32.0)), float(a.get("beta_slow", 1.0))
+        rope.mscale = float(a["mscale"]) if a.get("mscale") is not None else None
+        rope.mscale_all_dim = float(a["mscale_all_dim"]) if a.get("mscale_all_dim") is not None else None
+        rope.original_max_position_embeddings = a.get("original_max_position_embeddings") or 4096
     heads = need("num_attention_heads")
     groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
-    family = a.get("mzoo_family") or ("llama" if activation == "swiglu" else "gpt")
+    mla = _mla_from_args(a)
+    moe = _moe_from_args(a, a.get("ffn_hidden_size") or 4 * need("hidden_size"), need("num_layers"))
+    default_family = "deepseek" if mla else "mixtral" if moe else "llama" if activation == "swiglu" else "gpt"
+    family = a.get("mzoo_family") or default_family
     hidden = need("hidden_size")
     cfg = ModelConfig(
         family=family,
@@ -172,12 +315,85 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         tie_embeddings=not a.get("untie_embeddings_and_output_weights", False),
         add_bias_linear=bool(a.get("add_bias_linear", True)),
         add_qkv_bias=bool(a.get("add_qkv_bias", False)) or bool(a.get("add_bias_linear", True)),
-        qk_layernorm=bool(a.get("qk_layernorm", False)),
+        qk_layernorm=bool(a.get("qk_layernorm", False)) and mla is None,  # MLA: the latent norms, always there
         make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by") or 128,
         init_method_std=float(a.get("init_method_std", 0.02)),
+        moe=moe,
+        mla=mla,
     )
     cfg.validate("the checkpoint's args")
     return cfg
+
+
+def _mla_from_args(a: dict[str, Any]) -> Optional[MLAConfig]:
+    if not a.get("multi_latent_attention"):
+        return None
+    return MLAConfig(q_lora_rank=a.get("q_lora_rank"), kv_lora_rank=a.get("kv_lora_rank") or 512,
+                     qk_nope_head_dim=a.get("qk_head_dim") or 128, qk_rope_head_dim=a.get("qk_pos_emb_head_dim") or 64,
+                     v_head_dim=a.get("v_head_dim") or 128)
+
+
+def moe_layer_pattern(freq: Any, num_layers: int) -> list[int]:
+    """Megatron-LM's moe_layer_freq (an int N: every N-th layer; a list of 0/1 per layer; or the
+    string form "([0]*3+[1]*58)" its argument parser evaluates) -> one 0/1 per layer."""
+    if isinstance(freq, str):
+        text = freq.strip().strip("()").replace(" ", "")
+        if re.fullmatch(r"\d+", text):
+            freq = int(text)
+        elif re.fullmatch(r"\[[01](,[01])*\](\*\d+)?(\+\[[01](,[01])*\](\*\d+)?)*", text):
+            freq = []
+            for part in text.split("+"):
+                items, _, times = part.partition("*")
+                freq += [int(x) for x in items.strip("[]").split(",")] * int(times or 1)
+        else:
+            raise CheckpointError(f"moe_layer_freq '{freq}' in the checkpoint's args is not a form mzoo reads; "
+                                  "use an int or a list of 0/1.")
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(num_layers)]
+    pattern = [int(x) for x in freq]
+    if len(pattern) != num_layers:
+        raise CheckpointError(f"moe_layer_freq lists {len(pattern)} layers but num_layers is {num_layers}; "
+                              "the checkpoint's args are inconsistent.")
+    return pattern
+
+
+def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoEConfig]:
+    experts = a.get("num_experts")
+    if not experts:
+        return None
+    pattern = moe_layer_pattern(a.get("moe_layer_freq", 1), num_layers)
+    ones = [i for i, x in enumerate(pattern) if x]
+    first = ones[0] if ones else num_layers
+    freq = ones[1] - ones[0] if len(ones) > 1 else 1
+    if pattern != [int(i >= first and (i - first) % freq == 0) for i in range(num_layers)]:
+        raise CheckpointError(f"moe_layer_freq {pattern} is not a dense prefix followed by every-N-th MoE layers, "
+                              "which is all mzoo's MoEConfig can express.")
+    fm = a.get("moe_ffn_hidden_size") or ffn
+    shared_size = a.get("moe_shared_expert_intermediate_size") or 0
+    shared = a.get("mzoo_moe_num_shared_experts")
+    if shared is None:
+        shared = shared_size // fm if shared_size % fm == 0 else 1
+    score = a.get("moe_router_score_function") or "softmax"
+    norm = a.get("mzoo_moe_norm_topk_prob")
+    if norm is None:
+        norm = score == "sigmoid" or not a.get("moe_router_pre_softmax", False)
+    return MoEConfig(
+        num_experts=experts,
+        top_k=a.get("moe_router_topk") or 2,
+        ffn_hidden_size=fm,
+        num_shared_experts=shared if shared_size else 0,
+        shared_expert_ffn_hidden_size=shared_size // shared if shared_size and shared_size != shared * fm else None,
+        score_function=score,
+        expert_bias=bool(a.get("moe_router_enable_expert_bias", False)),
+        n_group=a.get("moe_router_num_groups"),
+        topk_group=a.get("moe_router_group_topk"),
+        routed_scaling_factor=float(a.get("moe_router_topk_scaling_factor") or 1.0),
+        norm_topk_prob=bool(norm),
+        first_k_dense=first,
+        layer_freq=freq,
+        aux_loss_coeff=float(a.get("moe_aux_loss_coeff") or 0.0),
+        bias_update_rate=float(a.get("moe_router_bias_update_rate") or 1e-3),
+    )
 
 
 def args_to_layout(args: argparse.Namespace, spec: Optional[Spelling] = None) -> MegatronLayout:
@@ -191,7 +407,18 @@ def args_to_layout(args: argparse.Namespace, spec: Optional[Spelling] = None) ->
         spec=spec or ("local" if a.get("transformer_impl") == "local" else "te"),
         make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by") or 128,
         iteration=a.get("iteration", 0) or 0,
+        ep=a.get("expert_model_parallel_size") or 1,
+        moe_grouped_gemm=bool(a.get("moe_grouped_gemm", False)),
     )
+
+
+def check_expert_tp(args: argparse.Namespace) -> None:
+    """mzoo splits experts over TP like dense layers (Megatron's default); say so when a checkpoint differs."""
+    a = vars(args)
+    etp, tp = a.get("expert_tensor_parallel_size"), a.get("tensor_model_parallel_size") or 1
+    if a.get("num_experts") and etp not in (None, tp):
+        raise CheckpointError(f"the checkpoint uses expert_tensor_parallel_size {etp} with TP {tp}; mzoo reads only "
+                              "expert TP equal to TP.")
 
 
 # ---- tracker and iteration folders --------------------------------------------------------------
