@@ -38,13 +38,25 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
          expect_src: Optional[str], ep: int = 1, grouped: bool = False, plan: bool = False) -> None:
     from mzoo.ckpt.hf import parse_dtype, parse_size
     from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert as run_convert, open_source, plan_layout
+    import torch
+
+    from mzoo.converters.pipeline import Target, convert as run_convert, open_source, plan_layout, plan_tensors
     if spec not in ("te", "local"):
         raise UserError(f"unknown --spec '{spec}'; use te or local.")
     if megatron_format not in ("torch", "torch_dist", "zarr"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch, torch_dist or zarr.")
     torch_dtype = parse_dtype(dtype)
     max_bytes = parse_size(shard_size)
+    if plan and _config_only(src_path):  # plan from the architecture alone: no weights needed
+        cfg = _config_only(src_path)
+        layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec,
+                                make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by, ep=ep,
+                                moe_grouped_gemm=grouped)
+        if dst_kind == "hf":
+            raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
+        _print_plan(plan_layout(cfg, Target(megatron_format, layout, torch_dtype or torch.bfloat16, max_bytes),
+                                plan_tensors(cfg)), as_json)
+        return
     src = open_source(src_path, trust_pickle, vocab_size)
     if expect_src == "hf" and src.fmt != "hf":
         raise UserError(f"{src_path} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
@@ -67,6 +79,29 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
         print_json(summary.as_dict())
     elif not quiet:
         console.print(summary_line(summary), highlight=False)
+
+
+def _config_only(src: Path):
+    """The ModelConfig when SRC names an architecture without weights (a zoo preset, a model YAML,
+    or a folder with only config.json), else None."""
+    from mzoo.ckpt.hf import is_hf_checkpoint
+    from mzoo.converters.adapter import for_hf_config
+
+    text = str(src)
+    if src.is_dir():
+        if is_hf_checkpoint(src) or not (src / "config.json").exists():
+            return None
+        import json
+
+        hf = json.loads((src / "config.json").read_text())
+        return for_hf_config(hf).config_from_hf(hf)
+    if src.exists() and src.suffix not in (".yaml", ".yml"):
+        return None
+    from mzoo.zoo import names, resolve
+
+    if src.exists() or text in names():
+        return resolve(text)
+    return None
 
 
 def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
@@ -119,6 +154,7 @@ def convert(
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
     Example: mzoo convert 'hf->megatron' ./llama-hf ./llama-mcore --tp 2 --pp 2
+             mzoo convert 'hf->megatron' deepseek-v3 ./out --tp 2 --pp 16 --ep 64 --first-stage-layers 2 --last-stage-layers 3 --plan
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
     a, b = parse_direction(direction)

@@ -23,5 +23,6 @@ def byte_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int
 
 
 def summary_line(s) -> str:
-    return (f"{s.src_format} -> {s.dst_format} (tp={s.tp} pp={s.pp} vpp={s.vpp}): {s.bytes / 1e9:.3f} GB in "
+    return (f"{s.src_format} -> {s.dst_format} (tp={s.tp} pp={s.pp} vpp={s.vpp} ep={getattr(s, 'ep', 1)}): "
+            f"{s.bytes / 1e9:.3f} GB in "
             f"{s.seconds:.2f} s ({s.gb_per_s:.2f} GB/s), peak RSS {s.peak_rss_gb:.2f} GB -> {s.dst}")

@@ -18,10 +18,10 @@ def stage_layers(
     """
     if first is None and last is None:
         if num_layers % (pp * vpp):
-            raise ConfigError(
-                f"{num_layers} layers do not split evenly over pp={pp} x vpp={vpp}; "
-                "pick sizes that divide the layer count or set the first/last stage sizes."
-            )
+            hint = suggest_uneven(num_layers, pp) if vpp == 1 else None
+            tip = (f"set the first/last stage sizes, e.g. --first-stage-layers {hint[0]} --last-stage-layers {hint[1]}"
+                   if hint else "pick sizes that divide the layer count")
+            raise ConfigError(f"{num_layers} layers do not split evenly over pp={pp} x vpp={vpp}; {tip}.")
         per = num_layers // (pp * vpp)
         return [[range(v * num_layers // vpp + p * per, v * num_layers // vpp + (p + 1) * per) for v in range(vpp)]
                 for p in range(pp)]
@@ -33,6 +33,18 @@ def stage_layers(
         out.append([range(start, start + n)])
         start += n
     return out
+
+
+def suggest_uneven(num_layers: int, pp: int) -> Optional[tuple[int, int]]:
+    """First/last stage sizes that let the middle stages split the rest evenly (lighter ends,
+    where the embedding and the loss live), or None."""
+    if pp < 3:
+        return None
+    for per in (-(-num_layers // pp), num_layers // pp):
+        rest = num_layers - per * (pp - 2)
+        if per >= 1 and rest >= 2:
+            return rest // 2, rest - rest // 2
+    return None
 
 
 def _uneven_counts(num_layers: int, pp: int, first: Optional[int], last: Optional[int]) -> list[int]:

@@ -372,3 +372,27 @@ def test_cli_ep_plan_and_inspect(sources, tmp_path):
     _mzoo("reshard", mc, mc2, "--ep", "4", "--moe-grouped-gemm", "--megatron-format", "torch")
     assert json.loads(_mzoo("inspect", mc2, "--json").stdout)["ep"] == 4
     assert "ep=4" in _mzoo("inspect", mc2).stdout
+
+
+def test_cli_plans_deepseek_v3_from_the_preset_alone(tmp_path):
+    """`mzoo convert --plan` takes a zoo preset (no weights) and lays out DeepSeek-V3 at tp2 x pp16 x
+    ep64 in seconds; without stage sizes it says which to set."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    def mzoo(*args):
+        return subprocess.run([sys.executable, "-m", "mzoo.cli.main", *args], capture_output=True, text=True)
+
+    start = time.perf_counter()
+    proc = mzoo("convert", "hf->megatron", "deepseek-v3", str(tmp_path / "out"), "--tp", "2", "--pp", "16",
+                "--ep", "64", "--first-stage-layers", "2", "--last-stage-layers", "3", "--megatron-format", "torch",
+                "--plan", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - start < 30
+    plan = json.loads(proc.stdout)
+    assert len(plan["files"]) == 2 * 16 * 64 and not (tmp_path / "out").exists()
+    proc = mzoo("convert", "hf->megatron", "deepseek-v3", str(tmp_path / "out"), "--tp", "2", "--pp", "16",
+                "--ep", "64", "--plan")
+    assert proc.returncode == 2 and "--first-stage-layers 2 --last-stage-layers 3" in proc.stderr
