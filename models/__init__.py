@@ -10,15 +10,21 @@ from torch import nn
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.parallel.state import ParallelState
 from mzoo.models.gpt import GPTModel
+from mzoo.models.hybrid import MambaModel
 
-# family -> model class; MoE, MLA and Mamba families register here as their modules land.
+# family -> model class; a config with an `ssm` section is a Mamba (or hybrid) model whatever its family.
 MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {
-    "gpt": GPTModel, "llama": GPTModel, "mixtral": GPTModel, "deepseek": GPTModel,
+    "gpt": GPTModel, "llama": GPTModel, "mixtral": GPTModel, "deepseek": GPTModel, "mamba": MambaModel,
 }
 
 
 def model_class(cfg: ModelConfig) -> Callable[..., nn.Module]:
-    if cfg.ssm is not None or cfg.family not in MODEL_CLASSES:
+    if cfg.ssm is not None:
+        return MambaModel
+    if cfg.family == "mamba":
+        raise ConfigError(f"{cfg.name or cfg.family}: a mamba model needs an ssm section; add one or start "
+                          "from a mamba preset.")
+    if cfg.family not in MODEL_CLASSES:
         raise ConfigError(
             f"{cfg.name or cfg.family}: mzoo cannot build {cfg.family} models yet (only "
             f"{', '.join(MODEL_CLASSES)}); use a preset of those families."

@@ -1,0 +1,185 @@
+"""Megatron-Core's MambaModel in plain torch: pure Mamba models and Mamba/attention hybrids.
+
+The stack holds one layer per symbol of `ssm.hybrid_pattern` (Megatron's hybrid_override_pattern);
+a config without a pattern is all Mamba layers. Each layer is pre-norm residual with its norm fused
+into its first linear (the Transformer-Engine spelling), except MoE layers, which keep a separate
+`pre_mlp_layernorm` as Megatron does:
+
+    M  Mamba mixer (models/mamba.py)         mixer.in_proj.layer_norm_weight, mixer.in_proj.weight, mixer.*
+    *  self-attention (models/gpt.py)        self_attention.linear_qkv.layer_norm_weight, .linear_qkv.weight,
+                                             self_attention.linear_proj.weight
+    -  MLP (models/gpt.py)                   mlp.linear_fc1.layer_norm_weight, mlp.linear_fc1.weight,
+                                             mlp.linear_fc2.weight
+    E  mixture of experts (models/moe.py)    pre_mlp_layernorm.weight, mlp.router.weight, mlp.experts.*
+
+(names under `decoder.layers.N.`; docs/mamba.md lists every tensor).
+
+Embedding and output layer are GPTModel's; the final norm is `decoder.final_norm` (Megatron's
+MambaStack name). Pipeline stages, the forward signature, naming and EP renumbering are GPTModel's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mzoo.config import ModelConfig
+from mzoo.errors import UserError
+from mzoo.models.gpt import (
+    MLP, Embedding, GPTModel, SelfAttention, _global_shape, _separate_norm, hidden_dropout, init_tensor,
+)
+from mzoo.models.mamba import build_mixer, init_mamba_tensor
+from mzoo.models.rope import RotaryEmbedding
+from mzoo.parallel.layers import ColumnParallelLinear, Norm, mark_sequence_parallel
+from mzoo.parallel.random import checkpoint_with_rng
+from mzoo.parallel.sharding import to_local
+from mzoo.parallel.state import ParallelState
+
+
+class MambaLayer(nn.Module):
+    """M: x + mixer(x); the mixer's in_proj carries the layer's norm."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
+        super().__init__()
+        self.mixer = build_mixer(cfg, state, dtype)
+        self.mixer.layer_number = number
+        self.state, self.p = state, cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
+        if mask is not None:
+            raise UserError("Mamba layers cannot yet keep packed sequences (segments) apart; train without "
+                            "sequence packing.")
+        return x + hidden_dropout(self.mixer(x, cache), self.p, self.training, self.state)
+
+
+class AttentionLayer(nn.Module):
+    """*: x + self_attention(x); Megatron's TransformerLayer with only its attention half."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
+        super().__init__()
+        self.self_attention = SelfAttention(cfg, state, dtype)
+        self.self_attention.layer_number = number
+        self.state, self.p = state, cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
+        out = self.self_attention(x, rope, cache, mask)
+        return x + hidden_dropout(out, self.p, self.training, self.state)
+
+
+class MLPLayer(nn.Module):
+    """-: x + mlp(x) (Megatron's MLPLayer)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
+        super().__init__()
+        self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
+        self.state, self.p = state, cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
+        return x + hidden_dropout(self.mlp(x), self.p, self.training, self.state)
+
+
+class ExpertsLayer(nn.Module):
+    """E: x + mlp(pre_mlp_layernorm(x)), mlp the routed experts (Megatron's MoETransformerLayer)."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
+        super().__init__()
+        from mzoo.models.moe import MoELayer
+
+        self.pre_mlp_layernorm = _separate_norm(cfg, dtype)
+        self.mlp = MoELayer(cfg, state, dtype)
+        self.state, self.p = state, cfg.hidden_dropout
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
+        return x + hidden_dropout(self.mlp(self.pre_mlp_layernorm(x)), self.p, self.training, self.state)
+
+
+LAYERS = {"mamba": MambaLayer, "attention": AttentionLayer, "mlp": MLPLayer, "moe": ExpertsLayer}
+
+
+class MambaStack(nn.Module):
+    """The layers of this pipeline stage (local numbering, like Megatron) and the final norm."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState, layers: range, post_process: bool, dtype=None):
+        super().__init__()
+        kinds = cfg.layer_types
+        self.layer_offset = layers.start
+        self.layers = nn.ModuleList(LAYERS[kinds[n]](cfg, state, n, dtype) for n in layers)
+        self.recompute_layers = False  # full recomputation: keep only each layer's input
+        self.final_norm = None
+        if post_process:
+            self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype)
+            mark_sequence_parallel(self.final_norm.weight, self.final_norm.bias)
+
+    def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
+        """TransformerBlock's signature, so that GPTModel.forward drives this stack too."""
+        for layer in self.layers:
+            if self.recompute_layers and self.training and torch.is_grad_enabled():
+                x = checkpoint_with_rng(layer, x, rope, None, mask, tracker=layer.state.rng)
+            else:
+                x = layer(x, rope, cache, mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class MambaModel(nn.Module):
+    """One pipeline stage of a Mamba or hybrid model (the whole model when pp = 1); the same
+    forward(input_ids, position_ids=None, hidden=None, labels=None) as GPTModel: logits
+    [b, s, vocab_size] or per-token loss [b, s] on the last stage, hidden [s, b, h] before it."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        state: Optional[ParallelState] = None,
+        layers: Optional[range] = None,
+        dtype: Optional[torch.dtype] = None,
+        pre_process: Optional[bool] = None,
+        post_process: Optional[bool] = None,
+    ):
+        super().__init__()
+        state = state or ParallelState.single()
+        self.cfg, self.state = cfg, state
+        self.layers_range = layers if layers is not None else range(cfg.num_layers)
+        self.pre_process = state.is_first_stage if pre_process is None else pre_process
+        self.post_process = state.is_last_stage if post_process is None else post_process
+        self.padded_vocab = cfg.padded_vocab_size(state.tp, state.config.make_vocab_size_divisible_by)
+        self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
+        self.rotary = RotaryEmbedding(cfg, cfg.kv_channels) if cfg.position_embedding == "rope" else None
+        self.decoder = MambaStack(cfg, state, self.layers_range, self.post_process, dtype)
+        self.output_layer = None
+        if self.post_process and not (cfg.tie_embeddings and self.pre_process):
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, self.padded_vocab, state, bias=False, vocab=True, dtype=dtype
+            )
+            if cfg.tie_embeddings:  # pipeline: the last stage's copy of the first stage's embedding
+                self.output_layer.weight.shared_embedding = True
+                self.output_layer.weight.embedding_copy = True
+        if cfg.tie_embeddings and self.pre_process and not self.post_process:
+            self.embedding.word_embeddings.weight.shared_embedding = True
+
+    # embedding -> decoder -> output layer, canonical names: exactly GPTModel's
+    forward = GPTModel.forward
+    output_weight = GPTModel.output_weight
+    canonical_name = GPTModel.canonical_name
+    canonical_parameters = GPTModel.canonical_parameters
+
+    def set_recompute(self, mode: str) -> None:
+        """'none', 'selective' (core attention of the attention layers; Mamba layers keep all their
+        activations) or 'full' (every layer)."""
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"unknown recompute mode '{mode}'; use none, selective or full.")
+        self.decoder.recompute_layers = mode == "full"
+        for layer in self.decoder.layers:
+            if isinstance(layer, AttentionLayer):
+                layer.self_attention.recompute = mode == "selective"
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Megatron's init on the global (unpadded) tensors, then this rank's shard: the same seed
+        gives the same model in every layout. Mixer tensors (A_log, D, dt, conv) follow Mamba's."""
+        for name, p in self.canonical_parameters():
+            shape = _global_shape(p, self.state, self.cfg.vocab_size)
+            value = init_mamba_tensor(self.cfg, name, shape, seed)
+            if value is None:
+                value = init_tensor(self.cfg, name, shape, seed)
+            p.copy_(to_local(p, value, self.state.tp, self.state.tp_rank).to(p.dtype))
