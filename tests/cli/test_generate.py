@@ -1,5 +1,6 @@
-"""`mzoo generate`: greedy decoding with the inference cache equals transformers' `generate` token
-for token (LLaMA, GPT-2, Mixtral, DeepSeek-V2 and -V3), from Hugging Face and from a Megatron
+"""`mzoo generate`: greedy decoding with the inference cache (recurrent states for Mamba) equals
+transformers' `generate` token for token (LLaMA, GPT-2, Mixtral, DeepSeek-V2 and -V3, Mamba-1,
+Mamba-2 and a NemotronH hybrid), from Hugging Face and from a Megatron
 checkpoint at another layout; sampling is reproducible; text prompts stream through the
 tokenizer; bad input is one sentence."""
 
@@ -10,7 +11,7 @@ import json
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GPT2Config, LlamaConfig,
-                          MixtralConfig)
+                          Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig)
 from typer.testing import CliRunner
 
 from conftest import make_hf_model, make_moe_model
@@ -34,6 +35,15 @@ MODELS = {
     "deepseek-v2": (make_moe_model, lambda: DeepseekV2Config(**DEEPSEEK, topk_method="greedy")),
     "deepseek-v3": (make_moe_model, lambda: DeepseekV3Config(**DEEPSEEK, n_group=2, topk_group=1,
                                                              routed_scaling_factor=2.5)),
+    "mamba1": (make_hf_model, lambda: MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2,
+                                                  expand=2, conv_kernel=4)),
+    "mamba2": (make_hf_model, lambda: Mamba2Config(vocab_size=VOCAB, hidden_size=64, num_heads=8, head_dim=16,
+                                                   state_size=8, n_groups=2, num_hidden_layers=2, chunk_size=8,
+                                                   expand=2)),
+    "nemotron-h-hybrid": (make_moe_model, lambda: NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        intermediate_size=48, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, chunk_size=8,
+        layers_block_type=["linear_attention", "full_attention", "mlp", "linear_attention"])),
 }
 runner = CliRunner()
 
