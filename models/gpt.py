@@ -365,6 +365,12 @@ def _global_shape(p: torch.Tensor, state: ParallelState, vocab_size: int) -> tup
 def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Initial value of a canonical tensor: normal(0, std) for weights (std / sqrt(2L) on the
     output projections, as Megatron scales them), ones for norm weights, zeros for biases."""
+    if cfg.ssm is not None and ".mixer." in name:  # A_log, D, dt, conv: Mamba's own init
+        from mzoo.models.mamba import init_mamba_tensor
+
+        value = init_mamba_tensor(cfg, name, shape, seed)
+        if value is not None:
+            return value
     leaf = name.rsplit(".", 1)[-1]
     if leaf in ("bias", "layer_norm_bias", "expert_bias"):
         return torch.zeros(shape)

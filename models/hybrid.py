@@ -28,13 +28,12 @@ from torch import nn
 from mzoo.config import ModelConfig
 from mzoo.errors import UserError
 from mzoo.models.gpt import (
-    MLP, Embedding, GPTModel, SelfAttention, _global_shape, _separate_norm, hidden_dropout, init_tensor,
+    MLP, Embedding, GPTModel, SelfAttention, _separate_norm, hidden_dropout,
 )
-from mzoo.models.mamba import build_mixer, init_mamba_tensor
+from mzoo.models.mamba import build_mixer
 from mzoo.models.rope import RotaryEmbedding
 from mzoo.parallel.layers import ColumnParallelLinear, Norm, mark_sequence_parallel
 from mzoo.parallel.random import checkpoint_with_rng
-from mzoo.parallel.sharding import to_local
 from mzoo.parallel.state import ParallelState
 
 
@@ -173,13 +172,4 @@ class MambaModel(nn.Module):
             if isinstance(layer, AttentionLayer):
                 layer.self_attention.recompute = mode == "selective"
 
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Megatron's init on the global (unpadded) tensors, then this rank's shard: the same seed
-        gives the same model in every layout. Mixer tensors (A_log, D, dt, conv) follow Mamba's."""
-        for name, p in self.canonical_parameters():
-            shape = _global_shape(p, self.state, self.cfg.vocab_size)
-            value = init_mamba_tensor(self.cfg, name, shape, seed)
-            if value is None:
-                value = init_tensor(self.cfg, name, shape, seed)
-            p.copy_(to_local(p, value, self.state.tp, self.state.tp_rank).to(p.dtype))
+    init_weights = GPTModel.init_weights  # init_tensor gives mixer tensors (A_log, D, dt, conv) Mamba's init

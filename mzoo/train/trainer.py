@@ -109,12 +109,19 @@ def detect_peak_tflops() -> Optional[float]:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding parameters touched) + attention scores
-    (12 x layers x hidden x seq), the usual estimate (Megatron / PaLM appendix B)."""
+    """Training FLOPs per token: 6 x (non-embedding parameters touched) + attention scores and
+    weighted values on every attention layer (6 x seq x heads x (qk dim + v dim): 12 x hidden x seq
+    for standard attention), the usual estimate (Megatron / PaLM appendix B); Mamba layers add none
+    beyond their parameters."""
     from mzoo.params import count_params
 
     active = count_params(cfg).active - cfg.vocab_size * cfg.hidden_size  # lookups are not matmuls
-    return 6.0 * active + 12.0 * cfg.num_layers * cfg.kv_channels * cfg.num_attention_heads * seq_len
+    attention_layers = sum(kind in ("transformer", "attention") for kind in cfg.layer_types)
+    if cfg.mla is not None:
+        head_dims = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim + cfg.mla.v_head_dim
+    else:
+        head_dims = 2 * cfg.kv_channels
+    return 6.0 * active + 6.0 * attention_layers * cfg.num_attention_heads * head_dims * seq_len
 
 
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
