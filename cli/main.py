@@ -16,6 +16,7 @@ from mzoo.cli import train as train_cmd
 from mzoo.cli import push as push_cmd
 from mzoo.cli import generate as generate_cmd
 from mzoo.cli import finetune as finetune_cmd
+from mzoo.cli import plan as plan_cmd
 
 app = typer.Typer(
     name="mzoo",
@@ -36,6 +37,7 @@ app.command("train")(train_cmd.train)
 app.command("push")(push_cmd.push)
 app.command("generate")(generate_cmd.generate)
 app.command("finetune")(finetune_cmd.finetune)
+app.command("plan")(plan_cmd.plan)
 app.command("demo")(demo_cmd.demo)
 
 

@@ -104,11 +104,15 @@ def train(
     eval_iters: int = typer.Option(2, "--eval-iters", help="Global batches per validation."),
     override: list[str] = typer.Option([], "--override", help="Preset override key=value (repeatable; dotted keys reach sub-configs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the resolved layout and final losses as JSON."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
+                                 "estimate (meta device), and exit without allocating weights or launching."),
+    dry_run_rank: int = typer.Option(0, "--dry-run-rank", help="The global rank --dry-run reports on."),
 ) -> None:
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
 
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
              mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
+             mzoo train llama-tiny --tp 2 --pp 2 --mock-data --dry-run --dry-run-rank 3
     """
     from mzoo.train.data import data_config_from_flags
     from mzoo.train.run import RunConfig, in_launcher
@@ -148,6 +152,11 @@ def train(
 
         build_gpt_datasets(dc_replace(data_cfg, seq_len=seq_len, seed=seed, vocab_size=cfg.vocab_size),
                            (steps * global_batch, eval_iters * global_batch if eval_interval else None, None))
+    if dry_run:  # everything above is what train checks before launch; stop before any real work
+        from mzoo.cli.plan import dry_run as report
+
+        report(cfg, layout, tcfg, dry_run_rank, first_stage_layers, last_stage_layers, as_json)
+        return
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
                    str(log_json) if log_json else None, str(tensorboard) if tensorboard else None)
     hooks = _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers)

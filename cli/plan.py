@@ -1,0 +1,206 @@
+"""`mzoo plan`: which parallel layout to train a model with on N GPUs, and what it costs; and the
+`mzoo train --dry-run` report (one rank's parameters and memory, nothing allocated or launched)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from mzoo.cli.common import console, print_json, user_errors
+from mzoo.errors import UserError
+
+RECOMPUTE = ("none", "selective", "full")
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+@user_errors
+def plan(
+    model: str = typer.Argument(..., help="Zoo preset (e.g. llama3-70b) or a model YAML file."),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs in total."),
+    gpu: list[str] = typer.Option(["h100-80gb"], "--gpu",
+                                  help="GPU type, repeat to compare: h100-80gb, h200, a100-80gb, b200."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (NVLink domain)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len",
+                                          help="Tokens per sample (default: min(4096, the model's context))."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch",
+                                               help="Samples per step (default: about 4M tokens)."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Samples per micro-batch per data-parallel rank."),
+    recompute: str = typer.Option("none", "--recompute", help="Activation recomputation: none, selective or full."),
+    distributed_optimizer: bool = typer.Option(True, "--distributed-optimizer/--no-distributed-optimizer",
+                                               help="Shard fp32 master weights and Adam states over DP x CP."),
+    fp8: bool = typer.Option(False, "--fp8", help="FP8 linear layers (Transformer Engine): faster GEMMs, "
+                             "fp8 weight copies."),
+    grad_reduce_in_fp32: bool = typer.Option(False, "--grad-reduce-in-fp32",
+                                             help="fp32 gradient buffer (megatron-core's default is bf16)."),
+    top: int = typer.Option(10, "--top", help="Show the best K layouts per GPU type."),
+    check: Optional[str] = typer.Option(None, "--check", help="Evaluate one layout, e.g. tp=4,pp=4,ep=8 "
+                                        "(keys: tp pp vpp ep etp cp dp first last)."),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="Print JSON: settings, layouts (memory, MFU, breakdowns), explanation."),
+) -> None:
+    """Rank the parallel layouts (tp, pp, vpp, ep, cp, dp) that fit a model on N GPUs by estimated step
+    time, with a per-GPU memory breakdown and MFU, and say why the best one wins (docs/plan.md).
+
+    Example: mzoo plan llama3-70b --gpus 64 --seq-len 8192 --global-batch 512
+             mzoo plan deepseek-v3 --gpus 1024 --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
+    Exit status: 0, or 1 when --check's layout does not fit or is not valid.
+    """
+    from mzoo import plan as P
+    from mzoo.zoo import resolve
+
+    cfg = resolve(model)
+    gpu_types = [P.gpu(name) for name in gpu]  # unknown names: one sentence, before any work
+    settings = _settings(cfg, gpus, gpus_per_node, seq_len, global_batch, micro_batch, recompute,
+                         distributed_optimizer, fp8, grad_reduce_in_fp32, top)
+    for g in gpu_types:
+        if fp8 and g.fp8_tflops is None:
+            raise UserError(f"the {g.name} has no FP8 tensor cores; drop --fp8 or pick another --gpu.")
+    layout = P.parse_check(check, gpus) if check is not None else None
+    if layout is not None:
+        plans = [P.evaluate(cfg, layout, settings, g, gpus) for g in gpu_types]
+        _show(cfg, gpus, settings, plans, {g.name: p.verdict() for g, p in zip(gpu_types, plans)}, as_json, check=True)
+        if not all(p.feasible for p in plans):
+            raise typer.Exit(1)
+        return
+    shown, why = [], {}
+    for g in gpu_types:
+        ranked = P.plan(cfg, gpus, settings, g)
+        shown += ranked[:top]
+        why[g.name] = P.explain(ranked)
+    _show(cfg, gpus, settings, shown, why, as_json, check=False)
+
+
+def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global_batch: Optional[int],
+              micro_batch: int, recompute: str, distributed_optimizer: bool, fp8: bool, grad_fp32: bool, top: int):
+    """Settings from the flags, every impossible value one sentence."""
+    from mzoo import plan as P
+
+    if gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {gpus}.")
+    if gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node must be at least 1, got {gpus_per_node}.")
+    if recompute not in RECOMPUTE:
+        raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
+    if micro_batch < 1 or top < 1:
+        raise UserError("--micro-batch and --top must be at least 1.")
+    seq = seq_len if seq_len is not None else P.default_seq_len(cfg)
+    if seq < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq}.")
+    if cfg.position_embedding == "learned" and seq > cfg.max_position_embeddings:
+        raise UserError(f"--seq-len {seq} exceeds the model's {cfg.max_position_embeddings} learned positions.")
+    batch = global_batch if global_batch is not None else P.default_global_batch(seq)
+    if batch < micro_batch:
+        raise UserError(f"--global-batch {batch} is smaller than --micro-batch {micro_batch}.")
+    return P.Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node)
+
+
+def _settings_dict(settings) -> dict:
+    return {"seq_len": settings.seq_len, "global_batch": settings.global_batch, "micro_batch": settings.micro_batch,
+            "recompute": settings.recompute, "distributed_optimizer": settings.distributed_optimizer,
+            "fp8": settings.fp8, "grad_reduce_in_fp32": settings.grad_fp32, "gpus_per_node": settings.gpus_per_node}
+
+
+def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool) -> None:
+    from mzoo import plan as P
+
+    if as_json:
+        key = "verdict" if check else "best"
+        print_json({"model": cfg.name, "gpus": gpus, "settings": _settings_dict(settings),
+                    "layouts": [p.as_dict() for p in plans], key: why})
+        return
+    s = settings
+    console.print(f"[bold]{cfg.name or 'model'}[/] on {gpus} GPUs ({s.gpus_per_node} per node): seq {s.seq_len}, "
+                  f"global batch {s.global_batch}, micro batch {s.micro_batch}, recompute {s.recompute}, "
+                  f"{'distributed' if s.distributed_optimizer else 'replicated'} optimizer, "
+                  f"{'fp32' if s.grad_fp32 else 'bf16'} gradients{', fp8' if s.fp8 else ''}", highlight=False)
+    if check:
+        for p in plans:
+            _show_one(p)
+        return
+    for name, text in why.items():
+        rows = [p for p in plans if p.gpu.name == name]
+        table = Table(title=f"{name}: best {len(rows)} layouts by step time")
+        for col in ("#", "layout", "memory GiB", "MFU", "step", "tok/s/GPU", "bubble", "fits", "mzoo"):
+            table.add_column(col, justify="left" if col in ("layout", "fits") else "right")
+        for i, p in enumerate(rows, 1):
+            mem = f"{p.memory.total / 2**30:.1f} / {p.gpu.memory_gib:.1f}"
+            table.add_row(str(i), p.layout.label(), mem, f"{p.time.mfu:.1%}", P.seconds(p.time.step),
+                          f"{p.time.tokens_per_s / p.layout.world:,.0f}", f"{p.time.bubble:.1%}",
+                          "yes" if p.feasible else "[red]no[/]", "yes" if p.layout.mzoo_engine else "-")
+        console.print(table)
+        console.print(text, highlight=False)
+
+
+def _show_one(p) -> None:
+    from mzoo.plan import seconds
+
+    color = "green" if p.feasible else "red"
+    console.print(f"[bold]{p.gpu.name}[/] {p.layout.label()}: [{color}]{p.verdict()}[/]", highlight=False)
+    for reason in p.problems[1:]:
+        console.print(f"  also: {reason}", highlight=False)
+    if p.memory is None:
+        return
+    parts = "  ".join(f"{k.replace('_', ' ')} {v / 2**30:.2f}" for k, v in p.memory.parts().items() if v)
+    console.print(f"  memory (GiB, stage {p.memory.stage}, {p.memory.params:,} parameters): {parts}", highlight=False)
+    t = p.time
+    per_step = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in t.parts().items() if v > 0.001 * t.step)
+    console.print(f"  step {seconds(t.step)}, MFU {t.mfu:.1%}, {t.microbatches} micro-batches, bubble {t.bubble:.1%}; "
+                  f"per step: {per_step}", highlight=False)
+
+
+# ---- mzoo train --dry-run --------------------------------------------------------------------------------
+def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[int], as_json: bool) -> None:
+    """Build rank `rank` of the layout on the meta device (no weights, no process group) and print its
+    parameters and the planner's memory estimate for mzoo's engine."""
+    import torch
+
+    from mzoo import plan as P
+    from mzoo.models import build_chunks
+    from mzoo.parallel.state import ParallelState
+
+    world = layout.world_size
+    if not 0 <= rank < world:
+        raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
+    state = ParallelState.for_rank(layout, rank)
+    with torch.device("meta"):
+        chunks = build_chunks(cfg, state, first=first, last=last)
+    params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
+    plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
+                           first=first, last=last)
+    settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
+                          tcfg.distributed_optimizer)
+    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel)
+    stage = P.stages(cfg, plan_layout)[state.pp_rank]
+    mem = P.stage_memory(cfg, plan_layout, settings, profile, stage)
+    coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
+              "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
+    count = sum(p["numel"] for p in params)
+    if as_json:
+        print_json({"dry_run": True, "model": cfg.name, "rank": rank, "world_size": world, "coordinates": coords,
+                    "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "dp": layout.dp, "ep": layout.ep,
+                               "cp": layout.cp, "sequence_parallel": layout.sequence_parallel,
+                               "first_stage_layers": first, "last_stage_layers": last},
+                    "layers": list(stage.layers), "parameters": params, "count": count,
+                    "memory": {"profile": profile.name, **mem.as_dict()}})
+        return
+    where = ", ".join(f"{k} {v}" for k, v in coords.items())
+    console.print(f"[bold]dry run[/]: rank {rank} of {world} ({where}); nothing allocated, nothing launched",
+                  highlight=False)
+    span = f"layers {stage.layers[0]}..{stage.layers[-1]} ({len(stage.layers)})" if stage.layers else "no layers"
+    console.print(span, highlight=False)
+    table = Table(title=f"{len(params)} parameter tensors, {count:,} elements")
+    for col in ("name", "shape", "numel"):
+        table.add_column(col, justify="right" if col == "numel" else "left")
+    for p in params:
+        table.add_row(p["name"], "x".join(map(str, p["shape"])), f"{p['numel']:,}")
+    console.print(table)
+    parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in mem.parts().items() if v)
+    console.print(f"memory estimate ({profile.name}, mzoo's engine): {_size(mem.total)} = {parts}", highlight=False)

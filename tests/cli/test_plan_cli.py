@@ -1,0 +1,134 @@
+"""`mzoo plan` and `mzoo train --dry-run` as users type them (in-process through Typer's runner)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from mzoo.plan import Layout, rank_params
+from mzoo.zoo import get
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def mzoo(*args) -> Result:
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return Result(r.exit_code, r.stdout, r.stderr)
+
+
+LAYOUT_KEYS = {"gpu", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "feasible", "memory_gb", "mfu", "step_s", "memory",
+               "time", "verdict", "mzoo_engine"}
+
+
+def test_plan_json_top_layouts():
+    r = mzoo("plan", "llama3-8b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--top", 3, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "llama3-8b" and out["gpus"] == 8 and out["settings"]["seq_len"] == 8192
+    layouts = out["layouts"]
+    assert len(layouts) == 3 and all(LAYOUT_KEYS <= set(row) for row in layouts)
+    assert all(row["feasible"] and row["tp"] * row["pp"] * row["cp"] * row["dp"] == 8 for row in layouts)
+    assert [row["step_s"] for row in layouts] == sorted(row["step_s"] for row in layouts)
+    assert {"weights_gb", "gradients_gb", "optimizer_gb", "activations_gb", "logits_gb", "buffers_gb",
+            "overhead_gb"} <= set(layouts[0]["memory"])
+    assert out["best"]["h100-80gb"].startswith(layouts[0]["label"])
+
+
+def test_plan_table_compares_gpu_types():
+    r = mzoo("plan", "mixtral-8x7b", "--gpus", 16, "--gpu", "h100-80gb", "--gpu", "h200", "--top", 2)
+    assert r.returncode == 0, r.stderr
+    assert "h100-80gb: best 2 layouts" in r.stdout and "h200: best 2 layouts" in r.stdout
+    assert "is the fastest layout that fits" in r.stdout
+
+
+def test_check_fits_and_does_not_fit():
+    fits = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
+                "--check", "tp=4,pp=4,vpp=5,cp=2")
+    assert fits.returncode == 0 and "fits:" in fits.stdout and "memory (GiB" in fits.stdout
+    tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
+                 "--json")
+    assert tight.returncode == 1
+    out = json.loads(tight.stdout)
+    (layout,) = out["layouts"]
+    assert not layout["feasible"] and layout["dp"] == 8 and layout["memory_gb"] > 80
+    assert out["verdict"]["h100-80gb"].startswith("does not fit") and "largest part" in out["verdict"]["h100-80gb"]
+    invalid = mzoo("plan", "llama3-8b", "--gpus", 8, "--check", "tp=8,pp=1,dp=2")
+    assert invalid.returncode == 1 and "not valid" in invalid.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["llama3-8b", "--gpus", 8, "--gpu", "h900"], "unknown GPU 'h900'; use one of h100-80gb, h200, a100-80gb, b200"),
+    (["llama3-8b", "--gpus", 8, "--check", "tp=4,pp"], "--check 'tp=4,pp' is malformed"),
+    (["llama3-8b", "--gpus", 8, "--check", "tp=two"], "tp needs a positive integer"),
+    (["llama-tiny", "--gpus", 7, "--global-batch", 8], "no layout of 7 GPUs is valid for llama-tiny"),
+    (["llama3-8b", "--gpus", 8, "--gpu", "a100-80gb", "--fp8"], "has no FP8 tensor cores"),
+    (["llama3-8b", "--gpus", 0], "--gpus must be at least 1"),
+])
+def test_bad_plan_input_is_one_sentence(args, message):
+    r = mzoo("plan", *args)
+    assert r.returncode == 2, r.stdout
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# ---- mzoo train --dry-run -----------------------------------------------------------------------------
+def _dry_run(*args) -> dict:
+    r = mzoo("train", *args, "--mock-data", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_dry_run_llama_tiny_tp2_pp2_every_rank():
+    cfg = get("llama-tiny").config
+    for rank in range(4):
+        out = _dry_run("llama-tiny", "--tp", 2, "--pp", 2, "--dry-run-rank", rank)
+        assert out["world_size"] == 4 and out["rank"] == rank
+        pp_rank = rank // 2
+        assert out["coordinates"]["tp_rank"] == rank % 2 and out["coordinates"]["pp_rank"] == pp_rank
+        assert out["count"] == rank_params(cfg, Layout(tp=2, pp=2), pp_rank).total
+        names = [p["name"] for p in out["parameters"]]
+        assert ("embedding.word_embeddings.weight" in names) == (pp_rank == 0)
+        assert ("output_layer.weight" in names) == (pp_rank == 1)
+        assert all(n.startswith(f"decoder.layers.{pp_rank}.") for n in names if n.startswith("decoder.layers."))
+        assert out["memory"]["profile"] == "mzoo-fp32" and out["memory"]["total_gb"] > 0
+
+
+def test_dry_run_deepseek_v3_at_full_scale_in_seconds():
+    """Rank 0 and a last-stage rank of TP2 x PP16 x EP64 x DP64 (2048 processes) on the meta device."""
+    cfg = get("deepseek-v3").config
+    layout = Layout(tp=2, pp=16, dp=64, ep=64, first=4, last=1)
+    args = ["deepseek-v3", "--tp", 2, "--pp", 16, "--ep", 64, "--dp", 64, "--first-stage-layers", 4,
+            "--last-stage-layers", 1, "--seq-len", 4096, "--micro-batch", 1, "--global-batch", 128,
+            "--sequence-parallel", "--distributed-optimizer", "--precision", "bf16", "--recompute", "full"]
+    start = time.perf_counter()
+    first = _dry_run(*args)
+    last_rank = 15 * 128 + 2 * 63 + 1  # pp 15, dp 63 (ep rank 63), tp 1
+    last = _dry_run(*args, "--dry-run-rank", last_rank)
+    assert time.perf_counter() - start < 30
+    assert first["world_size"] == 2048 and first["layers"] == [0, 1, 2, 3] and last["layers"] == [60]
+    assert first["count"] == rank_params(cfg, layout, 0).total
+    assert last["count"] == rank_params(cfg, layout, 15).total
+    assert last["coordinates"]["ep_rank"] == 63
+    experts = {p["name"] for p in last["parameters"] if ".local_experts." in p["name"]}
+    assert "decoder.layers.60.mlp.experts.local_experts.252.linear_fc1.weight" in experts  # 63 * 256/64 + 0
+    assert last["memory"]["profile"] == "mzoo-bf16"
+
+
+def test_dry_run_bad_rank_and_bad_layout_fail_before_work():
+    r = mzoo("train", "llama-tiny", "--tp", 2, "--mock-data", "--dry-run", "--dry-run-rank", 2)
+    assert r.returncode == 2 and "outside the 2 ranks" in r.stderr
+    r = mzoo("train", "llama-tiny", "--tp", 3, "--mock-data", "--dry-run")
+    assert r.returncode == 2 and "does not divide the 2 query groups" in r.stderr
