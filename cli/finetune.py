@@ -105,6 +105,9 @@ def finetune(
         raise UserError("--precision must be fp32, bf16 or fp16 and --recompute none, selective or full.")
     if schedule not in ("cosine", "wsd", "constant"):
         raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
+    sft_data.read_jsonl(data, fmt)  # a bad line fails first, naming file and line
+    if valid_data is not None:
+        sft_data.read_jsonl(valid_data, fmt)
     src = open_source(ckpt)
     cfg = src.cfg
     if cfg.ssm is not None and packing:

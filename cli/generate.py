@@ -24,9 +24,7 @@ def _parse_ids(text: str) -> list[int]:
 
 def _tokenizer_folder(ckpt: Path, src, explicit: Optional[Path]) -> Optional[Path]:
     if explicit is not None:
-        if not (explicit / "tokenizer.json").exists() and not (explicit / "tokenizer_config.json").exists():
-            raise UserError(f"{explicit} holds no tokenizer (tokenizer.json or tokenizer_config.json).")
-        return explicit
+        return explicit  # load_tokenizer says so in one sentence when it holds none
     if src.tokenizer_files:
         return Path(src.tokenizer_files[0]).parent
     for folder in (ckpt, ckpt.parent):
@@ -36,12 +34,20 @@ def _tokenizer_folder(ckpt: Path, src, explicit: Optional[Path]) -> Optional[Pat
 
 
 def load_tokenizer(folder: Path):
+    """The tokenizer saved in `folder`; one sentence when there is none or it does not load."""
     quiet_transformers()
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if (folder / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(folder))
-    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass --tokenizer DIR.")
+    try:
+        if (folder / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(folder))
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the tokenizer in {folder} does not load ({reason.rstrip('.')}).") from None
 
 
 @user_errors

@@ -1,0 +1,199 @@
+"""Hostile input, table-driven: every command given something wrong exits 2 with one readable
+sentence (one `error:` line, no traceback) and leaves no output behind, half-written or not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, MixtralConfig
+from typer.testing import CliRunner
+
+from conftest import make_hf_model, make_moe_model
+from mzoo.cli.main import app
+
+OUT = "OUT"  # placeholder for the destination each case must not create
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Tiny real checkpoints and data files, and broken variants of them."""
+    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.converters.pipeline import Target, convert, open_source
+
+    root = tmp_path_factory.mktemp("hostile")
+    llama = make_hf_model(root / "llama", LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, max_position_embeddings=32))
+    mixtral = make_moe_model(root / "mixtral", MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32,
+                                                             num_hidden_layers=2, num_attention_heads=4,
+                                                             num_key_value_heads=2, num_local_experts=4,
+                                                             max_position_embeddings=32))
+    small = make_hf_model(root / "small-vocab", LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2))
+    weights = llama / "model.safetensors"
+
+    truncated = root / "truncated"
+    shutil.copytree(llama, truncated)
+    (truncated / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    bad_header = root / "bad-header"
+    shutil.copytree(llama, bad_header)
+    data = bytearray(weights.read_bytes())
+    data[8:40] = b"{not json at all, just noise!!!}"
+    (bad_header / "model.safetensors").write_bytes(bytes(data))
+
+    huge_header = root / "huge-header"
+    shutil.copytree(llama, huge_header)
+    data = bytearray(weights.read_bytes())
+    data[0:8] = (10**15).to_bytes(8, "little")
+    (huge_header / "model.safetensors").write_bytes(bytes(data))
+
+    escaping = root / "escaping-index"
+    shutil.copytree(llama, escaping)
+    (escaping / "model.safetensors").rename(escaping / "model-00001-of-00001.safetensors")
+    names = json.loads((llama / "config.json").read_text())  # any config: only the index matters here
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        keys = list(f.keys())
+    (escaping / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "../../etc/passwd" for k in keys}}))
+    assert names
+
+    unknown_type = root / "unknown-type"
+    shutil.copytree(llama, unknown_type)
+    cfg = json.loads((llama / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (unknown_type / "config.json").write_text(json.dumps(cfg))
+
+    evil = root / "evil-legacy"
+    convert(open_source(llama), evil, Target("torch", MegatronLayout()))
+    rank = evil / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(rank, weights_only=False)
+    state["evil"] = Evil()
+    torch.save(state, rank)
+
+    missing_shard = root / "missing-shard"
+    convert(open_source(llama), missing_shard, Target("torch", MegatronLayout(tp=2)))
+    shutil.rmtree(missing_shard / "iter_0000000" / "mp_rank_01")
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"<unk>": 100}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="w0").save_pretrained(root / "tok")
+
+    (root / "bad.yaml").write_text("name: x\nhidden_size: [1, 2\n")
+    (root / "wrong-type.yaml").write_text("family: llama\nhidden_size: big\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    (root / "notjson.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{oops\n')
+    (root / "nokey.jsonl").write_text('{"prompt": "a"}\n')
+    (root / "text.jsonl").write_text('{"text": "w1 w2 w3"}\n')
+    (root / "not-a-checkpoint").mkdir()
+    (root / "not-a-checkpoint" / "notes.txt").write_text("hello")
+    (root / "existing").mkdir()
+    (root / "existing" / "keep.txt").write_text("mine")
+    return root
+
+
+CASES = {
+    # zoo / init / configs
+    "unknown preset": (["zoo", "show", "llama9"], "unknown preset"),
+    "unknown family": (["zoo", "list", "--family", "bert"], "unknown family"),
+    "malformed yaml": (["train", "{root}/bad.yaml", "--save", OUT], "not valid YAML"),
+    "wrong type in yaml": (["train", "{root}/wrong-type.yaml", "--save", OUT], "must be an integer"),
+    "wrong type in override": (["train", "llama-tiny", "--override", "num_layers=two", "--save", OUT],
+                               "must be an integer"),
+    "unknown override key": (["train", "llama-tiny", "--override", "hiden_size=8", "--save", OUT], "did you mean"),
+    "override not key=value": (["train", "llama-tiny", "--override", "num_layers", "--save", OUT], "key=value"),
+    "init into a non-empty folder": (["init", "llama-tiny", "{root}/existing"], "exists"),
+    "init bad dtype": (["init", "llama-tiny", OUT, "--dtype", "int8"], "unknown dtype"),
+    # inconsistent parallel sizes
+    "tp not dividing groups": (["train", "llama-tiny", "--tp", "3", "--save", OUT], "does not divide"),
+    "pp beyond layers": (["train", "llama-tiny", "--pp", "64", "--save", OUT], "exceeds the"),
+    "ep on a dense model": (["train", "llama-tiny", "--ep", "2", "--save", OUT], "mixture-of-experts"),
+    "ep not dividing experts": (["convert", "hf->megatron", "{root}/mixtral", OUT, "--ep", "3"], "does not divide"),
+    "global batch not divisible": (["train", "llama-tiny", "--dp", "2", "--global-batch", "3", "--save", OUT],
+                                   "not a multiple"),
+    "zero tp": (["convert", "hf->megatron", "{root}/llama", OUT, "--tp", "0"], "at least 1"),
+    # conversion arguments
+    "unquoted arrow": (["convert", "hf-", "{root}/llama", OUT], "quote it"),
+    "unknown direction": (["convert", "hf->onnx", "{root}/llama", OUT], "unknown direction"),
+    "missing source": (["convert", "hf->megatron", "{root}/nope", OUT], "does not exist"),
+    "not a checkpoint": (["convert", "hf->megatron", "{root}/not-a-checkpoint", OUT], "not a checkpoint"),
+    "unknown megatron format": (["convert", "hf->megatron", "{root}/llama", OUT, "--megatron-format", "onnx"],
+                                "unknown --megatron-format"),
+    "bad shard size": (["convert", "megatron->hf", "{root}/evil-legacy", OUT, "--shard-size", "lots",
+                        "--trust-pickle"], "size"),
+    "wrong direction for source": (["convert", "megatron->hf", "{root}/llama", OUT], "not Megatron"),
+    "destination exists": (["convert", "hf->megatron", "{root}/llama", "{root}/existing"], "exists"),
+    # hostile files
+    "truncated safetensors": (["convert", "hf->megatron", "{root}/truncated", OUT], "truncated"),
+    "corrupted safetensors header": (["convert", "hf->megatron", "{root}/bad-header", OUT], "header"),
+    "absurd header length": (["inspect", "{root}/huge-header"], "header"),
+    "index pointing outside": (["convert", "hf->megatron", "{root}/escaping-index", OUT], "outside"),
+    "unsupported model_type": (["convert", "hf->megatron", "{root}/unknown-type", OUT], "model_type 'bert'"),
+    "pickle with a disallowed global": (["convert", "megatron->hf", "{root}/evil-legacy", OUT], "--trust-pickle"),
+    "missing rank file": (["convert", "megatron->hf", "{root}/missing-shard", OUT], "mp_rank_01"),
+    "verify different vocabularies": (["verify", "{root}/llama", "{root}/small-vocab"], "different vocabularies"),
+    "inspect a non-checkpoint": (["inspect", "{root}/not-a-checkpoint"], "not a checkpoint"),
+    # data
+    "empty data file": (["data", "prepare", "{root}/empty.jsonl", "--tokenizer", "{root}/tok", "--out", OUT],
+                        "empty"),
+    "binary data file": (["data", "prepare", "{root}/binary.jsonl", "--tokenizer", "{root}/tok", "--out", OUT],
+                         "binary.jsonl"),
+    "missing tokenizer": (["data", "prepare", "{root}/notjson.jsonl", "--tokenizer", "{root}/nope", "--out", OUT],
+                          "tokenizer"),
+    "folder without a tokenizer": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--format", "text",
+                                    "--tokenizer", "{root}/llama", "--save", OUT], "holds no tokenizer"),
+    "finetune line not json": (["finetune", "{root}/llama", "--data", "{root}/notjson.jsonl", "--format",
+                                "prompt-completion", "--tokenizer", "{root}/tok", "--save", OUT],
+                               "notjson.jsonl:2 is not valid JSON"),
+    "finetune missing key": (["finetune", "{root}/llama", "--data", "{root}/nokey.jsonl", "--format",
+                              "prompt-completion", "--save", OUT], "nokey.jsonl:1 lacks the key 'completion'"),
+    "finetune without tokenizer": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--format",
+                                    "text", "--save", OUT], "no tokenizer"),
+    # generate / push
+    "prompt longer than context": (["generate", "{root}/llama", "--prompt-ids", ",".join(["1"] * 40)], "context"),
+    "prompt id outside vocabulary": (["generate", "{root}/llama", "--prompt-ids", "1,500"], "outside the vocabulary"),
+    "invalid repo id": (["push", "{root}/llama", "not a/valid--repo", "--dry-run"], "repo"),
+    "push without a token": (["push", "{root}/llama", "org/name", "--token-env", "MZOO_NO_SUCH_TOKEN"], "token"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_sentence_and_writes_nothing(world, tmp_path, case, monkeypatch):
+    args, message = CASES[case]
+    out = tmp_path / "out"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token file either
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace(OUT, str(out)).format(root=world) for a in args]
+    before = sorted(p.name for p in world.iterdir())
+    result = CliRunner().invoke(app, argv)
+    text = result.output
+    assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{text}\n{result.exception!r}"
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert message in text, text
+    assert not list(tmp_path.glob("out*")), f"{case} left {list(tmp_path.glob('out*'))}"
+    assert sorted(p.name for p in world.iterdir()) == before  # nothing written next to the inputs
+    assert not list(tmp_path.glob("*.mzoo-tmp*"))
+    assert (world / "existing" / "keep.txt").read_text() == "mine"
+
+
+def test_there_are_at_least_thirty_cases():
+    assert len(CASES) >= 30
