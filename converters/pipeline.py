@@ -8,6 +8,7 @@ from a meta model of the configuration (ShardSpecs), never from a table here.
 from __future__ import annotations
 
 import math
+import re
 import resource
 import shutil
 import time
@@ -32,6 +33,8 @@ from mzoo.ckpt.megatron import (
     expert_dist_key,
     find_iteration_dir,
     iteration_dir,
+    split_sections,
+    to_spelling,
     write_tracker,
 )
 from mzoo.ckpt.sidecar import read_sidecar, write_sidecar
@@ -164,19 +167,23 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spec) if args is not None \
         else MegatronLayout(spec=spec)
     layout.iteration = iteration
-    where = {t.name: dist_location(t.name, keys, cfg, layout.spec, folder) for t in tensors}  # all, before any read
-    dtype = store.dtype(where[tensors[0].name][0])
+    where = {t.name: dist_location(t.name, t.spec, keys, cfg, layout.spec, folder) for t in tensors}  # before any read
+    dtype = store.dtype(where[tensors[0].name][0][0])
 
     def get(name: str) -> torch.Tensor:
-        key, index = where[name]
-        return _trim(specs[name], store.read(key, index or None), cfg.vocab_size)
+        parts = [store.read(key, index or None) for key, index in where[name]]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=specs[name].dim)
+        return _trim(specs[name], value, cfg.vocab_size)
 
     return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors)
 
 
 def _dist_spec(keys: set[str], cfg: ModelConfig) -> Spelling:
     """The spec a torch_dist/zarr checkpoint was saved from, told by its keys where they differ:
-    MLA's separate latent norms (local) and MoE layers' own pre-MLP norm (TE); dense keys are the same."""
+    MLA's separate latent norms (local), MoE layers' own pre-MLP norm (TE) and a Mamba layer's own
+    `norm` (local, saved without megatron's TE remapping); dense keys are the same."""
+    if cfg.ssm is not None:
+        return "local" if any(re.fullmatch(r"decoder\.layers\.\d+\.norm\.weight", k) for k in keys) else "te"
     if cfg.mla is not None:
         return "local" if any(k.endswith("kv_layernorm.weight") for k in keys) else "te"
     if cfg.moe is not None:
@@ -186,7 +193,10 @@ def _dist_spec(keys: set[str], cfg: ModelConfig) -> Spelling:
 
 def non_homogeneous(cfg: ModelConfig) -> bool:
     """megatron-core stores every layer under its own `decoder.layers.{N}.` keys when the layers
-    differ (moe_layer_freq a list or > 1: DeepSeek's dense first layers); otherwise stacked."""
+    differ (moe_layer_freq a list or > 1: DeepSeek's dense first layers) and always in a Mamba or
+    hybrid model (MambaStack never stacks); otherwise stacked."""
+    if cfg.ssm is not None:
+        return True
     return cfg.moe is not None and (cfg.moe.first_k_dense > 0 or cfg.moe.layer_freq > 1)
 
 
@@ -196,27 +206,35 @@ def dist_key(name: str, cfg: ModelConfig, spec: Spelling, stacked: bool) -> tupl
     Stacked: `decoder.layers.<name>` [L, ...]; per layer: `decoder.layers.{N}.<name>`; experts add
     a global expert axis under `...mlp.experts.experts.<linear>` ([L, E, ...] or [E, ...])."""
     layer, rest = legacy.split_layer_name(name)
-    mla = cfg.mla is not None
+    mla, hybrid = cfg.mla is not None, cfg.ssm is not None
     if layer is None:
-        return dist_spelling(name, spec, mla), (), ()
+        return dist_spelling(name, spec, mla, hybrid), (), ()
     rest, expert = expert_dist_key(rest)
-    rest = dist_spelling(rest, spec, mla)
+    rest = dist_spelling(rest, spec, mla, hybrid)
     experts = ((expert,), (cfg.moe.num_experts,)) if expert is not None else ((), ())
     if stacked:
         return "decoder.layers." + rest, (layer, *experts[0]), (cfg.num_layers, *experts[1])
     return f"decoder.layers.{layer}.{rest}", experts[0], experts[1]
 
 
-def dist_location(name: str, keys: set[str], cfg: ModelConfig, spec: Spelling, folder: Path) -> tuple[str, tuple[int, ...]]:
-    """Where a canonical tensor is in a torch_dist/zarr checkpoint: the layout's spelling first,
+def dist_location(name: str, shard: ShardSpec, keys: set[str], cfg: ModelConfig, spec: Spelling,
+                  folder: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """Where a canonical tensor is in a torch_dist/zarr checkpoint, as (key, index) parts to
+    concatenate (one part, or a Mamba mixer tensor's sections): the layout's spelling first,
     stacked or per layer, whichever the checkpoint has."""
     other: Spelling = "local" if spec == "te" else "te"
     tries = [dist_key(name, cfg, s, stacked) for s in (spec, other) for stacked in (not non_homogeneous(cfg),
                                                                                    non_homogeneous(cfg))]
+    layer, rest = legacy.split_layer_name(name)
+    if cfg.ssm is not None and layer is not None:  # megatron's local Mamba spec saved without its TE remapping
+        tries.append((f"decoder.layers.{layer}.{to_spelling(rest, 'local')}", (), ()))
+    sections = split_sections(name, shard) or ()
     for key, index, _ in tries:
-        if key in keys:
-            return key, index
-    raise CheckpointError(f"{folder} has no tensor {tries[0][0]} (for {name}); the checkpoint does not match its config.")
+        parts = [f"{key}.{s}" for s in sections] or [key]
+        if all(p in keys for p in parts):
+            return [(p, index) for p in parts]
+    first = tries[0][0] + (f".{sections[0]}" if sections else "")
+    raise CheckpointError(f"{folder} has no tensor {first} (for {name}); the checkpoint does not match its config.")
 
 
 def _zarr_reader(folder: Path):
@@ -325,6 +343,10 @@ def validate_layout(cfg: ModelConfig, fmt: str, lay: MegatronLayout) -> None:
         raise UserError(f"unknown spec '{lay.spec}'; use te or local.")
     ParallelConfig(tp=lay.tp, pp=lay.pp, vpp=lay.vpp, ep=lay.ep).validate_for(cfg)
     stage_layers(cfg.num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
+    ssm = cfg.ssm
+    if ssm is not None and ssm.version == 1 and cfg.mamba_dims()["d_inner"] % lay.tp:
+        raise ConfigError(f"tensor parallel size {lay.tp} does not divide the Mamba inner size "
+                          f"({cfg.mamba_dims()['d_inner']}); choose a TP that divides it.")
     mla = cfg.mla
     if fmt == "torch" and lay.spec == "local" and mla is not None and lay.tp > 1:
         # megatron-core's local MLA spec splits the latent down projections' rows over TP
@@ -420,11 +442,17 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
     chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype)
     common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
     if target.fmt == "torch_dist":
-        dist_fmt.write_dist(folder, chunks, common, tick)
+        dist_fmt.write_dist(folder, chunks, common, tick, dist_objects(cfg))
     else:
         from mzoo.ckpt import zarr as zarr_fmt
 
         zarr_fmt.write_checkpoint(folder, chunks, common, tick)
+
+
+def dist_objects(cfg: ModelConfig) -> dict[str, Any]:
+    """ShardedObjects beyond the decoder's `_extra_state`: megatron-core's MambaModel (unlike
+    GPTModel, which drops it) declares its output layer's, tied or not."""
+    return {"output_layer._extra_state/shard_0_1": [None]} if cfg.ssm is not None else {}
 
 
 def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str) -> None:
@@ -446,6 +474,10 @@ def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optiona
         shape = list(t.shape)
         if t.spec.vocab:
             shape[0] = padded
+        sections = split_sections(t.name, t.spec)
+        if sections:
+            chunks += _section_chunks(key, t, sections, fetch, tensor_dtype(t.name, dtype))
+            continue
 
         def produce(name=t.name, vocab=t.spec.vocab, n=len(lead)) -> torch.Tensor:
             value = fetch(name)
@@ -455,6 +487,30 @@ def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optiona
         chunks.append(dist_fmt.Chunk(key, (*lead, *shape), (*index,) + (0,) * len(shape), (1,) * len(lead) + tuple(shape),
                                      tensor_dtype(t.name, dtype), produce, prepend=len(lead)))
     return chunks
+
+
+def _section_chunks(key: str, t: CanonicalTensor, names: tuple[str, ...],
+                    fetch: Optional[Callable[[str], torch.Tensor]], dtype: torch.dtype) -> list[dist_fmt.Chunk]:
+    """A Mamba mixer tensor as megatron-core's _split_tensor_factory stores it: one global key per
+    section, `<key>.<section>`; the tensor is fetched once for all its sections."""
+    held: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def section(i: int) -> torch.Tensor:
+        if t.name not in held:
+            held.clear()
+            held[t.name] = fetch(t.name).split(list(t.spec.sections), dim=t.spec.dim)
+        value = held[t.name][i]
+        if i == len(names) - 1:
+            held.clear()
+        return value
+
+    out = []
+    for i, (name, size) in enumerate(zip(names, t.spec.sections)):
+        shape = list(t.shape)
+        shape[t.spec.dim] = size
+        out.append(dist_fmt.Chunk(f"{key}.{name}", tuple(shape), (0,) * len(shape), tuple(shape), dtype,
+                                  lambda i=i: section(i)))
+    return out
 
 
 # ---- planning: what a target layout gets, from the config alone ------------------------------------

@@ -110,16 +110,17 @@ def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
 
 
 def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
-               on_item: Callable[[int], None] = lambda n: None) -> None:
-    """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last."""
+               on_item: Callable[[int], None] = lambda n: None, objects: Optional[dict[str, Any]] = None) -> None:
+    """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last.
+    `objects`: further ShardedObjects by key (value as megatron stores it, e.g. [None])."""
     folder.mkdir(parents=True, exist_ok=True)
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.FileSystemWriter(str(folder), single_file_per_rank=False, thread_count=1, sync_files=True)
+    planner = _planner(chunks, {**extra_state_objects(chunks), **(objects or {})}, on_item)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({}, storage_writer=writer, planner=_planner(chunks, extra_state_objects(chunks), on_item),
-                 no_dist=True)
+        dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     torch.save(common, folder / COMMON)
     (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 

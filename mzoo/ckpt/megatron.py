@@ -17,7 +17,7 @@ import torch
 
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.config import MLAConfig, MoEConfig, ModelConfig, ParallelConfig, RopeConfig
+from mzoo.config import MLAConfig, MoEConfig, ModelConfig, ParallelConfig, RopeConfig, SSMConfig
 from mzoo.parallel.sharding import ShardSpec
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -60,6 +60,9 @@ _TE_TO_LOCAL = [
     # MLA: TE fuses the latent norms into the up projections; the local spec has separate modules
     ("self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.q_layernorm.weight"),
     ("self_attention.linear_kv_up_proj.layer_norm_weight", "self_attention.kv_layernorm.weight"),
+    # Mamba layer: TE fuses the layer's pre-norm into the mixer's in_proj; the local spec keeps MambaLayer.norm
+    ("mixer.in_proj.layer_norm_weight", "norm.weight"),
+    ("mixer.in_proj.layer_norm_bias", "norm.bias"),
 ]
 # megatron-core's local (non-MLA) TransformerLayer saves these modules under TE keys
 # (sharded_state_dict_keys_map); its local MLA layer has no such map.
@@ -79,13 +82,16 @@ def to_spelling(name: str, spec: Spelling) -> str:
     return name if spec == "te" else _swap_suffix(name, _TE_TO_LOCAL)
 
 
-def dist_spelling(name: str, spec: Spelling, mla: bool) -> str:
+def dist_spelling(name: str, spec: Spelling, mla: bool, hybrid: bool = False) -> str:
     """Canonical name -> the key megatron-core's sharded_state_dict gives it in torch_dist/zarr.
 
     Dense layers: the TE names in both specs. Local-spec MoE layers (Mixtral) keep their separate
     pre-MLP norm under `mlp.linear_fc1.layer_norm_weight`; local-spec MLA layers keep their module
-    names (`input_layernorm`, `pre_mlp_layernorm`, `q_layernorm`, `kv_layernorm`)."""
-    if spec == "te":
+    names (`input_layernorm`, `pre_mlp_layernorm`, `q_layernorm`, `kv_layernorm`). Mamba/hybrid
+    stacks: the canonical names in both specs (megatron-core's local Mamba spec, in
+    post_training/modelopt, maps `norm.` to `mixer.in_proj.layer_norm_` and its MoE layers keep
+    `pre_mlp_layernorm`)."""
+    if spec == "te" or hybrid:
         return name
     local = to_spelling(name, "local")
     if mla:
@@ -129,14 +135,32 @@ def expert_dist_key(name: str) -> tuple[str, Optional[int]]:
 
 
 _LINEAR = re.compile(r"(?:^|\.)(linear_qkv|linear_proj|linear_fc1|linear_fc2|output_layer|linear_q_proj|linear_q_down_proj"
-                     r"|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj)\.weight\d*$")
+                     r"|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj|mixer\.in_proj|mixer\.out_proj)"
+                     r"\.weight(?:\d*|\.(?:z|x|B|C|dt))$")
 
 
 def extra_state_name(name: str) -> Optional[str]:
     """Megatron's linear modules add `<module>._extra_state` to state dicts; strict loads expect it.
-    (Norms and the MoE router are not such modules; a grouped expert linear has one for all experts.)"""
+    (Norms, the MoE router, conv1d and Mamba-1's x_proj/dt_proj are not such modules; a grouped
+    expert linear has one for all experts; a split Mamba in_proj key has its module's.)"""
     m = _LINEAR.search(name)
     return name[: m.start(1)] + m.group(1) + "._extra_state" if m else None
+
+
+# megatron-core's MambaMixer.sharded_state_dict stores in_proj and conv1d as one torch_dist key per
+# section (_split_tensor_factory: `in_proj.weight.z`, ...); Mamba-1's [x; z] in_proj is mzoo's own.
+_SECTION_NAMES = {("in_proj", 5): ("z", "x", "B", "C", "dt"), ("in_proj", 2): ("x", "z"),
+                  ("conv1d", 3): ("x", "B", "C")}
+_MIXER_SPLIT = re.compile(r"(?:^|\.)mixer\.(in_proj|conv1d)\.(?:weight|bias)$")
+
+
+def split_sections(name: str, spec: ShardSpec) -> Optional[tuple[str, ...]]:
+    """Section names of a Mamba mixer tensor that torch_dist/zarr store as separate keys
+    (`<key>.<section>`, each section global), from its ShardSpec's sections; None for the rest."""
+    m = _MIXER_SPLIT.search(name)
+    if m is None or not spec.sections:
+        return None
+    return _SECTION_NAMES.get((m.group(1), len(spec.sections)))
 
 
 def legacy_shard_spec(name: str, spec: ShardSpec, spelling: Spelling) -> ShardSpec:
@@ -154,8 +178,34 @@ def legacy_shard_spec(name: str, spec: ShardSpec, spelling: Spelling) -> ShardSp
 def config_to_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
     """The fields of Megatron-LM's args that describe the model, layout and dtype."""
     args = _dense_args(cfg, layout, dtype)
-    vars(args).update(_moe_args(cfg, layout), **_mla_args(cfg))
+    vars(args).update(_moe_args(cfg, layout), **_mla_args(cfg), **_ssm_args(cfg, layout))
     return args
+
+
+# the stack spec Megatron-LM's `--spec` names for MambaModel (Transformer Engine)
+MAMBA_STACK_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+
+
+def _ssm_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
+    """Megatron-LM's MambaModel arguments, plus `mzoo_ssm_*` for what they cannot say (Mamba-1,
+    expand without mamba_num_heads, d_conv, chunk size, biases)."""
+    ssm = cfg.ssm
+    if ssm is None:
+        return {}
+    out: dict[str, Any] = dict(
+        is_hybrid_model=True,
+        hybrid_override_pattern=ssm.hybrid_pattern,
+        hybrid_attention_ratio=0.0,
+        hybrid_mlp_ratio=0.0,
+        mamba_state_dim=ssm.d_state,
+        mamba_head_dim=ssm.head_dim,
+        mamba_num_groups=ssm.num_groups,
+        mamba_num_heads=cfg.mamba_dims()["nheads"] if ssm.version == 2 else None,
+        spec=MAMBA_STACK_SPEC if layout.spec == "te" else None,
+    )
+    out.update({f"mzoo_ssm_{k}": getattr(ssm, k) for k in ("version", "expand", "d_conv", "chunk_size", "dt_rank",
+                                                           "conv_bias", "proj_bias")})
+    return out
 
 
 def _moe_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
@@ -293,10 +343,14 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
     heads = need("num_attention_heads")
     groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
     mla = _mla_from_args(a)
-    moe = _moe_from_args(a, a.get("ffn_hidden_size") or 4 * need("hidden_size"), need("num_layers"))
-    default_family = "deepseek" if mla else "mixtral" if moe else "llama" if activation == "swiglu" else "gpt"
-    family = a.get("mzoo_family") or default_family
     hidden = need("hidden_size")
+    ffn = a.get("ffn_hidden_size")
+    ffn = 4 * hidden if ffn is None else ffn  # 0 in a pure Mamba model
+    moe = _moe_from_args(a, ffn or 4 * hidden, need("num_layers"))
+    ssm = _ssm_from_args(a, hidden)
+    default_family = ("mamba" if ssm else "deepseek" if mla else "mixtral" if moe else
+                      "llama" if activation == "swiglu" else "gpt")
+    family = a.get("mzoo_family") or default_family
     cfg = ModelConfig(
         family=family,
         vocab_size=a.get("vocab_size") or need("padded_vocab_size"),
@@ -305,7 +359,7 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         num_attention_heads=heads,
         num_query_groups=groups or heads,
         head_dim=a.get("kv_channels") if a.get("kv_channels") not in (None, hidden // heads) else None,
-        ffn_hidden_size=a.get("ffn_hidden_size") or 4 * hidden,
+        ffn_hidden_size=ffn,
         activation=activation,
         normalization="rmsnorm" if a.get("normalization") == "RMSNorm" else "layernorm",
         norm_eps=float(a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5))),
@@ -320,6 +374,7 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         init_method_std=float(a.get("init_method_std", 0.02)),
         moe=moe,
         mla=mla,
+        ssm=ssm,
     )
     cfg.validate("the checkpoint's args")
     return cfg
@@ -331,6 +386,42 @@ def _mla_from_args(a: dict[str, Any]) -> Optional[MLAConfig]:
     return MLAConfig(q_lora_rank=a.get("q_lora_rank"), kv_lora_rank=a.get("kv_lora_rank") or 512,
                      qk_nope_head_dim=a.get("qk_head_dim") or 128, qk_rope_head_dim=a.get("qk_pos_emb_head_dim") or 64,
                      v_head_dim=a.get("v_head_dim") or 128)
+
+
+def _is_mamba(a: dict[str, Any]) -> bool:
+    spec = a.get("spec") or ()
+    return bool(a.get("is_hybrid_model") or a.get("hybrid_override_pattern") or a.get("mzoo_ssm_version")
+                or any("mamba" in str(part) for part in spec))
+
+
+def _ssm_from_args(a: dict[str, Any], hidden: int) -> Optional[SSMConfig]:
+    """SSMConfig from Megatron-LM's MambaModel arguments (megatron-core's defaults where absent)."""
+    if not _is_mamba(a):
+        return None
+    if (a.get("hybrid_attention_ratio") or a.get("hybrid_mlp_ratio")) and not a.get("hybrid_override_pattern"):
+        raise CheckpointError("the checkpoint's args place hybrid layers by hybrid_attention_ratio/hybrid_mlp_ratio "
+                              "without a hybrid_override_pattern, which mzoo cannot read; add the pattern to its args.")
+    head_dim, heads = a.get("mamba_head_dim") or 64, a.get("mamba_num_heads")
+    expand = a.get("mzoo_ssm_expand")
+    if expand is None:
+        if heads and (heads * head_dim) % hidden:
+            raise CheckpointError(f"the checkpoint's mamba_num_heads x mamba_head_dim ({heads * head_dim}) is not a "
+                                  f"multiple of hidden_size ({hidden}), which mzoo's ssm.expand cannot express.")
+        expand = heads * head_dim // hidden if heads else 2  # MambaMixer's default expand
+    dt_rank = a.get("mzoo_ssm_dt_rank")
+    return SSMConfig(
+        version=a.get("mzoo_ssm_version") or 2,
+        d_state=a.get("mamba_state_dim") or 128,
+        d_conv=a.get("mzoo_ssm_d_conv") or 4,
+        expand=expand,
+        head_dim=head_dim,
+        num_groups=a.get("mamba_num_groups") or 8,
+        chunk_size=a.get("mzoo_ssm_chunk_size") or 128,
+        dt_rank=dt_rank,
+        conv_bias=bool(a.get("mzoo_ssm_conv_bias", True)),
+        proj_bias=bool(a.get("mzoo_ssm_proj_bias", False)),
+        hybrid_pattern=a.get("hybrid_override_pattern") or None,
+    )
 
 
 def moe_layer_pattern(freq: Any, num_layers: int) -> list[int]:
