@@ -16,17 +16,21 @@ def inspect(
     path: Path = typer.Argument(..., help="Checkpoint folder (Hugging Face or Megatron, any format)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist."),
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="True vocabulary size if unrecorded."),
+    check: bool = typer.Option(False, "--check", help="Read every file and compare it with the checksums in mzoo.yaml; exit 1 on a problem."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show format, model, layout, dtype, parameter count and files of a checkpoint.
 
     Example: mzoo inspect ./llama-mcore --json
+             mzoo inspect ./llama-mcore --check   (sizes and CRC-32 of every file)
     """
     from mzoo.converters.pipeline import describe
 
-    info = describe(path, trust_pickle, vocab_size)
+    info = describe(path, trust_pickle, vocab_size, check)
     if as_json:
         print_json(info)
+        if check and info["problems"]:
+            raise typer.Exit(1)
         return
     m = info["model"]
     console.print(f"[bold]{path}[/]: {info['format']}"
@@ -38,3 +42,8 @@ def inspect(
     console.print(f"  files   {len(info['files'])} files, {info['total_bytes'] / 1e9:.3f} GB", highlight=False)
     for p in info["problems"]:
         console.print(f"  [red]problem[/] {p}", highlight=False)
+    if check:
+        if info["problems"]:
+            raise typer.Exit(1)
+        verdict = "every file matches mzoo.yaml" if info["checked"] else "no checksums recorded (not written by mzoo)"
+        console.print(f"  check   {verdict}", highlight=False)

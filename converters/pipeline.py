@@ -37,7 +37,7 @@ from mzoo.ckpt.megatron import (
     to_spelling,
     write_tracker,
 )
-from mzoo.ckpt.sidecar import read_sidecar, write_sidecar
+from mzoo.ckpt.sidecar import crc32_file, read_sidecar, write_sidecar
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
@@ -253,8 +253,10 @@ def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Sour
     return src
 
 
-def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> dict[str, Any]:
-    """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes."""
+def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None,
+             check: bool = False) -> dict[str, Any]:
+    """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes
+    and, with `check`, against its CRC-32 checksums (reads every byte)."""
     src = open_source(path, trust_pickle, vocab_size)
     lay = src.layout
     root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
@@ -268,6 +270,8 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
             problems.append(f"{rel} is missing")
         elif f.stat().st_size != size:
             problems.append(f"{rel} has {f.stat().st_size} bytes, mzoo.yaml recorded {size}")
+        elif check and rel in (side.get("crc32") or {}) and crc32_file(f) != side["crc32"][rel]:
+            problems.append(f"{rel} does not match the checksum mzoo.yaml recorded: it is corrupted")
     count = count_params(src.cfg)
     return {
         "path": str(path),
@@ -286,6 +290,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "files": src.files,
         "written_by_mzoo": bool(side),
         "problems": problems,
+        "checked": check and bool(side.get("crc32")),
         "model": src.cfg.to_dict(),
     }
 
