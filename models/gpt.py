@@ -258,7 +258,7 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
         rotary_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else cfg.kv_channels
         self.rotary = RotaryEmbedding(cfg, rotary_dim) if cfg.position_embedding == "rope" else None
-        self.decoder = TransformerBlock(cfg, state, self.layers_range, self.post_process, dtype)
+        self.decoder = self.build_decoder(cfg, state, dtype)
         self.output_layer = None
         if self.post_process and not (cfg.tie_embeddings and self.pre_process):
             self.output_layer = ColumnParallelLinear(
@@ -269,6 +269,10 @@ class GPTModel(nn.Module):
                 self.output_layer.weight.embedding_copy = True  # counted once (on the first stage) in norms
         if cfg.tie_embeddings and self.pre_process and not self.post_process:
             self.embedding.word_embeddings.weight.shared_embedding = True
+
+    def build_decoder(self, cfg: ModelConfig, state: ParallelState, dtype) -> nn.Module:
+        """This stage's layers and final norm (subclasses stack other layer kinds)."""
+        return TransformerBlock(cfg, state, self.layers_range, self.post_process, dtype)
 
     def output_weight(self) -> torch.Tensor:
         return self.output_layer.weight if self.output_layer is not None else self.embedding.word_embeddings.weight

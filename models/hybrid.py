@@ -20,7 +20,6 @@ MambaStack name). Pipeline stages, the forward signature, naming and EP renumber
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -28,11 +27,10 @@ from torch import nn
 from mzoo.config import ModelConfig
 from mzoo.errors import UserError
 from mzoo.models.gpt import (
-    MLP, Embedding, GPTModel, SelfAttention, _separate_norm, hidden_dropout,
+    MLP, GPTModel, SelfAttention, _separate_norm, hidden_dropout,
 )
 from mzoo.models.mamba import build_mixer
-from mzoo.models.rope import RotaryEmbedding
-from mzoo.parallel.layers import ColumnParallelLinear, Norm, mark_sequence_parallel
+from mzoo.parallel.layers import Norm, mark_sequence_parallel
 from mzoo.parallel.random import checkpoint_with_rng
 from mzoo.parallel.state import ParallelState
 
@@ -121,46 +119,12 @@ class MambaStack(nn.Module):
         return self.final_norm(x) if self.final_norm is not None else x
 
 
-class MambaModel(nn.Module):
-    """One pipeline stage of a Mamba or hybrid model (the whole model when pp = 1); the same
-    forward(input_ids, position_ids=None, hidden=None, labels=None) as GPTModel: logits
-    [b, s, vocab_size] or per-token loss [b, s] on the last stage, hidden [s, b, h] before it."""
+class MambaModel(GPTModel):
+    """One pipeline stage of a Mamba or hybrid model (the whole model when pp = 1): GPTModel's
+    embedding, output layer, forward, naming and initialisation around a MambaStack decoder."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        state: Optional[ParallelState] = None,
-        layers: Optional[range] = None,
-        dtype: Optional[torch.dtype] = None,
-        pre_process: Optional[bool] = None,
-        post_process: Optional[bool] = None,
-    ):
-        super().__init__()
-        state = state or ParallelState.single()
-        self.cfg, self.state = cfg, state
-        self.layers_range = layers if layers is not None else range(cfg.num_layers)
-        self.pre_process = state.is_first_stage if pre_process is None else pre_process
-        self.post_process = state.is_last_stage if post_process is None else post_process
-        self.padded_vocab = cfg.padded_vocab_size(state.tp, state.config.make_vocab_size_divisible_by)
-        self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
-        self.rotary = RotaryEmbedding(cfg, cfg.kv_channels) if cfg.position_embedding == "rope" else None
-        self.decoder = MambaStack(cfg, state, self.layers_range, self.post_process, dtype)
-        self.output_layer = None
-        if self.post_process and not (cfg.tie_embeddings and self.pre_process):
-            self.output_layer = ColumnParallelLinear(
-                cfg.hidden_size, self.padded_vocab, state, bias=False, vocab=True, dtype=dtype
-            )
-            if cfg.tie_embeddings:  # pipeline: the last stage's copy of the first stage's embedding
-                self.output_layer.weight.shared_embedding = True
-                self.output_layer.weight.embedding_copy = True
-        if cfg.tie_embeddings and self.pre_process and not self.post_process:
-            self.embedding.word_embeddings.weight.shared_embedding = True
-
-    # embedding -> decoder -> output layer, canonical names: exactly GPTModel's
-    forward = GPTModel.forward
-    output_weight = GPTModel.output_weight
-    canonical_name = GPTModel.canonical_name
-    canonical_parameters = GPTModel.canonical_parameters
+    def build_decoder(self, cfg: ModelConfig, state: ParallelState, dtype) -> nn.Module:
+        return MambaStack(cfg, state, self.layers_range, self.post_process, dtype)
 
     def set_recompute(self, mode: str) -> None:
         """'none', 'selective' (core attention of the attention layers; Mamba layers keep all their
@@ -171,5 +135,3 @@ class MambaModel(nn.Module):
         for layer in self.decoder.layers:
             if isinstance(layer, AttentionLayer):
                 layer.self_attention.recompute = mode == "selective"
-
-    init_weights = GPTModel.init_weights  # init_tensor gives mixer tensors (A_log, D, dt, conv) Mamba's init
