@@ -111,10 +111,16 @@ def _settings_dict(settings) -> dict:
 def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool) -> None:
     from mzoo import plan as P
 
-    if as_json:
-        key = "verdict" if check else "best"
-        print_json({"model": cfg.name, "gpus": gpus, "settings": _settings_dict(settings),
-                    "layouts": [p.as_dict() for p in plans], key: why})
+    if as_json:  # a list of layouts, best first per GPU type; each carries the run it describes
+        key = "verdict" if check else "explanation"
+        rows, explained = [], set()
+        for p in plans:
+            row = {**p.as_dict(), "model": cfg.name, "gpus": gpus, "settings": _settings_dict(settings)}
+            if p.gpu.name not in explained:  # the top layout of each GPU type carries the paragraph
+                row[key] = why[p.gpu.name]
+                explained.add(p.gpu.name)
+            rows.append(row)
+        print_json(rows)
         return
     s = settings
     console.print(f"[bold]{cfg.name or 'model'}[/] on {gpus} GPUs ({s.gpus_per_node} per node): seq {s.seq_len}, "

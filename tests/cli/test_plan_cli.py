@@ -37,15 +37,17 @@ LAYOUT_KEYS = {"gpu", "tp", "pp", "vpp", "ep", "etp", "cp", "dp", "feasible", "m
 def test_plan_json_top_layouts():
     r = mzoo("plan", "llama3-8b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--top", 3, "--json")
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["model"] == "llama3-8b" and out["gpus"] == 8 and out["settings"]["seq_len"] == 8192
-    layouts = out["layouts"]
+    layouts = json.loads(r.stdout)
+    assert isinstance(layouts, list)
+    assert all(row["model"] == "llama3-8b" and row["gpus"] == 8 and row["settings"]["seq_len"] == 8192
+               for row in layouts)
     assert len(layouts) == 3 and all(LAYOUT_KEYS <= set(row) for row in layouts)
     assert all(row["feasible"] and row["tp"] * row["pp"] * row["cp"] * row["dp"] == 8 for row in layouts)
     assert [row["step_s"] for row in layouts] == sorted(row["step_s"] for row in layouts)
     assert {"weights_gb", "gradients_gb", "optimizer_gb", "activations_gb", "logits_gb", "buffers_gb",
             "overhead_gb"} <= set(layouts[0]["memory"])
-    assert out["best"]["h100-80gb"].startswith(layouts[0]["label"])
+    assert layouts[0]["explanation"].startswith(layouts[0]["label"])
+    assert all("explanation" not in row for row in layouts[1:])
 
 
 def test_plan_table_compares_gpu_types():
@@ -62,10 +64,9 @@ def test_check_fits_and_does_not_fit():
     tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
                  "--json")
     assert tight.returncode == 1
-    out = json.loads(tight.stdout)
-    (layout,) = out["layouts"]
+    (layout,) = json.loads(tight.stdout)
     assert not layout["feasible"] and layout["dp"] == 8 and layout["memory_gb"] > 80
-    assert out["verdict"]["h100-80gb"].startswith("does not fit") and "largest part" in out["verdict"]["h100-80gb"]
+    assert layout["verdict"].startswith("does not fit") and "largest part" in layout["verdict"]
     invalid = mzoo("plan", "llama3-8b", "--gpus", 8, "--check", "tp=8,pp=1,dp=2")
     assert invalid.returncode == 1 and "not valid" in invalid.stdout
 
