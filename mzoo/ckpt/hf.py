@@ -10,6 +10,7 @@ from __future__ import annotations
 from mzoo.errors import UserError
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Optional
@@ -36,7 +37,9 @@ def is_hf_checkpoint(path: Path) -> bool:
 
 
 def read_header(file: Path) -> dict[str, Any]:
-    """The safetensors JSON header, after checking the file holds every byte it declares."""
+    """The safetensors JSON header, after checking that it is well formed (every tensor entry has a
+    dtype, a shape and offsets that agree and lie inside the file) and that the file holds every
+    byte it declares."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -47,9 +50,14 @@ def read_header(file: Path) -> dict[str, Any]:
             raise CheckpointError(f"{file} is truncated (header needs {n} bytes, file has {size}); re-download it.")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CheckpointError(f"{file} is not a safetensors file (unreadable header).") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} is not a safetensors file (its header is not a JSON object).")
+    end = 0
+    for name, meta in header.items():
+        if name != "__metadata__":
+            end = max(end, _check_entry(file, name, meta))
     if 8 + n + end > size:
         raise CheckpointError(
             f"{file} is truncated: it declares {8 + n + end} bytes but has {size}; re-download or re-convert it."
@@ -62,6 +70,30 @@ def _header_length(file: Path) -> int:
         return struct.unpack("<Q", f.read(8))[0]
 
 
+def _ints(value: Any, length: Optional[int] = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _check_entry(file: Path, name: str, meta: Any) -> int:
+    """One tensor entry of a safetensors header: the end of its bytes, once its fields make sense."""
+    if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and _ints(meta.get("shape"))
+            and _ints(meta.get("data_offsets"), 2)):
+        raise CheckpointError(f"{file} has a malformed header entry for {name!r} (it needs a dtype, a shape of "
+                              "non-negative integers and two data_offsets); the file is corrupt, re-download it.")
+    begin, end = meta["data_offsets"]
+    if begin > end:
+        raise CheckpointError(f"{file} gives {name!r} data_offsets that end before they begin ({begin} > {end}); "
+                              "the file is corrupt, re-download it.")
+    dtype = _TORCH_DTYPES.get(meta["dtype"])
+    if dtype is not None:  # other dtypes are refused when read
+        need = math.prod(meta["shape"]) * torch.empty((), dtype=dtype).element_size()
+        if need != end - begin:
+            raise CheckpointError(f"{file} says {name!r} is {meta['dtype']} {meta['shape']} ({need} bytes) but its "
+                                  f"data_offsets span {end - begin} bytes; the file is corrupt, re-download it.")
+    return end
+
+
 class HFReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint."""
 
@@ -71,28 +103,53 @@ class HFReader:
             raise CheckpointError(f"{self.path} is not a folder; pass the folder that holds config.json.")
         if not (self.path / "config.json").exists():
             raise CheckpointError(f"{self.path} has no config.json; it is not a Hugging Face checkpoint.")
-        self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
+        try:
+            self.config: dict[str, Any] = json.loads((self.path / "config.json").read_text())
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{self.path / 'config.json'} is not valid JSON; re-download it.") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{self.path / 'config.json'} is not a JSON object; re-download it.")
         self.weight_map = self._weight_map()
         self.headers: dict[str, dict[str, Any]] = {}
         root = self.path.resolve()
         for file in sorted(set(self.weight_map.values())):
-            full = (self.path / file).resolve()
-            if root not in full.parents:
-                raise CheckpointError(f"{INDEX} points outside the checkpoint folder ({file}); refusing to read it.")
-            if not full.exists():
-                raise CheckpointError(f"{self.path} is missing {file}, which {INDEX} lists; the copy is incomplete.")
-            self.headers[file] = read_header(full)
+            self.headers[file] = read_header(self._shard(root, file))
         for name, file in self.weight_map.items():
-            if name not in self.headers[file]:
+            if name == "__metadata__" or name not in self.headers[file]:
                 raise CheckpointError(f"{INDEX} says {name} is in {file}, but it is not; the index is stale.")
         self._header_bytes = {f: _header_length(self.path / f) for f in self.headers}
+
+    def _shard(self, root: Path, file: str) -> Path:
+        """The shard file an index entry names, refused when it is not a file inside the folder."""
+        try:
+            full = (self.path / file).resolve()
+            inside = root in full.parents
+            exists, is_file = full.exists(), full.is_file()
+        except (OSError, ValueError) as e:  # a name too long, a NUL byte, a symlink loop
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CheckpointError(f"{INDEX} lists {file!r}, which cannot be opened ({reason}); "
+                                  "the index is corrupt.") from None
+        if not inside:
+            raise CheckpointError(f"{INDEX} points outside the checkpoint folder ({file}); refusing to read it.")
+        if not exists:
+            raise CheckpointError(f"{self.path} is missing {file}, which {INDEX} lists; the copy is incomplete.")
+        if not is_file:
+            raise CheckpointError(f"{INDEX} lists {file}, which is not a file; the index is corrupt.")
+        return full
 
     def _weight_map(self) -> dict[str, str]:
         if (self.path / INDEX).exists():
             try:
-                return dict(json.loads((self.path / INDEX).read_text())["weight_map"])
-            except (ValueError, KeyError):
-                raise CheckpointError(f"{self.path / INDEX} is not a valid index (no weight_map).") from None
+                index = json.loads((self.path / INDEX).read_text())
+            except (ValueError, RecursionError):
+                index = None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{self.path / INDEX} is not a valid index (no weight_map).")
+            if not all(isinstance(file, str) and file for file in weight_map.values()):
+                raise CheckpointError(f"{self.path / INDEX} is not a valid index (its weight_map must map tensor "
+                                      "names to file names).")
+            return dict(weight_map)
         if (self.path / SINGLE).exists():
             header = read_header(self.path / SINGLE)
             return {k: SINGLE for k in header if k != "__metadata__"}

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import enum
+import importlib
 import io
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,25 +67,58 @@ def allowlist() -> list[Any]:
 
 
 def torch_load(path: str | Path | io.BytesIO, trust_pickle: bool = False, mmap: bool = False) -> Any:
-    """torch.load with weights_only and mzoo's allowlist; `trust_pickle` lifts the restriction."""
+    """torch.load with weights_only and mzoo's allowlist; `trust_pickle` lifts the restriction.
+
+    Whatever is wrong with the file, the error is one sentence: a disallowed object names the
+    global and points at --trust-pickle; anything else (truncation, corrupt bytes) says the file is
+    not readable."""
     where = path if isinstance(path, (str, Path)) else "a pickled object"
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
         with torch.serialization.safe_globals(allowlist()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError as e:
-        if "PytorchStreamReader" in str(e) or "zip archive" in str(e) or "file" in str(e).lower():
-            raise CheckpointError(f"{where} is not a readable torch file (truncated or corrupt); re-copy it.") from None
-        raise
-    except (EOFError, ValueError) as e:
-        raise CheckpointError(f"{where} is not a readable torch file ({e.__class__.__name__}); re-copy it.") from None
     except pickle.UnpicklingError as e:
-        culprit = str(e).split("GLOBAL ")[-1].split(" ")[0] if "GLOBAL" in str(e) else "an object"
+        raise CheckpointError(_refusal(where, str(e))) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} does not exist; the checkpoint is incomplete.") from None
+    except PermissionError:
+        raise CheckpointError(f"{where} cannot be read (permission denied); fix its permissions.") from None
+    except Exception as e:  # noqa: BLE001 - torch's zip reader and unpickler raise many kinds on a corrupt file
         raise CheckpointError(
-            f"{where} contains {culprit}, which mzoo does not unpickle by default; "
-            "pass --trust-pickle if you trust this file."
+            f"{where} is not a readable torch file (truncated or corrupt: {_reason(e)}); re-copy it."
         ) from None
+
+
+def _reason(e: BaseException) -> str:
+    first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+    return e.__class__.__name__ + (f": {_printable(first, 100)}" if first else "")
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """A name taken from a (possibly corrupt) file, safe to put in a one-line message."""
+    clean = re.sub(r"[^\w.<>:'\- ]", "?", text.strip())
+    return clean[:limit] + ("..." if len(clean) > limit else "")
+
+
+_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+_DISALLOWED_OBJECT = re.compile(r"(Trying to call reduce for unrecognized function .*|Can only build .*|"
+                                r"Can only create new object .*|Trying to instantiate unsupported class .*)")
+
+
+def _refusal(where: Any, message: str) -> str:
+    """The one sentence for torch's weights-only UnpicklingError `message`."""
+    inner = message.split("WeightsUnpickler error:")[-1].strip().splitlines()[0] if message.strip() else ""
+    trust = "pass --trust-pickle if you trust this file"
+    found = _GLOBAL.search(message)
+    if found:
+        return f"{where} contains {_printable(found.group(1))}, which mzoo does not unpickle by default; {trust}."
+    if _DISALLOWED_OBJECT.match(inner):
+        return f"{where} contains an object mzoo does not unpickle by default ({_printable(inner)}); {trust}."
+    if inner.startswith("Unsupported operand"):
+        return (f"{where} holds pickle data the safe loader cannot read (a newer pickle protocol, or a corrupt "
+                f"file); {trust}, otherwise re-copy it.")
+    return f"{where} is not a readable torch file (corrupt pickle data); re-copy it."
 
 
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -91,22 +128,39 @@ _DCP_GLOBALS = {("torch", "Size"), ("collections", "OrderedDict"), ("torch", "de
                 ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath")}
 
 
+def _dcp_class(value: Any, module: str) -> bool:
+    """Metadata types DCP pickles: dataclasses and enums defined in its own modules (not their
+    functions, not the writer/reader classes, not names those modules import)."""
+    return (isinstance(value, type) and value.__module__ == module
+            and (dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)))
+
+
 class _DCPUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        allowed = module in _DCP_MODULES or (module, name) in _DCP_GLOBALS
-        value = getattr(torch, name, None) if module == "torch" else None
-        if module == "torch" and isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
-            allowed = True
-        if module == "torch" and name.endswith("Storage"):
-            allowed = True
+        allowed = (module, name) in _DCP_GLOBALS
+        if not allowed and "." not in name:  # a dotted name would walk out of the module (protocol 4)
+            if module in _DCP_MODULES:
+                allowed = _dcp_class(getattr(importlib.import_module(module), name, None), module)
+            elif module == "torch":
+                value = getattr(torch, name, None)
+                allowed = isinstance(value, (torch.dtype, torch.memory_format, torch.layout)) or (
+                    isinstance(value, type) and name.endswith("Storage"))
         if not allowed:
             raise CheckpointError(
-                f"DCP metadata contains {module}.{name}, which mzoo does not unpickle by default; "
-                "pass --trust-pickle if you trust this checkpoint."
+                f"DCP metadata contains {_printable(module)}.{_printable(name)}, which mzoo does not unpickle by "
+                "default; pass --trust-pickle if you trust this checkpoint."
             )
         return super().find_class(module, name)
 
 
 def load_dcp_metadata(path: Path, trust_pickle: bool = False) -> Any:
     with open(path, "rb") as f:
-        return pickle.load(f) if trust_pickle else _DCPUnpickler(f).load()
+        if trust_pickle:
+            return pickle.load(f)
+        try:
+            return _DCPUnpickler(f).load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt pickle raises many kinds
+            raise CheckpointError(f"{path} is not readable DCP metadata (truncated or corrupt: {_reason(e)}); "
+                                  "re-copy it.") from None

@@ -241,9 +241,31 @@ class IndexedDataset:
         if bin_size < need:
             raise DataError(f"{bpath} is {bin_size} bytes but its index points to {need}; the file is truncated, "
                             "copy it again or re-run `mzoo data prepare`.")
+        self._check_index(ipath, bpath, bin_size, itemsize)
         self._tokens = (np.memmap(bpath, mode="r", dtype=self.dtype, shape=(bin_size // itemsize,))
                         if bin_size >= itemsize else np.zeros(0, self.dtype))
         self._itemsize = itemsize
+
+    def _check_index(self, ipath: Path, bpath: Path, bin_size: int, itemsize: int, block: int = 1 << 22) -> None:
+        """Every sequence lies inside the .bin and the documents are in order, or one sentence says
+        where the index is corrupt (a vectorised pass over the index, in blocks)."""
+        lengths, pointers, docs = self.sequence_lengths, self.sequence_pointers, self.document_indices
+        redo = "copy it again or re-run `mzoo data prepare`"
+        for start in range(0, lengths.shape[0], block):
+            n = lengths[start:start + block].astype(np.int64)
+            p = pointers[start:start + block]
+            bad = (n < 0) | (p < 0) | (p > bin_size) | (p % itemsize != 0)
+            end = np.where(bad, 0, p) + np.where(bad, 0, n) * itemsize
+            bad |= end > bin_size
+            if bad.any():
+                i = start + int(np.argmax(bad))
+                raise DataError(f"{ipath} is corrupt: sequence {i} (length {int(lengths[i])}, byte offset "
+                                f"{int(pointers[i])}) does not lie inside the {bin_size} bytes of {bpath.name}; {redo}.")
+        for start in range(0, docs.shape[0], block):
+            d = docs[max(0, start - 1):start + block]
+            if (d < 0).any() or (d > lengths.shape[0]).any() or (np.diff(d) < 0).any():
+                raise DataError(f"{ipath} is corrupt: its document index is not an increasing list of sequence "
+                                f"numbers between 0 and {lengths.shape[0]}; {redo}.")
 
     def __len__(self) -> int:
         return int(self.sequence_lengths.shape[0])

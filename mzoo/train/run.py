@@ -126,16 +126,17 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
             opt[f"{kind}/{name}"] = value.contiguous()
     position = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
                 "optimizer_step": trainer.optimizer.step_count}
+    rngs = _gather_rng(state)
 
     def extra(folder: Path) -> None:
         save_file(opt, str(folder / OPTIMIZER_FILE))
         (folder / TRAIN_STATE_FILE).write_text(json.dumps(position) + "\n")
+        _write_rng(folder, rngs, _layout_key(state))
 
     if state.rank == 0:
         hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, extra)
     if dist.is_initialized():
         dist.barrier()
-    _save_rng(Path(rc.save), trainer.step, state)
 
 
 def _layout_key(state: ParallelState) -> str:
@@ -143,19 +144,26 @@ def _layout_key(state: ParallelState) -> str:
     return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-ep{c.ep}-sp{int(c.sequence_parallel)}"
 
 
-def _save_rng(root: Path, step: int, state: ParallelState) -> None:
-    """Every rank's random streams (dropout), restored on resume when the layout is the same."""
+def _gather_rng(state: ParallelState) -> list[dict[str, torch.Tensor]]:
+    """Every rank's random streams (dropout), collected on rank 0 so that they are written inside
+    the iteration folder before it is renamed and the tracker moves (a save killed at any moment
+    leaves either a complete iteration or none)."""
+    mine = {k: v.clone() for k, v in state.rng.state_dict().items()}
+    if not dist.is_initialized():
+        return [mine]
+    gathered: list = [None] * dist.get_world_size() if state.rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    return gathered if state.rank == 0 else []
+
+
+def _write_rng(folder: Path, rngs: list[dict[str, torch.Tensor]], layout: str) -> None:
+    """`mzoo_rng/rank_XXXXX.safetensors` per global rank, restored on resume in the same layout."""
     from safetensors.torch import save_file
 
-    from mzoo.ckpt.megatron import iteration_dir
-
-    folder = iteration_dir(root, step) / "mzoo_rng"
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".rank_{state.rank:05d}.tmp"
-    save_file(state.rng.state_dict(), str(tmp), metadata={"layout": _layout_key(state)})
-    tmp.rename(folder / f"rank_{state.rank:05d}.safetensors")
-    if dist.is_initialized():
-        dist.barrier()
+    out = folder / "mzoo_rng"
+    out.mkdir(exist_ok=True)
+    for rank, streams in enumerate(rngs):
+        save_file(streams, str(out / f"rank_{rank:05d}.safetensors"), metadata={"layout": layout})
 
 
 def _load_rng(folder: Path, state: ParallelState) -> bool:
