@@ -149,6 +149,11 @@ class DistReader:
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
         self.metadata = load_dcp_metadata(self.folder / ".metadata", trust_pickle)
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        if not isinstance(self.metadata, Metadata):
+            raise CheckpointError(f"{self.folder / '.metadata'} holds a {type(self.metadata).__name__}, not DCP "
+                                  "metadata; the checkpoint is corrupt.")
         self.tensors = {k: v for k, v in self.metadata.state_dict_metadata.items()
                         if not isinstance(v, BytesStorageMetadata)}
         self.objects = [k for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]

@@ -123,6 +123,9 @@ class LegacyReader:
             if not (d / FILE).exists():
                 raise CheckpointError(f"{d} has no {FILE}; the checkpoint is incomplete.")
         first = torch_load(dirs[0] / FILE, trust_pickle, mmap=True)  # rank (0, 0, 0) sorts first
+        if not isinstance(first, dict):
+            raise CheckpointError(f"{dirs[0] / FILE} holds a {type(first).__name__}, not a Megatron state dict; "
+                                  "the checkpoint is corrupt.")
         if "args" not in first:
             raise CheckpointError(f"{dirs[0] / FILE} has no 'args'; mzoo cannot tell the layout.")
         self.args = first["args"]

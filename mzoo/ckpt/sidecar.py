@@ -16,6 +16,7 @@ import yaml
 
 import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
+from mzoo.ckpt.megatron import TRACKER
 from mzoo.config import ModelConfig, ParallelConfig
 
 SIDECAR = "mzoo.yaml"
@@ -30,10 +31,12 @@ def write_sidecar(
     extra: Optional[dict[str, Any]] = None,
 ) -> None:
     folder = Path(folder)
+    # the tracker moves after the sidecar is written and temporary names are renamed away: neither
+    # is part of what the sidecar vouches for
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != SIDECAR
+        if p.is_file() and p.name not in (SIDECAR, TRACKER) and ".mzoo-tmp" not in str(p.relative_to(folder))
     }
     previous = read_sidecar(folder) or {}
     known, sizes = previous.get("crc32") or {}, previous.get("files") or {}

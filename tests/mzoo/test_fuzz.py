@@ -817,8 +817,6 @@ def test_byte_mutated_torch_files(pickle_root, torch_zip, edits, region, cut, mm
 # Known gaps above the readers fuzzed here (in files this change does not touch), pinned down
 # ==================================================================================================
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="mzoo/ckpt/legacy.py LegacyReader.__init__ tests `'args' not in first` on "
-                   "whatever the rank file unpickles to: an int raises TypeError, not one sentence")
 def test_a_rank_file_that_is_not_a_dict_is_one_sentence(tmp_path):
     from mzoo.converters.pipeline import open_source
 
@@ -831,8 +829,6 @@ def test_a_rank_file_that_is_not_a_dict_is_one_sentence(tmp_path):
     assert_one_sentence(caught.value)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason="mzoo/ckpt/dist.py uses the unpickled .metadata as a DCP Metadata without "
-                   "checking its type: an allowed object of another type (torch.Size) raises AttributeError")
 def test_dcp_metadata_of_another_type_is_one_sentence(tmp_path):
     from conftest import make_hf_model
     from mzoo.converters.pipeline import Target, convert, open_source
