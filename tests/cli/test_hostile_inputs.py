@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,11 +32,11 @@ def world(tmp_path_factory):
     llama = make_hf_model(root / "llama", LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=4,
                                                       num_key_value_heads=2, max_position_embeddings=32))
-    mixtral = make_moe_model(root / "mixtral", MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32,
+    make_moe_model(root / "mixtral", MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=32,
                                                              num_hidden_layers=2, num_attention_heads=4,
                                                              num_key_value_heads=2, num_local_experts=4,
                                                              max_position_embeddings=32))
-    small = make_hf_model(root / "small-vocab", LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+    make_hf_model(root / "small-vocab", LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
                                                             num_hidden_layers=2, num_attention_heads=4,
                                                             num_key_value_heads=2))
     weights = llama / "model.safetensors"
