@@ -1,11 +1,13 @@
 """Benchmark: checkpoint conversion speed and memory against a plain copy and the naive transformers path.
 
 What it measures, in one run, on a randomly initialised llama-family model of ~1.3 GB (bf16) made on
-the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1):
+the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1), or on several sizes (--layers 12,32: ~1.3 and
+~3.1 GB; the hidden size, and so the largest tensor, stays the same):
 
   interpreter   python -c "import torch, transformers, mzoo.converters"   (fixed start-up cost)
   mzoo start-up mzoo --help                                                 (the CLI's own start-up; info)
   plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor; the time target)
+  cp -r         the same with coreutils cp                                  (info: no interpreter start-up)
   copy + fsync  the same, then fsync every file       (info: mzoo fsyncs its output, the copy does not)
   naive         AutoModelForCausalLM.from_pretrained + save_pretrained      (what other tools do)
   hf->mcore     mzoo convert 'hf->megatron' SRC DST --tp 2 --pp 2 --quiet   (torch_dist)
@@ -24,8 +26,19 @@ Targets checked for each mzoo row:
   peak RSS  <  interpreter baseline RSS + 3 x largest tensor     (ratio column "RSS/budget" <= 1)
   time      <= 2 x plain-copy time                               (ratio column "time/copy"  <= 2)
 
+Repeats (--repeats, default 2): the list of steps runs R times in a row (round-robin), so every step
+and its baselines are measured close together in time; the table shows medians over the rounds
+(time/copy is the median of the per-round ratios) and "spread" = (max - min) / median of the wall
+times. Every output is deleted right after it is measured (its size recorded first; the torch_dist
+output after the step that reads it), so the disk holds the model plus at most two outputs.
+
+Sizes: with several --layers values, each model is made, measured and deleted in turn, one table per
+size, then a table of peak RSS against model size: mzoo's stays bounded by the largest tensor, the
+naive path's grows with the model. Before making a model the free disk space is checked
+(shutil.disk_usage): a size that does not fit 3.5 x its bytes is scaled down (fewer layers), with a note.
+
 Run:  .venv/bin/python benchmarks/convert.py
-      [--workdir DIR] [--keep] [--layers N] [--hidden H] [--json]
+      [--workdir DIR] [--keep] [--layers N[,N...]] [--hidden H] [--repeats R] [--json]
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -128,6 +142,8 @@ class Row:
     throughput_gbs: Optional[float] = None
     rss_budget_ratio: Optional[float] = None
     time_copy_ratio: Optional[float] = None
+    spread: Optional[float] = None  # (max - min) / median of the wall times over the rounds
+    runs: list = field(default_factory=list)  # the rounds' own Rows (medians above); empty inside a run
     extra: dict = field(default_factory=dict)
 
 
@@ -149,6 +165,24 @@ def measure(step: str, argv: list[str], env: dict, out: Optional[Path] = None) -
     return row
 
 
+def combine(step: str, command: str, runs: list[Row]) -> Row:
+    """One row from the rounds of a step: medians of every measured quantity."""
+    ok = [r for r in runs if r.rc == 0]
+    row = Row(step=step, command=command, runs=runs)
+    if len(ok) < len(runs):
+        bad = next(r for r in runs if r.rc != 0)
+        row.rc, row.error = bad.rc, bad.error
+        return row
+    med = statistics.median
+    row.wall_s = med([r.wall_s for r in ok])
+    for name in ("peak_rss", "ru_maxrss", "polled_tree_rss", "peak_anon", "peak_file", "out_bytes"):
+        setattr(row, name, int(med([getattr(r, name) for r in ok])))
+    row.max_procs = max(r.max_procs for r in ok)
+    if len(ok) > 1 and row.wall_s > 0:
+        row.spread = (max(r.wall_s for r in ok) - min(r.wall_s for r in ok)) / row.wall_s
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +191,12 @@ def fmt_gb(n: int) -> str:
 
 
 def print_table(rows: list[Row], info: dict) -> None:
-    headers = ["step", "wall s", "wall-interp s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
+    headers = ["step", "wall s", "spread", "wall-interp s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
                "RSS/budget (<=1)", "time/copy (<=2)"]
     body = []
     for r in rows:
         if r.rc != 0:
-            body.append([r.step, "skipped" if r.rc == -1 else "FAILED", "", "", "", "", "", "", f"rc={r.rc}"])
+            body.append([r.step, "skipped" if r.rc == -1 else "FAILED", "", "", "", "", "", "", "", f"rc={r.rc}"])
             continue
 
         def verdict(v: Optional[float], lim: float) -> str:
@@ -171,6 +205,7 @@ def print_table(rows: list[Row], info: dict) -> None:
         body.append([
             r.step,
             f"{r.wall_s:.2f}",
+            "" if r.spread is None else f"{r.spread:.0%}",
             "" if "net_wall_s" not in r.extra else f"{r.extra['net_wall_s']:.2f}",
             "" if r.throughput_gbs is None else f"{r.throughput_gbs:.2f}",
             fmt_gb(r.peak_rss),
@@ -182,7 +217,7 @@ def print_table(rows: list[Row], info: dict) -> None:
     title = (f"convert benchmark: {info['model']} ({info['params_h']} params, {fmt_gb(info['model_bytes'])} GB "
              f"bf16, largest tensor {info['largest_tensor']} = {info['largest_tensor_bytes']:,} B); "
              f"RSS budget = {fmt_gb(info['interp_rss'])} + 3 x {fmt_gb(info['largest_tensor_bytes'])} "
-             f"= {fmt_gb(info['rss_budget'])} GB")
+             f"= {fmt_gb(info['rss_budget'])} GB; median of {info['repeats']} round(s)")
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
@@ -194,7 +229,8 @@ def print_table(rows: list[Row], info: dict) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
         print(line(b))
-    print("wall-interp = wall time minus the interpreter row (rough cost net of start-up; targets use raw wall).")
+    print("wall-interp = wall time minus the interpreter row (rough cost net of start-up; targets use raw wall). "
+          "spread = (max - min) / median of the wall times over the rounds; time/copy = median of per-round ratios.")
     print("peak RSS = max(ru_maxrss from os.wait4, polled sum over the process tree); anon / file = polled peaks "
           "of RssAnon and RssFile+RssShmem (file = mmapped/page-cache pages counted in RSS).")
     for r in rows:
@@ -202,19 +238,199 @@ def print_table(rows: list[Row], info: dict) -> None:
             print(f"\n{r.step} failed ({r.command}):\n{r.error}")
 
 
+def print_scaling(results: list[tuple[list[Row], dict]]) -> None:
+    """Peak RSS of every data-moving step against model size (two or more sizes)."""
+    sizes = [info for _, info in results]
+    steps = [r.step for r in results[0][0] if r.out_bytes or r.rc != 0]
+    headers = ["step"] + [f"{fmt_gb(i['model_bytes'])} GB model" for i in sizes] + ["RSS growth GB",
+                                                                                    "growth / model growth"]
+    grow_model = sizes[-1]["model_bytes"] - sizes[0]["model_bytes"]
+    body = []
+    for step in steps:
+        cells, vals = [step], []
+        for rows, _ in results:
+            r = next((x for x in rows if x.step == step), None)
+            if r is None or r.rc != 0:
+                cells.append("n/a")
+                vals.append(None)
+            else:
+                cells.append(f"{fmt_gb(r.peak_rss)} ({fmt_gb(r.peak_anon)} anon)")
+                vals.append(r.peak_rss)
+        if vals[0] is not None and vals[-1] is not None:
+            g = vals[-1] - vals[0]
+            cells += [f"{g / GB:+.2f}", f"{g / grow_model:+.2f}" if grow_model else ""]
+        else:
+            cells += ["", ""]
+        body.append(cells)
+    largest = ", ".join(f"{i['largest_tensor_bytes'] / GB:.3f}" for i in sizes)
+    print(f"peak RSS GB against model size (largest tensor {largest} GB in each; medians; 'anon' = heap)")
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    print(line(headers))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for b in body:
+        print(line(b))
+    print("growth / model growth: 0 = RSS independent of the model's size, 1 = RSS grows byte for byte with it.")
+
+
+# ---------------------------------------------------------------------------------------------
+# one model size
+# ---------------------------------------------------------------------------------------------
+def model_params(layers: int, hidden: int, work: Path) -> int:
+    from mzoo.params import count_params
+    from mzoo.zoo import resolve
+
+    probe = work / f"probe-{layers}x{hidden}.yaml"
+    probe.write_text(model_yaml(layers, hidden))
+    try:
+        return count_params(resolve(str(probe))).total
+    finally:
+        probe.unlink()
+
+
+def fit_layers(layers: int, hidden: int, work: Path, log) -> int:
+    """The largest layer count <= layers whose model fits the free disk 3.5 times over (the model, the
+    torch_dist output, one more output and slack)."""
+    free = shutil.disk_usage(work).free
+    n = layers
+    while n > 2 and 3.5 * 2 * model_params(n, hidden, work) > free:
+        n -= 2
+    if n != layers:
+        print(f"[bench] NOTE: {free / GB:.1f} GB free under {work}; {layers} layers x {hidden} "
+              f"({2 * model_params(layers, hidden, work) / GB:.2f} GB bf16) needs ~3.5x that, so this run uses {n} "
+              f"layers ({2 * model_params(n, hidden, work) / GB:.2f} GB).", file=log, flush=True)
+        print(f"NOTE: scaled down from {layers} to {n} layers to fit {free / GB:.1f} GB of free disk.")
+    if 3.5 * 2 * model_params(n, hidden, work) > free:
+        raise SystemExit(f"not enough free disk under {work} ({free / GB:.1f} GB) even for {n} layers")
+    return n
+
+
+def bench_size(layers: int, hidden: int, repeats: int, keep: bool, py: str, mzoo: str, env: dict, work: Path,
+               log) -> tuple[list[Row], dict]:
+    cfg = work / "model.yaml"
+    cfg.write_text(model_yaml(layers, hidden))
+    hf = work / "hf"
+    print(f"[bench] writing llama {layers}x{hidden} to {hf} ...", file=log, flush=True)
+    init = subprocess.run([mzoo, "init", str(cfg), str(hf), "--dtype", "bf16", "--seed", "0", "--json"],
+                          env=env, capture_output=True, text=True)
+    if init.returncode != 0:
+        raise SystemExit(init.stdout + init.stderr)
+    params = json.loads(init.stdout)["params"]
+    model_bytes, largest, largest_name, n_tensors = safetensors_stats(hf)
+
+    steps: list[tuple[str, list[str], Optional[Path]]] = [
+        ("interpreter", [py, "-c", "import torch, transformers, mzoo.converters"], None),
+        ("mzoo start-up (--help)", [mzoo, "--help"], None),
+        ("plain copy", [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",
+                        str(hf), str(work / "copy")], work / "copy"),
+        ("cp -r", ["cp", "-r", str(hf), str(work / "cp")], work / "cp"),
+        ("plain copy + fsync", [py, "-c",
+                                "import os, shutil, sys\nshutil.copytree(sys.argv[1], sys.argv[2])\n"
+                                "for d, _, fs in os.walk(sys.argv[2]):\n"
+                                "    for f in fs:\n"
+                                "        fd = os.open(os.path.join(d, f), os.O_RDONLY); os.fsync(fd); os.close(fd)",
+                                str(hf), str(work / "copy_fsync")], work / "copy_fsync"),
+        ("naive (transformers)", [py, "-c",
+                                  "import sys\nfrom transformers import AutoModelForCausalLM\n"
+                                  "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')\n"
+                                  "m.save_pretrained(sys.argv[2])",
+                                  str(hf), str(work / "naive")], work / "naive"),
+        ("mzoo hf->torch_dist", [mzoo, "convert", "hf->megatron", str(hf), str(work / "mcore"),
+                                 "--tp", "2", "--pp", "2", "--quiet"], work / "mcore"),
+        ("mzoo hf->torch", [mzoo, "convert", "hf->megatron", str(hf), str(work / "legacy"),
+                            "--tp", "2", "--pp", "2", "--megatron-format", "torch", "--quiet"],
+         work / "legacy"),
+        ("mzoo torch_dist->hf", [mzoo, "convert", "megatron->hf", str(work / "mcore"), str(work / "back"),
+                                 "--quiet"], work / "back"),
+    ]
+    # untimed warm-up: the first torch import after a cold start reads ~1 GB of .so/.pyc files; every
+    # measured step then starts from the same warm page cache
+    print("[bench] warm-up ...", file=log, flush=True)
+    subprocess.run(steps[0][1], env=env, capture_output=True)
+    subprocess.run([mzoo, "--help"], env=env, capture_output=True)
+    load_before = os.getloadavg()
+    runs: dict[str, list[Row]] = {name: [] for name, _, _ in steps}
+    for rnd in range(repeats):
+        last = rnd == repeats - 1
+        for name, cmd, out in steps:
+            if name == "mzoo torch_dist->hf" and runs["mzoo hf->torch_dist"][-1].rc:
+                runs[name].append(Row(step=name, command=" ".join(cmd), rc=-1,
+                                      error="skipped: its source step failed"))
+                continue
+            print(f"[bench] round {rnd + 1}/{repeats} {name} ...", file=log, flush=True)
+            r = measure(name, cmd, env, out)
+            print(f"[bench]   {r.wall_s:.2f} s, peak RSS {fmt_gb(r.peak_rss)} GB, rc {r.rc}, load "
+                  f"{os.getloadavg()[0]:.1f}", file=log, flush=True)
+            runs[name].append(r)
+            if not (keep and last):  # free the disk; the torch_dist output feeds the last step
+                if out is not None and name != "mzoo hf->torch_dist":
+                    shutil.rmtree(out, ignore_errors=True)
+                if name == "mzoo torch_dist->hf":
+                    shutil.rmtree(work / "mcore", ignore_errors=True)
+    rows = [combine(name, " ".join(cmd), runs[name]) for name, cmd, _ in steps]
+
+    by = {r.step: r for r in rows}
+    interp, copy = by["interpreter"], by["plain copy"]
+    budget = interp.peak_rss + 3 * largest
+    if by["mzoo start-up (--help)"].rc == 0:
+        su = by["mzoo start-up (--help)"]
+        su.extra["net_wall_s"] = round(su.wall_s - interp.wall_s, 3)
+    for r in rows:
+        if r.rc != 0 or r.out_bytes == 0:  # interpreter / start-up rows move no data
+            continue
+        r.throughput_gbs = model_bytes / GB / r.wall_s
+        if r.step.startswith("mzoo"):
+            r.rss_budget_ratio = r.peak_rss / budget
+            if copy.rc == 0:
+                r.time_copy_ratio = statistics.median(a.wall_s / c.wall_s for a, c in zip(r.runs, copy.runs)
+                                                      if a.rc == 0 and c.rc == 0)
+        if not r.step.startswith(("plain copy", "cp")):  # the copies run no torch import
+            r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
+
+    info = {
+        **machine_info(load_before[0]),
+        "model": f"llama {layers}x{hidden}",
+        "layers": layers,
+        "hidden": hidden,
+        "params": params,
+        "params_h": f"{params / 1e9:.3f} B" if params >= 1e9 else f"{params / 1e6:.0f} M",
+        "tensors": n_tensors,
+        "model_bytes": model_bytes,
+        "largest_tensor": largest_name,
+        "largest_tensor_bytes": largest,
+        "interp_rss": interp.peak_rss,
+        "rss_budget": budget,
+        "copy_wall_s": copy.wall_s,
+        "repeats": repeats,
+    }
+    return rows, info
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the model and outputs")
-    ap.add_argument("--layers", type=int, default=12, help="transformer layers (default 12 -> ~1.34 GB)")
+    ap.add_argument("--keep", action="store_true", help="keep the model(s) and the last round's outputs")
+    ap.add_argument("--layers", default="12",
+                    help="transformer layers, or a comma list of sizes (default 12 -> ~1.34 GB; 32 -> ~3.15 GB)")
     ap.add_argument("--hidden", type=int, default=2048, help="hidden size (default 2048)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of every step, medians reported (default 2)")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
     args = ap.parse_args(argv)
-    if args.layers < 2:
+    try:
+        sizes = [int(x) for x in str(args.layers).split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--layers must be an integer or a comma list of integers, not '{args.layers}'")
+    if not sizes or min(sizes) < 2:
         ap.error("--layers must be at least 2 (the mzoo rows use PP2)")
     if args.hidden < 256 or args.hidden % 256:
         ap.error("--hidden must be a multiple of 256 (even head count for TP2)")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
 
     py = sys.executable
     mzoo = shutil.which("mzoo", path=str(Path(py).parent)) or shutil.which("mzoo")
@@ -226,105 +442,39 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="mzoo-bench-", dir=args.workdir))
+        root = Path(tempfile.mkdtemp(prefix="mzoo-bench-", dir=args.workdir))
     else:
-        work = Path(tempfile.mkdtemp(prefix="mzoo-bench-"))
+        root = Path(tempfile.mkdtemp(prefix="mzoo-bench-"))
     log = sys.stderr
+    results: list[tuple[list[Row], dict]] = []
     try:
-        cfg = work / "model.yaml"
-        cfg.write_text(model_yaml(args.layers, args.hidden))
-        hf = work / "hf"
-        print(f"[bench] writing model to {hf} ...", file=log, flush=True)
-        init = subprocess.run([mzoo, "init", str(cfg), str(hf), "--dtype", "bf16", "--seed", "0", "--json"],
-                              env=env, capture_output=True, text=True)
-        if init.returncode != 0:
-            print(init.stdout + init.stderr, file=sys.stderr)
-            return 1
-        params = json.loads(init.stdout)["params"]
-        model_bytes, largest, largest_name, n_tensors = safetensors_stats(hf)
-
-        steps: list[tuple[str, list[str], Optional[Path]]] = [
-            ("interpreter", [py, "-c", "import torch, transformers, mzoo.converters"], None),
-            ("mzoo start-up (--help)", [mzoo, "--help"], None),
-            ("plain copy", [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",
-                            str(hf), str(work / "copy")], work / "copy"),
-            ("plain copy + fsync", [py, "-c",
-                                    "import os, shutil, sys\nshutil.copytree(sys.argv[1], sys.argv[2])\n"
-                                    "for d, _, fs in os.walk(sys.argv[2]):\n"
-                                    "    for f in fs:\n"
-                                    "        fd = os.open(os.path.join(d, f), os.O_RDONLY); os.fsync(fd); os.close(fd)",
-                                    str(hf), str(work / "copy_fsync")], work / "copy_fsync"),
-            ("naive (transformers)", [py, "-c",
-                                      "import sys\nfrom transformers import AutoModelForCausalLM\n"
-                                      "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype='auto')\n"
-                                      "m.save_pretrained(sys.argv[2])",
-                                      str(hf), str(work / "naive")], work / "naive"),
-            ("mzoo hf->torch_dist", [mzoo, "convert", "hf->megatron", str(hf), str(work / "mcore"),
-                                     "--tp", "2", "--pp", "2", "--quiet"], work / "mcore"),
-            ("mzoo hf->torch", [mzoo, "convert", "hf->megatron", str(hf), str(work / "legacy"),
-                                "--tp", "2", "--pp", "2", "--megatron-format", "torch", "--quiet"],
-             work / "legacy"),
-            ("mzoo torch_dist->hf", [mzoo, "convert", "megatron->hf", str(work / "mcore"), str(work / "back"),
-                                     "--quiet"], work / "back"),
-        ]
-        # untimed warm-up: the first torch import after a cold start reads ~1 GB of .so/.pyc files; every
-        # measured step then starts from the same warm page cache
-        print("[bench] warm-up ...", file=log, flush=True)
-        subprocess.run(steps[0][1], env=env, capture_output=True)
-        subprocess.run([mzoo, "--help"], env=env, capture_output=True)
-        load_before = os.getloadavg()
-        rows: list[Row] = []
-        for name, cmd, out in steps:
-            if name == "mzoo torch_dist->hf" and any(r.step == "mzoo hf->torch_dist" and r.rc for r in rows):
-                rows.append(Row(step=name, command=" ".join(cmd), rc=-1, error="skipped: its source step failed"))
-                continue
-            print(f"[bench] {name} ...", file=log, flush=True)
-            r = measure(name, cmd, env, out)
-            print(f"[bench]   {r.wall_s:.2f} s, peak RSS {fmt_gb(r.peak_rss)} GB, rc {r.rc}", file=log, flush=True)
-            rows.append(r)
-
-        by = {r.step: r for r in rows}
-        interp, copy = by["interpreter"], by["plain copy"]
-        budget = interp.peak_rss + 3 * largest
-        if by.get("mzoo start-up (--help)") and by["mzoo start-up (--help)"].rc == 0:
-            su = by["mzoo start-up (--help)"]
-            su.extra["net_wall_s"] = round(su.wall_s - interp.wall_s, 3)
-        for r in rows:
-            if r.rc != 0 or r.out_bytes == 0:  # interpreter / start-up rows move no data
-                continue
-            r.throughput_gbs = model_bytes / GB / r.wall_s
-            if r.step.startswith("mzoo"):
-                r.rss_budget_ratio = r.peak_rss / budget
-                if copy.rc == 0:
-                    r.time_copy_ratio = r.wall_s / copy.wall_s
-            if not r.step.startswith("plain copy"):  # the copies run a bare interpreter, no torch import
-                r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
-
-        info = {
-            **machine_info(load_before[0]),
-            "model": f"llama {args.layers}x{args.hidden}",
-            "params": params,
-            "params_h": f"{params / 1e9:.3f} B" if params >= 1e9 else f"{params / 1e6:.0f} M",
-            "tensors": n_tensors,
-            "model_bytes": model_bytes,
-            "largest_tensor": largest_name,
-            "largest_tensor_bytes": largest,
-            "interp_rss": interp.peak_rss,
-            "rss_budget": budget,
-            "copy_wall_s": copy.wall_s,
-        }
+        for layers in sizes:
+            work = root / f"L{layers}" if len(sizes) > 1 else root
+            work.mkdir(exist_ok=True)
+            n = fit_layers(layers, args.hidden, work, log)
+            results.append(bench_size(n, args.hidden, args.repeats, args.keep, py, mzoo, env, work, log))
+            if not args.keep and len(sizes) > 1:
+                shutil.rmtree(work, ignore_errors=True)
         if args.json:
-            print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
+            out = [{"info": info, "rows": [asdict(r) for r in rows]} for rows, info in results]
+            print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
         else:
-            print(f"{info['date']}  {info['machine']}  python {info['python']}  load avg (1 min) "
-                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after")
-            print_table(rows, info)
-        return 0 if all(r.rc == 0 for r in rows) else 1
+            for k, (rows, info) in enumerate(results):
+                if k:
+                    print()
+                print(f"{info['date']}  {info['machine']}  python {info['python']}, torch {info['torch']}, "
+                      f"transformers {info['transformers']}, mzoo {info['mzoo_commit']}; load avg (1 min) "
+                      f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after")
+                print_table(rows, info)
+            if len(results) > 1:
+                print()
+                print_scaling(results)
+        return 0 if all(r.rc == 0 for rows, _ in results for r in rows) else 1
     finally:
         if args.keep:
-            print(f"[bench] kept {work}", file=log)
+            print(f"[bench] kept {root}", file=log)
         else:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,19 @@ def rss_parts(pid: int) -> tuple[int, int]:
     return anon, filed
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds one live process has used (its own threads; not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().decode(errors="replace").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def is_worker(pid: int) -> bool:
     """A torchrun worker: RANK is in its environment."""
     try:
@@ -56,18 +69,44 @@ def is_worker(pid: int) -> bool:
 
 class Poller(threading.Thread):
     """Samples the tree's RSS every `interval` seconds; keeps peaks of the whole tree, its anonymous
-    and file-backed parts, and of the training workers alone (the root when there are none)."""
+    and file-backed parts, and of the training workers alone (the root when there are none).
 
-    def __init__(self, pid: int, interval: float = 0.05):
+    With `watch` (a file the process appends lines to, e.g. a per-step JSON log), it also records the
+    tree's CPU seconds (user + system, summed over its live processes) each time a new line appears:
+    `cpu_at_line[n]` is the CPU time when the file first had n lines (to within one interval)."""
+
+    def __init__(self, pid: int, interval: float = 0.05, watch: "str | os.PathLike | None" = None):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.watch = pid, interval, watch
         self.stop = threading.Event()
         self.peak_total = self.peak_anon = self.peak_file = self.peak_workers = self.max_procs = 0
         self._workers: dict[int, bool] = {}
+        self.cpu_at_line: dict[int, float] = {}
+        self._watch_size = -1
+
+    def _watch_lines(self, pids: list[int]) -> None:
+        try:
+            size = os.stat(self.watch).st_size
+        except OSError:
+            return
+        if size == self._watch_size:
+            return
+        self._watch_size = size
+        try:
+            with open(self.watch, "rb") as fh:
+                n = fh.read().count(b"\n")
+        except OSError:
+            return
+        if n and n not in self.cpu_at_line:
+            cpu = sum(cpu_seconds(p) for p in pids)
+            for k in range(1, n + 1):  # lines that appeared within one interval share the sample
+                self.cpu_at_line.setdefault(k, cpu)
 
     def run(self) -> None:
         while not self.stop.is_set():
             pids = tree_pids(self.pid)
+            if self.watch is not None:
+                self._watch_lines(pids)
             anon = filed = workers = 0
             for p in pids:
                 a, f = rss_parts(p)
@@ -92,17 +131,19 @@ class Run:
     ru_maxrss: int  # bytes, from wait4 (covers descendants it waited for)
     poller: Poller
     output: str
+    cpu_s: float = 0.0  # user + system CPU seconds, from wait4 (covers descendants it waited for)
 
     @property
     def peak_rss(self) -> int:
         return max(self.ru_maxrss, self.poller.peak_total)
 
 
-def run_measured(argv: list[str], env: dict) -> Run:
-    """argv in its own subprocess: wall time, exit code, peak RSS (wait4 and polled), output."""
+def run_measured(argv: list[str], env: dict, watch: "str | os.PathLike | None" = None) -> Run:
+    """argv in its own subprocess: wall time, exit code, peak RSS (wait4 and polled), output; with
+    `watch`, the tree's CPU seconds each time that file gains a line (Poller.cpu_at_line)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    poller = Poller(proc.pid)
+    poller = Poller(proc.pid, watch=watch)
     poller.start()
     output: list[bytes] = []
     reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)
@@ -114,7 +155,8 @@ def run_measured(argv: list[str], env: dict) -> Run:
     poller.stop.set()
     poller.join()
     reader.join()
-    return Run(wall, rc, usage.ru_maxrss * 1024, poller, b"".join(output).decode(errors="replace").strip())
+    return Run(wall, rc, usage.ru_maxrss * 1024, poller, b"".join(output).decode(errors="replace").strip(),
+               usage.ru_utime + usage.ru_stime)
 
 
 def machine_info(load_before: float) -> dict:
@@ -124,9 +166,37 @@ def machine_info(load_before: float) -> dict:
 
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     return {
+        **versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {ram:.0f} GiB RAM, {platform.system()}",
         "python": platform.python_version(),
         "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
+
+
+def versions() -> dict:
+    """torch / transformers versions and the mzoo commit (read-only git calls; "+dirty" when tracked
+    files outside benchmarks/ and docs/ differ from HEAD)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "diff", "--name-only", "HEAD"], capture_output=True, text=True,
+                               timeout=10).stdout.split()
+        product = [f for f in dirty if not f.startswith(("benchmarks/", "docs/"))]
+        mark = "+dirty" if product else " + uncommitted benchmarks/" if dirty else ""
+        out["mzoo_commit"] = (head + mark) if head else None
+        out["mzoo_dirty_files"] = dirty
+    except (OSError, subprocess.SubprocessError):
+        out["mzoo_commit"], out["mzoo_dirty_files"] = None, []
+    return out
+

@@ -1,41 +1,77 @@
 """Benchmark: training throughput and peak memory of `mzoo train` against a plain transformers loop.
 
-What it measures, in one run, on one randomly initialised Llama-style model (default: hidden 512,
-4 layers, 8 heads, 4 query groups, ffn 1408, vocab 8000, untied, ~20 M parameters), fp32, random
-tokens, sequence length 256, micro batch 2, global batch 8 (gradient accumulation), 8 optimizer steps:
+What it measures, in one run, on small randomly initialised models of five kinds (default hidden 512,
+vocab 8000, untied unless said, fp32, random tokens, sequence length 256, micro batch 2, global batch 8
+by gradient accumulation, 6 optimizer steps of which the first 2 are warm-up):
 
-  baseline  a plain transformers loop: LlamaForCausalLM(LlamaConfig(...)) (random init, sdpa
-            attention), torch.optim.AdamW (lr 3e-4, wd 0.1), loss = model(input_ids, labels=...).loss
-            / accumulation, backward per micro-batch, clip_grad_norm_(1.0) (mzoo clips at 1.0 by
-            default, so both do the same work), optimizer.step; 1 process x 2 threads
-  mzoo 1p   mzoo train model.yaml --mock-data --steps N --seq-len S --micro-batch 2 --global-batch 8
-            --log-json FILE                                                   1 process x 2 threads
-  mzoo TP2  the same with --tp 2                            (relaunches under torchrun) 2 x 1 thread
-  mzoo PP2  the same with --pp 2                            (1F1B, 4 micro-batches)     2 x 1 thread
-  mzoo DP2  the same with --dp 2                                        (info, plain)   2 x 1 thread
-  mzoo DP2 + dist-opt  --dp 2 --distributed-optimizer                                   2 x 1 thread
+  llama     4 layers, 8 heads / 4 query groups, SwiGLU ffn 1408                       (~20.0 M params)
+  mixtral   llama's attention, 8 experts top-2 of ffn 704 in every layer (active FFN = llama's),
+            load-balancing loss 0.01                                           (~46 M total, ~20 M active)
+  deepseek  DeepSeek-V3 style: MLA (q_lora 256, kv_lora 128, nope 64 + rope 32, v 64), 1 dense layer
+            (ffn 1408) then MoE: 8 routed experts top-2 + 1 shared, ffn 448, sigmoid routing with
+            expert bias, 2 groups / top-1 group, scaling 2.5                   (~32 M total, ~20 M active)
+  mamba2    8 Mamba-2 layers (d_state 64, expand 2, head_dim 64, 2 groups, chunk 64), tied (~17.9 M)
+  hybrid    8 layers, Megatron pattern M-M*M-M* (4 Mamba-2, 2 attention, 2 squared-ReLU MLP of
+            ffn 1408), no positions                                                      (~19.8 M)
 
-Every row gets the same total thread budget, the machine's 2 cores: single-process rows run with
-OMP_NUM_THREADS=2 (the baseline also calls torch.set_num_threads(2)), two-process rows with
-OMP_NUM_THREADS=1 per process (what torchrun would set anyway; set explicitly here).
+For every model, two rows, each one process with --threads intra-op threads (default 1; see Threads):
+
+  baseline  a plain transformers loop on the same architecture: AutoModelForCausalLM.from_config of the
+            Hugging Face config mzoo's own adapter writes for the model (LlamaForCausalLM,
+            MixtralForCausalLM, DeepseekV3ForCausalLM, Mamba2ForCausalLM, NemotronHForCausalLM; its
+            default attention (sdpa) and experts implementation (grouped_mm); Mamba layers run
+            transformers' pure-torch path, as there are no CUDA kernels here), random init,
+            torch.optim.AdamW (lr 3e-4, wd 0.1), loss = model(input_ids, labels=...).loss / accumulation
+            (Mixtral: output_router_logits=True so the load-balancing loss is computed as in mzoo),
+            backward per micro-batch, clip_grad_norm_(1.0) (mzoo clips at 1.0 by default), optimizer.step
+  mzoo      mzoo train MODEL.yaml --mock-data --steps N --seq-len S --micro-batch 2 --global-batch 8
+            --log-json FILE
+
+and, for the overhead of the parallel layouts over gloo (the --parallel list, default
+llama:tp2, llama:pp2, mixtral:ep2), one row per layout on 2 processes x 1 thread (`--tp 2`, `--pp 2`
+(1F1B, 4 micro-batches), `--ep 2 --dp 2`, `--dp 2`, `--dp 2 --distributed-optimizer`) against mzoo on
+1 process x 1 thread (the model's own mzoo row with --threads 1, else an extra `mzoo 1 x 1` row).
+Their "vs ref" is tokens/s per process relative to that one-process run: 1.00 means the two processes
+together are twice as fast as one, i.e. no parallel overhead.
+
+Threads: the default gives every process one thread. On a machine shared with other jobs, a process
+with 2 OpenMP threads waits at the end of every parallel region for its slower thread; the MoE and
+Mamba models run many small ops, and measured 5-15x slower with 2 threads than with 1 when the
+machine's load was above its core count (llama, with few large matmuls, much less). One thread per
+process keeps the comparison about the work each implementation does. --threads 2 gives the
+one-process rows both cores (fair on a quiet 2-core machine).
 
 Throughput: both the baseline and mzoo time every optimizer step in-process with perf_counter
 (zero_grad through optimizer.step and the loss .item(); data generation included) and write one
-JSON line per step with `tokens_per_s` = global_batch x seq_len / step seconds (rank 0 for mzoo).
-The first 2 steps are warm-up and are dropped; the table's tokens/s is the total tokens of the
-remaining steps / the sum of their step times (i.e. the time-weighted mean, not the median; the
-median of the per-step values is in --json). Start-up (imports, model init, process group) is not in
-tokens/s; it is in the "wall s" column, the wall time of the whole subprocess.
+JSON line per step with `tokens_per_s` = global_batch x seq_len / step seconds (rank 0 for mzoo; it
+is the whole job's rate). The first 2 steps are warm-up and are dropped; a run's tokens/s is the
+total tokens of the remaining steps / the sum of their step times. Start-up (imports, model init,
+process group) is not in tokens/s; it is in "wall s".
 
-Every row runs in its own subprocess. Peak RSS = max(ru_maxrss from os.wait4, polled summed RSS of
-the whole process tree from /proc), so the multi-process rows include the `mzoo` parent that
-relaunches itself, the torchrun agent and both workers (the "workers" column gives the polled peak
-of the workers alone, i.e. the processes that train). GB = 1e9 bytes.
+CPU: the /proc poller also reads the process tree's CPU seconds (user + system, all live processes of
+the row, summed) each time the step log gains a line, so "tok/CPU-s" = tokens of the measured steps /
+CPU seconds they used, and "vs ref CPU" compares it with the reference row like "vs ref". It moves
+much less than wall time when other jobs share the cores (a time slice taken away is not counted),
+so it is the steadier comparison on a busy machine; for the 2-process rows it is the parallel
+overhead in work (communication, duplicated work, waiting that spins) whether or not the second core
+was free. With 2 threads per process it also counts OpenMP spin-waiting.
 
-Other jobs on the machine skew the numbers: the 1-minute load average is printed before and after.
+Repeats (--repeats, default 2): the whole plan runs R times, round-robin, so a model's baseline and
+mzoo rows are always adjacent in time. Every number in the table is the median over the R rounds;
+"vs ref" is the median of the per-round ratios (a row / its reference in the same round), which
+cancels most of the drift in machine load between rounds; "spread" is (max - min) / median of the
+row's tokens/s over the rounds.
+
+Peak RSS = max(ru_maxrss from os.wait4, polled summed RSS of the whole process tree from /proc), so
+the multi-process rows include the `mzoo` parent that relaunches itself, the torchrun agent and both
+workers ("workers GB" is the polled peak of the training processes alone). GB = 1e9 bytes.
 
 Run:  .venv/bin/python benchmarks/train.py
-      [--steps N] [--hidden H] [--layers L] [--seq-len S] [--workdir DIR] [--keep] [--json]
+      [--models llama,mixtral,deepseek,mamba2,hybrid] [--parallel llama:tp2,llama:pp2,mixtral:ep2]
+      [--repeats R] [--steps N] [--hidden H] [--layers L] [--seq-len S] [--threads T]
+      [--workdir DIR] [--keep] [--json]
+      (--parallel none: no multi-process rows; layouts: tp2, pp2, ep2, dp2, dp2-distopt; --layers is the
+      transformer layer count, the Mamba models get twice as many layers)
 """
 
 from __future__ import annotations
@@ -51,6 +87,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
 from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
@@ -59,11 +96,20 @@ GB = 1e9
 WARMUP_STEPS = 2
 MICRO_BATCH = 2
 GLOBAL_BATCH = 8
-THREAD_BUDGET = 2
+THREADS = 1
+MODELS = ("llama", "mixtral", "deepseek", "mamba2", "hybrid")
+LAYOUTS = {  # name -> (mzoo flags, processes)
+    "tp2": (["--tp", "2"], 2),
+    "pp2": (["--pp", "2"], 2),
+    "ep2": (["--ep", "2", "--dp", "2"], 2),
+    "dp2": (["--dp", "2"], 2),
+    "dp2-distopt": (["--dp", "2", "--distributed-optimizer"], 2),
+}
+DEFAULT_PARALLEL = "llama:tp2,llama:pp2,mixtral:ep2"
 
 
 # ---------------------------------------------------------------------------------------------
-# model
+# models
 # ---------------------------------------------------------------------------------------------
 def model_dims(hidden: int, layers: int) -> dict:
     """Llama-style dimensions that follow hidden (512 -> 8 heads of 64, 4 query groups, ffn 1408)."""
@@ -76,59 +122,91 @@ def model_dims(hidden: int, layers: int) -> dict:
             "max_pos": 4096, "eps": 1e-5, "theta": 10000.0}
 
 
-def model_yaml(d: dict) -> str:
-    return f"""\
-name: bench-train-llama-{d['layers']}x{d['hidden']}
-family: llama
-source: mzoo benchmarks/train.py (random weights)
-vocab_size: {d['vocab']}
-hidden_size: {d['hidden']}
-num_layers: {d['layers']}
-num_attention_heads: {d['heads']}
-num_query_groups: {d['groups']}
-ffn_hidden_size: {d['ffn']}
-activation: swiglu
-normalization: rmsnorm
-norm_eps: {d['eps']:.1e}
-position_embedding: rope
-rope:
-  theta: {d['theta']}
-max_position_embeddings: {d['max_pos']}
-tie_embeddings: false
-add_bias_linear: false
-add_qkv_bias: false
-"""
+def model_config(kind: str, d: dict) -> dict:
+    """The mzoo ModelConfig (as a YAML mapping) of one benchmark model."""
+    base = {"name": f"bench-train-{kind}-{d['layers']}x{d['hidden']}", "source": "mzoo benchmarks/train.py (random "
+            "weights)", "vocab_size": d["vocab"], "hidden_size": d["hidden"], "normalization": "rmsnorm",
+            "norm_eps": d["eps"], "max_position_embeddings": d["max_pos"], "tie_embeddings": False,
+            "add_bias_linear": False, "add_qkv_bias": False}
+    attn = {"num_attention_heads": d["heads"], "num_query_groups": d["groups"]}
+    ssm = {"version": 2, "d_state": 64, "d_conv": 4, "expand": 2, "head_dim": 64, "num_groups": 2, "chunk_size": 64,
+           "conv_bias": True, "proj_bias": False}
+    ffn64 = lambda n: max(64, round(n / 64) * 64)  # noqa: E731
+    if kind == "llama":
+        return {**base, "family": "llama", "num_layers": d["layers"], **attn, "ffn_hidden_size": d["ffn"],
+                "activation": "swiglu", "position_embedding": "rope", "rope": {"theta": d["theta"]}}
+    if kind == "mixtral":  # top-2 of experts half llama's width: the same active FFN per token
+        return {**base, "family": "mixtral", "num_layers": d["layers"], **attn, "ffn_hidden_size": d["ffn"] // 2,
+                "activation": "swiglu", "position_embedding": "rope", "rope": {"theta": 1.0e6},
+                "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": d["ffn"] // 2, "score_function": "softmax",
+                        "norm_topk_prob": True, "aux_loss_coeff": 0.01}}
+    if kind == "deepseek":  # top-2 + 1 shared expert of a third of llama's width
+        return {**base, "family": "deepseek", "num_layers": d["layers"], "num_attention_heads": d["heads"],
+                "ffn_hidden_size": d["ffn"], "activation": "swiglu", "position_embedding": "rope",
+                "rope": {"theta": d["theta"]},
+                "moe": {"num_experts": 8, "top_k": 2, "ffn_hidden_size": ffn64(d["ffn"] / 3), "num_shared_experts": 1,
+                        "score_function": "sigmoid", "expert_bias": True, "n_group": 2, "topk_group": 1,
+                        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "first_k_dense": 1, "layer_freq": 1},
+                "mla": {"q_lora_rank": d["hidden"] // 2, "kv_lora_rank": d["hidden"] // 4, "qk_nope_head_dim": 64,
+                        "qk_rope_head_dim": 32, "v_head_dim": 64}}
+    if kind == "mamba2":
+        return {**base, "family": "mamba", "num_layers": 2 * d["layers"], "num_attention_heads": 1,
+                "ffn_hidden_size": 0, "activation": "silu", "position_embedding": "none", "tie_embeddings": True,
+                "ssm": ssm}
+    if kind == "hybrid":
+        n = 2 * d["layers"]
+        return {**base, "family": "mamba", "num_layers": n, **attn, "ffn_hidden_size": d["ffn"],
+                "activation": "squared_relu", "position_embedding": "none",
+                "ssm": {**ssm, "hybrid_pattern": ("M-M*" * n)[:n]}}
+    raise ValueError(kind)
 
 
-# The baseline, run as a script in its own subprocess: argv = dims JSON, steps, seq_len, log file.
+def describe(kind: str, cfg) -> str:
+    """One line naming a model's shape for the table's header."""
+    if kind == "llama":
+        return f"{cfg.num_layers} layers, ffn {cfg.ffn_hidden_size}"
+    if kind == "mixtral":
+        return f"{cfg.num_layers} layers, {cfg.moe.num_experts} experts top-{cfg.moe.top_k} ffn {cfg.moe.ffn_hidden_size}"
+    if kind == "deepseek":
+        m, a = cfg.moe, cfg.mla
+        return (f"{cfg.num_layers} layers (1 dense), MLA q/kv lora {a.q_lora_rank}/{a.kv_lora_rank}, {m.num_experts} "
+                f"experts top-{m.top_k} + {m.num_shared_experts} shared ffn {m.ffn_hidden_size}, sigmoid + bias")
+    if kind == "mamba2":
+        return f"{cfg.num_layers} Mamba-2 layers, d_state {cfg.ssm.d_state}, tied"
+    return f"{cfg.num_layers} layers, pattern {cfg.ssm.hybrid_pattern}"
+
+
+# The baseline, run as a script in its own subprocess:
+# argv = HF config JSON file, steps, seq_len, log file, micro batch, global batch, threads.
 BASELINE = r'''
 import json, sys, time
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-d, steps, seq, log_path = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+hf = json.loads(open(sys.argv[1]).read())
+steps, seq, log_path = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 micro, glob, threads = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 torch.set_num_threads(threads)
 torch.manual_seed(1234)
-cfg = LlamaConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], intermediate_size=d["ffn"],
-                  num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
-                  num_key_value_heads=d["groups"], max_position_embeddings=d["max_pos"],
-                  rms_norm_eps=d["eps"], rope_parameters={"rope_type": "default", "rope_theta": d["theta"]},
-                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
-cfg._attn_implementation = "sdpa"
-model = LlamaForCausalLM(cfg).float().train()
+if hf.get("model_type") == "mixtral" and hf.get("router_aux_loss_coef"):
+    hf["output_router_logits"] = True  # add the load-balancing loss, as mzoo does
+cfg = AutoConfig.for_model(**hf)
+model = AutoModelForCausalLM.from_config(cfg).float().train()
 opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
 accum = glob // micro
+vocab = cfg.vocab_size
 gen = torch.Generator().manual_seed(1234)
 with open(log_path, "w") as log:
-    log.write(json.dumps({"params": sum(p.numel() for p in model.parameters()),
-                          "threads": torch.get_num_threads()}) + "\n")
+    log.write(json.dumps({"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+                          "class": type(model).__name__, "attn": cfg._attn_implementation,
+                          "experts": getattr(cfg, "_experts_implementation", None)}) + "\n")
+    log.flush()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(accum):
-            ids = torch.randint(0, d["vocab"], (micro, seq), generator=gen)
+            ids = torch.randint(0, vocab, (micro, seq), generator=gen)
             loss = model(input_ids=ids, labels=ids).loss / accum
             loss.backward()
             total += loss.detach()
@@ -146,12 +224,9 @@ with open(log_path, "w") as log:
 # measurement (same method as benchmarks/convert.py)
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class Row:
-    step: str
-    command: str
-    processes: int
-    threads: int
-    log: str = ""
+class Run:
+    """One execution of one row."""
+
     wall_s: float = 0.0
     peak_rss: int = 0  # bytes: max(ru_maxrss of the subprocess, polled tree sum)
     ru_maxrss: int = 0
@@ -161,92 +236,179 @@ class Row:
     rc: int = 0
     error: str = ""
     steps_logged: int = 0
-    measured_steps: int = 0
     measured_s: float = 0.0
-    tokens_per_s: float | None = None  # total tokens / total time of the measured steps
-    median_tokens_per_s: float | None = None
-    vs_baseline: float | None = None
-    final_loss: float | None = None
+    tokens_per_s: Optional[float] = None  # total tokens / total time of the measured steps
+    median_step_tokens_per_s: Optional[float] = None
+    cpu_s: Optional[float] = None  # tree CPU seconds over the measured steps
+    tokens_per_cpu_s: Optional[float] = None
+    final_loss: Optional[float] = None
+    step_s: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
-def measure(row: Row, argv: list[str], env: dict) -> Row:
-    """Run argv in its own subprocess; wall time and the process tree's peak RSS."""
+@dataclass
+class Row:
+    step: str
+    model: str
+    command: str
+    processes: int
+    threads: int
+    reference: Optional[str] = None  # the row this one's "vs ref" divides by
+    per_process: bool = False  # vs ref compares tokens/s per process
+    runs: list = field(default_factory=list)
+    # medians over the runs
+    tokens_per_s: Optional[float] = None
+    tokens_per_cpu_s: Optional[float] = None
+    peak_rss: int = 0
+    polled_workers_rss: int = 0
+    wall_s: float = 0.0
+    final_loss: Optional[float] = None
+    vs_ref: Optional[float] = None  # median over rounds of this row / its reference (per process if per_process)
+    vs_ref_cpu: Optional[float] = None  # the same for tokens per CPU second
+    spread: Optional[float] = None
+    rc: int = 0
+    error: str = ""
+
+    @property
+    def tokens_per_s_per_process(self) -> Optional[float]:
+        return None if self.tokens_per_s is None else self.tokens_per_s / self.processes
+
+
+def measure(argv: list[str], env: dict, log: Path, tokens_per_step: int) -> Run:
+    """Run argv in its own subprocess: wall time, the tree's peak RSS, throughput from its step log."""
     time.sleep(0.5)
-    run = run_measured(argv, env)
-    row.wall_s, row.rc, row.ru_maxrss = run.wall_s, run.rc, run.ru_maxrss
-    row.polled_tree_rss, row.polled_workers_rss = run.poller.peak_total, run.poller.peak_workers
-    row.peak_rss = run.peak_rss
-    row.max_procs = run.poller.max_procs
-    if row.rc != 0:
-        row.error = run.output[-3000:] or f"exit status {row.rc}"
-    return row
+    if log.exists():
+        log.unlink()
+    run = Run()
+    res = run_measured(argv, env, watch=log)
+    run.wall_s, run.rc, run.ru_maxrss = res.wall_s, res.rc, res.ru_maxrss
+    run.polled_tree_rss, run.polled_workers_rss = res.poller.peak_total, res.poller.peak_workers
+    run.peak_rss, run.max_procs = res.peak_rss, res.poller.max_procs
+    if run.rc != 0:
+        run.error = res.output[-3000:] or f"exit status {run.rc}"
+        return run
+    read_throughput(run, log, tokens_per_step, res.poller.cpu_at_line)
+    return run
 
 
-def read_throughput(row: Row, tokens_per_step: int) -> None:
-    """Steady-state tokens/s from the per-step JSON lines, skipping the warm-up steps."""
+def read_throughput(run: Run, log: Path, tokens_per_step: int, cpu_at_line: dict) -> None:
+    """Steady-state tokens/s (and tokens per CPU second) from the per-step JSON lines, skipping the warm-up."""
     try:
-        lines = [json.loads(line) for line in Path(row.log).read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
-        row.rc, row.error = row.rc or 1, f"cannot read the step log {row.log}: {e}"
+        run.rc, run.error = run.rc or 1, f"cannot read the step log {log}: {e}"
         return
-    for line in lines:
+    step_line = {}  # step -> 1-based line number in the log
+    for n, line in enumerate(lines, 1):
         if "params" in line:
-            row.extra["params"] = line["params"]
-            row.extra["torch_threads"] = line["threads"]
+            run.extra.update({k: line[k] for k in ("params", "threads", "class", "attn", "experts") if k in line})
+        if "step" in line:
+            step_line[line["step"]] = n
     steps = [line for line in lines if "step" in line]
-    row.steps_logged = len(steps)
+    run.steps_logged = len(steps)
     measured = steps[WARMUP_STEPS:]
     if not measured:
-        row.rc, row.error = row.rc or 1, f"only {len(steps)} steps logged; need more than {WARMUP_STEPS}"
+        run.rc, run.error = run.rc or 1, f"only {len(steps)} steps logged; need more than {WARMUP_STEPS}"
         return
     seconds = [tokens_per_step / s["tokens_per_s"] for s in measured]
-    row.measured_steps, row.measured_s = len(measured), sum(seconds)
-    row.tokens_per_s = tokens_per_step * len(measured) / row.measured_s
-    row.median_tokens_per_s = statistics.median(s["tokens_per_s"] for s in measured)
-    row.final_loss = steps[-1]["loss"]
-    row.extra["step_s"] = [round(tokens_per_step / s["tokens_per_s"], 3) for s in steps]
+    run.measured_s = sum(seconds)
+    run.tokens_per_s = tokens_per_step * len(measured) / run.measured_s
+    run.median_step_tokens_per_s = statistics.median(s["tokens_per_s"] for s in measured)
+    run.final_loss = steps[-1]["loss"]
+    run.step_s = [round(tokens_per_step / s["tokens_per_s"], 3) for s in steps]
+    first, last = step_line.get(WARMUP_STEPS), step_line.get(steps[-1]["step"])
+    if first in cpu_at_line and last in cpu_at_line and cpu_at_line[last] > cpu_at_line[first]:
+        run.cpu_s = cpu_at_line[last] - cpu_at_line[first]
+        run.tokens_per_cpu_s = tokens_per_step * len(measured) / run.cpu_s
+
+
+def summarise(rows: list[Row]) -> None:
+    """Medians over the runs, and per-round ratios against each row's reference."""
+    by = {r.step: r for r in rows}
+    for r in rows:
+        ok = [x for x in r.runs if x.rc == 0 and x.tokens_per_s]
+        if len(ok) < len(r.runs):
+            bad = next(x for x in r.runs if not (x.rc == 0 and x.tokens_per_s))
+            r.rc, r.error = bad.rc or 1, bad.error
+        if not ok:
+            continue
+        med = statistics.median
+        tps = [x.tokens_per_s for x in ok]
+        r.tokens_per_s = med(tps)
+        r.spread = (max(tps) - min(tps)) / r.tokens_per_s if len(tps) > 1 else None
+        cpu = [x.tokens_per_cpu_s for x in ok if x.tokens_per_cpu_s]
+        r.tokens_per_cpu_s = med(cpu) if cpu else None
+        r.peak_rss = int(med([x.peak_rss for x in ok]))
+        r.polled_workers_rss = int(med([x.polled_workers_rss for x in ok]))
+        r.wall_s = med([x.wall_s for x in ok])
+        r.final_loss = med([x.final_loss for x in ok])
+    for r in rows:
+        ref = by.get(r.reference) if r.reference else None
+        if ref is None:
+            continue
+        ratios, cpu_ratios = [], []
+        for mine, theirs in zip(r.runs, ref.runs):  # same round
+            if mine.tokens_per_s and theirs.tokens_per_s:
+                scale = ref.processes / r.processes if r.per_process else 1.0
+                ratios.append(mine.tokens_per_s / theirs.tokens_per_s * scale)
+            if mine.tokens_per_cpu_s and theirs.tokens_per_cpu_s:
+                cpu_ratios.append(mine.tokens_per_cpu_s / theirs.tokens_per_cpu_s)
+        r.vs_ref = statistics.median(ratios) if ratios else None
+        r.vs_ref_cpu = statistics.median(cpu_ratios) if cpu_ratios else None
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------
 def print_table(rows: list[Row], info: dict) -> None:
-    headers = ["step", "processes", "threads/proc", "tokens/s", "vs baseline", "peak RSS GB",
-               "workers GB", "wall s", "final loss"]
+    headers = ["row", "procs x threads", "tokens/s", "per proc", "spread", "vs ref", "reference", "tok/CPU-s",
+               "vs ref CPU", "peak RSS GB", "workers GB", "wall s", "final loss"]
     body = []
     for r in rows:
-        if r.rc != 0 or r.tokens_per_s is None:
-            body.append([r.step, str(r.processes), str(r.threads), "FAILED", f"rc={r.rc}", "", "", "", ""])
+        if r.tokens_per_s is None:
+            body.append([r.step, f"{r.processes} x {r.threads}", "FAILED", f"rc={r.rc}", *[""] * 9])
             continue
         body.append([
-            r.step, str(r.processes), str(r.threads), f"{r.tokens_per_s:,.0f}",
-            "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x",
+            r.step, f"{r.processes} x {r.threads}", f"{r.tokens_per_s:,.0f}",
+            f"{r.tokens_per_s_per_process:,.0f}",
+            "" if r.spread is None else f"{r.spread:.0%}",
+            "" if r.vs_ref is None else f"{r.vs_ref:.2f}x" + (" /proc" if r.per_process else ""),
+            r.reference or "",
+            "" if r.tokens_per_cpu_s is None else f"{r.tokens_per_cpu_s:,.0f}",
+            "" if r.vs_ref_cpu is None else f"{r.vs_ref_cpu:.2f}x",
             f"{r.peak_rss / GB:.2f}", f"{r.polled_workers_rss / GB:.2f}", f"{r.wall_s:.1f}",
             "" if r.final_loss is None else f"{r.final_loss:.3f}",
         ])
-    d = info["dims"]
-    print(f"train benchmark: llama {d['layers']}x{d['hidden']}, {d['heads']} heads / {d['groups']} query groups, "
-          f"ffn {d['ffn']}, vocab {d['vocab']}, untied, fp32 ({info['params_h']} params); seq {info['seq_len']}, "
-          f"micro batch {MICRO_BATCH}, global batch {GLOBAL_BATCH} ({info['tokens_per_step']:,} tokens/step), "
-          f"{info['steps']} steps, first {WARMUP_STEPS} excluded")
+    print(f"train benchmark: seq {info['seq_len']}, micro batch {info['micro_batch']}, global batch "
+          f"{info['global_batch']} ({info['tokens_per_step']:,} tokens/step), fp32, {info['steps']} steps, first "
+          f"{WARMUP_STEPS} excluded; {info['repeats']} round(s), medians")
+    for kind, m in info["models"].items():
+        base = m.get("baseline_params")
+        print(f"  {kind:9s} {m['params'] / 1e6:.1f} M params ({m['active'] / 1e6:.1f} M active), {m['shape']}; "
+              f"baseline {m.get('baseline_class') or '?'} {'' if base is None else f'{base / 1e6:.1f} M'}")
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+        return "| " + " | ".join(c.ljust(w) if i in (0, 6) else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     print(line(headers))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
         print(line(b))
-    print(f"tokens/s = total tokens / total time of steps {WARMUP_STEPS + 1}..{info['steps']} (in-process step "
-          "timers; start-up excluded); vs baseline = tokens/s ratio (>1 is faster).")
+    print(f"tokens/s = total tokens / total time of steps {WARMUP_STEPS + 1}..{info['steps']} (in-process step timers; "
+          "start-up excluded), the whole job's rate; per proc = tokens/s / processes; spread = (max - min) / median "
+          "over the rounds.")
+    print("vs ref = median over rounds of (this row / its reference in the same round): tokens/s for the mzoo rows "
+          "against the transformers baseline, tokens/s per process ('/proc') for the 2-process rows against mzoo on "
+          "1 process x 1 thread (1.00x = no parallel overhead).")
+    print("tok/CPU-s = tokens of the measured steps / CPU seconds the row's processes used meanwhile (all of them "
+          "for 2-process rows); vs ref CPU = median over rounds of (tok/CPU-s / the reference's): for 2-process rows "
+          "1.00x = the job spends no more CPU per token than one process (no parallel overhead in CPU terms).")
     print("peak RSS = max(ru_maxrss from os.wait4, polled RSS summed over the process tree: for 2-process rows the "
           "mzoo parent + torchrun agent + 2 workers); workers GB = polled peak of the training process(es) only.")
-    print("threads: 1-process rows OMP_NUM_THREADS=2 (+ torch.set_num_threads(2) in the baseline); 2-process rows "
-          "OMP_NUM_THREADS=1 per process.")
-    print(f"commands ($WORK = {info['workdir']}, holding model.yaml, baseline.py and the step logs):")
+    print(f"commands ($WORK = {info['workdir']}, holding the model YAMLs, Hugging Face configs, baseline.py and the "
+          "step logs):")
     for r in rows:
         print(f"  {r.step}: {r.command}")
     for r in rows:
@@ -254,16 +416,40 @@ def print_table(rows: list[Row], info: dict) -> None:
             print(f"\n{r.step} failed ({r.command}):\n{r.error}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_parallel(text: str, models: list[str]) -> list[tuple[str, str]]:
+    if text.strip().lower() in ("", "none"):
+        return []
+    out = []
+    for item in text.split(","):
+        kind, _, layout = item.strip().partition(":")
+        if kind not in MODELS or layout not in LAYOUTS:
+            raise ValueError(f"--parallel entry '{item}' is not MODEL:LAYOUT with MODEL in {', '.join(MODELS)} and "
+                             f"LAYOUT in {', '.join(LAYOUTS)}")
+        if layout == "ep2" and kind not in ("mixtral", "deepseek"):
+            raise ValueError(f"--parallel entry '{item}': ep2 needs an MoE model (mixtral, deepseek)")
+        out.append((kind, layout))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8, help=f"optimizer steps per row (default 8; first "
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"models compared with transformers (default {','.join(MODELS)}; 'none' for none)")
+    ap.add_argument("--parallel", default=DEFAULT_PARALLEL,
+                    help=f"MODEL:LAYOUT rows on 2 processes (default {DEFAULT_PARALLEL}; layouts "
+                         f"{', '.join(LAYOUTS)}; 'none' for none)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of the whole plan, medians reported (default 2)")
+    ap.add_argument("--steps", type=int, default=6, help=f"optimizer steps per row (default 6; first "
                                                          f"{WARMUP_STEPS} excluded)")
     ap.add_argument("--hidden", type=int, default=512, help="hidden size (default 512)")
-    ap.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
+    ap.add_argument("--layers", type=int, default=4, help="transformer layers (default 4; Mamba models twice that)")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help=f"threads of the 1-process rows (default {THREADS}; 2-process rows always run 1 thread "
+                         "per process)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the model YAML and the step logs")
+    ap.add_argument("--keep", action="store_true", help="keep the model YAMLs and the step logs")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
     if args.steps <= WARMUP_STEPS:
@@ -272,8 +458,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--layers must be even and at least 2 (PP2 splits the layers)")
     if args.hidden < 256 or args.hidden % 128:
         ap.error("--hidden must be a multiple of 128, at least 256 (even head and group counts for TP2)")
-    if args.seq_len < 8:
-        ap.error("--seq-len must be at least 8")
+    if args.seq_len < 8 or args.seq_len % 64:
+        ap.error("--seq-len must be a multiple of 64 (the Mamba-2 chunk)")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    models = [] if args.models.strip().lower() == "none" else [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    try:
+        parallel = parse_parallel(args.parallel, models)
+    except ValueError as e:
+        ap.error(str(e))
+    if not models and not parallel:
+        ap.error("nothing to run: --models none and --parallel none")
 
     py = sys.executable
     mzoo = shutil.which("mzoo", path=str(Path(py).parent)) or shutil.which("mzoo")
@@ -295,65 +493,97 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="mzoo-train-bench-"))
     log = sys.stderr
     try:
+        import yaml
+
+        from mzoo.converters import for_family
+        from mzoo.params import count_params
+        from mzoo.zoo import resolve
+
         dims = model_dims(args.hidden, args.layers)
-        cfg = work / "model.yaml"
-        cfg.write_text(model_yaml(dims))
         (work / "baseline.py").write_text(BASELINE)
         tokens_per_step = GLOBAL_BATCH * args.seq_len
         common = ["--mock-data", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                   "--micro-batch", str(MICRO_BATCH), "--global-batch", str(GLOBAL_BATCH)]
-        half = THREAD_BUDGET // 2
-        plan = [
-            ("baseline (transformers)", 1, THREAD_BUDGET,
-             [py, str(work / "baseline.py"), json.dumps(dims, separators=(",", ":")), str(args.steps),
-              str(args.seq_len), "{log}", str(MICRO_BATCH), str(GLOBAL_BATCH), str(THREAD_BUDGET)]),
-            ("mzoo 1 process", 1, THREAD_BUDGET, [mzoo, "train", str(cfg), *common, "--log-json", "{log}"]),
-            ("mzoo TP2", 2, half, [mzoo, "train", str(cfg), *common, "--tp", "2", "--log-json", "{log}"]),
-            ("mzoo PP2", 2, half, [mzoo, "train", str(cfg), *common, "--pp", "2", "--log-json", "{log}"]),
-            ("mzoo DP2", 2, half, [mzoo, "train", str(cfg), *common, "--dp", "2", "--log-json", "{log}"]),
-            ("mzoo DP2 + dist-opt", 2, half,
-             [mzoo, "train", str(cfg), *common, "--dp", "2", "--distributed-optimizer", "--log-json", "{log}"]),
-        ]
+        kinds = list(dict.fromkeys(models + [k for k, _ in parallel]))
+        model_info: dict = {}
+        for kind in kinds:
+            (work / f"{kind}.yaml").write_text(yaml.safe_dump(model_config(kind, dims), sort_keys=False))
+            cfg = resolve(str(work / f"{kind}.yaml"))
+            counts = count_params(cfg)
+            (work / f"{kind}.hf.json").write_text(json.dumps(for_family(cfg.family).config_to_hf(cfg)))
+            model_info[kind] = {"params": counts.total, "active": counts.active, "shape": describe(kind, cfg)}
+
+        # (row name, model, processes, threads, argv, reference row, per-process comparison)
+        plan: list[tuple[str, str, int, int, list[str], Optional[str], bool]] = []
+        t = args.threads
+        for kind in models:
+            plan.append((f"{kind}: transformers", kind, 1, t,
+                         [py, str(work / "baseline.py"), str(work / f"{kind}.hf.json"), str(args.steps),
+                          str(args.seq_len), "{log}", str(MICRO_BATCH), str(GLOBAL_BATCH), str(t)], None, False))
+            plan.append((f"{kind}: mzoo", kind, 1, t,
+                         [mzoo, "train", str(work / f"{kind}.yaml"), *common, "--log-json", "{log}"],
+                         f"{kind}: transformers", False))
+        for kind in dict.fromkeys(k for k, _ in parallel):
+            if t == 1 and kind in models:  # the model's own mzoo row already runs 1 process x 1 thread
+                ref = f"{kind}: mzoo"
+            else:
+                ref = f"{kind}: mzoo 1 x 1"
+                plan.append((ref, kind, 1, 1, [mzoo, "train", str(work / f"{kind}.yaml"), *common, "--log-json",
+                                               "{log}"], None, False))
+            for k, layout in parallel:
+                if k != kind:
+                    continue
+                flags, procs = LAYOUTS[layout]
+                plan.append((f"{kind}: mzoo {layout.upper()}", kind, procs, 1,
+                             [mzoo, "train", str(work / f"{kind}.yaml"), *common, *flags, "--log-json", "{log}"],
+                             ref, True))
+
+        rows: list[Row] = []
+        for i, (name, kind, procs, threads, cmd, ref, per_proc) in enumerate(plan):
+            shown = " ".join(c if c != "{log}" else f"$WORK/steps-{i}.jsonl" for c in cmd).replace(str(work), "$WORK")
+            rows.append(Row(step=name, model=kind, command=f"OMP_NUM_THREADS={threads} {shown}", processes=procs,
+                            threads=threads, reference=ref, per_process=per_proc))
+
         # untimed warm-up: the first torch import after a cold start reads the .so/.pyc files from disk
         print("[bench] warm-up ...", file=log, flush=True)
-        subprocess.run([py, "-c", "import torch, transformers, mzoo.models"], env=env_for(1), capture_output=True, check=False)
+        subprocess.run([py, "-c", "import torch, transformers, mzoo.models"], env=env_for(1), capture_output=True,
+                       check=False)
         subprocess.run([mzoo, "--help"], env=env_for(1), capture_output=True, check=False)
         load_before = os.getloadavg()
         t_start = time.perf_counter()
-        rows: list[Row] = []
-        for i, (name, procs, threads, cmd) in enumerate(plan):
-            step_log = work / f"steps-{i}.jsonl"
-            cmd = [str(step_log) if c == "{log}" else c for c in cmd]
-            shown = " ".join(c if not c.startswith("{") else f"'{c}'" for c in cmd).replace(str(work), "$WORK")
-            row = Row(step=name, command=f"OMP_NUM_THREADS={threads} {shown}", processes=procs, threads=threads,
-                      log=str(step_log))
-            print(f"[bench] {name} ...", file=log, flush=True)
-            measure(row, cmd, env_for(threads))
-            if row.rc == 0:
-                read_throughput(row, tokens_per_step)
-            tps = f"{row.tokens_per_s:,.0f} tok/s" if row.tokens_per_s else "no throughput"
-            print(f"[bench]   {tps}, wall {row.wall_s:.1f} s, peak RSS {row.peak_rss / GB:.2f} GB, rc {row.rc}",
-                  file=log, flush=True)
-            rows.append(row)
+        for rnd in range(args.repeats):
+            for i, (name, kind, procs, threads, cmd, ref, per_proc) in enumerate(plan):
+                step_log = work / f"steps-{i}.jsonl"
+                argv_i = [str(step_log) if c == "{log}" else c for c in cmd]
+                print(f"[bench] round {rnd + 1}/{args.repeats} {name} ...", file=log, flush=True)
+                run = measure(argv_i, env_for(threads), step_log, tokens_per_step)
+                tps = f"{run.tokens_per_s:,.0f} tok/s" if run.tokens_per_s else "no throughput"
+                cpu = f", {run.tokens_per_cpu_s:,.0f} tok/CPU-s" if run.tokens_per_cpu_s else ""
+                print(f"[bench]   {tps}{cpu}, wall {run.wall_s:.1f} s, peak RSS {run.peak_rss / GB:.2f} GB, "
+                      f"rc {run.rc}, load {os.getloadavg()[0]:.1f}", file=log, flush=True)
+                if run.rc != 0:
+                    print(run.error[-1500:], file=log, flush=True)
+                rows[i].runs.append(run)
         total_s = time.perf_counter() - t_start
-
-        base = rows[0]
+        summarise(rows)
         for r in rows:
-            if base.tokens_per_s and r.tokens_per_s:
-                r.vs_baseline = r.tokens_per_s / base.tokens_per_s
-        from mzoo.zoo import resolve
+            if r.step.endswith(": transformers"):
+                ok = [x for x in r.runs if x.extra.get("params")]
+                if ok:
+                    model_info[r.model]["baseline_params"] = ok[0].extra["params"]
+                    model_info[r.model]["baseline_class"] = ok[0].extra.get("class")
+                    model_info[r.model]["baseline_impl"] = {"attn": ok[0].extra.get("attn"),
+                                                            "experts": ok[0].extra.get("experts")}
 
-        from mzoo.params import count_params
-
-        params = count_params(resolve(str(cfg))).total
         info = {
             **machine_info(load_before[0]),
             "dims": dims,
-            "params": params,
-            "baseline_params": base.extra.get("params"),
-            "params_h": f"{params / 1e6:.1f} M",
+            "models": model_info,
             "seq_len": args.seq_len,
             "steps": args.steps,
+            "repeats": args.repeats,
+            "micro_batch": MICRO_BATCH,
+            "global_batch": GLOBAL_BATCH,
             "tokens_per_step": tokens_per_step,
             "total_s": round(total_s, 1),
             "workdir": str(work),
@@ -361,10 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
         else:
-            print(f"{info['date']}  {info['machine']}  python {info['python']}  load avg (1 min) "
-                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after; "
-                  f"{info['total_s']:.0f} s in all")
-            print(f"parameters: mzoo {params:,}; transformers baseline {info['baseline_params'] or 0:,}")
+            print(f"{info['date']}  {info['machine']}  python {info['python']}, torch {info['torch']}, "
+                  f"transformers {info['transformers']}, mzoo {info['mzoo_commit']}; load avg (1 min) "
+                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after; {info['total_s']:.0f} s in all")
             print_table(rows, info)
         return 0 if all(r.rc == 0 for r in rows) else 1
     finally:
