@@ -20,12 +20,16 @@ Megatron-LM are not installed here, so it is not run.
 
 tokens/s = tokens / the in-process seconds of the work: for mzoo the `seconds` of its --json summary
 (from the start of prepare(): tokenizer load, reading, tokenizing, writing .bin/.idx; not the
-interpreter's start-up and imports), for the baselines the same span measured the same way (from
-loading the tokenizer to the last token). Wall s is the whole subprocess, start-up included. Every
-row runs in its own subprocess with TOKENIZERS_PARALLELISM unset, i.e. the tokenizers library's
-default: encode_batch spreads a batch over all cores (Rust threads), in the baselines and in mzoo
-alike. Peak RSS as in benchmarks/convert.py (the process tree, polled, and ru_maxrss); CPU s =
-user + system seconds of the subprocess and the children it waited for (the worker pool).
+interpreter's start-up or the CLI's imports, but it does include importing transformers' tokenizer
+classes and loading the tokenizer with AutoTokenizer, which mzoo does lazily), for the baselines the
+same span measured the same way (from importing the tokenizer's library to the last token). "load s"
+shows how much of that the import and load take in the baselines: 1-2 s for transformers, a few ms
+for tokenizers, a fixed cost that matters on a small corpus and not on a large one (--mb). Wall s is
+the whole subprocess, start-up included. Every row runs in its own subprocess with
+TOKENIZERS_PARALLELISM unset, i.e. the tokenizers library's default: encode_batch spreads a batch
+over all cores (Rust threads), in the baselines and in mzoo alike. Peak RSS as in
+benchmarks/convert.py (the process tree, polled, and ru_maxrss); CPU s = user + system seconds of
+the subprocess and the children it waited for (the worker pool).
 
 Repeats (--repeats, default 2): the list runs R times round-robin; medians are reported; "vs
 baseline" is the median of the per-round ratios to the tokenizers row; spread = (max - min) / median
@@ -121,6 +125,7 @@ else:
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     eod = tok.eos_token_id
     encode = lambda texts: list(tok(texts, return_attention_mask=False, return_token_type_ids=False)["input_ids"])
+load_seconds = time.perf_counter() - start
 docs = tokens = 0
 def flush(texts):
     global docs, tokens
@@ -138,7 +143,7 @@ with open(corpus, "rb") as fh:
 if texts:
     flush(texts)
 seconds = time.perf_counter() - start
-json.dump({"documents": docs, "tokens": tokens, "seconds": seconds}, open(out, "w"))
+json.dump({"documents": docs, "tokens": tokens, "seconds": seconds, "load_seconds": load_seconds}, open(out, "w"))
 '''
 
 
@@ -149,6 +154,7 @@ json.dump({"documents": docs, "tokens": tokens, "seconds": seconds}, open(out, "
 class Run:
     wall_s: float = 0.0
     seconds: float = 0.0  # in-process seconds of the work
+    load_s: Optional[float] = None  # of which importing the library and loading the tokenizer (baselines)
     tokens: int = 0
     documents: int = 0
     cpu_s: float = 0.0
@@ -174,6 +180,7 @@ class Row:
     vs_baseline: Optional[float] = None
     spread: Optional[float] = None
     seconds: float = 0.0
+    load_s: Optional[float] = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
     peak_rss: int = 0
@@ -201,6 +208,7 @@ def measure(argv: list[str], env: dict, result: Path, from_stdout: bool) -> Run:
         else:
             summary = json.loads(result.read_text())
         run.seconds, run.tokens, run.documents = summary["seconds"], summary["tokens"], summary["documents"]
+        run.load_s = summary.get("load_seconds")
     except (OSError, ValueError, KeyError) as e:
         run.rc, run.error = 1, f"cannot read the result ({e}): {res.output[-1000:]}"
     return run
@@ -218,6 +226,8 @@ def summarise(rows: list[Row], corpus_bytes: int) -> None:
             continue
         r.seconds, r.wall_s, r.cpu_s = med([x.seconds for x in ok]), med([x.wall_s for x in ok]), med([x.cpu_s for x in ok])
         r.peak_rss, r.max_procs = int(med([x.peak_rss for x in ok])), max(x.max_procs for x in ok)
+        loads = [x.load_s for x in ok if x.load_s is not None]
+        r.load_s = med(loads) if loads else None
         r.tokens, r.documents = ok[0].tokens, ok[0].documents
         r.mb_per_s = corpus_bytes / MB / r.seconds if r.seconds > 0 else None
         tps = [x.tokens_per_s for x in ok if x.tokens_per_s]
@@ -231,12 +241,12 @@ def summarise(rows: list[Row], corpus_bytes: int) -> None:
 
 
 def print_table(rows: list[Row], info: dict) -> None:
-    headers = ["row", "tokens/s", "MB/s", "spread", "vs baseline", "seconds", "wall s", "CPU s", "peak RSS GB",
-               "processes", "tokens"]
+    headers = ["row", "tokens/s", "MB/s", "spread", "vs baseline", "seconds", "load s", "wall s", "CPU s",
+               "peak RSS GB", "processes", "tokens"]
     body = []
     for r in rows:
         if r.rc != 0 and not r.seconds:
-            body.append([r.step, "FAILED", f"rc={r.rc}", *[""] * 8])
+            body.append([r.step, "FAILED", f"rc={r.rc}", *[""] * 9])
             continue
         body.append([
             r.step + (" (baseline)" if r.baseline else ""),
@@ -244,7 +254,8 @@ def print_table(rows: list[Row], info: dict) -> None:
             "" if r.mb_per_s is None else f"{r.mb_per_s:.2f}",
             "" if r.spread is None else f"{r.spread:.0%}",
             "" if r.vs_baseline is None else f"{r.vs_baseline:.2f}x",
-            f"{r.seconds:.2f}", f"{r.wall_s:.2f}", f"{r.cpu_s:.2f}", f"{r.peak_rss / GB:.2f}", str(r.max_procs),
+            f"{r.seconds:.2f}", "" if r.load_s is None or r.step == "read JSONL" else f"{r.load_s:.2f}",
+            f"{r.wall_s:.2f}", f"{r.cpu_s:.2f}", f"{r.peak_rss / GB:.2f}", str(r.max_procs),
             f"{r.tokens:,}" if r.tokens else "",
         ])
     print(f"data benchmark: {info['corpus_mb']:.1f} MB JSONL, {info['documents']:,} documents; byte-level BPE of "
@@ -261,7 +272,9 @@ def print_table(rows: list[Row], info: dict) -> None:
     for b in body:
         print(line(b))
     print("tokens/s = tokens / seconds; seconds = in-process time of the work (tokenizer load, read, tokenize, and "
-          "for mzoo write), start-up excluded; wall s = whole subprocess; MB/s = corpus MB / seconds.")
+          "for mzoo write), start-up excluded; load s = the part of it spent importing the tokenizer's library and "
+          "loading it (baselines; mzoo's span holds the same transformers import and load); wall s = whole "
+          "subprocess; MB/s = corpus MB / seconds.")
     print("vs baseline = median of per-round ratios to the tokenizers row; spread = (max - min) / median of tokens/s; "
           "CPU s = user + system of the subprocess and its waited-for children; processes = most seen at once.")
     print(f"commands ($WORK = {info['workdir']}):")
