@@ -224,7 +224,8 @@ def summarise(rows: list[Row], corpus_bytes: int) -> None:
             r.rc, r.error = bad.rc, bad.error
         if not ok:
             continue
-        r.seconds, r.wall_s, r.cpu_s = med([x.seconds for x in ok]), med([x.wall_s for x in ok]), med([x.cpu_s for x in ok])
+        r.seconds, r.wall_s = med([x.seconds for x in ok]), med([x.wall_s for x in ok])
+        r.cpu_s = med([x.cpu_s for x in ok])
         r.peak_rss, r.max_procs = int(med([x.peak_rss for x in ok])), max(x.max_procs for x in ok)
         loads = [x.load_s for x in ok if x.load_s is not None]
         r.load_s = med(loads) if loads else None

@@ -35,11 +35,12 @@ Their "vs ref" is tokens/s per process relative to that one-process run: 1.00 me
 together are twice as fast as one, i.e. no parallel overhead.
 
 Threads: the default gives every process one thread. On a machine shared with other jobs, a process
-with 2 OpenMP threads waits at the end of every parallel region for its slower thread; the MoE and
-Mamba models run many small ops, and measured 5-15x slower with 2 threads than with 1 when the
-machine's load was above its core count (llama, with few large matmuls, much less). One thread per
-process keeps the comparison about the work each implementation does. --threads 2 gives the
-one-process rows both cores (fair on a quiet 2-core machine).
+with 2 OpenMP threads waits at the end of every parallel region for its slower thread: with the
+machine's load average at ~5 on 2 cores, mzoo's MoE models (many small ops) ran 13-15x slower with
+2 threads than with 1, llama (a few large matmuls) did not; with the machine quiet, 2 threads were
+1.2-1.6x faster than 1. One thread per process keeps the comparison about the work each
+implementation does; --threads 2 gives the one-process rows both cores (fair on a quiet 2-core
+machine; then the parallel rows get an extra `mzoo 1 x 1` reference row).
 
 Throughput: both the baseline and mzoo time every optimizer step in-process with perf_counter
 (zero_grad through optimizer.step and the loss .item(); data generation included) and write one
@@ -166,7 +167,8 @@ def describe(kind: str, cfg) -> str:
     if kind == "llama":
         return f"{cfg.num_layers} layers, ffn {cfg.ffn_hidden_size}"
     if kind == "mixtral":
-        return f"{cfg.num_layers} layers, {cfg.moe.num_experts} experts top-{cfg.moe.top_k} ffn {cfg.moe.ffn_hidden_size}"
+        m = cfg.moe
+        return f"{cfg.num_layers} layers, {m.num_experts} experts top-{m.top_k} ffn {m.ffn_hidden_size}"
     if kind == "deepseek":
         m, a = cfg.moe, cfg.mla
         return (f"{cfg.num_layers} layers (1 dense), MLA q/kv lora {a.q_lora_rank}/{a.kv_lora_rank}, {m.num_experts} "
@@ -593,7 +595,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             print(f"{info['date']}  {info['machine']}  python {info['python']}, torch {info['torch']}, "
                   f"transformers {info['transformers']}, mzoo {info['mzoo_commit']}; load avg (1 min) "
-                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after; {info['total_s']:.0f} s in all")
+                  f"{info['loadavg_1m_before']} before / {info['loadavg_1m_after']} after; "
+                  f"{info['total_s']:.0f} s in all")
             print_table(rows, info)
         return 0 if all(r.rc == 0 for r in rows) else 1
     finally:
