@@ -53,6 +53,25 @@ def make_moe_model(path: Path, config, seed: int = 0) -> Path:
     return path
 
 
+def all_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def hf_roundtrip(src: Path, dst: Path):
+    """HF -> canonical -> HF through converters.hf, one canonical tensor at a time; the config."""
+    from mzoo.converters.hf import canonical_tensors, read_config, save_hf
+
+    reader, adapter, cfg = read_config(src)
+    save_hf(cfg, ((t.name, adapter.to_canonical(t.name, reader.get, cfg)) for t in canonical_tensors(cfg)), dst)
+    return cfg
+
+
 @pytest.fixture
 def hf_factory(tmp_path):
     counter = {"n": 0}

@@ -6,16 +6,16 @@ cannot express."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+
+from conftest import all_safetensors, hf_roundtrip, make_moe_model
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, MambaConfig, NemotronHConfig
 
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.converters import for_family, for_hf_config
-from mzoo.converters.hf import canonical_tensors, random_canonical, read_config, save_hf
+from mzoo.converters.hf import canonical_tensors, random_canonical, save_hf
 from mzoo.models import build_model, meta_model
 from mzoo.parallel.state import ParallelState
 from mzoo.zoo import get
@@ -65,30 +65,6 @@ def _arch(config) -> dict:
     return {k: getattr(config, k) for k in keys}
 
 
-def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _save_hf_model(config, path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.dim() == 1 and (t.requires_grad or name.endswith("e_score_correction_bias")):
-                t.add_(torch.randn_like(t) * 0.1)
-    model.save_pretrained(path)
-    return path
-
-
-def _roundtrip(src: Path, dst: Path) -> ModelConfig:
-    """HF -> canonical -> HF through converters.hf, one canonical tensor at a time."""
-    reader, adapter, cfg = read_config(src)
-    tensors = ((t.name, adapter.to_canonical(t.name, reader.get, cfg)) for t in canonical_tensors(cfg))
-    save_hf(cfg, tensors, dst)
-    return cfg
 
 
 def _one_sentence(e: pytest.ExceptionInfo) -> str:
@@ -155,9 +131,9 @@ def test_presets_are_configs_transformers_builds(preset):
 # ---- weights -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CONFIGS)
 def test_hf_canonical_hf_is_bit_exact(tmp_path, case):
-    src = _save_hf_model(CONFIGS[case], tmp_path / "src")
-    cfg = _roundtrip(src, tmp_path / "out")
-    before, after = _all_tensors(src), _all_tensors(tmp_path / "out")
+    src = make_moe_model(tmp_path / "src", CONFIGS[case])
+    cfg = hf_roundtrip(src, tmp_path / "out")
+    before, after = all_safetensors(src), all_safetensors(tmp_path / "out")
     assert set(after) == set(before)
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name

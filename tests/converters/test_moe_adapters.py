@@ -8,14 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import all_safetensors, hf_roundtrip, make_moe_model
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.ckpt.hf import HFReader
-from mzoo.config import ConfigError, ModelConfig
+from mzoo.config import ConfigError
 from mzoo.converters import deepseek, for_family, for_hf_config, mixtral
-from mzoo.converters.hf import canonical_tensors, random_canonical, read_config, save_hf
+from mzoo.converters.hf import canonical_tensors, random_canonical, save_hf
 from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
 from mzoo.zoo import get
 
@@ -64,32 +66,6 @@ def _arch(config) -> dict:
     return out
 
 
-def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _save_hf_model(config, path: Path, seed: int = 0) -> Path:
-    """transformers' own random init, saved by save_pretrained; norms, biases and the V3 expert bias
-    perturbed so that a swap of any two tensors shows."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.dim() == 1 and (t.requires_grad or name.endswith("e_score_correction_bias")):
-                t.add_(torch.randn_like(t) * 0.1)
-    model.save_pretrained(path)
-    return path
-
-
-def _roundtrip(src: Path, dst: Path) -> ModelConfig:
-    """HF -> canonical -> HF through converters.hf, one canonical tensor at a time."""
-    reader, adapter, cfg = read_config(src)
-    tensors = ((t.name, adapter.to_canonical(t.name, reader.get, cfg)) for t in canonical_tensors(cfg))
-    save_hf(cfg, tensors, dst)
-    return cfg
 
 
 # ---- (a) config round trips ------------------------------------------------------------------------
@@ -179,9 +155,9 @@ def test_two_wildcard_patterns_and_read_only_spellings():
 # ---- (b) HF -> canonical -> HF, bit-exact ------------------------------------------------------------
 @pytest.mark.parametrize("case", ["mixtral", "v2-lite", "v2-grouped", "v3", "v3-no-q-lora-tied"])
 def test_hf_canonical_hf_is_bit_exact(tmp_path, case):
-    src = _save_hf_model(CONFIGS[case], tmp_path / "src")
-    _roundtrip(src, tmp_path / "out")
-    before, after = _all_tensors(src), _all_tensors(tmp_path / "out")
+    src = make_moe_model(tmp_path / "src", CONFIGS[case])
+    hf_roundtrip(src, tmp_path / "out")
+    before, after = all_safetensors(src), all_safetensors(tmp_path / "out")
     assert set(after) == set(before)
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
@@ -236,22 +212,22 @@ def test_fused_expert_spelling_reads_like_per_expert(tmp_path, case):
     expert = "decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"
     assert torch.equal(adapter.to_canonical(expert, tensors.__getitem__, cfg), adapter.to_canonical(expert, b.get, cfg))
     # writing always uses the per-expert names, bit-exact to what save_pretrained wrote
-    _roundtrip(fused, tmp_path / "out")
-    after, before = _all_tensors(tmp_path / "out"), _all_tensors(per_expert)
+    hf_roundtrip(fused, tmp_path / "out")
+    after, before = all_safetensors(tmp_path / "out"), all_safetensors(per_expert)
     assert set(after) == set(before) and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
 def test_mtp_layers_are_ignored(tmp_path):
-    src = _save_hf_model(CONFIGS["v3"], tmp_path / "src")
+    src = make_moe_model(tmp_path / "src", CONFIGS["v3"])
     tensors = load_file(src / "model.safetensors")
     extra = {k.replace("model.layers.2.", "model.layers.3."): v.clone() for k, v in tensors.items() if ".layers.2." in k}
     extra["model.layers.3.eh_proj.weight"] = torch.randn(32, 64)
     save_file({**tensors, **extra}, str(src / "model.safetensors"), metadata={"format": "pt"})
     hf = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**hf, "num_nextn_predict_layers": 1}))
-    cfg = _roundtrip(src, tmp_path / "out")
+    cfg = hf_roundtrip(src, tmp_path / "out")
     assert cfg.num_layers == 3
-    assert set(_all_tensors(tmp_path / "out")) == set(tensors)
+    assert set(all_safetensors(tmp_path / "out")) == set(tensors)
 
 
 # ---- (d) one-sentence errors -------------------------------------------------------------------------
