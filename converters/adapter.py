@@ -9,6 +9,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional
 import torch
 
 from mzoo.ckpt.hf import CheckpointError, HFReader
+from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.converters.mapping import Mapping, MappingTable, row_of
 
@@ -56,6 +57,23 @@ class Adapter:
                 continue
             return mapping.to_canonical(parts, cfg)
         raise first_error
+
+    def extents(self, canonical: str, reader: HFReader, cfg: ModelConfig) -> Optional[TensorExtents]:
+        """The canonical tensor as extents of the reader's files (see Mapping.extents), or None when
+        it must be read and made: rows of fused tensors, transposes, or parts that do not fit."""
+        options = self._resolve(canonical)
+        present = [o for o in options if all(n in reader for n in o[1].values())]
+        if not present:
+            return None
+        mapping, names = present[0]
+        parts = {role: reader.extents(name) for role, name in names.items()}
+        try:
+            out = mapping.extents(parts, cfg)
+        except ValueError:
+            return None
+        if out is None or out.nbytes != sum(p.nbytes for p in parts.values()):
+            return None  # not every byte used once: the read path says what is wrong
+        return out
 
     def _resolve(self, canonical: str) -> list[tuple[Mapping, dict[str, str]]]:
         found = self.table.candidates(canonical)

@@ -18,9 +18,11 @@ from typing import Mapping as TMapping, Optional
 
 import torch
 
+from mzoo.ckpt.sink import TensorExtents, cat_rows
 from mzoo.config import ModelConfig
 
 Tensors = dict[str, torch.Tensor]
+Extents = dict[str, TensorExtents]
 
 
 def _regex(pattern: str) -> re.Pattern:
@@ -39,6 +41,14 @@ class Mapping:
 
     def to_hf(self, tensor: torch.Tensor, cfg: ModelConfig) -> Tensors:
         return {"x": tensor}
+
+    def extents(self, parts: Extents, cfg: ModelConfig) -> Optional[TensorExtents]:
+        """to_canonical as byte extents of the HF files (a kernel copy, no read), or None when the
+        transform moves bytes finer than rows (a transpose): then the tensor is read and made.
+        A subclass that changes to_canonical without saying how its extents go gets None."""
+        if type(self).to_canonical is not Mapping.to_canonical:
+            return None
+        return parts["x"]
 
 
 def Direct(canonical: str, hf: str) -> Mapping:
@@ -67,6 +77,16 @@ def _group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConf
     return torch.cat([q, k, v], dim=1).reshape(-1, *tail)
 
 
+def _group_qkv_extents(q: TensorExtents, k: TensorExtents, v: TensorExtents, cfg: ModelConfig) -> TensorExtents:
+    """_group_qkv on extents: per query group, its q rows, then its k rows, then its v rows."""
+    g, d = cfg.groups, cfg.kv_channels
+    per = cfg.num_attention_heads // g
+    blocks = []
+    for i in range(g):
+        blocks += [q.rows(i * per * d, per * d), k.rows(i * d, d), v.rows(i * d, d)]
+    return cat_rows(blocks)
+
+
 def _ungroup_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, d = cfg.groups, cfg.kv_channels
     per = cfg.num_attention_heads // g
@@ -82,6 +102,9 @@ class QKV(Mapping):
 
     def to_canonical(self, parts, cfg):
         return _group_qkv(parts["q"], parts["k"], parts["v"], cfg)
+
+    def extents(self, parts, cfg):
+        return _group_qkv_extents(parts["q"], parts["k"], parts["v"], cfg)
 
     def to_hf(self, tensor, cfg):
         q, k, v = _ungroup_qkv(tensor, cfg)
@@ -110,6 +133,9 @@ class GatedMLP(Mapping):
 
     def to_canonical(self, parts, cfg):
         return torch.cat([parts["gate"], parts["up"]], dim=0)
+
+    def extents(self, parts, cfg):
+        return cat_rows([parts["gate"], parts["up"]])
 
     def to_hf(self, tensor, cfg):
         gate, up = tensor.chunk(2, dim=0)

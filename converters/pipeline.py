@@ -38,6 +38,7 @@ from mzoo.ckpt.megatron import (
     write_tracker,
 )
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar, write_sidecar
+from mzoo.ckpt.sink import Extent, TensorExtents
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
@@ -90,6 +91,8 @@ class Source:
     tokenizer_files: list[Path] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)
     tensors: list[CanonicalTensor] = field(default_factory=list)
+    # a canonical tensor as extents of the source files (kernel copy), where the format allows it
+    extents: Optional[Callable[[str], Optional[TensorExtents]]] = None
 
     def __post_init__(self) -> None:
         shapes = {t.name: t.shape for t in self.tensors}
@@ -143,7 +146,8 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         first = reader.names()[0]
         dtype = reader.torch_dtype(first)
         return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg),
-                      tokenizer_files=reader.tokenizer_files(), files=_files(path), tensors=canonical_tensors(cfg))
+                      tokenizer_files=reader.tokenizer_files(), files=_files(path), tensors=canonical_tensors(cfg),
+                      extents=lambda n: adapter.extents(n, reader, cfg))
     folder, iteration = find_iteration_dir(path)
     root = folder.parent if folder != path else path
     if fmt == "torch":
@@ -386,7 +390,16 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
         save_hf(cfg, stream(), dst, dtype=dtype, max_shard_bytes=target.max_shard_bytes,
                 tokenizer_files=src.tokenizer_files, overwrite=overwrite)
     else:
-        write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files)
+        shapes = {t.name: t.shape for t in src.tensors}
+
+        def extents(name: str) -> Optional[TensorExtents]:
+            """Only where the bytes go unchanged: same dtype, the shape the config implies."""
+            got = src.extents(name) if src.extents is not None else None
+            ok = got is not None and got.dtype == tensor_dtype(name, dtype) and got.shape == shapes[name]
+            return got if ok else None
+
+        write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files,
+                       extents)
     lay = target.layout if target.fmt != "hf" else MegatronLayout()
     return Summary(str(src.path), str(dst), src.fmt, target.fmt, lay.tp, lay.pp, lay.vpp, src.nbytes,
                    time.perf_counter() - start, peak_rss_gb(), lay.ep)
@@ -400,10 +413,12 @@ def tensor_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 def write_megatron(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor], dst: Path,
                    target: Target, dtype: torch.dtype, iteration: int | str, overwrite: bool,
-                   tick: Callable[[int], None], tokenizer_files: list[Path] = ()) -> None:
-    """A new Megatron checkpoint folder (tracker + one iteration), atomically."""
+                   tick: Callable[[int], None], tokenizer_files: list[Path] = (),
+                   extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
+    """A new Megatron checkpoint folder (tracker + one iteration), atomically. `extents`: where a
+    canonical tensor's bytes already are unchanged (torch_dist copies them in the kernel)."""
     with atomic_dir(dst, overwrite) as tmp:
-        _write_iteration(iteration_dir(tmp, iteration), cfg, tensors, fetch, target, dtype, iteration, tick)
+        _write_iteration(iteration_dir(tmp, iteration), cfg, tensors, fetch, target, dtype, iteration, tick, extents)
         _finish_root(tmp, cfg, target, dtype, iteration)
 
 
@@ -433,7 +448,8 @@ def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], 
 
 def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTensor],
                      fetch: Callable[[str], torch.Tensor], target: Target, dtype: torch.dtype,
-                     iteration: int | str, tick: Callable[[int], None]) -> None:
+                     iteration: int | str, tick: Callable[[int], None],
+                     extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
     lay = target.layout
     lay.iteration = iteration
     padded = lay.padded_vocab(cfg)
@@ -444,7 +460,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
         legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
                             cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0)
         return
-    chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype)
+    chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype, extents)
     common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
     if target.fmt == "torch_dist":
         dist_fmt.write_dist(folder, chunks, common, tick, dist_objects(cfg))
@@ -468,7 +484,8 @@ def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtyp
 
 
 def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optional[Callable[[str], torch.Tensor]],
-                spec: Spelling, padded: int, dtype: torch.dtype) -> list[dist_fmt.Chunk]:
+                spec: Spelling, padded: int, dtype: torch.dtype,
+                extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> list[dist_fmt.Chunk]:
     """One chunk per canonical tensor (per layer of a stacked key, per expert of an expert key),
     under the keys megatron-core uses for `spec` (see dist_key); vocab rows padded. `fetch` None
     plans without weights."""
@@ -489,8 +506,18 @@ def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optiona
             value = pad_vocab(value, padded) if vocab else value
             return value.reshape((1,) * n + tuple(value.shape))
 
+        def where(name=t.name, vocab=t.spec.vocab, n=len(lead)) -> Optional[TensorExtents]:
+            got = extents(name) if extents is not None else None
+            if got is None:
+                return None
+            if vocab and got.shape[0] < padded:  # pad_vocab's zero rows
+                row = got.nbytes // got.shape[0]
+                got = TensorExtents((padded, *got.shape[1:]), got.dtype,
+                                    (*got.extents, Extent(None, 0, (padded - got.shape[0]) * row)))
+            return TensorExtents((1,) * n + got.shape, got.dtype, got.extents)
+
         chunks.append(dist_fmt.Chunk(key, (*lead, *shape), (*index,) + (0,) * len(shape), (1,) * len(lead) + tuple(shape),
-                                     tensor_dtype(t.name, dtype), produce, prepend=len(lead)))
+                                     tensor_dtype(t.name, dtype), produce, prepend=len(lead), extents=where))
     return chunks
 
 

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from mzoo.ckpt.sink import Extent, TensorExtents
+
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = (
@@ -200,6 +202,16 @@ class HFReader:
         if got != len(buf):
             raise CheckpointError(f"{self.path / file} is truncated; re-download or re-convert it.")
         return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+
+    def extents(self, name: str) -> TensorExtents:
+        """Where tensor `name`'s bytes are, for a kernel copy (no read)."""
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint does not match its config.")
+        file = self.weight_map[name]
+        meta = self.headers[file][name]
+        begin, end = meta["data_offsets"]
+        return TensorExtents(tuple(meta["shape"]), self.torch_dtype(name),
+                             (Extent(self.path / file, 8 + self._header_bytes[file] + begin, end - begin),))
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]

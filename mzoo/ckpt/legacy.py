@@ -32,6 +32,7 @@ from mzoo.ckpt.megatron import (
     to_spelling,
 )
 from mzoo.ckpt.safe_pickle import torch_load
+from mzoo.ckpt.sink import Budget
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter
 from mzoo.parallel.pipeline import layer_owner, stage_layers
 from mzoo.parallel.sharding import ShardSpec, expert_index, expert_owner, renumber_expert, shard_padded
@@ -220,8 +221,24 @@ def write_legacy(
     each canonical tensor is fetched once and sharded into all TP (and, unless it is an expert,
     all EP) ranks' files."""
     plan = legacy_plan(names, specs, layout, num_layers, tied, num_experts)
+    opened: list[IncrementalTorchWriter] = []
+    try:
+        written = _write_stages(folder, fetch, plan, layout, args, padded_vocab, on_tensor, opened)
+        for writer in opened:
+            writer.wait()  # each stage's files were closed (and began their fsync) when the stage ended
+    except BaseException:
+        for writer in opened:
+            writer.abort()
+        raise
+    return written
+
+
+def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor], plan: dict[int, list["PlannedTensor"]],
+                  layout: MegatronLayout, args: Any, padded_vocab: int, on_tensor: Callable[[int], None],
+                  opened: list[IncrementalTorchWriter]) -> list[Path]:
     written = []
     ep_ranks = range(layout.ep)
+    budget = Budget()  # shared by the TP x EP files a stage writes together
     for p in range(layout.pp):
         writers: dict[tuple[int, int], IncrementalTorchWriter] = {}
         states: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
@@ -229,7 +246,8 @@ def write_legacy(
             for t in range(layout.tp):
                 d = folder / rank_dir(t, p, layout.pp, e, layout.ep)
                 d.mkdir(parents=True)
-                writers[(t, e)] = IncrementalTorchWriter(d / FILE)
+                writers[(t, e)] = IncrementalTorchWriter(d / FILE, budget)
+                opened.append(writers[(t, e)])
                 states[(t, e)] = {model_key(v, layout.vpp): {} for v in range(layout.vpp)}
         for entry in plan[p]:
             full = fetch(entry.canonical)

@@ -17,6 +17,7 @@ import yaml
 import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.megatron import TRACKER
+from mzoo.ckpt.sink import known_crc
 from mzoo.config import ModelConfig, ParallelConfig
 
 SIDECAR = "mzoo.yaml"
@@ -40,8 +41,9 @@ def write_sidecar(
     }
     previous = read_sidecar(folder) or {}
     known, sizes = previous.get("crc32") or {}, previous.get("files") or {}
-    # files of earlier iterations are immutable once renamed into place: hash only what is new
-    checksums = {rel: known[rel] if rel in known and sizes.get(rel) == size else crc32_file(folder / rel)
+    # files of earlier iterations are immutable once renamed into place, and files this process
+    # wrote through a FileSink were hashed on the way out: read back only the rest
+    checksums = {rel: known[rel] if rel in known and sizes.get(rel) == size else _crc32_written(folder / rel)
                  for rel, size in files.items()}
     layout = layout or ParallelConfig()
     data = {
@@ -59,11 +61,17 @@ def write_sidecar(
 
 
 def crc32_file(path: Path, block: int = 8 << 20) -> str:
+    """Reads the file (what `inspect --check` trusts); `_crc32_written` may use the writer's."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(block):
             crc = zlib.crc32(chunk, crc)
     return f"{crc:08x}"
+
+
+def _crc32_written(path: Path) -> str:
+    crc = known_crc(path)
+    return crc32_file(path) if crc is None else f"{crc:08x}"
 
 
 def read_sidecar(folder: Path) -> Optional[dict[str, Any]]:
