@@ -75,6 +75,18 @@ class Adapter:
             return None  # not every byte used once: the read path says what is wrong
         return out
 
+    def hf_extents(self, canonical: str, tensor: TensorExtents,
+                   cfg: ModelConfig) -> Optional[list[tuple[str, TensorExtents]]]:
+        """to_hf on extents: (HF name, extents) pairs, or None when the tensor must be read."""
+        mapping, names = self._resolve(canonical)[0]
+        try:
+            parts = mapping.hf_extents(tensor, cfg)
+        except ValueError:
+            return None
+        if parts is None or sum(p.nbytes for p in parts.values()) != tensor.nbytes:
+            return None
+        return [(names[role], value) for role, value in parts.items()]
+
     def _resolve(self, canonical: str) -> list[tuple[Mapping, dict[str, str]]]:
         found = self.table.candidates(canonical)
         if not found:

@@ -17,6 +17,7 @@ from torch import nn
 
 from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
+from mzoo.ckpt.sink import TensorExtents
 from mzoo.ckpt.sidecar import write_sidecar
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters import adapter as adapters
@@ -70,7 +71,7 @@ def load_hf_model(
 
 def save_hf(
     cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
+    tensors: Iterable[tuple[str, torch.Tensor | TensorExtents]],
     out: str | Path,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 5 * 10**9,
@@ -78,7 +79,8 @@ def save_hf(
     overwrite: bool = False,
     generation: Optional[dict] = None,
 ) -> Path:
-    """Write canonical tensors as a Hugging Face checkpoint that from_pretrained loads."""
+    """Write canonical tensors as a Hugging Face checkpoint that from_pretrained loads. A tensor
+    may come as extents of another checkpoint's files (in `dtype`): its bytes are copied by the kernel."""
     adapter = adapters.for_family(cfg.family)
     hf_config = adapter.config_to_hf(cfg)  # fails on configs HF cannot express, before any work
     out = Path(out)
@@ -90,10 +92,20 @@ def save_hf(
     plan = hf_plan(cfg, adapter, dtype)
     with atomic_dir(out, overwrite) as tmp:
         writer = HFWriter(tmp, plan, max_shard_bytes)
-        for name, tensor in itertools.chain([first], tensors):
-            for hf_name, value in adapter.to_hf(name, tensor.to(storage_dtype(name, dtype)), cfg):
-                writer.add(hf_name, value)
-        writer.close()
+        try:
+            for name, tensor in itertools.chain([first], tensors):
+                if isinstance(tensor, TensorExtents):
+                    parts = adapter.hf_extents(name, tensor, cfg)
+                    if parts is None:
+                        raise ValueError(f"{name}: extents given for a tensor whose mapping cannot use them")
+                else:
+                    parts = adapter.to_hf(name, tensor.to(storage_dtype(name, dtype)), cfg)
+                for hf_name, value in parts:
+                    writer.add(hf_name, value)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         write_json(tmp / "config.json", {**hf_config, "dtype": dtype_name(dtype), "transformers_version": _tf_version()})
         write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
         for file in tokenizer_files:

@@ -50,6 +50,12 @@ class Mapping:
             return None
         return parts["x"]
 
+    def hf_extents(self, tensor: TensorExtents, cfg: ModelConfig) -> Optional[Extents]:
+        """to_hf on extents (the way back), or None; as `extents`, only where the class says how."""
+        if type(self).to_hf is not Mapping.to_hf:
+            return None
+        return {"x": tensor}
+
 
 def Direct(canonical: str, hf: str) -> Mapping:
     return Mapping(canonical, {"x": hf})
@@ -106,6 +112,15 @@ class QKV(Mapping):
     def extents(self, parts, cfg):
         return _group_qkv_extents(parts["q"], parts["k"], parts["v"], cfg)
 
+    def hf_extents(self, tensor, cfg):
+        g, d = cfg.groups, cfg.kv_channels
+        per = cfg.num_attention_heads // g
+        block = (per + 2) * d
+        q = [tensor.rows(i * block, per * d) for i in range(g)]
+        k = [tensor.rows(i * block + per * d, d) for i in range(g)]
+        v = [tensor.rows(i * block + per * d + d, d) for i in range(g)]
+        return {"q": cat_rows(q), "k": cat_rows(k), "v": cat_rows(v)}
+
     def to_hf(self, tensor, cfg):
         q, k, v = _ungroup_qkv(tensor, cfg)
         return {"q": q, "k": k, "v": v}
@@ -136,6 +151,10 @@ class GatedMLP(Mapping):
 
     def extents(self, parts, cfg):
         return cat_rows([parts["gate"], parts["up"]])
+
+    def hf_extents(self, tensor, cfg):
+        half = tensor.shape[0] // 2
+        return {"gate": tensor.rows(0, half), "up": tensor.rows(half, half)}
 
     def to_hf(self, tensor, cfg):
         gate, up = tensor.chunk(2, dim=0)

@@ -21,7 +21,7 @@ import torch
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.atomic import atomic_dir, check_destination, fsync_tree
-from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
+from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint, storage_dtype
 from mzoo.ckpt.megatron import (
     MegatronLayout,
     Spelling,
@@ -38,7 +38,7 @@ from mzoo.ckpt.megatron import (
     write_tracker,
 )
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar, write_sidecar
-from mzoo.ckpt.sink import Extent, TensorExtents
+from mzoo.ckpt.sink import Extent, TensorExtents, cat_rows
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
@@ -179,7 +179,19 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=specs[name].dim)
         return _trim(specs[name], value, cfg.vocab_size)
 
-    return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors)
+    def extents(name: str) -> Optional[TensorExtents]:
+        if not isinstance(store, dist_fmt.DistReader):
+            return None
+        parts = [store.extents(key, index or None) for key, index in where[name]]
+        if any(p is None for p in parts) or (len(parts) > 1 and specs[name].dim != 0):
+            return None
+        value = parts[0] if len(parts) == 1 else cat_rows(parts)
+        if specs[name].vocab and value.shape[0] > cfg.vocab_size:  # _trim
+            value = value.rows(0, cfg.vocab_size)
+        return value
+
+    return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors,
+                  extents=extents)
 
 
 def _dist_spec(keys: set[str], cfg: ModelConfig) -> Spelling:
@@ -380,24 +392,32 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
         value = src.get(name)
         return value.to(tensor_dtype(name, dtype) if target.fmt != "hf" else dtype)
 
+    shapes = {t.name: t.shape for t in src.tensors}
+    adapter = adapters.for_family(cfg.family) if target.fmt == "hf" else None
+
+    def extents(name: str) -> Optional[TensorExtents]:
+        """Where a tensor's bytes already are and go unchanged: same dtype, the shape the config
+        implies, a mapping that moves whole rows (the writer copies them in the kernel)."""
+        got = src.extents(name) if src.extents is not None else None
+        want = storage_dtype(name, dtype) if target.fmt == "hf" else tensor_dtype(name, dtype)
+        if got is None or got.dtype != want or got.shape != shapes[name]:
+            return None
+        if adapter is not None and adapter.hf_extents(name, got, cfg) is None:
+            return None
+        return got
+
     if target.fmt == "hf":
         def stream():
             for t in src.tensors:
-                value = fetch(t.name)
-                tick(value.numel() * value.element_size())
+                value = extents(t.name)
+                if value is None:
+                    value = fetch(t.name)
+                tick(value.nbytes)
                 yield t.name, value
 
         save_hf(cfg, stream(), dst, dtype=dtype, max_shard_bytes=target.max_shard_bytes,
                 tokenizer_files=src.tokenizer_files, overwrite=overwrite)
     else:
-        shapes = {t.name: t.shape for t in src.tensors}
-
-        def extents(name: str) -> Optional[TensorExtents]:
-            """Only where the bytes go unchanged: same dtype, the shape the config implies."""
-            got = src.extents(name) if src.extents is not None else None
-            ok = got is not None and got.dtype == tensor_dtype(name, dtype) and got.shape == shapes[name]
-            return got if ok else None
-
         write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files,
                        extents)
     lay = target.layout if target.fmt != "hf" else MegatronLayout()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import pickle
 import struct
 import uuid
@@ -22,11 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.atomic import atomic_write_bytes
+from mzoo.ckpt.dcp_meta import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                TensorProperties, TensorStorageMetadata, _StorageInfo)
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron import extra_state_name
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
-from mzoo.ckpt.sink import Budget, FileSink, TensorExtents
+from mzoo.ckpt.sink import Budget, Extent, FileSink, TensorExtents
 from mzoo.ckpt.torch_zip import save_tensor
 
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -75,11 +80,6 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
     its turn comes and its bytes go straight from the tensor to a writer thread, packed into a few
     large files instead of one file per item: DCP's writer costs 4x a copy here (a Python file
     object per item, a CRC pass inside torch.save, one fsync per item)."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
-                                                       MetadataIndex, StorageMeta, TensorProperties,
-                                                       TensorStorageMetadata)
-
     folder.mkdir(parents=True, exist_ok=True)
     state: dict[str, Any] = {}
     storage: dict[Any, Any] = {}
@@ -127,7 +127,7 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
         raise
     metadata = Metadata(state_dict_metadata=state, planner_data={}, storage_data=storage,
                         storage_meta=StorageMeta(checkpoint_id=None, save_id=uuid.uuid4().hex), version="1.0.0")
-    atomic_write_bytes(folder / ".metadata", pickle.dumps(metadata))
+    atomic_write_bytes(folder / ".metadata", dcp_meta.dumps(metadata))
     torch.save(common, folder / COMMON)
     (folder / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
@@ -153,11 +153,7 @@ class DistReader:
             raise CheckpointError(f"{self.folder} has no metadata.json naming torch_dist; the save did not finish.")
         if not (self.folder / ".metadata").exists():
             raise CheckpointError(f"{self.folder} has no DCP .metadata file; the checkpoint is incomplete.")
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
         self.metadata = load_dcp_metadata(self.folder / ".metadata", trust_pickle)
-        from torch.distributed.checkpoint.metadata import Metadata
-
         if not isinstance(self.metadata, Metadata):
             raise CheckpointError(f"{self.folder / '.metadata'} holds a {type(self.metadata).__name__}, not DCP "
                                   "metadata; the checkpoint is corrupt.")
@@ -219,6 +215,38 @@ class DistReader:
             region = tuple(slice(o, o + n) for o, n in zip(c.offsets[k:], c.sizes[k:]))
             out[region] = self._chunk(key, c)[at(c)]
         return out
+
+    def extents(self, key: str, index: int | tuple[int, ...] | None = None) -> Optional[TensorExtents]:
+        """What `read(key, index)` returns, as extents of the files (for a kernel copy), when one
+        stored chunk holds all of it as a plain tensor; else None (read it)."""
+        meta = self.tensors.get(key)
+        if meta is None:
+            return None
+        shape = tuple(meta.size)
+        lead = () if index is None else (index,) if isinstance(index, int) else tuple(index)
+        k = len(lead)
+        for c in meta.chunks:
+            if not all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes)):
+                continue
+            if tuple(c.offsets[k:]) != (0,) * (len(shape) - k) or tuple(c.sizes[k:]) != shape[k:]:
+                return None
+            info = self.storage.get((key, tuple(c.offsets)))
+            if info is None or getattr(info, "transform_descriptors", None):
+                return None
+            path = self.folder / info.relative_path
+            with open(path, "rb", buffering=0) as f:
+                layout = _saved_tensor_layout(f, info.offset, info.length)
+            if layout is None or math.prod(layout[1]) != math.prod(c.sizes):
+                return None
+            dtype, _, start = layout
+            inner = math.prod(shape[k:]) * dtype.itemsize
+            at = 0
+            for i, o, n in zip(lead, c.offsets, c.sizes):  # row-major position of `lead` inside the chunk
+                at = at * n + (i - o)
+            if start + (at + 1) * inner > os.path.getsize(path):
+                raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
+            return TensorExtents(shape[k:], dtype, (Extent(path, start + at * inner, inner),))
+        return None
 
     def _chunk(self, key: str, chunk: Any) -> torch.Tensor:
         info = self.storage.get((key, tuple(chunk.offsets)))
@@ -288,35 +316,45 @@ class _TensorMeta(pickle.Unpickler):
 _STORAGE_DTYPES = {name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
 
 
+def _saved_tensor_layout(f, offset: int, length: int) -> Optional[tuple[torch.dtype, tuple[int, ...], int]]:
+    """(dtype, size, absolute offset of its bytes) of the single contiguous, uncompressed tensor a
+    torch.save'd item at [offset, offset + length) holds, or None when it holds anything else."""
+    try:
+        z = zipfile.ZipFile(_Slice(f, offset, length))
+        entries = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
+        records = [k for k in entries if k.startswith("data/")]
+        if "data.pkl" not in entries or len(records) != 1 or entries[records[0]].compress_type != 0:
+            return None
+        meta = _TensorMeta(io.BytesIO(z.read(entries["data.pkl"]))).load()
+        if not (isinstance(meta, tuple) and meta and meta[0] == "tensor"):
+            return None
+        _, (storage_type, key, numel), storage_offset, size, stride = meta
+        dtype = _STORAGE_DTYPES.get(storage_type)
+        contiguous = torch.empty(size, device="meta").stride() == stride
+        info = entries.get(f"data/{key}")
+        if dtype is None or storage_offset or not contiguous or info is None:
+            return None
+        if info.file_size != math.prod(size) * dtype.itemsize:
+            return None
+        f.seek(offset + info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        return dtype, tuple(size), offset + info.header_offset + 30 + name_len + extra_len
+    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, struct.error):
+        return None
+
+
 def read_saved_tensor(path: Path, offset: int, length: int) -> Optional[torch.Tensor]:
     """The tensor of a torch.save'd item at [offset, offset + length) of `path`, read once straight
     into its own buffer (no bytes copy, no second buffer), or None when the item is anything but a
     single contiguous, uncompressed tensor (the caller then uses torch.load)."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            z = zipfile.ZipFile(_Slice(f, offset, length))
-            entries = {i.filename.split("/", 1)[-1]: i for i in z.infolist()}
-            records = [k for k in entries if k.startswith("data/")]
-            if "data.pkl" not in entries or len(records) != 1 or entries[records[0]].compress_type != 0:
-                return None
-            meta = _TensorMeta(io.BytesIO(z.read(entries["data.pkl"]))).load()
-            if not (isinstance(meta, tuple) and meta and meta[0] == "tensor"):
-                return None
-            _, (storage_type, key, numel), storage_offset, size, stride = meta
-            dtype = _STORAGE_DTYPES.get(storage_type)
-            contiguous = torch.empty(size, device="meta").stride() == stride
-            info = entries[f"data/{key}"] if f"data/{key}" in entries else None
-            if dtype is None or storage_offset or not contiguous or info is None:
-                return None
-            out = torch.empty(size, dtype=dtype)
-            nbytes = out.numel() * out.element_size()
-            if info.file_size != nbytes:
-                return None
-            f.seek(offset + info.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            f.seek(offset + info.header_offset + 30 + name_len + extra_len)
-            if nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != nbytes:
-                raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
-            return out
-    except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError, struct.error):
-        return None
+    with open(path, "rb", buffering=0) as f:
+        layout = _saved_tensor_layout(f, offset, length)
+        if layout is None:
+            return None
+        dtype, size, start = layout
+        out = torch.empty(size, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
+        f.seek(start)
+        if nbytes and f.readinto(out.reshape(-1).view(torch.uint8).numpy()) != nbytes:
+            raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
+        return out

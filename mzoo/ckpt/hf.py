@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from mzoo.ckpt.sink import Extent, TensorExtents
+from mzoo.ckpt.sink import Budget, Extent, FileSink, TensorExtents
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -241,8 +241,8 @@ class HFWriter:
     """Streams tensors into safetensors shards whose headers are known in advance.
 
     The caller gives the plan (name, shape, dtype in the order tensors will arrive, e.g. from a
-    meta-device pass); headers are written first and each tensor's bytes go straight to disk, so
-    memory holds one tensor, not one shard.
+    meta-device pass); headers are written first and each tensor's bytes go straight to disk from
+    a writer thread (FileSink), so memory holds a tensor or two, not one shard.
     """
 
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -262,12 +262,14 @@ class HFWriter:
         self.order = [(name, shape, dtype, i) for i, shard in enumerate(shards) for name, shape, dtype, _ in shard]
         self.shards = shards
         self.position = 0
-        self.handle = None
+        self.budget = Budget()
+        self.sink: Optional[FileSink] = None
+        self.sinks: list[FileSink] = []
         self.current = -1
 
     def _open(self, index: int) -> None:
-        if self.handle is not None:
-            self.handle.close()
+        if self.sink is not None:
+            self.sink.close()  # fsyncs in its own thread while the next shard fills
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, shape, dtype, nbytes in self.shards[index]:
@@ -275,26 +277,32 @@ class HFWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self.handle = open(self.folder / self.files[index], "wb")
-        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.sink = FileSink(self.folder / self.files[index], self.budget)
+        self.sinks.append(self.sink)
+        self.sink.write(struct.pack("<Q", len(raw)) + raw)
         self.current = index
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: torch.Tensor | TensorExtents) -> None:
+        """The next planned tensor: its bytes, or extents of other files (copied by the kernel)."""
         expected, shape, dtype, shard = self.order[self.position]
         if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
         if shard != self.current:
             self._open(shard)
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.handle.write(memoryview(data))
+        if isinstance(tensor, TensorExtents):
+            self.sink.copy(list(tensor.extents))
+        else:
+            self.sink.write_tensor(tensor)
         self.position += 1
 
     def close(self) -> list[str]:
+        """Wait until every shard is written and fsynced; write the index. Returns the files."""
         if self.position != len(self.order):
             raise ValueError(f"writer got {self.position} of {len(self.order)} planned tensors")
-        if self.handle is None:  # an empty model: still a valid file
+        if self.sink is None:  # an empty model: still a valid file
             self._open(0)
-        self.handle.close()
+        for sink in self.sinks:
+            sink.wait()
         if len(self.files) == 1:
             return self.files
         weight_map = {name: self.files[shard] for name, _, _, shard in self.order}
@@ -302,6 +310,10 @@ class HFWriter:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return self.files + [INDEX]
+
+    def abort(self) -> None:
+        for sink in self.sinks:
+            sink.abort()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mzoo.ckpt.dcp_meta import MIRRORS
 from mzoo.ckpt.hf import CheckpointError
 
 
@@ -135,8 +136,19 @@ def _dcp_class(value: Any, module: str) -> bool:
             and (dataclasses.is_dataclass(value) or issubclass(value, enum.Enum)))
 
 
-class _DCPUnpickler(pickle.Unpickler):
+class _MirroringUnpickler(pickle.Unpickler):
+    """DCP's metadata classes become mzoo's mirrors (no DCP import); anything else as pickle does
+    (used with --trust-pickle)."""
+
     def find_class(self, module: str, name: str) -> Any:
+        mirror = MIRRORS.get((module, name))
+        return mirror if mirror is not None else super().find_class(module, name)
+
+
+class _DCPUnpickler(_MirroringUnpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in MIRRORS:
+            return MIRRORS[(module, name)]
         allowed = (module, name) in _DCP_GLOBALS
         if not allowed and "." not in name:  # a dotted name would walk out of the module (protocol 4)
             if module in _DCP_MODULES:
@@ -156,7 +168,7 @@ class _DCPUnpickler(pickle.Unpickler):
 def load_dcp_metadata(path: Path, trust_pickle: bool = False) -> Any:
     with open(path, "rb") as f:
         if trust_pickle:
-            return pickle.load(f)
+            return _MirroringUnpickler(f).load()
         try:
             return _DCPUnpickler(f).load()
         except CheckpointError:

@@ -143,13 +143,18 @@ class TensorExtents:
         return sum(e.length for e in self.extents)
 
     def rows(self, start: int, count: int) -> "TensorExtents":
-        """Rows [start, start + count) along dim 0 (a single-extent tensor only)."""
-        (e,) = self.extents
+        """Rows [start, start + count) along dim 0."""
         if not self.shape or start < 0 or count < 0 or start + count > self.shape[0]:
             raise ValueError(f"rows {start}:{start + count} of a tensor of shape {self.shape}")
-        row = e.length // self.shape[0] if self.shape[0] else 0
-        return TensorExtents((count, *self.shape[1:]), self.dtype,
-                             (Extent(e.path, e.offset + start * row, count * row),))
+        row = self.nbytes // self.shape[0] if self.shape[0] else 0
+        begin, end = start * row, (start + count) * row
+        out, at = [], 0
+        for e in self.extents:  # the parts of the extents that overlap [begin, end)
+            lo, hi = max(begin, at), min(end, at + e.length)
+            if lo < hi:
+                out.append(Extent(e.path, e.offset + (lo - at) if e.path is not None else 0, hi - lo))
+            at += e.length
+        return TensorExtents((count, *self.shape[1:]), self.dtype, tuple(out))
 
 
 def cat_rows(parts: list[TensorExtents]) -> TensorExtents:

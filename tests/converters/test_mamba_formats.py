@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import Mamba2Config, MambaConfig, NemotronHConfig
 
+from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron import MegatronLayout, args_to_config, config_to_args
 from mzoo.config import ConfigError
@@ -308,7 +309,6 @@ def test_tp_that_does_not_divide_the_mixer(sources, tmp_path, model, tp, match):
 
 
 def test_missing_section_is_named(sources, tmp_path):
-    import pickle
 
     from mzoo.ckpt.safe_pickle import load_dcp_metadata
 
@@ -317,7 +317,7 @@ def test_missing_section_is_named(sources, tmp_path):
     meta_file = out / "iter_0000000" / ".metadata"
     meta = load_dcp_metadata(meta_file, False)
     del meta.state_dict_metadata["decoder.layers.1.mixer.in_proj.weight.B"]
-    meta_file.write_bytes(pickle.dumps(meta))
+    meta_file.write_bytes(dcp_meta.dumps(meta))
     with pytest.raises(CheckpointError, match=r"has no tensor decoder.layers.1.mixer.in_proj.weight.z \(for "
                                               r"decoder.layers.1.mixer.in_proj.weight\)"):
         convert(open_source(out), tmp_path / "hf", Target("hf"))

@@ -6,7 +6,6 @@ planning DeepSeek-V3's full layout from its config is fast."""
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
+from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron import MegatronLayout, args_to_config, config_to_args, moe_layer_pattern
 from mzoo.ckpt.safe_pickle import load_dcp_metadata
@@ -290,7 +290,7 @@ def test_missing_expert_tensor(sources, tmp_path):
     meta_file = dist / "iter_0000000" / ".metadata"
     meta = load_dcp_metadata(meta_file, False)
     del meta.state_dict_metadata["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
-    meta_file.write_bytes(pickle.dumps(meta))
+    meta_file.write_bytes(dcp_meta.dumps(meta))
     with pytest.raises(CheckpointError, match="has no tensor decoder.layers.mlp.experts.experts.linear_fc2.weight"):
         convert(open_source(dist), tmp_path / "hf", Target("hf"))
     assert not (tmp_path / "hf").exists()
