@@ -4,8 +4,10 @@ What it measures, in one run, on a randomly initialised llama-family model of ~1
 the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1), or on several sizes (--layers 12,32: ~1.3 and
 ~3.1 GB; the hidden size, and so the largest tensor, stays the same):
 
-  interpreter   python -c "import torch, transformers, mzoo.converters"   (fixed start-up cost)
+  interpreter   python -c "import torch, transformers, mzoo.converters"   (the baseline RSS of the budget)
   mzoo start-up mzoo --help                                                 (the CLI's own start-up; info)
+  mzoo fixed    the hf->torch_dist command below on a 2-layer, 13 MB model  (what a conversion costs
+                before and after its bytes: Python, torch import, config, atomic rename; for net/copy)
   plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor; the time target)
   cp -r         the same with coreutils cp                                  (info: no interpreter start-up)
   copy + fsync  the same, then fsync every file       (info: mzoo fsyncs its output, the copy does not)
@@ -25,6 +27,10 @@ the next step's timing; the page cache is not dropped (that needs root), so sour
 Targets checked for each mzoo row:
   peak RSS  <  interpreter baseline RSS + 3 x largest tensor     (ratio column "RSS/budget" <= 1)
   time      <= 2 x plain-copy time                               (ratio column "time/copy"  <= 2)
+and two more ratios that say where the time goes: "net/copy" = (wall - mzoo fixed) / plain copy, the
+per-byte cost against the copy once the fixed ~2 s (mostly `import torch`) is set aside; and
+"time/durable" = wall / (plain copy + fsync): mzoo fsyncs what it writes (as Megatron's DCP writer does),
+the plain copy does not, so this is the like-for-like comparison.
 
 Repeats (--repeats, default 2): the list of steps runs R times in a row (round-robin), so every step
 and its baselines are measured close together in time; the table shows medians over the rounds
@@ -191,12 +197,12 @@ def fmt_gb(n: int) -> str:
 
 
 def print_table(rows: list[Row], info: dict) -> None:
-    headers = ["step", "wall s", "spread", "wall-interp s", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
-               "RSS/budget (<=1)", "time/copy (<=2)"]
+    headers = ["step", "wall s", "spread", "GB/s", "peak RSS GB", "anon / file GB", "out GB",
+               "RSS/budget (<=1)", "time/copy (<=2)", "net/copy", "time/durable"]
     body = []
     for r in rows:
         if r.rc != 0:
-            body.append([r.step, "skipped" if r.rc == -1 else "FAILED", "", "", "", "", "", "", "", f"rc={r.rc}"])
+            body.append([r.step, "skipped" if r.rc == -1 else "FAILED", "", "", "", "", "", "", f"rc={r.rc}", "", ""])
             continue
 
         def verdict(v: Optional[float], lim: float) -> str:
@@ -206,13 +212,14 @@ def print_table(rows: list[Row], info: dict) -> None:
             r.step,
             f"{r.wall_s:.2f}",
             "" if r.spread is None else f"{r.spread:.0%}",
-            "" if "net_wall_s" not in r.extra else f"{r.extra['net_wall_s']:.2f}",
             "" if r.throughput_gbs is None else f"{r.throughput_gbs:.2f}",
             fmt_gb(r.peak_rss),
             f"{fmt_gb(r.peak_anon)} / {fmt_gb(r.peak_file)}",
             fmt_gb(r.out_bytes) if r.out_bytes else "",
             verdict(r.rss_budget_ratio, 1.0),
             verdict(r.time_copy_ratio, 2.0),
+            "" if "net_copy_ratio" not in r.extra else f"{r.extra['net_copy_ratio']:.2f}",
+            "" if "durable_ratio" not in r.extra else f"{r.extra['durable_ratio']:.2f}",
         ])
     title = (f"convert benchmark: {info['model']} ({info['params_h']} params, {fmt_gb(info['model_bytes'])} GB "
              f"bf16, largest tensor {info['largest_tensor']} = {info['largest_tensor_bytes']:,} B); "
@@ -229,8 +236,8 @@ def print_table(rows: list[Row], info: dict) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for b in body:
         print(line(b))
-    print("wall-interp = wall time minus the interpreter row (rough cost net of start-up; targets use raw wall). "
-          "spread = (max - min) / median of the wall times over the rounds; time/copy = median of per-round ratios.")
+    print("net/copy = (wall - mzoo fixed) / plain copy; time/durable = wall / (plain copy + fsync). "
+          "spread = (max - min) / median of the wall times over the rounds; ratios = medians of per-round ratios.")
     print("peak RSS = max(ru_maxrss from os.wait4, polled sum over the process tree); anon / file = polled peaks "
           "of RssAnon and RssFile+RssShmem (file = mmapped/page-cache pages counted in RSS).")
     for r in rows:
@@ -309,6 +316,11 @@ def fit_layers(layers: int, hidden: int, work: Path, log) -> int:
     return n
 
 
+def _ratio(row: Row, base: Row) -> float:
+    """Median over the rounds of row's wall time / base's wall time in the same round."""
+    return statistics.median(a.wall_s / b.wall_s for a, b in zip(row.runs, base.runs) if a.rc == 0 and b.rc == 0)
+
+
 def bench_size(layers: int, hidden: int, repeats: int, keep: bool, py: str, mzoo: str, env: dict, work: Path,
                log) -> tuple[list[Row], dict]:
     cfg = work / "model.yaml"
@@ -321,10 +333,18 @@ def bench_size(layers: int, hidden: int, repeats: int, keep: bool, py: str, mzoo
         raise SystemExit(init.stdout + init.stderr)
     params = json.loads(init.stdout)["params"]
     model_bytes, largest, largest_name, n_tensors = safetensors_stats(hf)
+    tiny = work / "tiny-hf"  # the fixed-cost probe: same family and command, 2 layers of 256
+    (work / "tiny.yaml").write_text(model_yaml(2, 256))
+    made = subprocess.run([mzoo, "init", str(work / "tiny.yaml"), str(tiny), "--dtype", "bf16"], env=env,
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        raise SystemExit(made.stdout + made.stderr)
 
     steps: list[tuple[str, list[str], Optional[Path]]] = [
         ("interpreter", [py, "-c", "import torch, transformers, mzoo.converters"], None),
         ("mzoo start-up (--help)", [mzoo, "--help"], None),
+        ("mzoo fixed", [mzoo, "convert", "hf->megatron", str(tiny), str(work / "tiny-mcore"), "--tp", "2", "--pp", "2",
+                        "--quiet"], work / "tiny-mcore"),
         ("plain copy", [py, "-c", "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])",
                         str(hf), str(work / "copy")], work / "copy"),
         ("cp -r", ["cp", "-r", str(hf), str(work / "cp")], work / "cp"),
@@ -374,22 +394,21 @@ def bench_size(layers: int, hidden: int, repeats: int, keep: bool, py: str, mzoo
     rows = [combine(name, " ".join(cmd), runs[name]) for name, cmd, _ in steps]
 
     by = {r.step: r for r in rows}
-    interp, copy = by["interpreter"], by["plain copy"]
+    interp, copy, fixed, durable = by["interpreter"], by["plain copy"], by["mzoo fixed"], by["plain copy + fsync"]
     budget = interp.peak_rss + 3 * largest
-    if by["mzoo start-up (--help)"].rc == 0:
-        su = by["mzoo start-up (--help)"]
-        su.extra["net_wall_s"] = round(su.wall_s - interp.wall_s, 3)
     for r in rows:
-        if r.rc != 0 or r.out_bytes == 0:  # interpreter / start-up rows move no data
+        if r.rc != 0 or r.out_bytes == 0 or r is fixed:  # interpreter / start-up rows move no data
             continue
         r.throughput_gbs = model_bytes / GB / r.wall_s
         if r.step.startswith("mzoo"):
             r.rss_budget_ratio = r.peak_rss / budget
             if copy.rc == 0:
-                r.time_copy_ratio = statistics.median(a.wall_s / c.wall_s for a, c in zip(r.runs, copy.runs)
-                                                      if a.rc == 0 and c.rc == 0)
-        if not r.step.startswith(("plain copy", "cp")):  # the copies run no torch import
-            r.extra["net_wall_s"] = round(r.wall_s - interp.wall_s, 3)
+                r.time_copy_ratio = _ratio(r, copy)
+            if copy.rc == 0 and fixed.rc == 0:
+                r.extra["net_copy_ratio"] = statistics.median(
+                    (a.wall_s - f.wall_s) / c.wall_s for a, f, c in zip(r.runs, fixed.runs, copy.runs))
+            if durable.rc == 0:
+                r.extra["durable_ratio"] = _ratio(r, durable)
 
     info = {
         **machine_info(load_before[0]),

@@ -478,7 +478,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
     if target.fmt == "torch":
         folder.mkdir()
         legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
-                            cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0)
+                            cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0, extents)
         return
     chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype, extents)
     common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}

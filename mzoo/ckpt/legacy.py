@@ -32,7 +32,7 @@ from mzoo.ckpt.megatron import (
     to_spelling,
 )
 from mzoo.ckpt.safe_pickle import torch_load
-from mzoo.ckpt.sink import Budget
+from mzoo.ckpt.sink import Budget, Extent, TensorExtents, cat_rows
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter
 from mzoo.parallel.pipeline import layer_owner, stage_layers
 from mzoo.parallel.sharding import ShardSpec, expert_index, expert_owner, renumber_expert, shard_padded
@@ -216,14 +216,16 @@ def write_legacy(
     tied: bool,
     on_tensor: Callable[[int], None] = lambda n: None,
     num_experts: int = 0,
+    extents: Optional[Callable[[str], Optional[TensorExtents]]] = None,
 ) -> list[Path]:
     """Write every rank file of `layout` into the iteration folder `folder`, stage by stage;
     each canonical tensor is fetched once and sharded into all TP (and, unless it is an expert,
-    all EP) ranks' files."""
+    all EP) ranks' files. `extents`: where a canonical tensor's bytes already are; shards that are
+    whole rows of it are copied by the kernel."""
     plan = legacy_plan(names, specs, layout, num_layers, tied, num_experts)
     opened: list[IncrementalTorchWriter] = []
     try:
-        written = _write_stages(folder, fetch, plan, layout, args, padded_vocab, on_tensor, opened)
+        written = _write_stages(folder, fetch, extents, plan, layout, args, padded_vocab, on_tensor, opened)
         for writer in opened:
             writer.wait()  # each stage's files were closed (and began their fsync) when the stage ended
     except BaseException:
@@ -233,7 +235,27 @@ def write_legacy(
     return written
 
 
-def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor], plan: dict[int, list["PlannedTensor"]],
+def _shard_extents(full: TensorExtents, spec: ShardSpec, rank: int, size: int,
+                   padded_vocab: int) -> Optional[TensorExtents]:
+    """shard_padded on extents: TP rank `rank`'s piece when it is whole rows (dim 0), else None."""
+    if spec.vocab and full.shape[0] < padded_vocab:
+        row = full.nbytes // full.shape[0]
+        full = TensorExtents((padded_vocab, *full.shape[1:]), full.dtype,
+                             (*full.extents, Extent(None, 0, (padded_vocab - full.shape[0]) * row)))
+    if spec.axis != "tp" or size == 1:
+        return full
+    if spec.dim != 0:
+        return None
+    sections = spec.sections or (full.shape[0],)
+    pieces, start = [], 0
+    for n in sections:  # rank r holds section_i[r] of each section
+        pieces.append(full.rows(start + rank * (n // size), n // size))
+        start += n
+    return cat_rows(pieces)
+
+
+def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor],
+                  extents: Optional[Callable[[str], Optional[TensorExtents]]], plan: dict[int, list["PlannedTensor"]],
                   layout: MegatronLayout, args: Any, padded_vocab: int, on_tensor: Callable[[int], None],
                   opened: list[IncrementalTorchWriter]) -> list[Path]:
     written = []
@@ -250,18 +272,22 @@ def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor], plan: dict
                 opened.append(writers[(t, e)])
                 states[(t, e)] = {model_key(v, layout.vpp): {} for v in range(layout.vpp)}
         for entry in plan[p]:
-            full = fetch(entry.canonical)
-            for t in range(layout.tp):
-                size, rank = (layout.tp, t) if entry.spec.axis == "tp" else (1, 0)
-                piece = shard_padded(full, entry.spec, rank, size, padded_vocab)
+            full = extents(entry.canonical) if extents is not None else None
+            pieces = [_shard_extents(full, entry.spec, t, layout.tp, padded_vocab) for t in range(layout.tp)] \
+                if full is not None else [None]
+            if any(piece is None for piece in pieces):  # not whole rows: read the tensor and shard it
+                full = fetch(entry.canonical)
+                pieces = [shard_padded(full, entry.spec, *((t, layout.tp) if entry.spec.axis == "tp" else (0, 1)),
+                                       padded_vocab) for t in range(layout.tp)]
+            for t, piece in enumerate(pieces):
                 for e, name in entry.targets:
                     state = states[(t, e)][entry.model]
                     state[name] = writers[(t, e)].tensor(piece)
                     extra = extra_state_name(name)
                     if extra:
                         state[extra] = None
-            on_tensor(full.numel() * full.element_size())
-            del full
+            on_tensor(full.nbytes)
+            del full, pieces
         for (t, e), writer in writers.items():
             if p == layout.pp - 1:  # megatron's output layer has extra state even when its weight is tied
                 states[(t, e)][model_key(layout.vpp - 1, layout.vpp)].setdefault("output_layer._extra_state", None)

@@ -106,13 +106,15 @@ class TorchZipWriter:
         else:
             self.sink.write_deferred(16, lambda: struct.pack("<IIII", 0x08074B50, piece.crc, size, size))
 
-    def tensor(self, value: torch.Tensor) -> SavedTensor:
-        """Write the tensor's bytes now (from its memory); return the placeholder to pickle."""
-        value = value.detach().contiguous().cpu()
+    def tensor(self, value: torch.Tensor | TensorExtents) -> SavedTensor:
+        """Write the tensor's bytes now (from its memory, or copied from its extents by the kernel);
+        return the placeholder to pickle."""
+        if isinstance(value, torch.Tensor):
+            value = value.detach().contiguous().cpu()
         key = str(self.count)
         self.count += 1
-        self.record(f"data/{key}", tensor_bytes(value))
-        return SavedTensor(_StorageRef(key, value.dtype, value.numel()), value.shape)
+        self.record(f"data/{key}", value if isinstance(value, TensorExtents) else tensor_bytes(value))
+        return SavedTensor(_StorageRef(key, value.dtype, math.prod(value.shape)), torch.Size(value.shape))
 
     def pickle(self, obj: Any) -> None:
         """data.pkl (`obj`, holding placeholders) and the small records torch.save puts beside it."""
@@ -174,7 +176,7 @@ class IncrementalTorchWriter:
         self.sink = FileSink(self.path, budget)
         self.zip = TorchZipWriter(self.sink, archive=self.path.stem)
 
-    def tensor(self, value: torch.Tensor) -> SavedTensor:
+    def tensor(self, value: torch.Tensor | TensorExtents) -> SavedTensor:
         return self.zip.tensor(value)
 
     def finish(self, obj: Any) -> None:

@@ -82,6 +82,58 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
         assert (m.layout.tp, m.layout.pp, m.layout.vpp) == (tp, pp, vpp)
 
 
+def _without_extents(source):
+    source.extents = None  # every tensor is read and made in memory: the reference path
+    return source
+
+
+def _copies(monkeypatch) -> list[int]:
+    """Counts the kernel copies FileSinks are asked for."""
+    from mzoo.ckpt.sink import FileSink
+
+    calls, original = [], FileSink.copy
+    monkeypatch.setattr(FileSink, "copy", lambda self, extents: calls.append(len(extents)) or original(self, extents))
+    return calls
+
+
+def _dist_tensors(folder):
+    from mzoo.ckpt.dist import DistReader
+
+    reader = DistReader(folder)
+    return {k: reader.read(k) for k in reader.keys()}, reader.metadata
+
+
+@pytest.mark.parametrize("fmt,tp,pp", [("torch_dist", 2, 2), ("torch", 2, 2), ("torch", 4, 1)])
+def test_kernel_copies_write_what_the_read_path_writes(sources, tmp_path, monkeypatch, fmt, tp, pp):
+    """Tensors that are whole-row ranges of the source are copied by the kernel (QKV grouped per
+    query group, [gate; up] per TP section, padded vocabulary); the checkpoint holds exactly what
+    reading, regrouping and writing each tensor produces, and so does the way back to HF."""
+    calls = _copies(monkeypatch)
+    lay = MegatronLayout(tp=tp, pp=pp)
+    convert(open_source(sources["llama"]), tmp_path / "fast", Target(fmt, lay))
+    assert calls, "no tensor took the kernel-copy path"
+    convert(_without_extents(open_source(sources["llama"])), tmp_path / "slow", Target(fmt, lay))
+    iteration = "iter_0000000"
+    if fmt == "torch_dist":
+        (fast, fast_meta), (slow, slow_meta) = (_dist_tensors(tmp_path / x / iteration) for x in ("fast", "slow"))
+        assert fast_meta.state_dict_metadata == slow_meta.state_dict_metadata
+    else:
+        fast, slow = ({str(f.relative_to(tmp_path / x)): torch.load(f, weights_only=False)
+                       for f in sorted((tmp_path / x).rglob("model_optim_rng.pt"))} for x in ("fast", "slow"))
+        assert fast.keys() == slow.keys() and len(fast) == tp * pp
+        fast = {(f, k): v for f, state in fast.items() for k, v in state["model"].items()}
+        slow = {(f, k): v for f, state in slow.items() for k, v in state["model"].items()}
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        assert (fast[key] is None and slow[key] is None) or torch.equal(fast[key], slow[key]), key
+    calls.clear()
+    convert(open_source(tmp_path / "fast"), tmp_path / "back-fast", Target("hf"))
+    assert bool(calls) == (fmt == "torch_dist")  # legacy rank files are read, not copied, on the way back
+    convert(_without_extents(open_source(tmp_path / "fast")), tmp_path / "back-slow", Target("hf"))
+    a, b = _tensors(tmp_path / "back-fast"), _tensors(tmp_path / "back-slow")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_legacy_layout_on_disk(sources, tmp_path):
     """Rank folders, local layer numbering, model0/model1 chunks, padded vocab, args, tied copy."""
     out = tmp_path / "m"
