@@ -6,7 +6,7 @@ the spot with `mzoo init` (no network, HF_HUB_OFFLINE=1), or on several sizes (-
 
   interpreter   python -c "import torch, transformers, mzoo.converters"   (the baseline RSS of the budget)
   mzoo start-up mzoo --help                                                 (the CLI's own start-up; info)
-  mzoo fixed    the hf->torch_dist command below on a 2-layer, 13 MB model  (what a conversion costs
+  mzoo fixed    the hf->torch_dist command below on a 2-layer, 36 MB model  (what a conversion costs
                 before and after its bytes: Python, torch import, config, atomic rename; for net/copy)
   plain copy    shutil.copytree of the Hugging Face folder                  (I/O floor; the time target)
   cp -r         the same with coreutils cp                                  (info: no interpreter start-up)

@@ -193,7 +193,7 @@ def versions() -> dict:
         dirty = subprocess.run(["git", "-C", root, "diff", "--name-only", "HEAD"], capture_output=True, text=True,
                                timeout=10).stdout.split()
         product = [f for f in dirty if not f.startswith(("benchmarks/", "docs/"))]
-        mark = "+dirty" if product else " + uncommitted benchmarks/" if dirty else ""
+        mark = "+dirty" if product else " + uncommitted benchmarks/ or docs/" if dirty else ""
         out["mzoo_commit"] = (head + mark) if head else None
         out["mzoo_dirty_files"] = dirty
     except (OSError, subprocess.SubprocessError):
