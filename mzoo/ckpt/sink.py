@@ -8,9 +8,10 @@ to be hashed. Each sink fsyncs its own file in its own thread when it closes, so
 reaches the disk while the next one is being written, and `atomic_dir`'s final fsync finds little
 left to do.
 
-Memory: at most `Budget.limit` bytes wait to be written, but a buffer larger than that is still
-accepted once nothing else waits; so at most one large tensor is alive here (being written) besides
-the one being produced.
+Memory: at most `Budget.limit` bytes of buffers wait to be written, but a buffer larger than that
+is still accepted once no other buffer waits; so at most one large tensor is alive here (being
+written) besides the one being produced. Kernel copies hold no memory; at most `Budget.copy_limit`
+bytes of them wait.
 """
 
 from __future__ import annotations
@@ -208,20 +209,30 @@ class Piece:
     size: int = 0
     extents: Optional[list[Extent]] = None
 
-    @property
-    def held(self) -> int:
-        """Bytes of memory this piece keeps alive until written."""
-        return 0 if self.extents is not None else self.size
 
 
 class Budget:
     """Bytes queued but not yet written, shared by the sinks open at once (a legacy stage writes
-    TP x EP rank files together): a producer waits while the total is over `limit`."""
+    TP x EP rank files together): a producer waits while the buffers held in memory are over
+    `limit`, or the kernel copies not yet made are over `copy_limit` (they hold no memory, but
+    bounding them keeps the progress bar honest and the producer close behind the disk)."""
 
-    def __init__(self, limit: int = 64 << 20):
-        self.limit = limit
-        self.pending = 0
+    def __init__(self, limit: int = 64 << 20, copy_limit: int = 512 << 20):
+        self.limit, self.copy_limit = limit, copy_limit
+        self.pending = 0  # bytes of queued buffers
+        self.copies = 0  # bytes of queued copies
         self.cond = threading.Condition()
+
+    def full(self, piece: "Piece") -> bool:
+        if piece.extents is not None:
+            return bool(self.copies) and self.copies + piece.size > self.copy_limit
+        return bool(self.pending) and self.pending + piece.size > self.limit
+
+    def add(self, piece: "Piece", sign: int = 1) -> None:
+        if piece.extents is not None:
+            self.copies += sign * piece.size
+        else:
+            self.pending += sign * piece.size
 
 
 class FileSink:
@@ -271,11 +282,11 @@ class FileSink:
     def _put(self, piece: Piece) -> None:
         with self._cond:
             budget = self.budget
-            while self._error is None and budget.pending and budget.pending + piece.held > budget.limit:
+            while self._error is None and budget.full(piece):
                 self._cond.wait()
             self._raise()
             self._queue.append(piece)
-            budget.pending += piece.held
+            budget.add(piece)
             self.position += piece.size
             self._cond.notify_all()
 
@@ -325,7 +336,7 @@ class FileSink:
                         self._flushed = self._written
                 with self._cond:
                     self._queue.popleft()
-                    self.budget.pending -= piece.held
+                    self.budget.add(piece, -1)
                     piece.data = None  # release the tensor
                     self._cond.notify_all()
             if self._error is None:
@@ -333,7 +344,9 @@ class FileSink:
         except BaseException as e:  # noqa: BLE001 - handed to the producer, raised there
             with self._cond:
                 self._error = e
-                self.budget.pending -= sum(p.held for p in self._queue if p is not None)
+                for p in self._queue:
+                    if p is not None:
+                        self.budget.add(p, -1)
                 self._queue.clear()
                 self._cond.notify_all()
         finally:

@@ -80,7 +80,7 @@ def test_a_writer_thread_error_reaches_the_producer_and_frees_the_budget(tmp_pat
     s.write_deferred(3, lambda: b"too long")  # promises 3 bytes, makes 8: the writer thread fails
     with pytest.raises(RuntimeError, match="promised"):
         s.wait()
-    assert budget.pending == 0
+    assert budget.pending == 0 and budget.copies == 0
     other = FileSink(tmp_path / "other.bin", budget)  # a sink sharing the budget is not blocked
     other.write(bytes(2 << 20))
     other.wait()
@@ -107,6 +107,28 @@ def test_budget_bounds_queued_bytes(tmp_path):
         FileSink._write_piece = original
     assert max(seen) <= 3 << 20  # never more than one 3 MB buffer queued at once
     assert (tmp_path / "out.bin").stat().st_size == 24 << 20
+
+
+def test_budget_bounds_queued_copies(tmp_path):
+    src, data = _source(tmp_path, 1 << 20)
+    budget = Budget(copy_limit=1 << 20)
+    s = FileSink(tmp_path / "out.bin", budget)
+    seen = []
+    original = FileSink._copy
+
+    def slow(self, extent):
+        seen.append(budget.copies)
+        original(self, extent)
+
+    FileSink._copy = slow
+    try:
+        for _ in range(8):
+            s.copy([Extent(src, 0, 600_000)])
+        s.wait()
+    finally:
+        FileSink._copy = original
+    assert max(seen) <= 600_000 and budget.copies == 0
+    assert (tmp_path / "out.bin").read_bytes() == data[:600_000] * 8
 
 
 def test_tensor_extents_rows_and_cat_cross_extent_boundaries():
