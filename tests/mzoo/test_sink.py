@@ -87,46 +87,38 @@ def test_a_writer_thread_error_reaches_the_producer_and_frees_the_budget(tmp_pat
     assert (tmp_path / "other.bin").stat().st_size == 2 << 20
 
 
-def test_budget_bounds_queued_bytes(tmp_path):
+def _watch(monkeypatch, method: str, read) -> list[int]:
+    """What `read()` returns each time the writer thread enters FileSink.<method>."""
+    seen, original = [], getattr(FileSink, method)
+
+    def watched(self, *args):
+        seen.append(read())
+        return original(self, *args)
+
+    monkeypatch.setattr(FileSink, method, watched)
+    return seen
+
+
+def test_budget_bounds_queued_bytes(tmp_path, monkeypatch):
     """A producer waits while queued buffers exceed the budget (but a big one still goes alone)."""
     budget = Budget(limit=1 << 20)
     s = FileSink(tmp_path / "out.bin", budget)
-    seen = []
-    original = FileSink._write_piece
-
-    def slow(self, piece):
-        seen.append(budget.pending)
-        original(self, piece)
-
-    FileSink._write_piece = slow
-    try:
-        for _ in range(8):
-            s.write(bytes(3 << 20))
-        s.wait()
-    finally:
-        FileSink._write_piece = original
+    seen = _watch(monkeypatch, "_write_piece", lambda: budget.pending)
+    for _ in range(8):
+        s.write(bytes(3 << 20))
+    s.wait()
     assert max(seen) <= 3 << 20  # never more than one 3 MB buffer queued at once
     assert (tmp_path / "out.bin").stat().st_size == 24 << 20
 
 
-def test_budget_bounds_queued_copies(tmp_path):
+def test_budget_bounds_queued_copies(tmp_path, monkeypatch):
     src, data = _source(tmp_path, 1 << 20)
     budget = Budget(copy_limit=1 << 20)
     s = FileSink(tmp_path / "out.bin", budget)
-    seen = []
-    original = FileSink._copy
-
-    def slow(self, extent):
-        seen.append(budget.copies)
-        original(self, extent)
-
-    FileSink._copy = slow
-    try:
-        for _ in range(8):
-            s.copy([Extent(src, 0, 600_000)])
-        s.wait()
-    finally:
-        FileSink._copy = original
+    seen = _watch(monkeypatch, "_copy", lambda: budget.copies)
+    for _ in range(8):
+        s.copy([Extent(src, 0, 600_000)])
+    s.wait()
     assert max(seen) <= 600_000 and budget.copies == 0
     assert (tmp_path / "out.bin").read_bytes() == data[:600_000] * 8
 
