@@ -259,7 +259,8 @@ class FileSink:
 
     # ---- producer side --------------------------------------------------------------------------
     def write(self, data: Buffer) -> Piece:
-        """Queue `data` (kept alive until written); returns its Piece (crc set once written)."""
+        """Queue `data` (kept alive until written); returns its Piece (crc set once written). The
+        bytes are read later, on the writer thread: do not change them before `wait()` returns."""
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         piece = Piece(view, size=len(view))
         self._put(piece)
