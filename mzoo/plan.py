@@ -92,10 +92,11 @@ class Profile:
     selective: frozenset  # what --recompute selective recomputes
     overhead: int  # fixed bytes
     fp8: bool = False
+    scratch: int = 0  # mzoo's engine: the optimizer's persistent fp32 scratch vector (the in-place step)
 
     @property
     def state_bytes(self) -> int:
-        return self.param + self.grad + self.flat_grad + self.master + self.moments + self.decay_mask
+        return self.param + self.grad + self.flat_grad + self.master + self.moments + self.decay_mask + self.scratch
 
 
 def megatron_profile(grad_fp32: bool = False, fp8: bool = False) -> Profile:
@@ -109,13 +110,14 @@ def megatron_profile(grad_fp32: bool = False, fp8: bool = False) -> Profile:
 
 def engine_profile(precision: str = "fp32", sequence_parallel: bool = False) -> Profile:
     """mzoo's own engine (mzoo/parallel/optimizer.py): parameters and p.grad in the training dtype, a
-    flat fp32 gradient buffer, fp32 master + Adam m, v + the fp32 weight-decay vector; inside the
-    step the clipped gradients, Adam's denominator and two weight-decay temporaries."""
+    flat fp32 gradient buffer, fp32 master + Adam m, v + the fp32 weight-decay vector + one fp32
+    scratch vector; the step itself runs in place (under the distributed optimizer, the
+    reduce-scattered gradient shard is its one temporary: see memory())."""
     size = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
     logits = size + 4 * (3 + (size != 4))  # logits, (fp32 copy), masked, shifted, exp
     return Profile(f"mzoo-{precision}", param=size, grad=size, flat_grad=4, master=4, moments=8, decay_mask=4,
-                   step_temporaries=16, act=size, logits=logits, sequence_parallel=sequence_parallel, engine=True,
-                   selective=frozenset({"core_attn"}), overhead=0)
+                   step_temporaries=0, act=size, logits=logits, sequence_parallel=sequence_parallel, engine=True,
+                   selective=frozenset({"core_attn"}), overhead=0, scratch=4)
 
 
 # ---- layouts and settings ---------------------------------------------------------------------------
@@ -601,7 +603,10 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     opt_elements = params.dense / dense_shards + params.expert / expert_shards
     weights = trained * (profile.param + (FP8_WEIGHT_BYTES if profile.fp8 else 0)) + params.frozen * 4
     gradients = trained * (profile.grad + profile.flat_grad)
-    optimizer = opt_elements * (profile.master + profile.moments + profile.decay_mask)
+    optimizer = opt_elements * (profile.master + profile.moments + profile.decay_mask + profile.scratch)
+    step = opt_elements * profile.step_temporaries
+    if profile.engine and settings.distributed_optimizer and layout.dp * layout.cp > 1:
+        step += opt_elements * 4  # the reduce-scattered fp32 gradient shard
 
     T = settings.tokens(layout)
     m = settings.microbatches(layout)
@@ -614,7 +619,7 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
                       + profile.logits * cfg.padded_vocab_size(layout.tp) / layout.tp)
     buffers = _buffers(model, layout, settings, profile, stage, params, T, sp, m)
     return Memory(weights, gradients, optimizer, activations, T * working, logits, buffers,
-                  opt_elements * profile.step_temporaries, profile.overhead, stage.rank, params.total)
+                  step, profile.overhead, stage.rank, params.total)
 
 
 def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile, stage: Stage,

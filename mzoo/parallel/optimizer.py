@@ -79,6 +79,7 @@ class _FlatGroup:
         self.flat = torch.zeros(self.padded, dtype=torch.float32, device=device)  # reused gradient buffer
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
+        self.scratch = torch.empty_like(self.master)  # the decay factor, then Adam's denominator
 
     def flat_grads(self) -> torch.Tensor:
         flat, offset = self.flat, 0
@@ -103,7 +104,7 @@ class _FlatGroup:
                 bucket = flat[start : start + self.config.bucket_elements]
                 dist.all_reduce(bucket, group=self.group)
             grads = flat
-        return grads / self.divisor if self.divisor != 1 else grads
+        return grads.div_(self.divisor) if self.divisor != 1 else grads  # a buffer of this step
 
     def squared_norm(self, grads: torch.Tensor) -> torch.Tensor:
         """This rank's sum of squares over its unique elements (fp32 dots accumulated in fp64)."""
@@ -119,8 +120,10 @@ class _FlatGroup:
         self.exp_avg.mul_(b1).add_(grads, alpha=1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(grads, grads, value=1 - b2)
         bias1, bias2 = 1 - b1**step, 1 - b2**step
-        denom = (self.exp_avg_sq / bias2).sqrt_().add_(cfg.eps)
-        self.master.mul_(1 - lr * self.weight_decay)
+        # in place, through one persistent buffer: no model-sized temporaries per step, the same
+        # arithmetic as `master * (1 - lr * wd)` and `(exp_avg_sq / bias2).sqrt() + eps`
+        self.master.mul_(torch.mul(self.weight_decay, -lr, out=self.scratch).add_(1))
+        denom = torch.div(self.exp_avg_sq, bias2, out=self.scratch).sqrt_().add_(cfg.eps)
         self.master.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
 
     def gather(self, shard: torch.Tensor) -> torch.Tensor:
@@ -227,12 +230,12 @@ class Optimizer:
         self._sync_replicas()
         grads = [group.reduce(group.flat_grads()) for group, _ in self.groups]
         if loss_scale != 1.0:
-            grads = [g / loss_scale for g in grads]
+            grads = [g.div_(loss_scale) for g in grads]  # buffers of this step: in place
         norm = self.grad_norm(grads)
         if not math.isfinite(norm):
             return norm
         if cfg.clip_grad and norm > cfg.clip_grad:
-            grads = [g * (cfg.clip_grad / (norm + 1e-6)) for g in grads]
+            grads = [g.mul_(cfg.clip_grad / (norm + 1e-6)) for g in grads]
         self.step_count += 1
         for (group, _), g in zip(self.groups, grads):
             group.adamw(g, lr, self.step_count)
