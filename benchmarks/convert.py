@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
+from proctree import machine_info, print_markdown_table, run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
 
@@ -225,17 +225,8 @@ def print_table(rows: list[Row], info: dict) -> None:
              f"bf16, largest tensor {info['largest_tensor']} = {info['largest_tensor_bytes']:,} B); "
              f"RSS budget = {fmt_gb(info['interp_rss'])} + 3 x {fmt_gb(info['largest_tensor_bytes'])} "
              f"= {fmt_gb(info['rss_budget'])} GB; median of {info['repeats']} round(s)")
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
     print(title)
-    print(line(headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for b in body:
-        print(line(b))
+    print_markdown_table(headers, body)
     print("net/copy = (wall - mzoo fixed) / plain copy; time/durable = wall / (plain copy + fsync). "
           "spread = (max - min) / median of the wall times over the rounds; ratios = medians of per-round ratios.")
     print("peak RSS = max(ru_maxrss from os.wait4, polled sum over the process tree); anon / file = polled peaks "
@@ -271,16 +262,7 @@ def print_scaling(results: list[tuple[list[Row], dict]]) -> None:
         body.append(cells)
     largest = ", ".join(f"{i['largest_tensor_bytes'] / GB:.3f}" for i in sizes)
     print(f"peak RSS GB against model size (largest tensor {largest} GB in each; medians; 'anon' = heap)")
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    print(line(headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for b in body:
-        print(line(b))
+    print_markdown_table(headers, body)
     print("growth / model growth: 0 = RSS independent of the model's size, 1 = RSS grows byte for byte with it.")
 
 

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
+from proctree import machine_info, print_markdown_table, run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
 MB = 1e6
@@ -262,16 +262,7 @@ def print_table(rows: list[Row], info: dict) -> None:
     print(f"data benchmark: {info['corpus_mb']:.1f} MB JSONL, {info['documents']:,} documents; byte-level BPE of "
           f"{info['vocab']:,} ids trained on its first {info['tokenizer_sample_mb']:.0f} MB; --append-eod; "
           f"medians of {info['repeats']} round(s)")
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    print(line(headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for b in body:
-        print(line(b))
+    print_markdown_table(headers, body)
     print("tokens/s = tokens / seconds; seconds = in-process time of the work (tokenizer load, read, tokenize, and "
           "for mzoo write), start-up excluded; load s = the part of it spent importing the tokenizer's library and "
           "loading it (baselines; mzoo's span holds the same transformers import and load); wall s = whole "

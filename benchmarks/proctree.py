@@ -200,3 +200,16 @@ def versions() -> dict:
         out["mzoo_commit"], out["mzoo_dirty_files"] = None, []
     return out
 
+
+def print_markdown_table(headers: list[str], body: list[list[str]], left: tuple[int, ...] = (0,)) -> None:
+    """A Markdown table padded to column widths: columns in `left` left-aligned, the rest right."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> None:
+        print("| " + " | ".join(c.ljust(w) if i in left else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths))) + " |")
+
+    line(headers)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for b in body:
+        line(b)

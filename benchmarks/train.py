@@ -91,7 +91,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from proctree import machine_info, run_measured  # noqa: E402  (benchmarks/ is not a package)
+from proctree import machine_info, print_markdown_table, run_measured  # noqa: E402  (benchmarks/ is not a package)
 
 GB = 1e9
 WARMUP_STEPS = 2
@@ -388,16 +388,7 @@ def print_table(rows: list[Row], info: dict) -> None:
         base = m.get("baseline_params")
         print(f"  {kind:9s} {m['params'] / 1e6:.1f} M params ({m['active'] / 1e6:.1f} M active), {m['shape']}; "
               f"baseline {m.get('baseline_class') or '?'} {'' if base is None else f'{base / 1e6:.1f} M'}")
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i in (0, 6) else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    print(line(headers))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for b in body:
-        print(line(b))
+    print_markdown_table(headers, body, left=(0, 6))
     print(f"tokens/s = total tokens / total time of steps {WARMUP_STEPS + 1}..{info['steps']} (in-process step timers; "
           "start-up excluded), the whole job's rate; per proc = tokens/s / processes; spread = (max - min) / median "
           "over the rounds.")

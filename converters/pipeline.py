@@ -38,7 +38,7 @@ from mzoo.ckpt.megatron import (
     write_tracker,
 )
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar, write_sidecar
-from mzoo.ckpt.sink import Extent, TensorExtents, cat_rows
+from mzoo.ckpt.sink import TensorExtents, cat_rows
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.params import count_params
 from mzoo.converters import adapter as adapters
@@ -530,10 +530,7 @@ def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optiona
             got = extents(name) if extents is not None else None
             if got is None:
                 return None
-            if vocab and got.shape[0] < padded:  # pad_vocab's zero rows
-                row = got.nbytes // got.shape[0]
-                got = TensorExtents((padded, *got.shape[1:]), got.dtype,
-                                    (*got.extents, Extent(None, 0, (padded - got.shape[0]) * row)))
+            got = got.pad_rows(padded) if vocab else got
             return TensorExtents((1,) * n + got.shape, got.dtype, got.extents)
 
         chunks.append(dist_fmt.Chunk(key, (*lead, *shape), (*index,) + (0,) * len(shape), (1,) * len(lead) + tuple(shape),

@@ -202,14 +202,14 @@ class DistReader:
         k = len(lead)
         if not all(0 <= i < n for i, n in zip(lead, shape)) or k > len(shape):
             raise CheckpointError(f"{key} has shape {shape} in {self.folder}; index {lead} is out of range.")
-        chunks = [c for c in meta.chunks if all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes))]
+        chunks = _overlapping(meta.chunks, lead)
 
         def at(chunk: Any) -> tuple[int, ...]:
             return tuple(i - o for i, o in zip(lead, chunk.offsets))
 
-        for c in chunks:  # one stored chunk holds the whole request: no second buffer
-            if tuple(c.offsets[k:]) == (0,) * (len(shape) - k) and tuple(c.sizes[k:]) == shape[k:]:
-                return self._chunk(key, c)[at(c)]
+        whole = _whole(chunks, shape, k)
+        if whole is not None:  # one stored chunk holds the whole request: no second buffer
+            return self._chunk(key, whole)[at(whole)]
         out = torch.empty(shape[k:], dtype=meta.properties.dtype)
         for c in chunks:
             region = tuple(slice(o, o + n) for o, n in zip(c.offsets[k:], c.sizes[k:]))
@@ -225,28 +225,25 @@ class DistReader:
         shape = tuple(meta.size)
         lead = () if index is None else (index,) if isinstance(index, int) else tuple(index)
         k = len(lead)
-        for c in meta.chunks:
-            if not all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes)):
-                continue
-            if tuple(c.offsets[k:]) != (0,) * (len(shape) - k) or tuple(c.sizes[k:]) != shape[k:]:
-                return None
-            info = self.storage.get((key, tuple(c.offsets)))
-            if info is None or getattr(info, "transform_descriptors", None):
-                return None
-            path = self.folder / info.relative_path
-            with open(path, "rb", buffering=0) as f:
-                layout = _saved_tensor_layout(f, info.offset, info.length)
-            if layout is None or math.prod(layout[1]) != math.prod(c.sizes):
-                return None
-            dtype, _, start = layout
-            inner = math.prod(shape[k:]) * dtype.itemsize
-            at = 0
-            for i, o, n in zip(lead, c.offsets, c.sizes):  # row-major position of `lead` inside the chunk
-                at = at * n + (i - o)
-            if start + (at + 1) * inner > os.path.getsize(path):
-                raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
-            return TensorExtents(shape[k:], dtype, (Extent(path, start + at * inner, inner),))
-        return None
+        c = _whole(_overlapping(meta.chunks, lead), shape, k)
+        if c is None:
+            return None
+        info = self.storage.get((key, tuple(c.offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        path = self.folder / info.relative_path
+        with open(path, "rb", buffering=0) as f:
+            layout = _saved_tensor_layout(f, info.offset, info.length)
+        if layout is None or math.prod(layout[1]) != math.prod(c.sizes):
+            return None
+        dtype, _, start = layout
+        inner = math.prod(shape[k:]) * dtype.itemsize
+        at = 0
+        for i, o, n in zip(lead, c.offsets, c.sizes):  # row-major position of `lead` inside the chunk
+            at = at * n + (i - o)
+        if start + (at + 1) * inner > os.path.getsize(path):
+            raise CheckpointError(f"{path} is truncated; re-copy the checkpoint.")
+        return TensorExtents(shape[k:], dtype, (Extent(path, start + at * inner, inner),))
 
     def _chunk(self, key: str, chunk: Any) -> torch.Tensor:
         info = self.storage.get((key, tuple(chunk.offsets)))
@@ -265,6 +262,19 @@ class DistReader:
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         del data
         return tensor.reshape(tuple(chunk.sizes)) if tuple(tensor.shape) != tuple(chunk.sizes) else tensor
+
+
+def _overlapping(chunks: list[Any], lead: tuple[int, ...]) -> list[Any]:
+    """The stored chunks that hold part of the sub-tensor at `lead` (leading-axis indices)."""
+    return [c for c in chunks if all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes))]
+
+
+def _whole(chunks: list[Any], shape: tuple[int, ...], k: int) -> Optional[Any]:
+    """The one chunk among `chunks` that spans every axis after the first k, if any."""
+    for c in chunks:
+        if tuple(c.offsets[k:]) == (0,) * (len(shape) - k) and tuple(c.sizes[k:]) == shape[k:]:
+            return c
+    return None
 
 
 # ---- reading one torch.save'd tensor straight into its final buffer --------------------------------

@@ -32,7 +32,7 @@ from mzoo.ckpt.megatron import (
     to_spelling,
 )
 from mzoo.ckpt.safe_pickle import torch_load
-from mzoo.ckpt.sink import Budget, Extent, TensorExtents, cat_rows
+from mzoo.ckpt.sink import Budget, TensorExtents, cat_rows
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter
 from mzoo.parallel.pipeline import layer_owner, stage_layers
 from mzoo.parallel.sharding import ShardSpec, expert_index, expert_owner, renumber_expert, shard_padded
@@ -238,20 +238,12 @@ def write_legacy(
 def _shard_extents(full: TensorExtents, spec: ShardSpec, rank: int, size: int,
                    padded_vocab: int) -> Optional[TensorExtents]:
     """shard_padded on extents: TP rank `rank`'s piece when it is whole rows (dim 0), else None."""
-    if spec.vocab and full.shape[0] < padded_vocab:
-        row = full.nbytes // full.shape[0]
-        full = TensorExtents((padded_vocab, *full.shape[1:]), full.dtype,
-                             (*full.extents, Extent(None, 0, (padded_vocab - full.shape[0]) * row)))
-    if spec.axis != "tp" or size == 1:
+    full = full.pad_rows(padded_vocab) if spec.vocab else full
+    if spec.axis != "tp":
         return full
-    if spec.dim != 0:
+    if spec.dim != 0 and size > 1:
         return None
-    sections = spec.sections or (full.shape[0],)
-    pieces, start = [], 0
-    for n in sections:  # rank r holds section_i[r] of each section
-        pieces.append(full.rows(start + rank * (n // size), n // size))
-        start += n
-    return cat_rows(pieces)
+    return cat_rows([full.rows(start, n) for start, n in spec.blocks(full.shape[0], rank, size)])
 
 
 def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor],

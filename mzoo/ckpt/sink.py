@@ -162,6 +162,15 @@ class TensorExtents:
         return TensorExtents((count, *self.shape[1:]), self.dtype, tuple(out))
 
 
+    def pad_rows(self, rows: int) -> "TensorExtents":
+        """Zero rows appended up to `rows` (pad_vocab on extents)."""
+        if self.shape[0] >= rows:
+            return self
+        row = self.nbytes // self.shape[0]
+        return TensorExtents((rows, *self.shape[1:]), self.dtype,
+                             (*self.extents, Extent(None, 0, (rows - self.shape[0]) * row)))
+
+
 def cat_rows(parts: list[TensorExtents]) -> TensorExtents:
     """torch.cat(parts, dim=0) as extents."""
     first = parts[0]

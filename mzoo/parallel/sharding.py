@@ -40,14 +40,22 @@ class ShardSpec:
         out[self.dim] //= size
         return tuple(out)
 
-    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-        """This rank's piece of the global tensor."""
+    def blocks(self, length: int, rank: int, size: int) -> list[tuple[int, int]]:
+        """(start, count) along `dim` of this rank's piece of a global extent `length`: one block,
+        or one per section (torch.chunk's split: ceil-sized pieces)."""
         if self.replicated or size == 1:
-            return full
-        if self.sections is None:
-            return full.chunk(size, dim=self.dim)[rank]
-        pieces = full.split(list(self.sections), dim=self.dim)
-        return torch.cat([p.chunk(size, dim=self.dim)[rank] for p in pieces], dim=self.dim)
+            return [(0, length)]
+        out, start = [], 0
+        for n in self.sections or (length,):
+            step = -(-n // size)
+            out.append((start + rank * step, min(step, n - rank * step)))
+            start += n
+        return out
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """This rank's piece of the global tensor (a view unless it has several sections)."""
+        pieces = [full.narrow(self.dim, start, n) for start, n in self.blocks(full.shape[self.dim], rank, size)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
 
     def merge(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
         """The global tensor from all ranks' pieces, in rank order."""
