@@ -1,13 +1,23 @@
-"""Data-parallel gradient reduction, global gradient clipping and AdamW, optionally distributed.
+"""Data-parallel gradient reduction, global gradient clipping and AdamW, optionally distributed, with
+Megatron's mixed-precision memory model.
 
-The trainable parameters of this rank form two flat parameter groups, each viewed as one flat
-vector: dense parameters, replicated over the data-parallel (DP) group, and routed-expert
-parameters (marked `p.expert_parallel = True`), which differ between expert-parallel (EP) ranks and
-are replicated only over the expert-data-parallel (EDP) group. Each group's gradients are reduced
-over its own group in buckets (all-reduce), or, with the distributed optimizer, reduce-scattered so
-each rank of that group owns a contiguous shard: only that shard keeps fp32 master weights and Adam
-states, is updated, and is all-gathered back into the parameters (Megatron's distributed optimizer).
-AdamW is element-wise, so every layout performs exactly the same arithmetic on every element.
+The trainable parameters of this rank form two parameter groups: dense parameters, replicated over
+the data-parallel (DP) group, and routed-expert parameters (marked `p.expert_parallel = True`), which
+differ between expert-parallel (EP) ranks and are replicated only over the expert-data-parallel (EDP)
+group. Each group owns two persistent, contiguous buffers in the same layout, split into buckets:
+
+- the parameters themselves (training dtype: bf16 / fp16 / fp32): every parameter is a view of it;
+- the fp32 main gradients: a hook after autograd accumulates each parameter's gradient adds it into
+  its view (`p.main_grad`) and drops `p.grad`, so gradients accumulate across micro-batches in fp32
+  and no low-precision `.grad` is kept alongside (Megatron's main_grad).
+
+Each bucket is all-reduced over the group, or, with the distributed optimizer, reduce-scattered in
+place so each rank owns one contiguous slice of every bucket: only those slices keep fp32 master
+weights and Adam's moments (12 bytes per element), are updated, written back into the parameter
+buffer in the training dtype, and all-gathered in place (Megatron's distributed optimizer). Per
+parameter that is 2 + 4 + 12 / dp bytes for bf16. Weight decay is a scalar per run of matrix
+elements, not a vector; Adam's denominator goes through a bounded chunk buffer. AdamW is
+element-wise, so every layout performs exactly the same arithmetic on every element.
 
 Expert gradients are summed over EDP and divided by dp * cp: the all-to-all backward already brought
 every EP rank's tokens into each expert's gradient, so this is the mean over all data-parallel ranks,
@@ -18,16 +28,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mzoo.parallel import collectives as C
+from mzoo.parallel.collectives import _all_gather_tensor, _reduce_scatter_tensor
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import Group, ParallelState, check_expert_layout
+
+CHUNK_ELEMENTS = 1 << 22  # Adam's denominator is computed this many elements at a time (16 MB fp32)
 
 
 @dataclass
@@ -46,113 +58,225 @@ def is_expert(p: torch.Tensor) -> bool:
     return bool(getattr(p, "expert_parallel", False))
 
 
+@dataclass
+class _Bucket:
+    """Buffer elements [lo, hi) (padded to a multiple of the group size when distributed); this rank
+    owns [own_lo, own_hi), stored at `state` in the master / moment vectors. Runs are [a, b) in
+    own-slice coordinates."""
+
+    lo: int
+    hi: int
+    own_lo: int
+    own_hi: int
+    state: int
+    decay: list[tuple[int, int]] = field(default_factory=list)  # matrices: weight decay applies
+    unique: list[tuple[int, int]] = field(default_factory=list)  # counted once in the global norm
+
+    @property
+    def own(self) -> int:
+        return self.own_hi - self.own_lo
+
+
+def _intersect(a: int, b: int, lo: int, hi: int) -> Optional[tuple[int, int]]:
+    lo, hi = max(a, lo), min(b, hi)
+    return (lo, hi) if lo < hi else None
+
+
+def _merge(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 class _FlatGroup:
-    """One flat parameter group: its parameters, the group its gradients are reduced over, and this
-    rank's shard of the fp32 master weights and Adam states."""
+    """One parameter group: its parameter and main-gradient buffers, the group its gradients are
+    reduced over, and this rank's slices of the fp32 master weights and Adam states."""
 
     def __init__(self, params: list[nn.Parameter], group: Group, size: int, rank: int, divisor: int,
                  state: ParallelState, config: AdamWConfig):
         self.params, self.group, self.size, self.rank = params, group, size, rank
         self.divisor, self.config = divisor, config
-        self.distributed = config.distributed
-        self.numel = sum(p.numel() for p in params)
-        self.padded = math.ceil(self.numel / size) * size if self.distributed else self.numel
-        device = params[0].device  # buffers live with the parameters (NCCL reduces device tensors)
-        flat = torch.zeros(self.padded, dtype=torch.float32, device=device)
-        torch.cat([p.detach().float().reshape(-1) for p in params], out=flat[: self.numel])
-        # per-element masks: weight decay on matrices only; TP-replicated params counted once in norms
-        decay = torch.zeros(self.padded, dtype=torch.bool)
-        unique = torch.zeros(self.padded, dtype=torch.bool)
-        offset = 0
-        for p in params:
-            n = p.numel()
-            decay[offset : offset + n] = p.dim() >= 2
-            copy = getattr(p, "embedding_copy", False)  # counted on the first stage
-            unique[offset : offset + n] = (get_spec(p).axis == "tp" or state.tp_rank == 0) and not copy
-            offset += n
-        shard = self.padded // size if self.distributed else self.padded
-        self.lo, self.hi = (rank * shard, (rank + 1) * shard) if self.distributed else (0, self.padded)
-        self.master = flat[self.lo : self.hi].clone()
-        # precomputed once: the per-element weight decay, and the unique elements as contiguous runs
-        self.weight_decay = decay[self.lo : self.hi].float().to(device) * config.weight_decay
-        self.unique_runs = _runs(unique[self.lo : self.hi])
-        self.flat = torch.zeros(self.padded, dtype=torch.float32, device=device)  # reused gradient buffer
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        self.scratch = torch.empty_like(self.master)  # the decay factor, then Adam's denominator
+        self.distributed = config.distributed and group is not None and size > 1
+        self.offsets, self.buckets = self._layout(params, config.bucket_elements)
+        self.padded = self.buckets[-1].hi
+        device, dtype = params[0].device, params[0].dtype
+        # parameters become views of one contiguous buffer (moved in one at a time)
+        self.param_buffer = torch.zeros(self.padded, dtype=dtype, device=device)
+        for p, off in zip(params, self.offsets):
+            view = self.param_buffer[off : off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+        self.main_grad = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        for p, off in zip(params, self.offsets):
+            _bind_grad_hook(p, self.main_grad[off : off + p.numel()].view_as(p))
+        for bucket in self.buckets:
+            self._runs(bucket, state)
+        n_state = sum(b.own for b in self.buckets)
+        self.master = torch.empty(n_state, dtype=torch.float32, device=device)
+        self.exp_avg = torch.zeros(n_state, dtype=torch.float32, device=device)
+        self.exp_avg_sq = torch.zeros(n_state, dtype=torch.float32, device=device)
+        self.load_master_from_params()
 
-    def flat_grads(self) -> torch.Tensor:
-        flat, offset = self.flat, 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is not None:
-                flat[offset : offset + n].copy_(p.grad.reshape(-1))
-            else:
-                flat[offset : offset + n].zero_()
-            offset += n
-        return flat
+    def _layout(self, params: list[nn.Parameter], bucket_elements: int) -> tuple[list[int], list[_Bucket]]:
+        """Parameter offsets and buckets: consecutive parameters up to `bucket_elements` each (a
+        parameter never straddles two), padded so that every rank owns an equal slice of each."""
+        offsets, buckets, start, off = [], [], 0, 0
+        for i, p in enumerate(params):
+            offsets.append(off)
+            off += p.numel()
+            if off - start >= bucket_elements or i == len(params) - 1:
+                size = self.size if self.distributed else 1
+                hi = start + math.ceil((off - start) / size) * size
+                share = (hi - start) // size
+                rank = self.rank if self.distributed else 0
+                state = sum(b.own for b in buckets)
+                buckets.append(_Bucket(start, hi, start + rank * share, start + (rank + 1) * share, state))
+                start = off = hi
+        return offsets, buckets
 
-    def reduce(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, then divide by the data-parallel size: this rank's shard
-        (distributed) or all of it."""
-        if self.group is None:
-            grads = flat[self.lo : self.hi]
-        elif self.distributed:
-            grads = C._reduce_scatter_first(flat, self.group)
-        else:
-            for start in range(0, flat.numel(), self.config.bucket_elements):
-                bucket = flat[start : start + self.config.bucket_elements]
-                dist.all_reduce(bucket, group=self.group)
-            grads = flat
-        return grads.div_(self.divisor) if self.divisor != 1 else grads  # a buffer of this step
+    def _runs(self, bucket: _Bucket, state: ParallelState) -> None:
+        """Weight decay on matrices only; TP-replicated parameters counted once in norms (on TP
+        rank 0), a tied copy of the embedding counted on the first stage."""
+        for p, off in zip(self.params, self.offsets):
+            cut = _intersect(off, off + p.numel(), bucket.own_lo, bucket.own_hi)
+            if cut is None:
+                continue
+            run = (cut[0] - bucket.own_lo, cut[1] - bucket.own_lo)
+            if p.dim() >= 2:
+                bucket.decay.append(run)
+            copy = getattr(p, "embedding_copy", False)
+            if (get_spec(p).axis == "tp" or state.tp_rank == 0) and not copy:
+                bucket.unique.append(run)
+        bucket.decay, bucket.unique = _merge(bucket.decay), _merge(bucket.unique)
 
-    def squared_norm(self, grads: torch.Tensor) -> torch.Tensor:
+    # ---- views -------------------------------------------------------------------------------
+    def own_grads(self) -> list[torch.Tensor]:
+        """This rank's slice of every bucket's main gradients (all of them when not distributed)."""
+        return [self.main_grad[b.own_lo : b.own_hi] for b in self.buckets]
+
+    def state_slice(self, t: torch.Tensor, b: _Bucket) -> torch.Tensor:
+        return t[b.state : b.state + b.own]
+
+    def pieces(self, index: int) -> Iterator[tuple[_Bucket, int, int, int]]:
+        """(bucket, start, end, state offset): the parts of parameter `index` (flattened [start, end))
+        that this rank owns, and where they sit in the state vectors."""
+        off, n = self.offsets[index], self.params[index].numel()
+        for b in self.buckets:
+            cut = _intersect(off, off + n, b.own_lo, b.own_hi)
+            if cut is not None:
+                yield b, cut[0] - off, cut[1] - off, b.state + cut[0] - b.own_lo
+
+    # ---- the step ----------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        self.main_grad.zero_()
+
+    def reduce(self) -> list[torch.Tensor]:
+        """Sum each bucket over the group (in place; reduce-scattered into this rank's slice when
+        distributed), then divide by the data-parallel size. Returns this rank's slices."""
+        for b in self.buckets:
+            whole = self.main_grad[b.lo : b.hi]
+            if self.distributed:
+                _reduce_scatter_tensor(self.main_grad[b.own_lo : b.own_hi], whole, group=self.group)
+            elif self.group is not None:
+                dist.all_reduce(whole, group=self.group)
+        grads = self.own_grads()
+        if self.divisor != 1:
+            for g in grads:
+                g.div_(self.divisor)
+        return grads
+
+    def squared_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """This rank's sum of squares over its unique elements (fp32 dots accumulated in fp64)."""
-        sq = torch.zeros((), dtype=torch.float64, device=grads.device)
-        for a, b in self.unique_runs:
-            seg = grads[a:b]
-            sq += torch.dot(seg, seg).double()
+        sq = torch.zeros((), dtype=torch.float64, device=self.main_grad.device)
+        for b, g in zip(self.buckets, grads):
+            for lo, hi in b.unique:
+                seg = g[lo:hi]
+                sq += torch.dot(seg, seg).double()
         return sq.float()
 
-    def adamw(self, grads: torch.Tensor, lr: float, step: int) -> None:
+    def adamw(self, grads: list[torch.Tensor], lr: float, step: int) -> None:
         cfg = self.config
         b1, b2 = cfg.betas
-        self.exp_avg.mul_(b1).add_(grads, alpha=1 - b1)
-        self.exp_avg_sq.mul_(b2).addcmul_(grads, grads, value=1 - b2)
         bias1, bias2 = 1 - b1**step, 1 - b2**step
-        # in place, through one persistent buffer: no model-sized temporaries per step, the same
-        # arithmetic as `master * (1 - lr * wd)` and `(exp_avg_sq / bias2).sqrt() + eps`
-        self.master.mul_(torch.mul(self.weight_decay, -lr, out=self.scratch).add_(1))
-        denom = torch.div(self.exp_avg_sq, bias2, out=self.scratch).sqrt_().add_(cfg.eps)
-        self.master.addcdiv_(self.exp_avg, denom, value=-lr / bias1)
-
-    def gather(self, shard: torch.Tensor) -> torch.Tensor:
-        """The full flat vector (padding included) from every rank's shard."""
-        if self.distributed and self.group is not None:
-            return C._gather_first(shard.contiguous(), self.group)
-        return shard
+        # the fp32 factor `1 - lr * wd` computed exactly as the per-element vector of earlier versions
+        decay = torch.tensor(cfg.weight_decay, dtype=torch.float32, device=self.master.device).mul_(-lr).add_(1)
+        scratch = torch.empty(min(CHUNK_ELEMENTS, max(b.own for b in self.buckets)), dtype=torch.float32,
+                              device=self.master.device)
+        for b, g in zip(self.buckets, grads):
+            master = self.state_slice(self.master, b)
+            if cfg.weight_decay:
+                for lo, hi in b.decay:
+                    master[lo:hi].mul_(decay)
+            m, v = self.state_slice(self.exp_avg, b), self.state_slice(self.exp_avg_sq, b)
+            for lo in range(0, b.own, CHUNK_ELEMENTS):
+                hi = min(lo + CHUNK_ELEMENTS, b.own)
+                gc, mc, vc = g[lo:hi], m[lo:hi], v[lo:hi]
+                mc.mul_(b1).add_(gc, alpha=1 - b1)
+                vc.mul_(b2).addcmul_(gc, gc, value=1 - b2)
+                denom = torch.div(vc, bias2, out=scratch[: hi - lo]).sqrt_().add_(cfg.eps)
+                master[lo:hi].addcdiv_(mc, denom, value=-lr / bias1)
 
     def write_back(self) -> None:
-        full, offset = self.gather(self.master), 0
-        for p in self.params:
-            n = p.numel()
-            p.data.copy_(full[offset : offset + n].view_as(p))
-            offset += n
+        """Master slices -> the parameter buffer in the training dtype -> every rank (in place)."""
+        for b in self.buckets:
+            self.param_buffer[b.own_lo : b.own_hi].copy_(self.state_slice(self.master, b))
+            if self.distributed:
+                _all_gather_tensor(self.param_buffer[b.lo : b.hi], self.param_buffer[b.own_lo : b.own_hi],
+                                   group=self.group)
 
+    def load_master_from_params(self) -> None:
+        for b in self.buckets:
+            self.state_slice(self.master, b).copy_(self.param_buffer[b.own_lo : b.own_hi])
+
+    # ---- checkpointing -----------------------------------------------------------------------
     def shards(self) -> dict[str, torch.Tensor]:
         return {"fp32_param": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    def views(self, full: torch.Tensor) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            out.append(full[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
+    def full_states(self, kind: str) -> list[torch.Tensor]:
+        """Every parameter's whole local tensor of one state kind, on the CPU (gathered bucket by
+        bucket over the group when distributed: one bucket-sized device buffer at a time)."""
+        values = self.shards()[kind]
+        out = [torch.empty(p.shape, dtype=torch.float32) for p in self.params]
+        for b in self.buckets:
+            own = self.state_slice(values, b)
+            if self.distributed:
+                whole = torch.empty(b.hi - b.lo, dtype=torch.float32, device=values.device)
+                _all_gather_tensor(whole, own.contiguous(), group=self.group)
+            else:
+                whole = own
+            whole = whole.cpu()
+            for p, off, target in zip(self.params, self.offsets, out):
+                cut = _intersect(off, off + p.numel(), b.lo, b.hi)
+                if cut is not None:
+                    target.view(-1)[cut[0] - off : cut[1] - off].copy_(whole[cut[0] - b.lo : cut[1] - b.lo])
         return out
 
     def load(self, kind: str, tensors: list[torch.Tensor]) -> None:
-        flat = torch.zeros(self.padded, dtype=torch.float32, device=self.master.device)
-        torch.cat([t.reshape(-1).float().to(flat.device) for t in tensors], out=flat[: self.numel])
-        self.shards()[kind].copy_(flat[self.lo : self.hi])
+        """Inverse of full_states: this rank's pieces of each parameter's whole local tensor."""
+        values = self.shards()[kind]
+        for i, t in enumerate(tensors):
+            flat = t.reshape(-1)
+            for _, lo, hi, at in self.pieces(i):
+                values[at : at + hi - lo].copy_(flat[lo:hi])
+
+
+def _bind_grad_hook(p: nn.Parameter, main_grad: torch.Tensor) -> None:
+    """After autograd accumulates this parameter's gradient of one backward pass, add it into the
+    fp32 main gradient and drop it (a later optimizer over the same parameters replaces the hook)."""
+    old = getattr(p, "_mzoo_grad_hook", None)
+    if old is not None:
+        old.remove()
+    p.main_grad = main_grad
+
+    def accumulate(param: torch.Tensor) -> None:
+        main_grad.add_(param.grad)
+        param.grad = None
+
+    p._mzoo_grad_hook = p.register_post_accumulate_grad_hook(accumulate)
 
 
 class Optimizer:
@@ -177,29 +301,36 @@ class Optimizer:
 
     @property
     def master(self) -> torch.Tensor:
-        """The dense group's fp32 master weights (this rank's shard)."""
+        """The dense group's fp32 master weights (this rank's slices)."""
         group = self.dense or self.expert
         return group.master if group is not None else torch.zeros(0)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+        for group, _ in self.groups:
+            group.zero_grad()
+
+    def weights_changed(self) -> None:
+        """The parameters were overwritten (initialisation, a checkpoint): refresh the master copy."""
+        for group, _ in self.groups:
+            group.load_master_from_params()
 
     def _sync_replicas(self) -> None:
         """Gradients of parameters held by several ranks of one model replica: tied embeddings on
         the first and last pipeline stages, sequence-parallel norms on every TP rank."""
         if self.state.embedding_group is not None:
             for p in self.params:
-                if p.grad is not None and getattr(p, "shared_embedding", False):
-                    dist.all_reduce(p.grad, group=self.state.embedding_group)
+                if getattr(p, "shared_embedding", False):
+                    dist.all_reduce(p.main_grad, group=self.state.embedding_group)
         if self.state.config.sequence_parallel and self.state.tp_group is not None:
             for p in self.params:
-                if getattr(p, "sequence_parallel", False) and p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.state.tp_group)
+                if getattr(p, "sequence_parallel", False):
+                    dist.all_reduce(p.main_grad, group=self.state.tp_group)
 
-    def grad_norm(self, grads: Sequence[torch.Tensor]) -> float:
-        """Global L2 norm over every parameter of the model, each counted once; `grads` holds one
-        reduced gradient (shard) per non-empty parameter group, in `self.groups` order."""
+    def grad_norm(self, grads: Sequence[list[torch.Tensor]]) -> float:
+        """Global L2 norm over every parameter of the model, each counted once; `grads` holds the
+        reduced gradient slices of each non-empty parameter group, in `self.groups` order."""
         state = self.state
         device = self.params[0].device if self.params else None
         dense = torch.zeros((), dtype=torch.float32, device=device)
@@ -210,11 +341,11 @@ class Optimizer:
             else:
                 dense = group.squared_norm(g)
         if self.expert is not None:  # every rank of an EP / EDP group is on the same stage: same params
-            groups = (state.ep_group, state.edp_group) if self.config.distributed else (state.ep_group,)
+            groups = (state.ep_group, state.edp_group) if self.expert.distributed else (state.ep_group,)
             for group in groups:
                 if group is not None:
                     dist.all_reduce(expert, group=group)
-        if self.config.distributed and state.dp_group is not None:
+        if self.dense is not None and self.dense.distributed:
             dist.all_reduce(dense, group=state.dp_group)
         sq = torch.stack([dense, expert])
         for group in (state.tp_group, state.pp_group):
@@ -228,14 +359,16 @@ class Optimizer:
         inf (and skips the update) when a gradient overflowed: fp16 loss scaling backs off then."""
         cfg = self.config
         self._sync_replicas()
-        grads = [group.reduce(group.flat_grads()) for group, _ in self.groups]
+        grads = [group.reduce() for group, _ in self.groups]
         if loss_scale != 1.0:
-            grads = [g.div_(loss_scale) for g in grads]  # buffers of this step: in place
+            for g in (t for gs in grads for t in gs):
+                g.div_(loss_scale)
         norm = self.grad_norm(grads)
         if not math.isfinite(norm):
             return norm
         if cfg.clip_grad and norm > cfg.clip_grad:
-            grads = [g.mul_(cfg.clip_grad / (norm + 1e-6)) for g in grads]
+            for g in (t for gs in grads for t in gs):
+                g.mul_(cfg.clip_grad / (norm + 1e-6))
         self.step_count += 1
         for (group, _), g in zip(self.groups, grads):
             group.adamw(g, lr, self.step_count)
@@ -249,15 +382,15 @@ class Optimizer:
     # ---- checkpointing: per-parameter states, so they reshard like weights ------------------
     KINDS = ("fp32_param", "exp_avg", "exp_avg_sq")
 
-    def param_states(self) -> dict[str, list[torch.Tensor]]:
+    def param_states(self, kinds: Sequence[str] = KINDS) -> dict[str, list[torch.Tensor]]:
         """kind -> this rank's full local tensor of every trainable parameter, in model.parameters()
-        order (DP / EDP shards gathered)."""
+        order, on the CPU (DP / EDP shards gathered)."""
         out: dict[str, list[torch.Tensor]] = {}
-        for kind in self.KINDS:
+        for kind in kinds:
             views: list[Optional[torch.Tensor]] = [None] * len(self.params)
             for group, indices in self.groups:
-                for i, view in zip(indices, group.views(group.gather(group.shards()[kind]))):
-                    views[i] = view
+                for i, value in zip(indices, group.full_states(kind)):
+                    views[i] = value
             out[kind] = views  # type: ignore[assignment]
         return out
 
@@ -268,15 +401,6 @@ class Optimizer:
                 group.load(kind, [states[kind][i] for i in indices])
         self.step_count = step
         self._write_back()
-
-
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) runs of True in a 1-D bool mask."""
-    if not mask.numel():
-        return []
-    edges = torch.diff(mask.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
-                       append=torch.zeros(1, dtype=torch.int8)).nonzero().flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine") -> float:

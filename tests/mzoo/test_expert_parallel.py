@@ -231,7 +231,7 @@ def _train(rank: int, world: int, ep: int) -> dict:
             x, experts = _batch(step, world)
             opt.zero_grad()
             model(x[rank], experts[rank]).backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            grads = {n: p.main_grad.clone() for n, p in model.named_parameters() if p.requires_grad}
             norm = opt.step(OPT["lr"])
             steps.append({"norm": norm, "grads": grads,
                           "params": {n: p.detach().clone() for n, p in model.named_parameters()}})
