@@ -76,7 +76,9 @@ def finetune(
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (matrices only)."),
     clip_grad: float = typer.Option(1.0, help="Gradient-norm clipping (0 disables)."),
     seed: int = typer.Option(1234, help="Seed for data order."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    device: str = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or cpu."),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 (fp32 master weights and main gradients) or fp16 "
+                                            "(+ dynamic loss scaling); default bf16 on GPUs, fp32 on CPUs."),
     recompute: str = typer.Option("none", help="none, selective or full."),
     eval_interval: int = typer.Option(0, "--eval-interval", help="Validation loss every N steps (default: at the end)."),
     eval_iters: int = typer.Option(1, "--eval-iters", help="Global batches per validation."),
@@ -97,6 +99,9 @@ def finetune(
     from mzoo.train.run import RunConfig
     from mzoo.train.trainer import TrainConfig
 
+    from mzoo.train.device import default_precision, resolve_device
+
+    precision = precision or default_precision(resolve_device(device))
     if save_format not in ("hf", "megatron"):
         raise UserError(f"unknown --save-format '{save_format}'; use hf or megatron.")
     if megatron_format not in ("torch_dist", "torch"):
@@ -130,7 +135,7 @@ def finetune(
 
     tcfg.validate(ParallelState.single(layout))
     rc = RunConfig(cfg, layout, tcfg, str(ckpt), str(save) if save else None, save_interval, False,
-                   str(log_json) if log_json else None, save_format=save_format)
+                   str(log_json) if log_json else None, save_format=save_format, device=device)
     hooks = _hooks(megatron_format, save_format, precision, sft, tokenizer_dir)
     from mzoo.train.run import in_launcher
 

@@ -166,8 +166,6 @@ def _show_one(p) -> None:
 def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[int], as_json: bool) -> None:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) and print its
     parameters and the planner's memory estimate for mzoo's engine."""
-    import torch
-
     from mzoo import plan as P
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
@@ -176,8 +174,7 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
     if not 0 <= rank < world:
         raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
     state = ParallelState.for_rank(layout, rank)
-    with torch.device("meta"):
-        chunks = build_chunks(cfg, state, first=first, last=last)
+    chunks = build_chunks(cfg, state, first=first, last=last, device="meta")
     params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
     plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
                            first=first, last=last)

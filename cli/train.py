@@ -90,7 +90,9 @@ def train(
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
     clip_grad: float = typer.Option(1.0, help="Global gradient-norm clipping (0 disables)."),
     seed: int = typer.Option(1234, help="Seed for initialisation and data."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 (fp32 master weights) or fp16 (+ dynamic loss scaling)."),
+    device: str = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or cpu."),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 (fp32 master weights and main gradients) or fp16 "
+                                            "(+ dynamic loss scaling); default bf16 on GPUs, fp32 on CPUs."),
     recompute: str = typer.Option("none", help="Activation recomputation: none, selective (attention) or full."),
     peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs)."),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
@@ -119,6 +121,9 @@ def train(
     from mzoo.train.trainer import TrainConfig
     from mzoo.zoo import resolve
 
+    from mzoo.train.device import default_precision, resolve_device
+
+    precision = precision or default_precision(resolve_device(device))
     cfg = resolve(model)
     if override:
         cfg = cfg.replace(**_parse_overrides(override))
@@ -158,7 +163,7 @@ def train(
         report(cfg, layout, tcfg, dry_run_rank, first_stage_layers, last_stage_layers, as_json)
         return
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
-                   str(log_json) if log_json else None, str(tensorboard) if tensorboard else None)
+                   str(log_json) if log_json else None, str(tensorboard) if tensorboard else None, device=device)
     hooks = _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers)
     execute("train", rc, hooks, world, nnodes, node_rank, master_addr, master_port, as_json,
             f"saved {megatron_format} checkpoint to {save}" if save else None)

@@ -66,18 +66,22 @@ class ModelChunks(nn.ModuleList):
 
 
 def build_chunks(cfg: ModelConfig, state: ParallelState, dtype: Optional[torch.dtype] = None,
-                 first: Optional[int] = None, last: Optional[int] = None) -> ModelChunks:
-    """The chunks this pipeline rank holds, with Megatron's (interleaved) layer assignment."""
+                 first: Optional[int] = None, last: Optional[int] = None,
+                 device: Optional[str | torch.device] = None) -> ModelChunks:
+    """The chunks this pipeline rank holds, with Megatron's (interleaved) layer assignment, built
+    directly on the rank's device (`state.device`, or `device`: 'meta' for shapes only): parameters are allocated there uninitialised,
+    so a GPU rank never holds its model in host memory; `init_weights` or a checkpoint fills them."""
     from mzoo.parallel.pipeline import stage_layers
 
     ranges = stage_layers(cfg.num_layers, state.pp, state.config.vpp, first, last)[state.pp_rank]
     vpp = len(ranges)
     cls = model_class(cfg)
-    chunks = [
-        cls(cfg, state, layers=r, dtype=dtype,
-            pre_process=state.is_first_stage and v == 0, post_process=state.is_last_stage and v == vpp - 1)
-        for v, r in enumerate(ranges)
-    ]
+    with torch.device(device or state.device):
+        chunks = [
+            cls(cfg, state, layers=r, dtype=dtype,
+                pre_process=state.is_first_stage and v == 0, post_process=state.is_last_stage and v == vpp - 1)
+            for v, r in enumerate(ranges)
+        ]
     return ModelChunks(chunks, cfg, state)
 
 

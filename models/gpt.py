@@ -288,10 +288,11 @@ class GPTModel(nn.Module):
     ) -> torch.Tensor:
         """`cache` (mzoo.generate.InferenceCache): decode after the cached positions. `segments`
         [b, s]: packed examples; a token attends only to earlier tokens of its own segment."""
-        b, s = input_ids.shape
+        b, s = self._batch_shape(input_ids, hidden)
         if position_ids is None:
             start = cache.offset if cache is not None else 0
-            position_ids = torch.arange(start, start + s, device=input_ids.device).expand(b, s)
+            device = input_ids.device if input_ids is not None else hidden.device
+            position_ids = torch.arange(start, start + s, device=device).expand(b, s)
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden
         if self.state.config.sequence_parallel and self.pre_process:
             x = C.scatter_to_sp(x, self.state.tp_group)
@@ -316,6 +317,14 @@ class GPTModel(nn.Module):
             return loss.t()
         logits = C.gather_from_tp(logits, self.state.tp_group)
         return logits.transpose(0, 1)[..., : self.cfg.vocab_size]
+
+    def _batch_shape(self, input_ids: Optional[torch.Tensor], hidden: Optional[torch.Tensor]) -> tuple[int, int]:
+        """(batch, sequence): from the token ids, or on later pipeline stages (which read no data)
+        from the received hidden states [s, b, h] (sequence-sharded under SP)."""
+        if input_ids is not None:
+            return tuple(input_ids.shape)
+        sp = self.state.tp if self.state.config.sequence_parallel else 1
+        return hidden.shape[1], hidden.shape[0] * sp
 
     def set_recompute(self, mode: str) -> None:
         """Activation recomputation: 'none', 'selective' (core attention) or 'full' (every layer)."""
@@ -352,8 +361,9 @@ class GPTModel(nn.Module):
         gives the same model in every layout."""
         for name, p in self.canonical_parameters():
             shape = _global_shape(p, self.state, self.cfg.vocab_size)
-            value = init_tensor(self.cfg, name, shape, seed)
-            p.copy_(to_local(p, value, self.state.tp, self.state.tp_rank).to(p.dtype))
+            with torch.device("cpu"):  # CPU generators: the same values whatever device the model is on
+                value = to_local(p, init_tensor(self.cfg, name, shape, seed), self.state.tp, self.state.tp_rank)
+            p.copy_(value.to(p.dtype))
 
 
 def _global_shape(p: torch.Tensor, state: ParallelState, vocab_size: int) -> tuple[int, ...]:

@@ -126,9 +126,9 @@ class Experts(nn.Module):
         n, width = len(counts), max(counts)
         if width == 0:
             return x.new_zeros(x.shape)
-        sizes = torch.tensor(counts)
-        row = torch.arange(x.shape[0]) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-        slot = torch.repeat_interleave(torch.arange(n), sizes) * width + row
+        sizes = torch.tensor(counts, device=x.device)
+        row = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        slot = torch.repeat_interleave(torch.arange(n, device=x.device), sizes) * width + row
         padded = x.new_zeros(n * width, x.shape[-1]).index_copy(0, slot, x).view(n, width, -1)
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])

@@ -54,7 +54,8 @@ def _dispatch_and_combine(tokens: torch.Tensor, weights: torch.Tensor, indices: 
         received = C.exchange_counts(counts, group).view(ep, local)  # [source rank, local expert]
         recv_sizes = received.sum(1).tolist()
         arrived = C.all_to_all(routed, recv_sizes, send, group)  # grouped by source rank, then expert
-        expert_of_row = torch.repeat_interleave(torch.arange(local).repeat(ep), received.reshape(-1))
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=received.device).repeat(ep),
+                                               received.reshape(-1))
         regroup = torch.argsort(expert_of_row, stable=True)
         out = run(arrived.index_select(0, regroup), received.sum(0).tolist())
         out = C.all_to_all(out.index_select(0, torch.argsort(regroup)), send, recv_sizes, group)

@@ -53,10 +53,8 @@ def prev_rank(state: ParallelState) -> int:
 
 
 def default_device(state: ParallelState) -> torch.device:
-    """Where receive buffers live: the current GPU for NCCL, the CPU for gloo."""
-    if state.pp_group is not None and dist.get_backend(state.pp_group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where receive buffers live: this rank's device (its GPU under NCCL, the CPU under gloo)."""
+    return state.device
 
 
 def _outgoing(tensor: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:

@@ -18,45 +18,59 @@ import torch
 MODEL_PARALLEL = "model-parallel-rng"
 
 
-def _device_rng_get() -> torch.Tensor:
-    return torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+def _device_rng_get(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _device_rng_set(state: torch.Tensor) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state(state)
+def _device_rng_set(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
 
 
 @dataclass
 class RNGTracker:
+    """Named generator states of the device the activations live on (the CPU or this rank's GPU)."""
+
     states: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def _get(self) -> torch.Tensor:
+        return _device_rng_get(self.device)
+
+    def _set(self, state: torch.Tensor) -> None:
+        _device_rng_set(state, self.device)
 
     def add(self, name: str, seed: int) -> None:
-        saved = _device_rng_get()
-        torch.manual_seed(seed)
-        self.states[name] = _device_rng_get()
-        _device_rng_set(saved)
+        """A new stream seeded with `seed`; only this device's generator is touched, and restored."""
+        saved = self._get()
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.default_generator.manual_seed(seed)
+        self.states[name] = self._get()
+        self._set(saved)
 
     @contextmanager
     def fork(self, name: str = MODEL_PARALLEL) -> Iterator[None]:
         if name not in self.states:  # not seeded (single process, no dropout setup): default stream
             yield
             return
-        saved = _device_rng_get()
-        _device_rng_set(self.states[name])
+        saved = self._get()
+        self._set(self.states[name])
         try:
             yield
         finally:
-            self.states[name] = _device_rng_get()
-            _device_rng_set(saved)
+            self.states[name] = self._get()
+            self._set(saved)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"default": _device_rng_get(), **{f"tracker/{k}": v for k, v in self.states.items()}}
+        return {"default": self._get(), **{f"tracker/{k}": v for k, v in self.states.items()}}
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
-        _device_rng_set(sd["default"])
+        self._set(sd["default"])
         self.states = {k.split("/", 1)[1]: v for k, v in sd.items() if k.startswith("tracker/")}
 
 

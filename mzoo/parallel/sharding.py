@@ -76,7 +76,7 @@ def pad_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """Zero rows up to the padded vocabulary (Megatron-Bridge's convention; trimmed on export)."""
     if tensor.shape[0] >= rows:
         return tensor
-    pad = torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype)
+    pad = torch.zeros((rows - tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     return torch.cat([tensor, pad], dim=0)
 
 

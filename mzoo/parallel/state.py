@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from mzoo.config import ConfigError, ParallelConfig
@@ -41,6 +42,10 @@ class ParallelState:
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
     embedding_group: Group = None  # first + last stage of this pipeline (tied embeddings)
     rng: RNGTracker = field(default_factory=RNGTracker)  # TP-aware dropout streams
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # this rank's model and data
+
+    def __post_init__(self) -> None:
+        self.rng.device = self.device  # the dropout streams live where the activations do
 
     @property
     def tp(self) -> int:
@@ -71,9 +76,9 @@ class ParallelState:
         return self.pp_rank == self.config.pp - 1
 
     @classmethod
-    def single(cls, config: Optional[ParallelConfig] = None) -> "ParallelState":
+    def single(cls, config: Optional[ParallelConfig] = None, device: Optional[torch.device] = None) -> "ParallelState":
         """One process holding everything; `config` may still say tp/pp for shapes (meta models)."""
-        return cls(config=config or ParallelConfig())
+        return cls(config=config or ParallelConfig(), device=torch.device(device or "cpu"))
 
     @classmethod
     def for_rank(cls, config: ParallelConfig, rank: int) -> "ParallelState":
@@ -87,8 +92,9 @@ class ParallelState:
                    ep_rank=d % config.ep, edp_rank=d // config.ep)
 
     @classmethod
-    def build(cls, config: ParallelConfig) -> "ParallelState":
-        """Create every process group (all ranks must call this, in the same order)."""
+    def build(cls, config: ParallelConfig, device: Optional[torch.device] = None) -> "ParallelState":
+        """Create every process group (all ranks must call this, in the same order); `device` is
+        where this rank's model, data and collectives live (its GPU, or the CPU)."""
         world = dist.get_world_size()
         if config.world_size != world:
             raise ValueError(
@@ -96,6 +102,8 @@ class ParallelState:
                 f"{config.world_size} processes but {world} were started; make the product match."
             )
         me = cls.for_rank(config, dist.get_rank())
+        me.device = torch.device(device or "cpu")
+        me.rng.device = me.device
         coords = {
             r: (s.tp_rank, s.cp_rank, s.dp_rank, s.pp_rank)
             for r in range(world)
@@ -123,7 +131,7 @@ class ParallelState:
                 made[key] = dist.new_group(ranks) if len(ranks) > 1 else None
             if me.rank in ranks:
                 setattr(me, f"{name}_group", made[key])
-        if me.pp_group is not None and dist.get_backend() == "nccl":
+        if me.pp_group is not None and me.device.type == "cuda":
             # NCCL wants a group's first operation to involve all of its ranks before batched p2p
             dist.barrier(group=me.pp_group)
         return me

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.parallel.sharding import to_global, to_local
 from mzoo.parallel.state import ParallelState
+from mzoo.train.device import configure, init_process_group, resolve_device
 from mzoo.train.trainer import Sampler, StepLog, TrainConfig, Trainer
 
 
@@ -44,6 +45,7 @@ class RunConfig:
     log_json: Optional[str] = None
     tensorboard: Optional[str] = None
     save_format: str = "megatron"  # or "hf": weights only, for inference and sharing (finetuning)
+    device: str = "auto"  # auto (this rank's GPU when there is one), cuda or cpu
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -68,21 +70,12 @@ def adopt_slurm_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def init_process_group() -> bool:
-    """Join the launcher's process group; True when this call created it (and must destroy it)."""
-    if dist.is_initialized() or not in_launcher():
-        return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    return True
-
-
-def build_state(layout: ParallelConfig) -> ParallelState:
+def build_state(layout: ParallelConfig, device: Optional[torch.device] = None) -> ParallelState:
     if not dist.is_initialized():
         if layout.world_size != 1:
             raise ConfigError(f"the layout needs {layout.world_size} processes but this is a single process.")
-        return ParallelState.single(layout)
-    return ParallelState.build(layout)
+        return ParallelState.single(layout, device)
+    return ParallelState.build(layout, device)
 
 
 @torch.no_grad()
@@ -94,8 +87,9 @@ def gather_canonical(model: torch.nn.Module, state: ParallelState,
     out: dict[str, torch.Tensor] = {}
     for i, (name, p) in enumerate(model.canonical_parameters()):
         local = p if values is None else values[i]
-        value = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).clone()
-        out.setdefault(name, value)  # a tied copy on the last stage repeats the embedding
+        if name in out:  # a tied copy on the last stage repeats the embedding
+            continue
+        out[name] = to_global(p, local, state.tp_group, state.tp, model.cfg.vocab_size).cpu().clone()
     # experts differ across EP ranks (the rest is replicated), then stages differ across PP
     for group, size in ((state.ep_group, state.config.ep), (state.pp_group, state.pp)):
         if group is not None:
@@ -205,16 +199,18 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
 
 
 def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
-    owns_group = init_process_group()
-    logs = _run(rc, hooks, on_step)  # on an error the launcher tears every rank down
+    device = resolve_device(rc.device)
+    owns_group = init_process_group(device)
+    configure(device)
+    logs = _run(rc, hooks, on_step, device)  # on an error the launcher tears every rank down
     if owns_group:  # tear the group down in step, so no rank exits under a live communicator thread
         dist.barrier()
         dist.destroy_process_group()
     return logs
 
 
-def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None]) -> list[StepLog]:
-    state = build_state(rc.layout)
+def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device: torch.device) -> list[StepLog]:
+    state = build_state(rc.layout, device)
     torch.manual_seed(rc.train.seed)
     model = hooks.build_model(rc.model, state)
     if rc.load:

@@ -125,6 +125,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
+PACKED_KEYS = ("position_ids", "segments")  # packed finetuning samples: every pipeline stage needs these
 
 
 def dataset_samplers(data_cfg, num_train: int, num_valid: Optional[int], state: ParallelState
@@ -157,6 +158,8 @@ class Trainer:
         self.optimizer = Optimizer(model, state, AdamWConfig(
             lr=tcfg.lr, weight_decay=tcfg.weight_decay, clip_grad=tcfg.clip_grad,
             distributed=tcfg.distributed_optimizer))
+        self.device = next(model.parameters()).device
+        self.data_keys = set(sampler(0))  # which keys the data has (packed finetuning data: positions too)
         self.step = 0
         self.consumed_samples = 0
         self.scaler = LossScaler(tcfg.precision == "fp16")
@@ -165,6 +168,23 @@ class Trainer:
             model.set_recompute(tcfg.recompute)
         self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
         self.peak_tflops = tcfg.peak_tflops or detect_peak_tflops()
+
+    def _batch(self, sampler: Sampler, indices: list[int], chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """One micro-batch of the keys this chunk uses, on the model's device (Megatron's rule: the
+        first stage reads tokens, the last labels; middle stages read nothing unless the data is
+        packed, whose positions and segments every stage needs)."""
+        keys = set(PACKED_KEYS) & self.data_keys
+        if chunk.pre_process:
+            keys.add("tokens")
+        if chunk.post_process:
+            keys |= {"labels", "loss_mask"} & self.data_keys
+        if not keys:
+            return {}
+        samples = [sampler(i) for i in indices]
+        batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
+        if self.device.type == "cpu":
+            return batch
+        return {key: t.pin_memory().to(self.device, non_blocking=True) for key, t in batch.items()}
 
     def _chunks(self) -> list[torch.nn.Module]:
         return list(self.model) if isinstance(self.model, torch.nn.ModuleList) else [self.model]
@@ -182,12 +202,11 @@ class Trainer:
         batches = global_sample_indices(consumed, tcfg.global_batch, state.dp_rank, state.dp, tcfg.micro_batch)
 
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-            samples = [sampler(i) for i in batches[m]]
-            batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
-            packed = {key: batch[key] for key in ("position_ids", "segments") if key in batch}  # finetuning data
+            batch = self._batch(sampler, batches[m], chunk)
+            packed = {key: batch[key] for key in PACKED_KEYS if key in batch}  # finetuning data
             if not chunk.post_process:
-                return chunk(batch["tokens"], hidden=hidden, **packed)
-            loss = chunk(batch["tokens"], hidden=hidden, labels=batch["labels"], **packed).float()
+                return chunk(batch.get("tokens"), hidden=hidden, **packed)
+            loss = chunk(batch.get("tokens"), hidden=hidden, labels=batch["labels"], **packed).float()
             if "loss_mask" in batch:  # mean over the trained tokens of this micro-batch
                 mask = batch["loss_mask"].float()
                 return (loss * mask).sum() / mask.sum().clamp(min=1.0) / n_micro * scale
@@ -198,7 +217,7 @@ class Trainer:
         dtype = next(chunks[0].parameters()).dtype
         losses = pick_schedule(state)(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
                                       (seq, tcfg.micro_batch, self.cfg.hidden_size), dtype, forward_only=forward_only)
-        total = torch.stack(losses).sum() / scale if losses else torch.zeros(())
+        total = torch.stack(losses).sum() / scale if losses else torch.zeros((), device=self.device)
         for group in (state.pp_group, state.dp_group):  # the global-batch loss on every rank
             if group is not None:
                 torch.distributed.all_reduce(total, group=group)

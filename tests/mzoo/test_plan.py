@@ -27,9 +27,8 @@ def _meta_numel(cfg: ModelConfig, layout: Layout, rank: int) -> int:
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
 
-    with torch.device("meta"):
-        chunks = build_chunks(cfg, ParallelState.for_rank(layout.parallel_config(), rank),
-                              first=layout.first, last=layout.last)
+    chunks = build_chunks(cfg, ParallelState.for_rank(layout.parallel_config(), rank),
+                          first=layout.first, last=layout.last, device="meta")
     return sum(p.numel() for p in chunks.parameters())
 
 
