@@ -240,7 +240,7 @@ class _FlatGroup:
         """Every parameter's whole local tensor of one state kind, on the CPU (gathered bucket by
         bucket over the group when distributed: one bucket-sized device buffer at a time)."""
         values = self.shards()[kind]
-        out = [torch.empty(p.shape, dtype=torch.float32) for p in self.params]
+        out = [torch.empty(p.shape, dtype=torch.float32, device="cpu") for p in self.params]
         for b in self.buckets:
             own = self.state_slice(values, b)
             if self.distributed:

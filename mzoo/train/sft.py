@@ -171,7 +171,8 @@ def sampler(samples: list[PackedSample], seed: int) -> Callable[[int], dict[str,
     def get(index: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(index, n)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch),
+                                          device="cpu").tolist()
         return samples[orders[epoch][i]].as_dict()
 
     return get

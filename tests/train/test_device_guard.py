@@ -1,0 +1,134 @@
+"""Device-leak guard: every tensor a training step creates must live on the model's device.
+
+The step runs with `torch.device("meta")` as the default device while the model and data live on
+the CPU, so any tensor made without an explicit device (what would land on the CPU while the model
+is on a GPU) becomes a meta tensor and the first op that mixes it with a real one raises; on top of
+that, a factory call in mzoo's own code without `device=` fails at once with its file and line
+(a meta tensor handed to a gloo collective can hang instead of failing). Each
+family and each layout class is covered: dense TP + SP, PP (tied embeddings across stages),
+interleaved PP, DP + the distributed optimizer, MoE with EP (+ the aux-free bias update), MLA,
+Mamba-1, Mamba-2, the hybrid stack, packed finetuning samples through a pipeline, and a save's
+gathers. Then the model is on a fresh device type check: parameters, buffers and optimizer state all
+on the CPU (nothing left on meta).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._device import _device_constructors
+
+import dist as D
+from mzoo.config import ParallelConfig
+from mzoo.models import build_chunks
+from mzoo.parallel.state import ParallelState
+from mzoo.train.run import gather_canonical
+from mzoo.train.trainer import TrainConfig, Trainer
+from mzoo.zoo import resolve
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT = tuple(str(REPO / room) for room in ("mzoo", "models", "converters", "cli"))
+
+
+class DeviceRequired(TorchFunctionMode):
+    """Fails at once, naming the line, when mzoo's own code calls a tensor factory (zeros, arange,
+    tensor, ...) without `device=`: such a tensor lands on the default device, not the model's.
+    Torch's internals are left to the meta default device, which makes their leaks fail too."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device_constructors() and kwargs.get("device") is None:
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(PRODUCT):
+                raise AssertionError(f"{caller.f_code.co_filename}:{caller.f_lineno} calls torch.{func.__name__} "
+                                     "without device= inside a training step")
+        return func(*args, **kwargs)
+
+
+FAMILIES = ["llama-tiny", "gpt-tiny", "mixtral-tiny", "deepseek-tiny", "mamba1-tiny", "mamba-tiny",
+            "mamba-hybrid-tiny"]
+
+
+def _sampler(vocab: int, seq_len: int, packed: bool = False):
+    """Mock pretraining data (the real dataset class), or packed finetuning samples (the real packer):
+    both made on the CPU before the guarded step, as the data pipeline makes them."""
+    if not packed:
+        from mzoo.train.data import MockGPTDataset
+
+        return MockGPTDataset(vocab, seq_len, seed=7)
+    from mzoo.train.sft import Example, pack, sampler
+
+    g = torch.Generator().manual_seed(0)
+    examples = [Example(torch.randint(3, vocab, (n,), generator=g).tolist(), [i % 2 == 0] * n)
+                for i, n in enumerate([5, 9, 6, 4, 7, 8, 3, 10] * 4)]
+    return sampler(pack(examples, seq_len), seed=1)
+
+
+def _guarded_steps(name: str, state: ParallelState, packed: bool = False, **train) -> dict:
+    name, _, layers = name.partition(":")
+    cfg = resolve(name) if not layers else resolve(name).replace(num_layers=int(layers))
+    tcfg = TrainConfig(seq_len=16, micro_batch=1, global_batch=4, steps=2, lr=1e-3, **train)
+    model = build_chunks(cfg, state)
+    model.init_weights(seed=3)
+    trainer = Trainer(model, cfg, state, tcfg, _sampler(cfg.vocab_size, tcfg.seq_len, packed))
+    with torch.device("meta"), DeviceRequired():
+        logs = [trainer.train_step() for _ in range(2)]
+        tensors = gather_canonical(model, state)
+        states = trainer.optimizer.param_states(("exp_avg",))
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    devices |= {t.device.type for g, _ in trainer.optimizer.groups for t in g.shards().values()}
+    return {"losses": [log.loss for log in logs], "devices": devices,
+            "saved": {t.device.type for t in tensors.values()} | {t.device.type for t in states["exp_avg"]}}
+
+
+def _check(result: dict) -> None:
+    assert all(torch.isfinite(torch.tensor(result["losses"]))), result["losses"]
+    assert result["devices"] == {"cpu"}
+    assert result["saved"] == {"cpu"}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_process_step_creates_nothing_off_device(name):
+    _check(_guarded_steps(name, ParallelState.single()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_creates_nothing_off_device(precision):
+    _check(_guarded_steps("llama-tiny", ParallelState.single(), precision=precision))
+
+
+# (preset, layout, training options, packed data) on 2 ranks; all in one spawn (starting ranks costs seconds)
+LAYOUTS = [
+    ("llama-tiny", dict(tp=2, sequence_parallel=True), {}, False),
+    ("gpt-tiny", dict(pp=2), {}, False),  # tied embeddings: the embedding group's gradient sum
+    ("llama-tiny:4", dict(pp=2, vpp=2), {}, False),  # 4 layers: 2 chunks per stage
+    ("llama-tiny", dict(pp=2), {}, True),  # packed samples: positions and segments on every stage
+    ("llama-tiny", dict(dp=2), dict(distributed_optimizer=True), False),
+    ("mixtral-tiny", dict(dp=2, ep=2), dict(distributed_optimizer=True), False),
+    ("deepseek-tiny", dict(dp=2, ep=2), {}, False),
+    ("mixtral-tiny", dict(tp=2, sequence_parallel=True), {}, False),
+    ("mamba-tiny", dict(tp=2), {}, False),
+    ("mamba-hybrid-tiny", dict(pp=2), {}, False),
+]
+
+
+def _worker(rank, world):
+    out = []
+    for name, layout, train, packed in LAYOUTS:
+        state = ParallelState.build(ParallelConfig(**layout))
+        out.append(_guarded_steps(name, state, packed, **train))
+    return out
+
+
+@pytest.mark.dist
+def test_parallel_steps_create_nothing_off_device():
+    for rank_results in D.run(_worker, 2):
+        for (name, layout, _, _), result in zip(LAYOUTS, rank_results):
+            try:
+                _check(result)
+            except AssertionError as e:
+                raise AssertionError(f"{name} {layout}: {e}") from None
