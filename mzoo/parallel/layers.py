@@ -18,14 +18,37 @@ from mzoo.parallel.sharding import REPLICATED, ShardSpec, set_spec
 from mzoo.parallel.state import ParallelState
 
 
+class _RMSNorm(torch.autograd.Function):
+    """`weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` computed in fp32, as transformers'
+    LlamaRMSNorm, keeping only the input and the fp32 rstd per row for backward (plain autograd
+    would keep an fp32 copy of the input and the normalised tensor: 3x the memory under bf16).
+    The backward recomputes the normalised input from them, in fp32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            dims = tuple(range(grad.dim() - 1))
+            grad_weight = (grad * normed.to(x.dtype)).float().sum(dims).to(weight.dtype)
+        d_normed = grad.float() * weight.float()
+        grad_x = rstd * (d_normed - normed * (d_normed * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str, eps: float):
     """LayerNorm or RMSNorm; RMSNorm computes in fp32 like transformers' LlamaRMSNorm."""
     if kind == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    return _RMSNorm.apply(x, weight, eps)
 
 
 def _param(shape: Sequence[int], spec: ShardSpec, dtype: Optional[torch.dtype]) -> nn.Parameter:
