@@ -38,8 +38,9 @@ def plan(
                                                help="Shard fp32 master weights and Adam states over DP x CP."),
     fp8: bool = typer.Option(False, "--fp8", help="FP8 linear layers (Transformer Engine): faster GEMMs, "
                              "fp8 weight copies."),
-    grad_reduce_in_fp32: bool = typer.Option(False, "--grad-reduce-in-fp32",
-                                             help="fp32 gradient buffer (megatron-core's default is bf16)."),
+    grad_reduce_in_fp32: bool = typer.Option(True, "--grad-reduce-in-fp32/--grad-reduce-in-bf16",
+                                             help="Megatron's main-grad buffer in fp32 (what Megatron-LM uses for bf16 "
+                                             "runs) or bf16 (megatron-core's library default)."),
     top: int = typer.Option(10, "--top", help="Show the best K layouts per GPU type."),
     check: Optional[str] = typer.Option(None, "--check", help="Evaluate one layout, e.g. tp=4,pp=4,ep=8 "
                                         "(keys: tp pp vpp ep etp cp dp first last)."),

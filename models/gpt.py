@@ -24,6 +24,7 @@ from mzoo.parallel.layers import (
     Norm,
     RowParallelLinear,
     VocabParallelEmbedding,
+    gated,
     mark_sequence_parallel,
 )
 from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -129,8 +130,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = gated(h, self.act)
         else:
             h = self.act(h)
         return self.linear_fc2(h)

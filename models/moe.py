@@ -24,7 +24,7 @@ from torch import nn
 
 from mzoo.config import ModelConfig
 from mzoo.parallel import experts as E
-from mzoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, mark_sequence_parallel
+from mzoo.parallel.layers import ColumnParallelLinear, RowParallelLinear, gated, mark_sequence_parallel
 from mzoo.parallel.sharding import REPLICATED, set_spec
 from mzoo.parallel.state import ParallelState
 
@@ -108,8 +108,7 @@ class Experts(nn.Module):
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.act(gate) * up
+            return gated(h, self.act)
         return self.act(h)
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:

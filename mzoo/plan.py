@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.errors import UserError
+from mzoo.parallel.cross_entropy import CHUNK_ELEMENTS as CE_CHUNK_ELEMENTS
 from mzoo.parallel.pipeline import stage_layers
 
 GIB = 2**30
@@ -79,45 +80,44 @@ class Profile:
 
     name: str
     param: int  # weights
-    grad: int  # Megatron's main_grad buffer / torch's p.grad
-    flat_grad: int  # a second, flat gradient buffer that is never sharded (mzoo's engine)
+    grad: int  # the main-gradient buffer (Megatron's main_grad, mzoo's optimizer), never sharded
     master: int  # fp32 master copy (sharded by the distributed optimizer)
     moments: int  # Adam m + v
-    decay_mask: int  # mzoo's engine: an fp32 weight-decay value per element
-    step_temporaries: int  # per optimizer element, alive only inside the step (mzoo's engine)
     act: int  # one saved activation element
     logits: int  # one (token, vocabulary row) at the loss, at its peak
     sequence_parallel: Optional[bool]  # None: on whenever tp > 1 (Megatron requires it for MoE)
     engine: bool  # mzoo's pure-torch blocks keep a few more copies (docs/plan.md, activations)
     selective: frozenset  # what --recompute selective recomputes
-    overhead: int  # fixed bytes
+    overhead: int  # fixed bytes: CUDA context, NCCL communicators, library workspaces
     fp8: bool = False
-    scratch: int = 0  # mzoo's engine: the optimizer's persistent fp32 scratch vector (the in-place step)
+    bucket_copy: bool = False  # gloo (the CPU engine) copies a gradient bucket inside each DP collective
 
     @property
     def state_bytes(self) -> int:
-        return self.param + self.grad + self.flat_grad + self.master + self.moments + self.decay_mask + self.scratch
+        return self.param + self.grad + self.master + self.moments
 
 
-def megatron_profile(grad_fp32: bool = False, fp8: bool = False) -> Profile:
-    """Megatron-Core + Transformer Engine on GPUs: bf16 weights, a bf16 main_grad buffer
-    (DistributedDataParallelConfig.grad_reduce_in_fp32 defaults to False), fp32 master + Adam."""
-    return Profile("megatron", param=2, grad=4 if grad_fp32 else 2, flat_grad=0, master=4, moments=8, decay_mask=0,
-                   step_temporaries=0, act=2, logits=6, sequence_parallel=None, engine=False,
-                   selective=frozenset({"core_attn", "layernorm", "mla_up_proj"}),
+def megatron_profile(grad_fp32: bool = True, fp8: bool = False) -> Profile:
+    """Megatron-Core + Transformer Engine on GPUs: bf16 weights, an fp32 main_grad buffer (what
+    Megatron-LM forces for bf16 runs and NeMo's bf16_mixed sets; `grad_fp32=False` is
+    DistributedDataParallelConfig's bf16 default), fp32 master + Adam."""
+    return Profile("megatron", param=2, grad=4 if grad_fp32 else 2, master=4, moments=8, act=2, logits=6,
+                   sequence_parallel=None, engine=False, selective=frozenset({"core_attn", "layernorm", "mla_up_proj"}),
                    overhead=int(MEGATRON_OVERHEAD_GIB * GIB), fp8=fp8)
 
 
-def engine_profile(precision: str = "fp32", sequence_parallel: bool = False) -> Profile:
-    """mzoo's own engine (mzoo/parallel/optimizer.py): parameters and p.grad in the training dtype, a
-    flat fp32 gradient buffer, fp32 master + Adam m, v + the fp32 weight-decay vector + one fp32
-    scratch vector; the step itself runs in place (under the distributed optimizer, the
-    reduce-scattered gradient shard is its one temporary: see memory())."""
+def engine_profile(precision: str = "fp32", sequence_parallel: bool = False, device: str = "cpu") -> Profile:
+    """mzoo's own engine (mzoo/parallel/optimizer.py): parameters in the training dtype, the fp32
+    main-gradient buffer, fp32 master + Adam m, v (sharded by the distributed optimizer), the same
+    2 + 4 + 12/dp bytes as Megatron for bf16. The loss keeps the logits in their dtype and writes
+    their gradient in place. On a GPU the runtime's fixed memory (CUDA context, NCCL, cuBLAS) is
+    Megatron's; on the CPU it is part of the measured baseline, and gloo's DP collectives copy one
+    fp32 bucket during the optimizer step (NCCL reduces the buffer in place)."""
     size = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
-    logits = size + 4 * (3 + (size != 4))  # logits, (fp32 copy), masked, shifted, exp
-    return Profile(f"mzoo-{precision}", param=size, grad=size, flat_grad=4, master=4, moments=8, decay_mask=4,
-                   step_temporaries=0, act=size, logits=logits, sequence_parallel=sequence_parallel, engine=True,
-                   selective=frozenset({"core_attn"}), overhead=0, scratch=4)
+    overhead = int(MEGATRON_OVERHEAD_GIB * GIB) if device == "cuda" else 0
+    return Profile(f"mzoo-{precision}", param=size, grad=4, master=4, moments=8, act=size, logits=size,
+                   sequence_parallel=sequence_parallel, engine=True, selective=frozenset({"core_attn"}),
+                   overhead=overhead, bucket_copy=device != "cuda")
 
 
 # ---- layouts and settings ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ class Settings:
     recompute: str = "none"  # none, selective, full
     distributed_optimizer: bool = True
     fp8: bool = False
-    grad_fp32: bool = False
+    grad_fp32: bool = True  # Megatron's main grads in fp32 (Megatron-LM forces it for bf16)
     gpus_per_node: int = 8
 
     def microbatches(self, layout: Layout) -> int:
@@ -295,15 +295,12 @@ def norm_activations(width: int, sh: float, profile: Profile, sp: bool, feeds_co
     """Elements (in units of profile.act bytes) a norm and the linear after it keep per token.
 
     Megatron (TE): the norm's input and its output (the GEMM input; under SP the local shard, the
-    all-gather is redone in backward). mzoo's engine (plain torch RMSNorm in fp32): the input (its fp32
-    copy under bf16), the normalised tensor before the weight, and the output, which a column-parallel
-    linear under SP replaces by the all-gathered (full) copy."""
-    e = profile.act
+    all-gather is redone in backward). mzoo's engine: the norm's input (its fp32 rstd per token is
+    negligible) and the output, which a column-parallel linear under SP keeps all-gathered (full)."""
     if not profile.engine:  # under --fp8 the output is kept as the GEMM's fp8 input (1 byte)
         return width * sh + (0 if dropped else width * sh * (0.5 if profile.fp8 else 1.0))
-    inp = (4 / e if e != 4 else 1.0) * width * sh
     out = width if (sp and feeds_column) else width * sh
-    return inp + width * sh + out
+    return width * sh + out
 
 
 def block_activations(cfg: ModelConfig, block: str, s: Shard, profile: Profile, recompute: frozenset) -> float:
@@ -355,12 +352,10 @@ def block_activations(cfg: ModelConfig, block: str, s: Shard, profile: Profile, 
 
 
 def _ffn_acts(cfg: ModelConfig, ffn: int, t: int, profile: Profile) -> float:
-    """fc1 output (gated: [gate; up], kept by the activation) + the activation output (fc2's input,
-    fp8 under --fp8); the engine also keeps act(gate) before the product."""
+    """fc1 output (gated: [gate; up], kept by the activation, which both frameworks recompute in
+    backward) + the activation output (fc2's input, fp8 under --fp8)."""
     fc2_input = ffn * (0.5 if profile.fp8 else 1.0)
-    if cfg.gated:
-        return (2 * ffn + fc2_input + (ffn if profile.engine else 0)) / t
-    return (ffn + fc2_input) / t
+    return ((2 if cfg.gated else 1) * ffn + fc2_input) / t
 
 
 def _engine_scan(cfg: ModelConfig, t: int) -> float:
@@ -537,7 +532,7 @@ class Memory:
     recompute_working: float
     logits: float
     buffers: float
-    step_temporaries: float
+    step_temporaries: float  # alive only inside the optimizer step, when no activation is
     overhead: float
     stage: int = 0
     params: int = 0
@@ -602,11 +597,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     trained = params.dense + params.expert
     opt_elements = params.dense / dense_shards + params.expert / expert_shards
     weights = trained * (profile.param + (FP8_WEIGHT_BYTES if profile.fp8 else 0)) + params.frozen * 4
-    gradients = trained * (profile.grad + profile.flat_grad)
-    optimizer = opt_elements * (profile.master + profile.moments + profile.decay_mask + profile.scratch)
-    step = opt_elements * profile.step_temporaries
-    if profile.engine and settings.distributed_optimizer and layout.dp * layout.cp > 1:
-        step += opt_elements * 4  # the reduce-scattered fp32 gradient shard
+    gradients = trained * profile.grad
+    optimizer = opt_elements * (profile.master + profile.moments)
 
     T = settings.tokens(layout)
     m = settings.microbatches(layout)
@@ -615,9 +607,15 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     h, e, sh = cfg.hidden_size, profile.act, (1.0 / layout.tp if sp else 1.0)
     logits = 0.0
     if stage.head:  # the final norm and the output layer's input, then the loss at its peak
-        logits = T * (e * norm_activations(h, sh, profile, sp)
-                      + profile.logits * cfg.padded_vocab_size(layout.tp) / layout.tp)
+        slice_ = T * cfg.padded_vocab_size(layout.tp) / layout.tp
+        logits = T * e * norm_activations(h, sh, profile, sp) + profile.logits * slice_
+        if profile.engine:  # the loss's fp32 working copy of one chunk of rows
+            logits += 4 * min(slice_, CE_CHUNK_ELEMENTS)
     buffers = _buffers(model, layout, settings, profile, stage, params, T, sp, m)
+    step = 0.0
+    if profile.bucket_copy and max(dense_shards if settings.distributed_optimizer else layout.dp * layout.cp,
+                                   layout.expert_dp) > 1:
+        step = 4 * min(DDP_BUCKET_ELEMENTS, max(params.dense, params.expert))  # gloo's copy of one fp32 bucket
     return Memory(weights, gradients, optimizer, activations, T * working, logits, buffers,
                   step, profile.overhead, stage.rank, params.total)
 
@@ -641,8 +639,8 @@ def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile,
     shards = layout.dp * layout.cp
     if settings.distributed_optimizer and shards > 1 and not profile.engine:  # param all-gather bucket
         out += min(max(DDP_BUCKET_ELEMENTS, 1_000_000 * shards), params.dense + params.expert) * profile.param
-    if profile.engine and m > 1:  # accumulating into .grad: a parameter-sized gradient temporary
-        out += _largest_param(cfg, layout, stage, blocks) * profile.grad
+    if profile.engine:  # autograd's .grad of one parameter, alive until the hook adds it to the main grad
+        out += _largest_param(cfg, layout, stage, blocks) * profile.param
     return out
 
 

@@ -51,6 +51,34 @@ def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return _RMSNorm.apply(x, weight, eps)
 
 
+class _GatedActivation(torch.autograd.Function):
+    """act(gate) * up on fc1's output [gate; up], keeping only that output for backward and
+    recomputing the activation there (Megatron's fused SwiGLU does the same): plain autograd would
+    also keep act(gate), one more [tokens, ffn] tensor per layer. Same forward and gradients."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, act) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(h)
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = h.detach().requires_grad_()
+            gate, up = x.chunk(2, dim=-1)
+            out = ctx.act(gate) * up
+        (dh,) = torch.autograd.grad(out, x, grad)
+        return dh, None
+
+
+def gated(h: torch.Tensor, act) -> torch.Tensor:
+    """The gated activation of a [gate; up] fc1 output (SwiGLU, GeGLU)."""
+    return _GatedActivation.apply(h, act)
+
+
 def _param(shape: Sequence[int], spec: ShardSpec, dtype: Optional[torch.dtype]) -> nn.Parameter:
     return set_spec(nn.Parameter(torch.empty(*shape, dtype=dtype)), spec)
 

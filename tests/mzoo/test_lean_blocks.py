@@ -96,3 +96,25 @@ def test_cross_entropy_keeps_no_fp32_softmax():
     tokens = target.numel()
     assert saved <= logits.numel() * 2 + tokens * (4 + 4 + 8 + 1)  # bf16 logits; max, sum, target id, mask
     assert saved < logits.numel() * 4  # an fp32 softmax alone would be twice the logits
+
+
+def test_gated_activation_equals_autograd_and_keeps_less():
+    from mzoo.parallel.layers import gated
+
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 2, 40, generator=g).requires_grad_()
+    href = h.detach().clone().requires_grad_()
+    out, lean = _saved_bytes(gated, h, F.silu)
+
+    def plain_glu(x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    ref, plain = _saved_bytes(plain_glu, href)
+    assert torch.equal(out, ref)
+    dy = torch.randn(out.shape, generator=g)
+    out.backward(dy)
+    ref.backward(dy)
+    assert torch.equal(h.grad, href.grad)
+    assert lean == h.numel() * 4 and plain > lean  # fc1's output only, not silu(gate) as well
+
