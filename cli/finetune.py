@@ -9,7 +9,7 @@ import typer
 
 from mzoo.cli.common import console, user_errors
 from mzoo.cli.generate import load_tokenizer
-from mzoo.cli.train import execute, resolve_layout
+from mzoo.cli.train import check_memory, execute, resolve_layout
 from mzoo.errors import UserError
 
 
@@ -88,6 +88,7 @@ def finetune(
     save_interval: int = typer.Option(0, "--save-interval", help="Also save every N steps."),
     log_json: Optional[Path] = typer.Option(None, "--log-json", help="One JSON object per step."),
     as_json: bool = typer.Option(False, "--json", help="Print the layout, losses and validation losses as JSON."),
+    force: bool = typer.Option(False, "--force", help="Start even when the memory estimate exceeds the device's."),
 ) -> None:
     """Finetune a checkpoint on prompt/completion, chat or plain-text JSONL; the loss covers only the
     completion (assistant) tokens, examples are packed with attention kept inside each.
@@ -134,6 +135,7 @@ def finetune(
     from mzoo.parallel.state import ParallelState
 
     tcfg.validate(ParallelState.single(layout))
+    check_memory(cfg, layout, tcfg, device, world // nnodes, force)
     rc = RunConfig(cfg, layout, tcfg, str(ckpt), str(save) if save else None, save_interval, False,
                    str(log_json) if log_json else None, save_format=save_format, device=device)
     hooks = _hooks(megatron_format, save_format, precision, sft, tokenizer_dir)

@@ -164,9 +164,10 @@ def _show_one(p) -> None:
 
 
 # ---- mzoo train --dry-run --------------------------------------------------------------------------------
-def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[int], as_json: bool) -> None:
+def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[int], as_json: bool,
+            device: str = "cpu") -> None:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) and print its
-    parameters and the planner's memory estimate for mzoo's engine."""
+    parameters and the planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
     from mzoo import plan as P
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
@@ -181,7 +182,7 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
                            first=first, last=last)
     settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
                           tcfg.distributed_optimizer)
-    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel)
+    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device)
     stage = P.stages(cfg, plan_layout)[state.pp_rank]
     mem = P.stage_memory(cfg, plan_layout, settings, profile, stage)
     coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
@@ -193,7 +194,7 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
                                "cp": layout.cp, "sequence_parallel": layout.sequence_parallel,
                                "first_stage_layers": first, "last_stage_layers": last},
                     "layers": list(stage.layers), "parameters": params, "count": count,
-                    "memory": {"profile": profile.name, **mem.as_dict()}})
+                    "memory": {"profile": profile.name, "device": device, **mem.as_dict()}})
         return
     where = ", ".join(f"{k} {v}" for k, v in coords.items())
     console.print(f"[bold]dry run[/]: rank {rank} of {world} ({where}); nothing allocated, nothing launched",
@@ -207,4 +208,5 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
         table.add_row(p["name"], "x".join(map(str, p["shape"])), f"{p['numel']:,}")
     console.print(table)
     parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in mem.parts().items() if v)
-    console.print(f"memory estimate ({profile.name}, mzoo's engine): {_size(mem.total)} = {parts}", highlight=False)
+    console.print(f"memory estimate ({profile.name}, mzoo's engine on {device}): {_size(mem.total)} = {parts}",
+                  highlight=False)

@@ -79,15 +79,16 @@ def train(
     split: str = typer.Option("969,30,1", "--split", help="train,valid,test shares of every dataset."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check that this tokenizer fits the model's vocabulary."),
     mock_data: bool = typer.Option(False, "--mock-data", help="Random tokens instead of --data."),
-    seq_len: int = typer.Option(128, help="Tokens per sample."),
-    micro_batch: int = typer.Option(2, help="Samples per micro-batch per DP rank."),
-    global_batch: int = typer.Option(8, help="Samples per optimizer step, all DP ranks together."),
-    steps: int = typer.Option(20, help="Optimizer steps."),
-    lr: float = typer.Option(3e-4, help="Peak learning rate."),
-    min_lr: float = typer.Option(3e-5, help="Final learning rate."),
-    warmup: int = typer.Option(2, help="Linear warm-up steps."),
-    schedule: str = typer.Option("cosine", help="cosine, wsd or constant."),
-    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (matrices only)."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per sample (default: the preset's recipe, else 128)."),
+    micro_batch: Optional[int] = typer.Option(None, help="Samples per micro-batch per DP rank (recipe, else 2)."),
+    global_batch: Optional[int] = typer.Option(None, help="Samples per optimizer step, all DP ranks together "
+                                               "(recipe, else 8)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (the recipe's tokens / batch, else 20)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (recipe, else 3e-4)."),
+    min_lr: Optional[float] = typer.Option(None, help="Final learning rate (recipe, else 3e-5)."),
+    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps (recipe, else 2)."),
+    schedule: Optional[str] = typer.Option(None, help="cosine, wsd or constant (recipe, else cosine)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay, matrices only (recipe, else 0.1)."),
     clip_grad: float = typer.Option(1.0, help="Global gradient-norm clipping (0 disables)."),
     seed: int = typer.Option(1234, help="Seed for initialisation and data."),
     device: str = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or cpu."),
@@ -109,8 +110,14 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
                                  "estimate (meta device), and exit without allocating weights or launching."),
     dry_run_rank: int = typer.Option(0, "--dry-run-rank", help="The global rank --dry-run reports on."),
+    force: bool = typer.Option(False, "--force", help="Start even when the memory estimate exceeds the device's."),
 ) -> None:
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
+
+    Presets with a published recipe (`mzoo zoo show PRESET`) train with its sequence length, batch,
+    learning-rate schedule and token count unless a flag says otherwise. Before anything is
+    allocated, each run compares its memory estimate with the device's and stops in one sentence
+    when it would not fit (--force goes ahead).
 
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
              mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
@@ -121,9 +128,15 @@ def train(
     from mzoo.train.trainer import TrainConfig
     from mzoo.zoo import resolve
 
-    from mzoo.train.device import default_precision, resolve_device
+    from mzoo.train.device import default_precision, device_type, resolve_device
+    from mzoo.zoo import recipe_of
 
-    precision = precision or default_precision(resolve_device(device))
+    target = device_type(device) if dry_run else resolve_device(device).type  # a dry run needs no GPU
+    precision = precision or default_precision(torch_device(target))
+    recipe = recipe_of(model)
+    seq_len, micro_batch, global_batch, lr, min_lr, warmup, schedule, weight_decay, steps = _with_recipe(
+        recipe, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
+        warmup=warmup, schedule=schedule, weight_decay=weight_decay, steps=steps)
     cfg = resolve(model)
     if override:
         cfg = cfg.replace(**_parse_overrides(override))
@@ -160,13 +173,51 @@ def train(
     if dry_run:  # everything above is what train checks before launch; stop before any real work
         from mzoo.cli.plan import dry_run as report
 
-        report(cfg, layout, tcfg, dry_run_rank, first_stage_layers, last_stage_layers, as_json)
+        report(cfg, layout, tcfg, dry_run_rank, first_stage_layers, last_stage_layers, as_json, target)
         return
+    check_memory(cfg, layout, tcfg, device, world // nnodes, force, first_stage_layers, last_stage_layers)
     rc = RunConfig(cfg, layout, tcfg, load, str(save) if save else None, save_interval, load_optim,
                    str(log_json) if log_json else None, str(tensorboard) if tensorboard else None, device=device)
     hooks = _hooks(megatron_format, tp, precision, data_cfg, first_stage_layers, last_stage_layers)
     execute("train", rc, hooks, world, nnodes, node_rank, master_addr, master_port, as_json,
             f"saved {megatron_format} checkpoint to {save}" if save else None)
+
+
+DEFAULTS = dict(seq_len=128, micro_batch=2, global_batch=8, lr=3e-4, min_lr=3e-5, warmup=2, schedule="cosine",
+                weight_decay=0.1, steps=20)  # for presets without a recipe (the tiny ones, YAML files)
+
+
+def torch_device(kind: str):
+    import torch
+
+    return torch.device(kind)
+
+
+def _with_recipe(recipe, **flags) -> tuple:
+    """Each training setting from its flag, else the preset's published recipe, else mzoo's default."""
+    out = []
+    for key, value in flags.items():
+        if value is None and recipe is not None:
+            value = getattr(recipe, key)
+        out.append(DEFAULTS[key] if value is None else value)
+    return tuple(out)
+
+
+def check_memory(cfg, layout, tcfg, device: str, local_processes: int, force: bool, first=None, last=None) -> None:
+    """Stop in one sentence, before anything is allocated, when a rank's estimated peak exceeds what
+    its device offers (shared by `train` and `finetune`)."""
+    from mzoo.train import fit
+    from mzoo.train.device import resolve_device
+
+    where = resolve_device(device)
+    result = fit.check(cfg, layout, tcfg, where, local_processes, first, last)
+    if result.fits:
+        return
+    sentence = fit.refusal(cfg, layout, tcfg, where, result, first, last)
+    if not force:
+        raise UserError(sentence)
+    err_console.print(f"warning: {sentence[0].lower()}{sentence[1:-len(' (--force starts anyway).')]}; "
+                      "starting anyway (--force).", highlight=False)
 
 
 def execute(command: str, rc, hooks, world: int, nnodes: int, node_rank: int, master_addr: Optional[str],

@@ -24,11 +24,33 @@ _PUBLISHED_KEYS = ("published_params", "published_active_params", "published_tol
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A preset's published pretraining recipe: what `mzoo train PRESET` uses unless a flag overrides
+    it. `tokens` is the run's total (steps = tokens / (global_batch x seq_len)); `source` names it."""
+
+    seq_len: int
+    global_batch: int
+    lr: float
+    min_lr: float
+    warmup: int  # steps
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    micro_batch: int = 1
+    tokens: Optional[float] = None
+    source: str = ""
+
+    @property
+    def steps(self) -> Optional[int]:
+        return None if self.tokens is None else round(self.tokens / (self.global_batch * self.seq_len))
+
+
+@dataclass(frozen=True)
 class Preset:
     config: ModelConfig
     published_params: Optional[float]
     published_active_params: Optional[float]
     published_tolerance: float = 0.005  # relative; wider only where a preset's comment says why
+    recipe: Optional[Recipe] = None
 
     @property
     def name(self) -> str:
@@ -47,10 +69,29 @@ def _load(path: Path) -> Preset:
     if not isinstance(data, dict):
         raise ConfigError(f"preset {path.name} must hold a mapping of config keys.")
     published = {k: data.pop(k, None) for k in _PUBLISHED_KEYS}
+    recipe = data.pop("recipe", None)
     data.setdefault("name", path.stem)
     cfg = ModelConfig.from_dict(data, where=f"preset {path.stem}")
     tolerance = published["published_tolerance"] or 0.005
-    return Preset(cfg, published["published_params"], published["published_active_params"], float(tolerance))
+    return Preset(cfg, published["published_params"], published["published_active_params"], float(tolerance),
+                  _recipe(recipe, path.stem))
+
+
+def _recipe(data: Optional[dict], name: str) -> Optional[Recipe]:
+    if data is None:
+        return None
+    try:
+        return Recipe(**data)
+    except TypeError as e:
+        raise ConfigError(f"preset {name}: its recipe is malformed ({e}); use the keys of zoo.Recipe.") from None
+
+
+def recipe_of(name_or_path: str) -> Optional[Recipe]:
+    """The recipe of a preset (None for YAML files and presets without one)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or (path.exists() and path.is_file()) or name_or_path not in presets():
+        return None
+    return presets()[name_or_path].recipe
 
 
 @lru_cache(maxsize=None)

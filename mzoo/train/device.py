@@ -34,6 +34,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cuda", local)
 
 
+def device_type(name: str = "auto") -> str:
+    """The device kind a run would use, without requiring it to be present (for --dry-run)."""
+    if name not in DEVICES:
+        raise UserError(f"unknown --device '{name}'; use auto, cuda or cpu.")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def default_precision(device: torch.device) -> str:
     """bf16 on GPUs (fp32 master weights and main gradients); fp32 on CPUs, the exact reference."""
     return "bf16" if device.type == "cuda" else "fp32"

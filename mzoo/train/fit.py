@@ -1,0 +1,112 @@
+"""Before a run allocates anything: does one rank's estimated peak fit the memory of its device?
+
+The estimate is the planner's model of mzoo's own engine (mzoo/plan.py, `engine_profile`), which the
+measured checks hold within 3% of the real peak on CPUs. On a GPU the capacity is what the driver
+reports free on this rank's device, less a headroom for the allocator's fragmentation; on a CPU it is
+the host's available memory, shared by the processes this node starts. When the run does not fit,
+the one sentence names both numbers and the first change of settings that would fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from mzoo.config import ModelConfig, ParallelConfig
+
+GIB = 2**30
+HEADROOM = 0.05  # of a GPU's free memory: allocator fragmentation and caching slack
+
+
+@dataclass(frozen=True)
+class Fit:
+    need: float  # bytes per process (the busiest pipeline stage)
+    available: float  # bytes per process
+    where: str  # "GPU cuda:0 (79.1 GiB free)" or "this machine (21.3 GiB available for 2 processes)"
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.available
+
+
+def host_available() -> float:
+    """MemAvailable from /proc/meminfo (the kernel's estimate of what can be allocated without
+    swapping), else the physical memory."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def capacity(device: torch.device, local_processes: int) -> tuple[float, str]:
+    """(bytes one process may use, a phrase naming where)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free * (1 - HEADROOM), f"GPU {device} ({free / GIB:.1f} GiB free, less {HEADROOM:.0%} headroom)"
+    total = host_available()
+    if local_processes > 1:
+        return total / local_processes, f"this machine ({total / GIB:.1f} GiB available, {local_processes} processes)"
+    return total, "this machine"
+
+
+def estimate(cfg: ModelConfig, layout: ParallelConfig, tcfg, device_type: str,
+             first: Optional[int] = None, last: Optional[int] = None) -> float:
+    """Peak bytes of the busiest rank of `layout` training with `tcfg` on mzoo's engine."""
+    from mzoo import plan as P
+
+    plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
+                           first=first, last=last)
+    settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
+                          tcfg.distributed_optimizer)
+    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
+    return P.memory(cfg, plan_layout, settings, profile).total
+
+
+def check(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, local_processes: int,
+          first: Optional[int] = None, last: Optional[int] = None) -> Fit:
+    available, where = capacity(device, local_processes)
+    return Fit(estimate(cfg, layout, tcfg, device.type, first, last), available, where)
+
+
+def suggestion(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, available: float,
+               first: Optional[int] = None, last: Optional[int] = None) -> str:
+    """The first change of flags, cumulatively, that fits: recomputation, the distributed optimizer,
+    micro-batch 1, shorter sequences; or why nothing on this many processes can."""
+    steps: list[tuple[str, dict]] = []
+    if tcfg.recompute != "full":
+        steps.append(("--recompute full", {"recompute": "full"}))
+    if layout.dp * layout.cp > 1 and not tcfg.distributed_optimizer:
+        steps.append(("--distributed-optimizer", {"distributed_optimizer": True}))
+    if tcfg.micro_batch > 1:
+        steps.append(("--micro-batch 1", {"micro_batch": 1}))
+    flags, trial = [], tcfg
+    for flag, change in steps:
+        trial = replace(trial, **change)
+        flags.append(flag)
+        if estimate(cfg, layout, trial, device.type, first, last) <= available:
+            return f"{' '.join(flags)} would fit"
+    seq = trial.seq_len
+    while seq > 256:
+        seq //= 2
+        if estimate(cfg, layout, replace(trial, seq_len=seq), device.type, first, last) <= available:
+            return f"{' '.join(flags + [f'--seq-len {seq}'])} would fit"
+    floor = estimate(cfg, layout, replace(trial, seq_len=1, micro_batch=1), device.type, first, last)
+    return (f"even its weights, gradients and optimizer state need {floor / GIB:.1f} GiB per process at "
+            f"tp={layout.tp} pp={layout.pp}, so split it over more devices (see `mzoo plan {cfg.name or 'MODEL'} "
+            "--gpus N`) or train a smaller preset")
+
+
+def refusal(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, fit: Fit,
+            first: Optional[int] = None, last: Optional[int] = None) -> str:
+    """One sentence: both numbers, and what would fit; --force goes ahead anyway."""
+    what = (f"{cfg.name or 'this model'} at tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
+            f"({tcfg.precision}, seq {tcfg.seq_len}, micro batch {tcfg.micro_batch}, recompute {tcfg.recompute})")
+    return (f"{what} needs about {fit.need / GIB:.1f} GiB per process but {fit.where} offers "
+            f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)} "
+            "(--force starts anyway).")
