@@ -68,9 +68,12 @@ def show(
 
     Example: mzoo zoo show llama3-8b
     """
+    from dataclasses import asdict
+
     p = zoo_lib.get(name)
+    recipe = {**asdict(p.recipe), "steps": p.recipe.steps} if p.recipe else None
     if as_json:
-        print_json({**_summary(p), "config": p.config.to_dict()})
+        print_json({**_summary(p), "config": p.config.to_dict(), "recipe": recipe})
         return
     s = _summary(p)
     console.print(f"[bold]{name}[/] ({s['family']}): {human(s['params'])} parameters"
@@ -78,3 +81,13 @@ def show(
     if s["source"]:
         console.print(f"source: {s['source']}", highlight=False)
     console.print(p.config.to_yaml(), highlight=False, markup=False)
+    if recipe:
+        r = p.recipe
+        console.print(f"recipe (what `mzoo train {name}` uses unless overridden): seq {r.seq_len}, global batch "
+                      f"{r.global_batch}, micro batch {r.micro_batch}, lr {r.lr:g} -> {r.min_lr:g} {r.schedule}, "
+                      f"warmup {r.warmup}, weight decay {r.weight_decay:g}"
+                      + (f", {r.tokens:.3g} tokens = {r.steps:,} steps" if r.tokens else "")
+                      + f"; source: {r.source}", highlight=False)
+    else:
+        console.print(f"recipe: none published; `mzoo train {name}` uses mzoo's small defaults (seq 128, global "
+                      "batch 8) unless overridden.", highlight=False)
