@@ -95,9 +95,10 @@ class LossScaler:
                 self.scale *= 2
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device name, for MFU when --peak-tflops is not given.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
-                    "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) by device name, for MFU when --peak-tflops is not given; the
+# first name contained in the device's wins, so the H100 variants (PCIe, NVL) come before the SXM part.
+PEAK_BF16_TFLOPS = {"H100 PCIE": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
 
 
 def detect_peak_tflops() -> Optional[float]:
@@ -109,19 +110,11 @@ def detect_peak_tflops() -> Optional[float]:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding parameters touched) + attention scores and
-    weighted values on every attention layer (6 x seq x heads x (qk dim + v dim): 12 x hidden x seq
-    for standard attention), the usual estimate (Megatron / PaLM appendix B); Mamba layers add none
-    beyond their parameters."""
-    from mzoo.params import count_params
+    """Training FLOPs per token for MFU: the planner's count (mzoo.plan.model_flops_per_token), block
+    by block, with the output layer's GEMM whether or not it is tied to the embedding."""
+    from mzoo.plan import model_flops_per_token
 
-    active = count_params(cfg).active - cfg.vocab_size * cfg.hidden_size  # lookups are not matmuls
-    attention_layers = sum(kind in ("transformer", "attention") for kind in cfg.layer_types)
-    if cfg.mla is not None:
-        head_dims = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim + cfg.mla.v_head_dim
-    else:
-        head_dims = 2 * cfg.kv_channels
-    return 6.0 * active + 6.0 * attention_layers * cfg.num_attention_heads * head_dims * seq_len
+    return model_flops_per_token(cfg, seq_len)
 
 
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}

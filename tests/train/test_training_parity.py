@@ -168,8 +168,12 @@ def test_flops_and_mfu_are_reported():
     model.init_weights(seed=5)
     log = Trainer(model, CFG, ParallelState.single(), tcfg, counting_sampler(CFG.vocab_size, 16)).train()[0]
     assert log.tflops_per_device > 0 and log.mfu == pytest.approx(log.tflops_per_device)
-    # 6 x non-embedding parameters + attention: a 6N-dominated estimate
-    from mzoo.params import count_params
-
-    n = count_params(CFG).total - CFG.vocab_size * CFG.hidden_size  # true (unpadded) vocabulary
-    assert flops_per_token(CFG, 16) == 6 * n + 12 * CFG.num_layers * CFG.hidden_size * 16
+    seconds = 8 * 16 / log.tokens_per_s
+    assert log.tflops_per_device == pytest.approx(flops_per_token(CFG, 16) * 8 * 16 / seconds / 1e12)
+    # every GEMM of the step, counted by hand: 3 x forward (backward is twice the forward), 2 FLOPs per
+    # multiply-add; the output layer's GEMM counts (tied or not), attention over the whole sequence
+    h, a, g, d, f, v, s = (CFG.hidden_size, CFG.num_attention_heads, CFG.groups, CFG.kv_channels,
+                           CFG.ffn_hidden_size, CFG.vocab_size, 16)
+    layer = 2 * h * (a + 2 * g) * d + 2 * a * d * h + 2 * h * 2 * f + 2 * f * h + 2 * a * d * s * 2
+    assert flops_per_token(CFG, s) == pytest.approx(3 * (2 * h * v + CFG.num_layers * layer))
+    assert flops_per_token(CFG.replace(tie_embeddings=True), s) == flops_per_token(CFG, s)
