@@ -75,7 +75,7 @@ def test_parameters_and_main_grads_are_views_of_contiguous_buffers():
     opt.zero_grad()
     _loss(model, 0).backward()
     opt.step(1e-3)
-    assert (group.master != master_before).float().mean().item() > 0.99  # fp32 master moved everywhere
+    assert (group.master != master_before).float().mean().item() > 0.95  # the fp32 master moved
     for p, off in zip(group.params, group.offsets):  # and was written back through the buffer, rounded
         assert torch.equal(p.detach().reshape(-1), group.master[off : off + p.numel()].to(torch.bfloat16))
     # state: 12 bytes per parameter (fp32 master, exp_avg, exp_avg_sq), nothing per-element besides
