@@ -12,6 +12,8 @@ from mzoo.cli.common import console, print_json, user_errors
 from mzoo.errors import UserError
 
 RECOMPUTE = ("none", "selective", "full")
+ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
+COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")
 
 
 def _size(n: float) -> str:
@@ -41,6 +43,10 @@ def plan(
     grad_reduce_in_fp32: bool = typer.Option(True, "--grad-reduce-in-fp32/--grad-reduce-in-bf16",
                                              help="Megatron's main-grad buffer in fp32 (what Megatron-LM uses for bf16 "
                                              "runs) or bf16 (megatron-core's library default)."),
+    engine: str = typer.Option("mzoo", "--engine", help="Whose memory and speed to rank by: mzoo (its own engine, "
+                               "bf16; Megatron-Core + TE shown beside) or megatron."),
+    headroom: float = typer.Option(0.05, "--headroom", help="Share of each GPU's memory kept free for the allocator's "
+                                   "fragmentation and caches (the runtime's fixed memory is counted apart)."),
     top: int = typer.Option(10, "--top", help="Show the best K layouts per GPU type."),
     check: Optional[str] = typer.Option(None, "--check", help="Evaluate one layout, e.g. tp=4,pp=4,ep=8 "
                                         "(keys: tp pp vpp ep etp cp dp first last)."),
@@ -50,8 +56,11 @@ def plan(
     """Rank the parallel layouts (tp, pp, vpp, ep, cp, dp) that fit a model on N GPUs by estimated step
     time, with a per-GPU memory breakdown and MFU, and say why the best one wins (docs/plan.md).
 
+    By default the layouts are ranked for mzoo's own engine (what `mzoo train` would use and need),
+    with Megatron-Core + Transformer Engine's estimate beside each; --engine megatron ranks by that.
+
     Example: mzoo plan llama3-70b --gpus 64 --seq-len 8192 --global-batch 512
-             mzoo plan deepseek-v3 --gpus 1024 --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
+             mzoo plan deepseek-v3 --gpus 1024 --engine megatron --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
     Exit status: 0, or 1 when --check's layout does not fit or is not valid.
     """
     from mzoo import plan as P
@@ -59,28 +68,69 @@ def plan(
 
     cfg = resolve(model)
     gpu_types = [P.gpu(name) for name in gpu]  # unknown names: one sentence, before any work
+    if engine not in ("mzoo", "megatron"):
+        raise UserError(f"unknown --engine '{engine}'; use mzoo or megatron.")
+    if not 0 <= headroom < 1:
+        raise UserError(f"--headroom {headroom} must be a share of memory from 0 up to (not including) 1, e.g. 0.05.")
     settings = _settings(cfg, gpus, gpus_per_node, seq_len, global_batch, micro_batch, recompute,
-                         distributed_optimizer, fp8, grad_reduce_in_fp32, top)
+                         distributed_optimizer, fp8, grad_reduce_in_fp32, top, headroom)
+    primary = _profiles(settings, engine)
     for g in gpu_types:
         if fp8 and g.fp8_tflops is None:
             raise UserError(f"the {g.name} has no FP8 tensor cores; drop --fp8 or pick another --gpu.")
     layout = P.parse_check(check, gpus) if check is not None else None
     if layout is not None:
-        plans = [P.evaluate(cfg, layout, settings, g, gpus) for g in gpu_types]
-        _show(cfg, gpus, settings, plans, {g.name: p.verdict() for g, p in zip(gpu_types, plans)}, as_json, check=True)
+        plans = [P.evaluate(cfg, layout, settings, g, gpus, primary) for g in gpu_types]
+        _show(cfg, gpus, settings, plans, {g.name: p.verdict() for g, p in zip(gpu_types, plans)}, as_json, check=True,
+              other=_other(cfg, gpus, settings, plans, engine))
         if not all(p.feasible for p in plans):
             raise typer.Exit(1)
         return
     shown, why = [], {}
     for g in gpu_types:
-        ranked = P.plan(cfg, gpus, settings, g)
+        ranked = P.plan(cfg, gpus, settings, g, primary)
         shown += ranked[:top]
-        why[g.name] = P.explain(ranked)
-    _show(cfg, gpus, settings, shown, why, as_json, check=False)
+        why[g.name] = P.explain(ranked) + _versus(cfg, gpus, settings, g, ranked, engine)
+    _show(cfg, gpus, settings, shown, why, as_json, check=False, other=_other(cfg, gpus, settings, shown, engine))
+
+
+def _profiles(settings, engine: str):
+    """The profile ranked by: mzoo's engine in bf16 on GPUs, or Megatron-Core + TE."""
+    from mzoo import plan as P
+
+    if engine == "megatron":
+        return P.megatron_profile(settings.grad_fp32, settings.fp8)
+    return P.engine_profile("bf16", sequence_parallel=True, device="cuda")
+
+
+def _other(cfg, gpus: int, settings, plans: list, engine: str) -> list:
+    """The other engine's plan for each shown layout (the labelled comparison)."""
+    from mzoo import plan as P
+
+    other = _profiles(settings, "mzoo" if engine == "megatron" else "megatron")
+    return [P.evaluate(cfg, p.layout, settings, p.gpu, gpus, other) for p in plans]
+
+
+def _versus(cfg, gpus: int, settings, g, ranked: list, engine: str) -> str:
+    """A sentence on the other engine's fastest layout, when mzoo's engine is the one ranked."""
+    from mzoo import plan as P
+
+    if engine != "mzoo":
+        return ""
+    theirs = P.plan(cfg, gpus, settings, g, _profiles(settings, "megatron"))
+    best = theirs[0]
+    if not best.feasible:
+        return " Megatron-Core + TE has no layout that fits either."
+    ours = ranked[0] if ranked and ranked[0].feasible else None
+    gap = f", {best.time.mfu / ours.time.mfu:.2f}x mzoo's MFU" if ours else ""
+    runs = "" if best.layout.mzoo_engine else " (a layout mzoo's engine cannot run yet)"
+    return (f" For comparison, Megatron-Core + TE's fastest is {best.layout.label()}{runs}: "
+            f"{best.memory.total / P.GIB:.1f} GiB, {P.seconds(best.time.step)} per step, MFU {best.time.mfu:.1%}{gap}.")
 
 
 def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global_batch: Optional[int],
-              micro_batch: int, recompute: str, distributed_optimizer: bool, fp8: bool, grad_fp32: bool, top: int):
+              micro_batch: int, recompute: str, distributed_optimizer: bool, fp8: bool, grad_fp32: bool, top: int,
+              headroom: float = 0.05):
     """Settings from the flags, every impossible value one sentence."""
     from mzoo import plan as P
 
@@ -100,23 +150,26 @@ def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global
     batch = global_batch if global_batch is not None else P.default_global_batch(seq)
     if batch < micro_batch:
         raise UserError(f"--global-batch {batch} is smaller than --micro-batch {micro_batch}.")
-    return P.Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node)
+    return P.Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node,
+                      headroom)
 
 
 def _settings_dict(settings) -> dict:
     return {"seq_len": settings.seq_len, "global_batch": settings.global_batch, "micro_batch": settings.micro_batch,
             "recompute": settings.recompute, "distributed_optimizer": settings.distributed_optimizer,
-            "fp8": settings.fp8, "grad_reduce_in_fp32": settings.grad_fp32, "gpus_per_node": settings.gpus_per_node}
+            "fp8": settings.fp8, "grad_reduce_in_fp32": settings.grad_fp32, "gpus_per_node": settings.gpus_per_node,
+            "headroom": settings.headroom}
 
 
-def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool) -> None:
+def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool, other: list) -> None:
     from mzoo import plan as P
 
     if as_json:  # a list of layouts, best first per GPU type; each carries the run it describes
         key = "verdict" if check else "explanation"
         rows, explained = [], set()
-        for p in plans:
-            row = {**p.as_dict(), "model": cfg.name, "gpus": gpus, "settings": _settings_dict(settings)}
+        for p, o in zip(plans, other):
+            row = {**p.as_dict(), "model": cfg.name, "gpus": gpus, "settings": _settings_dict(settings),
+                   "comparison": {k: v for k, v in o.as_dict().items() if k in COMPARED}}
             if p.gpu.name not in explained:  # the top layout of each GPU type carries the paragraph
                 row[key] = why[p.gpu.name]
                 explained.add(p.gpu.name)
@@ -129,19 +182,26 @@ def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check
                   f"{'distributed' if s.distributed_optimizer else 'replicated'} optimizer, "
                   f"{'fp32' if s.grad_fp32 else 'bf16'} gradients{', fp8' if s.fp8 else ''}", highlight=False)
     if check:
-        for p in plans:
+        for p, o in zip(plans, other):
             _show_one(p)
+            label = ENGINES[o.engine.split("-")[0]]
+            console.print(f"  {label}: {o.verdict()}" + (f" MFU {o.time.mfu:.1%}." if o.time else ""), highlight=False)
         return
+    first = plans[0].engine.split("-")[0] if plans else "mzoo"
+    theirs = "megatron" if first == "mzoo" else "mzoo"
     for name, text in why.items():
-        rows = [p for p in plans if p.gpu.name == name]
-        table = Table(title=f"{name}: best {len(rows)} layouts by step time")
-        for col in ("#", "layout", "memory GiB", "MFU", "step", "tok/s/GPU", "bubble", "fits", "mzoo"):
+        rows = [(p, o) for p, o in zip(plans, other) if p.gpu.name == name]
+        table = Table(title=f"{name}: best {len(rows)} layouts for {ENGINES[first]}, by step time")
+        for col in ("#", "layout", "memory GiB", "MFU", "step", "tok/s/GPU", "bubble", "fits",
+                    f"{ENGINES[theirs]}: GiB", "MFU "):
             table.add_column(col, justify="left" if col in ("layout", "fits") else "right")
-        for i, p in enumerate(rows, 1):
-            mem = f"{p.memory.total / 2**30:.1f} / {p.gpu.memory_gib:.1f}"
+        for i, (p, o) in enumerate(rows, 1):
+            mem = f"{p.memory.total / 2**30:.1f} / {p.usable_gib:.1f}"
             table.add_row(str(i), p.layout.label(), mem, f"{p.time.mfu:.1%}", P.seconds(p.time.step),
                           f"{p.time.tokens_per_s / p.layout.world:,.0f}", f"{p.time.bubble:.1%}",
-                          "yes" if p.feasible else "[red]no[/]", "yes" if p.layout.mzoo_engine else "-")
+                          "yes" if p.feasible else "[red]no[/]",
+                          f"{o.memory.total / 2**30:.1f}" if o.memory else "cannot run",
+                          f"{o.time.mfu:.1%}" if o.time else "-")
         console.print(table)
         console.print(text, highlight=False)
 

@@ -61,6 +61,8 @@ def gpu(name: str) -> GPU:
 
 # ---- constants (docs/plan.md says where each comes from) --------------------------------------------
 GEMM_EFFICIENCY = 0.55  # of the bf16 peak, sustained by a whole transformer layer
+ENGINE_EFFICIENCY = 0.37  # mzoo's eager pure-torch layers (torchtitan's eager class; docs/plan.md): unmeasured
+HEADROOM = 0.05  # of a GPU's memory left free: allocator fragmentation and caching slack
 FP8_EFFICIENCY = 0.40  # of the fp8 peak, for the linear layers under --fp8
 LINK_EFFICIENCY = 0.80  # NCCL bus bandwidth / link bandwidth
 HBM_EFFICIENCY = 0.80  # optimizer step: streaming reads and writes
@@ -91,6 +93,8 @@ class Profile:
     overhead: int  # fixed bytes: CUDA context, NCCL communicators, library workspaces
     fp8: bool = False
     bucket_copy: bool = False  # gloo (the CPU engine) copies a gradient bucket inside each DP collective
+    efficiency: float = GEMM_EFFICIENCY  # of the bf16 peak, sustained by a whole layer
+    overlap_dp: bool = True  # DP reduce-scatter / all-gather hidden behind backward / forward
 
     @property
     def state_bytes(self) -> int:
@@ -117,7 +121,7 @@ def engine_profile(precision: str = "fp32", sequence_parallel: bool = False, dev
     overhead = int(MEGATRON_OVERHEAD_GIB * GIB) if device == "cuda" else 0
     return Profile(f"mzoo-{precision}", param=size, grad=4, master=4, moments=8, act=size, logits=size,
                    sequence_parallel=sequence_parallel, engine=True, selective=frozenset({"core_attn"}),
-                   overhead=overhead, bucket_copy=device != "cuda")
+                   overhead=overhead, bucket_copy=device != "cuda", efficiency=ENGINE_EFFICIENCY, overlap_dp=False)
 
 
 # ---- layouts and settings ---------------------------------------------------------------------------
@@ -181,6 +185,7 @@ class Settings:
     fp8: bool = False
     grad_fp32: bool = True  # Megatron's main grads in fp32 (Megatron-LM forces it for bf16)
     gpus_per_node: int = 8
+    headroom: float = HEADROOM  # of each GPU's memory kept free
 
     def microbatches(self, layout: Layout) -> int:
         return self.global_batch // (self.micro_batch * layout.dp)
@@ -768,8 +773,8 @@ def step_time(cfg, layout: Layout, settings: Settings, g: GPU, profile: Profile)
 def _stage_time(model: Model, layout: Layout, settings: Settings, g: GPU, profile: Profile, stage: Stage) -> _StageTime:
     cfg = model.cfg
     T, t, gpn = settings.tokens(layout), layout.tp, settings.gpus_per_node
-    rate_gemm = (g.fp8_tflops * FP8_EFFICIENCY if settings.fp8 else g.bf16_tflops * GEMM_EFFICIENCY) * 1e12
-    rate_core = g.bf16_tflops * GEMM_EFFICIENCY * 1e12
+    rate_gemm = (g.fp8_tflops * FP8_EFFICIENCY if settings.fp8 else g.bf16_tflops * profile.efficiency) * 1e12
+    rate_core = g.bf16_tflops * profile.efficiency * 1e12
     sh = 1.0 / t if _sequence_parallel(profile, t) else 1.0
     full, selective = settings.recompute == "full", settings.recompute == "selective"
     gemm = core = extra = tp_elems = tp_calls = ep = cp_exposed = 0.0
@@ -818,9 +823,10 @@ def _all_to_all(bytes_per_rank: float, layout: Layout, g: GPU, gpn: int) -> floa
 
 def _dp_and_optimizer(model: Model, layout: Layout, settings: Settings, g: GPU, profile: Profile, stage: Stage,
                       fwd: float, bwd: float) -> tuple[float, float]:
-    """Exposed DP traffic and optimizer-step time of one stage. Gradients reduce (reduce-scatter with
-    the distributed optimizer, all-reduce without) during the last micro-batch's backward and the
-    parameter all-gather during the next step's first forward; only what does not fit is exposed."""
+    """Exposed DP traffic and optimizer-step time of one stage. Megatron reduces gradients
+    (reduce-scatter with the distributed optimizer, all-reduce without) during the last micro-batch's
+    backward and all-gathers parameters during the next step's first forward, so only what does not
+    fit is exposed; mzoo's engine does neither yet (`Profile.overlap_dp`)."""
     shard = Shard(layout.tp, layout.expert_tp, layout.ep, False)
     params = model.params(stage.layers, shard) + _ends(model.cfg, stage, layout.tp)
     bw = _bandwidth(g, layout.tp * layout.cp * layout.dp, settings.gpus_per_node)
@@ -834,7 +840,10 @@ def _dp_and_optimizer(model: Model, layout: Layout, settings: Settings, g: GPU, 
         else:
             reduce += 2 * _ring(n * profile.grad, size, bw)
             elements += n
-    exposed = max(0.0, reduce - bwd) + max(0.0, gather - fwd)
+    if profile.overlap_dp:
+        exposed = max(0.0, reduce - bwd) + max(0.0, gather - fwd)
+    else:  # mzoo's engine reduces after the whole backward and gathers after the step: all exposed
+        exposed = reduce + gather
     per_element = profile.grad + 2 * (profile.master + profile.moments) + profile.param
     return exposed, elements * per_element / (g.hbm_tbps * 1e12 * HBM_EFFICIENCY)
 
@@ -896,14 +905,20 @@ class Plan:
     problems: list[str]
     memory: Optional[Memory] = None
     time: Optional[StepTime] = None
+    headroom: float = HEADROOM
+    engine: str = "megatron"  # the profile's name: megatron, or mzoo-bf16 / mzoo-fp32 ...
 
     @property
     def valid(self) -> bool:
         return not self.problems
 
     @property
+    def usable_gib(self) -> float:
+        return self.gpu.memory_gib * (1 - self.headroom)
+
+    @property
     def fits(self) -> bool:
-        return self.memory is not None and self.memory.total <= self.gpu.memory_gib * GIB
+        return self.memory is not None and self.memory.total <= self.usable_gib * GIB
 
     @property
     def feasible(self) -> bool:
@@ -913,21 +928,23 @@ class Plan:
         """One sentence: fits, or the first reason it cannot run, or which component overflows."""
         if not self.valid:
             return "not valid: " + self.problems[0]
-        mem, cap = self.memory, self.gpu.memory_gib
+        mem, cap = self.memory, self.usable_gib
+        room = f" ({self.headroom:.0%} of {self.gpu.memory_gib:.1f} kept free)" if self.headroom else ""
         if self.fits:
-            return f"fits: {mem.total / GIB:.1f} of {cap:.1f} GiB on pipeline stage {mem.stage}."
+            return f"fits: {mem.total / GIB:.1f} of {cap:.1f} GiB{room} on pipeline stage {mem.stage}."
         part = mem.largest()
         return (f"does not fit: pipeline stage {mem.stage} needs {mem.total / GIB:.1f} GiB but the {self.gpu.name} "
-                f"has {cap:.1f}; the largest part is {part.replace('_', ' ')} ({getattr(mem, part) / GIB:.1f} GiB).")
+                f"offers {cap:.1f}{room}; the largest part is {part.replace('_', ' ')} "
+                f"({getattr(mem, part) / GIB:.1f} GiB).")
 
     def as_dict(self) -> dict:
         lay = self.layout
-        out = {"gpu": self.gpu.name, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep, "etp": lay.expert_tp,
+        out = {"engine": self.engine, "gpu": self.gpu.name, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep, "etp": lay.expert_tp,
                "cp": lay.cp, "dp": lay.dp, "first_stage_layers": lay.first, "last_stage_layers": lay.last,
                "label": lay.label(), "valid": self.valid, "feasible": self.feasible, "mzoo_engine": lay.mzoo_engine,
                "verdict": self.verdict(), "problems": self.problems,
                "memory_gb": round(self.memory.total / GIB, 3) if self.memory else None,
-               "capacity_gb": round(self.gpu.memory_gib, 3),
+               "capacity_gb": round(self.gpu.memory_gib, 3), "usable_gb": round(self.usable_gib, 3),
                "mfu": round(self.time.mfu, 4) if self.time else None,
                "step_s": round(self.time.step, 4) if self.time else None}
         out["memory"] = self.memory.as_dict() if self.memory else None
@@ -947,9 +964,25 @@ def evaluate(cfg, layout: Layout, settings: Settings, g: GPU, gpus: Optional[int
         if splits and layout.vpp == 1:
             return min((evaluate(model, s, settings, g, gpus, profile) for s in splits), key=rank_key)
     found = problems(cfg, layout, settings, gpus)
+    if profile.engine:
+        found += engine_problems(layout, settings)
     if found:
-        return Plan(layout, g, found)
-    return Plan(layout, g, [], memory(model, layout, settings, profile), step_time(model, layout, settings, g, profile))
+        return Plan(layout, g, found, headroom=settings.headroom, engine=profile.name)
+    return Plan(layout, g, [], memory(model, layout, settings, profile), step_time(model, layout, settings, g, profile),
+                settings.headroom, profile.name)
+
+
+def engine_problems(layout: Layout, settings: Settings) -> list[str]:
+    """What mzoo's engine cannot run yet (Megatron-Core can)."""
+    out = []
+    if layout.cp > 1:
+        out.append(f"mzoo's engine has no context parallelism yet (cp={layout.cp}); Megatron-Core runs this layout.")
+    if layout.expert_tp != layout.tp:
+        out.append(f"mzoo's engine runs experts with TP = tp, not expert TP {layout.expert_tp}; Megatron-Core runs "
+                   "this layout.")
+    if settings.fp8:
+        out.append("mzoo's engine has no FP8 (Transformer Engine) path yet.")
+    return out
 
 
 def uneven_splits(layers: int, pp: int) -> list[tuple[int, int]]:
@@ -994,19 +1027,20 @@ def candidates(cfg: ModelConfig, gpus: int, settings: Settings) -> Iterator[Layo
                             yield Layout(tp=tp, pp=pp, dp=dp, vpp=vpp, ep=ep, cp=cp, etp=etp)
 
 
-def plan(cfg: ModelConfig, gpus: int, settings: Settings, g: GPU) -> list[Plan]:
-    """Every valid layout, evaluated and ranked (feasible by step time first). One sentence and no work
-    when no layout of `gpus` GPUs is valid for this model."""
+def plan(cfg: ModelConfig, gpus: int, settings: Settings, g: GPU, profile: Optional[Profile] = None) -> list[Plan]:
+    """Every valid layout for one engine (`profile`: Megatron-Core + TE unless given), evaluated and
+    ranked (feasible by step time first). One sentence and no work when no layout of `gpus` GPUs is
+    valid for this model."""
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}.")
     if settings.fp8 and g.fp8_tflops is None:
         raise UserError(f"the {g.name} has no FP8 tensor cores; drop --fp8 or pick another --gpu.")
-    profile = megatron_profile(settings.grad_fp32, settings.fp8)
+    profile = profile or megatron_profile(settings.grad_fp32, settings.fp8)
     model = Model(cfg)
     best: dict[tuple, Plan] = {}
     reasons: dict[str, int] = {}
     for layout in candidates(cfg, gpus, settings):
-        found = problems(cfg, layout, settings, gpus)
+        found = problems(cfg, layout, settings, gpus) + (engine_problems(layout, settings) if profile.engine else [])
         if found and not (layout.pp > 1 and cfg.num_layers % layout.pp and _only_split(found)):
             reasons[found[0]] = reasons.get(found[0], 0) + 1
             continue
@@ -1031,9 +1065,9 @@ def _only_split(found: list[str]) -> bool:
 
 # ---- explanation ----------------------------------------------------------------------------------------
 def explain(plans: list[Plan]) -> str:
-    """One paragraph on the top layout: what it costs, and for tp, pp, ep and cp what the best layout
-    with another value (changing as few other sizes as possible) would lose: it does not fit, or it
-    is slower, and because of what."""
+    """One paragraph on the top layout: what it costs, and for tp, pp, ep and cp what the fastest layout
+    with a smaller / larger value (the first such row of these plans) would lose: it does not fit, or
+    it is slower, and because of what."""
     if not plans:
         return "no valid layout."
     best = plans[0]
@@ -1041,14 +1075,11 @@ def explain(plans: list[Plan]) -> str:
         return (f"No layout fits: the smallest, {best.layout.label()}, {best.verdict()[len('does not fit: '):]} "
                 "Add GPUs, use --recompute full, shorter sequences, or a GPU with more memory.")
     lay, mem, tm = best.layout, best.memory, best.time
-    text = [f"{lay.label()} is the fastest layout that fits: {mem.total / GIB:.1f} of {best.gpu.memory_gib:.1f} GiB "
+    text = [f"{lay.label()} is the fastest layout that fits: {mem.total / GIB:.1f} of {best.usable_gib:.1f} GiB "
             f"on its busiest GPU (stage {mem.stage}), {seconds(tm.step)} per step, MFU {tm.mfu:.1%}, pipeline bubble "
             f"{tm.bubble:.1%}."]
     others = [p for p in plans if p is not best and p.valid]
     dims = ("tp", "pp", "ep", "cp") if any(p.layout.ep > 1 for p in plans) else ("tp", "pp", "cp")
-
-    def distance(p: Plan, dim: str) -> int:
-        return sum(getattr(p.layout, d) != getattr(lay, d) for d in dims if d != dim)
 
     for dim in dims:
         own = getattr(lay, dim)
@@ -1056,7 +1087,7 @@ def explain(plans: list[Plan]) -> str:
                      [p for p in others if getattr(p.layout, dim) > own]):
             if not pick:
                 continue
-            alt = min(pick, key=lambda p: (distance(p, dim), rank_key(p)))
+            alt = min(pick, key=rank_key)  # the fastest such layout: the one a table of these plans shows first
             head = f"With {dim}={getattr(alt.layout, dim)} the best is {alt.layout.label()}"
             if not alt.fits:
                 part = alt.memory.largest().replace("_", " ")

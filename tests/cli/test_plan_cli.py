@@ -59,8 +59,12 @@ def test_plan_table_compares_gpu_types():
 
 def test_check_fits_and_does_not_fit():
     fits = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
-                "--check", "tp=4,pp=4,vpp=5,cp=2")
+                "--check", "tp=4,pp=4,vpp=5,cp=2", "--engine", "megatron")
     assert fits.returncode == 0 and "fits:" in fits.stdout and "memory (GiB" in fits.stdout
+    ours = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
+                "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it has no CP yet
+    assert ours.returncode == 1 and "mzoo's engine has no context parallelism yet (cp=2)" in ours.stdout
+    assert "Megatron-Core + TE: fits:" in ours.stdout  # the labelled comparison
     tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
                  "--json")
     assert tight.returncode == 1
