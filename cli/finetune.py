@@ -9,7 +9,7 @@ import typer
 
 from mzoo.cli.common import console, user_errors
 from mzoo.cli.generate import load_tokenizer
-from mzoo.cli.train import check_memory, execute, resolve_layout
+from mzoo.cli.train import check_memory, execute, recompute_options, resolve_layout
 from mzoo.errors import UserError
 
 
@@ -79,7 +79,11 @@ def finetune(
     device: str = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or cpu."),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 (fp32 master weights and main gradients) or fp16 "
                                             "(+ dynamic loss scaling); default bf16 on GPUs, fp32 on CPUs."),
-    recompute: str = typer.Option("none", help="none, selective or full."),
+    recompute: str = typer.Option("none", help="none, selective (--recompute-modules) or full (--recompute-num-layers)."),
+    recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help="With --recompute selective: "
+                                                    "comma list of core_attn (default), mlp, moe."),
+    recompute_num_layers: Optional[int] = typer.Option(None, "--recompute-num-layers", help="With --recompute full: "
+                                                       "the first N layers of each pipeline chunk (default all)."),
     eval_interval: int = typer.Option(0, "--eval-interval", help="Validation loss every N steps (default: at the end)."),
     eval_iters: int = typer.Option(1, "--eval-iters", help="Global batches per validation."),
     save: Optional[Path] = typer.Option(None, "--save", help="Where to save the finetuned model."),
@@ -111,6 +115,7 @@ def finetune(
         raise UserError("--precision must be fp32, bf16 or fp16 and --recompute none, selective or full.")
     if schedule not in ("cosine", "wsd", "constant"):
         raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
+    modules, num_layers = recompute_options(recompute, recompute_modules, recompute_num_layers)
     sft_data.read_jsonl(data, fmt)  # a bad line fails first, naming file and line
     if valid_data is not None:
         sft_data.read_jsonl(valid_data, fmt)
@@ -131,7 +136,7 @@ def finetune(
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                        clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,
                        precision=precision, recompute=recompute, eval_interval=eval_interval if valid else 0,
-                       eval_iters=eval_iters)
+                       eval_iters=eval_iters, recompute_modules=modules, recompute_num_layers=num_layers)
     from mzoo.parallel.state import ParallelState
 
     tcfg.validate(ParallelState.single(layout))

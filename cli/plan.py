@@ -240,8 +240,9 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
     params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
     plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
                            first=first, last=last)
-    settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
-                          tcfg.distributed_optimizer)
+    from mzoo.train.fit import settings_of
+
+    settings = settings_of(tcfg)
     profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device)
     stage = P.stages(cfg, plan_layout)[state.pp_rank]
     mem = P.stage_memory(cfg, plan_layout, settings, profile, stage)

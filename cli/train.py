@@ -94,7 +94,12 @@ def train(
     device: str = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or cpu."),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 (fp32 master weights and main gradients) or fp16 "
                                             "(+ dynamic loss scaling); default bf16 on GPUs, fp32 on CPUs."),
-    recompute: str = typer.Option("none", help="Activation recomputation: none, selective (attention) or full."),
+    recompute: str = typer.Option("none", help="Activation recomputation: none, selective (--recompute-modules) or "
+                                  "full (--recompute-num-layers)."),
+    recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help="With --recompute selective: "
+                                                    "comma list of core_attn (default), mlp, moe."),
+    recompute_num_layers: Optional[int] = typer.Option(None, "--recompute-num-layers", help="With --recompute full: "
+                                                       "recompute the first N layers of each pipeline chunk (default all)."),
     peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs)."),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added, the tracker updated last."),
@@ -144,11 +149,13 @@ def train(
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
     layout, world = resolve_layout(cfg, tp, pp, vpp, dp, ep, sequence_parallel, nproc_per_node, nnodes, master_addr,
                                    first_stage_layers, last_stage_layers, seq_len)
+    modules, num_layers = recompute_options(recompute, recompute_modules, recompute_num_layers)
     tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                        clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,
                        precision=precision, recompute=recompute, peak_tflops=peak_tflops,
-                       eval_interval=eval_interval, eval_iters=eval_iters)
+                       eval_interval=eval_interval, eval_iters=eval_iters, recompute_modules=modules,
+                       recompute_num_layers=num_layers)
     if precision not in ("fp32", "bf16", "fp16"):
         raise UserError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16.")
     if recompute not in ("none", "selective", "full"):
@@ -201,6 +208,23 @@ def _with_recipe(recipe, **flags) -> tuple:
             value = getattr(recipe, key)
         out.append(DEFAULTS[key] if value is None else value)
     return tuple(out)
+
+
+def recompute_options(recompute: str, modules: Optional[str], num_layers: Optional[int]) -> tuple[tuple, Optional[int]]:
+    """(--recompute-modules as a tuple, --recompute-num-layers), each checked against --recompute."""
+    from mzoo.models.gpt import RECOMPUTE_MODULES
+
+    chosen = tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else ()
+    if chosen and recompute != "selective":
+        raise UserError("--recompute-modules needs --recompute selective.")
+    unknown = [m for m in chosen if m not in RECOMPUTE_MODULES]
+    if unknown:
+        raise UserError(f"unknown --recompute-modules {', '.join(unknown)}; use {', '.join(RECOMPUTE_MODULES)} "
+                        "(mzoo's SwiGLU / GeGLU already recompute their activation; layernorm and moe_act are not "
+                        "available yet).")
+    if num_layers is not None and (recompute != "full" or num_layers < 1):
+        raise UserError("--recompute-num-layers needs --recompute full and a count of at least 1.")
+    return chosen, num_layers
 
 
 def check_memory(cfg, layout, tcfg, device: str, local_processes: int, force: bool, first=None, last=None) -> None:

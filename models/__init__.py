@@ -60,9 +60,9 @@ class ModelChunks(nn.ModuleList):
         for chunk in self:
             chunk.init_weights(seed)
 
-    def set_recompute(self, mode: str) -> None:
+    def set_recompute(self, mode: str, modules: tuple[str, ...] = (), num_layers: Optional[int] = None) -> None:
         for chunk in self:
-            chunk.set_recompute(mode)
+            chunk.set_recompute(mode, modules, num_layers)
 
 
 def build_chunks(cfg: ModelConfig, state: ParallelState, dtype: Optional[torch.dtype] = None,

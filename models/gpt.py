@@ -160,12 +160,25 @@ class TransformerLayer(nn.Module):
             self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
         self.self_attention.layer_number = number
         self.state, self.p = state, cfg.hidden_dropout
+        self.mlp_kind = "moe" if cfg.is_moe_layer(number) else "mlp"
+        self.recompute_mlp = False  # selective recomputation of the whole MLP / MoE block
 
     def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = x if self.input_layernorm is None else self.input_layernorm(x)
         x = x + hidden_dropout(self.self_attention(h, rope, cache, mask), self.p, self.training, self.state)
         h = x if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(x)
-        return x + hidden_dropout(self.mlp(h), self.p, self.training, self.state)
+        out = maybe_recomputed(self.mlp, h, self.recompute_mlp, self.state)
+        return x + hidden_dropout(out, self.p, self.training, self.state)
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe")  # what --recompute selective can recompute (Megatron's names)
+
+
+def maybe_recomputed(module: nn.Module, x: torch.Tensor, recompute: bool, state: ParallelState) -> torch.Tensor:
+    """module(x), keeping only x for backward when `recompute` (the module runs again in backward)."""
+    if recompute and module.training and torch.is_grad_enabled():
+        return checkpoint_with_rng(module, x, tracker=state.rng)
+    return module(x)
 
 
 def _separate_norm(cfg: ModelConfig, dtype) -> Norm:
@@ -199,14 +212,14 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_offset = layers.start
         self.layers = nn.ModuleList(TransformerLayer(cfg, state, n, dtype) for n in layers)
-        self.recompute_layers = False  # full recomputation: keep only each layer's input
+        self.recompute_layers = 0  # full recomputation of the first N layers: keep only their inputs
         self.final_layernorm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype) if post_process else None
         if self.final_layernorm is not None:
             mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
     def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        for layer in self.layers:
-            if self.recompute_layers and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if i < self.recompute_layers and self.training and torch.is_grad_enabled():
                 x = checkpoint_with_rng(layer, x, rope, None, mask, tracker=layer.state.rng)
             else:
                 x = layer(x, rope, cache, mask)
@@ -326,13 +339,24 @@ class GPTModel(nn.Module):
         sp = self.state.tp if self.state.config.sequence_parallel else 1
         return hidden.shape[1], hidden.shape[0] * sp
 
-    def set_recompute(self, mode: str) -> None:
-        """Activation recomputation: 'none', 'selective' (core attention) or 'full' (every layer)."""
+    def set_recompute(self, mode: str, modules: tuple[str, ...] = (), num_layers: Optional[int] = None) -> None:
+        """Activation recomputation as Megatron's flags: 'none'; 'selective' with `modules` from
+        RECOMPUTE_MODULES (default core attention); 'full' on the first `num_layers` layers of this
+        chunk (all by default; Megatron's block method)."""
         if mode not in ("none", "selective", "full"):
             raise ValueError(f"unknown recompute mode '{mode}'; use none, selective or full.")
-        self.decoder.recompute_layers = mode == "full"
-        for layer in self.decoder.layers:
-            layer.self_attention.recompute = mode == "selective"
+        unknown = sorted(set(modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ValueError(f"unknown recompute module {', '.join(unknown)}; use {', '.join(RECOMPUTE_MODULES)}.")
+        chosen = set(modules or ("core_attn",)) if mode == "selective" else set()
+        layers = self.decoder.layers
+        self.decoder.recompute_layers = (len(layers) if num_layers is None else num_layers) if mode == "full" else 0
+        for layer in layers:
+            attention = getattr(layer, "self_attention", None)
+            if attention is not None and hasattr(attention, "recompute"):
+                attention.recompute = "core_attn" in chosen
+            if hasattr(layer, "recompute_mlp"):
+                layer.recompute_mlp = layer.mlp_kind in chosen
 
     # ---- naming and initialisation ------------------------------------------------------------
     def canonical_name(self, local_name: str) -> str:

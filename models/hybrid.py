@@ -27,7 +27,7 @@ from torch import nn
 from mzoo.config import ModelConfig
 from mzoo.errors import UserError
 from mzoo.models.gpt import (
-    MLP, GPTModel, SelfAttention, _separate_norm, hidden_dropout,
+    MLP, GPTModel, SelfAttention, _separate_norm, hidden_dropout, maybe_recomputed,
 )
 from mzoo.models.mamba import build_mixer
 from mzoo.parallel.layers import Norm, mark_sequence_parallel
@@ -72,9 +72,11 @@ class MLPLayer(nn.Module):
         super().__init__()
         self.mlp = MLP(cfg, state, cfg.ffn_hidden_size, dtype)
         self.state, self.p = state, cfg.hidden_dropout
+        self.mlp_kind, self.recompute_mlp = "mlp", False
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
-        return x + hidden_dropout(self.mlp(x), self.p, self.training, self.state)
+        out = maybe_recomputed(self.mlp, x, self.recompute_mlp, self.state)
+        return x + hidden_dropout(out, self.p, self.training, self.state)
 
 
 class ExpertsLayer(nn.Module):
@@ -87,9 +89,11 @@ class ExpertsLayer(nn.Module):
         self.pre_mlp_layernorm = _separate_norm(cfg, dtype)
         self.mlp = MoELayer(cfg, state, dtype)
         self.state, self.p = state, cfg.hidden_dropout
+        self.mlp_kind, self.recompute_mlp = "moe", False
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
-        return x + hidden_dropout(self.mlp(self.pre_mlp_layernorm(x)), self.p, self.training, self.state)
+        out = maybe_recomputed(self.mlp, self.pre_mlp_layernorm(x), self.recompute_mlp, self.state)
+        return x + hidden_dropout(out, self.p, self.training, self.state)
 
 
 LAYERS = {"mamba": MambaLayer, "attention": AttentionLayer, "mlp": MLPLayer, "moe": ExpertsLayer}
@@ -103,7 +107,7 @@ class MambaStack(nn.Module):
         kinds = cfg.layer_types
         self.layer_offset = layers.start
         self.layers = nn.ModuleList(LAYERS[kinds[n]](cfg, state, n, dtype) for n in layers)
-        self.recompute_layers = False  # full recomputation: keep only each layer's input
+        self.recompute_layers = 0  # full recomputation of the first N layers: keep only their inputs
         self.final_norm = None
         if post_process:
             self.final_norm = Norm(cfg.hidden_size, cfg.normalization, cfg.norm_eps, dtype)
@@ -111,8 +115,8 @@ class MambaStack(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:
         """TransformerBlock's signature, so that GPTModel.forward drives this stack too."""
-        for layer in self.layers:
-            if self.recompute_layers and self.training and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if i < self.recompute_layers and self.training and torch.is_grad_enabled():
                 x = checkpoint_with_rng(layer, x, rope, None, mask, tracker=layer.state.rng)
             else:
                 x = layer(x, rope, cache, mask)
@@ -125,13 +129,3 @@ class MambaModel(GPTModel):
 
     def build_decoder(self, cfg: ModelConfig, state: ParallelState, dtype) -> nn.Module:
         return MambaStack(cfg, state, self.layers_range, self.post_process, dtype)
-
-    def set_recompute(self, mode: str) -> None:
-        """'none', 'selective' (core attention of the attention layers; Mamba layers keep all their
-        activations) or 'full' (every layer)."""
-        if mode not in ("none", "selective", "full"):
-            raise ValueError(f"unknown recompute mode '{mode}'; use none, selective or full.")
-        self.decoder.recompute_layers = mode == "full"
-        for layer in self.decoder.layers:
-            if isinstance(layer, AttentionLayer):
-                layer.self_attention.recompute = mode == "selective"

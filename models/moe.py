@@ -161,7 +161,7 @@ class MoELayer(nn.Module):
             aux = E.load_balancing_loss(scores, indices, moe.aux_loss_coeff, moe.score_function, self.state)
             self.router.aux_loss = aux.detach()
             tokens = E.attach_aux_loss(tokens, aux)
-        if self.training and self.router.expert_bias is not None:
+        if self.training and self.router.expert_bias is not None and not self.state.rng.recomputing:
             self.router.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=moe.num_experts)
         out = E.routed_experts(tokens, weights, indices, moe.num_experts, self.state, self.experts)
         out = out.view(-1, b, h)

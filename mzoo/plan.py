@@ -186,6 +186,8 @@ class Settings:
     grad_fp32: bool = True  # Megatron's main grads in fp32 (Megatron-LM forces it for bf16)
     gpus_per_node: int = 8
     headroom: float = HEADROOM  # of each GPU's memory kept free
+    recompute_modules: Optional[frozenset] = None  # selective: what is recomputed (default: the profile's)
+    recompute_layers: Optional[int] = None  # full: the first N layers of each chunk (default all)
 
     def microbatches(self, layout: Layout) -> int:
         return self.global_batch // (self.micro_batch * layout.dp)
@@ -334,6 +336,8 @@ def block_activations(cfg: ModelConfig, block: str, s: Shard, profile: Profile, 
         if "mla_up_proj" not in recompute:
             n += (2 * qk + up) * a / t  # q, k (concatenated with the rotary parts), kv_up output (v's base)
         return e * (n + m.v_head_dim * a / t + lse)
+    if block in ("mlp", "moe") and block in recompute:  # the whole block recomputed: its input only
+        return e * h * sh
     if block == "mlp":
         return e * (norm() + _ffn_acts(cfg, cfg.ffn_hidden_size, t, profile))
     if block == "moe":
@@ -563,21 +567,30 @@ def _sequence_parallel(profile: Profile, tp: int) -> bool:
     return tp > 1 if profile.sequence_parallel is None else (profile.sequence_parallel and tp > 1)
 
 
-def _recompute_modules(profile: Profile, recompute: str) -> frozenset:
-    return profile.selective if recompute == "selective" else frozenset()
+def _recompute_modules(profile: Profile, settings: Settings) -> frozenset:
+    if settings.recompute != "selective":
+        return frozenset()
+    return settings.recompute_modules if settings.recompute_modules is not None else profile.selective
 
 
 def _stage_activations(model: Model, stage: Stage, shard: Shard, profile: Profile,
-                       recompute: str) -> tuple[float, float]:
+                       settings: Settings) -> tuple[float, float]:
     """(bytes per token of one micro-batch over the stage's layers, extra working bytes per token
-    held once: the layer being recomputed under full recomputation)."""
-    modules = _recompute_modules(profile, recompute)
+    held once: the layer or block being recomputed)."""
+    modules = _recompute_modules(profile, settings)
     kinds = model.kinds(stage.layers)
     per_kind = [(model.layer_activations(blocks, shard, profile, modules), n) for blocks, n in kinds]
-    if recompute != "full":
-        return sum(a * n for a, n in per_kind), 0.0
+    if settings.recompute != "full":
+        working = 0.0
+        if modules & {"mlp", "moe"}:  # the recomputed block's activations, one at a time in backward
+            working = max((block_activations(model.cfg, b, shard, profile, frozenset())
+                           for blocks, _ in kinds for b in blocks if b in modules), default=0.0)
+        return sum(a * n for a, n in per_kind), working
     kept = profile.act * model.cfg.hidden_size * (1.0 / shard.tp if shard.sp else 1.0)  # each layer's input
-    return kept * len(stage.layers), max((a for a, _ in per_kind), default=0.0)
+    layers = len(stage.layers)
+    recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
+    whole = sum(a * n for a, n in per_kind) / max(1, layers)  # the rest keep everything (average layer)
+    return kept * recomputed + whole * (layers - recomputed), max((a for a, _ in per_kind), default=0.0)
 
 
 def in_flight(layout: Layout, pp_rank: int, microbatches: int) -> float:
@@ -607,7 +620,7 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
 
     T = settings.tokens(layout)
     m = settings.microbatches(layout)
-    per_token, working = _stage_activations(model, stage, shard, profile, settings.recompute)
+    per_token, working = _stage_activations(model, stage, shard, profile, settings)
     activations = T * per_token * in_flight(layout, stage.rank, m)
     h, e, sh = cfg.hidden_size, profile.act, (1.0 / layout.tp if sp else 1.0)
     logits = 0.0
@@ -776,22 +789,28 @@ def _stage_time(model: Model, layout: Layout, settings: Settings, g: GPU, profil
     rate_gemm = (g.fp8_tflops * FP8_EFFICIENCY if settings.fp8 else g.bf16_tflops * profile.efficiency) * 1e12
     rate_core = g.bf16_tflops * profile.efficiency * 1e12
     sh = 1.0 / t if _sequence_parallel(profile, t) else 1.0
-    full, selective = settings.recompute == "full", settings.recompute == "selective"
+    selective, modules = settings.recompute == "selective", _recompute_modules(profile, settings)
+    full = 0.0  # the share of layers recomputed whole
+    if settings.recompute == "full":
+        layers = max(1, len(stage.layers))
+        full = 1.0 if settings.recompute_layers is None else min(1.0, settings.recompute_layers * stage.chunks / layers)
     gemm = core = extra = tp_elems = tp_calls = ep = cp_exposed = 0.0
     for blocks, n in model.kinds(stage.layers):
         for block in blocks:
             f = model.flops(block, settings.seq_len)
             gemm, core = gemm + n * f.gemm, core + n * f.core
             if selective:
-                core_again = f.core / rate_core if block in ("gqa", "mla") else 0.0  # core attention
-                extra += n * (f.recompute_selective / rate_gemm + core_again)
+                core_again = f.core / rate_core if block in ("gqa", "mla") and "core_attn" in modules else 0.0
+                block_again = f.gemm / rate_gemm if block in modules else 0.0  # a whole MLP / MoE again
+                ups = f.recompute_selective / rate_gemm if "mla_up_proj" in modules else 0.0
+                extra += n * (ups + core_again + block_again)
             if t > 1:
                 fwd, bwd, calls = _tp_traffic(cfg, block, layout.expert_tp == t)
-                tp_elems += n * (fwd * (2 if full else 1) + bwd)
+                tp_elems += n * (fwd * (1 + full) + bwd)
                 tp_calls += n * calls
             if block == "moe" and layout.ep > 1:
                 a2a = _all_to_all(cfg.moe.top_k * T * sh * cfg.hidden_size * COMM_BYTES, layout, g, gpn)
-                ep += n * (6 if full else 4) * a2a
+                ep += n * (4 + 2 * full) * a2a
             if block in ("gqa", "mla") and layout.cp > 1:
                 kv = T * _kv_width(cfg) / t * COMM_BYTES
                 ring = 3 * (layout.cp - 1) * kv / _bandwidth(g, t * layout.cp, gpn)  # fwd K, V; bwd K, V + grads
@@ -799,7 +818,7 @@ def _stage_time(model: Model, layout: Layout, settings: Settings, g: GPU, profil
     if stage.head:
         gemm += 2.0 * cfg.hidden_size * cfg.padded_vocab_size(t)
     fwd_time = (gemm / rate_gemm + core / rate_core) * T / t
-    compute = fwd_time * (4 if full else 3) + extra * T / t
+    compute = fwd_time * (3 + full) + extra * T / t
     tp = 0.0
     if t > 1:
         tp = tp_elems * T * COMM_BYTES * (t - 1) / t / _bandwidth(g, t, gpn) + tp_calls * COLLECTIVE_LATENCY_S

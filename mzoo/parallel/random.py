@@ -35,6 +35,7 @@ class RNGTracker:
 
     states: dict[str, torch.Tensor] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    recomputing: bool = False  # inside checkpoint_with_rng's recomputation: forward side effects must not repeat
 
     def _get(self) -> torch.Tensor:
         return _device_rng_get(self.device)
@@ -97,9 +98,10 @@ def checkpoint_with_rng(fn, *args, tracker: RNGTracker):
     def recompute_ctx():
         after = tracker.states
         tracker.states = {k: v.clone() for k, v in snapshot.items()}
+        tracker.recomputing = True
         try:
             yield
         finally:
-            tracker.states = after
+            tracker.states, tracker.recomputing = after, False
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (forward_ctx(), recompute_ctx()))

@@ -55,6 +55,15 @@ def capacity(device: torch.device, local_processes: int) -> tuple[float, str]:
     return total, "this machine"
 
 
+def settings_of(tcfg):
+    """The planner's Settings for a run's TrainConfig (the dry run and the fit check share it)."""
+    from mzoo import plan as P
+
+    return P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute, tcfg.distributed_optimizer,
+                      recompute_modules=frozenset(tcfg.recompute_modules) if tcfg.recompute_modules else None,
+                      recompute_layers=tcfg.recompute_num_layers)
+
+
 def estimate(cfg: ModelConfig, layout: ParallelConfig, tcfg, device_type: str,
              first: Optional[int] = None, last: Optional[int] = None) -> float:
     """Peak bytes of the busiest rank of `layout` training with `tcfg` on mzoo's engine."""
@@ -62,8 +71,7 @@ def estimate(cfg: ModelConfig, layout: ParallelConfig, tcfg, device_type: str,
 
     plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
                            first=first, last=last)
-    settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
-                          tcfg.distributed_optimizer)
+    settings = settings_of(tcfg)
     profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
     return P.memory(cfg, plan_layout, settings, profile).total
 

@@ -37,6 +37,8 @@ class TrainConfig:
     distributed_optimizer: bool = False
     precision: str = "fp32"  # fp32, bf16 (fp32 master weights), fp16 (+ dynamic loss scaling)
     recompute: str = "none"  # none, selective, full
+    recompute_modules: tuple[str, ...] = ()  # selective: core_attn (default), mlp, moe
+    recompute_num_layers: Optional[int] = None  # full: the first N layers of each chunk (default all)
     peak_tflops: Optional[float] = None  # per device, for MFU
     eval_interval: int = 0  # validation loss every N steps (0: never)
     eval_iters: int = 2  # global batches per validation
@@ -158,7 +160,7 @@ class Trainer:
         self.scaler = LossScaler(tcfg.precision == "fp16")
         seed_everything(state.rng, tcfg.seed, state.tp_rank, state.pp_rank)
         if hasattr(model, "set_recompute"):
-            model.set_recompute(tcfg.recompute)
+            model.set_recompute(tcfg.recompute, tcfg.recompute_modules, tcfg.recompute_num_layers)
         self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
         self.peak_tflops = tcfg.peak_tflops or detect_peak_tflops()
 
