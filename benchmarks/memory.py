@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     model = dict(name="llama-200m", family="llama", vocab_size=32000, hidden_size=1024, num_layers=args.layers,
                  num_attention_heads=16, num_query_groups=4, ffn_hidden_size=2816, max_position_embeddings=2048)
-    train = dict(seq_len=256, micro_batch=1, global_batch=4, steps=2, precision="bf16", distributed_optimizer=True)
+    train = dict(seq_len=128, micro_batch=1, global_batch=4, steps=2, precision="bf16", distributed_optimizer=True)
     spec = {"model": model, "train": train}
     repos = [("mzoo (this checkout)", Path(__file__).resolve().parents[1])]
     if args.baseline:
@@ -115,7 +115,7 @@ def main() -> None:
             budget = 12 * n + runtime  # Megatron: 2 + 4 + 12 / dp bytes per parameter, dp = 2
             rows.append([label, str(r["rank"]), f"{n / 1e6:.1f}M", f"{runtime / 2**30:.2f}", f"{peak / 2**30:.2f}",
                          f"{above:.2f}", f"{budget / 2**30:.2f}", f"{peak / budget:.3f}"])
-    print(f"llama {args.layers} layers, bf16, distributed optimizer, dp 2 (gloo), seq 256, micro batch 1, "
+    print(f"llama {args.layers} layers, bf16, distributed optimizer, dp 2 (gloo), seq 128, micro batch 1, "
           "2 micro-batches per rank, 2 steps")
     print_markdown_table(["engine", "rank", "params", "runtime GiB", "peak GiB", "B/param above runtime",
                           "Megatron budget GiB (12 B/param + runtime)", "peak / budget"], rows)

@@ -61,11 +61,15 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, la
 @user_errors
 def train(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama-tiny, llama3-8b) or a model YAML file."),
-    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (1F1B schedule)."),
-    vpp: int = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size (default 1, or the planner's with --gpus)."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size (1F1B schedule)."),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B)."),
     dp: Optional[int] = typer.Option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp))."),
-    ep: int = typer.Option(1, "--ep", help="Expert-parallel size (MoE models); divides dp: EP groups are carved out of DP ranks."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size (MoE models); divides dp: EP groups are carved out of DP ranks."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs in total: without --tp/--pp/--vpp/--ep/--dp the "
+                                       "planner picks the layout (also inside torchrun / srun)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="The GPU type the planner assumes (default: this machine's, "
+                                      "else h100-80gb)."),
     nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", help="Processes per node (default tp*pp*dp / nnodes)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes (run the same command on each, with --node-rank)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index (multi-node)."),
@@ -74,7 +78,7 @@ def train(
     first_stage_layers: Optional[int] = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage."),
     last_stage_layers: Optional[int] = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeline stage."),
     sequence_parallel: bool = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP."),
-    distributed_optimizer: bool = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam states over DP."),
+    distributed_optimizer: bool = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam states over DP (on when the planner picks the layout)."),
     data: list[str] = typer.Option([], "--data", help="Indexed dataset prefix (repeat; Megatron blend: --data 30 --data a --data 70 --data b)."),
     split: str = typer.Option("969,30,1", "--split", help="train,valid,test shares of every dataset."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check that this tokenizer fits the model's vocabulary."),
@@ -147,9 +151,30 @@ def train(
         cfg = cfg.replace(**_parse_overrides(override))
     if megatron_format not in ("torch_dist", "torch"):
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
+    modules, num_layers = recompute_options(recompute, recompute_modules, recompute_num_layers)
+    planned = None
+    launched = int(os.environ.get("WORLD_SIZE", "1")) if in_launcher() else None
+    if all(v is None for v in (tp, pp, vpp, dp, ep)) and (gpus or (launched or 1) > 1):
+        from mzoo.train import fit
+
+        if target != "cuda":
+            raise UserError("the planner picks layouts for GPUs; on CPUs give the layout (--tp/--pp/--dp), or add "
+                            "--dry-run --device cuda to see what it would pick.")
+        draft = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, precision=precision,
+                            recompute=recompute, recompute_modules=modules, recompute_num_layers=num_layers)
+        planned = fit.auto_layout(cfg, draft, launched or gpus, fit.gpu_type(gpu))
+        tp, pp, vpp, dp, ep = planned.tp, planned.pp, planned.vpp, planned.dp, planned.ep
+        sequence_parallel, distributed_optimizer = planned.sequence_parallel, True
+        first_stage_layers, last_stage_layers = planned.first, planned.last
+    elif gpus and nproc_per_node is None and not launched:
+        nproc_per_node = gpus // nnodes
+    tp, pp, vpp, ep = tp or 1, pp or 1, vpp or 1, ep or 1
+    if planned is not None and nproc_per_node is None and not launched:
+        nproc_per_node = tp * pp * dp // nnodes
     layout, world = resolve_layout(cfg, tp, pp, vpp, dp, ep, sequence_parallel, nproc_per_node, nnodes, master_addr,
                                    first_stage_layers, last_stage_layers, seq_len)
-    modules, num_layers = recompute_options(recompute, recompute_modules, recompute_num_layers)
+    if planned is not None and not as_json and int(os.environ.get("RANK", 0)) == 0:
+        console.print(planned.why, highlight=False)
     tcfg = TrainConfig(seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, steps=steps, lr=lr,
                        min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
                        clip_grad=clip_grad, seed=seed, distributed_optimizer=distributed_optimizer,

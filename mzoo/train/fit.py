@@ -118,3 +118,51 @@ def refusal(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device
     return (f"{what} needs about {fit.need / GIB:.1f} GiB per process but {fit.where} offers "
             f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)} "
             "(--force starts anyway).")
+
+
+GPU_NAMES = {"H200": "h200", "H100": "h100-80gb", "A100": "a100-80gb", "B200": "b200"}
+
+
+def gpu_type(requested: Optional[str] = None) -> str:
+    """The planner's GPU model: the one asked for, else this machine's, else an H100."""
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name().upper()
+        return next((v for k, v in GPU_NAMES.items() if k in name), "h100-80gb")
+    return "h100-80gb"
+
+
+@dataclass(frozen=True)
+class AutoLayout:
+    tp: int
+    pp: int
+    vpp: int
+    dp: int
+    ep: int
+    sequence_parallel: bool
+    first: Optional[int]
+    last: Optional[int]
+    why: str
+
+
+def auto_layout(cfg: ModelConfig, tcfg, gpus: int, gpu: str) -> AutoLayout:
+    """The fastest layout of `gpus` GPUs that mzoo's engine runs and that fits, by the planner (mzoo's
+    engine profile, bf16 unless the run says otherwise), with one sentence saying why."""
+    from mzoo import plan as P
+    from mzoo.errors import UserError
+
+    settings = replace(settings_of(tcfg), distributed_optimizer=True)
+    profile = P.engine_profile(tcfg.precision, sequence_parallel=True, device="cuda")
+    ranked = P.plan(cfg, gpus, settings, P.gpu(gpu), profile)
+    best = ranked[0]
+    if not best.feasible:
+        raise UserError(f"no layout of {gpus} {gpu} GPUs fits {cfg.name or 'this model'} on mzoo's engine: "
+                        f"{best.verdict()} Add GPUs, --recompute full or a shorter --seq-len.")
+    lay = best.layout
+    sp = " with sequence parallelism" if lay.tp > 1 else ""
+    why = (f"layout from the planner: {lay.label()}{sp} and the distributed optimizer, the fastest of "
+           f"{sum(p.feasible for p in ranked)} layouts that fit {gpus} x {gpu} "
+           f"({best.memory.total / GIB:.1f} of {best.usable_gib:.1f} GiB per GPU, estimated MFU {best.time.mfu:.0%}; "
+           f"`mzoo plan {cfg.name or 'MODEL'} --gpus {gpus}` shows the others)")
+    return AutoLayout(lay.tp, lay.pp, lay.vpp, lay.dp, lay.ep, lay.tp > 1, lay.first, lay.last, why)

@@ -90,3 +90,24 @@ def test_asking_for_cuda_without_one_is_one_sentence(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[0].startswith("error: --device cuda was asked for, but this torch")
     assert run("train", "llama-tiny", "--mock-data", "--device", "tpu", cwd=tmp_path).returncode == 2
+
+
+def test_gpus_without_a_layout_asks_the_planner(tmp_path):
+    """--gpus 8 and no --tp/--pp/--dp: the planner's fastest layout that mzoo's engine runs and fits,
+    with the sentence saying why; the dry run then reports exactly that layout."""
+    from mzoo import plan as P
+    from mzoo.zoo import get
+
+    proc = run("train", "llama3-8b", "--gpus", 8, "--mock-data", "--dry-run", "--device", "cuda", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    why = " ".join(proc.stdout.split())
+    assert why.startswith("layout from the planner: ") and "fit 8 x h100-80gb" in why
+    settings = P.Settings(8192, 512, 1, distributed_optimizer=True)
+    best = P.plan(get("llama3-8b").config, 8, settings, P.gpu("h100-80gb"), P.engine_profile("bf16", True, "cuda"))[0]
+    assert f"layout from the planner: {best.layout.label()} " in why
+    report = json.loads(run("train", "llama3-8b", "--gpus", 8, "--mock-data", "--dry-run", "--device", "cuda", "--json",
+                            cwd=tmp_path).stdout)
+    assert (report["layout"]["tp"], report["layout"]["pp"], report["layout"]["dp"]) == (
+        best.layout.tp, best.layout.pp, best.layout.dp)
+    cpu = run("train", "llama-tiny", "--gpus", 2, "--mock-data", "--device", "cpu", cwd=tmp_path)
+    assert cpu.returncode == 2 and "the planner picks layouts for GPUs" in cpu.stderr
