@@ -52,6 +52,9 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     if mask is None and cache is not None:
         mask = cache.attention_mask(q.shape[2], k.shape[2], q.device)
     causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
+    if not dropout:  # no random numbers drawn: no RNG state to switch (a host round trip per call on GPUs)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=enable_gqa)
     with state.rng.fork():  # this rank's heads: its own dropout stream
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                               scale=scale, enable_gqa=enable_gqa)

@@ -79,7 +79,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = int(dim * cfg.rope.rotary_percent)
         inv_freq, self.attention_factor = inverse_frequencies(cfg.rope, self.dim, cfg.max_position_embeddings)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # computed on the CPU (the same values everywhere), kept where the model is built (its GPU)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [b, s] -> cos, sin [s, b, 1, dim] in fp32."""

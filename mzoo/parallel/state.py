@@ -132,8 +132,9 @@ class ParallelState:
             if me.rank in ranks:
                 setattr(me, f"{name}_group", made[key])
         if me.pp_group is not None and me.device.type == "cuda":
-            # NCCL wants a group's first operation to involve all of its ranks before batched p2p
-            dist.barrier(group=me.pp_group)
+            # NCCL wants a group's first operation to involve all of its ranks before batched p2p: a
+            # CUDA collective (a barrier would run on the group's gloo side, leaving NCCL cold)
+            dist.all_reduce(torch.zeros(1, device=me.device), group=me.pp_group)
         return me
 
 

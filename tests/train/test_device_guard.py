@@ -132,3 +132,12 @@ def test_parallel_steps_create_nothing_off_device():
                 _check(result)
             except AssertionError as e:
                 raise AssertionError(f"{name} {layout}: {e}") from None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_parameter_and_buffer_is_built_on_the_requested_device(name):
+    """A GPU rank's model is built on its GPU: with 'meta' standing in for it, no parameter or buffer
+    (rotary frequencies, router counts) may stay behind on the CPU."""
+    model = build_chunks(resolve(name), ParallelState.single(), device="meta")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not left, left
