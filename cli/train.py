@@ -141,7 +141,7 @@ def train(
     from mzoo.zoo import recipe_of
 
     target = device_type(device) if dry_run else resolve_device(device).type  # a dry run needs no GPU
-    precision = precision or default_precision(torch_device(target))
+    precision = precision or default_precision(target)
     recipe = recipe_of(model)
     seq_len, micro_batch, global_batch, lr, min_lr, warmup, schedule, weight_decay, steps = _with_recipe(
         recipe, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
@@ -217,12 +217,6 @@ def train(
 
 DEFAULTS = dict(seq_len=128, micro_batch=2, global_batch=8, lr=3e-4, min_lr=3e-5, warmup=2, schedule="cosine",
                 weight_decay=0.1, steps=20)  # for presets without a recipe (the tiny ones, YAML files)
-
-
-def torch_device(kind: str):
-    import torch
-
-    return torch.device(kind)
 
 
 def _with_recipe(recipe, **flags) -> tuple:

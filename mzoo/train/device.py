@@ -43,9 +43,9 @@ def device_type(name: str = "auto") -> str:
     return name
 
 
-def default_precision(device: torch.device) -> str:
+def default_precision(device: torch.device | str) -> str:
     """bf16 on GPUs (fp32 master weights and main gradients); fp32 on CPUs, the exact reference."""
-    return "bf16" if device.type == "cuda" else "fp32"
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
 def init_process_group(device: torch.device) -> bool:
