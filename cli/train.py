@@ -134,18 +134,19 @@ def train(
     """
     from mzoo.train.data import data_config_from_flags
     from mzoo.train.run import RunConfig, in_launcher
-    from mzoo.train.trainer import TrainConfig
-    from mzoo.zoo import resolve
-
     from mzoo.train.device import default_precision, device_type, resolve_device
-    from mzoo.zoo import recipe_of
+    from mzoo.train.trainer import TrainConfig
+    from mzoo.zoo import resolve, training_settings
 
     target = device_type(device) if dry_run else resolve_device(device).type  # a dry run needs no GPU
     precision = precision or default_precision(target)
-    recipe = recipe_of(model)
-    seq_len, micro_batch, global_batch, lr, min_lr, warmup, schedule, weight_decay, steps = _with_recipe(
-        recipe, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr, min_lr=min_lr,
-        warmup=warmup, schedule=schedule, weight_decay=weight_decay, steps=steps)
+    settings = training_settings(model, seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch, lr=lr,
+                                 min_lr=min_lr, warmup=warmup, schedule=schedule, weight_decay=weight_decay,
+                                 steps=steps)
+    seq_len, micro_batch, global_batch, steps = (settings[k] for k in ("seq_len", "micro_batch", "global_batch",
+                                                                       "steps"))
+    lr, min_lr, warmup, schedule, weight_decay = (settings[k] for k in ("lr", "min_lr", "warmup", "schedule",
+                                                                        "weight_decay"))
     cfg = resolve(model)
     if override:
         cfg = cfg.replace(**_parse_overrides(override))
@@ -215,20 +216,6 @@ def train(
             f"saved {megatron_format} checkpoint to {save}" if save else None)
 
 
-DEFAULTS = dict(seq_len=128, micro_batch=2, global_batch=8, lr=3e-4, min_lr=3e-5, warmup=2, schedule="cosine",
-                weight_decay=0.1, steps=20)  # for presets without a recipe (the tiny ones, YAML files)
-
-
-def _with_recipe(recipe, **flags) -> tuple:
-    """Each training setting from its flag, else the preset's published recipe, else mzoo's default."""
-    out = []
-    for key, value in flags.items():
-        if value is None and recipe is not None:
-            value = getattr(recipe, key)
-        out.append(DEFAULTS[key] if value is None else value)
-    return tuple(out)
-
-
 def recompute_options(recompute: str, modules: Optional[str], num_layers: Optional[int]) -> tuple[tuple, Optional[int]]:
     """(--recompute-modules as a tuple, --recompute-num-layers), each checked against --recompute."""
     from mzoo.models.gpt import RECOMPUTE_MODULES
@@ -258,9 +245,8 @@ def check_memory(cfg, layout, tcfg, device: str, local_processes: int, force: bo
         return
     sentence = fit.refusal(cfg, layout, tcfg, where, result, first, last)
     if not force:
-        raise UserError(sentence)
-    err_console.print(f"warning: {sentence[0].lower()}{sentence[1:-len(' (--force starts anyway).')]}; "
-                      "starting anyway (--force).", highlight=False)
+        raise UserError(f"{sentence} (--force starts anyway).")
+    err_console.print(f"warning: {sentence}; starting anyway (--force).", highlight=False)
 
 
 def execute(command: str, rc, hooks, world: int, nnodes: int, node_rank: int, master_addr: Optional[str],

@@ -89,5 +89,6 @@ def show(
                       + (f", {r.tokens:.3g} tokens = {r.steps:,} steps" if r.tokens else "")
                       + f"; source: {r.source}", highlight=False)
     else:
-        console.print(f"recipe: none published; `mzoo train {name}` uses mzoo's small defaults (seq 128, global "
-                      "batch 8) unless overridden.", highlight=False)
+        d = zoo_lib.DEFAULTS
+        console.print(f"recipe: none published; `mzoo train {name}` uses mzoo's small defaults (seq {d['seq_len']}, "
+                      f"global batch {d['global_batch']}, {d['steps']} steps) unless overridden.", highlight=False)

@@ -86,6 +86,23 @@ def _recipe(data: Optional[dict], name: str) -> Optional[Recipe]:
         raise ConfigError(f"preset {name}: its recipe is malformed ({e}); use the keys of zoo.Recipe.") from None
 
 
+DEFAULTS = dict(seq_len=128, micro_batch=2, global_batch=8, lr=3e-4, min_lr=3e-5, warmup=2, schedule="cosine",
+                weight_decay=0.1, steps=20)  # `mzoo train`'s settings for presets without a recipe (tiny ones, YAML)
+
+
+def training_settings(name_or_path: str, **flags) -> dict:
+    """Each training setting in DEFAULTS from its flag (None: not given), else the preset's published
+    recipe, else mzoo's small default."""
+    recipe = recipe_of(name_or_path)
+    out = {}
+    for key, default in DEFAULTS.items():
+        value = flags.get(key)
+        if value is None and recipe is not None:
+            value = getattr(recipe, key)
+        out[key] = default if value is None else value
+    return out
+
+
 def recipe_of(name_or_path: str) -> Optional[Recipe]:
     """The recipe of a preset (None for YAML files and presets without one)."""
     path = Path(name_or_path)

@@ -161,14 +161,14 @@ class _FlatGroup:
     def state_slice(self, t: torch.Tensor, b: _Bucket) -> torch.Tensor:
         return t[b.state : b.state + b.own]
 
-    def pieces(self, index: int) -> Iterator[tuple[_Bucket, int, int, int]]:
-        """(bucket, start, end, state offset): the parts of parameter `index` (flattened [start, end))
-        that this rank owns, and where they sit in the state vectors."""
+    def pieces(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """(start, end, state offset): the parts of parameter `index` (flattened [start, end)) that
+        this rank owns, and where they sit in the state vectors."""
         off, n = self.offsets[index], self.params[index].numel()
         for b in self.buckets:
             cut = _intersect(off, off + n, b.own_lo, b.own_hi)
             if cut is not None:
-                yield b, cut[0] - off, cut[1] - off, b.state + cut[0] - b.own_lo
+                yield cut[0] - off, cut[1] - off, b.state + cut[0] - b.own_lo
 
     # ---- the step ----------------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -260,7 +260,7 @@ class _FlatGroup:
         values = self.shards()[kind]
         for i, t in enumerate(tensors):
             flat = t.reshape(-1)
-            for _, lo, hi, at in self.pieces(i):
+            for lo, hi, at in self.pieces(i):
                 values[at : at + hi - lo].copy_(flat[lo:hi])
 
 
@@ -310,11 +310,6 @@ class Optimizer:
             p.grad = None
         for group, _ in self.groups:
             group.zero_grad()
-
-    def weights_changed(self) -> None:
-        """The parameters were overwritten (initialisation, a checkpoint): refresh the master copy."""
-        for group, _ in self.groups:
-            group.load_master_from_params()
 
     def _sync_replicas(self) -> None:
         """Gradients of parameters held by several ranks of one model replica: tied embeddings on

@@ -17,8 +17,7 @@ import torch
 
 from mzoo.config import ModelConfig, ParallelConfig
 
-GIB = 2**30
-HEADROOM = 0.05  # of a GPU's free memory: allocator fragmentation and caching slack
+from mzoo.plan import GIB, HEADROOM  # the planner's share of a GPU kept free for the allocator
 
 
 @dataclass(frozen=True)
@@ -112,12 +111,11 @@ def suggestion(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.dev
 
 def refusal(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, fit: Fit,
             first: Optional[int] = None, last: Optional[int] = None) -> str:
-    """One sentence: both numbers, and what would fit; --force goes ahead anyway."""
+    """Both numbers and what would fit (the caller ends the sentence)."""
     what = (f"{cfg.name or 'this model'} at tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
             f"({tcfg.precision}, seq {tcfg.seq_len}, micro batch {tcfg.micro_batch}, recompute {tcfg.recompute})")
     return (f"{what} needs about {fit.need / GIB:.1f} GiB per process but {fit.where} offers "
-            f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)} "
-            "(--force starts anyway).")
+            f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)}")
 
 
 GPU_NAMES = {"H200": "h200", "H100": "h100-80gb", "A100": "a100-80gb", "B200": "b200"}
