@@ -64,7 +64,7 @@ except ImportError:  # a bare checkout: pyproject.toml's package-dir mapping, re
     sys.path.insert(0, str(_pkg.parent))
 from mzoo import plan as P
 from mzoo.converters.adapter import for_family
-from mzoo.converters.hf import load_canonical
+from mzoo.models.canonical import load_canonical
 from mzoo.models import build_chunks, build_model
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer
 from mzoo.parallel.sharding import to_global

@@ -37,10 +37,13 @@ def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int
          trust_pickle: bool, vocab_size: Optional[int], overwrite: bool, as_json: bool, quiet: bool,
          expect_src: Optional[str], ep: int = 1, grouped: bool = False, plan: bool = False) -> None:
     from mzoo.ckpt.hf import parse_dtype, parse_size
-    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.ckpt.megatron.layout import MegatronLayout
     import torch
 
-    from mzoo.converters.pipeline import Target, convert as run_convert, open_source, plan_layout, plan_tensors
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert as run_convert, plan_layout
+    from mzoo.jobs.sources import open_source
+    from mzoo.models.canonical import plan_tensors
     if spec not in ("te", "local"):
         raise UserError(f"unknown --spec '{spec}'; use te or local.")
     if megatron_format not in ("torch", "torch_dist", "zarr"):

@@ -32,10 +32,13 @@ def demo(
 
     Example: mzoo demo --steps 30
     """
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.hf import random_canonical, save_hf
-    from mzoo.converters.pipeline import Target, convert, open_source
-    from mzoo.converters.verify import against_transformers, verify_sources
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.models.canonical import random_canonical
+    from mzoo.converters.hf import save_hf
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+    from mzoo.jobs.verify import against_transformers, verify_sources
     from mzoo.train.bpe import CORPUS, train_bpe, corpus_texts
     from mzoo.train.data import PrepareConfig, prepare
 

@@ -17,9 +17,12 @@ def _hooks(fmt: str, save_format: str, precision: str, sft, tokenizer_dir: Path,
     import torch
 
     from mzoo.ckpt.hf import TOKENIZER_FILES
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.hf import canonical_tensors, save_hf
-    from mzoo.converters.pipeline import Target, add_iteration, load_checkpoint
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.models.canonical import canonical_tensors
+    from mzoo.converters.hf import save_hf
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.write import add_iteration
+    from mzoo.jobs.sources import load_checkpoint
     from mzoo.models import build_chunks
     from mzoo.train import sft as sft_data
     from mzoo.train.run import Hooks
@@ -99,7 +102,7 @@ def finetune(
 
     Example: mzoo finetune ./llama-hf --data chat.jsonl --format chat --steps 200 --save ./llama-sft
     """
-    from mzoo.converters.pipeline import open_source
+    from mzoo.jobs.sources import open_source
     from mzoo.train import sft as sft_data
     from mzoo.train.run import RunConfig
     from mzoo.train.trainer import TrainConfig

@@ -69,8 +69,8 @@ def generate(
     """
     import torch
 
-    from mzoo.converters.hf import load_canonical
-    from mzoo.converters.pipeline import open_source
+    from mzoo.models.canonical import load_canonical
+    from mzoo.jobs.sources import open_source
     from mzoo.generate import GenerationConfig, generate as run
     from mzoo.models import build_model
 

@@ -28,7 +28,8 @@ def init(
     from mzoo.ckpt.atomic import check_destination
     from mzoo.ckpt.hf import parse_dtype, parse_size
     from mzoo.converters import for_family
-    from mzoo.converters.hf import random_canonical, save_hf
+    from mzoo.models.canonical import random_canonical
+    from mzoo.converters.hf import save_hf
     cfg = resolve(preset)
     torch_dtype = parse_dtype(dtype)
     max_bytes = parse_size(shard_size)

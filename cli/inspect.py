@@ -24,7 +24,7 @@ def inspect(
     Example: mzoo inspect ./llama-mcore --json
              mzoo inspect ./llama-mcore --check   (sizes and CRC-32 of every file)
     """
-    from mzoo.converters.pipeline import describe
+    from mzoo.jobs.inspect import describe
 
     info = describe(path, trust_pickle, vocab_size, check)
     if as_json:

@@ -29,9 +29,11 @@ def _parse_overrides(items: list[str]) -> dict:
 def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, last=None):
     import torch
 
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.hf import canonical_tensors
-    from mzoo.converters.pipeline import Target, add_iteration, load_checkpoint
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.models.canonical import canonical_tensors
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.write import add_iteration
+    from mzoo.jobs.sources import load_checkpoint
     from mzoo.models import build_chunks
     from mzoo.train.run import Hooks
     from mzoo.train.trainer import dataset_samplers
@@ -192,7 +194,7 @@ def train(
     if schedule not in ("cosine", "wsd", "constant"):
         raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
     if load:
-        from mzoo.converters.pipeline import open_source
+        from mzoo.jobs.sources import open_source
 
         open_source(load)  # fails now, in one sentence, if the checkpoint is unreadable
     data_cfg = data_config_from_flags(data, split, mock_data, tokenizer, cfg.vocab_size)

@@ -27,8 +27,8 @@ def verify(
 
     Example: mzoo verify ./llama-hf ./llama-mcore-tp2pp2
     """
-    from mzoo.converters.pipeline import open_source
-    from mzoo.converters.verify import verify_sources
+    from mzoo.jobs.sources import open_source
+    from mzoo.jobs.verify import verify_sources
     result = verify_sources(open_source(a, trust_pickle, vocab_size), open_source(b, trust_pickle, vocab_size),
                             batch, seq_len, seed, tolerance)
     if as_json:

@@ -1,4 +1,4 @@
-"""Hugging Face <-> canonical, tensor by tensor: load into an mzoo model, save, random init.
+"""Hugging Face <-> canonical, tensor by tensor: read a checkpoint's config, load into an mzoo model, save.
 
 Canonical tensors come from (or go to) the family adapter's mapping table; which canonical
 tensors exist and how they split comes from a model built on the meta device.
@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -19,25 +18,11 @@ from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
 from mzoo.ckpt.sink import TensorExtents
 from mzoo.ckpt.sidecar import write_sidecar
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
 from mzoo.converters import adapter as adapters
-from mzoo.models import build_model, meta_model
-from mzoo.models.gpt import init_tensor
-from mzoo.parallel.sharding import ShardSpec, get_spec, to_local
+from mzoo.models import build_model
+from mzoo.models.canonical import canonical_tensors, load_canonical
 from mzoo.parallel.state import ParallelState
-
-
-@dataclass(frozen=True)
-class CanonicalTensor:
-    name: str
-    shape: tuple[int, ...]  # global shape on the true vocabulary
-    spec: ShardSpec
-
-
-def canonical_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
-    """Every canonical tensor of the model, with global (unpadded) shapes, in module order."""
-    model = meta_model(cfg, ParallelConfig(make_vocab_size_divisible_by=1))
-    return [CanonicalTensor(n, tuple(p.shape), get_spec(p)) for n, p in model.named_parameters()]
 
 
 def read_config(path: str | Path) -> tuple[HFReader, adapters.Adapter, ModelConfig]:
@@ -46,17 +31,6 @@ def read_config(path: str | Path) -> tuple[HFReader, adapters.Adapter, ModelConf
     cfg = adapter.config_from_hf(reader.config)
     cfg.validate(str(path))
     return reader, adapter, cfg
-
-
-@torch.no_grad()
-def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
-    """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
-    state: ParallelState = model.state
-    for name, p in model.canonical_parameters():
-        try:
-            p.copy_(to_local(p, fetch(name), state.tp, state.tp_rank))
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}.") from None
 
 
 def load_hf_model(
@@ -133,7 +107,3 @@ def hf_plan(cfg: ModelConfig, adapter: adapters.Adapter, dtype: torch.dtype) -> 
     return plan
 
 
-def random_canonical(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Megatron-style random init, one canonical tensor at a time (bounded memory)."""
-    for t in canonical_tensors(cfg):
-        yield t.name, init_tensor(cfg, t.name, t.shape, seed)

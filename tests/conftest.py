@@ -65,7 +65,8 @@ def all_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def hf_roundtrip(src: Path, dst: Path):
     """HF -> canonical -> HF through converters.hf, one canonical tensor at a time; the config."""
-    from mzoo.converters.hf import canonical_tensors, read_config, save_hf
+    from mzoo.models.canonical import canonical_tensors
+    from mzoo.converters.hf import read_config, save_hf
 
     reader, adapter, cfg = read_config(src)
     save_hf(cfg, ((t.name, adapter.to_canonical(t.name, reader.get, cfg)) for t in canonical_tensors(cfg)), dst)

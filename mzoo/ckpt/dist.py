@@ -29,7 +29,7 @@ from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.dcp_meta import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                 TensorProperties, TensorStorageMetadata, _StorageInfo)
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron import extra_state_name
+from mzoo.ckpt.megatron.names import extra_state_name
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
 from mzoo.ckpt.sink import Budget, Extent, FileSink, TensorExtents
 from mzoo.ckpt.torch_zip import save_tensor

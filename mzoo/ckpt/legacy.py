@@ -20,17 +20,10 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron import (
-    MegatronLayout,
-    Spelling,
-    args_to_layout,
-    check_expert_tp,
-    extra_state_name,
-    find_iteration_dir,
-    grouped_spelling,
-    legacy_shard_spec,
-    to_spelling,
-)
+from mzoo.ckpt.megatron.layout import MegatronLayout, Spelling
+from mzoo.ckpt.megatron.args import args_to_layout, check_expert_tp
+from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
+from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.safe_pickle import torch_load
 from mzoo.ckpt.sink import Budget, TensorExtents, cat_rows
 from mzoo.ckpt.torch_zip import IncrementalTorchWriter

@@ -15,7 +15,7 @@ import yaml
 
 import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
-from mzoo.ckpt.megatron import TRACKER
+from mzoo.ckpt.megatron.tracker import TRACKER
 from mzoo.ckpt.sink import crc32, known_crc
 from mzoo.config import ModelConfig, ParallelConfig
 

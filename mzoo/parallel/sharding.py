@@ -146,3 +146,12 @@ def expert_owner(index: int, num_experts: int, ep: int) -> tuple[int, int]:
     """(EP rank, local index) of global expert `index`: experts are numbered ep_rank * E/EP + local."""
     per = num_experts // ep
     return index // per, index % per
+
+
+@dataclass(frozen=True)
+class CanonicalTensor:
+    """One canonical tensor: its name, global shape on the true vocabulary, and how it shards."""
+
+    name: str
+    shape: tuple[int, ...]
+    spec: ShardSpec

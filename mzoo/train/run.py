@@ -178,7 +178,7 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     """Restore optimizer states and the loop's position when the checkpoint has them."""
     from safetensors.torch import load_file
 
-    from mzoo.ckpt.megatron import find_iteration_dir
+    from mzoo.ckpt.megatron.tracker import find_iteration_dir
 
     try:
         folder, _ = find_iteration_dir(Path(path))

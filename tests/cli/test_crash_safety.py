@@ -401,7 +401,7 @@ def test_killed_reshard_leaves_its_neighbours_intact(server, source, work):
 # ---- (c) train --save ------------------------------------------------------------------------------
 def same_iteration(a: Path, b: Path) -> None:
     """Two training iterations hold the same weights, optimizer states, position and RNG streams."""
-    from mzoo.converters.pipeline import open_source
+    from mzoo.jobs.sources import open_source
     from safetensors.torch import load_file
 
     sa, sb = open_source(a), open_source(b)
@@ -480,11 +480,13 @@ def test_killed_training_resumes_from_its_last_complete_iteration(server, work):
 def _save_iterations(root: Path, iterations: list[int], leftover: Optional[str] = None) -> list[str]:
     """Training saves (as `mzoo train --save` makes them) of llama-tiny; `leftover` names a temp file
     a killed write left in the root before the last save. Returns inspect's problems."""
-    from mzoo.converters.hf import canonical_tensors
-    from mzoo.converters.pipeline import Target, add_iteration, describe
+    from mzoo.models.canonical import canonical_tensors
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.write import add_iteration
+    from mzoo.jobs.inspect import describe
     from mzoo.zoo import resolve
 
-    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.ckpt.megatron.layout import MegatronLayout
 
     cfg = resolve("llama-tiny")
     tensors = canonical_tensors(cfg)
@@ -503,7 +505,7 @@ def test_inspect_after_the_tenth_training_save_reports_no_problem(tmp_path):
 
 
 def test_inspect_check_on_a_training_root_after_two_saves(tmp_path):
-    from mzoo.converters.pipeline import describe
+    from mzoo.jobs.inspect import describe
 
     _save_iterations(tmp_path / "ckpt", [1, 2])
     assert describe(tmp_path / "ckpt", check=True)["problems"] == []

@@ -73,8 +73,10 @@ def test_greedy_matches_transformers(tmp_path, name):
 
 
 def test_megatron_checkpoint_generates_the_same_tokens(tmp_path):
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     make, config = MODELS["mixtral"]
     hf = make(tmp_path / "hf", config())

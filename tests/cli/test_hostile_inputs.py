@@ -25,8 +25,10 @@ class Evil:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny real checkpoints and data files, and broken variants of them."""
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     root = tmp_path_factory.mktemp("hostile")
     llama = make_hf_model(root / "llama", LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,

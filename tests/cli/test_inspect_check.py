@@ -15,8 +15,10 @@ from mzoo.cli.main import app
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     root = tmp_path_factory.mktemp("check")
     hf = make_hf_model(root / "hf-src", LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,

@@ -60,8 +60,10 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     root = tmp_path_factory.mktemp("push")
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -84,7 +86,7 @@ def env(monkeypatch, tmp_path) -> Path:
     import huggingface_hub
     from huggingface_hub import constants
 
-    from mzoo.cli import push as push_cmd
+    from mzoo.jobs import push as push_cmd
     from mzoo.hub import RetryPolicy
 
     temp = tmp_path / "tmp"
@@ -113,7 +115,7 @@ def test_staging_from_megatron_loads_in_transformers_and_verifies(ckpts, env, mo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mzoo.params import count_params
-    from mzoo.converters.pipeline import open_source
+    from mzoo.jobs.sources import open_source
 
     monkeypatch.delenv("HF_TOKEN")  # --dry-run needs no token
     stage = tmp_path / "stage"
@@ -161,7 +163,7 @@ def test_dry_run_prints_files_and_card_and_leaves_no_temporary_staging(ckpts, en
 
 
 def test_card_reports_training_moe_and_base_model(tmp_path):
-    from mzoo.converters.card import CardFacts, front_matter, known_base_model, render_card, training_facts
+    from mzoo.jobs.card import CardFacts, front_matter, known_base_model, render_card, training_facts
     from mzoo.params import count_params
     from mzoo.zoo import resolve
 
@@ -341,7 +343,9 @@ def test_invalid_repo_ids(ckpts, hub, env, repo_id, message):
 @pytest.fixture(scope="module")
 def broken(ckpts) -> dict[str, Path]:
     """Incomplete copies: a deleted torch_dist shard, a deleted HF shard, a truncated file mzoo.yaml records."""
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     root = ckpts["root"] / "broken"
     shutil.copytree(ckpts["mcore"], root / "mcore-missing")

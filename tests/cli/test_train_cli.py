@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mzoo.converters.pipeline import Target, convert, open_source
-from mzoo.converters.verify import verify_sources
+from mzoo.ckpt.megatron.layout import Target
+from mzoo.jobs.convert import convert
+from mzoo.jobs.sources import open_source
+from mzoo.jobs.verify import verify_sources
 
 MZOO = str(Path(sys.executable).with_name("mzoo"))
 

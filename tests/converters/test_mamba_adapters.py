@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, MambaCo
 
 from mzoo.config import ConfigError, ModelConfig, ParallelConfig
 from mzoo.converters import for_family, for_hf_config
-from mzoo.converters.hf import canonical_tensors, random_canonical, save_hf
+from mzoo.models.canonical import canonical_tensors, random_canonical
+from mzoo.converters.hf import save_hf
 from mzoo.models import build_model, meta_model
 from mzoo.parallel.state import ParallelState
 from mzoo.zoo import get

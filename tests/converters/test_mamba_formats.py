@@ -20,9 +20,12 @@ from transformers import Mamba2Config, MambaConfig, NemotronHConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron import MegatronLayout, args_to_config, config_to_args
+from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.args import args_to_config, config_to_args
 from mzoo.config import ConfigError
-from mzoo.converters.pipeline import Target, convert, open_source, plan_layout
+from mzoo.ckpt.megatron.layout import Target
+from mzoo.jobs.convert import convert, plan_layout
+from mzoo.jobs.sources import open_source
 from mzoo.zoo import resolve
 
 HYBRID = dict(vocab_size=160, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

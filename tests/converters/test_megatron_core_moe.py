@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Confi
 
 import dist as D
 import mcore_ref as R
-from mzoo.ckpt.megatron import MegatronLayout
-from mzoo.converters.pipeline import Target, convert, open_source
+from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.layout import Target
+from mzoo.jobs.convert import convert
+from mzoo.jobs.sources import open_source
 
 pytestmark = pytest.mark.dist
 

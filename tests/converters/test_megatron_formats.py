@@ -11,10 +11,12 @@ from transformers import GPT2Config, LlamaConfig
 
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron import MegatronLayout
+from mzoo.ckpt.megatron.layout import MegatronLayout
 from mzoo.config import ConfigError
-from mzoo.converters.pipeline import Target, convert, open_source
-from mzoo.converters.verify import verify_sources
+from mzoo.ckpt.megatron.layout import Target
+from mzoo.jobs.convert import convert
+from mzoo.jobs.sources import open_source
+from mzoo.jobs.verify import verify_sources
 
 MODELS = {
     # GQA, untied, vocab 999 is not a multiple of 128 * TP

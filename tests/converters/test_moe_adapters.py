@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, Dee
 from mzoo.ckpt.hf import HFReader
 from mzoo.config import ConfigError
 from mzoo.converters import deepseek, for_family, for_hf_config, mixtral
-from mzoo.converters.hf import canonical_tensors, random_canonical, save_hf
+from mzoo.models.canonical import canonical_tensors, random_canonical
+from mzoo.converters.hf import save_hf
 from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
 from mzoo.zoo import get
 

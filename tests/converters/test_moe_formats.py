@@ -18,11 +18,15 @@ from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron import MegatronLayout, args_to_config, config_to_args, moe_layer_pattern
+from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.args import args_to_config, config_to_args, moe_layer_pattern
 from mzoo.ckpt.safe_pickle import load_dcp_metadata
 from mzoo.config import ConfigError
-from mzoo.converters.hf import canonical_tensors
-from mzoo.converters.pipeline import Target, convert, open_source, plan_layout, plan_tensors
+from mzoo.models.canonical import canonical_tensors
+from mzoo.ckpt.megatron.layout import Target
+from mzoo.jobs.convert import convert, plan_layout
+from mzoo.jobs.sources import open_source
+from mzoo.models.canonical import plan_tensors
 from mzoo.zoo import resolve
 
 COMMON = dict(vocab_size=1000, hidden_size=64, num_attention_heads=4, max_position_embeddings=128)

@@ -12,7 +12,7 @@ import dist as D
 from conftest import make_moe_model
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.converters.hf import load_hf_model
-from mzoo.converters.verify import sample_tokens
+from mzoo.jobs.verify import sample_tokens
 from mzoo.models import build_model
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import ParallelState

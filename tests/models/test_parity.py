@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig
 
 from mzoo.converters.hf import load_hf_model
-from mzoo.converters.verify import sample_tokens
+from mzoo.jobs.verify import sample_tokens
 
 LLAMA_CASES = {
     "mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=160),

@@ -818,7 +818,7 @@ def test_byte_mutated_torch_files(pickle_root, torch_zip, edits, region, cut, mm
 # ==================================================================================================
 
 def test_a_rank_file_that_is_not_a_dict_is_one_sentence(tmp_path):
-    from mzoo.converters.pipeline import open_source
+    from mzoo.jobs.sources import open_source
 
     folder = tmp_path / "ckpt" / "iter_0000001" / "mp_rank_00"
     folder.mkdir(parents=True)
@@ -831,10 +831,12 @@ def test_a_rank_file_that_is_not_a_dict_is_one_sentence(tmp_path):
 
 def test_dcp_metadata_of_another_type_is_one_sentence(tmp_path):
     from conftest import make_hf_model
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
     from transformers import LlamaConfig
 
-    from mzoo.ckpt.megatron import MegatronLayout
+    from mzoo.ckpt.megatron.layout import MegatronLayout
 
     hf = make_hf_model(tmp_path / "hf", LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                     num_hidden_layers=1, num_attention_heads=2,

@@ -207,8 +207,10 @@ def test_torch_dcp_reader_loads_what_mzoo_writes(tmp_path):
 
     from conftest import make_hf_model
     from mzoo.ckpt.dist import DistReader
-    from mzoo.ckpt.megatron import MegatronLayout
-    from mzoo.converters.pipeline import Target, convert, open_source
+    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
 
     src = make_hf_model(tmp_path / "hf", LlamaConfig(vocab_size=999, hidden_size=64, num_hidden_layers=2,
                                                      num_attention_heads=8, num_key_value_heads=4,

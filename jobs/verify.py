@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mzoo.converters.hf import load_canonical, load_hf_model
+from mzoo.models.canonical import load_canonical
+from mzoo.converters.hf import load_hf_model
 from mzoo.errors import UserError
 from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.models import build_model

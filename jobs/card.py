@@ -16,7 +16,7 @@ from typing import Any, Optional
 import yaml
 
 import mzoo
-from mzoo.ckpt.megatron import find_iteration_dir
+from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.config import ModelConfig
 from mzoo.errors import UserError

@@ -1,0 +1,52 @@
+"""`mzoo inspect`: what a checkpoint is, without loading its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from mzoo.ckpt.sidecar import crc32_file, read_sidecar
+from mzoo.jobs.sources import open_source
+from mzoo.params import count_params
+
+
+def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] = None,
+             check: bool = False) -> dict[str, Any]:
+    """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes
+    and, with `check`, against its CRC-32 checksums (reads every byte)."""
+    src = open_source(path, trust_pickle, vocab_size)
+    lay = src.layout
+    root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
+    side = read_sidecar(root) or {}
+    problems = []
+    recorded = side.get("files") or {}
+    base = src.path if src.fmt == "hf" else root
+    for rel, size in recorded.items():
+        f = base / rel
+        if not f.exists():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{rel} has {f.stat().st_size} bytes, mzoo.yaml recorded {size}")
+        elif check and rel in (side.get("crc32") or {}) and crc32_file(f) != side["crc32"][rel]:
+            problems.append(f"{rel} does not match the checksum mzoo.yaml recorded: it is corrupted")
+    count = count_params(src.cfg)
+    return {
+        "path": str(path),
+        "format": src.fmt,
+        "iteration": src.iteration if src.fmt != "hf" else None,
+        "tp": lay.tp if lay else 1,
+        "pp": lay.pp if lay else 1,
+        "vpp": lay.vpp if lay else 1,
+        "ep": lay.ep if lay else 1,
+        "spec": lay.spec if lay else None,
+        "dtype": str(src.dtype).replace("torch.", ""),
+        "num_params": count.total,
+        "active_params": count.active,
+        "vocab_size": src.cfg.vocab_size,
+        "total_bytes": sum(src.files.values()),
+        "files": src.files,
+        "written_by_mzoo": bool(side),
+        "problems": problems,
+        "checked": check and bool(side.get("crc32")),
+        "model": src.cfg.to_dict(),
+    }

@@ -1,0 +1,182 @@
+"""Any checkpoint as a stream of canonical tensors: detect its format (Hugging Face, legacy torch,
+torch_dist, zarr), read its config and layout, and read each canonical tensor (global, unpadded)
+on demand, in any layout; `load_checkpoint` fills a model of any layout from one (reshard on load)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mzoo.ckpt import dist as dist_fmt
+from mzoo.ckpt import legacy
+from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
+from mzoo.ckpt.megatron.args import args_to_config, args_to_layout, check_expert_tp
+from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
+from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.tracker import find_iteration_dir
+from mzoo.ckpt.sidecar import read_sidecar
+from mzoo.ckpt.sink import TensorExtents, cat_rows
+from mzoo.config import ModelConfig
+from mzoo.converters.hf import read_config
+from mzoo.errors import UserError
+from mzoo.models.canonical import canonical_tensors, load_canonical
+from mzoo.parallel.sharding import CanonicalTensor, ShardSpec
+
+
+def detect_format(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; check the path.")
+    if is_hf_checkpoint(path):
+        return "hf"
+    if path.is_dir() and (path / "config.json").exists():
+        HFReader(path)  # raises the precise reason (no weights, pickled .bin, ...)
+    try:
+        folder, _ = find_iteration_dir(path)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{path} is not a checkpoint mzoo recognises (no config.json + safetensors, no Megatron "
+            "latest_checkpointed_iteration.txt or iter_* folder)."
+        ) from None
+    backend = dist_fmt.is_dist_checkpoint(folder)
+    if backend in ("torch_dist", "zarr"):
+        return backend
+    if any(folder.glob("mp_rank_*")):
+        return "torch"
+    if (folder / ".metadata").exists() or any(folder.glob("*.distcp")):
+        raise CheckpointError(f"{folder} has DCP files but no metadata.json: the save did not finish.")
+    raise CheckpointError(f"{folder} holds neither mp_rank_* folders nor a metadata.json; it is incomplete.")
+
+
+@dataclass
+class Source:
+    """Canonical tensors of one checkpoint, any format and layout."""
+
+    path: Path
+    fmt: str
+    cfg: ModelConfig
+    dtype: torch.dtype
+    get: Callable[[str], torch.Tensor]
+    layout: Optional[MegatronLayout] = None
+    iteration: int | str = 0
+    tokenizer_files: list[Path] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+    tensors: list[CanonicalTensor] = field(default_factory=list)
+    # a canonical tensor as extents of the source files (kernel copy), where the format allows it
+    extents: Optional[Callable[[str], Optional[TensorExtents]]] = None
+
+    def __post_init__(self) -> None:
+        shapes = {t.name: t.shape for t in self.tensors}
+        raw = self.get
+
+        def checked(name: str) -> torch.Tensor:
+            value = raw(name)
+            if tuple(value.shape) != shapes[name]:
+                raise CheckpointError(
+                    f"{name} has shape {tuple(value.shape)} in {self.path} but the config implies {shapes[name]}; "
+                    "the checkpoint does not match its config."
+                )
+            return value
+
+        self.get = checked
+
+    @property
+    def nbytes(self) -> int:
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(int(torch.Size(t.shape).numel()) * size for t in self.tensors)
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _megatron_config(root: Path, args: Any, vocab_size: Optional[int]) -> ModelConfig:
+    side = read_sidecar(root)
+    if side and "model" in side:
+        cfg = ModelConfig.from_dict(side["model"], where=str(root / "mzoo.yaml"))
+    elif args is not None:
+        cfg = args_to_config(args)
+    else:
+        raise CheckpointError(f"{root} carries neither mzoo.yaml nor Megatron args; mzoo cannot tell the architecture.")
+    if vocab_size is not None:
+        cfg = cfg.replace(vocab_size=vocab_size)
+    return cfg
+
+
+def _trim(spec: ShardSpec, value: torch.Tensor, vocab: int) -> torch.Tensor:
+    return value[:vocab] if spec.vocab and value.shape[0] > vocab else value
+
+
+def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> Source:
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "hf":
+        reader, adapter, cfg = read_config(path)
+        first = reader.names()[0]
+        dtype = reader.torch_dtype(first)
+        return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg),
+                      tokenizer_files=reader.tokenizer_files(), files=_files(path), tensors=canonical_tensors(cfg),
+                      extents=lambda n: adapter.extents(n, reader, cfg))
+    folder, iteration = find_iteration_dir(path)
+    root = folder.parent if folder != path else path
+    if fmt == "torch":
+        reader = legacy.LegacyReader(path, trust_pickle)
+        cfg = _megatron_config(root, reader.args, vocab_size)
+        tensors = canonical_tensors(cfg)
+        specs = {t.name: t.spec for t in tensors}
+        reader.bind(cfg.num_layers, specs, cfg.moe.num_experts if cfg.moe else 0)
+        get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
+        return Source(path, fmt, cfg, reader.dtype, get, reader.layout, iteration, files=_files(folder), tensors=tensors)
+    store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
+    common = store.common
+    args = common.get("args") if isinstance(common, dict) else None
+    if args is not None:
+        check_expert_tp(args)
+    cfg = _megatron_config(root, args, vocab_size)
+    tensors = canonical_tensors(cfg)
+    specs = {t.name: t.spec for t in tensors}
+    keys = set(store.keys())
+    spec = saved_spelling(keys, cfg)  # unless the args name the model's implementation
+    layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spec) if args is not None \
+        else MegatronLayout(spec=spec)
+    layout.iteration = iteration
+    where = {t.name: dist_location(t.name, t.spec, keys, cfg, layout.spec, folder) for t in tensors}  # before any read
+    dtype = store.dtype(where[tensors[0].name][0][0])
+
+    def get(name: str) -> torch.Tensor:
+        parts = [store.read(key, index or None) for key, index in where[name]]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=specs[name].dim)
+        return _trim(specs[name], value, cfg.vocab_size)
+
+    def extents(name: str) -> Optional[TensorExtents]:
+        if not isinstance(store, dist_fmt.DistReader):
+            return None
+        parts = [store.extents(key, index or None) for key, index in where[name]]
+        if any(p is None for p in parts) or (len(parts) > 1 and specs[name].dim != 0):
+            return None
+        value = parts[0] if len(parts) == 1 else cat_rows(parts)
+        if specs[name].vocab and value.shape[0] > cfg.vocab_size:  # _trim
+            value = value.rows(0, cfg.vocab_size)
+        return value
+
+    return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors,
+                  extents=extents)
+
+
+def _zarr_reader(folder: Path):
+    from mzoo.ckpt import zarr as zarr_fmt
+
+    return zarr_fmt.ZarrCheckpoint(folder)
+
+
+def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Source:
+    """Fill this rank's model (any layout) from a checkpoint in any format and layout: reshard on load."""
+    src = open_source(path, trust_pickle)
+    diff = model.cfg.architecture_differences(src.cfg)
+    if diff:
+        raise UserError(f"{path} holds a different model ({', '.join(diff)} differ); pick the matching preset.")
+    load_canonical(model, src.get)
+    return src

@@ -1,0 +1,63 @@
+"""A model's canonical tensors (global, unpadded, Megatron names) from its config, read from a
+meta model's ShardSpecs; filling a model from canonical tensors; Megatron-style random values."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from mzoo.ckpt.legacy import split_layer_name
+from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.models import meta_model
+from mzoo.models.gpt import init_tensor
+from mzoo.parallel.sharding import CanonicalTensor, get_spec, to_local
+from mzoo.parallel.state import ParallelState
+
+
+def canonical_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
+    """Every canonical tensor of the model, with global (unpadded) shapes, in module order."""
+    model = meta_model(cfg, ParallelConfig(make_vocab_size_divisible_by=1))
+    return [CanonicalTensor(n, tuple(p.shape), get_spec(p)) for n, p in model.named_parameters()]
+
+
+def plan_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
+    """canonical_tensors(cfg), fast for huge MoE models: a meta model of one layer of each kind
+    (dense prefix, each MoE-period position) is built and its layers repeated, instead of
+    building every expert of every layer."""
+    moe = cfg.moe
+    if moe is None or cfg.ssm is not None or cfg.num_layers <= (moe.first_k_dense > 0) + moe.layer_freq:
+        return canonical_tensors(cfg)
+    dense = int(moe.first_k_dense > 0)
+    small = cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense})
+    template: dict[int, list[CanonicalTensor]] = {}
+    head, tail = [], []
+    for t in canonical_tensors(small):
+        layer, rest = split_layer_name(t.name)
+        if layer is None:
+            (tail if template else head).append(t)
+        else:
+            template.setdefault(layer, []).append(CanonicalTensor(rest, t.shape, t.spec))
+    out = list(head)
+    for n in range(cfg.num_layers):
+        kind = 0 if n < moe.first_k_dense else dense + (n - moe.first_k_dense) % moe.layer_freq
+        out += [CanonicalTensor(f"decoder.layers.{n}.{t.name}", t.shape, t.spec) for t in template[kind]]
+    return out + tail
+
+
+@torch.no_grad()
+def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
+    """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
+    state: ParallelState = model.state
+    for name, p in model.canonical_parameters():
+        try:
+            p.copy_(to_local(p, fetch(name), state.tp, state.tp_rank))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}.") from None
+
+
+def random_canonical(cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Megatron-style random init, one canonical tensor at a time (bounded memory)."""
+    for t in canonical_tensors(cfg):
+        yield t.name, init_tensor(cfg, t.name, t.shape, seed)

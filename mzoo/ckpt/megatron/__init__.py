@@ -1,0 +1,3 @@
+"""What every Megatron format shares: the layout (layout.py), Megatron-LM's `args` (args.py), name
+spellings (names.py), torch_dist/zarr keys (keys.py), the tracker (tracker.py), writing (write.py)
+and planning a target's files (files.py)."""
