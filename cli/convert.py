@@ -10,6 +10,8 @@ import typer
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.cli.progress import byte_progress, summary_line
 from mzoo.errors import UserError
+from mzoo.ckpt.megatron.files import FilePlan
+from mzoo.jobs.convert import ConvertRequest, run
 
 DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
 
@@ -32,79 +34,14 @@ def parse_direction(text: str) -> tuple[str, str]:
     raise UserError(f"unknown direction '{text}'; use 'hf->megatron', 'megatron->hf' or 'megatron->megatron'.")
 
 
-def _run(src_path: Path, dst: Path, dst_kind: str, megatron_format: str, tp: int, pp: int, vpp: int,
-         first: Optional[int], last: Optional[int], spec: str, dtype: Optional[str], shard_size: str,
-         trust_pickle: bool, vocab_size: Optional[int], overwrite: bool, as_json: bool, quiet: bool,
-         expect_src: Optional[str], ep: int = 1, grouped: bool = False, plan: bool = False) -> None:
-    from mzoo.ckpt.hf import parse_dtype, parse_size
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    import torch
-
-    from mzoo.ckpt.megatron.layout import Target
-    from mzoo.jobs.convert import convert as run_convert, plan_layout
-    from mzoo.jobs.sources import open_source
-    from mzoo.models.canonical import plan_tensors
-    if spec not in ("te", "local"):
-        raise UserError(f"unknown --spec '{spec}'; use te or local.")
-    if megatron_format not in ("torch", "torch_dist", "zarr"):
-        raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch, torch_dist or zarr.")
-    torch_dtype = parse_dtype(dtype)
-    max_bytes = parse_size(shard_size)
-    if plan and _config_only(src_path):  # plan from the architecture alone: no weights needed
-        cfg = _config_only(src_path)
-        layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec,
-                                make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by, ep=ep,
-                                moe_grouped_gemm=grouped)
-        if dst_kind == "hf":
-            raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
-        _print_plan(plan_layout(cfg, Target(megatron_format, layout, torch_dtype or torch.bfloat16, max_bytes),
-                                plan_tensors(cfg)), as_json)
-        return
-    src = open_source(src_path, trust_pickle, vocab_size)
-    if expect_src == "hf" and src.fmt != "hf":
-        raise UserError(f"{src_path} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
-    if expect_src == "megatron" and src.fmt == "hf":
-        raise UserError(f"{src_path} is a Hugging Face checkpoint, not Megatron; use 'hf->...'.")
-    fmt = "hf" if dst_kind == "hf" else megatron_format
-    layout = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec,
-                            make_vocab_size_divisible_by=src.cfg.make_vocab_size_divisible_by, ep=ep,
-                            moe_grouped_gemm=grouped, iteration=src.iteration)
-    target = Target(fmt, layout, torch_dtype or src.dtype, max_bytes)
-    if plan:
-        if fmt == "hf":
-            raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
-        _print_plan(plan_layout(src.cfg, target, src.tensors), as_json)
-        return
-    target.dtype = torch_dtype
-    with byte_progress(src.nbytes, f"{src.fmt} -> {fmt}", quiet or as_json) as tick:
-        summary = run_convert(src, dst, target, overwrite, tick)
-    if as_json:
-        print_json(summary.as_dict())
+def _run(request: ConvertRequest, as_json: bool, quiet: bool) -> None:
+    result = run(request, lambda total, label: byte_progress(total, label, quiet or as_json))
+    if isinstance(result, FilePlan):
+        _print_plan(result, as_json)
+    elif as_json:
+        print_json(result.as_dict())
     elif not quiet:
-        console.print(summary_line(summary), highlight=False)
-
-
-def _config_only(src: Path):
-    """The ModelConfig when SRC names an architecture without weights (a zoo preset, a model YAML,
-    or a folder with only config.json), else None."""
-    from mzoo.ckpt.hf import is_hf_checkpoint
-    from mzoo.converters.adapter import for_hf_config
-
-    text = str(src)
-    if src.is_dir():
-        if is_hf_checkpoint(src) or not (src / "config.json").exists():
-            return None
-        import json
-
-        hf = json.loads((src / "config.json").read_text())
-        return for_hf_config(hf).config_from_hf(hf)
-    if src.exists() and src.suffix not in (".yaml", ".yml"):
-        return None
-    from mzoo.zoo import names, resolve
-
-    if src.exists() or text in names():
-        return resolve(text)
-    return None
+        console.print(summary_line(result), highlight=False)
 
 
 def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
@@ -161,8 +98,11 @@ def convert(
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
     a, b = parse_direction(direction)
-    _run(src, dst, b, megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype, shard_size,
-         trust_pickle, vocab_size, overwrite, as_json, quiet, a, ep, moe_grouped_gemm, plan)
+    _run(ConvertRequest(src=src, dst=dst, to=b, expect=a, megatron_format=megatron_format, tp=tp, pp=pp, vpp=vpp, ep=ep,
+                        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers, spec=spec,
+                        moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, shard_size=shard_size,
+                        trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan),
+         as_json, quiet)
 
 
 @user_errors
@@ -180,5 +120,8 @@ def reshard(
     Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
     (MoE: mzoo reshard ./mixtral-ep4 ./mixtral-ep2 --ep 2)
     """
-    _run(src, dst, "megatron", megatron_format, tp, pp, vpp, first_stage_layers, last_stage_layers, spec, dtype,
-         "5GB", trust_pickle, vocab_size, overwrite, as_json, quiet, "megatron", ep, moe_grouped_gemm, plan)
+    _run(ConvertRequest(src=src, dst=dst, to="megatron", expect="megatron", megatron_format=megatron_format, tp=tp,
+                        pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
+                        last_stage_layers=last_stage_layers, spec=spec, moe_grouped_gemm=moe_grouped_gemm,
+                        dtype=dtype, trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite,
+                        plan=plan), as_json, quiet)

@@ -22,34 +22,6 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _tokenizer_folder(ckpt: Path, src, explicit: Optional[Path]) -> Optional[Path]:
-    if explicit is not None:
-        return explicit  # load_tokenizer says so in one sentence when it holds none
-    if src.tokenizer_files:
-        return Path(src.tokenizer_files[0]).parent
-    for folder in (ckpt, ckpt.parent):
-        if (folder / "tokenizer.json").exists():
-            return folder
-    return None
-
-
-def load_tokenizer(folder: Path):
-    """The tokenizer saved in `folder`; one sentence when there is none or it does not load."""
-    quiet_transformers()
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass --tokenizer DIR.")
-    try:
-        if (folder / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(str(folder))
-        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"the tokenizer in {folder} does not load ({reason.rstrip('.')}).") from None
-
-
 @user_errors
 def generate(
     ckpt: Path = typer.Argument(..., help="Checkpoint (Hugging Face or Megatron, any layout)."),
@@ -67,62 +39,20 @@ def generate(
 
     Example: mzoo generate ./llama-hf --prompt "Once upon a time" --max-new-tokens 40
     """
-    import torch
+    from mzoo.generate import GenerationConfig
+    from mzoo.jobs.generate import GenerateRequest, generate as run
 
-    from mzoo.models.canonical import load_canonical
-    from mzoo.jobs.sources import open_source
-    from mzoo.generate import GenerationConfig, generate as run
-    from mzoo.models import build_model
+    ids = tuple(_parse_ids(prompt_ids)) if prompt_ids is not None else None
+    request = GenerateRequest(ckpt, prompt, ids, GenerationConfig(max_new_tokens, temperature, top_p, seed),
+                              tokenizer, trust_pickle)
+    quiet_transformers()
 
-    if (prompt is None) == (prompt_ids is None):
-        raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3.")
-    gen = GenerationConfig(max_new_tokens, temperature, top_p, seed)
-    gen.validate()
-    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
-    src = open_source(ckpt, trust_pickle)
-    cfg = src.cfg
-    folder = _tokenizer_folder(ckpt, src, tokenizer)
-    tok = load_tokenizer(folder) if folder is not None else None
-    if ids is None:
-        if tok is None:
-            raise UserError(f"{ckpt} has no tokenizer; pass --tokenizer DIR or use --prompt-ids.")
-        ids = tok.encode(prompt, add_special_tokens=False)
-        if not ids:
-            raise UserError("the prompt encodes to no tokens; give some text.")
-    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
-    if bad:
-        raise UserError(f"prompt token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1}).")
-    if len(ids) >= cfg.max_position_embeddings:
-        raise UserError(f"the prompt has {len(ids)} tokens but the model's context is "
-                        f"{cfg.max_position_embeddings}; shorten the prompt.")
-    if tok is not None and tok.eos_token_id is not None:
-        gen.eos_token_id = tok.eos_token_id
-    model = build_model(cfg, dtype=torch.float32)
-    load_canonical(model, lambda name: src.get(name).float())
-    stream = not as_json
-    made: list[int] = []
-    shown = ""
-
-    def on_token(token: int) -> None:
-        nonlocal shown
-        made.append(token)
-        if not stream:
-            return
-        if tok is None:
-            sys.stdout.write(("" if len(made) == 1 else ",") + str(token))
-        else:
-            text = tok.decode(made, skip_special_tokens=True)
-            sys.stdout.write(text[len(shown):])
-            shown = text
+    def show(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
 
-    if stream and tok is not None and prompt is not None:
-        sys.stdout.write(prompt)
-    out = run(model, torch.tensor([ids]), gen, cfg.max_position_embeddings, on_token)
+    result = run(request, None if as_json else show)
     if as_json:
-        result = {"prompt_ids": ids, "generated_ids": out}
-        if tok is not None:
-            result.update(prompt=tok.decode(ids), text=tok.decode(out, skip_special_tokens=True))
-        print_json(result)
+        print_json(result.as_dict())
     else:
         sys.stdout.write("\n")

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from mzoo.cli.common import console, print_json, user_errors
-from mzoo.params import count_params, human
-from mzoo.zoo import resolve
+from mzoo.params import human
 
 
 @user_errors
@@ -25,19 +24,10 @@ def init(
 
     Example: mzoo init llama-tiny ./tiny-llama --seed 1
     """
-    from mzoo.ckpt.atomic import check_destination
-    from mzoo.ckpt.hf import parse_dtype, parse_size
-    from mzoo.converters import for_family
-    from mzoo.models.canonical import random_canonical
-    from mzoo.converters.hf import save_hf
-    cfg = resolve(preset)
-    torch_dtype = parse_dtype(dtype)
-    max_bytes = parse_size(shard_size)
-    for_family(cfg.family).config_to_hf(cfg)  # fail before any work if HF cannot express it
-    check_destination(out, overwrite)
-    save_hf(cfg, random_canonical(cfg, seed), out, dtype=torch_dtype, max_shard_bytes=max_bytes, overwrite=overwrite)
-    n = count_params(cfg).total
+    from mzoo.jobs.init import InitRequest, init as run
+
+    result = run(InitRequest(preset, out, seed, dtype, shard_size, overwrite))
     if as_json:
-        print_json({"path": str(out), "preset": cfg.name, "params": n, "dtype": dtype, "seed": seed})
+        print_json(result.as_dict())
     else:
-        console.print(f"wrote {cfg.name or preset} ({human(n)} parameters, {dtype}, seed {seed}) to {out}")
+        console.print(f"wrote {result.preset or preset} ({human(result.params)} parameters, {dtype}, seed {seed}) to {out}")

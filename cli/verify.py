@@ -27,10 +27,9 @@ def verify(
 
     Example: mzoo verify ./llama-hf ./llama-mcore-tp2pp2
     """
-    from mzoo.jobs.sources import open_source
-    from mzoo.jobs.verify import verify_sources
-    result = verify_sources(open_source(a, trust_pickle, vocab_size), open_source(b, trust_pickle, vocab_size),
-                            batch, seq_len, seed, tolerance)
+    from mzoo.jobs.verify import VerifyRequest, verify as run
+
+    result = run(VerifyRequest(a, b, batch, seq_len, seed, tolerance, trust_pickle, vocab_size))
     if as_json:
         print_json(result.as_dict())
     else:

@@ -7,16 +7,18 @@ Which tensors exist and how they split comes from a meta model of the configurat
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
 from mzoo.ckpt.atomic import check_destination
-from mzoo.ckpt.hf import storage_dtype
+from mzoo.ckpt.hf import is_hf_checkpoint, parse_dtype, parse_size, storage_dtype
 from mzoo.ckpt.megatron.layout import FORMATS, MegatronLayout, Target, validate_layout
 from mzoo.ckpt.megatron.write import write_megatron
 from mzoo.ckpt.sink import TensorExtents
@@ -27,7 +29,8 @@ from mzoo.errors import UserError
 from mzoo.ckpt.megatron.files import FilePlan, plan_files
 from mzoo.models.canonical import plan_tensors
 from mzoo.parallel.sharding import CanonicalTensor
-from mzoo.jobs.sources import Source
+from mzoo.zoo import names, resolve
+from mzoo.jobs.sources import Source, open_source
 
 
 @dataclass
@@ -117,3 +120,89 @@ def plan_layout(cfg: ModelConfig, target: Target, tensors: Optional[list[Canonic
     """The files, keys, shapes and dtypes a Megatron target layout gets, without weights or output
     (`tensors` defaults to the config's, built fast for huge MoE models)."""
     return plan_files(cfg, target, tensors if tensors is not None else plan_tensors(cfg))
+
+
+# ---- the job -------------------------------------------------------------------------------------------
+Progress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]  # (total bytes, label) -> tick
+
+
+def _no_progress(total: int, label: str) -> AbstractContextManager[Callable[[int], None]]:
+    return nullcontext(lambda n: None)
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """`mzoo convert` / `mzoo reshard` as typed: source, destination, the target format and layout."""
+
+    src: Path
+    dst: Path
+    to: Literal["hf", "megatron"]
+    expect: Optional[Literal["hf", "megatron"]] = None  # the source kind the direction names
+    megatron_format: str = "torch_dist"
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    ep: int = 1
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    spec: str = "te"
+    moe_grouped_gemm: bool = False
+    dtype: Optional[str] = None
+    shard_size: str = "5GB"
+    trust_pickle: bool = False
+    vocab_size: Optional[int] = None
+    overwrite: bool = False
+    plan: bool = False  # describe the output's files, write nothing
+
+    def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronLayout:
+        return MegatronLayout(tp=self.tp, pp=self.pp, vpp=self.vpp, first_stage_layers=self.first_stage_layers,
+                              last_stage_layers=self.last_stage_layers, spec=self.spec,
+                              make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by, ep=self.ep,
+                              moe_grouped_gemm=self.moe_grouped_gemm, iteration=iteration)
+
+
+def _check(req: ConvertRequest) -> None:
+    if req.spec not in ("te", "local"):
+        raise UserError(f"unknown --spec '{req.spec}'; use te or local.")
+    if req.megatron_format not in ("torch", "torch_dist", "zarr"):
+        raise UserError(f"unknown --megatron-format '{req.megatron_format}'; use torch, torch_dist or zarr.")
+    if req.plan and req.to == "hf":
+        raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
+
+
+def run(req: ConvertRequest, progress: Progress = _no_progress) -> Union[Summary, FilePlan]:
+    """Convert (or, with `plan`, describe) one checkpoint; every user error is raised before any output."""
+    _check(req)
+    dtype = parse_dtype(req.dtype)
+    max_bytes = parse_size(req.shard_size)
+    architecture = config_only(req.src) if req.plan else None
+    if architecture is not None:  # plan from the architecture alone: no weights needed
+        target = Target(req.megatron_format, req.megatron_layout(architecture), dtype or torch.bfloat16, max_bytes)
+        return plan_layout(architecture, target)
+    src = open_source(req.src, req.trust_pickle, req.vocab_size)
+    if req.expect == "hf" and src.fmt != "hf":
+        raise UserError(f"{req.src} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
+    if req.expect == "megatron" and src.fmt == "hf":
+        raise UserError(f"{req.src} is a Hugging Face checkpoint, not Megatron; use 'hf->...'.")
+    fmt = "hf" if req.to == "hf" else req.megatron_format
+    layout = req.megatron_layout(src.cfg, src.iteration)
+    if req.plan:
+        return plan_layout(src.cfg, Target(fmt, layout, dtype or src.dtype, max_bytes), src.tensors)
+    with progress(src.nbytes, f"{src.fmt} -> {fmt}") as tick:
+        return convert(src, req.dst, Target(fmt, layout, dtype, max_bytes), req.overwrite, tick)
+
+
+def config_only(src: Path) -> Optional[ModelConfig]:
+    """The ModelConfig when SRC names an architecture without weights (a zoo preset, a model YAML,
+    or a folder with only config.json), else None."""
+    text = str(src)
+    if src.is_dir():
+        if is_hf_checkpoint(src) or not (src / "config.json").exists():
+            return None
+        hf = json.loads((src / "config.json").read_text())
+        return adapters.for_hf_config(hf).config_from_hf(hf)
+    if src.exists() and src.suffix not in (".yaml", ".yml"):
+        return None
+    if src.exists() or text in names():
+        return resolve(text)
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from mzoo.models.canonical import load_canonical
 from mzoo.converters.hf import load_hf_model
 from mzoo.errors import UserError
+from mzoo.jobs.sources import open_source
 from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.models import build_model
 
@@ -54,7 +56,7 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, tolerance: float = VERIFY_T
 
 @torch.no_grad()
 def source_logits(src, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a converters.pipeline.Source, run by mzoo in one process in fp32."""
+    """Logits of a mzoo.jobs.sources.Source, run by mzoo in one process in fp32."""
     model = build_model(src.cfg, dtype=torch.float32)
     load_canonical(model, lambda name: src.get(name).float())
     return model.eval()(ids)
@@ -80,3 +82,23 @@ def against_transformers(path: str | Path, batch: int = 2, seq: int = 32) -> Com
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     ids = sample_tokens(cfg.vocab_size, batch, min(seq, cfg.max_position_embeddings))
     return compare_logits(ref(ids).logits[..., : cfg.vocab_size], ours.eval()(ids))
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """`mzoo verify`: two checkpoints (any format, any layout) run on the same random tokens."""
+
+    a: Path
+    b: Path
+    batch: int = 2
+    seq_len: int = 32
+    seed: int = 0
+    tolerance: float = VERIFY_TOLERANCE
+    trust_pickle: bool = False
+    vocab_size: Optional[int] = None
+
+
+def verify(req: VerifyRequest) -> Comparison:
+    return verify_sources(open_source(req.a, req.trust_pickle, req.vocab_size),
+                          open_source(req.b, req.trust_pickle, req.vocab_size), req.batch, req.seq_len, req.seed,
+                          req.tolerance)
