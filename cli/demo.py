@@ -36,8 +36,8 @@ def demo(
     from mzoo.converters.hf import random_canonical, save_hf
     from mzoo.converters.pipeline import Target, convert, open_source
     from mzoo.converters.verify import against_transformers, verify_sources
+    from mzoo.data.prepare import PrepareConfig, prepare
     from mzoo.train.bpe import CORPUS, train_bpe, corpus_texts
-    from mzoo.train.data import PrepareConfig, prepare
 
     cfg = get(preset).config
     quiet_transformers()

@@ -20,8 +20,8 @@ def _hooks(fmt: str, save_format: str, precision: str, sft, tokenizer_dir: Path,
     from mzoo.ckpt.megatron import MegatronLayout
     from mzoo.converters.hf import canonical_tensors, save_hf
     from mzoo.converters.pipeline import Target, add_iteration, load_checkpoint
+    from mzoo.data import sft as sft_data
     from mzoo.models import build_chunks
-    from mzoo.train import sft as sft_data
     from mzoo.train.run import Hooks
 
     def save(cfg, tensors, root: Path, iteration: int, extra) -> None:
@@ -100,7 +100,7 @@ def finetune(
     Example: mzoo finetune ./llama-hf --data chat.jsonl --format chat --steps 200 --save ./llama-sft
     """
     from mzoo.converters.pipeline import open_source
-    from mzoo.train import sft as sft_data
+    from mzoo.data import sft as sft_data
     from mzoo.train.run import RunConfig
     from mzoo.train.trainer import TrainConfig
 
