@@ -341,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     .replace(str(work), "$WORK"), baseline=is_base) for name, cmd, is_base, _ in plan]
 
         print("[bench] warm-up ...", file=log, flush=True)  # page cache: interpreter, libraries, the corpus
-        subprocess.run([py, "-c", "import torch, transformers, tokenizers, mzoo.train.data"], env=env,
+        subprocess.run([py, "-c", "import torch, transformers, tokenizers, mzoo.data.prepare"], env=env,
                        capture_output=True)
         subprocess.run(["cat", str(corpus)], stdout=subprocess.DEVNULL)
         load_before = os.getloadavg()

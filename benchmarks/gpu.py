@@ -69,7 +69,7 @@ from mzoo.models import build_chunks, build_model
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer
 from mzoo.parallel.sharding import to_global
 from mzoo.parallel.state import ParallelState
-from mzoo.train.data import MockGPTDataset
+from mzoo.data.gpt import MockGPTDataset
 from mzoo.train.trainer import TrainConfig, Trainer, detect_peak_tflops
 from mzoo.zoo import resolve
 

@@ -31,7 +31,7 @@ def prepare(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from mzoo.train.data import PrepareConfig, check_inputs, input_bytes, prepare as run_prepare
+    from mzoo.data.prepare import PrepareConfig, check_inputs, input_bytes, prepare as run_prepare
 
     quiet_transformers()
     cfg = PrepareConfig(inputs=list(inputs), tokenizer=tokenizer, out=out, key=key, workers=workers,

@@ -24,7 +24,7 @@ def _hooks(fmt: str, save_format: str, precision: str, sft, tokenizer_dir: Path,
     from mzoo.ckpt.megatron.write import add_iteration
     from mzoo.jobs.sources import load_checkpoint
     from mzoo.models import build_chunks
-    from mzoo.train import sft as sft_data
+    from mzoo.data import sft as sft_data
     from mzoo.train.run import Hooks
 
     def save(cfg, tensors, root: Path, iteration: int, extra) -> None:
@@ -103,7 +103,7 @@ def finetune(
     Example: mzoo finetune ./llama-hf --data chat.jsonl --format chat --steps 200 --save ./llama-sft
     """
     from mzoo.jobs.sources import open_source
-    from mzoo.train import sft as sft_data
+    from mzoo.data import sft as sft_data
     from mzoo.train.run import RunConfig
     from mzoo.train.trainer import TrainConfig
 

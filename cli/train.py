@@ -48,7 +48,7 @@ def _hooks(fmt: str, tp: int, precision: str = "fp32", data=None, first=None, la
     def sampler(cfg, tcfg, state):
         from dataclasses import replace
 
-        from mzoo.train.data import DataConfig
+        from mzoo.data.gpt import DataConfig
 
         data_cfg = replace(data or DataConfig(mock=True), seq_len=tcfg.seq_len, seed=tcfg.seed,
                            vocab_size=cfg.vocab_size)
@@ -134,7 +134,7 @@ def train(
              mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
              mzoo train llama-tiny --tp 2 --pp 2 --mock-data --dry-run --dry-run-rank 3
     """
-    from mzoo.train.data import data_config_from_flags
+    from mzoo.data.gpt import data_config_from_flags
     from mzoo.train.run import RunConfig, in_launcher
     from mzoo.train.device import default_precision, device_type, resolve_device
     from mzoo.train.trainer import TrainConfig
@@ -201,7 +201,7 @@ def train(
     if not mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
         from dataclasses import replace as dc_replace
 
-        from mzoo.train.data import build_gpt_datasets
+        from mzoo.data.gpt import build_gpt_datasets
 
         build_gpt_datasets(dc_replace(data_cfg, seq_len=seq_len, seed=seed, vocab_size=cfg.vocab_size),
                            (steps * global_batch, eval_iters * global_batch if eval_interval else None, None))

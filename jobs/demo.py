@@ -21,7 +21,7 @@ from mzoo.models.canonical import random_canonical
 from mzoo.params import count_params
 from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.train.bpe import CORPUS, corpus_texts, train_bpe
-from mzoo.train.data import PrepareConfig, prepare
+from mzoo.data.prepare import PrepareConfig, prepare
 from mzoo.zoo import get
 
 

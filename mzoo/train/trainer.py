@@ -129,7 +129,7 @@ def dataset_samplers(data_cfg, num_train: int, num_valid: Optional[int], state: 
     Rank 0 builds the cached index files first so that ranks never race on them."""
     import torch.distributed as dist
 
-    from mzoo.train.data import build_gpt_datasets
+    from mzoo.data.gpt import build_gpt_datasets
 
     def build():
         return build_gpt_datasets(data_cfg, (num_train, num_valid, None))
@@ -192,7 +192,7 @@ class Trainer:
         n_micro = tcfg.microbatches(state)
         chunks = self._chunks()
 
-        from mzoo.train.data import global_sample_indices
+        from mzoo.data.samplers import global_sample_indices
 
         batches = global_sample_indices(consumed, tcfg.global_batch, state.dp_rank, state.dp, tcfg.micro_batch)
 

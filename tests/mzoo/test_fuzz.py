@@ -5,7 +5,7 @@
   offsets out of range, reversed or overlapping, negative or huge numbers, non-object JSON), raw
   bytes, truncation, and mutated `model.safetensors.index.json` files (paths with `..`, absolute
   paths, symlinks out of the folder, missing files, folders, non-string values);
-- the Megatron indexed-dataset reader (`mzoo.train.data.IndexedDataset`): corrupted magic,
+- the Megatron indexed-dataset reader (`mzoo.data.indexed.IndexedDataset`): corrupted magic,
   version, dtype code, counts, sequence lengths, pointers, document indices, truncation;
 - the pickle allowlist (`mzoo.ckpt.safe_pickle`): Megatron-like state dicts with a disallowed
   global (os.system, eval, subprocess, functools.partial, torch.save, ...) hidden at a random
@@ -49,7 +49,8 @@ from hypothesis import strategies as st
 from mzoo.ckpt.hf import _TORCH_DTYPES, INDEX, HFReader, read_header
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
 from mzoo.errors import UserError
-from mzoo.train import data as D
+from mzoo.data.indexed import (DTYPE_CODES, HEADER_BYTES, IndexedDataset, IndexedDatasetWriter, bin_path,
+                               idx_path)
 
 # torch warns about every pickle protocol it was not written with; mutated files hit that constantly
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -484,13 +485,13 @@ DOCS = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [], [11]]
 def idx_world(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("fuzz-idx")
     prefix = root / "corpus"
-    with D.IndexedDatasetWriter(prefix, dtype=np.uint16) as w:
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as w:
         for doc in DOCS:
             w.add_document(doc)
         w.add_document([12, 13, 14, 15, 16], lengths=[2, 3])  # one document, two sequences
-    ds = D.IndexedDataset(prefix)
+    ds = IndexedDataset(prefix)
     assert [ds[i].tolist() for i in range(len(ds))] == DOCS + [[12, 13], [14, 15, 16]]
-    return Quiet(root=root, idx=D.idx_path(prefix).read_bytes(), bin=D.bin_path(prefix).read_bytes(),
+    return Quiet(root=root, idx=idx_path(prefix).read_bytes(), bin=bin_path(prefix).read_bytes(),
                  n_seq=len(ds), n_doc=ds.num_documents + 1)
 
 
@@ -498,7 +499,7 @@ def check_indexed(prefix: Path) -> str:
     """Open and read every sequence and document; compare with the raw files."""
     with time_limit():
         try:
-            ds = D.IndexedDataset(prefix)
+            ds = IndexedDataset(prefix)
             seqs = [np.array(ds[i]) for i in range(len(ds))]
             docs = [np.array(ds.document(d)) for d in range(ds.num_documents)]
             total = ds.num_tokens
@@ -507,10 +508,10 @@ def check_indexed(prefix: Path) -> str:
         except Exception as e:  # noqa: BLE001
             assert_one_sentence(e)
             return "error"
-    raw_idx, raw_bin = D.idx_path(prefix).read_bytes(), D.bin_path(prefix).read_bytes()
-    _, code, n_seq, n_doc = struct.unpack("<QBQQ", raw_idx[9:D.HEADER_BYTES])
-    dtype = np.dtype(D.DTYPE_CODES[code])
-    off = D.HEADER_BYTES
+    raw_idx, raw_bin = idx_path(prefix).read_bytes(), bin_path(prefix).read_bytes()
+    _, code, n_seq, n_doc = struct.unpack("<QBQQ", raw_idx[9:HEADER_BYTES])
+    dtype = np.dtype(DTYPE_CODES[code])
+    off = HEADER_BYTES
     lengths = np.frombuffer(raw_idx, np.int32, n_seq, off)
     pointers = np.frombuffer(raw_idx, np.int64, n_seq, off + 4 * n_seq)
     doc_index = np.frombuffer(raw_idx, np.int64, n_doc, off + 12 * n_seq)
@@ -528,8 +529,8 @@ def check_indexed(prefix: Path) -> str:
 
 def test_the_unmutated_dataset_reads_back(idx_world, tmp_path):
     prefix = tmp_path / "c"
-    D.idx_path(prefix).write_bytes(idx_world["idx"])
-    D.bin_path(prefix).write_bytes(idx_world["bin"])
+    idx_path(prefix).write_bytes(idx_world["idx"])
+    bin_path(prefix).write_bytes(idx_world["bin"])
     assert check_indexed(prefix) == "ok"
 
 
@@ -538,7 +539,7 @@ I64 = st.one_of(st.integers(-3, 40), st.integers(-2**63, 2**63 - 1), st.sampled_
 
 def idx_field(n_seq: int, n_doc: int):
     """(byte offset, struct format, value) edits of the .idx fields."""
-    lengths, pointers, docs = D.HEADER_BYTES, D.HEADER_BYTES + 4 * n_seq, D.HEADER_BYTES + 12 * n_seq
+    lengths, pointers, docs = HEADER_BYTES, HEADER_BYTES + 4 * n_seq, HEADER_BYTES + 12 * n_seq
     return st.one_of(
         st.tuples(st.just(0), st.just("9s"), st.binary(min_size=9, max_size=9)),
         st.tuples(st.just(9), st.just("<Q"), st.one_of(st.integers(0, 3), st.integers(0, 2**64 - 1))),
@@ -570,15 +571,15 @@ def test_corrupted_indexed_datasets(idx_world, data):
         binary = binary[:bin_cut]
     with scratch(idx_world["root"]) as folder:
         prefix = folder / "c"
-        D.idx_path(prefix).write_bytes(bytes(idx))
-        D.bin_path(prefix).write_bytes(bytes(binary))
+        idx_path(prefix).write_bytes(bytes(idx))
+        bin_path(prefix).write_bytes(bytes(binary))
         event(check_indexed(prefix))
 
 
 def test_specific_corrupt_indexed_datasets(idx_world, tmp_path):
     """Each corruption the reader must report in one sentence rather than read as garbage."""
     n_seq = idx_world["n_seq"]
-    lengths, pointers, docs = D.HEADER_BYTES, D.HEADER_BYTES + 4 * n_seq, D.HEADER_BYTES + 12 * n_seq
+    lengths, pointers, docs = HEADER_BYTES, HEADER_BYTES + 4 * n_seq, HEADER_BYTES + 12 * n_seq
     cases = {
         "negative length": (lengths, "<i", -1), "length past the .bin": (lengths, "<i", 10**6),
         "negative pointer": (pointers + 8, "<q", -2), "pointer past the .bin": (pointers + 8, "<q", 10**9),
@@ -591,10 +592,10 @@ def test_specific_corrupt_indexed_datasets(idx_world, tmp_path):
         idx = bytearray(idx_world["idx"])
         struct.pack_into(fmt, idx, offset, value)
         prefix = tmp_path / label.replace(" ", "-")
-        D.idx_path(prefix).write_bytes(bytes(idx))
-        D.bin_path(prefix).write_bytes(idx_world["bin"])
+        idx_path(prefix).write_bytes(bytes(idx))
+        bin_path(prefix).write_bytes(idx_world["bin"])
         with time_limit(), pytest.raises(UserError) as caught:
-            D.IndexedDataset(prefix)
+            IndexedDataset(prefix)
         assert_one_sentence(caught.value)
 
 

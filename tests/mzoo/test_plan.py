@@ -183,7 +183,7 @@ torch.set_num_threads(1)
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
-from mzoo.train.data import MockGPTDataset
+from mzoo.data.gpt import MockGPTDataset
 from mzoo.train.trainer import TrainConfig, Trainer
 
 def status(key):
@@ -258,7 +258,7 @@ def _peak_rss_of_a_rank(rank: int, world: int, spec: dict) -> dict:
     from mzoo.config import ParallelConfig
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
-    from mzoo.train.data import MockGPTDataset
+    from mzoo.data.gpt import MockGPTDataset
     from mzoo.train.trainer import TrainConfig, Trainer
 
     def status(key: str) -> int:

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from mzoo.errors import UserError
-from mzoo.train import data as D
+from mzoo.data.gpt import DataConfig, MockGPTDataset, build_gpt_datasets, parse_blend
+from mzoo.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
+from mzoo.data.indices import build_blending_indices, build_sample_index, parse_split
+from mzoo.data.samplers import global_sample_indices
+from mzoo.data.tokenizer import check_tokenizer_fits, load_tokenizer
 
 EOD = "<|endoftext|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tiny models learn to predict "
@@ -100,7 +104,7 @@ def test_prepare_output_reads_in_megatron_core(tmp_path, tok_dirs):
     assert meg.index.dtype == np.uint16 and len(meg) == 120
     assert [meg[i].tolist() for i in range(len(meg))] == expected
     assert meg.document_indices.tolist() == list(range(121))
-    ours = D.IndexedDataset(tmp_path / "c")
+    ours = IndexedDataset(tmp_path / "c")
     assert [ours[i].tolist() for i in range(len(ours))] == expected
     # order is preserved whatever the worker count and tokenizer library: byte-identical files
     r = mzoo("data", "prepare", part1, part2, "--tokenizer", tok_file, "--out", tmp_path / "d", "--append-eod", "-q")
@@ -117,7 +121,7 @@ def test_megatron_builder_output_reads_in_mzoo_and_writers_agree(tmp_path, dtype
     docs = [[rng.integers(0, 60000, int(rng.integers(0, 9))) for _ in range(int(rng.integers(1, 4)))]
             for _ in range(40)]
     builder = IndexedDatasetBuilder(str(tmp_path / "meg.bin"), dtype=dtype)
-    with D.IndexedDatasetWriter(tmp_path / "ours", dtype) as writer:
+    with IndexedDatasetWriter(tmp_path / "ours", dtype) as writer:
         for seqs in docs:
             flat = np.concatenate(seqs)
             builder.add_document(torch.from_numpy(flat), [len(s) for s in seqs])
@@ -125,7 +129,7 @@ def test_megatron_builder_output_reads_in_mzoo_and_writers_agree(tmp_path, dtype
     builder.finalize(str(tmp_path / "meg.idx"))
     for ext in (".bin", ".idx"):  # the writers agree byte for byte
         assert (tmp_path / f"meg{ext}").read_bytes() == (tmp_path / f"ours{ext}").read_bytes()
-    ds = D.IndexedDataset(tmp_path / "meg")
+    ds = IndexedDataset(tmp_path / "meg")
     assert ds.dtype == dtype and ds.num_documents == 40 and not ds.multimodal
     seqs = [s for d in docs for s in d]
     assert [ds[i].tolist() for i in range(len(ds))] == [s.tolist() for s in seqs]
@@ -142,7 +146,7 @@ def test_parquet_input(tmp_path, tok_dirs):
     pq.write_table(pa.table({"body": texts, "n": list(range(len(texts)))}), tmp_path / "c.parquet", row_group_size=700)
     r = mzoo("data", "prepare", tmp_path / "c.parquet", "--tokenizer", hf, "--out", tmp_path / "c", "--key", "body")
     assert r.exit_code == 0, r.stderr
-    ds = D.IndexedDataset(tmp_path / "c")
+    ds = IndexedDataset(tmp_path / "c")
     assert [ds[i].tolist() for i in range(len(ds))] == _expected(tok_file, texts, eod=False)
     r = mzoo("data", "prepare", tmp_path / "c.parquet", "--tokenizer", hf, "--out", tmp_path / "d")
     assert r.exit_code == 2 and "no 'text' column" in r.stderr
@@ -156,7 +160,7 @@ def test_multimodal_modes_read(tmp_path):
         builder.add_item(torch.arange(i + 1), mode=i % 2)
         builder.end_document()
     builder.finalize(str(tmp_path / "mm.idx"))
-    ds = D.IndexedDataset(tmp_path / "mm")
+    ds = IndexedDataset(tmp_path / "mm")
     assert ds.multimodal and ds.sequence_modes.tolist() == [0, 1, 0, 1, 0]
     assert ds[4].tolist() == [0, 1, 2, 3, 4]
 
@@ -165,8 +169,8 @@ def test_dtype_rule_matches_megatron():
     from megatron.core.datasets.indexed_dataset import DType
 
     for v in (256, 32000, 65499, 65500, 128256, None):
-        assert D.optimal_dtype(v) is DType.optimal_dtype(v)
-    assert D.optimal_dtype(300) is np.uint16 and D.optimal_dtype(65500) is np.int32
+        assert optimal_dtype(v) is DType.optimal_dtype(v)
+    assert optimal_dtype(300) is np.uint16 and optimal_dtype(65500) is np.int32
 
 
 def test_truncated_files_are_reported(tmp_path, corpus):
@@ -177,16 +181,16 @@ def test_truncated_files_are_reported(tmp_path, corpus):
         (tmp_path / "t.idx").write_bytes(Path(prefix + ".idx").read_bytes())
         (tmp_path / f"t{ext}").write_bytes(data[:-cut])
         with pytest.raises(UserError, match="truncated"):
-            D.IndexedDataset(tmp_path / "t")
+            IndexedDataset(tmp_path / "t")
     with pytest.raises(UserError, match="missing"):
-        D.IndexedDataset(tmp_path / "nope")
-    assert D.IndexedDataset(prefix + ".bin").prefix == prefix  # the common slip of naming a file
+        IndexedDataset(tmp_path / "nope")
+    assert IndexedDataset(prefix + ".bin").prefix == prefix  # the common slip of naming a file
 
 
 def test_parse_blend():
-    assert D.parse_blend(["30", "a", "70", "b"]) == (["a", "b"], [30.0, 70.0])
-    assert D.parse_blend(["a", "b"]) == (["a", "b"], None)
-    assert D.parse_blend(["a"]) == (["a"], None)
+    assert parse_blend(["30", "a", "70", "b"]) == (["a", "b"], [30.0, 70.0])
+    assert parse_blend(["a", "b"]) == (["a", "b"], None)
+    assert parse_blend(["a"]) == (["a"], None)
 
 
 # ---------------------------------------------------------------------------------------------- GPT dataset
@@ -195,10 +199,10 @@ def test_parse_blend():
 def test_samples_are_contiguous_documents_with_eod(tmp_path, corpus, tok_dirs):
     prefix, docs, summary = corpus["a"]
     assert summary["documents"] == len(docs) and summary["dtype"] == "uint16"
-    eod = D.load_tokenizer(tok_dirs[0]).eod_id
+    eod = load_tokenizer(tok_dirs[0]).eod_id
     seq = 16
-    train, valid, test = D.build_gpt_datasets(
-        D.DataConfig([prefix], split="90,10", seq_len=seq, seed=5, cache_dir=tmp_path), [None, None, None])
+    train, valid, test = build_gpt_datasets(
+        DataConfig([prefix], split="90,10", seq_len=seq, seed=5, cache_dir=tmp_path), [None, None, None])
     assert test is None
     for ds in (train, valid):
         stream = np.concatenate([docs[d] for d in ds.document_index])  # documents in shuffled order
@@ -228,7 +232,7 @@ def test_same_samples_as_megatron_gpt_dataset(tmp_path, corpus):
                                eod_mask_loss=False, create_attention_mask=False,
                                path_to_cache=str(tmp_path / "meg") if weights is None else None)
         theirs = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
-        ours = D.build_gpt_datasets(D.DataConfig(prefixes, weights, split="95,5,0", seq_len=12, seed=11,
+        ours = build_gpt_datasets(DataConfig(prefixes, weights, split="95,5,0", seq_len=12, seed=11,
                                                  cache_dir=tmp_path / "ours"), sizes)
         for t, o in zip(theirs[:2], ours[:2]):
             assert len(t) == len(o)
@@ -246,7 +250,7 @@ def test_sample_index_matches_megatron_helpers():
         rng.shuffle(doc_index)
         tokens = int(sizes.sum())
         theirs = helpers.build_sample_idx(sizes, doc_index, seq, epochs, tokens, True, True)
-        ours = D.build_sample_index(sizes, doc_index, seq, epochs, tokens)
+        ours = build_sample_index(sizes, doc_index, seq, epochs, tokens)
         assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
 
 
@@ -254,7 +258,7 @@ def test_shuffle_is_deterministic_and_cache_is_reused(tmp_path, corpus):
     prefix = corpus["a"][0]
 
     def build(seed: int):
-        return D.build_gpt_datasets(D.DataConfig([prefix], split="1", seq_len=8, seed=seed,
+        return build_gpt_datasets(DataConfig([prefix], split="1", seq_len=8, seed=seed,
                                                  cache_dir=tmp_path), [500, None, None])[0]
 
     first = build(3)
@@ -269,13 +273,13 @@ def test_shuffle_is_deterministic_and_cache_is_reused(tmp_path, corpus):
     assert not other.cache_hit and len(list(tmp_path.iterdir())) == 8
     assert not np.array_equal(np.asarray(other.shuffle_index), np.asarray(first.shuffle_index))
     # default cache location: next to the data
-    ds = D.build_gpt_datasets(D.DataConfig([prefix], split="1", seq_len=8, seed=3), [None, None, None])[0]
+    ds = build_gpt_datasets(DataConfig([prefix], split="1", seq_len=8, seed=3), [None, None, None])[0]
     assert not ds.cache_hit and any(Path(prefix + ".cache").glob("GPTDataset-train-*-shuffle_index.npy"))
 
 
 def test_blend_follows_weights(tmp_path, corpus):
     (a, docs_a, _), (b, docs_b, _) = corpus["a"], corpus["b"]
-    ds = D.build_gpt_datasets(D.DataConfig([a, b], [1, 3], split="1", seq_len=8, seed=0, cache_dir=tmp_path),
+    ds = build_gpt_datasets(DataConfig([a, b], [1, 3], split="1", seq_len=8, seed=0, cache_dir=tmp_path),
                               [400, None, None])[0]
     assert len(ds) == 400
     for k in (1, 10, 57, 400):  # the mix is exact at every prefix of the stream
@@ -286,9 +290,9 @@ def test_blend_follows_weights(tmp_path, corpus):
         own = int(ds.dataset_index[i])
         window = ds.tokens(i).tobytes()
         assert window in streams[own] and window not in streams[1 - own]
-    assert D.build_blending_indices([0.5, 0.5], 6)[0].tolist() == [0, 1, 0, 1, 0, 1]
+    assert build_blending_indices([0.5, 0.5], 6)[0].tolist() == [0, 1, 0, 1, 0, 1]
     # without weights: in proportion to the datasets' sizes, every sample once
-    exhaustive = D.build_gpt_datasets(D.DataConfig([a, b], split="1", seq_len=8, seed=0, cache_dir=tmp_path),
+    exhaustive = build_gpt_datasets(DataConfig([a, b], split="1", seq_len=8, seed=0, cache_dir=tmp_path),
                                       [None, None, None])[0]
     sizes = [len(p) for p in exhaustive.datasets]
     assert len(exhaustive) == sum(sizes)
@@ -297,9 +301,9 @@ def test_blend_follows_weights(tmp_path, corpus):
 
 def test_split_ranges_are_disjoint(tmp_path, corpus):
     prefix, docs, _ = corpus["a"]
-    assert D.parse_split("98,2") == [(0.0, 0.98), (0.98, 1.0), None]
-    train, valid, test = D.build_gpt_datasets(
-        D.DataConfig([prefix], split="80,15,5", seq_len=8, seed=0, cache_dir=tmp_path), [None, None, None])
+    assert parse_split("98,2") == [(0.0, 0.98), (0.98, 1.0), None]
+    train, valid, test = build_gpt_datasets(
+        DataConfig([prefix], split="80,15,5", seq_len=8, seed=0, cache_dir=tmp_path), [None, None, None])
     ranges = [set(np.asarray(ds.document_index).tolist()) for ds in (train, valid, test)]
     assert not (ranges[0] & ranges[1]) and not (ranges[0] & ranges[2]) and not (ranges[1] & ranges[2])
     assert set.union(*ranges) == set(range(len(docs)))
@@ -307,12 +311,12 @@ def test_split_ranges_are_disjoint(tmp_path, corpus):
 
 
 def test_mock_dataset():
-    train = D.build_gpt_datasets(D.DataConfig(mock=True, vocab_size=100, seq_len=10, seed=3), [8, None, None])[0]
+    train = build_gpt_datasets(DataConfig(mock=True, vocab_size=100, seq_len=10, seed=3), [8, None, None])[0]
     assert len(train) == 8
     s = train[5]
     assert s["tokens"].shape == (10,) and s["tokens"].dtype == torch.int64 and int(s["tokens"].max()) < 100
     assert torch.equal(s["labels"][:-1], s["tokens"][1:])
-    assert torch.equal(D.MockGPTDataset(100, 10, 3)[5]["tokens"], s["tokens"])
+    assert torch.equal(MockGPTDataset(100, 10, 3)[5]["tokens"], s["tokens"])
     assert not torch.equal(train[4]["tokens"], s["tokens"])
 
 
@@ -324,7 +328,7 @@ def _run(dp: int, micro: int, global_batch: int, start: int, steps: int) -> list
     seen = []
     for step in range(steps):
         consumed = start + step * global_batch
-        per_rank = [D.global_sample_indices(consumed, global_batch, r, dp, micro) for r in range(dp)]
+        per_rank = [global_sample_indices(consumed, global_batch, r, dp, micro) for r in range(dp)]
         for m in range(len(per_rank[0])):
             for r in range(dp):
                 seen += per_rank[r][m]
@@ -333,19 +337,20 @@ def _run(dp: int, micro: int, global_batch: int, start: int, steps: int) -> list
 
 def test_global_samples_do_not_depend_on_dp_size(corpus):
     assert _run(1, 2, 8, 0, 3) == _run(2, 2, 8, 0, 3) == _run(4, 1, 8, 0, 3) == list(range(24))
-    assert D.global_sample_indices(16, 8, 1, 2, 2) == [[18, 19], [22, 23]]
+    assert global_sample_indices(16, 8, 1, 2, 2) == [[18, 19], [22, 23]]
     # stop after 2 steps at DP=2, resume at DP=4 (or DP=1): the same stream as one uninterrupted run
     full = _run(1, 2, 8, 0, 5)
     assert _run(2, 2, 8, 0, 2) + _run(4, 1, 8, 16, 3) == full
     assert _run(2, 2, 8, 0, 2) + _run(1, 4, 8, 16, 3) == full
     # and the samples themselves are the same tensors
-    ds = D.build_gpt_datasets(D.DataConfig([corpus["a"][0]], split="1", seq_len=8, seed=1), [None] * 3)[0]
-    dp1 = torch.cat([D.collate(ds, mb)["tokens"] for mb in D.global_sample_indices(8, 8, 0, 1, 4)])
-    per_rank = [D.global_sample_indices(8, 8, r, 2, 2) for r in range(2)]
-    dp2 = [D.collate(ds, per_rank[r][m])["tokens"] for m in range(2) for r in range(2)]
+    ds = build_gpt_datasets(DataConfig([corpus["a"][0]], split="1", seq_len=8, seed=1), [None] * 3)[0]
+    batches = global_sample_indices(8, 8, 0, 1, 4)  # micro-batches stacked as the trainer stacks them
+    dp1 = torch.cat([torch.stack([ds[i]["tokens"] for i in mb]) for mb in batches])
+    per_rank = [global_sample_indices(8, 8, r, 2, 2) for r in range(2)]
+    dp2 = [torch.stack([ds[i]["tokens"] for i in per_rank[r][m]]) for m in range(2) for r in range(2)]
     assert torch.equal(dp1, torch.cat(dp2))
     with pytest.raises(UserError, match="not a multiple"):
-        D.global_sample_indices(0, 10, 0, 2, 2)
+        global_sample_indices(0, 10, 0, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -400,13 +405,13 @@ def test_tokenizer_loading_and_vocab_check(tok_dirs):
     n = Tokenizer.from_file(str(tok_file)).get_vocab_size()
     assert 50 < n < 300
     for source in (hf, tok_file, tok_file.parent):  # transformers folder, tokenizer.json, folder with only it
-        tok = D.load_tokenizer(source)
+        tok = load_tokenizer(source)
         assert tok.vocab_size == n and tok.eod_id == 1
         assert tok.encode("the lazy dog") == Tokenizer.from_file(str(tok_file)).encode("the lazy dog").ids
-        D.check_tokenizer_fits(tok, n)
+        check_tokenizer_fits(tok, n)
     with pytest.raises(UserError) as e:
-        D.check_tokenizer_fits(AutoTokenizer.from_pretrained(hf, local_files_only=True), 40)
+        check_tokenizer_fits(AutoTokenizer.from_pretrained(hf, local_files_only=True), 40)
     assert str(e.value) == (f"the tokenizer has {n} tokens but the model's vocab_size is 40; use the tokenizer the "
                             f"model was built for or a model with vocab_size >= {n}.")
     with pytest.raises(UserError, match="does not exist"):
-        D.load_tokenizer(hf / "nope")
+        load_tokenizer(hf / "nope")

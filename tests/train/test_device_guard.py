@@ -57,10 +57,10 @@ def _sampler(vocab: int, seq_len: int, packed: bool = False):
     """Mock pretraining data (the real dataset class), or packed finetuning samples (the real packer):
     both made on the CPU before the guarded step, as the data pipeline makes them."""
     if not packed:
-        from mzoo.train.data import MockGPTDataset
+        from mzoo.data.gpt import MockGPTDataset
 
         return MockGPTDataset(vocab, seq_len, seed=7)
-    from mzoo.train.sft import Example, pack, sampler
+    from mzoo.data.sft import Example, pack, sampler
 
     g = torch.Generator().manual_seed(0)
     examples = [Example(torch.randint(3, vocab, (n,), generator=g).tolist(), [i % 2 == 0] * n)

@@ -22,7 +22,7 @@ def _train(name: str, recompute: str, modules: tuple, layers, steps: int = 4) ->
     state = ParallelState.single()
     model = build_chunks(cfg, state)
     model.init_weights(seed=2)
-    from mzoo.train.data import MockGPTDataset
+    from mzoo.data.gpt import MockGPTDataset
 
     data = MockGPTDataset(cfg.vocab_size, 32, seed=3)
     tcfg = TrainConfig(seq_len=32, micro_batch=2, global_batch=4, steps=steps, lr=3e-3, recompute=recompute,

@@ -18,7 +18,7 @@ from mzoo.cli.main import app
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.models import build_model
 from mzoo.parallel.state import ParallelState
-from mzoo.train import sft
+from mzoo.data import sft
 from mzoo.train.trainer import TrainConfig, Trainer
 
 WORDS = [f"w{i}" for i in range(60)]

@@ -21,14 +21,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mzoo.errors import UserError
+from mzoo.data.errors import DataError
 
 FORMATS = ("text", "prompt-completion", "chat")
 KEYS = {"text": ("text",), "prompt-completion": ("prompt", "completion"), "chat": ("messages",)}
-
-
-class DataError(UserError):
-    """A finetuning data file a user gave is invalid; names the file and line."""
 
 
 @dataclass(frozen=True)

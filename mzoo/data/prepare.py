@@ -1,0 +1,238 @@
+"""`mzoo data prepare`: JSONL / parquet documents -> tokens -> an indexed dataset, in input order,
+tokenized by a pool of workers while this process reads and writes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from mzoo.data.errors import DataError
+from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype
+from mzoo.data.tokenizer import Tokenizer, load_tokenizer
+
+INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[Path]
+    tokenizer: Path
+    out: str  # prefix: writes <out>.bin and <out>.idx
+    key: str = "text"
+    workers: int = 1
+    append_eod: bool = False
+    overwrite: bool = False
+    chunk_docs: int = 256  # documents per task sent to a worker
+
+
+@dataclass
+class PrepareSummary:
+    documents: int
+    tokens: int
+    skipped: int  # documents that tokenized to nothing
+    seconds: float
+    dtype: str
+    vocab_size: int
+    prefix: str
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"documents": self.documents, "tokens": self.tokens, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "tokens_per_s": round(self.tokens_per_s, 1), "dtype": self.dtype,
+                "vocab_size": self.vocab_size, "bin": str(bin_path(self.prefix)), "idx": str(idx_path(self.prefix))}
+
+
+def check_inputs(inputs: Sequence[PathLike]) -> list[tuple[Path, str]]:
+    """(path, kind) for every input, failing before any work on a missing or unreadable one."""
+    if not inputs:
+        raise DataError("no input files given; pass one or more .jsonl or .parquet files.")
+    out = []
+    for p in map(Path, inputs):
+        if not p.is_file():
+            raise DataError(f"input file {p} does not exist; check the path.")
+        kind = INPUT_KINDS.get(p.suffix.lower())
+        if kind is None:
+            raise DataError(f"{p} is neither .jsonl nor .parquet; convert it to JSON lines with one document per line.")
+        if kind == "parquet":
+            try:
+                import pyarrow.parquet  # noqa: F401
+            except ImportError:
+                raise DataError(f"reading {p} needs pyarrow, which is not installed; pip install pyarrow "
+                                "(or convert the file to .jsonl).") from None
+        out.append((p, kind))
+    return out
+
+
+def check_output(prefix: str, overwrite: bool) -> None:
+    parent = Path(prefix).parent
+    if not parent.is_dir():
+        raise DataError(f"the output folder {parent} does not exist; create it first.")
+    existing = [p for p in (bin_path(prefix), idx_path(prefix)) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{existing[0]} already exists; remove it or pass --overwrite.")
+
+
+def _text(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where} has a '{key}' that is {type(value).__name__}, not text; fix the record or pass "
+                        "--key with the field that holds the text.")
+    return value
+
+
+def _iter_jsonl(path: Path, key: str) -> Iterator[tuple[str, int]]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                yield "", len(line)  # blank lines are not documents; still count the bytes
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                msg = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise DataError(f"{path}:{lineno} is not valid JSON ({msg}); fix or remove that line.") from None
+            if not isinstance(record, dict) or key not in record:
+                raise DataError(f"{path}:{lineno} has no '{key}' field; pass --key with the field that holds the text.")
+            yield _text(record[key], f"{path}:{lineno}", key), len(line)
+
+
+def _iter_parquet(path: Path, key: str) -> Iterator[tuple[str, int]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if key not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no '{key}' column (it has {', '.join(pf.schema_arrow.names)}); pass --key.")
+    size, rows = path.stat().st_size, max(pf.metadata.num_rows, 1)
+    done = 0
+    for batch in pf.iter_batches(columns=[key], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            done += 1
+            nbytes = size * done // rows - size * (done - 1) // rows
+            yield _text(value, f"{path} row {done}", key), nbytes
+
+
+def _documents(inputs: Sequence[tuple[Path, str]], key: str) -> Iterator[tuple[str, int]]:
+    for path, kind in inputs:
+        yield from (_iter_jsonl if kind == "jsonl" else _iter_parquet)(path, key)
+
+
+def _chunks(docs: Iterator[tuple[str, int]], n: int) -> Iterator[tuple[list[str], int]]:
+    texts: list[str] = []
+    nbytes = 0
+    for text, size in docs:
+        nbytes += size
+        if text:
+            texts.append(text)
+        if len(texts) >= n:
+            yield texts, nbytes
+            texts, nbytes = [], 0
+    if texts or nbytes:
+        yield texts, nbytes
+
+
+def encode_chunk(tok: Tokenizer, texts: Sequence[str], append_eod: bool, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens concatenated, length per document) for the documents that tokenize to something."""
+    ids = tok.encode_batch(texts) if texts else []
+    if append_eod:
+        ids = [d + [tok.eod_id] for d in ids if d]
+    ids = [d for d in ids if d]
+    lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
+        raise DataError(f"the tokenizer produced id {int(flat.max())}, beyond its vocabulary; the tokenizer files "
+                        "are inconsistent.")
+    return flat.astype(dtype), lengths
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tokenizer_path: str, append_eod: bool, dtype_name: str) -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "sequence longer than model max length" is irrelevant here
+    except ImportError:  # pragma: no cover
+        pass
+    _WORKER.update(tok=load_tokenizer(tokenizer_path), append_eod=append_eod, dtype=np.dtype(dtype_name).type)
+
+
+def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_chunk(_WORKER["tok"], texts, _WORKER["append_eod"], _WORKER["dtype"])
+
+
+def _encoded(chunks: Iterator[tuple[list[str], int]], cfg: PrepareConfig, tok: Tokenizer, dtype: type
+             ) -> Iterator[tuple[np.ndarray, np.ndarray, int, int]]:
+    """(tokens, lengths, documents read, bytes read) per chunk, in input order. With workers > 1 a
+    pool tokenizes while this process reads; at most 4 chunks per worker wait, bounding memory."""
+    if cfg.workers <= 1:
+        for texts, nbytes in chunks:
+            flat, lengths = encode_chunk(tok, texts, cfg.append_eod, dtype)
+            yield flat, lengths, len(texts), nbytes
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(cfg.workers, initializer=_worker_init,
+                    initargs=(str(tok.path), cfg.append_eod, np.dtype(dtype).name))
+    try:
+        pending: deque = deque()
+        for texts, nbytes in chunks:
+            pending.append((pool.apply_async(_worker_encode, (texts,)), len(texts), nbytes))
+            while len(pending) >= 4 * cfg.workers:
+                result, n, b = pending.popleft()
+                yield (*result.get(), n, b)
+        while pending:
+            result, n, b = pending.popleft()
+            yield (*result.get(), n, b)
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+ProgressFn = Callable[[int, int, int], None]  # (bytes read, documents written, tokens written) since last call
+
+
+def input_bytes(inputs: Sequence[PathLike]) -> int:
+    return sum(Path(p).stat().st_size for p in inputs)
+
+
+def prepare(cfg: PrepareConfig, progress: ProgressFn = lambda b, d, t: None) -> PrepareSummary:
+    """Tokenize the inputs into `<out>.bin/.idx`, one document per record, in input order.
+
+    Checks inputs, tokenizer and output before any work; builds under temporary names, so a failure
+    midway leaves no output files."""
+    start = time.perf_counter()
+    if cfg.workers < 1:
+        raise DataError(f"--workers must be at least 1, not {cfg.workers}.")
+    inputs = check_inputs(cfg.inputs)
+    prefix = os.fspath(cfg.out)
+    check_output(prefix, cfg.overwrite)
+    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.append_eod and tok.eod_id is None:
+        raise DataError(f"the tokenizer in {cfg.tokenizer} has no end-of-document (EOS) token for --append-eod; "
+                        "set eos_token in its tokenizer_config.json or drop --append-eod.")
+    dtype = optimal_dtype(tok.vocab_size)
+    skipped = 0
+    stream = _encoded(_chunks(_documents(inputs, cfg.key), cfg.chunk_docs), cfg, tok, dtype)
+    with IndexedDatasetWriter(prefix, dtype) as writer, closing(stream):
+        for flat, lengths, n_docs, nbytes in stream:
+            writer.add_documents(flat, lengths)
+            skipped += n_docs - int(lengths.size)
+            progress(nbytes, int(lengths.size), int(flat.size))
+        if writer.num_documents == 0:
+            raise DataError(f"no documents with text found in {', '.join(str(p) for p, _ in inputs)}; check --key.")
+    return PrepareSummary(writer.num_documents, writer.num_tokens, skipped, time.perf_counter() - start,
+                          np.dtype(dtype).name, tok.vocab_size, prefix)
