@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.cli.progress import byte_progress, summary_line
 from mzoo.errors import UserError
@@ -59,25 +60,16 @@ def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
         console.print(f"  ... {len(plan.files) - shown} more (--json lists every file and tensor)", highlight=False)
 
 
-TP = typer.Option(1, "--tp", help="Tensor-parallel size of the output.")
-EP = typer.Option(1, "--ep", help="Expert-parallel size of the output (MoE models; must divide the experts).")
 GROUPED = typer.Option(False, "--moe-grouped-gemm",
                        help="Legacy files: name experts as TEGroupedMLP does (experts.linear_fc1.weight<i>) instead "
                             "of SequentialMLP (experts.local_experts.<i>.linear_fc1.weight).")
 PLAN = typer.Option(False, "--plan", help="Print the files, tensors and shapes the output would get; write nothing.")
-PP = typer.Option(1, "--pp", help="Pipeline-parallel size of the output.")
-VPP = typer.Option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).")
-FIRST = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage (uneven split).")
-LAST = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeline stage (uneven split).")
 FMT = typer.Option("torch_dist", "--megatron-format", help="torch_dist (default), torch (legacy) or zarr.")
 SPEC = typer.Option("te", "--spec", help="Parameter spelling: te (Transformer Engine) or local.")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep the source's).")
 SHARD = typer.Option("5GB", "--shard-size", help="Largest safetensors shard for Hugging Face output.")
-TRUST = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist (trusted files only).")
-VOCAB = typer.Option(None, "--vocab-size", help="True vocabulary size when the source records only a padded one.")
 OVER = typer.Option(False, "--overwrite", help="Replace DST if it exists.")
 JSON = typer.Option(False, "--json", help="Print a JSON summary.")
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")
 
 
 @user_errors
@@ -85,11 +77,11 @@ def convert(
     direction: str = typer.Argument(..., help="'hf->megatron', 'megatron->hf' or 'megatron->megatron' (quote it!)."),
     src: Path = typer.Argument(..., help="Source checkpoint folder."),
     dst: Path = typer.Argument(..., help="Folder to create."),
-    tp: int = TP, pp: int = PP, vpp: int = VPP, ep: int = EP, first_stage_layers: Optional[int] = FIRST,
-    last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
-    moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE, shard_size: str = SHARD,
-    trust_pickle: bool = TRUST, vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, plan: bool = PLAN,
-    as_json: bool = JSON, quiet: bool = QUIET,
+    tp: int = O.OUT_TP, pp: int = O.OUT_PP, vpp: int = O.OUT_VPP, ep: int = O.OUT_EP,
+    first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
+    megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
+    shard_size: str = SHARD, trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE,
+    overwrite: bool = OVER, plan: bool = PLAN, as_json: bool = JSON, quiet: bool = O.QUIET,
 ) -> None:
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
@@ -109,11 +101,11 @@ def convert(
 def reshard(
     src: Path = typer.Argument(..., help="Megatron checkpoint (any format, any layout)."),
     dst: Path = typer.Argument(..., help="Folder to create."),
-    tp: int = TP, pp: int = PP, vpp: int = VPP, ep: int = EP, first_stage_layers: Optional[int] = FIRST,
-    last_stage_layers: Optional[int] = LAST, megatron_format: str = FMT, spec: str = SPEC,
-    moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE, trust_pickle: bool = TRUST,
-    vocab_size: Optional[int] = VOCAB, overwrite: bool = OVER, plan: bool = PLAN, as_json: bool = JSON,
-    quiet: bool = QUIET,
+    tp: int = O.OUT_TP, pp: int = O.OUT_PP, vpp: int = O.OUT_VPP, ep: int = O.OUT_EP,
+    first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
+    megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
+    trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE, overwrite: bool = OVER,
+    plan: bool = PLAN, as_json: bool = JSON, quiet: bool = O.QUIET,
 ) -> None:
     """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
 

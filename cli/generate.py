@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from mzoo.cli import options as O
 from mzoo.cli.common import print_json, quiet_transformers, user_errors
 from mzoo.errors import UserError
 
@@ -32,7 +33,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set of tokens reaching this mass."),
     seed: int = typer.Option(0, help="Seed of the sampler."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the checkpoint's)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist."),
+    trust_pickle: bool = O.TRUST_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print prompt ids, generated ids and text as JSON."),
 ) -> None:
     """Generate text (streamed) or token ids from a checkpoint; KV cache for attention, states for Mamba.

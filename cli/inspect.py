@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.params import human
 
@@ -14,8 +15,8 @@ from mzoo.params import human
 @user_errors
 def inspect(
     path: Path = typer.Argument(..., help="Checkpoint folder (Hugging Face or Megatron, any format)."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="True vocabulary size if unrecorded."),
+    trust_pickle: bool = O.TRUST_PICKLE,
+    vocab_size: Optional[int] = O.VOCAB_SIZE,
     check: bool = typer.Option(False, "--check", help="Read every file and compare it with the checksums in mzoo.yaml; exit 1 on a problem."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from mzoo.cli import options as O
 from mzoo.cli.common import console, err_console, print_json, quiet_transformers, user_errors
 from mzoo.cli.progress import byte_progress
 from mzoo.jobs.push import PushEvents, PushRequest, PushResult, push as run_push
@@ -67,8 +68,6 @@ BASE = typer.Option(None, "--base-model", metavar="ORG/NAME", help="Model these 
                                                                    "what the checkpoint records, if anything).")
 TOKENIZER = typer.Option(None, "--tokenizer", metavar="DIR", help="Publish this tokenizer folder with the model "
                                                                   "(default: the checkpoint's own tokenizer files).")
-TRUST = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist.")
-VOCAB = typer.Option(None, "--vocab-size", help="True vocabulary size if unrecorded.")
 JSON = typer.Option(False, "--json", help="Print a JSON summary (files, card, commit) on stdout.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress or summary.")
 
@@ -78,8 +77,8 @@ def push(
     ckpt: Path = CKPT, repo_id: str = REPO, revision: str = REVISION, private: bool = PRIVATE,
     commit_message: Optional[str] = MESSAGE, token_env: Optional[str] = TOKEN_ENV, dry_run: bool = DRY_RUN,
     staging: Optional[Path] = STAGING, endpoint: Optional[str] = ENDPOINT, license: Optional[str] = LICENSE,
-    base_model: Optional[str] = BASE, tokenizer: Optional[Path] = TOKENIZER, trust_pickle: bool = TRUST,
-    vocab_size: Optional[int] = VOCAB, as_json: bool = JSON, quiet: bool = QUIET,
+    base_model: Optional[str] = BASE, tokenizer: Optional[Path] = TOKENIZER, trust_pickle: bool = O.TRUST_PICKLE,
+    vocab_size: Optional[int] = O.VOCAB_SIZE, as_json: bool = JSON, quiet: bool = QUIET,
 ) -> None:
     """Publish a checkpoint to the Hugging Face Hub as one commit, with a generated model card.
 

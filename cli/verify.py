@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
+from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 
 
@@ -19,8 +20,8 @@ def verify(
     seq_len: int = typer.Option(32, help="Tokens per sequence."),
     seed: int = typer.Option(0, help="Seed of the random token batch."),
     tolerance: float = typer.Option(TOLERANCE, help="Largest max |Δlogits| (fp32) that counts as a match."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="True vocabulary size if unrecorded."),
+    trust_pickle: bool = O.TRUST_PICKLE,
+    vocab_size: Optional[int] = O.VOCAB_SIZE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Run both checkpoints on the same tokens and compare logits on the true vocabulary; exit 0 only if they match.

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mzoo.errors import UserError
+from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.generate import GenerationConfig, generate as run_generation
 from mzoo.jobs.sources import Source, open_source
 from mzoo.models import build_model
@@ -40,28 +41,10 @@ class GenerateResult:
         return out
 
 
-def load_tokenizer(folder: Path) -> Any:
-    """The transformers tokenizer saved in `folder`; one sentence when there is none or it does not load."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    folder = Path(folder)
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        raise UserError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass --tokenizer DIR.")
-    try:
-        if (folder / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(str(folder))
-        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"the tokenizer in {folder} does not load ({reason.rstrip('.')}).") from None
-
-
 def tokenizer_folder(ckpt: Path, src: Source, explicit: Optional[Path]) -> Optional[Path]:
     """--tokenizer, else the checkpoint's own tokenizer files, else a tokenizer.json beside it."""
     if explicit is not None:
-        return explicit  # load_tokenizer says so in one sentence when it holds none
+        return explicit  # load_transformers_tokenizer says so in one sentence when it holds none
     if src.tokenizer_files:
         return Path(src.tokenizer_files[0]).parent
     for folder in (ckpt, ckpt.parent):
@@ -97,7 +80,7 @@ def generate(req: GenerateRequest, on_text: Optional[Callable[[str], None]] = No
     src = open_source(req.ckpt, req.trust_pickle)
     cfg = src.cfg
     folder = tokenizer_folder(req.ckpt, src, req.tokenizer)
-    tok = load_tokenizer(folder) if folder is not None else None
+    tok = load_transformers_tokenizer(folder) if folder is not None else None
     ids = _prompt_ids(req, tok, cfg.vocab_size, cfg.max_position_embeddings)
     if tok is not None and tok.eos_token_id is not None:
         gen.eos_token_id = tok.eos_token_id

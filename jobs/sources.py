@@ -4,7 +4,7 @@ on demand, in any layout; `load_checkpoint` fills a model of any layout from one
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -139,10 +139,10 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     tensors = canonical_tensors(cfg)
     specs = {t.name: t.spec for t in tensors}
     keys = set(store.keys())
-    spec = saved_spelling(keys, cfg)  # unless the args name the model's implementation
-    layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spec) if args is not None \
-        else MegatronLayout(spec=spec)
-    layout.iteration = iteration
+    spelling = saved_spelling(keys, cfg)  # unless the args name the model's implementation
+    layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spelling) if args is not None \
+        else MegatronLayout(spec=spelling)
+    layout = replace(layout, iteration=iteration)
     where = {t.name: dist_location(t.name, t.spec, keys, cfg, layout.spec, folder) for t in tensors}  # before any read
     dtype = store.dtype(where[tensors[0].name][0][0])
 

@@ -20,7 +20,6 @@ from mzoo.errors import UserError
 class InferenceCache:
     """Per-layer state of one batch of sequences; `offset` = positions already processed."""
 
-    max_length: int
     offset: int = 0
     layers: dict[int, Any] = field(default_factory=dict)
 
@@ -84,7 +83,7 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, cfg: GenerationConfig
                         "shorten the prompt.")
     steps = min(cfg.max_new_tokens, context - prompt.shape[1])
     generator = torch.Generator().manual_seed(cfg.seed)
-    cache = InferenceCache(max_length=prompt.shape[1] + steps)
+    cache = InferenceCache()
     model.eval()
     logits = model(prompt, cache=cache)[:, -1]
     out: list[int] = []

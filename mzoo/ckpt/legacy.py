@@ -13,7 +13,7 @@ incrementally (one tensor at a time) and read memory-mapped.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -126,9 +126,9 @@ class LegacyReader:
         check_expert_tp(self.args)
         model_state = first.get("model", first.get("model0", {}))
         spec: Spelling = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
-        self.layout: MegatronLayout = args_to_layout(self.args, spec)
-        self.layout.iteration = self.iteration
-        self.layout.moe_grouped_gemm = any(re.search(r"\.experts\.linear_fc[12]\.weight\d+$", k) for k in model_state)
+        grouped = any(re.search(r"\.experts\.linear_fc[12]\.weight\d+$", k) for k in model_state)
+        self.layout: MegatronLayout = replace(args_to_layout(self.args, spec), iteration=self.iteration,
+                                              moe_grouped_gemm=grouped)
         lay = self.layout
         self.files: dict[Rank, Path] = {}
         for d in dirs:

@@ -102,3 +102,22 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int) -> None:
     if n > vocab_size:
         raise DataError(f"the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; use the "
                         f"tokenizer the model was built for or a model with vocab_size >= {n}.")
+
+
+def load_transformers_tokenizer(folder: PathLike) -> Any:
+    """The transformers tokenizer saved in `folder`, as generation and chat templates need it (decode,
+    eos, apply_chat_template); one sentence when there is none or it does not load."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+        raise DataError(f"{folder} holds no tokenizer (tokenizer.json or tokenizer_config.json); pass --tokenizer DIR.")
+    try:
+        if (folder / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(folder))
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"the tokenizer in {folder} does not load ({reason.rstrip('.')}).") from None

@@ -178,11 +178,12 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     """Restore optimizer states and the loop's position when the checkpoint has them."""
     from safetensors.torch import load_file
 
+    from mzoo.ckpt.hf import CheckpointError
     from mzoo.ckpt.megatron.tracker import find_iteration_dir
 
     try:
         folder, _ = find_iteration_dir(Path(path))
-    except ValueError:
+    except CheckpointError:
         return False
     if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
         return False

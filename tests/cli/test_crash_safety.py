@@ -62,7 +62,7 @@ import torch.distributed.checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 import mzoo.cli.main as cli
 import mzoo.cli.convert, mzoo.cli.train, mzoo.cli.inspect
-import mzoo.converters.pipeline, mzoo.converters.hf, mzoo.models, mzoo.train.run, mzoo.train.trainer
+import mzoo.jobs.convert, mzoo.jobs.train, mzoo.converters.hf, mzoo.models, mzoo.train.run, mzoo.train.trainer
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)

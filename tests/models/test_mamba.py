@@ -202,7 +202,7 @@ def test_prefill_and_decode_match_the_full_forward(name):
     model = build_model(cfg).eval()
     model.init_weights(seed=2)
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(0))
-    cache = InferenceCache(max_length=19)
+    cache = InferenceCache()
     with torch.no_grad():
         full = model(ids)
         parts = [model(ids[:, :9], cache=cache), model(ids[:, 9:12], cache=cache)]

@@ -16,7 +16,7 @@ import torch
 from dist import run
 from torch import nn
 
-from mzoo.config import ParallelConfig
+from mzoo.config import ConfigError, ParallelConfig
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.schedules import (
     _VirtualOrder,
@@ -204,7 +204,7 @@ def test_pick_schedule() -> None:
 def test_interleaved_rejects_microbatches_not_multiple_of_pp(num_microbatches: int) -> None:
     # The check runs before any communication, so no process group is needed.
     state = ParallelState.for_rank(ParallelConfig(pp=2, vpp=2), 0)
-    with pytest.raises(ValueError, match="multiple of the pipeline size pp=2"):
+    with pytest.raises(ConfigError, match="multiple of the pipeline size pp=2"):
         forward_backward_pipelining_with_interleaving(
             make_forward_step(4), [nn.Identity(), nn.Identity()], num_microbatches, state, SHAPE, torch.float32
         )
@@ -212,9 +212,9 @@ def test_interleaved_rejects_microbatches_not_multiple_of_pp(num_microbatches: i
 
 def test_schedules_reject_wrong_chunk_counts() -> None:
     state = ParallelState.for_rank(ParallelConfig(pp=2, vpp=2), 0)
-    with pytest.raises(ValueError, match="one model chunk per virtual stage"):
+    with pytest.raises(ConfigError, match="one model chunk per virtual stage"):
         forward_backward_pipelining_with_interleaving(make_forward_step(4), [nn.Identity()], 4, state, SHAPE, torch.float32)
-    with pytest.raises(ValueError, match="one model chunk per rank"):
+    with pytest.raises(ConfigError, match="one model chunk per rank"):
         forward_backward_pipelining_without_interleaving(
             make_forward_step(4), [nn.Identity(), nn.Identity()], 4, state, SHAPE, torch.float32
         )

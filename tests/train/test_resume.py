@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dist as D
-from mzoo.cli.train import _hooks
+from mzoo.jobs.train import hooks, pretraining_samplers
 from mzoo.config import ModelConfig, ParallelConfig
 from mzoo.train.run import RunConfig, run
 from mzoo.train.trainer import TrainConfig
@@ -22,13 +22,13 @@ def _rc(layout: ParallelConfig, **kw) -> RunConfig:
     return RunConfig(CFG, layout, tcfg, **kw)
 
 
-def _losses(rc: RunConfig, tp: int = 1) -> list[float]:
+def _losses(rc: RunConfig) -> list[float]:
     torch.set_num_threads(1)
-    return [log.loss for log in run(rc, _hooks("torch_dist", tp))]
+    return [log.loss for log in run(rc, hooks(rc.layout, rc.train.precision, pretraining_samplers(None)))]
 
 
 def _dist_worker(rank, world, layout, load, dist_opt):
-    return _losses(_rc(ParallelConfig(**layout), load=load, dist_opt=dist_opt), layout.get("tp", 1))
+    return _losses(_rc(ParallelConfig(**layout), load=load, dist_opt=dist_opt))
 
 
 @pytest.fixture(scope="module")

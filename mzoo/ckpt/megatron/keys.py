@@ -21,7 +21,7 @@ from mzoo.parallel.sharding import CanonicalTensor, ShardSpec, pad_vocab
 
 
 def saved_spelling(keys: set[str], cfg: ModelConfig) -> Spelling:
-    """The spec a torch_dist/zarr checkpoint was saved from, told by its keys where they differ:
+    """The spelling (te or local) a torch_dist/zarr checkpoint was saved with, told by its keys where they differ:
     MLA's separate latent norms (local), MoE layers' own pre-MLP norm (TE) and a Mamba layer's own
     `norm` (local, saved without megatron's TE remapping); dense keys are the same."""
     if cfg.ssm is not None:
@@ -42,7 +42,7 @@ def non_homogeneous(cfg: ModelConfig) -> bool:
     return cfg.moe is not None and (cfg.moe.first_k_dense > 0 or cfg.moe.layer_freq > 1)
 
 
-def dist_key(name: str, cfg: ModelConfig, spec: Spelling, stacked: bool) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+def dist_key(name: str, cfg: ModelConfig, spelling: Spelling, stacked: bool) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """Canonical name -> (torch_dist key, index on its leading axes, sizes of those axes).
 
     Stacked: `decoder.layers.<name>` [L, ...]; per layer: `decoder.layers.{N}.<name>`; experts add
@@ -50,22 +50,22 @@ def dist_key(name: str, cfg: ModelConfig, spec: Spelling, stacked: bool) -> tupl
     layer, rest = split_layer_name(name)
     mla, hybrid = cfg.mla is not None, cfg.ssm is not None
     if layer is None:
-        return dist_spelling(name, spec, mla, hybrid), (), ()
+        return dist_spelling(name, spelling, mla, hybrid), (), ()
     rest, expert = expert_dist_key(rest)
-    rest = dist_spelling(rest, spec, mla, hybrid)
+    rest = dist_spelling(rest, spelling, mla, hybrid)
     experts = ((expert,), (cfg.moe.num_experts,)) if expert is not None else ((), ())
     if stacked:
         return "decoder.layers." + rest, (layer, *experts[0]), (cfg.num_layers, *experts[1])
     return f"decoder.layers.{layer}.{rest}", experts[0], experts[1]
 
 
-def dist_location(name: str, shard: ShardSpec, keys: set[str], cfg: ModelConfig, spec: Spelling,
+def dist_location(name: str, shard: ShardSpec, keys: set[str], cfg: ModelConfig, spelling: Spelling,
                   folder: Path) -> list[tuple[str, tuple[int, ...]]]:
     """Where a canonical tensor is in a torch_dist/zarr checkpoint, as (key, index) parts to
     concatenate (one part, or a Mamba mixer tensor's sections): the layout's spelling first,
     stacked or per layer, whichever the checkpoint has."""
-    other: Spelling = "local" if spec == "te" else "te"
-    tries = [dist_key(name, cfg, s, stacked) for s in (spec, other) for stacked in (not non_homogeneous(cfg),
+    other: Spelling = "local" if spelling == "te" else "te"
+    tries = [dist_key(name, cfg, s, stacked) for s in (spelling, other) for stacked in (not non_homogeneous(cfg),
                                                                                    non_homogeneous(cfg))]
     layer, rest = split_layer_name(name)
     if cfg.ssm is not None and layer is not None:  # megatron's local Mamba spec saved without its TE remapping
@@ -80,15 +80,15 @@ def dist_location(name: str, shard: ShardSpec, keys: set[str], cfg: ModelConfig,
 
 
 def dist_chunks(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Optional[Callable[[str], torch.Tensor]],
-                spec: Spelling, padded: int, dtype: torch.dtype,
+                spelling: Spelling, padded: int, dtype: torch.dtype,
                 extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> list[dist_fmt.Chunk]:
     """One chunk per canonical tensor (per layer of a stacked key, per expert of an expert key),
-    under the keys megatron-core uses for `spec` (see dist_key); vocab rows padded. `fetch` None
+    under the keys megatron-core uses for `spelling` (see dist_key); vocab rows padded. `fetch` None
     plans without weights."""
     chunks = []
     stacked = not non_homogeneous(cfg)
     for t in tensors:
-        key, index, lead = dist_key(t.name, cfg, spec, stacked)
+        key, index, lead = dist_key(t.name, cfg, spelling, stacked)
         shape = list(t.shape)
         if t.spec.vocab:
             shape[0] = padded

@@ -15,7 +15,7 @@ Spelling = Literal["te", "local"]
 FORMATS = ("hf", "torch", "torch_dist", "zarr")
 
 
-@dataclass
+@dataclass(frozen=True)
 class MegatronLayout:
     """Everything about how a Megatron checkpoint is laid out, beyond the model itself."""
 
@@ -41,7 +41,7 @@ class MegatronLayout:
         return cfg.padded_vocab_size(self.tp, self.make_vocab_size_divisible_by)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Target:
     fmt: str
     layout: MegatronLayout = field(default_factory=MegatronLayout)

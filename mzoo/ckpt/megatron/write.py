@@ -4,6 +4,7 @@ iteration in an existing root as training saves do; mzoo.yaml beside, the tracke
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -61,8 +62,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
                      fetch: Callable[[str], torch.Tensor], target: Target, dtype: torch.dtype,
                      iteration: int | str, tick: Callable[[int], None],
                      extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
-    lay = target.layout
-    lay.iteration = iteration
+    lay = replace(target.layout, iteration=iteration)
     padded = lay.padded_vocab(cfg)
     args = config_to_args(cfg, lay, dtype)
     specs = {t.name: t.spec for t in tensors}

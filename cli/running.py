@@ -1,0 +1,54 @@
+"""What `train` and `finetune` print while a prepared run starts: the layout, a progress bar, one line
+per step, and the final losses (JSON) or where the model was saved."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mzoo.cli.common import console, err_console, print_json
+from mzoo.jobs.train import Prepared, needs_launcher, relaunch, start
+from mzoo.train.run import in_launcher, summary
+from mzoo.train.trainer import StepLog
+
+
+def step_line(log: StepLog) -> str:
+    mfu = f"  MFU {log.mfu:.1%}" if log.mfu is not None else ""
+    skip = "  (skipped: overflow)" if log.skipped else ""
+    skip += f"  val_loss {log.val_loss:.4f}" if log.val_loss is not None else ""
+    return (f"step {log.step:4d}  loss {log.loss:.4f}  lr {log.lr:.2e}  grad_norm {log.grad_norm:.3f}  "
+            f"{log.tokens_per_s:,.0f} tok/s  {log.tflops_per_device:.3f} TFLOP/s{mfu}{skip}")
+
+
+def execute(prepared: Prepared, as_json: bool) -> None:
+    """Relaunch under torchrun when the layout needs more processes, else run here."""
+    for note in prepared.notes:
+        err_console.print(note, highlight=False)
+    rank = int(os.environ.get("RANK", 0))
+    if needs_launcher(prepared):
+        if not as_json:
+            console.print(f"layout: {summary(prepared.run)}", highlight=False)
+        raise typer.Exit(relaunch(prepared, sys.argv[2:]))
+    if rank == 0 and not as_json and not in_launcher():
+        console.print(f"layout: {summary(prepared.run)}", highlight=False)
+    command = prepared.command
+    bar = Progress(TextColumn(command), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=err_console, transient=True, disable=rank != 0 or as_json)
+    task = bar.add_task(command, total=prepared.run.train.steps)
+
+    def show(log: StepLog) -> None:
+        bar.update(task, completed=log.step)
+        if rank == 0 and not as_json:
+            bar.console.print(step_line(log), highlight=False)
+
+    with bar:
+        logs = start(prepared, show)
+    if rank == 0:
+        if as_json:
+            print_json({"layout": summary(prepared.run), "losses": [log.loss for log in logs],
+                        "val_losses": {log.step: log.val_loss for log in logs if log.val_loss is not None}})
+        elif prepared.saved:
+            console.print(prepared.saved, highlight=False)

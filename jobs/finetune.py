@@ -1,0 +1,107 @@
+"""`mzoo finetune`: supervised finetuning of any checkpoint on JSONL examples (text, prompt-completion
+or chat), packed with attention kept inside each example, on the training engine; the loss covers
+only completion (assistant) tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mzoo.data import sft as sft_data
+from mzoo.data.tokenizer import load_transformers_tokenizer
+from mzoo.errors import UserError
+from mzoo.jobs.sources import open_source
+from mzoo.jobs.train import (Engine, Launch, LayoutFlags, Outputs, Prepared, check_choices, check_megatron_format,
+                             check_memory, hooks, recompute_options, resolve_layout)
+from mzoo.parallel.state import ParallelState
+from mzoo.train.device import default_precision, resolve_device
+from mzoo.train.run import RunConfig
+from mzoo.train.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The finetuning data: JSONL files in one format, packed or one example per sequence."""
+
+    data: Path
+    format: str = "text"  # text, prompt-completion or chat
+    valid_data: Optional[Path] = None
+    valid_fraction: float = 0.0
+    packing: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneHyper:
+    seq_len: int = 256
+    micro_batch: int = 2
+    global_batch: int = 8
+    steps: int = 100
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup: int = 5
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    ckpt: Path
+    examples: Examples
+    tokenizer: Optional[Path] = None  # default: the checkpoint's
+    layout: LayoutFlags = LayoutFlags()
+    launch: Launch = Launch()
+    engine: Engine = Engine()
+    hyper: FinetuneHyper = FinetuneHyper()
+    outputs: Outputs = Outputs(eval_iters=1)
+    save_format: str = "hf"  # or megatron
+
+
+def prepare_finetune(req: FinetuneRequest) -> Prepared:
+    """Everything `mzoo finetune` checks before launch: choices, every data line, the checkpoint, its
+    tokenizer, the layout, the packed data, memory."""
+    eng, h, out, ex = req.engine, req.hyper, req.outputs, req.examples
+    precision = eng.precision or default_precision(resolve_device(eng.device))
+    if req.save_format not in ("hf", "megatron"):
+        raise UserError(f"unknown --save-format '{req.save_format}'; use hf or megatron.")
+    check_megatron_format(out.megatron_format)
+    check_choices(precision, eng.recompute, h.schedule)
+    modules, num_layers = recompute_options(eng.recompute, eng.recompute_modules, eng.recompute_num_layers)
+    sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
+    if ex.valid_data is not None:
+        sft_data.read_jsonl(ex.valid_data, ex.format)
+    src = open_source(req.ckpt)
+    cfg = src.cfg
+    if cfg.ssm is not None and ex.packing:
+        raise UserError("packed sequences need attention masks that Mamba layers do not have; add --no-pack.")
+    tokenizer_dir = req.tokenizer or (Path(src.tokenizer_files[0]).parent if src.tokenizer_files else None)
+    if tokenizer_dir is None:
+        raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
+    layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
+    sft = sft_data.SFTConfig(ex.data, ex.format, ex.valid_data, ex.valid_fraction, ex.packing)
+    tokenizer = load_transformers_tokenizer(tokenizer_dir)
+    train, valid, stats = sft_data.build(sft, tokenizer, h.seq_len, cfg.vocab_size, h.seed)  # bad data fails here
+    eval_interval = out.eval_interval or (h.steps if valid is not None else 0)
+    tcfg = TrainConfig(seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch, steps=h.steps,
+                       lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule, weight_decay=h.weight_decay,
+                       clip_grad=h.clip_grad, seed=h.seed, distributed_optimizer=eng.distributed_optimizer,
+                       precision=precision, recompute=eng.recompute, eval_interval=eval_interval if valid else 0,
+                       eval_iters=out.eval_iters, recompute_modules=modules, recompute_num_layers=num_layers)
+    tcfg.validate(ParallelState.single(layout))
+    notes = []
+    warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force)
+    notes += [warning] if warning else []
+    rc = RunConfig(cfg, layout, tcfg, str(req.ckpt), str(out.save) if out.save else None, out.save_interval, False,
+                   str(out.log_json) if out.log_json else None, save_format=req.save_format, device=eng.device)
+
+    def samplers(cfg, tcfg, state):
+        train, valid, _ = sft_data.build(sft, load_transformers_tokenizer(tokenizer_dir), tcfg.seq_len,
+                                         cfg.vocab_size, tcfg.seed)
+        return sft_data.sampler(train, tcfg.seed), (sft_data.sampler(valid, tcfg.seed) if valid else None)
+
+    run_hooks = hooks(layout, precision, samplers, out.megatron_format,
+                      hf_tokenizer=tokenizer_dir if req.save_format == "hf" else None)
+    saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
+    return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes, facts=stats)

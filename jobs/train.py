@@ -1,0 +1,365 @@
+"""`mzoo train` / `mzoo finetune`: turn a request into a checked run (model, layout, schedule, data,
+checkpoint I/O wired as the engine's hooks) and start it, here or under torchrun.
+
+Every check a user can fail runs in `prepare` (or finetune's), before any weight is allocated or any
+process launched; `start` then relaunches under torchrun when the layout needs several processes, or
+runs in this process and reports every step through a callback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import yaml
+
+from mzoo.ckpt.hf import TOKENIZER_FILES
+from mzoo.ckpt.megatron.layout import MegatronLayout, Target
+from mzoo.ckpt.megatron.write import add_iteration
+from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.converters.hf import save_hf
+from mzoo.data.gpt import DataConfig, build_gpt_datasets, data_config_from_flags
+from mzoo.errors import UserError
+from mzoo.jobs.sources import load_checkpoint, open_source
+from mzoo.models import build_chunks
+from mzoo.models.canonical import canonical_tensors
+from mzoo.models.gpt import RECOMPUTE_MODULES
+from mzoo.parallel.pipeline import stage_layers
+from mzoo.parallel.state import ParallelState
+from mzoo.train import fit
+from mzoo.train.device import default_precision, device_type, resolve_device
+from mzoo.train.run import Hooks, RunConfig, adopt_slurm_env, in_launcher, run
+from mzoo.train.trainer import StepLog, TrainConfig, dataset_samplers
+from mzoo.zoo import resolve, training_settings
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---- the parts of a request that train and finetune share ---------------------------------------------
+@dataclass(frozen=True)
+class LayoutFlags:
+    """The parallel layout as asked for; None where the flag was not given."""
+
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: Optional[int] = None
+    dp: Optional[int] = None
+    ep: Optional[int] = None
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    sequence_parallel: bool = False
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in (self.tp, self.pp, self.vpp, self.dp, self.ep))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where the processes run: one node (torchrun --standalone) or several (run on each node)."""
+
+    nproc_per_node: Optional[int] = None
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: int = 29500
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How the engine runs: device, precision, recomputation, optimizer sharding."""
+
+    device: str = "auto"
+    precision: Optional[str] = None  # default: bf16 on GPUs, fp32 on CPUs
+    recompute: str = "none"
+    recompute_modules: Optional[str] = None  # comma list, with recompute selective
+    recompute_num_layers: Optional[int] = None  # with recompute full
+    distributed_optimizer: bool = False
+    force: bool = False  # start even when the memory estimate exceeds the device's
+
+
+@dataclass(frozen=True)
+class Outputs:
+    save: Optional[Path] = None
+    save_interval: int = 0
+    megatron_format: str = "torch_dist"
+    log_json: Optional[Path] = None
+    tensorboard: Optional[Path] = None
+    eval_interval: int = 0
+    eval_iters: int = 2
+
+
+@dataclass
+class Prepared:
+    """A checked run, ready to start."""
+
+    command: str  # train or finetune: what a torchrun relaunch runs again
+    run: RunConfig
+    hooks: Hooks
+    world: int
+    launch: Launch
+    first: Optional[int] = None
+    last: Optional[int] = None
+    why: Optional[str] = None  # the planner's reason, when it picked the layout
+    saved: Optional[str] = None  # what to say after a save
+    notes: list[str] = field(default_factory=list)  # warnings (e.g. --force over the memory estimate)
+    facts: dict[str, Any] = field(default_factory=dict)  # what the job found out (finetune: data statistics)
+
+
+# ---- checks ---------------------------------------------------------------------------------------------
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--override '{item}' is not key=value; write e.g. --override num_layers=2.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def recompute_options(recompute: str, modules: Optional[str], num_layers: Optional[int]) -> tuple[tuple, Optional[int]]:
+    """(--recompute-modules as a tuple, --recompute-num-layers), each checked against --recompute."""
+    chosen = tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else ()
+    if chosen and recompute != "selective":
+        raise UserError("--recompute-modules needs --recompute selective.")
+    unknown = [m for m in chosen if m not in RECOMPUTE_MODULES]
+    if unknown:
+        raise UserError(f"unknown --recompute-modules {', '.join(unknown)}; use {', '.join(RECOMPUTE_MODULES)} "
+                        "(mzoo's SwiGLU / GeGLU already recompute their activation; layernorm and moe_act are not "
+                        "available yet).")
+    if num_layers is not None and (recompute != "full" or num_layers < 1):
+        raise UserError("--recompute-num-layers needs --recompute full and a count of at least 1.")
+    return chosen, num_layers
+
+
+def check_megatron_format(megatron_format: str) -> None:
+    if megatron_format not in ("torch_dist", "torch"):
+        raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
+
+
+def check_choices(precision: str, recompute: str, schedule: str) -> None:
+    """The named choices, each one sentence."""
+    if precision not in DTYPES:
+        raise UserError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16.")
+    if recompute not in ("none", "selective", "full"):
+        raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
+    if schedule not in ("cosine", "wsd", "constant"):
+        raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
+
+
+def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len: int) -> tuple[ParallelConfig, int]:
+    """(ParallelConfig, world size) from the flags, every inconsistency one sentence."""
+    tp, pp, vpp, ep, dp = flags.tp or 1, flags.pp or 1, flags.vpp or 1, flags.ep or 1, flags.dp
+    adopt_slurm_env()
+    nnodes = launch.nnodes
+    if nnodes > 1 and not in_launcher() and not launch.master_addr:
+        raise UserError("multi-node training needs --master-addr (the address of node 0).")
+    world = int(os.environ.get("WORLD_SIZE", (launch.nproc_per_node or 0) * nnodes or tp * pp * (dp or ep)))
+    if launch.nproc_per_node is None and world % nnodes:
+        raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
+    if dp is None:
+        dp = max(1, world // (tp * pp))
+    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel)
+    layout.validate_for(cfg)
+    if dp % ep:
+        raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
+                        "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
+    stage_layers(cfg.num_layers, pp, vpp, flags.first_stage_layers, flags.last_stage_layers)  # one sentence if not
+    if layout.world_size != world:
+        raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
+                        "make the product match --nproc-per-node.")
+    if cfg.max_position_embeddings < seq_len and cfg.position_embedding == "learned":
+        raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
+    return layout, world
+
+
+def check_memory(cfg: ModelConfig, layout: ParallelConfig, tcfg: TrainConfig, device: str, local_processes: int,
+                 force: bool, first: Optional[int] = None, last: Optional[int] = None) -> Optional[str]:
+    """Stop in one sentence, before anything is allocated, when a rank's estimated peak exceeds what
+    its device offers; with `force`, the warning to show instead."""
+    where = resolve_device(device)
+    result = fit.check(cfg, layout, tcfg, where, local_processes, first, last)
+    if result.fits:
+        return None
+    sentence = fit.refusal(cfg, layout, tcfg, where, result, first, last)
+    if not force:
+        raise UserError(f"{sentence} (--force starts anyway).")
+    return f"warning: {sentence}; starting anyway (--force)."
+
+
+# ---- the engine's hooks ----------------------------------------------------------------------------------
+def checkpoint_layout(cfg: ModelConfig, layout: ParallelConfig, first: Optional[int], last: Optional[int],
+                      iteration: int) -> MegatronLayout:
+    """The layout a training save records: the one the run used (its TP, PP, VPP, EP and stage split)."""
+    return MegatronLayout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, first_stage_layers=first,
+                          last_stage_layers=last, iteration=iteration,
+                          make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+
+
+def hooks(layout: ParallelConfig, precision: str, samplers: Callable, megatron_format: str = "torch_dist",
+          first: Optional[int] = None, last: Optional[int] = None,
+          hf_tokenizer: Optional[Path] = None) -> Hooks:
+    """The engine's hooks: build chunks at `precision`, load any checkpoint, save Megatron at the run's
+    layout (or, with `hf_tokenizer`, Hugging Face weights plus that tokenizer folder's files)."""
+    dtype = DTYPES[precision]
+
+    def save(cfg: ModelConfig, tensors: dict[str, torch.Tensor], root: Path, iteration: int, extra) -> None:
+        stored = next(iter(tensors.values())).dtype
+        if hf_tokenizer is not None:
+            files = [hf_tokenizer / f for f in TOKENIZER_FILES if (hf_tokenizer / f).exists()]
+            ordered = [t.name for t in canonical_tensors(cfg)]
+            save_hf(cfg, ((n, tensors[n]) for n in ordered), root, stored, tokenizer_files=files, overwrite=True)
+            return
+        target = Target(megatron_format, checkpoint_layout(cfg, layout, first, last, iteration), stored)
+        add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, target, stored, iteration, extra)
+
+    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype, first=first, last=last),
+                 lambda model, path: load_checkpoint(model, path), save, samplers)
+
+
+def pretraining_samplers(data: Optional[DataConfig]) -> Callable:
+    """Samplers over indexed (or mock) data, sized by the run's steps and evaluation."""
+    def make(cfg: ModelConfig, tcfg: TrainConfig, state: ParallelState):
+        data_cfg = replace(data or DataConfig(mock=True), seq_len=tcfg.seq_len, seed=tcfg.seed,
+                           vocab_size=cfg.vocab_size)
+        n_valid = tcfg.eval_iters * tcfg.global_batch if tcfg.eval_interval else None
+        return dataset_samplers(data_cfg, tcfg.steps * tcfg.global_batch, n_valid, state)
+
+    return make
+
+
+# ---- train -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hyper:
+    """Schedule and batch; None: the preset's recipe, else mzoo's default (zoo.DEFAULTS)."""
+
+    seq_len: Optional[int] = None
+    micro_batch: Optional[int] = None
+    global_batch: Optional[int] = None
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    min_lr: Optional[float] = None
+    warmup: Optional[int] = None
+    schedule: Optional[str] = None
+    weight_decay: Optional[float] = None
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    model: str  # zoo preset or model YAML
+    layout: LayoutFlags = LayoutFlags()
+    launch: Launch = Launch()
+    engine: Engine = Engine()
+    hyper: Hyper = Hyper()
+    outputs: Outputs = Outputs()
+    data: tuple[str, ...] = ()  # indexed dataset prefixes, Megatron blend
+    split: str = "969,30,1"
+    tokenizer: Optional[Path] = None
+    mock_data: bool = False
+    overrides: tuple[str, ...] = ()  # key=value
+    gpus: Optional[int] = None  # with no layout flags: the planner picks the layout
+    gpu: Optional[str] = None
+    peak_tflops: Optional[float] = None
+    load: Optional[str] = None
+    load_optim: bool = True
+    dry_run: bool = False
+
+
+def _planned(cfg: ModelConfig, req: TrainRequest, draft: TrainConfig, target: str) -> Optional[fit.AutoLayout]:
+    """The planner's layout when no layout flag is given and several GPUs are (--gpus or the launcher's world)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) if in_launcher() else None
+    if req.layout.given or not (req.gpus or (launched or 1) > 1):
+        return None
+    if target != "cuda":
+        raise UserError("the planner picks layouts for GPUs; on CPUs give the layout (--tp/--pp/--dp), or add "
+                        "--dry-run --device cuda to see what it would pick.")
+    return fit.auto_layout(cfg, draft, launched or req.gpus, fit.gpu_type(req.gpu))
+
+
+def prepare_train(req: TrainRequest) -> Prepared:
+    """Everything `mzoo train` checks before launch: preset, recipe, layout, schedule, checkpoint, data, memory."""
+    eng, h, out = req.engine, req.hyper, req.outputs
+    target = device_type(eng.device) if req.dry_run else resolve_device(eng.device).type  # a dry run needs no GPU
+    precision = eng.precision or default_precision(target)
+    s = training_settings(req.model, seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch,
+                          lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule,
+                          weight_decay=h.weight_decay, steps=h.steps)
+    cfg = resolve(req.model)
+    if req.overrides:
+        cfg = cfg.replace(**parse_overrides(req.overrides))
+    check_megatron_format(out.megatron_format)
+    modules, num_layers = recompute_options(eng.recompute, eng.recompute_modules, eng.recompute_num_layers)
+    draft = TrainConfig(seq_len=s["seq_len"], micro_batch=s["micro_batch"], global_batch=s["global_batch"],
+                        precision=precision, recompute=eng.recompute, recompute_modules=modules,
+                        recompute_num_layers=num_layers)
+    planned = _planned(cfg, req, draft, target)
+    flags, launch, distributed_optimizer = req.layout, req.launch, eng.distributed_optimizer
+    if planned is not None:
+        flags = LayoutFlags(planned.tp, planned.pp, planned.vpp, planned.dp, planned.ep, planned.first, planned.last,
+                            planned.sequence_parallel)
+        distributed_optimizer = True
+        if launch.nproc_per_node is None and not in_launcher():
+            launch = replace(launch, nproc_per_node=planned.tp * planned.pp * planned.dp // launch.nnodes)
+    elif req.gpus and launch.nproc_per_node is None and not in_launcher():
+        launch = replace(launch, nproc_per_node=req.gpus // launch.nnodes)
+    layout, world = resolve_layout(cfg, flags, launch, s["seq_len"])
+    tcfg = TrainConfig(seq_len=s["seq_len"], micro_batch=s["micro_batch"], global_batch=s["global_batch"],
+                       steps=s["steps"], lr=s["lr"], min_lr=s["min_lr"], warmup=s["warmup"], schedule=s["schedule"],
+                       weight_decay=s["weight_decay"], clip_grad=h.clip_grad, seed=h.seed,
+                       distributed_optimizer=distributed_optimizer, precision=precision, recompute=eng.recompute,
+                       peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
+                       recompute_modules=modules, recompute_num_layers=num_layers)
+    check_choices(precision, eng.recompute, s["schedule"])
+    tcfg.validate(ParallelState.single(layout))
+    if req.load:
+        open_source(req.load)  # fails now, in one sentence, if the checkpoint is unreadable
+    data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
+    if not req.mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
+        build_gpt_datasets(replace(data_cfg, seq_len=tcfg.seq_len, seed=tcfg.seed, vocab_size=cfg.vocab_size),
+                           (tcfg.steps * tcfg.global_batch, tcfg.eval_iters * tcfg.global_batch
+                            if tcfg.eval_interval else None, None))
+    first, last = flags.first_stage_layers, flags.last_stage_layers
+    notes = []
+    if not req.dry_run:
+        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force, first, last)
+        notes += [warning] if warning else []
+    rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
+                   req.load_optim, str(out.log_json) if out.log_json else None,
+                   str(out.tensorboard) if out.tensorboard else None, device=eng.device)
+    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format, first, last)
+    saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
+    return Prepared("train", rc, run_hooks, world, launch, first, last, planned.why if planned else None, saved,
+                    notes, {"device": target})
+
+
+# ---- starting a run ------------------------------------------------------------------------------------------
+def torchrun_command(prepared: Prepared, argv: Sequence[str]) -> list[str]:
+    """The command that runs `argv` (this command's own arguments) again on every process of this node."""
+    launch = prepared.launch
+    per_node = prepared.world // launch.nnodes
+    where = ["--standalone"] if launch.nnodes == 1 else [
+        f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}", f"--master-addr={launch.master_addr}",
+        f"--master-port={launch.master_port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={per_node}",
+            "-m", "mzoo.cli.main", prepared.command, *argv]
+
+
+def needs_launcher(prepared: Prepared) -> bool:
+    return prepared.world > 1 and not in_launcher()
+
+
+def relaunch(prepared: Prepared, argv: Sequence[str]) -> int:
+    """Run the command again under torchrun; its exit status."""
+    return subprocess.call(torchrun_command(prepared, argv))
+
+
+def start(prepared: Prepared, on_step: Callable[[StepLog], None] = lambda log: None) -> list[StepLog]:
+    """Run in this process (one of torchrun's, or the only one)."""
+    return run(prepared.run, prepared.hooks, on_step)
