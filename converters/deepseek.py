@@ -257,13 +257,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-V2 = register(Adapter("deepseek", "deepseek_v2", "DeepseekV2ForCausalLM", TABLE, config_from_hf, config_to_hf),
-              as_family=False)
+V2 = register(Adapter("deepseek", "deepseek_v2", TABLE, config_from_hf, config_to_hf), as_family=False)
 # family "deepseek" -> this one; its config_to_hf writes deepseek_v2 or deepseek_v3 by the routing
-V3 = register(Adapter("deepseek", "deepseek_v3", "DeepseekV3ForCausalLM", TABLE, config_from_hf, config_to_hf))
+V3 = register(Adapter("deepseek", "deepseek_v3", TABLE, config_from_hf, config_to_hf))
 ADAPTER = V3
-
-
-def adapter_for(cfg: ModelConfig) -> Adapter:
-    """The adapter whose model_type config_to_hf writes for `cfg`."""
-    return V3 if hf_model_type(cfg) == "deepseek_v3" else V2

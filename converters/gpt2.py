@@ -31,13 +31,15 @@ TABLE = MappingTable([
     Direct(L + "mlp.linear_fc2.bias", H + "mlp.c_proj.bias"),
 ])
 
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+HF_TO_MZOO_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+MZOO_TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"GPT-2 activation_function '{act}' is not supported; use one of {', '.join(ACTIVATIONS)}.")
+    if act not in HF_TO_MZOO_ACTIVATION:
+        raise ConfigError(f"GPT-2 activation_function '{act}' is not supported; use one of "
+                          f"{', '.join(HF_TO_MZOO_ACTIVATION)}.")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise ConfigError(f"GPT-2 configs with {flag}=true have no Megatron equivalent; mzoo cannot convert them.")
@@ -52,7 +54,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_layers=hf["n_layer"],
         num_attention_heads=hf["n_head"],
         ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
-        activation=ACTIVATIONS[act],
+        activation=HF_TO_MZOO_ACTIVATION[act],
         normalization="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         position_embedding="learned",
@@ -76,7 +78,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     missing = [k for k, ok in problems.items() if not ok]
     if missing:
         raise ConfigError(f"GPT-2 in transformers needs {', '.join(missing)}; this config differs.")
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
     return dict(
         model_type="gpt2",
         vocab_size=cfg.vocab_size,
@@ -85,7 +86,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         n_layer=cfg.num_layers,
         n_head=cfg.num_attention_heads,
         n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size,
-        activation_function=act,
+        activation_function=MZOO_TO_HF_ACTIVATION[cfg.activation],
         layer_norm_epsilon=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         resid_pdrop=0.0,
@@ -97,4 +98,4 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-ADAPTER = register(Adapter("gpt", "gpt2", "GPT2LMHeadModel", TABLE, config_from_hf, config_to_hf))
+ADAPTER = register(Adapter("gpt", "gpt2", TABLE, config_from_hf, config_to_hf))

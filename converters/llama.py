@@ -119,4 +119,4 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-ADAPTER = register(Adapter("llama", "llama", "LlamaForCausalLM", TABLE, config_from_hf, config_to_hf))
+ADAPTER = register(Adapter("llama", "llama", TABLE, config_from_hf, config_to_hf))

@@ -171,8 +171,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return mamba1_to_hf(cfg) if ssm.version == 1 else mamba2_to_hf(cfg)
 
 
-MAMBA = register(Adapter("mamba", "mamba", "MambaForCausalLM", TABLE, config_from_hf, config_to_hf))
-MAMBA2 = register(Adapter("mamba", "mamba2", "Mamba2ForCausalLM", TABLE, config_from_hf, config_to_hf),
-                  as_family=False)
-NEMOTRON_H = register(Adapter("mamba", "nemotron_h", "NemotronHForCausalLM", TABLE, config_from_hf,
-                              config_to_hf), as_family=False)
+MAMBA = register(Adapter("mamba", "mamba", TABLE, config_from_hf, config_to_hf))
+MAMBA2 = register(Adapter("mamba", "mamba2", TABLE, config_from_hf, config_to_hf), as_family=False)
+NEMOTRON_H = register(Adapter("mamba", "nemotron_h", TABLE, config_from_hf, config_to_hf), as_family=False)

@@ -136,4 +136,4 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-ADAPTER = register(Adapter("mixtral", "mixtral", "MixtralForCausalLM", TABLE, config_from_hf, config_to_hf))
+ADAPTER = register(Adapter("mixtral", "mixtral", TABLE, config_from_hf, config_to_hf))

@@ -50,10 +50,10 @@ ROWS = [
 SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
            "moe": "E"}
 BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-ACTIVATIONS = {"relu2": "squared_relu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_new": "gelu_tanh", "silu": "silu"}
-HF_ACTIVATIONS = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
-                  "silu": "silu"}
+HF_TO_MZOO_ACTIVATION = {"relu2": "squared_relu", "relu": "relu", "gelu": "gelu",
+                         "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu"}
+MZOO_TO_HF_ACTIVATION = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                         "silu": "silu"}
 
 
 def pattern_from_hf(hf: dict[str, Any]) -> str:
@@ -96,7 +96,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("mlp_hidden_act", "relu2")
     problems = {
         "mamba_hidden_act": hf.get("mamba_hidden_act", "silu") != "silu",
-        "mlp_hidden_act": act not in ACTIVATIONS,
+        "mlp_hidden_act": act not in HF_TO_MZOO_ACTIVATION,
         "mlp_bias": bool(hf.get("mlp_bias", False)),
         "moe_latent_size": hf.get("moe_latent_size") is not None,
         "sliding_window": hf.get("sliding_window") is not None,
@@ -104,8 +104,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     bad = [k for k, v in problems.items() if v]
     if bad:
         raise ConfigError(f"NemotronH config sets {', '.join(bad)} to a value mzoo cannot express (it needs "
-                          f"silu Mamba, an MLP activation in {', '.join(ACTIVATIONS)}, no MLP biases, no MoE "
-                          "latent projection and full attention).")
+                          f"silu Mamba, an MLP activation in {', '.join(HF_TO_MZOO_ACTIVATION)}, no MLP biases, "
+                          "no MoE latent projection and full attention).")
     if heads * head_dim % hidden:
         raise ConfigError(f"NemotronH mamba_num_heads x mamba_head_dim ({heads * head_dim}) is not a "
                           f"multiple of hidden_size ({hidden}), which mzoo's ssm.expand cannot express.")
@@ -121,7 +121,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_query_groups=hf.get("num_key_value_heads") or attention_heads,
         head_dim=None if hd * attention_heads == hidden else hd,
         ffn_hidden_size=hf.get("intermediate_size", 0),
-        activation=ACTIVATIONS[act],
+        activation=HF_TO_MZOO_ACTIVATION[act],
         normalization="rmsnorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         position_embedding="none",
@@ -168,7 +168,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "Mamba-2 mixers (ssm.version 2)": ssm is not None and ssm.version == 2,
         "rmsnorm": cfg.normalization == "rmsnorm",
         "no position embeddings": cfg.position_embedding == "none",
-        f"an MLP activation in {', '.join(HF_ACTIVATIONS)}": cfg.activation in HF_ACTIVATIONS,
+        f"an MLP activation in {', '.join(MZOO_TO_HF_ACTIVATION)}": cfg.activation in MZOO_TO_HF_ACTIVATION,
         "no biases outside the Mamba projections": not (cfg.add_bias_linear or cfg.add_qkv_bias),
         "standard attention (no mla, no qk_layernorm)": cfg.mla is None and not cfg.qk_layernorm,
         "untied embeddings (it never ties lm_head)": not cfg.tie_embeddings,
@@ -193,7 +193,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         max_position_embeddings=cfg.max_position_embeddings,
         attention_bias=False,
         intermediate_size=cfg.ffn_hidden_size,
-        mlp_hidden_act=HF_ACTIVATIONS[cfg.activation],
+        mlp_hidden_act=MZOO_TO_HF_ACTIVATION[cfg.activation],
         mlp_bias=False,
         ssm_state_size=ssm.d_state,
         mamba_num_heads=dims["nheads"],
