@@ -22,7 +22,6 @@ class Adapter:
 
     family: str
     model_type: str  # HF config.json model_type
-    architecture: str  # HF architectures[0]
     table: MappingTable
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]  # -> config.json contents

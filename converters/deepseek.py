@@ -16,7 +16,7 @@ from typing import Any
 
 from mzoo.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
 from mzoo.converters.adapter import Adapter, register
-from mzoo.converters.llama import rope_from_hf, rope_to_hf
+from mzoo.converters.config_map import CORE, MOE, Key, KeyTable, number
 from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
 
 L = "decoder.layers.*."
@@ -68,6 +68,19 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                         routed_scaling_factor=2.5, max_position_embeddings=4096),
 }
 V2_METHODS = ("greedy", "group_limited_greedy")
+
+# no GQA and no head_dim: MLA sets its own head sizes (num_key_value_heads is written as the head count)
+KEYS = CORE.but("num_query_groups", "head_dim")
+MOE_KEYS = MOE + KeyTable((
+    Key("aux_loss_coeff", "aux_loss_alpha", 0.0, read=number),
+))
+MLA_KEYS = KeyTable((
+    Key("q_lora_rank", "q_lora_rank", None),  # null: no q compression (V2-Lite)
+    Key("kv_lora_rank", "kv_lora_rank"),
+    Key("qk_nope_head_dim", "qk_nope_head_dim"),
+    Key("qk_rope_head_dim", "qk_rope_head_dim"),
+    Key("v_head_dim", "v_head_dim"),
+))
 
 
 def _need(hf: dict[str, Any], key: str) -> Any:
@@ -135,42 +148,21 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if shared < 1:
         raise ConfigError("DeepSeek config has no shared experts (n_shared_experts); transformers' DeepSeek needs "
                           "at least one, so mzoo cannot convert it.")
-    experts = _need(hf, "n_routed_experts")
     first_k = min(hf["first_k_dense_replace"] or 0, _need(hf, "num_hidden_layers"))
     return ModelConfig(
-        name=hf.get("_name_or_path", "") or "",
+        **KEYS.read(hf, need=_need),  # num_layers: MTP layers beyond it are not part of the main model
         family="deepseek",
-        vocab_size=_need(hf, "vocab_size"),
-        hidden_size=_need(hf, "hidden_size"),
-        num_layers=hf["num_hidden_layers"],  # MTP layers beyond it are not part of the main model
-        num_attention_heads=_need(hf, "num_attention_heads"),
-        ffn_hidden_size=_need(hf, "intermediate_size"),
         activation="swiglu",
         normalization="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         position_embedding="rope",
-        rope=rope_from_hf(hf),
-        max_position_embeddings=hf["max_position_embeddings"],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEConfig(
-            num_experts=experts,
-            top_k=_need(hf, "num_experts_per_tok"),
-            ffn_hidden_size=_need(hf, "moe_intermediate_size"),
+            **MOE_KEYS.read(hf, need=_need),
             num_shared_experts=shared,
-            routed_scaling_factor=float(hf["routed_scaling_factor"]),
-            norm_topk_prob=bool(hf["norm_topk_prob"]),
             first_k_dense=first_k,
             layer_freq=1,
-            aux_loss_coeff=float(hf.get("aux_loss_alpha", 0.0)),
             **_routing_from_hf(hf, v3),
         ),
-        mla=MLAConfig(
-            q_lora_rank=hf["q_lora_rank"],
-            kv_lora_rank=_need(hf, "kv_lora_rank"),
-            qk_nope_head_dim=_need(hf, "qk_nope_head_dim"),
-            qk_rope_head_dim=_need(hf, "qk_rope_head_dim"),
-            v_head_dim=_need(hf, "v_head_dim"),
-        ),
+        mla=MLAConfig(**MLA_KEYS.read(hf, need=_need)),
     )
 
 
@@ -212,31 +204,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(f"DeepSeek in transformers needs {', '.join(missing)}; this config differs.")
     out: dict[str, Any] = dict(
         model_type="deepseek_v3" if v3 else "deepseek_v2",
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.ffn_hidden_size,
-        moe_intermediate_size=moe.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
+        **KEYS.write(cfg),
         num_key_value_heads=cfg.num_attention_heads,
-        n_routed_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
+        **MOE_KEYS.write(moe),
         n_shared_experts=moe.num_shared_experts,
         first_k_dense_replace=moe.first_k_dense,
         moe_layer_freq=1,
-        routed_scaling_factor=moe.routed_scaling_factor,
-        norm_topk_prob=moe.norm_topk_prob,
-        aux_loss_alpha=moe.aux_loss_coeff,
-        q_lora_rank=mla.q_lora_rank,
-        kv_lora_rank=mla.kv_lora_rank,
-        qk_nope_head_dim=mla.qk_nope_head_dim,
-        qk_rope_head_dim=mla.qk_rope_head_dim,
-        v_head_dim=mla.v_head_dim,
+        **MLA_KEYS.write(mla),
         hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters=rope_to_hf(cfg.rope),
         attention_bias=False,
         bos_token_id=None,
         eos_token_id=None,
@@ -257,13 +232,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-V2 = register(Adapter("deepseek", "deepseek_v2", "DeepseekV2ForCausalLM", TABLE, config_from_hf, config_to_hf),
-              as_family=False)
+V2 = register(Adapter("deepseek", "deepseek_v2", TABLE, config_from_hf, config_to_hf), as_family=False)
 # family "deepseek" -> this one; its config_to_hf writes deepseek_v2 or deepseek_v3 by the routing
-V3 = register(Adapter("deepseek", "deepseek_v3", "DeepseekV3ForCausalLM", TABLE, config_from_hf, config_to_hf))
+V3 = register(Adapter("deepseek", "deepseek_v3", TABLE, config_from_hf, config_to_hf))
 ADAPTER = V3
-
-
-def adapter_for(cfg: ModelConfig) -> Adapter:
-    """The adapter whose model_type config_to_hf writes for `cfg`."""
-    return V3 if hf_model_type(cfg) == "deepseek_v3" else V2

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.converters.adapter import Adapter, register
+from mzoo.converters.config_map import CORE, REQUIRED, Reading
 from mzoo.converters.mapping import Direct, FusedQKV, MappingTable, Transposed
 
 L = "decoder.layers.*."
@@ -31,33 +32,48 @@ TABLE = MappingTable([
     Direct(L + "mlp.linear_fc2.bias", H + "mlp.c_proj.bias"),
 ])
 
-ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+HF_TO_MZOO_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+MZOO_TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def _ffn(n_inner: Optional[int], reading: Reading) -> int:
+    """n_inner null or absent: transformers' 4 x n_embd."""
+    return n_inner or 4 * reading.fields["hidden_size"]
+
+
+def _n_inner(cfg: ModelConfig) -> Optional[int]:
+    return None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size
+
+
+# GPT2Config's spelling and defaults; no GQA, head_dim or rope
+KEYS = CORE.but(
+    "num_query_groups", "head_dim", "rope",
+    hidden_size=dict(hf="n_embd"),
+    num_layers=dict(hf="n_layer"),
+    num_attention_heads=dict(hf="n_head"),
+    ffn_hidden_size=dict(hf="n_inner", default=None, read=_ffn, write=_n_inner),
+    norm_eps=dict(hf="layer_norm_epsilon", default=1e-5),
+    max_position_embeddings=dict(hf="n_positions", default=REQUIRED),
+    tie_embeddings=dict(default=True),
+)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise ConfigError(f"GPT-2 activation_function '{act}' is not supported; use one of {', '.join(ACTIVATIONS)}.")
+    if act not in HF_TO_MZOO_ACTIVATION:
+        raise ConfigError(f"GPT-2 activation_function '{act}' is not supported; use one of "
+                          f"{', '.join(HF_TO_MZOO_ACTIVATION)}.")
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if hf.get(flag):
             raise ConfigError(f"GPT-2 configs with {flag}=true have no Megatron equivalent; mzoo cannot convert them.")
     if hf.get("scale_attn_weights") is False:
         raise ConfigError("GPT-2 configs with scale_attn_weights=false have no Megatron equivalent.")
-    hidden = hf["n_embd"]
     return ModelConfig(
-        name=hf.get("_name_or_path", "") or "",
+        **KEYS.read(hf),
         family="gpt",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hidden,
-        num_layers=hf["n_layer"],
-        num_attention_heads=hf["n_head"],
-        ffn_hidden_size=hf.get("n_inner") or 4 * hidden,
-        activation=ACTIVATIONS[act],
+        activation=HF_TO_MZOO_ACTIVATION[act],
         normalization="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         position_embedding="learned",
-        max_position_embeddings=hf["n_positions"],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         add_bias_linear=True,
         add_qkv_bias=True,
     )
@@ -76,18 +92,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     missing = [k for k, ok in problems.items() if not ok]
     if missing:
         raise ConfigError(f"GPT-2 in transformers needs {', '.join(missing)}; this config differs.")
-    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[cfg.activation]
     return dict(
         model_type="gpt2",
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.max_position_embeddings,
-        n_embd=cfg.hidden_size,
-        n_layer=cfg.num_layers,
-        n_head=cfg.num_attention_heads,
-        n_inner=None if cfg.ffn_hidden_size == 4 * cfg.hidden_size else cfg.ffn_hidden_size,
-        activation_function=act,
-        layer_norm_epsilon=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
+        **KEYS.write(cfg),
+        activation_function=MZOO_TO_HF_ACTIVATION[cfg.activation],
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -97,4 +105,4 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-ADAPTER = register(Adapter("gpt", "gpt2", "GPT2LMHeadModel", TABLE, config_from_hf, config_to_hf))
+ADAPTER = register(Adapter("gpt", "gpt2", TABLE, config_from_hf, config_to_hf))

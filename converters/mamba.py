@@ -19,6 +19,7 @@ from typing import Any
 from mzoo.config import ConfigError, ModelConfig, SSMConfig
 from mzoo.converters import nemotron_h
 from mzoo.converters.adapter import Adapter, register
+from mzoo.converters.config_map import CORE, Key, KeyTable, boolean
 from mzoo.converters.mapping import Direct, MappingTable
 
 L = "decoder.layers.*."
@@ -38,6 +39,29 @@ TABLE = MappingTable([
 PURE = dict(num_attention_heads=1, ffn_hidden_size=0, activation="silu", normalization="rmsnorm",
             position_embedding="none")  # what a model without attention or MLP layers sets
 
+# MambaConfig's defaults; no attention, MLP or rope keys, and max_position_embeddings only read
+KEYS = CORE.but(
+    "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size", "rope",
+    norm_eps=dict(hf="layer_norm_epsilon", default=1e-5),
+    max_position_embeddings=dict(written=False),
+    tie_embeddings=dict(default=True),
+)
+MAMBA2_KEYS = KEYS.but(tie_embeddings=dict(default=False))  # Mamba2Config unties by default
+# SSMConfig fields as MambaConfig spells them (dt_rank: see mamba1_from_hf)
+SSM_KEYS = KeyTable((
+    Key("d_state", "state_size", 16),
+    Key("d_conv", "conv_kernel", 4),
+    Key("expand", "expand", 2),
+    Key("conv_bias", "use_conv_bias", True, read=boolean),
+    Key("proj_bias", "use_bias", False, read=boolean),
+))
+# Mamba2Config adds multi-head SSM keys (num_heads: see mamba2_from_hf)
+SSM2_KEYS = SSM_KEYS.but(d_state=dict(default=128)) + KeyTable((
+    Key("head_dim", "head_dim", 64),
+    Key("num_groups", "n_groups", 8),
+    Key("chunk_size", "chunk_size", 256),
+))
+
 
 def _number(value: Any) -> float:
     """A float from config.json, where transformers writes infinity as {"__float__": "Infinity"}."""
@@ -54,44 +78,26 @@ def _check(hf: dict[str, Any], kind: str) -> None:
                           "Megatron) does not do; remove time_step_limit.")
 
 
-def _base(hf: dict[str, Any], ssm: SSMConfig) -> ModelConfig:
-    return ModelConfig(
-        name=hf.get("_name_or_path", "") or "",
-        family="mamba",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        ssm=ssm,
-        **PURE,
-    )
-
-
 def mamba1_from_hf(hf: dict[str, Any]) -> ModelConfig:
     _check(hf, "Mamba")
-    hidden, expand = hf["hidden_size"], hf.get("expand", 2)
+    hidden, expand = hf["hidden_size"], SSM_KEYS["expand"].get(hf)
     if hf.get("intermediate_size", expand * hidden) != expand * hidden:
         raise ConfigError(f"Mamba intermediate_size {hf['intermediate_size']} is not expand x hidden_size "
                           f"({expand * hidden}); fix config.json.")
     rank = hf.get("time_step_rank", "auto")
     rank = None if rank in ("auto", math.ceil(hidden / 16)) else int(rank)
-    return _base(hf, SSMConfig(version=1, d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4),
-                               expand=expand, dt_rank=rank, conv_bias=bool(hf.get("use_conv_bias", True)),
-                               proj_bias=bool(hf.get("use_bias", False))))
+    ssm = SSMConfig(version=1, **SSM_KEYS.read(hf), dt_rank=rank)
+    return ModelConfig(**KEYS.read(hf), family="mamba", ssm=ssm, **PURE)
 
 
 def mamba2_from_hf(hf: dict[str, Any]) -> ModelConfig:
     _check(hf, "Mamba-2")
-    hidden, expand, head_dim = hf["hidden_size"], hf.get("expand", 2), hf.get("head_dim", 64)
+    hidden, expand, head_dim = hf["hidden_size"], SSM2_KEYS["expand"].get(hf), SSM2_KEYS["head_dim"].get(hf)
     if hf.get("num_heads", expand * hidden // head_dim) * head_dim != expand * hidden:
         raise ConfigError(f"Mamba-2 num_heads x head_dim ({hf['num_heads'] * head_dim}) must equal expand x "
                           f"hidden_size ({expand * hidden}); fix config.json.")
-    return _base({"tie_word_embeddings": False, **hf}, SSMConfig(
-        version=2, d_state=hf.get("state_size", 128), d_conv=hf.get("conv_kernel", 4), expand=expand,
-        head_dim=head_dim, num_groups=hf.get("n_groups", 8), chunk_size=hf.get("chunk_size", 256),
-        conv_bias=bool(hf.get("use_conv_bias", True)), proj_bias=bool(hf.get("use_bias", False))))
+    ssm = SSMConfig(version=2, **SSM2_KEYS.read(hf))
+    return ModelConfig(**MAMBA2_KEYS.read(hf), family="mamba", ssm=ssm, **PURE)
 
 
 READERS = {"mamba": mamba1_from_hf, "mamba2": mamba2_from_hf, "nemotron_h": nemotron_h.config_from_hf}
@@ -113,48 +119,27 @@ def _pure_needs(cfg: ModelConfig, kind: str) -> None:
 
 def mamba1_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     _pure_needs(cfg, "Mamba")
-    ssm = cfg.ssm
     return dict(
         model_type="mamba",
         architectures=["MambaForCausalLM"],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        state_size=ssm.d_state,
-        conv_kernel=ssm.d_conv,
-        expand=ssm.expand,
+        **KEYS.write(cfg),
+        **SSM_KEYS.write(cfg.ssm),
         time_step_rank=cfg.mamba_dims()["dt_rank"],
-        use_bias=ssm.proj_bias,
-        use_conv_bias=ssm.conv_bias,
         hidden_act="silu",
-        layer_norm_epsilon=cfg.norm_eps,
         residual_in_fp32=True,
-        tie_word_embeddings=cfg.tie_embeddings,
     )
 
 
 def mamba2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     _pure_needs(cfg, "Mamba-2")
-    ssm = cfg.ssm
     return dict(
         model_type="mamba2",
         architectures=["Mamba2ForCausalLM"],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
+        **MAMBA2_KEYS.write(cfg),
+        **SSM2_KEYS.write(cfg.ssm),
         num_heads=cfg.mamba_dims()["nheads"],
-        head_dim=ssm.head_dim,
-        state_size=ssm.d_state,
-        n_groups=ssm.num_groups,
-        chunk_size=ssm.chunk_size,
-        conv_kernel=ssm.d_conv,
-        expand=ssm.expand,
-        use_bias=ssm.proj_bias,
-        use_conv_bias=ssm.conv_bias,
         hidden_act="silu",
-        layer_norm_epsilon=cfg.norm_eps,
         residual_in_fp32=True,
-        tie_word_embeddings=cfg.tie_embeddings,
     )
 
 
@@ -171,8 +156,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return mamba1_to_hf(cfg) if ssm.version == 1 else mamba2_to_hf(cfg)
 
 
-MAMBA = register(Adapter("mamba", "mamba", "MambaForCausalLM", TABLE, config_from_hf, config_to_hf))
-MAMBA2 = register(Adapter("mamba", "mamba2", "Mamba2ForCausalLM", TABLE, config_from_hf, config_to_hf),
-                  as_family=False)
-NEMOTRON_H = register(Adapter("mamba", "nemotron_h", "NemotronHForCausalLM", TABLE, config_from_hf,
-                              config_to_hf), as_family=False)
+MAMBA = register(Adapter("mamba", "mamba", TABLE, config_from_hf, config_to_hf))
+MAMBA2 = register(Adapter("mamba", "mamba2", TABLE, config_from_hf, config_to_hf), as_family=False)
+NEMOTRON_H = register(Adapter("mamba", "nemotron_h", TABLE, config_from_hf, config_to_hf), as_family=False)

@@ -9,11 +9,11 @@ rename hold those, so they are accepted on read (one expert's row at a time) but
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mzoo.config import ConfigError, ModelConfig, MoEConfig
 from mzoo.converters.adapter import Adapter, register
-from mzoo.converters.llama import rope_from_hf, rope_to_hf
+from mzoo.converters.config_map import CORE, Key, KeyTable, Reading, number, rope_from_hf
 from mzoo.converters.mapping import QKV, Direct, GatedMLP, MappingTable
 
 L = "decoder.layers.*."
@@ -39,44 +39,51 @@ TABLE = MappingTable([
 ])
 
 
+def _head_dim(head_dim: Optional[int], reading: Reading) -> Optional[int]:
+    """None where it is hidden_size // num_attention_heads (MixtralConfig writes that default out)."""
+    fields = reading.fields
+    head_dim = head_dim or None
+    return None if head_dim == fields["hidden_size"] // fields["num_attention_heads"] else head_dim
+
+
+# MixtralConfig's defaults (theta 1e6, eps 1e-5, 4096 x 32 positions) on the shared table
+KEYS = CORE.but(
+    head_dim=dict(read=_head_dim),
+    norm_eps=dict(default=1e-5),
+    rope=dict(read=lambda v, r: rope_from_hf({"rope_theta": 1e6, **r.hf})),
+    max_position_embeddings=dict(default=4096 * 32),
+)
+# MoEConfig fields; the expert FFN is intermediate_size (CORE's ffn_hidden_size, kept equal to it)
+MOE_KEYS = KeyTable((
+    Key("num_experts", "num_local_experts", 8),
+    Key("top_k", "num_experts_per_tok", 2),
+    Key("aux_loss_coeff", "router_aux_loss_coef", 0.001, read=number),
+))
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"Mixtral config has hidden_act '{hf['hidden_act']}'; mzoo's mixtral family needs "
                           "'silu'.")
-    positions = hf.get("max_position_embeddings", 4096 * 32)
+    positions = KEYS["max_position_embeddings"].get(hf)
     window = hf.get("sliding_window")
     if window is not None and window < positions:
         raise ConfigError(
             f"Mixtral config has sliding_window {window} below max_position_embeddings {positions}; mzoo has no "
             "sliding-window attention, so set sliding_window to null (or lower max_position_embeddings to it)."
         )
-    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    ffn = hf["intermediate_size"]
-    head_dim = hf.get("head_dim") or None
+    fields = KEYS.read(hf)
     return ModelConfig(
-        name=hf.get("_name_or_path", "") or "",
+        **fields,  # ffn_hidden_size: no dense layers, kept equal to the expert FFN
         family="mixtral",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hidden,
-        num_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        head_dim=None if head_dim == hidden // heads else head_dim,
-        ffn_hidden_size=ffn,  # no dense layers: kept equal to the expert FFN
         activation="swiglu",
         normalization="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-5),
         position_embedding="rope",
-        rope=rope_from_hf({"rope_theta": 1e6, **hf}),  # Mixtral's default theta
-        max_position_embeddings=positions,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe=MoEConfig(
-            num_experts=hf.get("num_local_experts", 8),
-            top_k=hf.get("num_experts_per_tok", 2),
-            ffn_hidden_size=ffn,
+            **MOE_KEYS.read(hf),
+            ffn_hidden_size=fields["ffn_hidden_size"],
             score_function="softmax",
             norm_topk_prob=True,
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
         ),
     )
 
@@ -112,22 +119,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(f"Mixtral in transformers needs {', '.join(missing)}; this config differs.")
     return dict(
         model_type="mixtral",
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=moe.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.groups,
-        head_dim=cfg.kv_channels,
+        **KEYS.write(cfg),  # intermediate_size: ffn_hidden_size, checked equal to moe.ffn_hidden_size
         hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters=rope_to_hf(cfg.rope),
         sliding_window=None,
-        num_local_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        router_aux_loss_coef=moe.aux_loss_coeff,
+        **MOE_KEYS.write(moe),
         router_jitter_noise=0.0,
         output_router_logits=False,
         architectures=["MixtralForCausalLM"],
@@ -136,4 +131,4 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-ADAPTER = register(Adapter("mixtral", "mixtral", "MixtralForCausalLM", TABLE, config_from_hf, config_to_hf))
+ADAPTER = register(Adapter("mixtral", "mixtral", TABLE, config_from_hf, config_to_hf))

@@ -21,9 +21,10 @@ mzoo writes `time_step_min` as transformers' default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from mzoo.config import ConfigError, ModelConfig, MoEConfig, SSMConfig
+from mzoo.converters.config_map import CORE, MOE, Key, KeyTable, Reading, boolean
 from mzoo.converters.mapping import QKV, Direct
 
 L = "decoder.layers.*."
@@ -50,10 +51,44 @@ ROWS = [
 SYMBOLS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-",
            "moe": "E"}
 BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-ACTIVATIONS = {"relu2": "squared_relu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_new": "gelu_tanh", "silu": "silu"}
-HF_ACTIVATIONS = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
-                  "silu": "silu"}
+HF_TO_MZOO_ACTIVATION = {"relu2": "squared_relu", "relu": "relu", "gelu": "gelu",
+                         "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "silu": "silu"}
+MZOO_TO_HF_ACTIVATION = {"squared_relu": "relu2", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh",
+                         "silu": "silu"}
+
+
+
+def _head_dim(head_dim: Optional[int], reading: Reading) -> Optional[int]:
+    """None where head_dim x num_attention_heads is hidden_size (absent: hidden_size // heads)."""
+    hidden, heads = reading.fields["hidden_size"], reading.fields["num_attention_heads"]
+    head_dim = head_dim or hidden // heads
+    return None if head_dim * heads == hidden else head_dim
+
+
+# NemotronHConfig's defaults; no num_hidden_layers (the layer pattern says), rope or tied embeddings
+KEYS = CORE.but(
+    "num_layers", "rope", "tie_embeddings",
+    num_attention_heads=dict(default=32),
+    head_dim=dict(read=_head_dim),
+    ffn_hidden_size=dict(default=0),
+    norm_eps=dict(hf="layer_norm_epsilon", default=1e-5),
+    max_position_embeddings=dict(default=4096),
+)
+# SSMConfig fields (expand follows from the Mamba head count, see config_from_hf)
+SSM_KEYS = KeyTable((
+    Key("d_state", "ssm_state_size"),
+    Key("d_conv", "conv_kernel", 4),
+    Key("head_dim", "mamba_head_dim"),
+    Key("num_groups", "n_groups", 8),
+    Key("chunk_size", "chunk_size", 128),
+    Key("conv_bias", "use_conv_bias", True, read=boolean),
+    Key("proj_bias", "use_bias", False, read=boolean),
+))
+# one shared expert, as wide as moe_shared_expert_intermediate_size
+MOE_KEYS = MOE + KeyTable((
+    Key("shared_expert_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+        write=lambda moe: moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size),
+))
 
 
 def pattern_from_hf(hf: dict[str, Any]) -> str:
@@ -75,17 +110,12 @@ def pattern_from_hf(hf: dict[str, Any]) -> str:
 def _moe_from_hf(hf: dict[str, Any]) -> MoEConfig:
     n_group = hf.get("n_group", 1) or 1
     return MoEConfig(
-        num_experts=hf["n_routed_experts"],
-        top_k=hf["num_experts_per_tok"],
-        ffn_hidden_size=hf["moe_intermediate_size"],
+        **MOE_KEYS.read(hf),
         num_shared_experts=1,
-        shared_expert_ffn_hidden_size=hf["moe_shared_expert_intermediate_size"],
         score_function="sigmoid",
         expert_bias=True,
         n_group=n_group if n_group > 1 else None,
         topk_group=hf.get("topk_group", 1) if n_group > 1 else None,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
     )
 
 
@@ -96,7 +126,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("mlp_hidden_act", "relu2")
     problems = {
         "mamba_hidden_act": hf.get("mamba_hidden_act", "silu") != "silu",
-        "mlp_hidden_act": act not in ACTIVATIONS,
+        "mlp_hidden_act": act not in HF_TO_MZOO_ACTIVATION,
         "mlp_bias": bool(hf.get("mlp_bias", False)),
         "moe_latent_size": hf.get("moe_latent_size") is not None,
         "sliding_window": hf.get("sliding_window") is not None,
@@ -104,42 +134,21 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     bad = [k for k, v in problems.items() if v]
     if bad:
         raise ConfigError(f"NemotronH config sets {', '.join(bad)} to a value mzoo cannot express (it needs "
-                          f"silu Mamba, an MLP activation in {', '.join(ACTIVATIONS)}, no MLP biases, no MoE "
-                          "latent projection and full attention).")
+                          f"silu Mamba, an MLP activation in {', '.join(HF_TO_MZOO_ACTIVATION)}, no MLP biases, "
+                          "no MoE latent projection and full attention).")
     if heads * head_dim % hidden:
         raise ConfigError(f"NemotronH mamba_num_heads x mamba_head_dim ({heads * head_dim}) is not a "
                           f"multiple of hidden_size ({hidden}), which mzoo's ssm.expand cannot express.")
-    attention_heads = hf.get("num_attention_heads", 32)
-    hd = hf.get("head_dim") or hidden // attention_heads
     return ModelConfig(
-        name=hf.get("_name_or_path", "") or "",
+        **KEYS.read(hf),
         family="mamba",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hidden,
         num_layers=len(pattern),
-        num_attention_heads=attention_heads,
-        num_query_groups=hf.get("num_key_value_heads") or attention_heads,
-        head_dim=None if hd * attention_heads == hidden else hd,
-        ffn_hidden_size=hf.get("intermediate_size", 0),
-        activation=ACTIVATIONS[act],
+        activation=HF_TO_MZOO_ACTIVATION[act],
         normalization="rmsnorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         position_embedding="none",
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_embeddings=False,  # transformers' NemotronH never ties lm_head
         moe=_moe_from_hf(hf) if "E" in pattern else None,
-        ssm=SSMConfig(
-            version=2,
-            d_state=hf["ssm_state_size"],
-            d_conv=hf.get("conv_kernel", 4),
-            expand=heads * head_dim // hidden,
-            head_dim=head_dim,
-            num_groups=hf.get("n_groups", 8),
-            chunk_size=hf.get("chunk_size", 128),
-            conv_bias=bool(hf.get("use_conv_bias", True)),
-            proj_bias=bool(hf.get("use_bias", False)),
-            hybrid_pattern=pattern,
-        ),
+        ssm=SSMConfig(**SSM_KEYS.read(hf), version=2, expand=heads * head_dim // hidden, hybrid_pattern=pattern),
     )
 
 
@@ -148,15 +157,10 @@ def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if moe is None:
         return {}
     return dict(
-        n_routed_experts=moe.num_experts,
-        num_experts_per_tok=moe.top_k,
-        moe_intermediate_size=moe.ffn_hidden_size,
-        moe_shared_expert_intermediate_size=moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size,
+        **MOE_KEYS.write(moe),
         n_shared_experts=1,
         n_group=moe.n_group or 1,
         topk_group=moe.topk_group or 1,
-        routed_scaling_factor=moe.routed_scaling_factor,
-        norm_topk_prob=moe.norm_topk_prob,
         moe_latent_size=None,
     )
 
@@ -168,7 +172,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "Mamba-2 mixers (ssm.version 2)": ssm is not None and ssm.version == 2,
         "rmsnorm": cfg.normalization == "rmsnorm",
         "no position embeddings": cfg.position_embedding == "none",
-        f"an MLP activation in {', '.join(HF_ACTIVATIONS)}": cfg.activation in HF_ACTIVATIONS,
+        f"an MLP activation in {', '.join(MZOO_TO_HF_ACTIVATION)}": cfg.activation in MZOO_TO_HF_ACTIVATION,
         "no biases outside the Mamba projections": not (cfg.add_bias_linear or cfg.add_qkv_bias),
         "standard attention (no mla, no qk_layernorm)": cfg.mla is None and not cfg.qk_layernorm,
         "untied embeddings (it never ties lm_head)": not cfg.tie_embeddings,
@@ -184,28 +188,15 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(
         model_type="nemotron_h",
         architectures=["NemotronHForCausalLM"],
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
+        **KEYS.write(cfg),
         layers_block_type=[BLOCK_TYPES[c] for c in pattern],
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.groups,
-        head_dim=cfg.kv_channels,
-        max_position_embeddings=cfg.max_position_embeddings,
         attention_bias=False,
-        intermediate_size=cfg.ffn_hidden_size,
-        mlp_hidden_act=HF_ACTIVATIONS[cfg.activation],
+        mlp_hidden_act=MZOO_TO_HF_ACTIVATION[cfg.activation],
         mlp_bias=False,
-        ssm_state_size=ssm.d_state,
+        **SSM_KEYS.write(ssm),
         mamba_num_heads=dims["nheads"],
-        mamba_head_dim=ssm.head_dim,
         mamba_hidden_act="silu",
-        n_groups=ssm.num_groups,
-        conv_kernel=ssm.d_conv,
         expand=ssm.expand,
-        chunk_size=ssm.chunk_size,
-        use_conv_bias=ssm.conv_bias,
-        use_bias=ssm.proj_bias,
-        layer_norm_epsilon=cfg.norm_eps,
         tie_word_embeddings=False,
         residual_in_fp32=False,
         num_nextn_predict_layers=0,
