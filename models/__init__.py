@@ -12,10 +12,9 @@ from mzoo.parallel.state import ParallelState
 from mzoo.models.gpt import GPTModel
 from mzoo.models.hybrid import MambaModel
 
-# family -> model class; a config with an `ssm` section is a Mamba (or hybrid) model whatever its family.
-MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {
-    "gpt": GPTModel, "llama": GPTModel, "mixtral": GPTModel, "deepseek": GPTModel, "mamba": MambaModel,
-}
+# The families mzoo builds: one decoder (GPTModel) for all of them; a config with an `ssm` section is a
+# Mamba (or hybrid) model whatever its family.
+BUILDABLE_FAMILIES = ("gpt", "llama", "mixtral", "deepseek", "mamba")
 
 
 def model_class(cfg: ModelConfig) -> Callable[..., nn.Module]:
@@ -24,12 +23,12 @@ def model_class(cfg: ModelConfig) -> Callable[..., nn.Module]:
     if cfg.family == "mamba":
         raise ConfigError(f"{cfg.name or cfg.family}: a mamba model needs an ssm section; add one or start "
                           "from a mamba preset.")
-    if cfg.family not in MODEL_CLASSES:
+    if cfg.family not in BUILDABLE_FAMILIES:
         raise ConfigError(
             f"{cfg.name or cfg.family}: mzoo cannot build {cfg.family} models yet (only "
-            f"{', '.join(MODEL_CLASSES)}); use a preset of those families."
+            f"{', '.join(BUILDABLE_FAMILIES)}); use a preset of those families."
         )
-    return MODEL_CLASSES[cfg.family]
+    return GPTModel
 
 
 def build_model(
