@@ -101,7 +101,9 @@ def generate(
     load_canonical(model, lambda name: src.get(name).float())
     stream = not as_json
     made: list[int] = []
-    shown = ""
+    # decode after the prompt text, so the first word keeps the space that separates it from the prompt
+    context = ids if tok is not None and prompt is not None else []
+    shown = tok.decode(context, skip_special_tokens=True) if context else ""
 
     def on_token(token: int) -> None:
         nonlocal shown
@@ -111,7 +113,7 @@ def generate(
         if tok is None:
             sys.stdout.write(("" if len(made) == 1 else ",") + str(token))
         else:
-            text = tok.decode(made, skip_special_tokens=True)
+            text = tok.decode(context + made, skip_special_tokens=True)
             sys.stdout.write(text[len(shown):])
             shown = text
         sys.stdout.flush()
