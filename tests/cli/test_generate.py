@@ -1,8 +1,8 @@
 """`mzoo generate`: greedy decoding with the inference cache (recurrent states for Mamba) equals
 transformers' `generate` token for token (LLaMA, GPT-2, Mixtral, DeepSeek-V2 and -V3, Mamba-1,
 Mamba-2 and a NemotronH hybrid), from Hugging Face and from a Megatron
-checkpoint at another layout; sampling is reproducible; text prompts stream through the
-tokenizer; bad input is one sentence."""
+checkpoint at another layout; sampling is reproducible and top-p keeps only the nucleus; text
+prompts stream through the tokenizer token by token; bad input is one sentence."""
 
 from __future__ import annotations
 
@@ -95,22 +95,71 @@ def test_sampling_is_reproducible_and_seed_dependent(tmp_path):
     assert a != _mzoo(path, *args, "--seed", "2")["generated_ids"]
 
 
-def test_text_prompt_streams_through_the_tokenizer(tmp_path):
+def test_top_p_samples_only_the_nucleus():
+    """next_token against a hand-computed nucleus: sorted probabilities 0.5, 0.3, 0.15, 0.05."""
+    from mzoo.generate import GenerationConfig, next_token
+
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, 4)
+
+    def frequencies(top_p: float) -> torch.Tensor:
+        cfg = GenerationConfig(temperature=1.0, top_p=top_p)
+        return torch.bincount(next_token(logits, cfg, torch.Generator().manual_seed(0)), minlength=4) / 4000
+
+    assert torch.allclose(frequencies(1.0), probs, atol=0.03)  # no filter: every token, at its probability
+    # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is tokens 1 and 3, renormalised to 0.5 / 0.8 and 0.3 / 0.8
+    assert torch.allclose(frequencies(0.7), torch.tensor([0.0, 0.625, 0.0, 0.375]), atol=0.03)
+    assert frequencies(0.7)[[0, 2]].sum() == 0
+    assert frequencies(0.4).tolist() == [0.0, 1.0, 0.0, 0.0]  # the argmax alone reaches 0.4
+
+
+def test_tiny_top_p_samples_the_greedy_tokens(tmp_path):
+    """Through the command: at temperature 1.5 a top-p below every argmax probability leaves one
+    token per step, so sampling reproduces greedy decoding (without the filter it would not)."""
+    make, config = MODELS["llama-gqa"]
+    path = str(make(tmp_path / "m", config()))
+    args = ["--prompt-ids", "1,2,3", "--max-new-tokens", "16"]
+    greedy = _mzoo(path, *args)["generated_ids"]
+    for seed in ("1", "2"):
+        sampled = _mzoo(path, *args, "--temperature", "1.5", "--top-p", "0.001", "--seed", seed)
+        assert sampled["generated_ids"] == greedy
+
+
+def _word_tokenizer(path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    make, config = MODELS["llama-gqa"]
-    path = make(tmp_path / "m", config())
     vocab = {f"w{i}": i for i in range(VOCAB)}
     vocab["[UNK]"] = 0
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(path)
+
+
+def test_text_prompt_streams_through_the_tokenizer(tmp_path, monkeypatch, capsys):
+    import mzoo.generate
+
+    make, config = MODELS["llama-gqa"]
+    path = make(tmp_path / "m", config())
+    _word_tokenizer(path)
     got = _mzoo(str(path), "--prompt", "w5 w17 w99", "--max-new-tokens", "5")
     assert got["prompt_ids"] == [5, 17, 99] and len(got["generated_ids"]) == 5
     assert got["text"].split() == [f"w{i}" for i in got["generated_ids"]]
-    streamed = runner.invoke(app, ["generate", str(path), "--prompt", "w5 w17 w99", "--max-new-tokens", "5"])
-    assert streamed.exit_code == 0 and streamed.output.strip().startswith("w5 w17 w99")
+    capsys.readouterr()
+    # what the command has printed each time the sampler is about to choose the next token
+    printed: list[str] = []
+    choose = mzoo.generate.next_token
+
+    def watched(*args, **kwargs):
+        printed.append(capsys.readouterr().out)
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(mzoo.generate, "next_token", watched)
+    app(["generate", str(path), "--prompt", "w5 w17 w99", "--max-new-tokens", "5"], standalone_mode=False)
+    printed.append(capsys.readouterr().out)
+    words = [f" w{i}" for i in got["generated_ids"]]
+    # the prompt first, then each word as soon as its token is made, before the next one is chosen
+    assert printed == ["w5 w17 w99", *words[:-1], words[-1] + "\n"]
 
 
 @pytest.mark.parametrize("args, message", [

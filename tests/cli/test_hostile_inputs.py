@@ -4,6 +4,7 @@ sentence (one `error:` line, no traceback) and leaves no output behind, half-wri
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -114,18 +115,20 @@ CASES = {
     "unknown preset": (["zoo", "show", "llama9"], "unknown preset"),
     "unknown family": (["zoo", "list", "--family", "bert"], "unknown family"),
     "malformed yaml": (["train", "{root}/bad.yaml", "--save", OUT], "not valid YAML"),
-    "wrong type in yaml": (["train", "{root}/wrong-type.yaml", "--save", OUT], "must be an integer"),
+    "wrong type in yaml": (["train", "{root}/wrong-type.yaml", "--save", OUT], "hidden_size must be an integer"),
     "wrong type in override": (["train", "llama-tiny", "--override", "num_layers=two", "--save", OUT],
-                               "must be an integer"),
+                               "num_layers must be an integer"),
     "unknown override key": (["train", "llama-tiny", "--override", "hiden_size=8", "--save", OUT], "did you mean"),
     "override not key=value": (["train", "llama-tiny", "--override", "num_layers", "--save", OUT], "key=value"),
     "init into a non-empty folder": (["init", "llama-tiny", "{root}/existing"], "exists"),
     "init bad dtype": (["init", "llama-tiny", OUT, "--dtype", "int8"], "unknown dtype"),
     # inconsistent parallel sizes
-    "tp not dividing groups": (["train", "llama-tiny", "--tp", "3", "--save", OUT], "does not divide"),
+    "tp not dividing groups": (["train", "llama-tiny", "--tp", "3", "--save", OUT],
+                               "does not divide the 2 query groups"),
     "pp beyond layers": (["train", "llama-tiny", "--pp", "64", "--save", OUT], "exceeds the"),
     "ep on a dense model": (["train", "llama-tiny", "--ep", "2", "--save", OUT], "mixture-of-experts"),
-    "ep not dividing experts": (["convert", "hf->megatron", "{root}/mixtral", OUT, "--ep", "3"], "does not divide"),
+    "ep not dividing experts": (["convert", "hf->megatron", "{root}/mixtral", OUT, "--ep", "3"],
+                                "does not divide the 4 experts"),
     "global batch not divisible": (["train", "llama-tiny", "--dp", "2", "--global-batch", "3", "--save", OUT],
                                    "not a multiple"),
     "zero tp": (["convert", "hf->megatron", "{root}/llama", OUT, "--tp", "0"], "at least 1"),
@@ -137,13 +140,13 @@ CASES = {
     "unknown megatron format": (["convert", "hf->megatron", "{root}/llama", OUT, "--megatron-format", "onnx"],
                                 "unknown --megatron-format"),
     "bad shard size": (["convert", "megatron->hf", "{root}/evil-legacy", OUT, "--shard-size", "lots",
-                        "--trust-pickle"], "size"),
+                        "--trust-pickle"], "cannot read size"),
     "wrong direction for source": (["convert", "megatron->hf", "{root}/llama", OUT], "not Megatron"),
     "destination exists": (["convert", "hf->megatron", "{root}/llama", "{root}/existing"], "exists"),
     # hostile files
-    "truncated safetensors": (["convert", "hf->megatron", "{root}/truncated", OUT], "truncated"),
-    "corrupted safetensors header": (["convert", "hf->megatron", "{root}/bad-header", OUT], "header"),
-    "absurd header length": (["inspect", "{root}/huge-header"], "header"),
+    "truncated safetensors": (["convert", "hf->megatron", "{root}/truncated", OUT], "is truncated: it declares"),
+    "corrupted safetensors header": (["convert", "hf->megatron", "{root}/bad-header", OUT], "unreadable header"),
+    "absurd header length": (["inspect", "{root}/huge-header"], "truncated (header needs"),
     "index pointing outside": (["convert", "hf->megatron", "{root}/escaping-index", OUT], "outside"),
     "unsupported model_type": (["convert", "hf->megatron", "{root}/unknown-type", OUT], "model_type 'bert'"),
     "pickle with a disallowed global": (["convert", "megatron->hf", "{root}/evil-legacy", OUT], "--trust-pickle"),
@@ -152,11 +155,11 @@ CASES = {
     "inspect a non-checkpoint": (["inspect", "{root}/not-a-checkpoint"], "not a checkpoint"),
     # data
     "empty data file": (["data", "prepare", "{root}/empty.jsonl", "--tokenizer", "{root}/tok", "--out", OUT],
-                        "empty"),
+                        "no documents with text"),
     "binary data file": (["data", "prepare", "{root}/binary.jsonl", "--tokenizer", "{root}/tok", "--out", OUT],
-                         "binary.jsonl"),
+                         "not valid JSON (not UTF-8)"),
     "missing tokenizer": (["data", "prepare", "{root}/notjson.jsonl", "--tokenizer", "{root}/nope", "--out", OUT],
-                          "tokenizer"),
+                          "does not exist; pass --tokenizer"),
     "folder without a tokenizer": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--format", "text",
                                     "--tokenizer", "{root}/llama", "--save", OUT], "holds no tokenizer"),
     "finetune line not json": (["finetune", "{root}/llama", "--data", "{root}/notjson.jsonl", "--format",
@@ -167,10 +170,12 @@ CASES = {
     "finetune without tokenizer": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--format",
                                     "text", "--save", OUT], "no tokenizer"),
     # generate / push
-    "prompt longer than context": (["generate", "{root}/llama", "--prompt-ids", ",".join(["1"] * 40)], "context"),
+    "prompt longer than context": (["generate", "{root}/llama", "--prompt-ids", ",".join(["1"] * 40)],
+                                   "the model's context is 32"),
     "prompt id outside vocabulary": (["generate", "{root}/llama", "--prompt-ids", "1,500"], "outside the vocabulary"),
-    "invalid repo id": (["push", "{root}/llama", "not a/valid--repo", "--dry-run"], "repo"),
-    "push without a token": (["push", "{root}/llama", "org/name", "--token-env", "MZOO_NO_SUCH_TOKEN"], "token"),
+    "invalid repo id": (["push", "{root}/llama", "not a/valid--repo", "--dry-run"], "repository id"),
+    "push without a token": (["push", "{root}/llama", "org/name", "--token-env", "MZOO_NO_SUCH_TOKEN"],
+                             "environment variable is not set"),
 }
 
 
@@ -190,11 +195,29 @@ def test_bad_input_is_one_sentence_and_writes_nothing(world, tmp_path, case, mon
     errors = [line for line in text.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, text
     assert message in text, text
+    assert message in errors[0], text  # the error sentence itself names the problem
+    assert _is_one_sentence(errors[0].removeprefix("error: ")), errors[0]
     assert not list(tmp_path.glob("out*")), f"{case} left {list(tmp_path.glob('out*'))}"
     assert sorted(p.name for p in world.iterdir()) == before  # nothing written next to the inputs
     assert not list(tmp_path.glob("*.mzoo-tmp*"))
     assert (world / "existing" / "keep.txt").read_text() == "mine"
 
 
-def test_there_are_at_least_thirty_cases():
+def _is_one_sentence(text: str) -> bool:
+    """Ends like a sentence and starts no second one ('e.g. mzoo' is fine, '. Then' is not)."""
+    return text[-1:] in ".?!" and not re.search(r"[.?!]\s+[A-Z(]", text)
+
+
+def test_the_table_has_thirty_distinct_specific_cases():
+    """A table padded with repeated rows, or with messages any failure (or an echo of the input)
+    would print, guards nothing."""
     assert len(CASES) >= 30
+    argvs = [tuple(args) for args, _ in CASES.values()]
+    assert len(set(argvs)) == len(argvs), "two cases run the same command line"
+    pairs = [(args[0], message) for args, message in CASES.values()]
+    assert len(set(pairs)) == len(pairs), "two cases of one command expect the same message"
+    for case, (args, message) in CASES.items():
+        assert len(message) >= 6 and "error" not in message.lower(), (case, message)
+        assert message.lower() not in " ".join(args).lower(), f"{case}: {message!r} merely echoes the input"
+    assert _is_one_sentence("the prompt is empty; give some text.") and _is_one_sentence("did you mean x?")
+    assert not _is_one_sentence("the prompt is empty. Give some text.") and not _is_one_sentence("no period")
