@@ -1,4 +1,4 @@
-"""The layout planner (mzoo/plan.py): exact per-rank parameter counts against models built on the
+"""The layout planner (mzoo/plan/): exact per-rank parameter counts against models built on the
 meta device, published training layouts that must fit (and clearly impossible ones that must not),
 the pipeline formulas, and the memory estimate against the peak measured while training here."""
 
@@ -13,10 +13,16 @@ import pytest
 import torch
 
 from mzoo.config import ConfigError, ModelConfig
-from mzoo.plan import (
-    GEMM_EFFICIENCY, GIB, GPUS, Layout, Settings, engine_profile, evaluate, explain, in_flight, memory,
-    model_flops_per_token, parse_check, plan, problems, rank_params, stages, uneven_splits,
-)
+from mzoo.cli.plan import parse_check
+from mzoo.plan.constants import GEMM_EFFICIENCY, GIB
+from mzoo.plan.costs import model_flops_per_token, rank_params, stages
+from mzoo.plan.explain import explain
+from mzoo.plan.hardware import GPUS
+from mzoo.plan.layout import Layout
+from mzoo.plan.memory import in_flight, memory
+from mzoo.plan.profile import engine_profile
+from mzoo.plan.search import evaluate, plan, problems, uneven_splits
+from mzoo.plan.settings import Settings
 from mzoo.zoo import get
 
 H100 = GPUS["h100-80gb"]
@@ -68,7 +74,7 @@ def test_rank_params_equal_meta_model(name, layout):
 def test_tied_embeddings_keep_the_output_layers_flops():
     """llama3.2-1b ties its embedding: the logits are still a [tokens, hidden] x [hidden, vocab] GEMM,
     so MFU counts it (the trainer once dropped it: -15% for this model)."""
-    from mzoo.train.trainer import flops_per_token
+    from mzoo.train.trainer import model_flops_per_token as flops_per_token  # what the trainer's MFU uses
 
     cfg = get("llama3.2-1b").config
     assert cfg.tie_embeddings

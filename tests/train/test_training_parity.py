@@ -161,7 +161,7 @@ def test_pipeline_loss_curve_matches_single_process(cfg, layout, world):
 
 
 def test_flops_and_mfu_are_reported():
-    from mzoo.train.trainer import flops_per_token
+    from mzoo.train.trainer import model_flops_per_token as flops_per_token  # what the trainer's MFU uses
 
     tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=1, peak_tflops=1.0)
     model = build_model(CFG)
