@@ -192,7 +192,7 @@ class BlockFlops:
 
 def block_flops(cfg: ModelConfig, block: str, seq_len: int) -> BlockFlops:
     """2 FLOPs per multiply-add; attention counts Q K^T and A V over the whole sequence (no causal
-    halving), like mzoo.train.trainer.flops_per_token."""
+    halving), as the trainer's MFU counts them (it calls model_flops_per_token)."""
     h = cfg.hidden_size
     if block == "gqa":
         a, g, d = cfg.num_attention_heads, cfg.groups, cfg.kv_channels
@@ -228,8 +228,8 @@ def _mlp_flops(cfg: ModelConfig, ffn: int) -> float:
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (3 x forward: backward is twice the forward), without recomputation;
-    the same quantity as mzoo.train.trainer.flops_per_token (exact per block, MLA and SSM included)."""
+    """Training FLOPs per token (3 x forward: backward is twice the forward), without recomputation,
+    exact per block (MLA and SSM included): the planner's MFU and the trainer's are this one count."""
     fwd = 2.0 * cfg.hidden_size * cfg.vocab_size  # output layer (tied or not, the logits are a GEMM)
     for i in range(cfg.num_layers):
         for block in layer_blocks(cfg, i):
