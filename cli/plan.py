@@ -60,8 +60,8 @@ def _size(n: float) -> str:
 def plan(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama3-70b) or a model YAML file."),
     gpus: int = typer.Option(..., "--gpus", help="GPUs in total."),
-    gpu: list[str] = typer.Option(["h100-80gb"], "--gpu",
-                                  help="GPU type, repeat to compare: h100-80gb, h200, a100-80gb, b200, ... (docs/plan.md)."),
+    gpu: list[str] = typer.Option(["h100-80gb"], "--gpu", help="GPU type, repeat to compare: h100-80gb, "
+                                  "h200, a100-80gb, b200, ... (docs/plan.md)."),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (NVLink domain)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len",
                                           help="Tokens per sample (default: min(4096, the model's context))."),
