@@ -62,13 +62,17 @@ except ImportError:  # a bare checkout: pyproject.toml's package-dir mapping, re
     for _folder in ("models", "converters", "cli", "zoo"):
         (_pkg / _folder).symlink_to(_repo / _folder)
     sys.path.insert(0, str(_pkg.parent))
-from mzoo import plan as P
 from mzoo.converters.adapter import for_family
 from mzoo.models.canonical import load_canonical
 from mzoo.models import build_chunks, build_model
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer
 from mzoo.parallel.sharding import to_global
 from mzoo.parallel.state import ParallelState
+from mzoo.plan.costs import model_flops_per_token
+from mzoo.plan.layout import Layout
+from mzoo.plan.memory import memory
+from mzoo.plan.profile import engine_profile
+from mzoo.plan.settings import Settings
 from mzoo.data.gpt import MockGPTDataset
 from mzoo.train.trainer import TrainConfig, Trainer, detect_peak_tflops
 from mzoo.zoo import resolve
@@ -349,9 +353,9 @@ def measure(trainer, warm: int, n: int) -> dict:
 def with_estimate(row: dict, cfg, tcfg) -> str:
     """Add the planner's engine estimate: allocated vs the estimate less its fixed runtime overhead
     (CUDA context, cuBLAS, NCCL: the allocator never sees it), device use vs all of it. Returns a summary."""
-    settings = P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
-                          distributed_optimizer=False)
-    mem = P.memory(cfg, P.Layout(), settings, P.engine_profile("bf16", device=dev().type))
+    settings = Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute,
+                        distributed_optimizer=False)
+    mem = memory(cfg, Layout(), settings, engine_profile("bf16", device=dev().type))
     row["estimate"] = {"total_gib": gib(mem.total), **{k: gib(v) for k, v in mem.parts().items() if v}}
     text = f"{row['tokens_per_s'] / 1e3:.1f}k tok/s, est {mem.total / 2**30:.2f} GiB"
     if "peak_allocated_gib" in row:
@@ -530,7 +534,7 @@ def c5_moe() -> dict:
         chunk.zero_grad(set_to_none=True)
         fwd().backward()
 
-    s, flops = timed(step, repeats=3, warmup=1), P.model_flops_per_token(cfg, seq) * seq
+    s, flops = timed(step, repeats=3, warmup=1), model_flops_per_token(cfg, seq) * seq
     out: dict[str, Any] = {"tokens": seq, "experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
                            "off_device": off_device(model), "loop_fwd_bwd_ms": round(s * 1e3, 2),
                            "loop_tflops": round(flops / s / 1e12, 3)}

@@ -16,6 +16,39 @@ ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
 COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")
 
 
+CHECK_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp", "first", "last")
+
+
+def parse_check(text: str, gpus: int):
+    """'tp=4,pp=4,ep=8' -> the planner's Layout; dp defaults to gpus / (tp * pp * cp)."""
+    from mzoo.plan.layout import Layout
+
+    values: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in CHECK_KEYS:
+            raise UserError(f"--check '{text}' is malformed: '{item}' is not one of "
+                            f"{', '.join(k + '=N' for k in CHECK_KEYS)}; write e.g. --check tp=4,pp=4.")
+        try:
+            number = int(raw)
+        except ValueError:
+            raise UserError(f"--check '{text}' is malformed: {key} needs a positive integer, got '{raw}'.") from None
+        if number < 1:
+            raise UserError(f"--check '{text}' is malformed: {key} needs a positive integer, got {number}.")
+        values[key] = number
+    if not values:
+        raise UserError("--check is empty; write e.g. --check tp=4,pp=4.")
+    base = values.get("tp", 1) * values.get("pp", 1) * values.get("cp", 1)
+    if "dp" not in values:
+        if gpus % base:
+            raise UserError(f"--check '{text}': tp x pp x cp = {base} does not divide the {gpus} GPUs.")
+        values["dp"] = gpus // base
+    return Layout(tp=values.get("tp", 1), pp=values.get("pp", 1), dp=values["dp"], vpp=values.get("vpp", 1),
+                  ep=values.get("ep", 1), cp=values.get("cp", 1), etp=values.get("etp"),
+                  first=values.get("first"), last=values.get("last"))
+
+
 def _size(n: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
@@ -27,8 +60,8 @@ def _size(n: float) -> str:
 def plan(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama3-70b) or a model YAML file."),
     gpus: int = typer.Option(..., "--gpus", help="GPUs in total."),
-    gpu: list[str] = typer.Option(["h100-80gb"], "--gpu",
-                                  help="GPU type, repeat to compare: h100-80gb, h200, a100-80gb, b200."),
+    gpu: list[str] = typer.Option(["h100-80gb"], "--gpu", help="GPU type, repeat to compare: h100-80gb, "
+                                  "h200, a100-80gb, b200, ... (docs/plan.md)."),
     gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (NVLink domain)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len",
                                           help="Tokens per sample (default: min(4096, the model's context))."),
@@ -63,11 +96,13 @@ def plan(
              mzoo plan deepseek-v3 --gpus 1024 --engine megatron --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
     Exit status: 0, or 1 when --check's layout does not fit or is not valid.
     """
-    from mzoo import plan as P
+    from mzoo.plan.explain import explain
+    from mzoo.plan.hardware import gpu as gpu_named
+    from mzoo.plan.search import evaluate, plan as ranked_layouts
     from mzoo.zoo import resolve
 
     cfg = resolve(model)
-    gpu_types = [P.gpu(name) for name in gpu]  # unknown names: one sentence, before any work
+    gpu_types = [gpu_named(name) for name in gpu]  # unknown names: one sentence, before any work
     if engine not in ("mzoo", "megatron"):
         raise UserError(f"unknown --engine '{engine}'; use mzoo or megatron.")
     if not 0 <= headroom < 1:
@@ -78,9 +113,9 @@ def plan(
     for g in gpu_types:
         if fp8 and g.fp8_tflops is None:
             raise UserError(f"the {g.name} has no FP8 tensor cores; drop --fp8 or pick another --gpu.")
-    layout = P.parse_check(check, gpus) if check is not None else None
+    layout = parse_check(check, gpus) if check is not None else None
     if layout is not None:
-        plans = [P.evaluate(cfg, layout, settings, g, gpus, primary) for g in gpu_types]
+        plans = [evaluate(cfg, layout, settings, g, gpus, primary) for g in gpu_types]
         _show(cfg, gpus, settings, plans, {g.name: p.verdict() for g, p in zip(gpu_types, plans)}, as_json, check=True,
               other=_other(cfg, gpus, settings, plans, engine))
         if not all(p.feasible for p in plans):
@@ -88,36 +123,38 @@ def plan(
         return
     shown, why = [], {}
     for g in gpu_types:
-        ranked = P.plan(cfg, gpus, settings, g, primary)
+        ranked = ranked_layouts(cfg, gpus, settings, g, primary)
         shown += ranked[:top]
-        why[g.name] = P.explain(ranked) + _versus(cfg, gpus, settings, g, ranked, engine)
+        why[g.name] = explain(ranked) + _versus(cfg, gpus, settings, g, ranked, engine)
     _show(cfg, gpus, settings, shown, why, as_json, check=False, other=_other(cfg, gpus, settings, shown, engine))
 
 
 def _profiles(settings, engine: str):
     """The profile ranked by: mzoo's engine in bf16 on GPUs, or Megatron-Core + TE."""
-    from mzoo import plan as P
+    from mzoo.plan.profile import engine_profile, megatron_profile
 
     if engine == "megatron":
-        return P.megatron_profile(settings.grad_fp32, settings.fp8)
-    return P.engine_profile("bf16", sequence_parallel=True, device="cuda")
+        return megatron_profile(settings.grad_fp32, settings.fp8)
+    return engine_profile("bf16", sequence_parallel=True, device="cuda")
 
 
 def _other(cfg, gpus: int, settings, plans: list, engine: str) -> list:
     """The other engine's plan for each shown layout (the labelled comparison)."""
-    from mzoo import plan as P
+    from mzoo.plan.search import evaluate
 
     other = _profiles(settings, "mzoo" if engine == "megatron" else "megatron")
-    return [P.evaluate(cfg, p.layout, settings, p.gpu, gpus, other) for p in plans]
+    return [evaluate(cfg, p.layout, settings, p.gpu, gpus, other) for p in plans]
 
 
 def _versus(cfg, gpus: int, settings, g, ranked: list, engine: str) -> str:
     """A sentence on the other engine's fastest layout, when mzoo's engine is the one ranked."""
-    from mzoo import plan as P
+    from mzoo.plan.constants import GIB
+    from mzoo.plan.explain import seconds
+    from mzoo.plan.search import plan as ranked_layouts
 
     if engine != "mzoo":
         return ""
-    theirs = P.plan(cfg, gpus, settings, g, _profiles(settings, "megatron"))
+    theirs = ranked_layouts(cfg, gpus, settings, g, _profiles(settings, "megatron"))
     best = theirs[0]
     if not best.feasible:
         return " Megatron-Core + TE has no layout that fits either."
@@ -125,14 +162,14 @@ def _versus(cfg, gpus: int, settings, g, ranked: list, engine: str) -> str:
     gap = f", {best.time.mfu / ours.time.mfu:.2f}x mzoo's MFU" if ours else ""
     runs = "" if best.layout.mzoo_engine else " (a layout mzoo's engine cannot run yet)"
     return (f" For comparison, Megatron-Core + TE's fastest is {best.layout.label()}{runs}: "
-            f"{best.memory.total / P.GIB:.1f} GiB, {P.seconds(best.time.step)} per step, MFU {best.time.mfu:.1%}{gap}.")
+            f"{best.memory.total / GIB:.1f} GiB, {seconds(best.time.step)} per step, MFU {best.time.mfu:.1%}{gap}.")
 
 
 def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global_batch: Optional[int],
               micro_batch: int, recompute: str, distributed_optimizer: bool, fp8: bool, grad_fp32: bool, top: int,
               headroom: float = 0.05):
     """Settings from the flags, every impossible value one sentence."""
-    from mzoo import plan as P
+    from mzoo.plan.settings import Settings, default_global_batch, default_seq_len
 
     if gpus < 1:
         raise UserError(f"--gpus must be at least 1, got {gpus}.")
@@ -142,15 +179,15 @@ def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global
         raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
     if micro_batch < 1 or top < 1:
         raise UserError("--micro-batch and --top must be at least 1.")
-    seq = seq_len if seq_len is not None else P.default_seq_len(cfg)
+    seq = seq_len if seq_len is not None else default_seq_len(cfg)
     if seq < 1:
         raise UserError(f"--seq-len must be at least 1, got {seq}.")
     if cfg.position_embedding == "learned" and seq > cfg.max_position_embeddings:
         raise UserError(f"--seq-len {seq} exceeds the model's {cfg.max_position_embeddings} learned positions.")
-    batch = global_batch if global_batch is not None else P.default_global_batch(seq)
+    batch = global_batch if global_batch is not None else default_global_batch(seq)
     if batch < micro_batch:
         raise UserError(f"--global-batch {batch} is smaller than --micro-batch {micro_batch}.")
-    return P.Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node,
+    return Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node,
                       headroom)
 
 
@@ -162,7 +199,7 @@ def _settings_dict(settings) -> dict:
 
 
 def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool, other: list) -> None:
-    from mzoo import plan as P
+    from mzoo.plan.explain import seconds
 
     if as_json:  # a list of layouts, best first per GPU type; each carries the run it describes
         key = "verdict" if check else "explanation"
@@ -197,7 +234,7 @@ def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check
             table.add_column(col, justify="left" if col in ("layout", "fits") else "right")
         for i, (p, o) in enumerate(rows, 1):
             mem = f"{p.memory.total / 2**30:.1f} / {p.usable_gib:.1f}"
-            table.add_row(str(i), p.layout.label(), mem, f"{p.time.mfu:.1%}", P.seconds(p.time.step),
+            table.add_row(str(i), p.layout.label(), mem, f"{p.time.mfu:.1%}", seconds(p.time.step),
                           f"{p.time.tokens_per_s / p.layout.world:,.0f}", f"{p.time.bubble:.1%}",
                           "yes" if p.feasible else "[red]no[/]",
                           f"{o.memory.total / 2**30:.1f}" if o.memory else "cannot run",
@@ -207,7 +244,7 @@ def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check
 
 
 def _show_one(p) -> None:
-    from mzoo.plan import seconds
+    from mzoo.plan.explain import seconds
 
     color = "green" if p.feasible else "red"
     console.print(f"[bold]{p.gpu.name}[/] {p.layout.label()}: [{color}]{p.verdict()}[/]", highlight=False)
@@ -228,9 +265,12 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
             device: str = "cpu") -> None:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) and print its
     parameters and the planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
-    from mzoo import plan as P
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
+    from mzoo.plan.costs import stages
+    from mzoo.plan.layout import Layout
+    from mzoo.plan.memory import stage_memory
+    from mzoo.plan.profile import engine_profile
 
     world = layout.world_size
     if not 0 <= rank < world:
@@ -238,14 +278,14 @@ def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[i
     state = ParallelState.for_rank(layout, rank)
     chunks = build_chunks(cfg, state, first=first, last=last, device="meta")
     params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
-    plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
+    plan_layout = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
                            first=first, last=last)
     from mzoo.train.fit import settings_of
 
     settings = settings_of(tcfg)
-    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device)
-    stage = P.stages(cfg, plan_layout)[state.pp_rank]
-    mem = P.stage_memory(cfg, plan_layout, settings, profile, stage)
+    profile = engine_profile(tcfg.precision, layout.sequence_parallel, device)
+    stage = stages(cfg, plan_layout)[state.pp_rank]
+    mem = stage_memory(cfg, plan_layout, settings, profile, stage)
     coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
               "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
     count = sum(p["numel"] for p in params)

@@ -17,7 +17,7 @@ app = typer.Typer(help="Browse the model zoo: published presets and tiny test va
 
 def _summary(p: zoo_lib.Preset) -> dict:
     c: ModelConfig = p.config
-    count = p.count
+    count, attention = p.count, "attention" in c.block_kinds
     return {
         "name": c.name,
         "family": c.family,
@@ -25,10 +25,10 @@ def _summary(p: zoo_lib.Preset) -> dict:
         "active_params": count.active,
         "layers": c.num_layers,
         "hidden": c.hidden_size,
-        "heads": c.num_attention_heads if c.ssm is None or "attention" in c.layer_types else None,
-        "groups": c.groups if c.ssm is None or "attention" in c.layer_types else None,
+        "heads": c.num_attention_heads if attention else None,
+        "groups": c.groups if attention else None,
         "experts": c.moe.num_experts if c.moe else None,
-        "context": c.max_position_embeddings if c.position_embedding != "none" or c.ssm is None or "attention" in c.layer_types else None,
+        "context": c.max_position_embeddings if c.position_embedding != "none" or attention else None,
         "published_params": p.published_params,
         "source": c.source,
     }

@@ -142,10 +142,11 @@ def known_base_model(path: Path, fmt: str, given: Optional[str]) -> Optional[str
 
 # ---- rendering --------------------------------------------------------------------------------------
 def tags(f: CardFacts) -> list[str]:
+    kinds = f.cfg.block_kinds
     out = ["mzoo", f.cfg.family]
-    out += ["moe"] if f.cfg.moe else []
+    out += ["moe"] if "moe" in kinds else []
     out += ["mla"] if f.cfg.mla else []
-    out += ["mamba"] if f.cfg.ssm else []
+    out += ["mamba"] if "mamba" in kinds else []
     out += ["megatron"] if f.source_format != "hf" else []
     return list(dict.fromkeys(out))
 
@@ -164,7 +165,7 @@ def _n(x: int) -> str:
 
 def architecture_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
     rows = [("family", cfg.family), ("layers", str(cfg.num_layers)), ("hidden size", str(cfg.hidden_size))]
-    if cfg.ssm is None or cfg.ssm.hybrid_pattern:
+    if "attention" in cfg.block_kinds:
         rows += [("attention heads", str(cfg.num_attention_heads)),
                  ("query groups (KV heads)", str(cfg.groups)), ("head dim", str(cfg.kv_channels))]
     if cfg.mla:

@@ -154,11 +154,27 @@ class ModelConfig:
             return ["mamba"] * self.num_layers
         return ["transformer"] * self.num_layers
 
+    @property
+    def block_kinds(self) -> frozenset[str]:
+        """The blocks the layers hold, of "attention", "mlp", "moe", "mamba" (a transformer layer is
+        attention + an MoE on `moe_layers`, else an MLP): the one answer to "has it attention?"."""
+        types = set(self.layer_types)
+        kinds = types - {"transformer"}
+        if "transformer" in types:
+            routed = len(self.moe_layers)
+            kinds |= {"attention"} | ({"moe"} if routed else set()) | ({"mlp"} if routed < self.num_layers else set())
+        return frozenset(kinds)
+
+    @property
+    def moe_layers(self) -> range:
+        """Global indices of the transformer layers with routed experts: every layer_freq-th from first_k_dense."""
+        if self.moe is None:
+            return range(0)
+        return range(self.moe.first_k_dense, self.num_layers, self.moe.layer_freq)
+
     def is_moe_layer(self, index: int) -> bool:
         """Whether transformer layer `index` (global, 0-based) uses routed experts."""
-        if self.moe is None or index < self.moe.first_k_dense:
-            return False
-        return (index - self.moe.first_k_dense) % self.moe.layer_freq == 0
+        return index in self.moe_layers
 
     def architecture_differences(self, other: "ModelConfig") -> list[str]:
         """Fields that make `other` a different network (weights of one do not fit the other);
@@ -233,16 +249,15 @@ class ModelConfig:
                 fail(f"{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.ssm is not None:  # first: the pattern decides which other checks apply
             self._validate_ssm(fail)
-        needs_attention = self.ssm is None or "attention" in self.layer_types
-        if needs_attention:
+        if self.moe is not None:  # before block_kinds, which places the MoE layers
+            self._validate_moe(fail)
+        kinds = self.block_kinds
+        if "attention" in kinds:
             self._validate_attention(fail)
-        needs_mlp = self.ssm is None or {"mlp", "moe"} & set(self.layer_types)
-        if needs_mlp and self.ffn_hidden_size <= 0 and self.moe is None:
+        if kinds & {"mlp", "moe"} and self.ffn_hidden_size <= 0 and self.moe is None:
             fail(f"ffn_hidden_size must be positive, got {self.ffn_hidden_size}.")
         if self.position_embedding == "learned" and self.max_position_embeddings <= 0:
             fail("learned position embeddings need max_position_embeddings > 0.")
-        if self.moe is not None:
-            self._validate_moe(fail)
 
     def _validate_attention(self, fail) -> None:
         heads, groups = self.num_attention_heads, self.groups
@@ -364,8 +379,8 @@ class ParallelConfig:
         for name in ("tp", "pp", "vpp", "dp", "ep", "cp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        types = cfg.layer_types
-        if "attention" in types or "transformer" in types:
+        kinds = cfg.block_kinds
+        if "attention" in kinds:
             if cfg.mla is None and cfg.groups % self.tp:
                 raise ConfigError(
                     f"tensor parallel size {self.tp} does not divide the {cfg.groups} query groups of "
@@ -376,7 +391,7 @@ class ParallelConfig:
                     f"tensor parallel size {self.tp} does not divide the {cfg.num_attention_heads} attention "
                     "heads; choose a TP that divides it."
                 )
-        if cfg.ssm is not None and cfg.ssm.version == 2 and "mamba" in types:
+        if "mamba" in kinds and cfg.ssm.version == 2:
             dims = cfg.mamba_dims()
             if dims["nheads"] % self.tp or cfg.ssm.num_groups % self.tp:
                 raise ConfigError(

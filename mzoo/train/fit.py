@@ -1,6 +1,6 @@
 """Before a run allocates anything: does one rank's estimated peak fit the memory of its device?
 
-The estimate is the planner's model of mzoo's own engine (mzoo/plan.py, `engine_profile`), which the
+The estimate is the planner's model of mzoo's own engine (mzoo/plan/, `engine_profile`), which the
 measured checks hold within 3% of the real peak on CPUs. On a GPU the capacity is what the driver
 reports free on this rank's device, less a headroom for the allocator's fragmentation; on a CPU it is
 the host's available memory, shared by the processes this node starts. When the run does not fit,
@@ -16,8 +16,13 @@ from typing import Optional
 import torch
 
 from mzoo.config import ModelConfig, ParallelConfig
-
-from mzoo.plan import GIB, HEADROOM  # the planner's share of a GPU kept free for the allocator
+from mzoo.plan.constants import GIB, HEADROOM  # the planner's share of a GPU kept free for the allocator
+from mzoo.plan.hardware import detect, gpu as named_gpu
+from mzoo.plan.layout import Layout
+from mzoo.plan.memory import memory
+from mzoo.plan.profile import engine_profile
+from mzoo.plan.search import plan
+from mzoo.plan.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,7 @@ def capacity(device: torch.device, local_processes: int) -> tuple[float, str]:
 
 def settings_of(tcfg):
     """The planner's Settings for a run's TrainConfig (the dry run and the fit check share it)."""
-    from mzoo import plan as P
-
-    return P.Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute, tcfg.distributed_optimizer,
+    return Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute, tcfg.distributed_optimizer,
                       recompute_modules=frozenset(tcfg.recompute_modules) if tcfg.recompute_modules else None,
                       recompute_layers=tcfg.recompute_num_layers)
 
@@ -66,13 +69,10 @@ def settings_of(tcfg):
 def estimate(cfg: ModelConfig, layout: ParallelConfig, tcfg, device_type: str,
              first: Optional[int] = None, last: Optional[int] = None) -> float:
     """Peak bytes of the busiest rank of `layout` training with `tcfg` on mzoo's engine."""
-    from mzoo import plan as P
-
-    plan_layout = P.Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
-                           first=first, last=last)
-    settings = settings_of(tcfg)
-    profile = P.engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
-    return P.memory(cfg, plan_layout, settings, profile).total
+    plan_layout = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
+                         first=first, last=last)
+    profile = engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
+    return memory(cfg, plan_layout, settings_of(tcfg), profile).total
 
 
 def check(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, local_processes: int,
@@ -118,17 +118,12 @@ def refusal(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device
             f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)}")
 
 
-GPU_NAMES = {"H200": "h200", "H100": "h100-80gb", "A100": "a100-80gb", "B200": "b200"}
-
-
 def gpu_type(requested: Optional[str] = None) -> str:
-    """The planner's GPU model: the one asked for, else this machine's, else an H100."""
+    """The planner's GPU model: the one asked for, else this machine's (the planner's GPU table), else an H100."""
     if requested:
         return requested
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name().upper()
-        return next((v for k, v in GPU_NAMES.items() if k in name), "h100-80gb")
-    return "h100-80gb"
+    found = detect()
+    return found.name if found else "h100-80gb"
 
 
 @dataclass(frozen=True)
@@ -147,12 +142,11 @@ class AutoLayout:
 def auto_layout(cfg: ModelConfig, tcfg, gpus: int, gpu: str) -> AutoLayout:
     """The fastest layout of `gpus` GPUs that mzoo's engine runs and that fits, by the planner (mzoo's
     engine profile, bf16 unless the run says otherwise), with one sentence saying why."""
-    from mzoo import plan as P
     from mzoo.errors import UserError
 
     settings = replace(settings_of(tcfg), distributed_optimizer=True)
-    profile = P.engine_profile(tcfg.precision, sequence_parallel=True, device="cuda")
-    ranked = P.plan(cfg, gpus, settings, P.gpu(gpu), profile)
+    profile = engine_profile(tcfg.precision, sequence_parallel=True, device="cuda")
+    ranked = plan(cfg, gpus, settings, named_gpu(gpu), profile)
     best = ranked[0]
     if not best.feasible:
         raise UserError(f"no layout of {gpus} {gpu} GPUs fits {cfg.name or 'this model'} on mzoo's engine: "

@@ -19,6 +19,8 @@ from mzoo.parallel.experts import set_aux_loss_scale, update_expert_biases
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer, lr_at
 from mzoo.parallel.random import seed_everything
 from mzoo.parallel.state import ParallelState
+from mzoo.plan.costs import model_flops_per_token
+from mzoo.plan.hardware import detect
 
 
 @dataclass
@@ -97,26 +99,11 @@ class LossScaler:
                 self.scale *= 2
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by device name, for MFU when --peak-tflops is not given; the
-# first name contained in the device's wins, so the H100 variants (PCIe, NVL) come before the SXM part.
-PEAK_BF16_TFLOPS = {"H100 PCIE": 756.0, "H100 NVL": 835.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
-                    "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0, "MI300X": 1307.0, "B200": 2250.0}
-
-
 def detect_peak_tflops() -> Optional[float]:
-    """The device's bf16 peak from its name, or None (CPUs, unknown devices: give --peak-tflops)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name().upper()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token for MFU: the planner's count (mzoo.plan.model_flops_per_token), block
-    by block, with the output layer's GEMM whether or not it is tied to the embedding."""
-    from mzoo.plan import model_flops_per_token
-
-    return model_flops_per_token(cfg, seq_len)
+    """The device's dense bf16 peak for MFU, from the planner's GPU table, or None (CPUs, unknown
+    devices: give --peak-tflops)."""
+    found = detect()
+    return found.peak_tflops if found else None
 
 
 Sampler = Callable[[int], dict[str, torch.Tensor]]  # global sample index -> {"tokens", "labels"}
@@ -161,7 +148,7 @@ class Trainer:
         seed_everything(state.rng, tcfg.seed, state.tp_rank, state.pp_rank)
         if hasattr(model, "set_recompute"):
             model.set_recompute(tcfg.recompute, tcfg.recompute_modules, tcfg.recompute_num_layers)
-        self.flops_per_token = flops_per_token(cfg, tcfg.seq_len)
+        self.flops_per_token = model_flops_per_token(cfg, tcfg.seq_len)
         self.peak_tflops = tcfg.peak_tflops or detect_peak_tflops()
 
     def _batch(self, sampler: Sampler, indices: list[int], chunk: torch.nn.Module) -> dict[str, torch.Tensor]:

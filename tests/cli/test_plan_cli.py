@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mzoo.plan import Layout, rank_params
+from mzoo.plan.costs import rank_params
+from mzoo.plan.layout import Layout
 from mzoo.zoo import get
 
 

@@ -74,13 +74,16 @@ def test_the_recipe_is_used_unless_overridden(tmp_path):
 def test_llama3_8b_dry_run_on_gpus_is_within_5_percent_of_megatrons_profile():
     """TP1 DP8 at the recipe (seq 8192, micro batch 1), bf16 with the distributed optimizer: mzoo's
     engine now keeps Megatron's 2 + 4 + 12/dp bytes per parameter and its activations."""
-    from mzoo import plan as P
+    from mzoo.plan.layout import Layout
+    from mzoo.plan.memory import memory
+    from mzoo.plan.profile import engine_profile, megatron_profile
+    from mzoo.plan.settings import Settings
     from mzoo.zoo import get
 
     cfg = get("llama3-8b").config
-    layout, settings = P.Layout(dp=8), P.Settings(8192, 512, 1, distributed_optimizer=True)
-    engine = P.memory(cfg, layout, settings, P.engine_profile("bf16", device="cuda")).total
-    megatron = P.memory(cfg, layout, settings, P.megatron_profile()).total
+    layout, settings = Layout(dp=8), Settings(8192, 512, 1, distributed_optimizer=True)
+    engine = memory(cfg, layout, settings, engine_profile("bf16", device="cuda")).total
+    megatron = memory(cfg, layout, settings, megatron_profile()).total
     assert abs(engine / megatron - 1) < 0.05, (engine / 2**30, megatron / 2**30)
 
 
@@ -95,15 +98,18 @@ def test_asking_for_cuda_without_one_is_one_sentence(tmp_path):
 def test_gpus_without_a_layout_asks_the_planner(tmp_path):
     """--gpus 8 and no --tp/--pp/--dp: the planner's fastest layout that mzoo's engine runs and fits,
     with the sentence saying why; the dry run then reports exactly that layout."""
-    from mzoo import plan as P
+    from mzoo.plan.hardware import gpu
+    from mzoo.plan.profile import engine_profile
+    from mzoo.plan.search import plan
+    from mzoo.plan.settings import Settings
     from mzoo.zoo import get
 
     proc = run("train", "llama3-8b", "--gpus", 8, "--mock-data", "--dry-run", "--device", "cuda", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     why = " ".join(proc.stdout.split())
     assert why.startswith("layout from the planner: ") and "fit 8 x h100-80gb" in why
-    settings = P.Settings(8192, 512, 1, distributed_optimizer=True)
-    best = P.plan(get("llama3-8b").config, 8, settings, P.gpu("h100-80gb"), P.engine_profile("bf16", True, "cuda"))[0]
+    settings = Settings(8192, 512, 1, distributed_optimizer=True)
+    best = plan(get("llama3-8b").config, 8, settings, gpu("h100-80gb"), engine_profile("bf16", True, "cuda"))[0]
     assert f"layout from the planner: {best.layout.label()} " in why
     report = json.loads(run("train", "llama3-8b", "--gpus", 8, "--mock-data", "--dry-run", "--device", "cuda", "--json",
                             cwd=tmp_path).stdout)

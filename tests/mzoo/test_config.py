@@ -77,3 +77,13 @@ def test_padded_vocab_follows_megatron():
     cfg = get("llama3-8b").config
     assert cfg.padded_vocab_size(1) == 128256
     assert cfg.padded_vocab_size(8) == 129024
+
+
+def test_block_kinds_answer_which_blocks_a_model_has():
+    """One answer for validation, `zoo list`/`show` and cards: hybrids hold what their pattern says."""
+    assert get("llama-tiny").config.block_kinds == {"attention", "mlp"}
+    assert get("mixtral-tiny").config.block_kinds == {"attention", "moe"}
+    assert get("mamba-tiny").config.block_kinds == {"mamba"}
+    assert get("mamba-hybrid-tiny").config.block_kinds == {"attention", "mamba", "mlp"}
+    no_attention = get("mamba-hybrid-tiny").config.replace(**{"ssm.hybrid_pattern": "M--M"})
+    assert no_attention.block_kinds == {"mamba", "mlp"}

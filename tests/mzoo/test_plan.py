@@ -1,4 +1,4 @@
-"""The layout planner (mzoo/plan.py): exact per-rank parameter counts against models built on the
+"""The layout planner (mzoo/plan/): exact per-rank parameter counts against models built on the
 meta device, published training layouts that must fit (and clearly impossible ones that must not),
 the pipeline formulas, and the memory estimate against the peak measured while training here."""
 
@@ -13,10 +13,16 @@ import pytest
 import torch
 
 from mzoo.config import ConfigError, ModelConfig
-from mzoo.plan import (
-    GEMM_EFFICIENCY, GIB, GPUS, Layout, Settings, engine_profile, evaluate, explain, in_flight, memory,
-    model_flops_per_token, parse_check, plan, problems, rank_params, stages, uneven_splits,
-)
+from mzoo.cli.plan import parse_check
+from mzoo.plan.constants import GEMM_EFFICIENCY, GIB
+from mzoo.plan.costs import model_flops_per_token, rank_params, stages
+from mzoo.plan.explain import explain
+from mzoo.plan.hardware import GPUS
+from mzoo.plan.layout import Layout
+from mzoo.plan.memory import in_flight, memory
+from mzoo.plan.profile import engine_profile
+from mzoo.plan.search import evaluate, plan, problems, uneven_splits
+from mzoo.plan.settings import Settings
 from mzoo.zoo import get
 
 H100 = GPUS["h100-80gb"]
@@ -65,10 +71,24 @@ def test_rank_params_equal_meta_model(name, layout):
         assert rank_params(cfg, layout, p).total == got, (name, layout.label(), p)
 
 
+@pytest.mark.parametrize("device, name, peak", [
+    ("NVIDIA H100 PCIe", "h100-pcie", 756.0), ("NVIDIA H100 NVL", "h100-nvl", 835.0), ("NVIDIA H200", "h200", 989.0),
+    ("NVIDIA H100 80GB HBM3", "h100-80gb", 989.0), ("NVIDIA A100-SXM4-80GB", "a100-80gb", 312.0),
+    ("NVIDIA L40S", "l40s", 362.0), ("NVIDIA A10G", "a10g", 125.0), ("NVIDIA L4", "l4", 121.0),
+    ("Tesla V100-SXM2-32GB", "v100", 125.0), ("AMD Instinct MI300X", "mi300x", 1307.0), ("NVIDIA B200", "b200", 2250.0),
+])
+def test_one_gpu_table_names_the_device_and_its_mfu_peak(device, name, peak):
+    """The planner's GPU for `train --gpus` and the trainer's MFU peak come from the same row."""
+    from mzoo.plan.hardware import match
+
+    assert (match(device).name, match(device).peak_tflops) == (name, peak)
+    assert match("NVIDIA RTX 4090") is None
+
+
 def test_tied_embeddings_keep_the_output_layers_flops():
     """llama3.2-1b ties its embedding: the logits are still a [tokens, hidden] x [hidden, vocab] GEMM,
     so MFU counts it (the trainer once dropped it: -15% for this model)."""
-    from mzoo.train.trainer import flops_per_token
+    from mzoo.train.trainer import model_flops_per_token as flops_per_token  # what the trainer's MFU uses
 
     cfg = get("llama3.2-1b").config
     assert cfg.tie_embeddings
