@@ -1,5 +1,5 @@
-"""`mzoo plan`: which parallel layout to train a model with on N GPUs, and what it costs; and the
-`mzoo train --dry-run` report (one rank's parameters and memory, nothing allocated or launched)."""
+"""`mzoo plan`: parse (including --check's layout), call mzoo.jobs.plan, print the ranked table or the
+checked layout."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from rich.table import Table
 
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.errors import UserError
+from mzoo.jobs.plan import PlanResult
+from mzoo.plan.explain import seconds
+from mzoo.plan.layout import Layout
 
-RECOMPUTE = ("none", "selective", "full")
 ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
 COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")
 
@@ -19,10 +21,8 @@ COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "
 CHECK_KEYS = ("tp", "pp", "vpp", "ep", "etp", "cp", "dp", "first", "last")
 
 
-def parse_check(text: str, gpus: int):
+def parse_check(text: str, gpus: int) -> Layout:
     """'tp=4,pp=4,ep=8' -> the planner's Layout; dp defaults to gpus / (tp * pp * cp)."""
-    from mzoo.plan.layout import Layout
-
     values: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, raw = item.partition("=")
@@ -47,13 +47,6 @@ def parse_check(text: str, gpus: int):
     return Layout(tp=values.get("tp", 1), pp=values.get("pp", 1), dp=values["dp"], vpp=values.get("vpp", 1),
                   ep=values.get("ep", 1), cp=values.get("cp", 1), etp=values.get("etp"),
                   first=values.get("first"), last=values.get("last"))
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 @user_errors
@@ -96,99 +89,15 @@ def plan(
              mzoo plan deepseek-v3 --gpus 1024 --engine megatron --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
     Exit status: 0, or 1 when --check's layout does not fit or is not valid.
     """
-    from mzoo.plan.explain import explain
-    from mzoo.plan.hardware import gpu as gpu_named
-    from mzoo.plan.search import evaluate, plan as ranked_layouts
-    from mzoo.zoo import resolve
+    from mzoo.jobs.plan import PlanRequest, plan as run
 
-    cfg = resolve(model)
-    gpu_types = [gpu_named(name) for name in gpu]  # unknown names: one sentence, before any work
-    if engine not in ("mzoo", "megatron"):
-        raise UserError(f"unknown --engine '{engine}'; use mzoo or megatron.")
-    if not 0 <= headroom < 1:
-        raise UserError(f"--headroom {headroom} must be a share of memory from 0 up to (not including) 1, e.g. 0.05.")
-    settings = _settings(cfg, gpus, gpus_per_node, seq_len, global_batch, micro_batch, recompute,
-                         distributed_optimizer, fp8, grad_reduce_in_fp32, top, headroom)
-    primary = _profiles(settings, engine)
-    for g in gpu_types:
-        if fp8 and g.fp8_tflops is None:
-            raise UserError(f"the {g.name} has no FP8 tensor cores; drop --fp8 or pick another --gpu.")
     layout = parse_check(check, gpus) if check is not None else None
-    if layout is not None:
-        plans = [evaluate(cfg, layout, settings, g, gpus, primary) for g in gpu_types]
-        _show(cfg, gpus, settings, plans, {g.name: p.verdict() for g, p in zip(gpu_types, plans)}, as_json, check=True,
-              other=_other(cfg, gpus, settings, plans, engine))
-        if not all(p.feasible for p in plans):
-            raise typer.Exit(1)
-        return
-    shown, why = [], {}
-    for g in gpu_types:
-        ranked = ranked_layouts(cfg, gpus, settings, g, primary)
-        shown += ranked[:top]
-        why[g.name] = explain(ranked) + _versus(cfg, gpus, settings, g, ranked, engine)
-    _show(cfg, gpus, settings, shown, why, as_json, check=False, other=_other(cfg, gpus, settings, shown, engine))
-
-
-def _profiles(settings, engine: str):
-    """The profile ranked by: mzoo's engine in bf16 on GPUs, or Megatron-Core + TE."""
-    from mzoo.plan.profile import engine_profile, megatron_profile
-
-    if engine == "megatron":
-        return megatron_profile(settings.grad_fp32, settings.fp8)
-    return engine_profile("bf16", sequence_parallel=True, device="cuda")
-
-
-def _other(cfg, gpus: int, settings, plans: list, engine: str) -> list:
-    """The other engine's plan for each shown layout (the labelled comparison)."""
-    from mzoo.plan.search import evaluate
-
-    other = _profiles(settings, "mzoo" if engine == "megatron" else "megatron")
-    return [evaluate(cfg, p.layout, settings, p.gpu, gpus, other) for p in plans]
-
-
-def _versus(cfg, gpus: int, settings, g, ranked: list, engine: str) -> str:
-    """A sentence on the other engine's fastest layout, when mzoo's engine is the one ranked."""
-    from mzoo.plan.constants import GIB
-    from mzoo.plan.explain import seconds
-    from mzoo.plan.search import plan as ranked_layouts
-
-    if engine != "mzoo":
-        return ""
-    theirs = ranked_layouts(cfg, gpus, settings, g, _profiles(settings, "megatron"))
-    best = theirs[0]
-    if not best.feasible:
-        return " Megatron-Core + TE has no layout that fits either."
-    ours = ranked[0] if ranked and ranked[0].feasible else None
-    gap = f", {best.time.mfu / ours.time.mfu:.2f}x mzoo's MFU" if ours else ""
-    runs = "" if best.layout.mzoo_engine else " (a layout mzoo's engine cannot run yet)"
-    return (f" For comparison, Megatron-Core + TE's fastest is {best.layout.label()}{runs}: "
-            f"{best.memory.total / GIB:.1f} GiB, {seconds(best.time.step)} per step, MFU {best.time.mfu:.1%}{gap}.")
-
-
-def _settings(cfg, gpus: int, gpus_per_node: int, seq_len: Optional[int], global_batch: Optional[int],
-              micro_batch: int, recompute: str, distributed_optimizer: bool, fp8: bool, grad_fp32: bool, top: int,
-              headroom: float = 0.05):
-    """Settings from the flags, every impossible value one sentence."""
-    from mzoo.plan.settings import Settings, default_global_batch, default_seq_len
-
-    if gpus < 1:
-        raise UserError(f"--gpus must be at least 1, got {gpus}.")
-    if gpus_per_node < 1:
-        raise UserError(f"--gpus-per-node must be at least 1, got {gpus_per_node}.")
-    if recompute not in RECOMPUTE:
-        raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
-    if micro_batch < 1 or top < 1:
-        raise UserError("--micro-batch and --top must be at least 1.")
-    seq = seq_len if seq_len is not None else default_seq_len(cfg)
-    if seq < 1:
-        raise UserError(f"--seq-len must be at least 1, got {seq}.")
-    if cfg.position_embedding == "learned" and seq > cfg.max_position_embeddings:
-        raise UserError(f"--seq-len {seq} exceeds the model's {cfg.max_position_embeddings} learned positions.")
-    batch = global_batch if global_batch is not None else default_global_batch(seq)
-    if batch < micro_batch:
-        raise UserError(f"--global-batch {batch} is smaller than --micro-batch {micro_batch}.")
-    return Settings(seq, batch, micro_batch, recompute, distributed_optimizer, fp8, grad_fp32, gpus_per_node,
-                      headroom)
+    request = PlanRequest(model, gpus, tuple(gpu), gpus_per_node, seq_len, global_batch, micro_batch, recompute,
+                          distributed_optimizer, fp8, grad_reduce_in_fp32, engine, headroom, top, layout)
+    result = run(request)
+    _show(result, as_json)
+    if result.checked and not result.feasible:
+        raise typer.Exit(1)
 
 
 def _settings_dict(settings) -> dict:
@@ -198,8 +107,9 @@ def _settings_dict(settings) -> dict:
             "headroom": settings.headroom}
 
 
-def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check: bool, other: list) -> None:
-    from mzoo.plan.explain import seconds
+def _show(result: PlanResult, as_json: bool) -> None:
+    cfg, gpus, settings, plans, other, why, check = (result.cfg, result.gpus, result.settings, result.plans,
+                                                      result.other, result.why, result.checked)
 
     if as_json:  # a list of layouts, best first per GPU type; each carries the run it describes
         key = "verdict" if check else "explanation"
@@ -244,8 +154,6 @@ def _show(cfg, gpus: int, settings, plans: list, why: dict, as_json: bool, check
 
 
 def _show_one(p) -> None:
-    from mzoo.plan.explain import seconds
-
     color = "green" if p.feasible else "red"
     console.print(f"[bold]{p.gpu.name}[/] {p.layout.label()}: [{color}]{p.verdict()}[/]", highlight=False)
     for reason in p.problems[1:]:
@@ -258,56 +166,3 @@ def _show_one(p) -> None:
     per_step = ", ".join(f"{k.replace('_', ' ')} {seconds(v)}" for k, v in t.parts().items() if v > 0.001 * t.step)
     console.print(f"  step {seconds(t.step)}, MFU {t.mfu:.1%}, {t.microbatches} micro-batches, bubble {t.bubble:.1%}; "
                   f"per step: {per_step}", highlight=False)
-
-
-# ---- mzoo train --dry-run --------------------------------------------------------------------------------
-def dry_run(cfg, layout, tcfg, rank: int, first: Optional[int], last: Optional[int], as_json: bool,
-            device: str = "cpu") -> None:
-    """Build rank `rank` of the layout on the meta device (no weights, no process group) and print its
-    parameters and the planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
-    from mzoo.models import build_chunks
-    from mzoo.parallel.state import ParallelState
-    from mzoo.plan.costs import stages
-    from mzoo.plan.layout import Layout
-    from mzoo.plan.memory import stage_memory
-    from mzoo.plan.profile import engine_profile
-
-    world = layout.world_size
-    if not 0 <= rank < world:
-        raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
-    state = ParallelState.for_rank(layout, rank)
-    chunks = build_chunks(cfg, state, first=first, last=last, device="meta")
-    params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
-    plan_layout = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
-                           first=first, last=last)
-    from mzoo.train.fit import settings_of
-
-    settings = settings_of(tcfg)
-    profile = engine_profile(tcfg.precision, layout.sequence_parallel, device)
-    stage = stages(cfg, plan_layout)[state.pp_rank]
-    mem = stage_memory(cfg, plan_layout, settings, profile, stage)
-    coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
-              "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
-    count = sum(p["numel"] for p in params)
-    if as_json:
-        print_json({"dry_run": True, "model": cfg.name, "rank": rank, "world_size": world, "coordinates": coords,
-                    "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "dp": layout.dp, "ep": layout.ep,
-                               "cp": layout.cp, "sequence_parallel": layout.sequence_parallel,
-                               "first_stage_layers": first, "last_stage_layers": last},
-                    "layers": list(stage.layers), "parameters": params, "count": count,
-                    "memory": {"profile": profile.name, "device": device, **mem.as_dict()}})
-        return
-    where = ", ".join(f"{k} {v}" for k, v in coords.items())
-    console.print(f"[bold]dry run[/]: rank {rank} of {world} ({where}); nothing allocated, nothing launched",
-                  highlight=False)
-    span = f"layers {stage.layers[0]}..{stage.layers[-1]} ({len(stage.layers)})" if stage.layers else "no layers"
-    console.print(span, highlight=False)
-    table = Table(title=f"{len(params)} parameter tensors, {count:,} elements")
-    for col in ("name", "shape", "numel"):
-        table.add_column(col, justify="right" if col == "numel" else "left")
-    for p in params:
-        table.add_row(p["name"], "x".join(map(str, p["shape"])), f"{p['numel']:,}")
-    console.print(table)
-    parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in mem.parts().items() if v)
-    console.print(f"memory estimate ({profile.name}, mzoo's engine on {device}): {_size(mem.total)} = {parts}",
-                  highlight=False)

@@ -1,5 +1,5 @@
-"""What `train` and `finetune` print while a prepared run starts: the layout, a progress bar, one line
-per step, and the final losses (JSON) or where the model was saved."""
+"""What `train` and `finetune` print: the layout, a progress bar, one line per step, and the final
+losses (JSON) or where the model was saved; and `train --dry-run`'s report."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import sys
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from mzoo.cli.common import console, err_console, print_json
+from mzoo.jobs.plan import DryRun
 from mzoo.jobs.train import Prepared, needs_launcher, relaunch, start
 from mzoo.train.run import in_launcher, summary
 from mzoo.train.trainer import StepLog
@@ -52,3 +54,32 @@ def execute(prepared: Prepared, as_json: bool) -> None:
                         "val_losses": {log.step: log.val_loss for log in logs if log.val_loss is not None}})
         elif prepared.saved:
             console.print(prepared.saved, highlight=False)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def print_dry_run(report: DryRun, as_json: bool) -> None:
+    """`train --dry-run`: one rank's coordinates, layers, parameter tensors and memory estimate."""
+    if as_json:
+        print_json(report.as_dict())
+        return
+    where = ", ".join(f"{k} {v}" for k, v in report.coordinates.items())
+    console.print(f"[bold]dry run[/]: rank {report.rank} of {report.layout.world_size} ({where}); nothing "
+                  "allocated, nothing launched", highlight=False)
+    layers = report.stage.layers
+    console.print(f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers", highlight=False)
+    table = Table(title=f"{len(report.parameters)} parameter tensors, {report.count:,} elements")
+    for col in ("name", "shape", "numel"):
+        table.add_column(col, justify="right" if col == "numel" else "left")
+    for p in report.parameters:
+        table.add_row(p["name"], "x".join(map(str, p["shape"])), f"{p['numel']:,}")
+    console.print(table)
+    mem = report.memory
+    parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in mem.parts().items() if v)
+    console.print(f"memory estimate ({report.profile.name}, mzoo's engine on {report.device}): {_size(mem.total)} = "
+                  f"{parts}", highlight=False)

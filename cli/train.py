@@ -92,10 +92,11 @@ def train(
     if prepared.why is not None and not as_json and int(os.environ.get("RANK", 0)) == 0:
         console.print(prepared.why, highlight=False)
     if dry_run:  # everything above is what train checks before launch; stop before any real work
-        from mzoo.cli.plan import dry_run as report
+        from mzoo.cli.running import print_dry_run
+        from mzoo.jobs.plan import dry_run as report
 
         rc = prepared.run
-        report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.first, prepared.last, as_json,
-               prepared.facts["device"])
+        print_dry_run(report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.first, prepared.last,
+                             prepared.facts["device"]), as_json)
         return
     execute(prepared, as_json)
