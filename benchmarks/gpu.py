@@ -69,7 +69,7 @@ from mzoo.parallel.optimizer import AdamWConfig, Optimizer
 from mzoo.parallel.sharding import to_global
 from mzoo.parallel.state import ParallelState
 from mzoo.plan.costs import model_flops_per_token
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.memory import memory
 from mzoo.plan.profile import engine_profile
 from mzoo.plan.settings import Settings

@@ -30,7 +30,8 @@ import json, os, sys
 import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.data.gpt import MockGPTDataset
@@ -42,7 +43,7 @@ def status(key):
 spec = json.loads(sys.argv[1])
 dist.init_process_group("gloo")
 world = dist.get_world_size()
-state = ParallelState.build(ParallelConfig(dp=world))
+state = ParallelState.build(Layout(dp=world))
 cfg, tcfg = ModelConfig.from_dict(spec["model"]), TrainConfig(**spec["train"])
 tiny = cfg.replace(hidden_size=64, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=64, num_layers=1,
                    vocab_size=256)

@@ -13,6 +13,7 @@ from mzoo.cli.progress import byte_progress, summary_line
 from mzoo.errors import UserError
 from mzoo.ckpt.megatron.files import FilePlan
 from mzoo.jobs.convert import ConvertRequest, run
+from mzoo.layout import Layout
 
 DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
 
@@ -50,8 +51,8 @@ def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
     if as_json:
         print_json(plan.as_dict())
         return
-    lay = plan.layout
-    console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={lay.spec}): "
+    lay = plan.megatron.layout
+    console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={plan.megatron.spec}): "
                   f"{len(plan.files)} files, {sum(len(f.entries) for f in plan.files)} tensors, "
                   f"{plan.nbytes / 1e9:.3f} GB; nothing written", highlight=False)
     for f in plan.files[:shown]:
@@ -90,8 +91,9 @@ def convert(
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
     a, b = parse_direction(direction)
-    _run(ConvertRequest(src=src, dst=dst, to=b, expect=a, megatron_format=megatron_format, tp=tp, pp=pp, vpp=vpp, ep=ep,
-                        first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers, spec=spec,
+    _run(ConvertRequest(src=src, dst=dst, to=b, expect=a, megatron_format=megatron_format,
+                        layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
+                                      last_stage_layers=last_stage_layers), spec=spec,
                         moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, shard_size=shard_size,
                         trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan),
          as_json, quiet)
@@ -112,8 +114,8 @@ def reshard(
     Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
     (MoE: mzoo reshard ./mixtral-ep4 ./mixtral-ep2 --ep 2)
     """
-    _run(ConvertRequest(src=src, dst=dst, to="megatron", expect="megatron", megatron_format=megatron_format, tp=tp,
-                        pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
-                        last_stage_layers=last_stage_layers, spec=spec, moe_grouped_gemm=moe_grouped_gemm,
+    _run(ConvertRequest(src=src, dst=dst, to="megatron", expect="megatron", megatron_format=megatron_format,
+                        layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
+                                      last_stage_layers=last_stage_layers), spec=spec, moe_grouped_gemm=moe_grouped_gemm,
                         dtype=dtype, trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite,
                         plan=plan), as_json, quiet)

@@ -12,7 +12,7 @@ from mzoo.cli.common import console, print_json, user_errors
 from mzoo.errors import UserError
 from mzoo.jobs.plan import PlanResult
 from mzoo.plan.explain import seconds
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 
 ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
 COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")
@@ -46,7 +46,7 @@ def parse_check(text: str, gpus: int) -> Layout:
         values["dp"] = gpus // base
     return Layout(tp=values.get("tp", 1), pp=values.get("pp", 1), dp=values["dp"], vpp=values.get("vpp", 1),
                   ep=values.get("ep", 1), cp=values.get("cp", 1), etp=values.get("etp"),
-                  first=values.get("first"), last=values.get("last"))
+                  first_stage_layers=values.get("first"), last_stage_layers=values.get("last"))
 
 
 @user_errors
@@ -145,7 +145,7 @@ def _show(result: PlanResult, as_json: bool) -> None:
         for i, (p, o) in enumerate(rows, 1):
             mem = f"{p.memory.total / 2**30:.1f} / {p.usable_gib:.1f}"
             table.add_row(str(i), p.layout.label(), mem, f"{p.time.mfu:.1%}", seconds(p.time.step),
-                          f"{p.time.tokens_per_s / p.layout.world:,.0f}", f"{p.time.bubble:.1%}",
+                          f"{p.time.tokens_per_s / p.layout.world_size:,.0f}", f"{p.time.bubble:.1%}",
                           "yes" if p.feasible else "[red]no[/]",
                           f"{o.memory.total / 2**30:.1f}" if o.memory else "cannot run",
                           f"{o.time.mfu:.1%}" if o.time else "-")

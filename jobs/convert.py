@@ -17,9 +17,10 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
+from mzoo.layout import Layout
 from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.hf import is_hf_checkpoint, parse_dtype, parse_size, storage_dtype
-from mzoo.ckpt.megatron.layout import FORMATS, MegatronLayout, Target, validate_layout
+from mzoo.ckpt.megatron.checkpoint import FORMATS, MegatronCheckpoint, Target, validate_layout
 from mzoo.ckpt.megatron.write import write_megatron
 from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ModelConfig
@@ -66,7 +67,7 @@ def validate_target(src: Source, target: Target) -> None:
     if target.fmt == "hf":
         adapters.for_family(src.cfg.family).config_to_hf(src.cfg)
     else:
-        validate_layout(src.cfg, target.fmt, target.layout)
+        validate_layout(src.cfg, target.fmt, target.megatron)
 
 
 def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = False,
@@ -111,7 +112,7 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
     else:
         write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files,
                        extents)
-    lay = target.layout if target.fmt != "hf" else MegatronLayout()
+    lay = target.megatron.layout if target.fmt != "hf" else Layout()
     return Summary(str(src.path), str(dst), src.fmt, target.fmt, lay.tp, lay.pp, lay.vpp, src.nbytes,
                    time.perf_counter() - start, peak_rss_gb(), lay.ep)
 
@@ -139,12 +140,7 @@ class ConvertRequest:
     to: Literal["hf", "megatron"]
     expect: Optional[Literal["hf", "megatron"]] = None  # the source kind the direction names
     megatron_format: str = "torch_dist"
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    ep: int = 1
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
+    layout: Layout = Layout()  # of the Megatron output
     spec: str = "te"
     moe_grouped_gemm: bool = False
     dtype: Optional[str] = None
@@ -154,11 +150,10 @@ class ConvertRequest:
     overwrite: bool = False
     plan: bool = False  # describe the output's files, write nothing
 
-    def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronLayout:
-        return MegatronLayout(tp=self.tp, pp=self.pp, vpp=self.vpp, first_stage_layers=self.first_stage_layers,
-                              last_stage_layers=self.last_stage_layers, spec=self.spec,
-                              make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by, ep=self.ep,
-                              moe_grouped_gemm=self.moe_grouped_gemm, iteration=iteration)
+    def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronCheckpoint:
+        return MegatronCheckpoint(layout=self.layout, spec=self.spec, iteration=iteration,
+                                  make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
+                                  moe_grouped_gemm=self.moe_grouped_gemm)
 
 
 def _check(req: ConvertRequest) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mzoo.ckpt.megatron.layout import MegatronLayout, Target
+from mzoo.layout import Layout
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.converters.hf import save_hf
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
@@ -75,7 +76,8 @@ def demo(req: DemoRequest, say: Callable[[str], None] = lambda text: None) -> De
         parity = against_transformers(hf_dir)
         say(f"[bold]2.[/] transformers vs mzoo on it: max |Δlogits| = {parity.max_abs_diff:.2e} "
             f"(tolerance {VERIFY_TOLERANCE:g})")
-        convert(open_source(hf_dir), mc_dir, Target("torch_dist", MegatronLayout(tp=2, pp=2)), overwrite=True)
+        tp2pp2 = MegatronCheckpoint(layout=Layout(tp=2, pp=2))
+        convert(open_source(hf_dir), mc_dir, Target("torch_dist", tp2pp2), overwrite=True)
         via_megatron = verify_sources(open_source(hf_dir), open_source(mc_dir))
         say(f"[bold]3.[/] hf->megatron (torch_dist, TP2 PP2): max |Δlogits| = {via_megatron.max_abs_diff:.2e}")
         summary.update(transformers_vs_mzoo=parity.as_dict(), hf_vs_megatron_tp2pp2=via_megatron.as_dict())

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar
 from mzoo.jobs.sources import open_source
+from mzoo.layout import Layout
 from mzoo.params import count_params
 
 
@@ -15,7 +16,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
     """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes
     and, with `check`, against its CRC-32 checksums (reads every byte)."""
     src = open_source(path, trust_pickle, vocab_size)
-    lay = src.layout
+    lay = src.megatron.layout if src.megatron is not None else Layout()
     root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
     side = read_sidecar(root) or {}
     problems = []
@@ -34,11 +35,11 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "path": str(path),
         "format": src.fmt,
         "iteration": src.iteration if src.fmt != "hf" else None,
-        "tp": lay.tp if lay else 1,
-        "pp": lay.pp if lay else 1,
-        "vpp": lay.vpp if lay else 1,
-        "ep": lay.ep if lay else 1,
-        "spec": lay.spec if lay else None,
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "vpp": lay.vpp,
+        "ep": lay.ep,
+        "spec": src.megatron.spec if src.megatron is not None else None,
         "dtype": str(src.dtype).replace("torch.", ""),
         "num_params": count.total,
         "active_params": count.active,

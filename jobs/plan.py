@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.errors import UserError
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
@@ -15,7 +16,6 @@ from mzoo.plan.constants import GIB
 from mzoo.plan.costs import Stage, stages
 from mzoo.plan.explain import explain, seconds
 from mzoo.plan.hardware import GPU, gpu as gpu_named
-from mzoo.plan.layout import Layout
 from mzoo.plan.memory import Memory, stage_memory
 from mzoo.plan.profile import Profile, engine_profile, megatron_profile
 from mzoo.plan.search import Plan, evaluate, plan as ranked_layouts
@@ -142,7 +142,7 @@ class DryRun:
     """One rank of a layout, built on the meta device, and the planner's memory estimate for it."""
 
     cfg: ModelConfig
-    layout: ParallelConfig
+    layout: Layout
     rank: int
     coordinates: dict[str, int]
     stage: Stage
@@ -150,8 +150,6 @@ class DryRun:
     memory: Memory
     profile: Profile
     device: str
-    first: Optional[int] = None
-    last: Optional[int] = None
     count: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -162,27 +160,24 @@ class DryRun:
         return {"dry_run": True, "model": self.cfg.name, "rank": self.rank, "world_size": lay.world_size,
                 "coordinates": self.coordinates,
                 "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp, "ep": lay.ep, "cp": lay.cp,
-                           "sequence_parallel": lay.sequence_parallel, "first_stage_layers": self.first,
-                           "last_stage_layers": self.last},
+                           "sequence_parallel": lay.sequence_parallel, "first_stage_layers": lay.first_stage_layers,
+                           "last_stage_layers": lay.last_stage_layers},
                 "layers": list(self.stage.layers), "parameters": self.parameters, "count": self.count,
                 "memory": {"profile": self.profile.name, "device": self.device, **self.memory.as_dict()}}
 
 
-def dry_run(cfg: ModelConfig, layout: ParallelConfig, tcfg: TrainConfig, rank: int, first: Optional[int],
-            last: Optional[int], device: str = "cpu") -> DryRun:
+def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, device: str = "cpu") -> DryRun:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) with the
     planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
     world = layout.world_size
     if not 0 <= rank < world:
         raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
     state = ParallelState.for_rank(layout, rank)
-    chunks = build_chunks(cfg, state, first=first, last=last, device="meta")
+    chunks = build_chunks(cfg, state, device="meta")
     params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
-    plan_layout = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
-                         first=first, last=last)
     profile = engine_profile(tcfg.precision, layout.sequence_parallel, device)
-    stage = stages(cfg, plan_layout)[state.pp_rank]
-    mem = stage_memory(cfg, plan_layout, settings_of(tcfg), profile, stage)
+    stage = stages(cfg, layout)[state.pp_rank]
+    mem = stage_memory(cfg, layout, settings_of(tcfg), profile, stage)
     coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
               "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
-    return DryRun(cfg, layout, rank, coords, stage, params, mem, profile, device, first, last)
+    return DryRun(cfg, layout, rank, coords, stage, params, mem, profile, device)

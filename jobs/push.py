@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 from mzoo import hub
 from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import TOKENIZER_FILES
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.errors import UserError
 from mzoo.hub import RetryPolicy, UploadFile
 from mzoo.jobs.card import DEFAULT_LICENSE, CardFacts, checkpoint_root, known_base_model, render_card, \
@@ -157,8 +157,9 @@ def write_card(src, dst: Path, req: Request) -> tuple[str, bool]:
     readme = dst / "README.md"
     if src.fmt == "hf" and readme.exists():
         return readme.read_text(errors="replace"), False
-    lay = src.layout
-    layout = {} if src.fmt == "hf" or lay is None else {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep,
+    lay = src.megatron
+    layout = {} if src.fmt == "hf" or lay is None else {"tp": lay.layout.tp, "pp": lay.layout.pp,
+                                                        "vpp": lay.layout.vpp, "ep": lay.layout.ep,
                                                         "spec": lay.spec}
     facts = CardFacts(
         repo_id=req.repo_id, cfg=src.cfg, dtype=str(src.dtype).replace("torch.", ""), source_format=src.fmt,

@@ -13,9 +13,9 @@ import torch
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
-from mzoo.ckpt.megatron.args import args_to_config, args_to_layout, check_expert_tp
+from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
-from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.ckpt.sink import TensorExtents, cat_rows
@@ -60,7 +60,7 @@ class Source:
     cfg: ModelConfig
     dtype: torch.dtype
     get: Callable[[str], torch.Tensor]
-    layout: Optional[MegatronLayout] = None
+    megatron: Optional[MegatronCheckpoint] = None  # what a Megatron checkpoint records: layout, spelling, ...
     iteration: int | str = 0
     tokenizer_files: list[Path] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)
@@ -129,7 +129,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         specs = {t.name: t.spec for t in tensors}
         reader.bind(cfg.num_layers, specs, cfg.moe.num_experts if cfg.moe else 0)
         get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
-        return Source(path, fmt, cfg, reader.dtype, get, reader.layout, iteration, files=_files(folder), tensors=tensors)
+        return Source(path, fmt, cfg, reader.dtype, get, reader.megatron, iteration, files=_files(folder), tensors=tensors)
     store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
@@ -140,10 +140,10 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     specs = {t.name: t.spec for t in tensors}
     keys = set(store.keys())
     spelling = saved_spelling(keys, cfg)  # unless the args name the model's implementation
-    layout = args_to_layout(args, None if "transformer_impl" in vars(args) else spelling) if args is not None \
-        else MegatronLayout(spec=spelling)
-    layout = replace(layout, iteration=iteration)
-    where = {t.name: dist_location(t.name, t.spec, keys, cfg, layout.spec, folder) for t in tensors}  # before any read
+    megatron = args_to_checkpoint(args, None if "transformer_impl" in vars(args) else spelling) if args is not None \
+        else MegatronCheckpoint(spec=spelling)
+    megatron = replace(megatron, iteration=iteration)
+    where = {t.name: dist_location(t.name, t.spec, keys, cfg, megatron.spec, folder) for t in tensors}  # before any read
     dtype = store.dtype(where[tensors[0].name][0][0])
 
     def get(name: str) -> torch.Tensor:
@@ -162,7 +162,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
             value = value.rows(0, cfg.vocab_size)
         return value
 
-    return Source(path, fmt, cfg, dtype, get, layout, iteration, files=_files(folder), tensors=tensors,
+    return Source(path, fmt, cfg, dtype, get, megatron, iteration, files=_files(folder), tensors=tensors,
                   extents=extents)
 
 

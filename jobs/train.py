@@ -19,9 +19,10 @@ import torch
 import yaml
 
 from mzoo.ckpt.hf import TOKENIZER_FILES
-from mzoo.ckpt.megatron.layout import MegatronLayout, Target
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.write import add_iteration
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.converters.hf import save_hf
 from mzoo.data.gpt import DataConfig, build_gpt_datasets, data_config_from_flags
 from mzoo.errors import UserError
@@ -103,8 +104,6 @@ class Prepared:
     hooks: Hooks
     world: int
     launch: Launch
-    first: Optional[int] = None
-    last: Optional[int] = None
     why: Optional[str] = None  # the planner's reason, when it picked the layout
     saved: Optional[str] = None  # what to say after a save
     notes: list[str] = field(default_factory=list)  # warnings (e.g. --force over the memory estimate)
@@ -152,8 +151,8 @@ def check_choices(precision: str, recompute: str, schedule: str) -> None:
         raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
 
 
-def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len: int) -> tuple[ParallelConfig, int]:
-    """(ParallelConfig, world size) from the flags, every inconsistency one sentence."""
+def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len: int) -> tuple[Layout, int]:
+    """(Layout, world size) from the flags, every inconsistency one sentence."""
     tp, pp, vpp, ep, dp = flags.tp or 1, flags.pp or 1, flags.vpp or 1, flags.ep or 1, flags.dp
     adopt_slurm_env()
     nnodes = launch.nnodes
@@ -164,7 +163,8 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
         raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
     if dp is None:
         dp = max(1, world // (tp * pp))
-    layout = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel)
+    layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel,
+                    first_stage_layers=flags.first_stage_layers, last_stage_layers=flags.last_stage_layers)
     layout.validate_for(cfg)
     if dp % ep:
         raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
@@ -178,31 +178,27 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
     return layout, world
 
 
-def check_memory(cfg: ModelConfig, layout: ParallelConfig, tcfg: TrainConfig, device: str, local_processes: int,
-                 force: bool, first: Optional[int] = None, last: Optional[int] = None) -> Optional[str]:
+def check_memory(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, device: str, local_processes: int,
+                 force: bool) -> Optional[str]:
     """Stop in one sentence, before anything is allocated, when a rank's estimated peak exceeds what
     its device offers; with `force`, the warning to show instead."""
     where = resolve_device(device)
-    result = fit.check(cfg, layout, tcfg, where, local_processes, first, last)
+    result = fit.check(cfg, layout, tcfg, where, local_processes)
     if result.fits:
         return None
-    sentence = fit.refusal(cfg, layout, tcfg, where, result, first, last)
+    sentence = fit.refusal(cfg, layout, tcfg, where, result)
     if not force:
         raise UserError(f"{sentence} (--force starts anyway).")
     return f"warning: {sentence}; starting anyway (--force)."
 
 
 # ---- the engine's hooks ----------------------------------------------------------------------------------
-def checkpoint_layout(cfg: ModelConfig, layout: ParallelConfig, first: Optional[int], last: Optional[int],
-                      iteration: int) -> MegatronLayout:
+def checkpoint_layout(cfg: ModelConfig, layout: Layout, iteration: int) -> MegatronCheckpoint:
     """The layout a training save records: the one the run used (its TP, PP, VPP, EP and stage split)."""
-    return MegatronLayout(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, ep=layout.ep, first_stage_layers=first,
-                          last_stage_layers=last, iteration=iteration,
-                          make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
+    return MegatronCheckpoint(layout=layout, iteration=iteration, make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
 
 
-def hooks(layout: ParallelConfig, precision: str, samplers: Callable, megatron_format: str = "torch_dist",
-          first: Optional[int] = None, last: Optional[int] = None,
+def hooks(layout: Layout, precision: str, samplers: Callable, megatron_format: str = "torch_dist",
           hf_tokenizer: Optional[Path] = None) -> Hooks:
     """The engine's hooks: build chunks at `precision`, load any checkpoint, save Megatron at the run's
     layout (or, with `hf_tokenizer`, Hugging Face weights plus that tokenizer folder's files)."""
@@ -215,10 +211,10 @@ def hooks(layout: ParallelConfig, precision: str, samplers: Callable, megatron_f
             ordered = [t.name for t in canonical_tensors(cfg)]
             save_hf(cfg, ((n, tensors[n]) for n in ordered), root, stored, tokenizer_files=files, overwrite=True)
             return
-        target = Target(megatron_format, checkpoint_layout(cfg, layout, first, last, iteration), stored)
+        target = Target(megatron_format, checkpoint_layout(cfg, layout, iteration), stored)
         add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, target, stored, iteration, extra)
 
-    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype, first=first, last=last),
+    return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype),
                  lambda model, path: load_checkpoint(model, path), save, samplers)
 
 
@@ -302,11 +298,12 @@ def prepare_train(req: TrainRequest) -> Prepared:
     planned = _planned(cfg, req, draft, target)
     flags, launch, distributed_optimizer = req.layout, req.launch, eng.distributed_optimizer
     if planned is not None:
-        flags = LayoutFlags(planned.tp, planned.pp, planned.vpp, planned.dp, planned.ep, planned.first, planned.last,
-                            planned.sequence_parallel)
+        p = planned.layout
+        flags = LayoutFlags(p.tp, p.pp, p.vpp, p.dp, p.ep, p.first_stage_layers, p.last_stage_layers,
+                            p.sequence_parallel)
         distributed_optimizer = True
         if launch.nproc_per_node is None and not in_launcher():
-            launch = replace(launch, nproc_per_node=planned.tp * planned.pp * planned.dp // launch.nnodes)
+            launch = replace(launch, nproc_per_node=p.world_size // launch.nnodes)
     elif req.gpus and launch.nproc_per_node is None and not in_launcher():
         launch = replace(launch, nproc_per_node=req.gpus // launch.nnodes)
     layout, world = resolve_layout(cfg, flags, launch, s["seq_len"])
@@ -325,18 +322,17 @@ def prepare_train(req: TrainRequest) -> Prepared:
         build_gpt_datasets(replace(data_cfg, seq_len=tcfg.seq_len, seed=tcfg.seed, vocab_size=cfg.vocab_size),
                            (tcfg.steps * tcfg.global_batch, tcfg.eval_iters * tcfg.global_batch
                             if tcfg.eval_interval else None, None))
-    first, last = flags.first_stage_layers, flags.last_stage_layers
     notes = []
     if not req.dry_run:
-        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force, first, last)
+        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)
         notes += [warning] if warning else []
     rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
                    req.load_optim, str(out.log_json) if out.log_json else None,
                    str(out.tensorboard) if out.tensorboard else None, device=eng.device)
-    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format, first, last)
+    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format)
     saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
-    return Prepared("train", rc, run_hooks, world, launch, first, last, planned.why if planned else None, saved,
-                    notes, {"device": target})
+    return Prepared("train", rc, run_hooks, world, launch, planned.why if planned else None, saved, notes,
+                    {"device": target})
 
 
 # ---- starting a run ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.layout import Layout
 from mzoo.parallel.state import ParallelState
 from mzoo.models.gpt import GPTModel
 from mzoo.models.hybrid import MambaModel
@@ -65,14 +66,15 @@ class ModelChunks(nn.ModuleList):
 
 
 def build_chunks(cfg: ModelConfig, state: ParallelState, dtype: Optional[torch.dtype] = None,
-                 first: Optional[int] = None, last: Optional[int] = None,
                  device: Optional[str | torch.device] = None) -> ModelChunks:
-    """The chunks this pipeline rank holds, with Megatron's (interleaved) layer assignment, built
-    directly on the rank's device (`state.device`, or `device`: 'meta' for shapes only): parameters are allocated there uninitialised,
-    so a GPU rank never holds its model in host memory; `init_weights` or a checkpoint fills them."""
+    """The chunks this pipeline rank holds, with Megatron's (interleaved, possibly uneven: the layout's
+    first/last stage layers) layer assignment, built directly on the rank's device (`state.device`, or
+    `device`: 'meta' for shapes only): parameters are allocated there uninitialised, so a GPU rank
+    never holds its model in host memory; `init_weights` or a checkpoint fills them."""
     from mzoo.parallel.pipeline import stage_layers
 
-    ranges = stage_layers(cfg.num_layers, state.pp, state.config.vpp, first, last)[state.pp_rank]
+    lay = state.config
+    ranges = stage_layers(cfg.num_layers, state.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)[state.pp_rank]
     vpp = len(ranges)
     cls = model_class(cfg)
     with torch.device(device or state.device):
@@ -84,6 +86,6 @@ def build_chunks(cfg: ModelConfig, state: ParallelState, dtype: Optional[torch.d
     return ModelChunks(chunks, cfg, state)
 
 
-def meta_model(cfg: ModelConfig, parallel: Optional[ParallelConfig] = None) -> nn.Module:
+def meta_model(cfg: ModelConfig, parallel: Optional[Layout] = None) -> nn.Module:
     """The global model (all layers, rank 0 of the given TP) on the meta device."""
     return build_model(cfg, ParallelState.single(parallel), device="meta")

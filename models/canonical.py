@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from mzoo.ckpt.legacy import split_layer_name
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import meta_model
 from mzoo.models.gpt import init_tensor
 from mzoo.parallel.sharding import CanonicalTensor, get_spec, to_local
@@ -18,7 +19,7 @@ from mzoo.parallel.state import ParallelState
 
 def canonical_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
     """Every canonical tensor of the model, with global (unpadded) shapes, in module order."""
-    model = meta_model(cfg, ParallelConfig(make_vocab_size_divisible_by=1))
+    model = meta_model(cfg.replace(make_vocab_size_divisible_by=1), Layout())
     return [CanonicalTensor(n, tuple(p.shape), get_spec(p)) for n, p in model.named_parameters()]
 
 

@@ -269,8 +269,7 @@ class GPTModel(nn.Module):
         self.layers_range = layers if layers is not None else range(cfg.num_layers)
         self.pre_process = state.is_first_stage if pre_process is None else pre_process
         self.post_process = state.is_last_stage if post_process is None else post_process
-        divisible = state.config.make_vocab_size_divisible_by
-        self.padded_vocab = cfg.padded_vocab_size(state.tp, divisible)
+        self.padded_vocab = cfg.padded_vocab_size(state.tp)
         self.embedding = Embedding(cfg, state, self.padded_vocab, dtype) if self.pre_process else None
         rotary_dim = cfg.mla.qk_rope_head_dim if cfg.mla is not None else cfg.kv_channels
         self.rotary = RotaryEmbedding(cfg, rotary_dim) if cfg.position_embedding == "rope" else None

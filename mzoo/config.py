@@ -351,69 +351,6 @@ class ModelConfig:
         }
 
 
-@dataclass
-class ParallelConfig:
-    """Parallel layout. Rank order follows Megatron: tp fastest, then cp, dp (ep), pp."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    dp: int = 1
-    ep: int = 1
-    cp: int = 1
-    sequence_parallel: bool = False
-    make_vocab_size_divisible_by: Optional[int] = None  # overrides the model's value
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-    @property
-    def expert_dp(self) -> int:
-        """Expert-data-parallel size: EP carves its groups out of the data-parallel ranks (Megatron,
-        expert TP = TP), so experts are replicated dp * cp / ep times."""
-        return self.dp * self.cp // self.ep
-
-    def validate_for(self, cfg: ModelConfig) -> None:
-        """One sentence for the first layout this model cannot take."""
-        for name in ("tp", "pp", "vpp", "dp", "ep", "cp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        kinds = cfg.block_kinds
-        if "attention" in kinds:
-            if cfg.mla is None and cfg.groups % self.tp:
-                raise ConfigError(
-                    f"tensor parallel size {self.tp} does not divide the {cfg.groups} query groups of "
-                    f"{cfg.name or 'this model'}; choose a TP that divides {cfg.groups}."
-                )
-            if cfg.num_attention_heads % self.tp:
-                raise ConfigError(
-                    f"tensor parallel size {self.tp} does not divide the {cfg.num_attention_heads} attention "
-                    "heads; choose a TP that divides it."
-                )
-        if "mamba" in kinds and cfg.ssm.version == 2:
-            dims = cfg.mamba_dims()
-            if dims["nheads"] % self.tp or cfg.ssm.num_groups % self.tp:
-                raise ConfigError(
-                    f"tensor parallel size {self.tp} must divide the Mamba-2 heads ({dims['nheads']}) and "
-                    f"groups ({cfg.ssm.num_groups}); choose a TP that divides both."
-                )
-        if self.vpp > 1 and self.pp == 1:
-            raise ConfigError("virtual pipeline stages (--vpp) need pipeline parallelism (--pp > 1).")
-        if self.pp * self.vpp > cfg.num_layers:
-            raise ConfigError(
-                f"pipeline size {self.pp} x virtual stages {self.vpp} exceeds the {cfg.num_layers} layers; "
-                "use fewer stages."
-            )
-        if cfg.moe is None and self.ep > 1:
-            raise ConfigError(f"expert parallelism (--ep {self.ep}) needs a mixture-of-experts model; use --ep 1.")
-        if cfg.moe is not None and cfg.moe.num_experts % self.ep:
-            raise ConfigError(
-                f"expert parallel size {self.ep} does not divide the {cfg.moe.num_experts} experts; "
-                "choose an EP that divides it."
-            )
-
-
 # ---- dataclass <-> dict helpers ------------------------------------------------------------------
 def _drop_none(value: Any) -> Any:
     if isinstance(value, dict):

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.layout import MegatronLayout, Spelling
-from mzoo.ckpt.megatron.args import args_to_layout, check_expert_tp
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
+from mzoo.ckpt.megatron.args import args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.safe_pickle import torch_load
@@ -127,19 +127,20 @@ class LegacyReader:
         model_state = first.get("model", first.get("model0", {}))
         spec: Spelling = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
         grouped = any(re.search(r"\.experts\.linear_fc[12]\.weight\d+$", k) for k in model_state)
-        self.layout: MegatronLayout = replace(args_to_layout(self.args, spec), iteration=self.iteration,
+        self.megatron: MegatronCheckpoint = replace(args_to_checkpoint(self.args, spec), iteration=self.iteration,
                                               moe_grouped_gemm=grouped)
-        lay = self.layout
+        lay = self.megatron
+        par = lay.layout
         self.files: dict[Rank, Path] = {}
         for d in dirs:
-            self.files[parse_rank_dir(d.name, lay.pp, lay.ep)] = d / FILE
-        expected = [(t, p, e) for p in range(lay.pp) for e in range(lay.ep) for t in range(lay.tp)]
+            self.files[parse_rank_dir(d.name, par.pp, par.ep)] = d / FILE
+        expected = [(t, p, e) for p in range(par.pp) for e in range(par.ep) for t in range(par.tp)]
         missing = [r for r in expected if r not in self.files]
         if missing:
             t, p, e = missing[0]
             raise CheckpointError(
-                f"{self.folder} is missing {rank_dir(t, p, lay.pp, e, lay.ep)} (args say tp={lay.tp}, pp={lay.pp}, "
-                f"ep={lay.ep}); the copy is incomplete."
+                f"{self.folder} is missing {rank_dir(t, p, par.pp, e, par.ep)} (args say tp={par.tp}, pp={par.pp}, "
+                f"ep={par.ep}); the copy is incomplete."
             )
         self._cache: dict[Rank, dict[str, Any]] = {(0, 0, 0): first}
         self.locations: dict[str, list[Location]] = {}
@@ -166,18 +167,19 @@ class LegacyReader:
     def bind(self, num_layers: int, specs: dict[str, ShardSpec], num_experts: int = 0) -> None:
         """Tell the reader the model's layers, experts and ShardSpecs (from a meta model); finds
         every tensor's shards and fails on the first one missing, before anything is read."""
-        lay = self.layout
-        ranges = stage_layers(num_layers, lay.pp, lay.vpp, lay.first_stage_layers, lay.last_stage_layers)
-        if lay.ep > 1 and (not num_experts or num_experts % lay.ep):
-            raise CheckpointError(f"the checkpoint's args say ep={lay.ep} but the model has {num_experts} experts; "
+        lay = self.megatron
+        par = lay.layout
+        ranges = stage_layers(num_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
+        if par.ep > 1 and (not num_experts or num_experts % par.ep):
+            raise CheckpointError(f"the checkpoint's args say ep={par.ep} but the model has {num_experts} experts; "
                                   "its args do not match its config.")
         names = self._names()
         other: Spelling = "local" if lay.spec == "te" else "te"
         for name, spec in specs.items():
             p, v, local = placement(name, ranges)
-            ep_ranks, local = expert_placement(local, num_experts, lay.ep)
+            ep_ranks, local = expert_placement(local, num_experts, par.ep)
             e = ep_ranks[0]
-            mk = model_key(v, lay.vpp)
+            mk = model_key(v, par.vpp)
             candidates = [spelled(local, s, g) for s in (lay.spec, other) for g in (lay.moe_grouped_gemm, not lay.moe_grouped_gemm)]
             found = next((c for c in candidates if c in names[(0, p, e)].get(mk, ())), None)
             if found is None:
@@ -185,7 +187,7 @@ class LegacyReader:
                     f"{self.files[(0, p, e)]} has no {candidates[0]} in {mk}; the checkpoint does not match its args."
                 )
             spec = legacy_shard_spec(found, spec, lay.spec)  # the spec detected from the files' norm names
-            tp_ranks = range(lay.tp) if spec.axis == "tp" else range(1)
+            tp_ranks = range(par.tp) if spec.axis == "tp" else range(1)
             for t in tp_ranks:
                 if found not in names[(t, p, e)].get(mk, ()):
                     raise CheckpointError(f"{self.files[(t, p, e)]} has no {found} in {mk}; the copy is incomplete.")
@@ -202,7 +204,7 @@ def write_legacy(
     names: Iterable[str],
     fetch: Callable[[str], torch.Tensor],
     specs: dict[str, ShardSpec],
-    layout: MegatronLayout,
+    layout: MegatronCheckpoint,
     num_layers: int,
     args: Any,
     padded_vocab: int,
@@ -241,29 +243,30 @@ def _shard_extents(full: TensorExtents, spec: ShardSpec, rank: int, size: int,
 
 def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor],
                   extents: Optional[Callable[[str], Optional[TensorExtents]]], plan: dict[int, list["PlannedTensor"]],
-                  layout: MegatronLayout, args: Any, padded_vocab: int, on_tensor: Callable[[int], None],
+                  layout: MegatronCheckpoint, args: Any, padded_vocab: int, on_tensor: Callable[[int], None],
                   opened: list[IncrementalTorchWriter]) -> list[Path]:
+    par = layout.layout
     written = []
-    ep_ranks = range(layout.ep)
+    ep_ranks = range(par.ep)
     budget = Budget()  # shared by the TP x EP files a stage writes together
-    for p in range(layout.pp):
+    for p in range(par.pp):
         writers: dict[tuple[int, int], IncrementalTorchWriter] = {}
         states: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
         for e in ep_ranks:
-            for t in range(layout.tp):
-                d = folder / rank_dir(t, p, layout.pp, e, layout.ep)
+            for t in range(par.tp):
+                d = folder / rank_dir(t, p, par.pp, e, par.ep)
                 d.mkdir(parents=True)
                 writers[(t, e)] = IncrementalTorchWriter(d / FILE, budget)
                 opened.append(writers[(t, e)])
-                states[(t, e)] = {model_key(v, layout.vpp): {} for v in range(layout.vpp)}
+                states[(t, e)] = {model_key(v, par.vpp): {} for v in range(par.vpp)}
         for entry in plan[p]:
             full = extents(entry.canonical) if extents is not None else None
-            pieces = [_shard_extents(full, entry.spec, t, layout.tp, padded_vocab) for t in range(layout.tp)] \
+            pieces = [_shard_extents(full, entry.spec, t, par.tp, padded_vocab) for t in range(par.tp)] \
                 if full is not None else [None]
             if any(piece is None for piece in pieces):  # not whole rows: read the tensor and shard it
                 full = fetch(entry.canonical)
-                pieces = [shard_padded(full, entry.spec, *((t, layout.tp) if entry.spec.axis == "tp" else (0, 1)),
-                                       padded_vocab) for t in range(layout.tp)]
+                pieces = [shard_padded(full, entry.spec, *((t, par.tp) if entry.spec.axis == "tp" else (0, 1)),
+                                       padded_vocab) for t in range(par.tp)]
             for t, piece in enumerate(pieces):
                 for e, name in entry.targets:
                     state = states[(t, e)][entry.model]
@@ -274,8 +277,8 @@ def _write_stages(folder: Path, fetch: Callable[[str], torch.Tensor],
             on_tensor(full.nbytes)
             del full, pieces
         for (t, e), writer in writers.items():
-            if p == layout.pp - 1:  # megatron's output layer has extra state even when its weight is tied
-                states[(t, e)][model_key(layout.vpp - 1, layout.vpp)].setdefault("output_layer._extra_state", None)
+            if p == par.pp - 1:  # megatron's output layer has extra state even when its weight is tied
+                states[(t, e)][model_key(par.vpp - 1, par.vpp)].setdefault("output_layer._extra_state", None)
             top = {"args": args, "checkpoint_version": 3.0,
                    "iteration": layout.iteration if isinstance(layout.iteration, int) else 0, **states[(t, e)]}
             writer.finish(top)
@@ -294,22 +297,23 @@ class PlannedTensor:
     spec: ShardSpec
 
 
-def legacy_plan(names: Iterable[str], specs: dict[str, ShardSpec], layout: MegatronLayout, num_layers: int,
+def legacy_plan(names: Iterable[str], specs: dict[str, ShardSpec], layout: MegatronCheckpoint, num_layers: int,
                 tied: bool, num_experts: int = 0) -> dict[int, list[PlannedTensor]]:
     """For each pipeline stage, every tensor its rank files get, in write order (no weights needed)."""
-    ranges = stage_layers(num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
-    plan: dict[int, list[PlannedTensor]] = {p: [] for p in range(layout.pp)}
+    par = layout.layout
+    ranges = stage_layers(num_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
+    plan: dict[int, list[PlannedTensor]] = {p: [] for p in range(par.pp)}
 
     def add(p: int, v: int, name: str, local: str) -> None:
-        ep_ranks, local = expert_placement(local, num_experts, layout.ep)
+        ep_ranks, local = expert_placement(local, num_experts, par.ep)
         key = spelled(local, layout.spec, layout.moe_grouped_gemm)
         spec = legacy_shard_spec(key, specs.get(name, ShardSpec()), layout.spec)
-        plan[p].append(PlannedTensor(name, model_key(v, layout.vpp), tuple((e, key) for e in ep_ranks), spec))
+        plan[p].append(PlannedTensor(name, model_key(v, par.vpp), tuple((e, key) for e in ep_ranks), spec))
 
     for name in names:
         p, v, local = placement(name, ranges)
         add(p, v, name, local)
-        if tied and layout.pp > 1 and name == "embedding.word_embeddings.weight":
+        if tied and par.pp > 1 and name == "embedding.word_embeddings.weight":
             # Megatron keeps a copy of the tied embedding as output_layer on the last stage.
-            add(layout.pp - 1, layout.vpp - 1, name, "output_layer.weight")
+            add(par.pp - 1, par.vpp - 1, name, "output_layer.weight")
     return plan

@@ -17,7 +17,8 @@ import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.megatron.tracker import TRACKER
 from mzoo.ckpt.sink import crc32, known_crc
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 
 SIDECAR = "mzoo.yaml"
 
@@ -27,7 +28,7 @@ def write_sidecar(
     cfg: ModelConfig,
     fmt: str,
     dtype: str,
-    layout: Optional[ParallelConfig] = None,
+    layout: Optional[Layout] = None,
     extra: Optional[dict[str, Any]] = None,
 ) -> None:
     folder = Path(folder)
@@ -44,7 +45,7 @@ def write_sidecar(
     # wrote through a FileSink were hashed on the way out: read back only the rest
     checksums = {rel: known[rel] if rel in known and sizes.get(rel) == size else _crc32_written(folder / rel)
                  for rel, size in files.items()}
-    layout = layout or ParallelConfig()
+    layout = layout or Layout()
     data = {
         "mzoo_version": mzoo.__version__,
         "format": fmt,

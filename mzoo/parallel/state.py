@@ -1,6 +1,6 @@
 """ParallelState: this process's place in the layout, and its process groups.
 
-Built from a ParallelConfig and passed to model code explicitly (no globals). Rank order follows
+Built from a Layout and passed to model code explicitly (no globals). Rank order follows
 Megatron-Core: tp varies fastest, then cp, then dp, then pp, so global rank
 r = tp_rank + tp * (cp_rank + cp * (dp_rank + dp * pp_rank)) and legacy rank files map one to one.
 
@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from mzoo.config import ConfigError, ParallelConfig
+from mzoo.config import ConfigError
+from mzoo.layout import Layout
 from mzoo.parallel.random import RNGTracker
 
 Group = Optional[dist.ProcessGroup]
@@ -25,7 +26,7 @@ Group = Optional[dist.ProcessGroup]
 
 @dataclass
 class ParallelState:
-    config: ParallelConfig = field(default_factory=ParallelConfig)
+    config: Layout = field(default_factory=Layout)
     rank: int = 0
     tp_rank: int = 0
     cp_rank: int = 0
@@ -76,12 +77,12 @@ class ParallelState:
         return self.pp_rank == self.config.pp - 1
 
     @classmethod
-    def single(cls, config: Optional[ParallelConfig] = None, device: Optional[torch.device] = None) -> "ParallelState":
+    def single(cls, config: Optional[Layout] = None, device: Optional[torch.device] = None) -> "ParallelState":
         """One process holding everything; `config` may still say tp/pp for shapes (meta models)."""
-        return cls(config=config or ParallelConfig(), device=torch.device(device or "cpu"))
+        return cls(config=config or Layout(), device=torch.device(device or "cpu"))
 
     @classmethod
-    def for_rank(cls, config: ParallelConfig, rank: int) -> "ParallelState":
+    def for_rank(cls, config: Layout, rank: int) -> "ParallelState":
         """Coordinates of `rank` without process groups: for sizing shards and naming rank files."""
         tp_rank, rest = rank % config.tp, rank // config.tp
         cp_rank, rest = rest % config.cp, rest // config.cp
@@ -92,7 +93,7 @@ class ParallelState:
                    ep_rank=d % config.ep, edp_rank=d // config.ep)
 
     @classmethod
-    def build(cls, config: ParallelConfig, device: Optional[torch.device] = None) -> "ParallelState":
+    def build(cls, config: Layout, device: Optional[torch.device] = None) -> "ParallelState":
         """Create every process group (all ranks must call this, in the same order); `device` is
         where this rank's model, data and collectives live (its GPU, or the CPU)."""
         world = dist.get_world_size()
@@ -138,7 +139,7 @@ class ParallelState:
         return me
 
 
-def check_expert_layout(config: ParallelConfig) -> None:
+def check_expert_layout(config: Layout) -> None:
     """EP groups are carved out of the data-parallel x context-parallel ranks: ep must divide them."""
     if config.ep < 1 or (config.dp * config.cp) % config.ep:
         raise ConfigError(
@@ -147,7 +148,7 @@ def check_expert_layout(config: ParallelConfig) -> None:
         )
 
 
-def expert_group_ranks(config: ParallelConfig, world: int) -> list[tuple[str, list[int]]]:
+def expert_group_ranks(config: Layout, world: int) -> list[tuple[str, list[int]]]:
     """Every EP group, then every EDP group, as (axis name, ranks), in an order all ranks share.
     EP: same tp, pp and edp rank; EDP: same tp, pp and ep rank (Megatron's expert rank generator)."""
     coords = {r: ParallelState.for_rank(config, r) for r in range(world)}

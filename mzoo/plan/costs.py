@@ -8,7 +8,7 @@ from typing import Optional
 
 from mzoo.config import ModelConfig
 from mzoo.parallel.pipeline import stage_layers
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.profile import Profile
 
 
@@ -301,7 +301,7 @@ class Stage:
 
 
 def stages(cfg: ModelConfig, layout: Layout) -> list[Stage]:
-    ranges = stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first, layout.last)
+    ranges = stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
     out = []
     for p, chunks in enumerate(ranges):
         layers = tuple(i for r in chunks for i in r)

@@ -12,7 +12,7 @@ from mzoo.plan.costs import (
     BlockParams, Model, Shard, Stage, as_model, block_activations, end_params, kv_width, norm_activations, stages,
     vocab_rows,
 )
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.profile import Profile, sequence_parallel
 from mzoo.plan.settings import Settings, recomputed_modules
 

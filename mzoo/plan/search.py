@@ -13,7 +13,7 @@ from mzoo.parallel.pipeline import stage_layers
 from mzoo.plan.constants import GIB, HEADROOM, MIN_CP_TOKENS
 from mzoo.plan.costs import Model, as_model
 from mzoo.plan.hardware import GPU
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.memory import Memory, memory
 from mzoo.plan.profile import Profile, megatron_profile
 from mzoo.plan.settings import Settings
@@ -23,19 +23,19 @@ from mzoo.plan.steptime import StepTime, step_time
 def problems(cfg: ModelConfig, layout: Layout, settings: Settings, gpus: Optional[int] = None) -> list[str]:
     """Why this layout cannot run this model with these settings (one sentence each); [] if it can."""
     out: list[str] = []
-    if gpus is not None and layout.world != gpus:
-        out.append(f"tp x pp x cp x dp = {layout.world}, not the {gpus} GPUs asked for.")
+    if gpus is not None and layout.world_size != gpus:
+        out.append(f"tp x pp x cp x dp = {layout.world_size}, not the {gpus} GPUs asked for.")
     for name in ("tp", "pp", "dp", "vpp", "ep", "cp"):
         if getattr(layout, name) < 1:
             return out + [f"{name} must be at least 1."]
     try:
-        layout.parallel_config().validate_for(cfg)
+        layout.validate_for(cfg)
     except ConfigError as e:
         out.append(str(e))
     if cfg.ssm is not None and cfg.ssm.version == 1 and cfg.mamba_dims()["d_inner"] % layout.tp:
         out.append(f"tp={layout.tp} does not divide the Mamba inner size {cfg.mamba_dims()['d_inner']}.")
     gpn = settings.gpus_per_node
-    if layout.tp > gpn or (layout.world >= gpn and gpn % layout.tp):
+    if layout.tp > gpn or (layout.world_size >= gpn and gpn % layout.tp):
         out.append(f"tp={layout.tp} must divide the {gpn} GPUs of a node: TP's per-layer collectives need NVLink.")
     if cfg.moe is not None and layout.ep >= 1:
         pool = layout.dp * layout.cp * (layout.tp // layout.expert_tp)
@@ -46,7 +46,7 @@ def problems(cfg: ModelConfig, layout: Layout, settings: Settings, gpus: Optiona
         if layout.expert_tp not in (1, layout.tp):
             out.append(f"expert tp must be 1 or tp, not {layout.expert_tp}.")
     try:
-        stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first, layout.last)
+        stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
     except ConfigError as e:
         out.append(str(e))
     if layout.cp > 1 and settings.seq_len % (2 * layout.cp):
@@ -111,7 +111,7 @@ class Plan:
     def as_dict(self) -> dict:
         lay = self.layout
         out = {"engine": self.engine, "gpu": self.gpu.name, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep, "etp": lay.expert_tp,
-               "cp": lay.cp, "dp": lay.dp, "first_stage_layers": lay.first, "last_stage_layers": lay.last,
+               "cp": lay.cp, "dp": lay.dp, "first_stage_layers": lay.first_stage_layers, "last_stage_layers": lay.last_stage_layers,
                "label": lay.label(), "valid": self.valid, "feasible": self.feasible, "mzoo_engine": lay.mzoo_engine,
                "verdict": self.verdict(), "problems": self.problems,
                "memory_gb": round(self.memory.total / GIB, 3) if self.memory else None,
@@ -130,8 +130,8 @@ def evaluate(cfg, layout: Layout, settings: Settings, g: GPU, gpus: Optional[int
     model = as_model(cfg)
     cfg = model.cfg
     profile = profile or megatron_profile(settings.grad_fp32, settings.fp8)
-    if layout.pp > 1 and layout.first is None and layout.last is None and cfg.num_layers % layout.pp:
-        splits = [replace(layout, first=a, last=b) for a, b in uneven_splits(cfg.num_layers, layout.pp)]
+    if layout.pp > 1 and layout.first_stage_layers is None and layout.last_stage_layers is None and cfg.num_layers % layout.pp:
+        splits = [replace(layout, first_stage_layers=a, last_stage_layers=b) for a, b in uneven_splits(cfg.num_layers, layout.pp)]
         if splits and layout.vpp == 1:
             return min((evaluate(model, s, settings, g, gpus, profile) for s in splits), key=rank_key)
     found = problems(cfg, layout, settings, gpus)

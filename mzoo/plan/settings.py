@@ -8,7 +8,7 @@ from typing import Optional
 
 from mzoo.config import ModelConfig
 from mzoo.plan.constants import HEADROOM, TOKENS_PER_BATCH
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.profile import Profile
 
 

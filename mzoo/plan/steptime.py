@@ -9,7 +9,7 @@ from mzoo.config import ModelConfig
 from mzoo.plan.constants import COLLECTIVE_LATENCY_S, COMM_BYTES, FP8_EFFICIENCY, HBM_EFFICIENCY, LINK_EFFICIENCY
 from mzoo.plan.costs import Model, Shard, Stage, as_model, end_params, kv_width, stages, vocab_rows
 from mzoo.plan.hardware import GPU
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.profile import Profile, sequence_parallel
 from mzoo.plan.settings import Settings, recomputed_modules
 
@@ -97,7 +97,7 @@ def step_time(cfg, layout: Layout, settings: Settings, g: GPU, profile: Profile)
     step = slots * s.per_microbatch + tail
     bubble = (layout.pp - 1) / (m * layout.vpp + layout.pp - 1)
     tokens = settings.global_batch * settings.seq_len
-    mfu = model.model_flops(settings.seq_len) * tokens / (layout.world * g.bf16_tflops * 1e12 * step)
+    mfu = model.model_flops(settings.seq_len) * tokens / (layout.world_size * g.bf16_tflops * 1e12 * step)
     dp = max(t.dp for t in times)
     return StepTime(s.compute, s.tp, s.ep, s.cp, s.pp, m, bubble, dp, tail - dp, step, mfu, tokens / step, slowest)
 

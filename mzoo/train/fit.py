@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.plan.constants import GIB, HEADROOM  # the planner's share of a GPU kept free for the allocator
 from mzoo.plan.hardware import detect, gpu as named_gpu
-from mzoo.plan.layout import Layout
 from mzoo.plan.memory import memory
 from mzoo.plan.profile import engine_profile
 from mzoo.plan.search import plan
@@ -66,23 +66,18 @@ def settings_of(tcfg):
                       recompute_layers=tcfg.recompute_num_layers)
 
 
-def estimate(cfg: ModelConfig, layout: ParallelConfig, tcfg, device_type: str,
-             first: Optional[int] = None, last: Optional[int] = None) -> float:
+def estimate(cfg: ModelConfig, layout: Layout, tcfg, device_type: str) -> float:
     """Peak bytes of the busiest rank of `layout` training with `tcfg` on mzoo's engine."""
-    plan_layout = Layout(tp=layout.tp, pp=layout.pp, dp=layout.dp, vpp=layout.vpp, ep=layout.ep, cp=layout.cp,
-                         first=first, last=last)
     profile = engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
-    return memory(cfg, plan_layout, settings_of(tcfg), profile).total
+    return memory(cfg, layout, settings_of(tcfg), profile).total
 
 
-def check(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, local_processes: int,
-          first: Optional[int] = None, last: Optional[int] = None) -> Fit:
+def check(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, local_processes: int) -> Fit:
     available, where = capacity(device, local_processes)
-    return Fit(estimate(cfg, layout, tcfg, device.type, first, last), available, where)
+    return Fit(estimate(cfg, layout, tcfg, device.type), available, where)
 
 
-def suggestion(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, available: float,
-               first: Optional[int] = None, last: Optional[int] = None) -> str:
+def suggestion(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, available: float) -> str:
     """The first change of flags, cumulatively, that fits: recomputation, the distributed optimizer,
     micro-batch 1, shorter sequences; or why nothing on this many processes can."""
     steps: list[tuple[str, dict]] = []
@@ -96,26 +91,25 @@ def suggestion(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.dev
     for flag, change in steps:
         trial = replace(trial, **change)
         flags.append(flag)
-        if estimate(cfg, layout, trial, device.type, first, last) <= available:
+        if estimate(cfg, layout, trial, device.type) <= available:
             return f"{' '.join(flags)} would fit"
     seq = trial.seq_len
     while seq > 256:
         seq //= 2
-        if estimate(cfg, layout, replace(trial, seq_len=seq), device.type, first, last) <= available:
+        if estimate(cfg, layout, replace(trial, seq_len=seq), device.type) <= available:
             return f"{' '.join(flags + [f'--seq-len {seq}'])} would fit"
-    floor = estimate(cfg, layout, replace(trial, seq_len=1, micro_batch=1), device.type, first, last)
+    floor = estimate(cfg, layout, replace(trial, seq_len=1, micro_batch=1), device.type)
     return (f"even its weights, gradients and optimizer state need {floor / GIB:.1f} GiB per process at "
             f"tp={layout.tp} pp={layout.pp}, so split it over more devices (see `mzoo plan {cfg.name or 'MODEL'} "
             "--gpus N`) or train a smaller preset")
 
 
-def refusal(cfg: ModelConfig, layout: ParallelConfig, tcfg, device: torch.device, fit: Fit,
-            first: Optional[int] = None, last: Optional[int] = None) -> str:
+def refusal(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, fit: Fit) -> str:
     """Both numbers and what would fit (the caller ends the sentence)."""
     what = (f"{cfg.name or 'this model'} at tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
             f"({tcfg.precision}, seq {tcfg.seq_len}, micro batch {tcfg.micro_batch}, recompute {tcfg.recompute})")
     return (f"{what} needs about {fit.need / GIB:.1f} GiB per process but {fit.where} offers "
-            f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available, first, last)}")
+            f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available)}")
 
 
 def gpu_type(requested: Optional[str] = None) -> str:
@@ -128,14 +122,7 @@ def gpu_type(requested: Optional[str] = None) -> str:
 
 @dataclass(frozen=True)
 class AutoLayout:
-    tp: int
-    pp: int
-    vpp: int
-    dp: int
-    ep: int
-    sequence_parallel: bool
-    first: Optional[int]
-    last: Optional[int]
+    layout: Layout  # with sequence parallelism wherever TP > 1
     why: str
 
 
@@ -157,4 +144,4 @@ def auto_layout(cfg: ModelConfig, tcfg, gpus: int, gpu: str) -> AutoLayout:
            f"{sum(p.feasible for p in ranked)} layouts that fit {gpus} x {gpu} "
            f"({best.memory.total / GIB:.1f} of {best.usable_gib:.1f} GiB per GPU, estimated MFU {best.time.mfu:.0%}; "
            f"`mzoo plan {cfg.name or 'MODEL'} --gpus {gpus}` shows the others)")
-    return AutoLayout(lay.tp, lay.pp, lay.vpp, lay.dp, lay.ep, lay.tp > 1, lay.first, lay.last, why)
+    return AutoLayout(replace(lay, sequence_parallel=lay.tp > 1), why)

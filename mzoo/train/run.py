@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.layout import Layout
 from mzoo.parallel.sharding import to_global, to_local
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import configure, init_process_group, resolve_device
@@ -36,7 +37,7 @@ class Hooks:
 @dataclass
 class RunConfig:
     model: ModelConfig
-    layout: ParallelConfig
+    layout: Layout
     train: TrainConfig
     load: Optional[str] = None
     save: Optional[str] = None
@@ -70,7 +71,7 @@ def adopt_slurm_env() -> None:
     env.setdefault("MASTER_PORT", "29500")
 
 
-def build_state(layout: ParallelConfig, device: Optional[torch.device] = None) -> ParallelState:
+def build_state(layout: Layout, device: Optional[torch.device] = None) -> ParallelState:
     if not dist.is_initialized():
         if layout.world_size != 1:
             raise ConfigError(f"the layout needs {layout.world_size} processes but this is a single process.")

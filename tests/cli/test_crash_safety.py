@@ -481,12 +481,12 @@ def _save_iterations(root: Path, iterations: list[int], leftover: Optional[str] 
     """Training saves (as `mzoo train --save` makes them) of llama-tiny; `leftover` names a temp file
     a killed write left in the root before the last save. Returns inspect's problems."""
     from mzoo.models.canonical import canonical_tensors
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.ckpt.megatron.write import add_iteration
     from mzoo.jobs.inspect import describe
     from mzoo.zoo import resolve
 
-    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 
     cfg = resolve("llama-tiny")
     tensors = canonical_tensors(cfg)
@@ -496,7 +496,7 @@ def _save_iterations(root: Path, iterations: list[int], leftover: Optional[str] 
         if leftover and i == len(iterations) - 1:
             (root / leftover).write_text("1")
         add_iteration(root, cfg, tensors, values.__getitem__,
-                      Target("torch_dist", MegatronLayout(iteration=it), torch.float32), torch.float32, it)
+                      Target("torch_dist", MegatronCheckpoint(iteration=it), torch.float32), torch.float32, it)
     return describe(root)["problems"]
 
 

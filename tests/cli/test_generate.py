@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Conf
 from typer.testing import CliRunner
 
 from conftest import make_hf_model, make_moe_model
+from mzoo.layout import Layout
 from mzoo.cli.main import app
 
 VOCAB = 211
@@ -73,14 +74,14 @@ def test_greedy_matches_transformers(tmp_path, name):
 
 
 def test_megatron_checkpoint_generates_the_same_tokens(tmp_path):
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 
     make, config = MODELS["mixtral"]
     hf = make(tmp_path / "hf", config())
-    convert(open_source(hf), tmp_path / "mcore", Target("torch_dist", MegatronLayout(tp=2, pp=2)))
+    convert(open_source(hf), tmp_path / "mcore", Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2, pp=2))))
     ids = ",".join(map(str, PROMPT))
     assert _mzoo(str(tmp_path / "mcore"), "--prompt-ids", ids, "--max-new-tokens", "12")["generated_ids"] == \
         _mzoo(str(hf), "--prompt-ids", ids, "--max-new-tokens", "12")["generated_ids"]

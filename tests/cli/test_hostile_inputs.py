@@ -13,6 +13,7 @@ from transformers import LlamaConfig, MixtralConfig
 from typer.testing import CliRunner
 
 from conftest import make_hf_model, make_moe_model
+from mzoo.layout import Layout
 from mzoo.cli.main import app
 
 OUT = "OUT"  # placeholder for the destination each case must not create
@@ -26,8 +27,8 @@ class Evil:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Tiny real checkpoints and data files, and broken variants of them."""
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 
@@ -79,14 +80,14 @@ def world(tmp_path_factory):
     (unknown_type / "config.json").write_text(json.dumps(cfg))
 
     evil = root / "evil-legacy"
-    convert(open_source(llama), evil, Target("torch", MegatronLayout()))
+    convert(open_source(llama), evil, Target("torch", MegatronCheckpoint()))
     rank = evil / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(rank, weights_only=False)
     state["evil"] = Evil()
     torch.save(state, rank)
 
     missing_shard = root / "missing-shard"
-    convert(open_source(llama), missing_shard, Target("torch", MegatronLayout(tp=2)))
+    convert(open_source(llama), missing_shard, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
     shutil.rmtree(missing_shard / "iter_0000000" / "mp_rank_01")
 
     from tokenizers import Tokenizer, models, pre_tokenizers

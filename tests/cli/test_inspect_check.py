@@ -10,13 +10,14 @@ from transformers import LlamaConfig
 from typer.testing import CliRunner
 
 from conftest import make_hf_model
+from mzoo.layout import Layout
 from mzoo.cli.main import app
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 
@@ -27,7 +28,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for fmt in ("torch_dist", "torch"):
         out[fmt] = root / fmt
-        convert(open_source(hf), out[fmt], Target(fmt, MegatronLayout(tp=2)))
+        convert(open_source(hf), out[fmt], Target(fmt, MegatronCheckpoint(layout=Layout(tp=2))))
     out["hf"] = root / "hf"
     convert(open_source(out["torch_dist"]), out["hf"], Target("hf"))
     return out

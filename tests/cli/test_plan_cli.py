@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from mzoo.plan.costs import rank_params
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.zoo import get
 
 
@@ -115,7 +115,7 @@ def test_dry_run_llama_tiny_tp2_pp2_every_rank():
 def test_dry_run_deepseek_v3_at_full_scale_in_seconds():
     """Rank 0 and a last-stage rank of TP2 x PP16 x EP64 x DP64 (2048 processes) on the meta device."""
     cfg = get("deepseek-v3").config
-    layout = Layout(tp=2, pp=16, dp=64, ep=64, first=4, last=1)
+    layout = Layout(tp=2, pp=16, dp=64, ep=64, first_stage_layers=4, last_stage_layers=1)
     args = ["deepseek-v3", "--tp", 2, "--pp", 16, "--ep", 64, "--dp", 64, "--first-stage-layers", 4,
             "--last-stage-layers", 1, "--seq-len", 4096, "--micro-batch", 1, "--global-batch", 128,
             "--sequence-parallel", "--distributed-optimizer", "--precision", "bf16", "--recompute", "full"]

@@ -9,6 +9,7 @@ HF_HUB_DISABLE_XET (see docs/push.md)."""
 
 from __future__ import annotations
 
+from mzoo.layout import Layout
 import hashlib
 import json
 import os
@@ -60,8 +61,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 
@@ -75,7 +76,7 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>").save_pretrained(root / "tok")
     for f in (root / "tok").iterdir():
         shutil.copy(f, hf / f.name)
-    convert(open_source(hf), root / "mcore", Target("torch_dist", MegatronLayout(tp=2)))
+    convert(open_source(hf), root / "mcore", Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
     return {"hf": hf, "mcore": root / "mcore", "tok": root / "tok", "root": root}
 
 
@@ -343,7 +344,7 @@ def test_invalid_repo_ids(ckpts, hub, env, repo_id, message):
 @pytest.fixture(scope="module")
 def broken(ckpts) -> dict[str, Path]:
     """Incomplete copies: a deleted torch_dist shard, a deleted HF shard, a truncated file mzoo.yaml records."""
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import verify_sources

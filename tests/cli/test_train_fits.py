@@ -74,7 +74,7 @@ def test_the_recipe_is_used_unless_overridden(tmp_path):
 def test_llama3_8b_dry_run_on_gpus_is_within_5_percent_of_megatrons_profile():
     """TP1 DP8 at the recipe (seq 8192, micro batch 1), bf16 with the distributed optimizer: mzoo's
     engine now keeps Megatron's 2 + 4 + 12/dp bytes per parameter and its activations."""
-    from mzoo.plan.layout import Layout
+    from mzoo.layout import Layout
     from mzoo.plan.memory import memory
     from mzoo.plan.profile import engine_profile, megatron_profile
     from mzoo.plan.settings import Settings

@@ -15,7 +15,7 @@ from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError, HFReader
 from mzoo.models.canonical import random_canonical
 from mzoo.converters.hf import save_hf
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import against_transformers

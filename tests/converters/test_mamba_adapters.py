@@ -13,7 +13,8 @@ from conftest import all_safetensors, hf_roundtrip, make_moe_model
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, MambaConfig, NemotronHConfig
 
-from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.layout import Layout
 from mzoo.converters import for_family, for_hf_config
 from mzoo.models.canonical import canonical_tensors, random_canonical
 from mzoo.converters.hf import save_hf
@@ -215,12 +216,12 @@ def test_configs_transformers_cannot_express_fail_before_writing(tmp_path, prese
 def test_bad_layouts_and_patterns_fail_with_one_sentence():
     cfg = get("mamba-tiny").config  # 8 heads in 2 groups
     with pytest.raises(ConfigError, match="groups") as e:
-        ParallelConfig(tp=4).validate_for(cfg)
+        Layout(tp=4).validate_for(cfg)
     _one_sentence(e)
     with pytest.raises(ConfigError, match="groups") as e:  # and the model says the same when built anyway
-        build_model(cfg, ParallelState.single(ParallelConfig(tp=4)), device="meta")
+        build_model(cfg, ParallelState.single(Layout(tp=4)), device="meta")
     _one_sentence(e)
-    assert meta_model(cfg, ParallelConfig(tp=2)).decoder.layers[0].mixer.A_log.shape == (4,)
+    assert meta_model(cfg, Layout(tp=2)).decoder.layers[0].mixer.A_log.shape == (4,)
     with pytest.raises(ConfigError, match="num_layers") as e:
         get("mamba-hybrid-tiny").config.replace(**{"ssm.hybrid_pattern": "M*-"})
     _one_sentence(e)

@@ -7,14 +7,15 @@ names and shapes are exactly the ones megatron-core's modules declare."""
 
 from __future__ import annotations
 
+from mzoo.layout import Layout
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 import dist as D
 import mcore_ref as R
-from mzoo.ckpt.megatron.layout import MegatronLayout
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 
@@ -87,7 +88,7 @@ def mixtral(tmp_path_factory):
 def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
     path, expected = mixtral
     out = tmp_path / "mc"
-    convert(open_source(path), out, Target("torch_dist", MegatronLayout(ep=1, spec="local")))
+    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spec="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "iter_0000000", IDS)):  # written EP1, read EP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
@@ -96,7 +97,7 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
 def test_megatron_core_loads_mzoo_legacy_expert_rank_files(mixtral, tmp_path):
     path, expected = mixtral
     out = tmp_path / "legacy"
-    convert(open_source(path), out, Target("torch", MegatronLayout(ep=2, spec="local")))
+    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2), spec="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_legacy, 2, cfg, out, IDS)):
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
@@ -109,7 +110,7 @@ def test_megatron_core_expert_checkpoint_converts_to_hf(mixtral, tmp_path):
     mcore_logits = R.unpack(D.run(_save_mcore, 2, cfg, ck, IDS)[0])  # megatron-core writes at EP2
     src = open_source(ck, vocab_size=1000)
     assert src.cfg.architecture_differences(cfg) == []  # read from Megatron-LM's own MoE args
-    assert src.layout.ep == 2
+    assert src.megatron.layout.ep == 2
     out = tmp_path / "hf"
     convert(src, out, Target("hf"))
     with torch.no_grad():
@@ -128,8 +129,8 @@ def test_mzoo_deepseek_names_are_megatron_cores(tmp_path, variant, tp, ep):
     hf = make_hf_model(tmp_path / "hf", DEEPSEEK[variant])
     cfg = open_source(hf).cfg
     legacy, dist = tmp_path / "legacy", tmp_path / "dist"
-    convert(open_source(hf), legacy, Target("torch", MegatronLayout(tp=tp, ep=ep, spec="local")))
-    convert(open_source(hf), dist, Target("torch_dist", MegatronLayout(spec="local")))
+    convert(open_source(hf), legacy, Target("torch", MegatronCheckpoint(layout=Layout(tp=tp, ep=ep), spec="local")))
+    convert(open_source(hf), dist, Target("torch_dist", MegatronCheckpoint(spec="local")))
     results = [R.unpack(r) for r in D.run(_mla_names, 2, cfg, tp, ep)]
     for rank, (mc_local, mc_keys) in enumerate(results):
         folder = f"mp_rank_{rank:02d}" if ep == 1 else f"mp_rank_00_{rank:03d}"

@@ -4,6 +4,7 @@ bad input fails with one sentence and leaves no output that looks complete."""
 from __future__ import annotations
 
 
+from mzoo.layout import Layout
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,9 +12,9 @@ from transformers import GPT2Config, LlamaConfig
 
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.config import ConfigError
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import verify_sources
@@ -69,7 +70,7 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
     fmt, tp, pp, vpp, first, last, spec = layout
     src = sources[model]
     mid = tmp_path / "megatron"
-    lay = MegatronLayout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last, spec=spec)
+    lay = MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last), spec=spec)
     convert(open_source(src), mid, Target(fmt, lay))
     back = tmp_path / "back"
     convert(open_source(mid), back, Target("hf"))
@@ -79,9 +80,9 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
         assert torch.equal(before[name], after[name]), name
     # the layout on disk is what was asked for
     m = open_source(mid)
-    assert (m.fmt, m.layout.spec) == (fmt, spec)
+    assert (m.fmt, m.megatron.spec) == (fmt, spec)
     if fmt == "torch":
-        assert (m.layout.tp, m.layout.pp, m.layout.vpp) == (tp, pp, vpp)
+        assert (m.megatron.layout.tp, m.megatron.layout.pp, m.megatron.layout.vpp) == (tp, pp, vpp)
 
 
 def _without_extents(source):
@@ -111,7 +112,7 @@ def test_kernel_copies_write_what_the_read_path_writes(sources, tmp_path, monkey
     query group, [gate; up] per TP section, padded vocabulary); the checkpoint holds exactly what
     reading, regrouping and writing each tensor produces, and so does the way back to HF."""
     calls = _copies(monkeypatch)
-    lay = MegatronLayout(tp=tp, pp=pp)
+    lay = MegatronCheckpoint(layout=Layout(tp=tp, pp=pp))
     convert(open_source(sources["llama"]), tmp_path / "fast", Target(fmt, lay))
     assert calls, "no tensor took the kernel-copy path"
     convert(_without_extents(open_source(sources["llama"])), tmp_path / "slow", Target(fmt, lay))
@@ -139,7 +140,7 @@ def test_kernel_copies_write_what_the_read_path_writes(sources, tmp_path, monkey
 def test_legacy_layout_on_disk(sources, tmp_path):
     """Rank folders, local layer numbering, model0/model1 chunks, padded vocab, args, tied copy."""
     out = tmp_path / "m"
-    convert(open_source(sources["llama-tied"]), out, Target("torch", MegatronLayout(tp=2, pp=2, vpp=1)))
+    convert(open_source(sources["llama-tied"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2, vpp=1))))
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     folder = out / "iter_0000000"
     assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
@@ -155,14 +156,14 @@ def test_legacy_layout_on_disk(sources, tmp_path):
     assert emb.shape == (512, 64)
 
     out2 = tmp_path / "v"
-    convert(open_source(sources["llama"]), out2, Target("torch", MegatronLayout(tp=1, pp=2, vpp=2)))
+    convert(open_source(sources["llama"]), out2, Target("torch", MegatronCheckpoint(layout=Layout(tp=1, pp=2, vpp=2))))
     f = torch.load(out2 / "iter_0000000" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
     assert set(k for k in f if k.startswith("model")) == {"model0", "model1"}
 
 
 def test_gated_fc1_is_split_per_section(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=2)))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
     hf = _tensors(sources["llama"])
     gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
     rank1 = torch.load(out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
@@ -173,14 +174,13 @@ def test_gated_fc1_is_split_per_section(sources, tmp_path):
 def test_reshard_chain_is_exact(sources, tmp_path):
     src = sources["llama"]
     a = tmp_path / "a"
-    convert(open_source(src), a, Target("torch_dist", MegatronLayout(tp=2, pp=2)))
+    convert(open_source(src), a, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2, pp=2))))
     b = tmp_path / "b"
-    convert(open_source(a), b, Target("torch", MegatronLayout(tp=4, pp=1)))
+    convert(open_source(a), b, Target("torch", MegatronCheckpoint(layout=Layout(tp=4, pp=1))))
     c = tmp_path / "c"
-    convert(open_source(b), c, Target("torch", MegatronLayout(tp=1, pp=3, first_stage_layers=1, last_stage_layers=1,
-                                                              spec="local")))
+    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(tp=1, pp=3, first_stage_layers=1, last_stage_layers=1), spec="local")))
     d = tmp_path / "d"
-    convert(open_source(c), d, Target("torch_dist", MegatronLayout(tp=2, pp=1, spec="local")))
+    convert(open_source(c), d, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2, pp=1), spec="local")))
     back = tmp_path / "back"
     convert(open_source(d), back, Target("hf"))
     before, after = _tensors(src), _tensors(back)
@@ -190,7 +190,7 @@ def test_reshard_chain_is_exact(sources, tmp_path):
 
 def test_dtype_conversion(sources, tmp_path):
     out = tmp_path / "bf16"
-    convert(open_source(sources["gpt2"]), out, Target("torch_dist", MegatronLayout(tp=2), dtype=torch.bfloat16))
+    convert(open_source(sources["gpt2"]), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2)), dtype=torch.bfloat16))
     src = open_source(out)
     assert src.dtype == torch.bfloat16
     assert torch.equal(src.get("embedding.word_embeddings.weight"),
@@ -200,13 +200,13 @@ def test_dtype_conversion(sources, tmp_path):
 # ---- bad input ----------------------------------------------------------------------------------
 def test_tp_that_does_not_divide_groups(sources, tmp_path):
     with pytest.raises(ConfigError, match="does not divide the 4 query groups"):
-        convert(open_source(sources["llama"]), tmp_path / "x", Target("torch", MegatronLayout(tp=8)))
+        convert(open_source(sources["llama"]), tmp_path / "x", Target("torch", MegatronCheckpoint(layout=Layout(tp=8))))
     assert not (tmp_path / "x").exists()
 
 
 def test_missing_rank_file(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=2)))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
     (out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt").unlink()
     with pytest.raises(CheckpointError, match="has no model_optim_rng.pt"):
         open_source(out)
@@ -214,7 +214,7 @@ def test_missing_rank_file(sources, tmp_path):
 
 def test_truncated_rank_file(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout(tp=1)))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=1))))
     f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -223,7 +223,7 @@ def test_truncated_rank_file(sources, tmp_path):
 
 def test_unfinished_dist_save_is_not_a_checkpoint(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch_dist", MegatronLayout()))
+    convert(open_source(sources["llama"]), out, Target("torch_dist", MegatronCheckpoint()))
     (out / "iter_0000000" / "metadata.json").unlink()
     with pytest.raises(CheckpointError, match="no metadata.json"):
         open_source(out)
@@ -236,7 +236,7 @@ class Evil:
 
 def test_pickles_outside_the_allowlist_need_trust(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint()))
     f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     state["evil"] = Evil()
@@ -251,7 +251,7 @@ def test_megatron_enums_and_numpy_rng_state_load_without_trust(sources, tmp_path
     import numpy as np
 
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint()))
     f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     state["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
@@ -261,7 +261,7 @@ def test_megatron_enums_and_numpy_rng_state_load_without_trust(sources, tmp_path
 
 def test_shape_mismatch_between_config_and_tensors(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["llama"]), out, Target("torch", MegatronLayout()))
+    convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint()))
     side = out / "mzoo.yaml"
     side.write_text(side.read_text().replace("ffn_hidden_size: 96", "ffn_hidden_size: 64"))
     with pytest.raises(CheckpointError, match="has shape .* but the config implies"):

@@ -5,6 +5,7 @@ planning DeepSeek-V3's full layout from its config is fast."""
 
 from __future__ import annotations
 
+from mzoo.layout import Layout
 import json
 import shutil
 import subprocess
@@ -18,12 +19,12 @@ from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.layout import MegatronLayout
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.args import args_to_config, config_to_args, moe_layer_pattern
 from mzoo.ckpt.safe_pickle import load_dcp_metadata
 from mzoo.config import ConfigError
 from mzoo.models.canonical import canonical_tensors
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert, plan_layout
 from mzoo.jobs.sources import open_source
 from mzoo.models.canonical import plan_tensors
@@ -108,13 +109,12 @@ def sources(tmp_path_factory):
 def test_round_trip_is_bit_exact(sources, tmp_path, case):
     model, (fmt, tp, pp, ep, spec, grouped) = case
     mid = tmp_path / "megatron"
-    convert(open_source(sources[model]), mid, Target(fmt, MegatronLayout(tp=tp, pp=pp, ep=ep, spec=spec,
-                                                                        moe_grouped_gemm=grouped)))
+    convert(open_source(sources[model]), mid, Target(fmt, MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, ep=ep), spec=spec, moe_grouped_gemm=grouped)))
     back = tmp_path / "back"
     m = open_source(mid)
-    assert (m.fmt, m.layout.spec, m.layout.ep) == (fmt, spec, ep)
+    assert (m.fmt, m.megatron.spec, m.megatron.layout.ep) == (fmt, spec, ep)
     if fmt == "torch":
-        assert (m.layout.tp, m.layout.pp, m.layout.moe_grouped_gemm) == (tp, pp, grouped)
+        assert (m.megatron.layout.tp, m.megatron.layout.pp, m.megatron.moe_grouped_gemm) == (tp, pp, grouped)
     convert(m, back, Target("hf"))
     _assert_same(sources[model], back)
 
@@ -123,7 +123,7 @@ def test_legacy_expert_files(sources, tmp_path):
     """mp_rank_TT_PPP_EEE; non-expert tensors repeated in every EP rank's file; each file holds its
     E/EP experts numbered from 0 (global = ep_rank * E/EP + local)."""
     out = tmp_path / "m"
-    convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronLayout(tp=2, pp=2, ep=4)))
+    convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2, ep=4))))
     names = sorted(p.name for p in (out / "iter_0000000").iterdir())
     assert names == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(4)]
     hf = _tensors(sources["deepseek-v3"])
@@ -148,12 +148,12 @@ def test_ambiguous_rank_folder_names(sources, tmp_path):
     """mp_rank_00_001 is pipeline stage 1 with PP=2 and EP rank 1 with EP=2; the args tell which."""
     src = open_source(sources["mixtral"])
     pp, ep = tmp_path / "pp", tmp_path / "ep"
-    convert(src, pp, Target("torch", MegatronLayout(pp=2)))
-    convert(src, ep, Target("torch", MegatronLayout(ep=2)))
+    convert(src, pp, Target("torch", MegatronCheckpoint(layout=Layout(pp=2))))
+    convert(src, ep, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
     for out in (pp, ep):
         assert sorted(p.name for p in (out / "iter_0000000").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
-    assert (open_source(pp).layout.pp, open_source(pp).layout.ep) == (2, 1)
-    assert (open_source(ep).layout.pp, open_source(ep).layout.ep) == (1, 2)
+    assert (open_source(pp).megatron.layout.pp, open_source(pp).megatron.layout.ep) == (2, 1)
+    assert (open_source(ep).megatron.layout.pp, open_source(ep).megatron.layout.ep) == (1, 2)
     assert "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight" in _legacy(ep, "mp_rank_00_001")["model"]
     back = tmp_path / "back"
     convert(open_source(ep), back, Target("hf"))
@@ -162,7 +162,7 @@ def test_ambiguous_rank_folder_names(sources, tmp_path):
 
 def test_grouped_expert_spelling(sources, tmp_path):
     out = tmp_path / "g"
-    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronLayout(ep=2, moe_grouped_gemm=True)))
+    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2), moe_grouped_gemm=True)))
     state = _legacy(out, "mp_rank_00_001")["model"]
     assert {"decoder.layers.0.mlp.experts.linear_fc1.weight0", "decoder.layers.0.mlp.experts.linear_fc1.weight1",
             "decoder.layers.0.mlp.experts.linear_fc2.weight1", "decoder.layers.0.mlp.experts.linear_fc1._extra_state"
@@ -179,8 +179,8 @@ def test_dist_keys_are_megatron_cores(sources, tmp_path):
     import mcore_ref as R
 
     mix, ds = tmp_path / "mix", tmp_path / "ds"
-    convert(open_source(sources["mixtral"]), mix, Target("torch_dist", MegatronLayout(ep=2)))
-    convert(open_source(sources["deepseek-v3"]), ds, Target("torch_dist", MegatronLayout(spec="local")))
+    convert(open_source(sources["mixtral"]), mix, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=2))))
+    convert(open_source(sources["deepseek-v3"]), ds, Target("torch_dist", MegatronCheckpoint(spec="local")))
     meta = R.dcp_metadata(mix / "iter_0000000")
     assert meta["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == ("tensor", (2, 4, 192, 64), torch.float32)
     assert meta["decoder.layers.mlp.router.weight"][1] == (2, 4, 64)
@@ -204,7 +204,7 @@ def test_local_spec_splits_mla_down_projections(sources, tmp_path):
     kv = hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
     for spec, rows in (("local", kv[20:]), ("te", kv)):
         out = tmp_path / spec
-        convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronLayout(tp=2, spec=spec)))
+        convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec=spec)))
         state = _legacy(out, "mp_rank_01")["model"]
         assert torch.equal(state["decoder.layers.0.self_attention.linear_kv_down_proj.weight"], rows)
         assert ("decoder.layers.0.self_attention.kv_layernorm.weight" in state) == (spec == "local")
@@ -212,7 +212,7 @@ def test_local_spec_splits_mla_down_projections(sources, tmp_path):
 
 def test_expert_bias_stays_fp32_in_bf16_checkpoints(sources, tmp_path):
     out = tmp_path / "bf16"
-    convert(open_source(sources["deepseek-v3"]), out, Target("torch_dist", MegatronLayout(ep=2), dtype=torch.bfloat16))
+    convert(open_source(sources["deepseek-v3"]), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=2)), dtype=torch.bfloat16))
     src = open_source(out)
     assert src.dtype == torch.bfloat16
     assert src.get("decoder.layers.1.mlp.router.expert_bias").dtype == torch.float32
@@ -222,10 +222,10 @@ def test_expert_bias_stays_fp32_in_bf16_checkpoints(sources, tmp_path):
 def test_reshard_chain_is_exact(sources, tmp_path):
     src = sources["deepseek-v3"]
     a, b, c, d, back = (tmp_path / n for n in ("a", "b", "c", "d", "back"))
-    convert(open_source(src), a, Target("torch", MegatronLayout(tp=2, ep=4)))
-    convert(open_source(a), b, Target("torch_dist", MegatronLayout(ep=1, spec="local")))
-    convert(open_source(b), c, Target("torch", MegatronLayout(pp=2, ep=2, spec="local", moe_grouped_gemm=True)))
-    convert(open_source(c), d, Target("zarr", MegatronLayout(tp=2, ep=2)))
+    convert(open_source(src), a, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, ep=4))))
+    convert(open_source(a), b, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spec="local")))
+    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(pp=2, ep=2), spec="local", moe_grouped_gemm=True)))
+    convert(open_source(c), d, Target("zarr", MegatronCheckpoint(layout=Layout(tp=2, ep=2))))
     convert(open_source(d), back, Target("hf"))
     _assert_same(src, back)
 
@@ -235,12 +235,12 @@ def test_config_survives_args_alone(sources, tmp_path):
     for model in MODELS:
         out = tmp_path / model
         cfg = open_source(sources[model]).cfg
-        convert(open_source(sources[model]), out, Target("torch", MegatronLayout(ep=2)))
+        convert(open_source(sources[model]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
         (out / "mzoo.yaml").unlink()
         assert open_source(out).cfg.architecture_differences(cfg) == []
     for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny"):
         cfg = resolve(name)
-        args = config_to_args(cfg, MegatronLayout(tp=2, ep=4), torch.bfloat16)
+        args = config_to_args(cfg, MegatronCheckpoint(layout=Layout(tp=2, ep=4)), torch.bfloat16)
         assert args_to_config(args).architecture_differences(cfg) == [], name
 
 
@@ -255,7 +255,7 @@ def test_moe_layer_freq_forms():
 # ---- bad input ----------------------------------------------------------------------------------
 def test_ep_that_does_not_divide_experts(sources, tmp_path):
     with pytest.raises(ConfigError, match="expert parallel size 3 does not divide the 4 experts"):
-        convert(open_source(sources["mixtral"]), tmp_path / "x", Target("torch", MegatronLayout(ep=3)))
+        convert(open_source(sources["mixtral"]), tmp_path / "x", Target("torch", MegatronCheckpoint(layout=Layout(ep=3))))
     assert not list(tmp_path.iterdir())
 
 
@@ -264,13 +264,13 @@ def test_ep_on_a_dense_model(tmp_path, hf_factory):
 
     src = hf_factory(LlamaConfig(**COMMON, num_hidden_layers=2, intermediate_size=96))
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
-        convert(open_source(src), tmp_path / "x", Target("torch_dist", MegatronLayout(ep=2)))
+        convert(open_source(src), tmp_path / "x", Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=2))))
     assert not (tmp_path / "x").exists()
 
 
 def test_missing_expert_shard_file(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronLayout(tp=2, ep=2)))
+    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, ep=2))))
     shutil.rmtree(out / "iter_0000000" / "mp_rank_01_001")
     with pytest.raises(CheckpointError) as err:
         convert(open_source(out), tmp_path / "hf", Target("hf"))
@@ -281,7 +281,7 @@ def test_missing_expert_shard_file(sources, tmp_path):
 
 def test_missing_expert_tensor(sources, tmp_path):
     out = tmp_path / "m"
-    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronLayout(ep=2)))
+    convert(open_source(sources["mixtral"]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
     f = out / "iter_0000000" / "mp_rank_00_001" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     del state["model"]["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"]
@@ -290,7 +290,7 @@ def test_missing_expert_tensor(sources, tmp_path):
                                               r"decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"):
         open_source(out)
     dist = tmp_path / "d"
-    convert(open_source(sources["mixtral"]), dist, Target("torch_dist", MegatronLayout()))
+    convert(open_source(sources["mixtral"]), dist, Target("torch_dist", MegatronCheckpoint()))
     meta_file = dist / "iter_0000000" / ".metadata"
     meta = load_dcp_metadata(meta_file, False)
     del meta.state_dict_metadata["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
@@ -303,16 +303,16 @@ def test_missing_expert_tensor(sources, tmp_path):
 def test_local_mla_tp_must_split_the_latent_rows():
     cfg = resolve("deepseek-tiny").replace(**{"mla.kv_lora_rank": 31})
     with pytest.raises(ConfigError, match=r"does not divide kv_lora_rank \+ qk_rope_head_dim \(39\)"):
-        plan_layout(cfg, Target("torch", MegatronLayout(tp=2, spec="local")))
-    plan_layout(cfg, Target("torch", MegatronLayout(tp=2, spec="te")))  # TE keeps them whole
-    plan_layout(cfg, Target("torch_dist", MegatronLayout(tp=2, spec="local")))  # global tensors
+        plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))
+    plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec="te")))  # TE keeps them whole
+    plan_layout(cfg, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))  # global tensors
 
 
 # ---- planning without weights ---------------------------------------------------------------------
 def test_plan_matches_what_is_written(sources, tmp_path):
     src = open_source(sources["deepseek-v3"])
     for fmt in ("torch", "torch_dist"):
-        target = Target(fmt, MegatronLayout(tp=2, pp=2, ep=2, spec="local"), torch.float32)
+        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2, ep=2), spec="local"), torch.float32)
         plan = plan_layout(src.cfg, target)
         out = tmp_path / fmt
         convert(src, out, target)
@@ -333,7 +333,7 @@ def test_planning_deepseek_v3_is_fast():
     cfg = resolve("deepseek-v3")
     start = time.perf_counter()
     tensors = plan_tensors(cfg)
-    lay = MegatronLayout(tp=2, pp=16, ep=64, first_stage_layers=3, last_stage_layers=2)
+    lay = MegatronCheckpoint(layout=Layout(tp=2, pp=16, ep=64, first_stage_layers=3, last_stage_layers=2))
     plan = plan_layout(cfg, Target("torch", lay, torch.bfloat16), tensors)
     dist = plan_layout(cfg, Target("torch_dist", lay, torch.bfloat16), tensors)
     assert time.perf_counter() - start < 10

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dist as D
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.random import seed_everything
 from mzoo.parallel.state import ParallelState
@@ -22,7 +23,7 @@ def _worker(rank, world):
     differs only by its dropout mask; every residual dropout mask is recorded as drawn."""
     import mzoo.models.gpt as gpt
 
-    state = ParallelState.build(ParallelConfig(tp=world))
+    state = ParallelState.build(Layout(tp=world))
     model = build_model(CFG, state)
     model.init_weights(seed=1)
     with torch.no_grad():

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Mamba2Config, MambaConfig, NemotronHConfig
 
 import dist as D
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.converters.hf import load_hf_model
 from mzoo.models import build_chunks, build_model
 from mzoo.parallel.sharding import get_spec
@@ -116,7 +117,7 @@ def _sharded(rank, world, name, sequence_parallel):
     ref.init_weights(seed=3)
     expected = ref(ids)
     expected.square().mean().backward()
-    state = ParallelState.build(ParallelConfig(tp=world, sequence_parallel=sequence_parallel))
+    state = ParallelState.build(Layout(tp=world, sequence_parallel=sequence_parallel))
     model = build_model(cfg, state)
     model.init_weights(seed=3)  # same seed, same global model, this rank's shards
     got = model(ids)
@@ -170,7 +171,7 @@ def _train(cfg: ModelConfig, state: ParallelState, steps: int = STEPS, recompute
 
 def _train_worker(rank, world, name, layout):
     torch.manual_seed(0)
-    return _train(tiny(name), ParallelState.build(ParallelConfig(**layout)))
+    return _train(tiny(name), ParallelState.build(Layout(**layout)))
 
 
 @pytest.mark.dist

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Confi
 
 import dist as D
 from conftest import make_moe_model
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.converters.hf import load_hf_model
 from mzoo.jobs.verify import sample_tokens
 from mzoo.models import build_model
@@ -73,7 +74,7 @@ def _sharded(rank, world, name, layout):
     """Logits of this rank's own batch, and its expert grads, which collect the tokens of every
     rank of its EP group: the reference sums the grads of those ranks' batches (here EP = DP)."""
     cfg = _tiny(name)
-    state = ParallelState.build(ParallelConfig(**layout))
+    state = ParallelState.build(Layout(**layout))
     ref = build_model(cfg)
     ref.init_weights(seed=3)
     for d in range(state.dp):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import dist as D
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.state import ParallelState
 
@@ -27,7 +28,7 @@ def _run(rank, world, cfg, sequence_parallel):
     ref.init_weights(seed=3)
     expected = ref(ids)
     expected.square().mean().backward()
-    state = ParallelState.build(ParallelConfig(tp=world, sequence_parallel=sequence_parallel))
+    state = ParallelState.build(Layout(tp=world, sequence_parallel=sequence_parallel))
     model = build_model(cfg, state)
     model.init_weights(seed=3)  # same seed, same global model, this rank's shards
     got = model(ids)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mzoo.config import ConfigError, ModelConfig, ParallelConfig
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.layout import Layout
 from mzoo.zoo import get, presets
 
 
@@ -63,9 +64,9 @@ def test_replace_reaches_sub_configs_and_validates():
 @pytest.mark.parametrize(
     "layout, message",
     [
-        (ParallelConfig(tp=3), "does not divide the 2 query groups"),
-        (ParallelConfig(pp=3), "exceeds the 2 layers"),
-        (ParallelConfig(tp=0), "--tp must be at least 1"),
+        (Layout(tp=3), "does not divide the 2 query groups"),
+        (Layout(pp=3), "exceeds the 2 layers"),
+        (Layout(tp=0), "--tp must be at least 1"),
     ],
 )
 def test_layouts_the_model_cannot_take(layout, message):

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 import dist as D
-from mzoo.config import ConfigError, ParallelConfig
+from mzoo.config import ConfigError
+from mzoo.layout import Layout
 from mzoo.parallel import collectives as C
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer
 from mzoo.parallel.state import ParallelState, expert_group_ranks
@@ -32,7 +33,7 @@ def _run(fn, world: int, *args) -> list:
 
 
 # ---- process groups against Megatron-Core's RankGenerator ---------------------------------------
-def _mzoo_groups(config: ParallelConfig) -> dict[str, list[list[int]]]:
+def _mzoo_groups(config: Layout) -> dict[str, list[list[int]]]:
     """Every group of every axis, from the coordinates for_rank computes (no process groups)."""
     states = [ParallelState.for_rank(config, r) for r in range(config.world_size)]
     axes = ("tp", "cp", "dp", "pp", "ep", "edp")
@@ -63,7 +64,7 @@ LAYOUTS = [  # world, tp, pp, cp, ep
 def test_groups_match_megatron_rank_generator(world, tp, pp, cp, ep):
     ps = pytest.importorskip("megatron.core.parallel_state")
     dp = world // (tp * pp * cp)
-    config = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
+    config = Layout(tp=tp, pp=pp, dp=dp, cp=cp, ep=ep)
     order = "tp-cp-ep-dp-pp"  # Megatron-Core's default; the expert generator has cp 1 and dp = edp
     dense = ps.RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order=order)
     expert = ps.RankGenerator(tp=tp, ep=ep, dp=world // (tp * ep * pp), pp=pp, cp=1, order=order)
@@ -81,8 +82,8 @@ def test_groups_match_megatron_rank_generator(world, tp, pp, cp, ep):
 
 def test_ep_must_divide_data_parallel_ranks():
     with pytest.raises(ConfigError, match="expert parallel size 3"):
-        ParallelState.for_rank(ParallelConfig(dp=4, ep=3), 0)
-    state = ParallelState.for_rank(ParallelConfig(dp=4, ep=2), 3)
+        ParallelState.for_rank(Layout(dp=4, ep=3), 0)
+    state = ParallelState.for_rank(Layout(dp=4, ep=2), 3)
     assert (state.ep, state.expert_dp, state.ep_rank, state.edp_rank) == (2, 2, 1, 1)
 
 
@@ -219,7 +220,7 @@ def _reference() -> list[dict]:
 
 
 def _train(rank: int, world: int, ep: int) -> dict:
-    state = ParallelState.build(ParallelConfig(dp=world, ep=ep))
+    state = ParallelState.build(Layout(dp=world, ep=ep))
     ranks = {a: dist.get_process_group_ranks(g) if g is not None else [rank]
              for a, g in (("ep", state.ep_group), ("edp", state.edp_group))}
     result = {"ep_rank": state.ep_rank, "groups": ranks, "edp_is_dp": state.edp_group is state.dp_group, "runs": {}}
@@ -248,7 +249,7 @@ def _train(rank: int, world: int, ep: int) -> dict:
 
 def _worker(rank, world):
     """Everything that needs ranks, in one spawn: starting 4 processes takes seconds."""
-    a2a = {size: _exchange(ParallelState.build(ParallelConfig(dp=world, ep=size)), size) for size in (2, 4)}
+    a2a = {size: _exchange(ParallelState.build(Layout(dp=world, ep=size)), size) for size in (2, 4)}
     return _pack({"a2a": a2a, "train": {ep: _train(rank, world, ep) for ep in (1, 2, 4)}})
 
 
@@ -324,6 +325,6 @@ def test_expert_parallel_training_matches_single_process(ranks, reference, ep):
 
 
 def test_optimizer_rejects_expert_params_when_ep_exceeds_data_parallel():
-    model = TinyMoE(ParallelState.single(ParallelConfig(ep=2)))  # meta-model style state: ep 2, one process
+    model = TinyMoE(ParallelState.single(Layout(ep=2)))  # meta-model style state: ep 2, one process
     with pytest.raises(ConfigError, match="expert parallel size 2 must divide"):
-        Optimizer(model, ParallelState.single(ParallelConfig(ep=2)), AdamWConfig())
+        Optimizer(model, ParallelState.single(Layout(ep=2)), AdamWConfig())

@@ -832,17 +832,17 @@ def test_a_rank_file_that_is_not_a_dict_is_one_sentence(tmp_path):
 
 def test_dcp_metadata_of_another_type_is_one_sentence(tmp_path):
     from conftest import make_hf_model
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
     from transformers import LlamaConfig
 
-    from mzoo.ckpt.megatron.layout import MegatronLayout
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 
     hf = make_hf_model(tmp_path / "hf", LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                                     num_hidden_layers=1, num_attention_heads=2,
                                                     num_key_value_heads=1, max_position_embeddings=16))
-    convert(open_source(hf), tmp_path / "dist", Target("torch_dist", MegatronLayout()))
+    convert(open_source(hf), tmp_path / "dist", Target("torch_dist", MegatronCheckpoint()))
     (tmp_path / "dist" / "iter_0000000" / ".metadata").write_bytes(pickle.dumps(torch.Size([1, 2]), protocol=2))
     with time_limit(), pytest.raises(UserError) as caught:
         open_source(tmp_path / "dist")

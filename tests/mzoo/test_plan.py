@@ -18,7 +18,7 @@ from mzoo.plan.constants import GEMM_EFFICIENCY, GIB
 from mzoo.plan.costs import model_flops_per_token, rank_params, stages
 from mzoo.plan.explain import explain
 from mzoo.plan.hardware import GPUS
-from mzoo.plan.layout import Layout
+from mzoo.layout import Layout
 from mzoo.plan.memory import in_flight, memory
 from mzoo.plan.profile import engine_profile
 from mzoo.plan.search import evaluate, plan, problems, uneven_splits
@@ -33,8 +33,7 @@ def _meta_numel(cfg: ModelConfig, layout: Layout, rank: int) -> int:
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
 
-    chunks = build_chunks(cfg, ParallelState.for_rank(layout.parallel_config(), rank),
-                          first=layout.first, last=layout.last, device="meta")
+    chunks = build_chunks(cfg, ParallelState.for_rank(layout, rank), device="meta")
     return sum(p.numel() for p in chunks.parameters())
 
 
@@ -43,13 +42,13 @@ COUNT_CASES = [
     ("llama3-8b", Layout(tp=4, pp=4, vpp=2, dp=2)),
     ("llama3.2-1b", Layout(tp=2, pp=2, dp=1)),  # tied embeddings: the last stage holds a copy
     ("llama3.2-1b", Layout(tp=1, pp=1, dp=1)),  # tied, one chunk: no output layer at all
-    ("llama3.1-405b", Layout(tp=8, pp=8, dp=1, first=15, last=15)),
+    ("llama3.1-405b", Layout(tp=8, pp=8, dp=1, first_stage_layers=15, last_stage_layers=15)),
     ("gpt-tiny", Layout(tp=2, pp=2, dp=1)),  # learned positions, biases, LayerNorm
     ("mixtral-tiny", Layout(tp=2, pp=2, dp=2, ep=2)),
     ("mixtral-8x7b", Layout(tp=2, pp=4, dp=8, ep=8)),
     ("deepseek-tiny", Layout(tp=2, pp=3, dp=4, ep=4)),
-    ("deepseek-v2-lite", Layout(tp=2, pp=3, dp=2, ep=2, first=9, last=9)),  # MLA without q_lora
-    ("deepseek-v3", Layout(tp=2, pp=16, dp=64, ep=64, first=4, last=1)),  # 61 layers over 16 stages
+    ("deepseek-v2-lite", Layout(tp=2, pp=3, dp=2, ep=2, first_stage_layers=9, last_stage_layers=9)),  # MLA without q_lora
+    ("deepseek-v3", Layout(tp=2, pp=16, dp=64, ep=64, first_stage_layers=4, last_stage_layers=1)),  # 61 layers over 16 stages
     ("mamba-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba1-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba-hybrid-tiny", Layout(tp=2, pp=2, dp=1)),
@@ -110,7 +109,7 @@ PUBLISHED = [
     ("llama3.1-405b", 1024, Layout(tp=8, pp=8, cp=2, dp=8), Settings(8192, 512, grad_fp32=False)),
     ("mixtral-8x7b", 64, Layout(tp=1, pp=4, vpp=8, ep=8, dp=16), Settings(4096, 512, grad_fp32=False)),
     ("mixtral-8x22b", 256, Layout(tp=4, pp=4, ep=8, dp=16), Settings(4096, 512, grad_fp32=False)),
-    ("deepseek-v3", 1024, Layout(tp=2, pp=16, ep=64, etp=1, dp=32, first=4, last=1),
+    ("deepseek-v3", 1024, Layout(tp=2, pp=16, ep=64, etp=1, dp=32, first_stage_layers=4, last_stage_layers=1),
      Settings(4096, 4096, recompute="selective", grad_fp32=False)),
 ]
 
@@ -148,7 +147,7 @@ def test_deepseek_v3_fits_only_with_its_recipes_recomputation():
 def test_deepseek_v3_ep64_needs_expert_tp_1_on_1024_gpus():
     """With expert TP = TP (mzoo's engine) EP64 must divide dp x cp = 32: Megatron-only layout."""
     cfg = get("deepseek-v3").config
-    found = problems(cfg, Layout(tp=2, pp=16, ep=64, dp=32, first=4, last=1), Settings(4096, 4096), 1024)
+    found = problems(cfg, Layout(tp=2, pp=16, ep=64, dp=32, first_stage_layers=4, last_stage_layers=1), Settings(4096, 4096), 1024)
     assert any("ep=64 must divide dp x cp = 32" in f for f in found)
 
 
@@ -170,7 +169,7 @@ def test_plan_ranks_feasible_layouts_by_step_time_and_explains_the_winner():
     feasible = [p for p in plans if p.feasible]
     assert feasible and plans[0].feasible
     assert [p.time.step for p in feasible] == sorted(p.time.step for p in feasible)
-    assert all(p.layout.world == 64 and not p.problems for p in plans)
+    assert all(p.layout.world_size == 64 and not p.problems for p in plans)
     text = explain(plans)
     assert text.startswith(plans[0].layout.label()) and "tp=" in text and "pp=" in text
     # 70B does not fit without model parallelism: nothing with tp * pp * cp == 1 is feasible
@@ -183,7 +182,7 @@ def test_pipeline_bubble_and_in_flight_formulas():
     for layout, m in ((Layout(tp=1, pp=4, dp=2), 64), (Layout(tp=1, pp=4, vpp=2, dp=2), 64),
                       (Layout(tp=1, pp=8, vpp=4, dp=1), 16)):
         settings = Settings(4096, m * layout.dp)
-        t = evaluate(cfg, layout, settings, H100, layout.world).time
+        t = evaluate(cfg, layout, settings, H100, layout.world_size).time
         pp, vpp = layout.pp, layout.vpp
         assert t.microbatches == m
         assert t.bubble == pytest.approx((pp - 1) / (m * vpp + pp - 1))  # (pp-1)/(m+pp-1) when vpp = 1
@@ -203,9 +202,9 @@ def test_layout_rules():
     assert uneven_splits(61, 16) == [(1, 4), (2, 3), (3, 2), (4, 1)]
     assert uneven_splits(126, 8) == [(14, 16), (15, 15), (16, 14)]
     v3 = get("deepseek-v3").config
-    assert [len(st.layers) for st in stages(v3, Layout(pp=16, dp=1, first=4, last=1))] == [4] + [4] * 14 + [1]
+    assert [len(st.layers) for st in stages(v3, Layout(pp=16, dp=1, first_stage_layers=4, last_stage_layers=1))] == [4] + [4] * 14 + [1]
     assert parse_check("tp=2,pp=16,ep=64,etp=1,first=4,last=1", 1024) == Layout(
-        tp=2, pp=16, dp=32, ep=64, etp=1, first=4, last=1)
+        tp=2, pp=16, dp=32, ep=64, etp=1, first_stage_layers=4, last_stage_layers=1)
 
 
 # ---- the measured check ---------------------------------------------------------------------------------
@@ -213,7 +212,8 @@ CHILD = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.data.gpt import MockGPTDataset
@@ -226,7 +226,7 @@ def status(key):
 
 spec = json.loads(sys.argv[1])
 cfg, tcfg = ModelConfig.from_dict(spec["model"]), TrainConfig(**spec["train"])
-state = ParallelState.single(ParallelConfig())
+state = ParallelState.single(Layout())
 data = MockGPTDataset(cfg.vocab_size, tcfg.seq_len, 0, tcfg.steps * tcfg.global_batch)
 data[0]
 # warm every code path up on a tiny copy first: lazy imports (torch.utils.checkpoint, ...) cost tens of MB
@@ -288,7 +288,7 @@ def _peak_rss_of_a_rank(rank: int, world: int, spec: dict) -> dict:
     """Peak RSS above the warmed-up baseline of one rank training `spec` (the CHILD's method)."""
     import torch.distributed as dist
 
-    from mzoo.config import ParallelConfig
+    from mzoo.layout import Layout
     from mzoo.models import build_chunks
     from mzoo.parallel.state import ParallelState
     from mzoo.data.gpt import MockGPTDataset
@@ -298,7 +298,7 @@ def _peak_rss_of_a_rank(rank: int, world: int, spec: dict) -> dict:
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
     torch.set_num_threads(1)
-    state = ParallelState.build(ParallelConfig(dp=world))
+    state = ParallelState.build(Layout(dp=world))
     cfg, tcfg = ModelConfig.from_dict(spec["model"]), TrainConfig(**spec["train"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[tcfg.precision]
     data = MockGPTDataset(cfg.vocab_size, tcfg.seq_len, 0)

@@ -16,7 +16,8 @@ import torch
 from dist import run
 from torch import nn
 
-from mzoo.config import ConfigError, ParallelConfig
+from mzoo.config import ConfigError
+from mzoo.layout import Layout
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.schedules import (
     _VirtualOrder,
@@ -106,7 +107,7 @@ def expected_in_flight(pp: int, vpp: int, rank: int, num_microbatches: int) -> i
 def pipeline_worker(rank: int, world: int, cases: list[tuple[int, int, int]]) -> list[dict]:
     out = []
     for pp, vpp, num_microbatches in cases:
-        state = ParallelState.build(ParallelConfig(pp=pp, vpp=vpp))
+        state = ParallelState.build(Layout(pp=pp, vpp=vpp))
         layers = toy_layers()
         ranges = stage_layers(LAYERS, pp, vpp)[state.pp_rank]
         owned = {i: layers[i] for r in ranges for i in r}
@@ -194,7 +195,7 @@ def test_no_pipelining_matches_reference() -> None:
 
 
 def test_pick_schedule() -> None:
-    pick = lambda **kw: pick_schedule(ParallelState.for_rank(ParallelConfig(**kw), 0))
+    pick = lambda **kw: pick_schedule(ParallelState.for_rank(Layout(**kw), 0))
     assert pick(pp=1) is forward_backward_no_pipelining
     assert pick(pp=2) is forward_backward_pipelining_without_interleaving
     assert pick(pp=2, vpp=2) is forward_backward_pipelining_with_interleaving
@@ -203,7 +204,7 @@ def test_pick_schedule() -> None:
 @pytest.mark.parametrize("num_microbatches", [3, 1, 0])
 def test_interleaved_rejects_microbatches_not_multiple_of_pp(num_microbatches: int) -> None:
     # The check runs before any communication, so no process group is needed.
-    state = ParallelState.for_rank(ParallelConfig(pp=2, vpp=2), 0)
+    state = ParallelState.for_rank(Layout(pp=2, vpp=2), 0)
     with pytest.raises(ConfigError, match="multiple of the pipeline size pp=2"):
         forward_backward_pipelining_with_interleaving(
             make_forward_step(4), [nn.Identity(), nn.Identity()], num_microbatches, state, SHAPE, torch.float32
@@ -211,7 +212,7 @@ def test_interleaved_rejects_microbatches_not_multiple_of_pp(num_microbatches: i
 
 
 def test_schedules_reject_wrong_chunk_counts() -> None:
-    state = ParallelState.for_rank(ParallelConfig(pp=2, vpp=2), 0)
+    state = ParallelState.for_rank(Layout(pp=2, vpp=2), 0)
     with pytest.raises(ConfigError, match="one model chunk per virtual stage"):
         forward_backward_pipelining_with_interleaving(make_forward_step(4), [nn.Identity()], 4, state, SHAPE, torch.float32)
     with pytest.raises(ConfigError, match="one model chunk per rank"):
@@ -224,7 +225,7 @@ def test_schedules_reject_wrong_chunk_counts() -> None:
 def test_interleaved_order_matches_megatron_schedule_table(num_microbatches: int, chunks: int, pp: int) -> None:
     # megatron-core's own table, at its default microbatch group size (pp)
     get_schedule_table = pytest.importorskip("megatron.core.pipeline_parallel.schedules").get_schedule_table
-    state = ParallelState.for_rank(ParallelConfig(pp=pp, vpp=chunks), 0)
+    state = ParallelState.for_rank(Layout(pp=pp, vpp=chunks), 0)
     order = _VirtualOrder(state, num_microbatches, chunks, forward_only=False)
     ours = [(order.microbatch(k), order.chunk(k, forward=True)) for k in range(order.total)]
     assert ours == get_schedule_table(num_microbatches, chunks, pp)

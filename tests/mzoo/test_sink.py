@@ -3,6 +3,7 @@ of extents), torch.save archives written record by record, and DCP metadata writ
 
 from __future__ import annotations
 
+from mzoo.layout import Layout
 import io
 import os
 import pickle
@@ -207,15 +208,15 @@ def test_torch_dcp_reader_loads_what_mzoo_writes(tmp_path):
 
     from conftest import make_hf_model
     from mzoo.ckpt.dist import DistReader
-    from mzoo.ckpt.megatron.layout import MegatronLayout
-    from mzoo.ckpt.megatron.layout import Target
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+    from mzoo.ckpt.megatron.checkpoint import Target
     from mzoo.jobs.convert import convert
     from mzoo.jobs.sources import open_source
 
     src = make_hf_model(tmp_path / "hf", LlamaConfig(vocab_size=999, hidden_size=64, num_hidden_layers=2,
                                                      num_attention_heads=8, num_key_value_heads=4,
                                                      intermediate_size=96))
-    convert(open_source(src), tmp_path / "m", Target("torch_dist", MegatronLayout(tp=2)))
+    convert(open_source(src), tmp_path / "m", Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
     folder = tmp_path / "m" / "iter_0000000"
     ours = DistReader(folder)
     state = {k: torch.empty(ours.shape(k), dtype=ours.dtype(k)) for k in ours.keys()}

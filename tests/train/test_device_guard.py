@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 import dist as D
-from mzoo.config import ParallelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.train.run import gather_canonical
@@ -119,7 +119,7 @@ LAYOUTS = [
 def _worker(rank, world):
     out = []
     for name, layout, train, packed in LAYOUTS:
-        state = ParallelState.build(ParallelConfig(**layout))
+        state = ParallelState.build(Layout(**layout))
         out.append(_guarded_steps(name, state, packed, **train))
     return out
 

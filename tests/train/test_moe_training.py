@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import dist as D
-from mzoo.config import MLAConfig, ModelConfig, MoEConfig, ParallelConfig, RopeConfig
+from mzoo.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.train.trainer import TrainConfig, Trainer
@@ -45,7 +46,7 @@ def _train(cfg: ModelConfig, state: ParallelState, distributed_optimizer: bool =
 
 def _worker(rank, world, name, layout, distributed_optimizer):
     torch.manual_seed(0)
-    state = ParallelState.build(ParallelConfig(**layout))
+    state = ParallelState.build(Layout(**layout))
     return _train(MODELS[name], state, distributed_optimizer)
 
 

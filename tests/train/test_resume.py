@@ -8,7 +8,8 @@ import torch
 
 import dist as D
 from mzoo.jobs.train import hooks, pretraining_samplers
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.train.run import RunConfig, run
 from mzoo.train.trainer import TrainConfig
 
@@ -16,7 +17,7 @@ CFG = ModelConfig(name="t", family="llama", vocab_size=250, hidden_size=32, num_
                   num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=64)
 
 
-def _rc(layout: ParallelConfig, **kw) -> RunConfig:
+def _rc(layout: Layout, **kw) -> RunConfig:
     tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=10, lr=3e-3, min_lr=3e-4, warmup=2,
                        distributed_optimizer=kw.pop("dist_opt", False))
     return RunConfig(CFG, layout, tcfg, **kw)
@@ -28,13 +29,13 @@ def _losses(rc: RunConfig) -> list[float]:
 
 
 def _dist_worker(rank, world, layout, load, dist_opt):
-    return _losses(_rc(ParallelConfig(**layout), load=load, dist_opt=dist_opt))
+    return _losses(_rc(Layout(**layout), load=load, dist_opt=dist_opt))
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt") / "root"
-    full = _losses(_rc(ParallelConfig(), save=str(root), save_interval=5))
+    full = _losses(_rc(Layout(), save=str(root), save_interval=5))
     return root, full
 
 
@@ -47,7 +48,7 @@ def test_training_checkpoints_are_megatron_checkpoints(interrupted):
 
 def test_resume_is_exact(interrupted):
     root, full = interrupted
-    resumed = _losses(_rc(ParallelConfig(), load=str(root / "iter_0000005")))
+    resumed = _losses(_rc(Layout(), load=str(root / "iter_0000005")))
     assert len(resumed) == 5
     assert resumed == full[5:]  # bit-identical in fp32
 
@@ -67,9 +68,9 @@ DROPOUT = CFG.replace(hidden_dropout=0.1, attention_dropout=0.1)
 def test_resume_with_dropout_is_exact(tmp_path):
     """Dropout streams (default and TP-aware) are saved per rank and restored."""
     root = tmp_path / "root"
-    rc = _rc(ParallelConfig(), save=str(root), save_interval=5)
+    rc = _rc(Layout(), save=str(root), save_interval=5)
     rc.model = DROPOUT
     full = _losses(rc)
-    again = _rc(ParallelConfig(), load=str(root / "iter_0000005"))
+    again = _rc(Layout(), load=str(root / "iter_0000005"))
     again.model = DROPOUT
     assert _losses(again) == full[5:]

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 import dist as D
 from conftest import make_hf_model
 from mzoo.cli.main import app
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.state import ParallelState
 from mzoo.data import sft
@@ -143,7 +144,7 @@ def test_finetuning_drives_validation_loss_down(reference):
 
 
 def _tp_worker(rank, world, folder):
-    return _finetune(ParallelState.build(ParallelConfig(tp=2)), folder)
+    return _finetune(ParallelState.build(Layout(tp=2)), folder)
 
 
 @pytest.mark.dist

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dist as D
-from mzoo.config import ModelConfig, ParallelConfig
+from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.state import ParallelState
 from mzoo.train.trainer import TrainConfig, Trainer
@@ -39,7 +40,7 @@ def _train(state: ParallelState, distributed_optimizer: bool) -> list[float]:
 
 def _worker(rank, world, layout, distributed_optimizer):
     torch.manual_seed(0)
-    state = ParallelState.build(ParallelConfig(**layout))
+    state = ParallelState.build(Layout(**layout))
     return _train(state, distributed_optimizer)
 
 
@@ -138,7 +139,7 @@ def _train_chunks(cfg: ModelConfig, state: ParallelState, dist_opt: bool = False
 
 def _pp_worker(rank, world, cfg, layout):
     torch.manual_seed(0)
-    return _train_chunks(cfg, ParallelState.build(ParallelConfig(**layout)))
+    return _train_chunks(cfg, ParallelState.build(Layout(**layout)))
 
 
 @pytest.mark.dist

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mzoo.config import ParallelConfig
+from mzoo.layout import Layout
 from mzoo.models import BUILDABLE_FAMILIES, meta_model
 from mzoo.zoo import get, names, presets
 
@@ -63,5 +63,5 @@ def test_exact_known_counts():
 @pytest.mark.parametrize("name", [n for n in sorted(presets()) if get(n).config.family in BUILDABLE_FAMILIES])
 def test_meta_model_numel_equals_count(name):
     cfg = get(name).config
-    model = meta_model(cfg, ParallelConfig(make_vocab_size_divisible_by=1))
+    model = meta_model(cfg.replace(make_vocab_size_divisible_by=1), Layout())
     assert sum(p.numel() for p in model.parameters()) == get(name).count.total

@@ -13,15 +13,16 @@ from typing import Any, Optional
 
 import torch
 
+from mzoo.layout import Layout
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.layout import MegatronLayout, Spelling
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig
 
 
-def config_to_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
+def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) -> argparse.Namespace:
     """The fields of Megatron-LM's args that describe the model, layout and dtype."""
-    args = _dense_args(cfg, layout, dtype)
-    vars(args).update(_moe_args(cfg, layout), **_mla_args(cfg), **_ssm_args(cfg, layout))
+    args = _dense_args(cfg, ckpt, dtype)
+    vars(args).update(_moe_args(cfg, ckpt), **_mla_args(cfg), **_ssm_args(cfg, ckpt))
     return args
 
 
@@ -29,7 +30,7 @@ def config_to_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype)
 MAMBA_STACK_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
 
 
-def _ssm_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
+def _ssm_args(cfg: ModelConfig, ckpt: MegatronCheckpoint) -> dict[str, Any]:
     """Megatron-LM's MambaModel arguments, plus `mzoo_ssm_*` for what they cannot say (Mamba-1,
     expand without mamba_num_heads, d_conv, chunk size, biases)."""
     ssm = cfg.ssm
@@ -44,18 +45,18 @@ def _ssm_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
         mamba_head_dim=ssm.head_dim,
         mamba_num_groups=ssm.num_groups,
         mamba_num_heads=cfg.mamba_dims()["nheads"] if ssm.version == 2 else None,
-        spec=MAMBA_STACK_SPEC if layout.spec == "te" else None,
+        spec=MAMBA_STACK_SPEC if ckpt.spec == "te" else None,
     )
     out.update({f"mzoo_ssm_{k}": getattr(ssm, k) for k in ("version", "expand", "d_conv", "chunk_size", "dt_rank",
                                                            "conv_bias", "proj_bias")})
     return out
 
 
-def _moe_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
+def _moe_args(cfg: ModelConfig, ckpt: MegatronCheckpoint) -> dict[str, Any]:
     """Megatron-LM's MoE arguments (names as in megatron/training/arguments.py)."""
     moe = cfg.moe
-    out: dict[str, Any] = dict(num_experts=moe.num_experts if moe else None, expert_model_parallel_size=layout.ep,
-                               expert_tensor_parallel_size=layout.tp)
+    out: dict[str, Any] = dict(num_experts=moe.num_experts if moe else None, expert_model_parallel_size=ckpt.layout.ep,
+                               expert_tensor_parallel_size=ckpt.layout.tp)
     if moe is None:
         return out
     shared = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
@@ -77,7 +78,7 @@ def _moe_args(cfg: ModelConfig, layout: MegatronLayout) -> dict[str, Any]:
         moe_router_load_balancing_type="aux_loss" if moe.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=moe.aux_loss_coeff,
         moe_layer_freq=freq,
-        moe_grouped_gemm=layout.moe_grouped_gemm,
+        moe_grouped_gemm=ckpt.moe_grouped_gemm,
         moe_router_dtype="fp32",
         mzoo_moe_norm_topk_prob=moe.norm_topk_prob,
         mzoo_moe_num_shared_experts=moe.num_shared_experts,
@@ -102,7 +103,7 @@ def _mla_args(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def _dense_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) -> argparse.Namespace:
+def _dense_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) -> argparse.Namespace:
     rope = cfg.rope
     return argparse.Namespace(
         num_layers=cfg.num_layers,
@@ -130,15 +131,15 @@ def _dense_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) ->
         qk_layernorm=cfg.qk_layernorm,
         untie_embeddings_and_output_weights=not cfg.tie_embeddings,
         vocab_size=cfg.vocab_size,
-        padded_vocab_size=layout.padded_vocab(cfg),
-        make_vocab_size_divisible_by=layout.make_vocab_size_divisible_by,
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-        num_layers_per_virtual_pipeline_stage=cfg.num_layers // (layout.pp * layout.vpp) if layout.vpp > 1 else None,
-        decoder_first_pipeline_num_layers=layout.first_stage_layers,
-        decoder_last_pipeline_num_layers=layout.last_stage_layers,
-        transformer_impl="transformer_engine" if layout.spec == "te" else "local",
+        padded_vocab_size=ckpt.padded_vocab(cfg),
+        make_vocab_size_divisible_by=ckpt.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=ckpt.layout.tp,
+        pipeline_model_parallel_size=ckpt.layout.pp,
+        virtual_pipeline_model_parallel_size=ckpt.layout.vpp if ckpt.layout.vpp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=cfg.num_layers // (ckpt.layout.pp * ckpt.layout.vpp) if ckpt.layout.vpp > 1 else None,
+        decoder_first_pipeline_num_layers=ckpt.layout.first_stage_layers,
+        decoder_last_pipeline_num_layers=ckpt.layout.last_stage_layers,
+        transformer_impl="transformer_engine" if ckpt.spec == "te" else "local",
         params_dtype=dtype,
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
@@ -147,7 +148,7 @@ def _dense_args(cfg: ModelConfig, layout: MegatronLayout, dtype: torch.dtype) ->
         attention_dropout=0.0,
         consumed_train_samples=0,
         consumed_valid_samples=0,
-        iteration=layout.iteration if isinstance(layout.iteration, int) else 0,
+        iteration=ckpt.iteration if isinstance(ckpt.iteration, int) else 0,
         mzoo_family=cfg.family,
         mzoo_activation=cfg.activation,
     )
@@ -330,20 +331,17 @@ def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoE
     )
 
 
-def args_to_layout(args: argparse.Namespace, spec: Optional[Spelling] = None) -> MegatronLayout:
+def args_to_checkpoint(args: argparse.Namespace, spec: Optional[Spelling] = None) -> MegatronCheckpoint:
     a = vars(args)
-    return MegatronLayout(
-        tp=a.get("tensor_model_parallel_size") or 1,
-        pp=a.get("pipeline_model_parallel_size") or 1,
-        vpp=a.get("virtual_pipeline_model_parallel_size") or 1,
-        first_stage_layers=a.get("decoder_first_pipeline_num_layers"),
-        last_stage_layers=a.get("decoder_last_pipeline_num_layers"),
-        spec=spec or ("local" if a.get("transformer_impl") == "local" else "te"),
-        make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by") or 128,
-        iteration=a.get("iteration", 0) or 0,
-        ep=a.get("expert_model_parallel_size") or 1,
-        moe_grouped_gemm=bool(a.get("moe_grouped_gemm", False)),
-    )
+    layout = Layout(tp=a.get("tensor_model_parallel_size") or 1, pp=a.get("pipeline_model_parallel_size") or 1,
+                    vpp=a.get("virtual_pipeline_model_parallel_size") or 1,
+                    first_stage_layers=a.get("decoder_first_pipeline_num_layers"),
+                    last_stage_layers=a.get("decoder_last_pipeline_num_layers"),
+                    ep=a.get("expert_model_parallel_size") or 1)
+    return MegatronCheckpoint(layout=layout, spec=spec or ("local" if a.get("transformer_impl") == "local" else "te"),
+                              make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by") or 128,
+                              iteration=a.get("iteration", 0) or 0,
+                              moe_grouped_gemm=bool(a.get("moe_grouped_gemm", False)))
 
 
 def check_expert_tp(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import torch
 from mzoo.ckpt import legacy
 from mzoo.ckpt.hf import storage_dtype
 from mzoo.ckpt.megatron.keys import dist_chunks
-from mzoo.ckpt.megatron.layout import MegatronLayout, Target, validate_layout
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target, validate_layout
 from mzoo.ckpt.megatron.tracker import iteration_dir
 from mzoo.config import ModelConfig
 from mzoo.parallel.sharding import CanonicalTensor
@@ -44,7 +44,7 @@ def _nbytes(e: PlannedEntry) -> int:
 @dataclass
 class FilePlan:
     fmt: str
-    layout: MegatronLayout
+    megatron: MegatronCheckpoint
     files: list[PlannedFile]
 
     @property
@@ -52,8 +52,8 @@ class FilePlan:
         return sum(f.nbytes for f in self.files)
 
     def as_dict(self) -> dict[str, Any]:
-        lay = self.layout
-        return {"format": self.fmt, "tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep, "spec": lay.spec,
+        lay, par = self.megatron, self.megatron.layout
+        return {"format": self.fmt, "tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "spec": lay.spec,
                 "bytes": self.nbytes, "files": [{"path": f.path, "bytes": f.nbytes,
                                                  "tensors": [[e.key, list(e.shape), e.dtype] for e in f.entries]}
                                                 for f in self.files]}
@@ -61,7 +61,8 @@ class FilePlan:
 
 def plan_files(cfg: ModelConfig, target: Target, tensors: list[CanonicalTensor]) -> FilePlan:
     """The files, keys, shapes and dtypes a Megatron target layout gets, without weights or output."""
-    lay = target.layout
+    lay = target.megatron
+    par = lay.layout
     validate_layout(cfg, target.fmt, lay)
     dtype = target.dtype or torch.bfloat16
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
@@ -72,20 +73,20 @@ def plan_files(cfg: ModelConfig, target: Target, tensors: list[CanonicalTensor])
         stages = legacy.legacy_plan([t.name for t in tensors], {t.name: t.spec for t in tensors}, lay, cfg.num_layers,
                                     cfg.tie_embeddings, cfg.moe.num_experts if cfg.moe else 0)
         files: dict[tuple[int, int, int], PlannedFile] = {}
-        for p in range(lay.pp):
-            for e in range(lay.ep):
-                for t in range(lay.tp):
-                    path = folder / legacy.rank_dir(t, p, lay.pp, e, lay.ep) / legacy.FILE
+        for p in range(par.pp):
+            for e in range(par.ep):
+                for t in range(par.tp):
+                    path = folder / legacy.rank_dir(t, p, par.pp, e, par.ep) / legacy.FILE
                     files[(p, e, t)] = PlannedFile(str(path), [])
             for entry in stages[p]:
                 shape = list(shapes[entry.canonical])
                 spec = entry.spec
                 if spec.vocab:
                     shape[0] = padded
-                local = spec.local_shape(shape, lay.tp) if spec.axis == "tp" else tuple(shape)
+                local = spec.local_shape(shape, par.tp) if spec.axis == "tp" else tuple(shape)
                 kind = name(storage_dtype(entry.canonical, dtype))
                 for e, key in entry.targets:
-                    for t in range(lay.tp):
+                    for t in range(par.tp):
                         files[(p, e, t)].entries.append(PlannedEntry(key, local, kind))
         return FilePlan(target.fmt, lay, list(files.values()))
     chunks = dist_chunks(cfg, tensors, None, lay.spec, padded, dtype)

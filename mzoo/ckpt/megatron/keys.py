@@ -13,7 +13,7 @@ import torch
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt.hf import CheckpointError, storage_dtype
 from mzoo.ckpt.legacy import split_layer_name
-from mzoo.ckpt.megatron.layout import Spelling
+from mzoo.ckpt.megatron.checkpoint import Spelling
 from mzoo.ckpt.megatron.names import dist_spelling, expert_dist_key, split_sections, to_spelling
 from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ModelConfig

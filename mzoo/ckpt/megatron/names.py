@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from mzoo.ckpt.megatron.layout import Spelling
+from mzoo.ckpt.megatron.checkpoint import Spelling
 from mzoo.parallel.sharding import ShardSpec
 
 # ---- spellings: TE (canonical) <-> local ----------------------------------------------------------

@@ -15,7 +15,7 @@ from mzoo.ckpt import legacy
 from mzoo.ckpt.atomic import atomic_dir, fsync_tree
 from mzoo.ckpt.megatron.args import config_to_args
 from mzoo.ckpt.megatron.keys import dist_chunks, dist_objects
-from mzoo.ckpt.megatron.layout import Target
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.ckpt.megatron.tracker import iteration_dir, write_tracker
 from mzoo.ckpt.sidecar import write_sidecar
 from mzoo.ckpt.sink import TensorExtents
@@ -62,7 +62,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
                      fetch: Callable[[str], torch.Tensor], target: Target, dtype: torch.dtype,
                      iteration: int | str, tick: Callable[[int], None],
                      extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
-    lay = replace(target.layout, iteration=iteration)
+    lay = replace(target.megatron, iteration=iteration)
     padded = lay.padded_vocab(cfg)
     args = config_to_args(cfg, lay, dtype)
     specs = {t.name: t.spec for t in tensors}
@@ -82,7 +82,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
 
 
 def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str) -> None:
-    lay = target.layout
-    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.parallel(),
+    lay = target.megatron
+    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout,
                   extra={"iteration": iteration, "spec": lay.spec, "padded_vocab_size": lay.padded_vocab(cfg)})
     write_tracker(root, iteration)  # last: marks the checkpoint complete
