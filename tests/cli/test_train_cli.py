@@ -31,6 +31,7 @@ def test_train_tp2_from_hf_save_convert_verify(tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [1, 2, 3, 4]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(logs[0])
+    assert open_source(tmp_path / "ck").megatron.layout.tp == 2  # saved at the layout it trained at
     convert(open_source(tmp_path / "ck"), tmp_path / "back", Target("hf"))
     assert verify_sources(open_source(tmp_path / "ck"), open_source(tmp_path / "back")).max_abs_diff == 0.0
     assert not verify_sources(open_source(tmp_path / "hf"), open_source(tmp_path / "ck")).match  # it trained
