@@ -55,7 +55,7 @@ def finetune(
     """
     from mzoo.cli.running import execute
     from mzoo.jobs import finetune as job
-    from mzoo.jobs.train import Engine, Launch, LayoutFlags, Outputs
+    from mzoo.jobs.train import Engine, Hyper, Launch, LayoutFlags, Outputs
     from mzoo.train.run import in_launcher
 
     request = job.FinetuneRequest(
@@ -64,8 +64,8 @@ def finetune(
         launch=Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port),
         engine=Engine(device, precision, recompute, recompute_modules, recompute_num_layers, distributed_optimizer,
                       force),
-        hyper=job.FinetuneHyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
-                                clip_grad, seed),
+        hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
+                    clip_grad, seed),
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters),
         save_format=save_format)
     prepared = job.prepare_finetune(request)

@@ -4,7 +4,7 @@ only completion (assistant) tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,8 +12,8 @@ from mzoo.data import sft as sft_data
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
-from mzoo.jobs.train import (Engine, Launch, LayoutFlags, Outputs, Prepared, check_choices, check_megatron_format,
-                             check_memory, hooks, recompute_options, resolve_layout)
+from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_choices,
+                             check_megatron_format, check_memory, hooks, recompute_options, resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
 from mzoo.train.run import RunConfig
@@ -31,19 +31,10 @@ class Examples:
     packing: bool = True
 
 
-@dataclass(frozen=True)
-class FinetuneHyper:
-    seq_len: int = 256
-    micro_batch: int = 2
-    global_batch: int = 8
-    steps: int = 100
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    warmup: int = 5
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    seed: int = 1234
+# finetuning's own defaults for what the request leaves None: short packed sequences, a small learning
+# rate, no weight decay
+DEFAULTS = Hyper(seq_len=256, micro_batch=2, global_batch=8, steps=100, lr=1e-5, min_lr=1e-6, warmup=5,
+                 schedule="cosine", weight_decay=0.0)
 
 
 @dataclass(frozen=True)
@@ -54,7 +45,7 @@ class FinetuneRequest:
     layout: LayoutFlags = LayoutFlags()
     launch: Launch = Launch()
     engine: Engine = Engine()
-    hyper: FinetuneHyper = FinetuneHyper()
+    hyper: Hyper = Hyper()  # None: finetuning's DEFAULTS
     outputs: Outputs = Outputs(eval_iters=1)
     save_format: str = "hf"  # or megatron
 
@@ -62,7 +53,9 @@ class FinetuneRequest:
 def prepare_finetune(req: FinetuneRequest) -> Prepared:
     """Everything `mzoo finetune` checks before launch: choices, every data line, the checkpoint, its
     tokenizer, the layout, the packed data, memory."""
-    eng, h, out, ex = req.engine, req.hyper, req.outputs, req.examples
+    eng, out, ex = req.engine, req.outputs, req.examples
+    h = replace(req.hyper, **{f.name: getattr(DEFAULTS, f.name) for f in fields(Hyper)
+                              if getattr(req.hyper, f.name) is None})
     precision = eng.precision or default_precision(resolve_device(eng.device))
     if req.save_format not in ("hf", "megatron"):
         raise UserError(f"unknown --save-format '{req.save_format}'; use hf or megatron.")
