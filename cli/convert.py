@@ -52,7 +52,7 @@ def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
         print_json(plan.as_dict())
         return
     lay = plan.megatron.layout
-    console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={plan.megatron.spec}): "
+    console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={plan.megatron.spelling}): "
                   f"{len(plan.files)} files, {sum(len(f.entries) for f in plan.files)} tensors, "
                   f"{plan.nbytes / 1e9:.3f} GB; nothing written", highlight=False)
     for f in plan.files[:shown]:

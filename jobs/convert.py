@@ -151,7 +151,7 @@ class ConvertRequest:
     plan: bool = False  # describe the output's files, write nothing
 
     def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronCheckpoint:
-        return MegatronCheckpoint(layout=self.layout, spec=self.spec, iteration=iteration,
+        return MegatronCheckpoint(layout=self.layout, spelling=self.spec, iteration=iteration,
                                   make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
                                   moe_grouped_gemm=self.moe_grouped_gemm)
 

@@ -39,7 +39,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "pp": lay.pp,
         "vpp": lay.vpp,
         "ep": lay.ep,
-        "spec": src.megatron.spec if src.megatron is not None else None,
+        "spec": src.megatron.spelling if src.megatron is not None else None,
         "dtype": str(src.dtype).replace("torch.", ""),
         "num_params": count.total,
         "active_params": count.active,

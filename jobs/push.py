@@ -160,7 +160,7 @@ def write_card(src, dst: Path, req: Request) -> tuple[str, bool]:
     lay = src.megatron
     layout = {} if src.fmt == "hf" or lay is None else {"tp": lay.layout.tp, "pp": lay.layout.pp,
                                                         "vpp": lay.layout.vpp, "ep": lay.layout.ep,
-                                                        "spec": lay.spec}
+                                                        "spec": lay.spelling}
     facts = CardFacts(
         repo_id=req.repo_id, cfg=src.cfg, dtype=str(src.dtype).replace("torch.", ""), source_format=src.fmt,
         layout=layout, iteration=src.iteration if src.fmt != "hf" else None, license=req.license,

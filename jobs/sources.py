@@ -141,9 +141,9 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     keys = set(store.keys())
     spelling = saved_spelling(keys, cfg)  # unless the args name the model's implementation
     megatron = args_to_checkpoint(args, None if "transformer_impl" in vars(args) else spelling) if args is not None \
-        else MegatronCheckpoint(spec=spelling)
+        else MegatronCheckpoint(spelling=spelling)
     megatron = replace(megatron, iteration=iteration)
-    where = {t.name: dist_location(t.name, t.spec, keys, cfg, megatron.spec, folder) for t in tensors}  # before any read
+    where = {t.name: dist_location(t.name, t.spec, keys, cfg, megatron.spelling, folder) for t in tensors}  # before any read
     dtype = store.dtype(where[tensors[0].name][0][0])
 
     def get(name: str) -> torch.Tensor:

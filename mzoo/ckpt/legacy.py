@@ -87,9 +87,9 @@ def expert_placement(local: str, num_experts: int, ep: int) -> tuple[range, str]
     return range(owner, owner + 1), renumber_expert(local, index)
 
 
-def spelled(local: str, spec: Spelling, grouped: bool) -> str:
+def spelled(local: str, spelling: Spelling, grouped: bool) -> str:
     """The name a canonical (stage-local, EP-local) tensor has in a rank file of this spelling."""
-    name = to_spelling(local, spec)
+    name = to_spelling(local, spelling)
     return grouped_spelling(name) if grouped else name
 
 
@@ -125,10 +125,10 @@ class LegacyReader:
         self.args = first["args"]
         check_expert_tp(self.args)
         model_state = first.get("model", first.get("model0", {}))
-        spec: Spelling = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
+        spelling: Spelling = "te" if any(k.endswith("layer_norm_weight") for k in model_state) else "local"
         grouped = any(re.search(r"\.experts\.linear_fc[12]\.weight\d+$", k) for k in model_state)
-        self.megatron: MegatronCheckpoint = replace(args_to_checkpoint(self.args, spec), iteration=self.iteration,
-                                              moe_grouped_gemm=grouped)
+        self.megatron: MegatronCheckpoint = replace(args_to_checkpoint(self.args, spelling), iteration=self.iteration,
+                                                moe_grouped_gemm=grouped)
         lay = self.megatron
         par = lay.layout
         self.files: dict[Rank, Path] = {}
@@ -174,19 +174,19 @@ class LegacyReader:
             raise CheckpointError(f"the checkpoint's args say ep={par.ep} but the model has {num_experts} experts; "
                                   "its args do not match its config.")
         names = self._names()
-        other: Spelling = "local" if lay.spec == "te" else "te"
+        other: Spelling = "local" if lay.spelling == "te" else "te"
         for name, spec in specs.items():
             p, v, local = placement(name, ranges)
             ep_ranks, local = expert_placement(local, num_experts, par.ep)
             e = ep_ranks[0]
             mk = model_key(v, par.vpp)
-            candidates = [spelled(local, s, g) for s in (lay.spec, other) for g in (lay.moe_grouped_gemm, not lay.moe_grouped_gemm)]
+            candidates = [spelled(local, s, g) for s in (lay.spelling, other) for g in (lay.moe_grouped_gemm, not lay.moe_grouped_gemm)]
             found = next((c for c in candidates if c in names[(0, p, e)].get(mk, ())), None)
             if found is None:
                 raise CheckpointError(
                     f"{self.files[(0, p, e)]} has no {candidates[0]} in {mk}; the checkpoint does not match its args."
                 )
-            spec = legacy_shard_spec(found, spec, lay.spec)  # the spec detected from the files' norm names
+            spec = legacy_shard_spec(found, spec, lay.spelling)  # the spec detected from the files' norm names
             tp_ranks = range(par.tp) if spec.axis == "tp" else range(1)
             for t in tp_ranks:
                 if found not in names[(t, p, e)].get(mk, ()):

@@ -95,9 +95,9 @@ def sources(tmp_path_factory):
 def test_round_trip_is_bit_exact(sources, tmp_path, case):
     model, (fmt, tp, pp, spec) = case
     mid, back = tmp_path / "megatron", tmp_path / "back"
-    convert(open_source(sources[model]), mid, Target(fmt, MegatronCheckpoint(layout=Layout(tp=tp, pp=pp), spec=spec)))
+    convert(open_source(sources[model]), mid, Target(fmt, MegatronCheckpoint(layout=Layout(tp=tp, pp=pp), spelling=spec)))
     m = open_source(mid)
-    assert (m.fmt, m.megatron.spec, m.megatron.layout.tp, m.megatron.layout.pp) == (fmt, spec, tp, pp)
+    assert (m.fmt, m.megatron.spelling, m.megatron.layout.tp, m.megatron.layout.pp) == (fmt, spec, tp, pp)
     convert(m, back, Target("hf"))
     _assert_same(sources[model], back)
 
@@ -108,12 +108,12 @@ def test_reshard_tp2_to_tp1_is_exact(sources, tmp_path):
     src = sources["nemotron_h"]
     a, b, c, d, back, direct = (tmp_path / n for n in ("a", "b", "c", "d", "back", "direct"))
     convert(open_source(src), a, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2))))
-    convert(open_source(a), b, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spec="local")))
-    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(tp=1), spec="local")))
+    convert(open_source(a), b, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
+    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
     convert(open_source(c), d, Target("zarr", MegatronCheckpoint(layout=Layout(tp=2))))
     convert(open_source(d), back, Target("hf"))
     _assert_same(src, back)
-    convert(open_source(src), direct, Target("torch", MegatronCheckpoint(layout=Layout(tp=1), spec="local")))
+    convert(open_source(src), direct, Target("torch", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
     got, want = _legacy(c, "mp_rank_00")["model"], _legacy(direct, "mp_rank_00")["model"]
     assert set(got) == set(want)
     assert all(torch.equal(v, want[k]) if v is not None else want[k] is None for k, v in got.items())
@@ -127,7 +127,7 @@ def test_legacy_rank_files_hold_per_section_slices(sources, tmp_path):
     hf = _tensors(sources["mamba2"])
     for spec in ("te", "local"):
         out = tmp_path / spec
-        convert(open_source(sources["mamba2"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2), spec=spec)))
+        convert(open_source(sources["mamba2"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2), spelling=spec)))
         last = _legacy(out, "mp_rank_01_001")["model"]  # TP rank 1, stage 1 = global layer 1
         w = hf["backbone.layers.1.mixer.in_proj.weight"]  # [z 64; x 64; B 16; C 16; dt 4]
         z, x, B, C, dt = w.split([64, 64, 16, 16, 4])
@@ -165,11 +165,11 @@ def test_config_survives_args_alone(sources, tmp_path):
         cfg = open_source(sources[model]).cfg
         for fmt in ("torch", "torch_dist"):
             out = tmp_path / f"{model}-{fmt}"
-            convert(open_source(sources[model]), out, Target(fmt, MegatronCheckpoint(layout=Layout(tp=2), spec="local")))
+            convert(open_source(sources[model]), out, Target(fmt, MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
             (out / "mzoo.yaml").unlink()
             src = open_source(out)
             assert src.cfg.architecture_differences(cfg) == [] and src.cfg.family == "mamba"
-            assert src.megatron.spec == "local"
+            assert src.megatron.spelling == "local"
     for name in ("mamba1-tiny", "mamba-tiny", "mamba-hybrid-tiny", "mamba-130m", "mamba2-130m", "mamba2-hybrid-8b"):
         cfg = resolve(name)
         got = args_to_config(config_to_args(cfg, MegatronCheckpoint(layout=Layout(tp=2)), torch.bfloat16))
@@ -224,7 +224,7 @@ def test_dist_keys_are_per_layer_and_split(sources, tmp_path, fmt):
     hf = _tensors(sources["mamba2"])
     for spec in ("te", "local"):
         out = tmp_path / f"{fmt}-{spec}"
-        convert(open_source(sources["mamba2"]), out, Target(fmt, MegatronCheckpoint(layout=Layout(tp=2), spec=spec)))
+        convert(open_source(sources["mamba2"]), out, Target(fmt, MegatronCheckpoint(layout=Layout(tp=2), spelling=spec)))
         folder = out / "iter_0000000"
         if fmt == "torch_dist":
             meta = {k: v[1] if v[0] == "tensor" else None for k, v in R.dcp_metadata(folder).items()}
@@ -256,7 +256,7 @@ def test_hybrid_and_mamba1_dist_keys(sources, tmp_path):
     import mcore_ref as R
 
     hy, m1 = tmp_path / "hy", tmp_path / "m1"
-    convert(open_source(sources["nemotron_h"]), hy, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))
+    convert(open_source(sources["nemotron_h"]), hy, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
     convert(open_source(sources["mamba1"]), m1, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
     meta = R.dcp_metadata(hy / "iter_0000000")
     assert {"decoder.layers.0.mixer.in_proj.weight.dt", "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
@@ -281,7 +281,7 @@ def test_plan_matches_what_is_written(sources, tmp_path):
 
     src = open_source(sources["nemotron_h"])
     for fmt in ("torch", "torch_dist"):
-        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2), spec="local"), torch.float32)
+        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2), spelling="local"), torch.float32)
         plan = plan_layout(src.cfg, target)
         out = tmp_path / fmt
         convert(src, out, target)
@@ -482,7 +482,7 @@ def test_megatron_core_reads_and_writes_the_same_checkpoints(sources, tmp_path, 
     import mcore_ref as R
 
     src = open_source(sources[model])
-    lay = MegatronCheckpoint(layout=Layout(tp=2), spec="local")
+    lay = MegatronCheckpoint(layout=Layout(tp=2), spelling="local")
     dist_out, legacy_out, mcore_out, again = (tmp_path / n for n in ("dist", "legacy", "mcore", "again"))
     convert(src, dist_out, Target("torch_dist", lay))
     convert(src, legacy_out, Target("torch", lay))

@@ -59,7 +59,7 @@ def hf(tmp_path_factory):
 def test_megatron_core_loads_mzoo_torch_dist_at_another_tp(hf, tmp_path):
     path, expected = hf
     out = tmp_path / "mc"
-    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spec="local")))
+    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "iter_0000000", IDS)):  # written TP1, read TP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
@@ -68,7 +68,7 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_tp(hf, tmp_path):
 def test_megatron_core_loads_mzoo_legacy_rank_files(hf, tmp_path):
     path, expected = hf
     out = tmp_path / "legacy"
-    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))
+    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_legacy, 2, cfg, out, IDS)):
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4

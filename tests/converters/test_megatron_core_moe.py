@@ -88,7 +88,7 @@ def mixtral(tmp_path_factory):
 def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
     path, expected = mixtral
     out = tmp_path / "mc"
-    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spec="local")))
+    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "iter_0000000", IDS)):  # written EP1, read EP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
@@ -97,7 +97,7 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
 def test_megatron_core_loads_mzoo_legacy_expert_rank_files(mixtral, tmp_path):
     path, expected = mixtral
     out = tmp_path / "legacy"
-    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2), spec="local")))
+    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2), spelling="local")))
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_legacy, 2, cfg, out, IDS)):
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
@@ -129,8 +129,8 @@ def test_mzoo_deepseek_names_are_megatron_cores(tmp_path, variant, tp, ep):
     hf = make_hf_model(tmp_path / "hf", DEEPSEEK[variant])
     cfg = open_source(hf).cfg
     legacy, dist = tmp_path / "legacy", tmp_path / "dist"
-    convert(open_source(hf), legacy, Target("torch", MegatronCheckpoint(layout=Layout(tp=tp, ep=ep), spec="local")))
-    convert(open_source(hf), dist, Target("torch_dist", MegatronCheckpoint(spec="local")))
+    convert(open_source(hf), legacy, Target("torch", MegatronCheckpoint(layout=Layout(tp=tp, ep=ep), spelling="local")))
+    convert(open_source(hf), dist, Target("torch_dist", MegatronCheckpoint(spelling="local")))
     results = [R.unpack(r) for r in D.run(_mla_names, 2, cfg, tp, ep)]
     for rank, (mc_local, mc_keys) in enumerate(results):
         folder = f"mp_rank_{rank:02d}" if ep == 1 else f"mp_rank_00_{rank:03d}"

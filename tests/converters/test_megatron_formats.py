@@ -70,7 +70,7 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
     fmt, tp, pp, vpp, first, last, spec = layout
     src = sources[model]
     mid = tmp_path / "megatron"
-    lay = MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last), spec=spec)
+    lay = MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, vpp=vpp, first_stage_layers=first, last_stage_layers=last), spelling=spec)
     convert(open_source(src), mid, Target(fmt, lay))
     back = tmp_path / "back"
     convert(open_source(mid), back, Target("hf"))
@@ -80,7 +80,7 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
         assert torch.equal(before[name], after[name]), name
     # the layout on disk is what was asked for
     m = open_source(mid)
-    assert (m.fmt, m.megatron.spec) == (fmt, spec)
+    assert (m.fmt, m.megatron.spelling) == (fmt, spec)
     if fmt == "torch":
         assert (m.megatron.layout.tp, m.megatron.layout.pp, m.megatron.layout.vpp) == (tp, pp, vpp)
 
@@ -178,9 +178,9 @@ def test_reshard_chain_is_exact(sources, tmp_path):
     b = tmp_path / "b"
     convert(open_source(a), b, Target("torch", MegatronCheckpoint(layout=Layout(tp=4, pp=1))))
     c = tmp_path / "c"
-    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(tp=1, pp=3, first_stage_layers=1, last_stage_layers=1), spec="local")))
+    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(tp=1, pp=3, first_stage_layers=1, last_stage_layers=1), spelling="local")))
     d = tmp_path / "d"
-    convert(open_source(c), d, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2, pp=1), spec="local")))
+    convert(open_source(c), d, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2, pp=1), spelling="local")))
     back = tmp_path / "back"
     convert(open_source(d), back, Target("hf"))
     before, after = _tensors(src), _tensors(back)

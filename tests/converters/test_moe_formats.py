@@ -109,10 +109,10 @@ def sources(tmp_path_factory):
 def test_round_trip_is_bit_exact(sources, tmp_path, case):
     model, (fmt, tp, pp, ep, spec, grouped) = case
     mid = tmp_path / "megatron"
-    convert(open_source(sources[model]), mid, Target(fmt, MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, ep=ep), spec=spec, moe_grouped_gemm=grouped)))
+    convert(open_source(sources[model]), mid, Target(fmt, MegatronCheckpoint(layout=Layout(tp=tp, pp=pp, ep=ep), spelling=spec, moe_grouped_gemm=grouped)))
     back = tmp_path / "back"
     m = open_source(mid)
-    assert (m.fmt, m.megatron.spec, m.megatron.layout.ep) == (fmt, spec, ep)
+    assert (m.fmt, m.megatron.spelling, m.megatron.layout.ep) == (fmt, spec, ep)
     if fmt == "torch":
         assert (m.megatron.layout.tp, m.megatron.layout.pp, m.megatron.moe_grouped_gemm) == (tp, pp, grouped)
     convert(m, back, Target("hf"))
@@ -180,7 +180,7 @@ def test_dist_keys_are_megatron_cores(sources, tmp_path):
 
     mix, ds = tmp_path / "mix", tmp_path / "ds"
     convert(open_source(sources["mixtral"]), mix, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=2))))
-    convert(open_source(sources["deepseek-v3"]), ds, Target("torch_dist", MegatronCheckpoint(spec="local")))
+    convert(open_source(sources["deepseek-v3"]), ds, Target("torch_dist", MegatronCheckpoint(spelling="local")))
     meta = R.dcp_metadata(mix / "iter_0000000")
     assert meta["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == ("tensor", (2, 4, 192, 64), torch.float32)
     assert meta["decoder.layers.mlp.router.weight"][1] == (2, 4, 64)
@@ -204,7 +204,7 @@ def test_local_spec_splits_mla_down_projections(sources, tmp_path):
     kv = hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
     for spec, rows in (("local", kv[20:]), ("te", kv)):
         out = tmp_path / spec
-        convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec=spec)))
+        convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling=spec)))
         state = _legacy(out, "mp_rank_01")["model"]
         assert torch.equal(state["decoder.layers.0.self_attention.linear_kv_down_proj.weight"], rows)
         assert ("decoder.layers.0.self_attention.kv_layernorm.weight" in state) == (spec == "local")
@@ -223,8 +223,8 @@ def test_reshard_chain_is_exact(sources, tmp_path):
     src = sources["deepseek-v3"]
     a, b, c, d, back = (tmp_path / n for n in ("a", "b", "c", "d", "back"))
     convert(open_source(src), a, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, ep=4))))
-    convert(open_source(a), b, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spec="local")))
-    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(pp=2, ep=2), spec="local", moe_grouped_gemm=True)))
+    convert(open_source(a), b, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
+    convert(open_source(b), c, Target("torch", MegatronCheckpoint(layout=Layout(pp=2, ep=2), spelling="local", moe_grouped_gemm=True)))
     convert(open_source(c), d, Target("zarr", MegatronCheckpoint(layout=Layout(tp=2, ep=2))))
     convert(open_source(d), back, Target("hf"))
     _assert_same(src, back)
@@ -303,16 +303,16 @@ def test_missing_expert_tensor(sources, tmp_path):
 def test_local_mla_tp_must_split_the_latent_rows():
     cfg = resolve("deepseek-tiny").replace(**{"mla.kv_lora_rank": 31})
     with pytest.raises(ConfigError, match=r"does not divide kv_lora_rank \+ qk_rope_head_dim \(39\)"):
-        plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))
-    plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spec="te")))  # TE keeps them whole
-    plan_layout(cfg, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spec="local")))  # global tensors
+        plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
+    plan_layout(cfg, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling="te")))  # TE keeps them whole
+    plan_layout(cfg, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))  # global tensors
 
 
 # ---- planning without weights ---------------------------------------------------------------------
 def test_plan_matches_what_is_written(sources, tmp_path):
     src = open_source(sources["deepseek-v3"])
     for fmt in ("torch", "torch_dist"):
-        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2, ep=2), spec="local"), torch.float32)
+        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2, ep=2), spelling="local"), torch.float32)
         plan = plan_layout(src.cfg, target)
         out = tmp_path / fmt
         convert(src, out, target)

@@ -45,7 +45,7 @@ def _ssm_args(cfg: ModelConfig, ckpt: MegatronCheckpoint) -> dict[str, Any]:
         mamba_head_dim=ssm.head_dim,
         mamba_num_groups=ssm.num_groups,
         mamba_num_heads=cfg.mamba_dims()["nheads"] if ssm.version == 2 else None,
-        spec=MAMBA_STACK_SPEC if ckpt.spec == "te" else None,
+        spec=MAMBA_STACK_SPEC if ckpt.spelling == "te" else None,
     )
     out.update({f"mzoo_ssm_{k}": getattr(ssm, k) for k in ("version", "expand", "d_conv", "chunk_size", "dt_rank",
                                                            "conv_bias", "proj_bias")})
@@ -139,7 +139,7 @@ def _dense_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) 
         num_layers_per_virtual_pipeline_stage=cfg.num_layers // (ckpt.layout.pp * ckpt.layout.vpp) if ckpt.layout.vpp > 1 else None,
         decoder_first_pipeline_num_layers=ckpt.layout.first_stage_layers,
         decoder_last_pipeline_num_layers=ckpt.layout.last_stage_layers,
-        transformer_impl="transformer_engine" if ckpt.spec == "te" else "local",
+        transformer_impl="transformer_engine" if ckpt.spelling == "te" else "local",
         params_dtype=dtype,
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
@@ -331,14 +331,15 @@ def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoE
     )
 
 
-def args_to_checkpoint(args: argparse.Namespace, spec: Optional[Spelling] = None) -> MegatronCheckpoint:
+def args_to_checkpoint(args: argparse.Namespace, spelling: Optional[Spelling] = None) -> MegatronCheckpoint:
     a = vars(args)
     layout = Layout(tp=a.get("tensor_model_parallel_size") or 1, pp=a.get("pipeline_model_parallel_size") or 1,
                     vpp=a.get("virtual_pipeline_model_parallel_size") or 1,
                     first_stage_layers=a.get("decoder_first_pipeline_num_layers"),
                     last_stage_layers=a.get("decoder_last_pipeline_num_layers"),
                     ep=a.get("expert_model_parallel_size") or 1)
-    return MegatronCheckpoint(layout=layout, spec=spec or ("local" if a.get("transformer_impl") == "local" else "te"),
+    spelling = spelling or ("local" if a.get("transformer_impl") == "local" else "te")
+    return MegatronCheckpoint(layout=layout, spelling=spelling,
                               make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by") or 128,
                               iteration=a.get("iteration", 0) or 0,
                               moe_grouped_gemm=bool(a.get("moe_grouped_gemm", False)))

@@ -23,7 +23,7 @@ class MegatronCheckpoint:
     padding divisor, the iteration, and how legacy files name experts."""
 
     layout: Layout = field(default_factory=Layout)
-    spec: Spelling = "te"
+    spelling: Spelling = "te"  # te (Transformer Engine) or local parameter names
     make_vocab_size_divisible_by: int = 128
     iteration: int | str = 0
     # legacy expert spelling: SequentialMLP `experts.local_experts.{i}.linear_fc1.weight` (False) or
@@ -47,8 +47,8 @@ def validate_layout(cfg: ModelConfig, fmt: str, lay: MegatronCheckpoint) -> None
     """Every reason `cfg` cannot take this Megatron layout, in one sentence."""
     from mzoo.parallel.pipeline import stage_layers
 
-    if lay.spec not in ("te", "local"):
-        raise UserError(f"unknown spec '{lay.spec}'; use te or local.")
+    if lay.spelling not in ("te", "local"):
+        raise UserError(f"unknown spec '{lay.spelling}'; use te or local.")
     par = lay.layout
     par.validate_for(cfg)
     stage_layers(cfg.num_layers, par.pp, par.vpp, par.first_stage_layers, par.last_stage_layers)
@@ -57,7 +57,7 @@ def validate_layout(cfg: ModelConfig, fmt: str, lay: MegatronCheckpoint) -> None
         raise ConfigError(f"tensor parallel size {par.tp} does not divide the Mamba inner size "
                           f"({cfg.mamba_dims()['d_inner']}); choose a TP that divides it.")
     mla = cfg.mla
-    if fmt == "torch" and lay.spec == "local" and mla is not None and par.tp > 1:
+    if fmt == "torch" and lay.spelling == "local" and mla is not None and par.tp > 1:
         # megatron-core's local MLA spec splits the latent down projections' rows over TP
         rows = {"q_lora_rank": mla.q_lora_rank, "kv_lora_rank + qk_rope_head_dim": mla.kv_lora_rank + mla.qk_rope_head_dim}
         for what, n in rows.items():

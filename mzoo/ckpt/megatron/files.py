@@ -53,7 +53,7 @@ class FilePlan:
 
     def as_dict(self) -> dict[str, Any]:
         lay, par = self.megatron, self.megatron.layout
-        return {"format": self.fmt, "tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "spec": lay.spec,
+        return {"format": self.fmt, "tp": par.tp, "pp": par.pp, "vpp": par.vpp, "ep": par.ep, "spec": lay.spelling,
                 "bytes": self.nbytes, "files": [{"path": f.path, "bytes": f.nbytes,
                                                  "tensors": [[e.key, list(e.shape), e.dtype] for e in f.entries]}
                                                 for f in self.files]}
@@ -89,7 +89,7 @@ def plan_files(cfg: ModelConfig, target: Target, tensors: list[CanonicalTensor])
                     for t in range(par.tp):
                         files[(p, e, t)].entries.append(PlannedEntry(key, local, kind))
         return FilePlan(target.fmt, lay, list(files.values()))
-    chunks = dist_chunks(cfg, tensors, None, lay.spec, padded, dtype)
+    chunks = dist_chunks(cfg, tensors, None, lay.spelling, padded, dtype)
     keys: dict[str, PlannedEntry] = {}
     for c in chunks:
         keys.setdefault(c.key, PlannedEntry(c.key, c.global_shape, name(c.dtype)))

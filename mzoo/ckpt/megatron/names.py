@@ -36,12 +36,12 @@ def _swap_suffix(name: str, pairs: list[tuple[str, str]]) -> str:
     return name
 
 
-def to_spelling(name: str, spec: Spelling) -> str:
-    """Canonical (TE) name -> the module (state-dict) name of that spec."""
-    return name if spec == "te" else _swap_suffix(name, _TE_TO_LOCAL)
+def to_spelling(name: str, spelling: Spelling) -> str:
+    """Canonical (TE) name -> the module (state-dict) name of that spelling."""
+    return name if spelling == "te" else _swap_suffix(name, _TE_TO_LOCAL)
 
 
-def dist_spelling(name: str, spec: Spelling, mla: bool, hybrid: bool = False) -> str:
+def dist_spelling(name: str, spelling: Spelling, mla: bool, hybrid: bool = False) -> str:
     """Canonical name -> the key megatron-core's sharded_state_dict gives it in torch_dist/zarr.
 
     Dense layers: the TE names in both specs. Local-spec MoE layers (Mixtral) keep their separate
@@ -50,7 +50,7 @@ def dist_spelling(name: str, spec: Spelling, mla: bool, hybrid: bool = False) ->
     stacks: the canonical names in both specs (megatron-core's local Mamba spec, in
     post_training/modelopt, maps `norm.` to `mixer.in_proj.layer_norm_` and its MoE layers keep
     `pre_mlp_layernorm`)."""
-    if spec == "te" or hybrid:
+    if spelling == "te" or hybrid:
         return name
     local = to_spelling(name, "local")
     if mla:

@@ -71,7 +71,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
         legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
                             cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0, extents)
         return
-    chunks = dist_chunks(cfg, tensors, fetch, lay.spec, padded, dtype, extents)
+    chunks = dist_chunks(cfg, tensors, fetch, lay.spelling, padded, dtype, extents)
     common = {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}
     if target.fmt == "torch_dist":
         dist_fmt.write_dist(folder, chunks, common, tick, dist_objects(cfg))
@@ -84,5 +84,5 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
 def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str) -> None:
     lay = target.megatron
     write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout,
-                  extra={"iteration": iteration, "spec": lay.spec, "padded_vocab_size": lay.padded_vocab(cfg)})
+                  extra={"iteration": iteration, "spec": lay.spelling, "padded_vocab_size": lay.padded_vocab(cfg)})
     write_tracker(root, iteration)  # last: marks the checkpoint complete
