@@ -89,7 +89,10 @@ def measure(repo: Path, spec: dict, python: str) -> list[dict]:
         script = Path(out) / "child.py"
         script.write_text(CHILD)
         path = package_tree(repo, Path(out) / "pkg")
-        env = dict(os.environ, PYTHONPATH=str(path), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+        # ONEDNN_MAX_CPU_ISA: oneDNN's AMX / AVX512-BF16 bf16 GEMMs keep reordered weight copies its AVX2
+        # kernels do not (a CPU backend's scratch): every machine measures with the same kernels
+        env = dict(os.environ, PYTHONPATH=str(path), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
+                   ONEDNN_MAX_CPU_ISA="AVX2")
         spec = {**spec, "out": out}
         subprocess.run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
                         json.dumps(spec)], check=True, env=env, cwd=out, capture_output=True)

@@ -12,8 +12,8 @@ from mzoo.data import sft as sft_data
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
-from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_choices,
-                             check_megatron_format, check_memory, hooks, recompute_options, resolve_layout)
+from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format,
+                             check_memory, hooks, recompute_options, resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
 from mzoo.train.run import RunConfig
@@ -60,29 +60,29 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     if req.save_format not in ("hf", "megatron"):
         raise UserError(f"unknown --save-format '{req.save_format}'; use hf or megatron.")
     check_megatron_format(out.megatron_format)
-    check_choices(precision, eng.recompute, h.schedule)
     modules, num_layers = recompute_options(eng.recompute, eng.recompute_modules, eng.recompute_num_layers)
+    tcfg = TrainConfig(seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch, steps=h.steps,
+                       lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule, weight_decay=h.weight_decay,
+                       clip_grad=h.clip_grad, seed=h.seed, distributed_optimizer=eng.distributed_optimizer,
+                       precision=precision, recompute=eng.recompute, eval_iters=out.eval_iters,
+                       recompute_modules=modules, recompute_num_layers=num_layers)
+    tcfg.validate_choices()
     sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
     if ex.valid_data is not None:
         sft_data.read_jsonl(ex.valid_data, ex.format)
     src = open_source(req.ckpt)
     cfg = src.cfg
-    if cfg.ssm is not None and ex.packing:
+    if "mamba" in cfg.block_kinds and ex.packing:
         raise UserError("packed sequences need attention masks that Mamba layers do not have; add --no-pack.")
     tokenizer_dir = req.tokenizer or (Path(src.tokenizer_files[0]).parent if src.tokenizer_files else None)
     if tokenizer_dir is None:
         raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
+    tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
     sft = sft_data.SFTConfig(ex.data, ex.format, ex.valid_data, ex.valid_fraction, ex.packing)
     tokenizer = load_transformers_tokenizer(tokenizer_dir)
     train, valid, stats = sft_data.build(sft, tokenizer, h.seq_len, cfg.vocab_size, h.seed)  # bad data fails here
-    eval_interval = out.eval_interval or (h.steps if valid is not None else 0)
-    tcfg = TrainConfig(seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch, steps=h.steps,
-                       lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule, weight_decay=h.weight_decay,
-                       clip_grad=h.clip_grad, seed=h.seed, distributed_optimizer=eng.distributed_optimizer,
-                       precision=precision, recompute=eng.recompute, eval_interval=eval_interval if valid else 0,
-                       eval_iters=out.eval_iters, recompute_modules=modules, recompute_num_layers=num_layers)
-    tcfg.validate(ParallelState.single(layout))
+    tcfg = replace(tcfg, eval_interval=(out.eval_interval or h.steps) if valid is not None else 0)
     notes = []
     warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force)
     notes += [warning] if warning else []

@@ -141,16 +141,6 @@ def check_megatron_format(megatron_format: str) -> None:
         raise UserError(f"unknown --megatron-format '{megatron_format}'; use torch_dist or torch.")
 
 
-def check_choices(precision: str, recompute: str, schedule: str) -> None:
-    """The named choices, each one sentence."""
-    if precision not in DTYPES:
-        raise UserError(f"unknown --precision '{precision}'; use fp32, bf16 or fp16.")
-    if recompute not in ("none", "selective", "full"):
-        raise UserError(f"unknown --recompute '{recompute}'; use none, selective or full.")
-    if schedule not in ("cosine", "wsd", "constant"):
-        raise UserError(f"unknown --schedule '{schedule}'; use cosine, wsd or constant.")
-
-
 def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len: int) -> tuple[Layout, int]:
     """(Layout, world size) from the flags, every inconsistency one sentence."""
     tp, pp, vpp, ep, dp = flags.tp or 1, flags.pp or 1, flags.vpp or 1, flags.ep or 1, flags.dp
@@ -294,7 +284,8 @@ def prepare_train(req: TrainRequest) -> Prepared:
     modules, num_layers = recompute_options(eng.recompute, eng.recompute_modules, eng.recompute_num_layers)
     draft = TrainConfig(seq_len=s["seq_len"], micro_batch=s["micro_batch"], global_batch=s["global_batch"],
                         precision=precision, recompute=eng.recompute, recompute_modules=modules,
-                        recompute_num_layers=num_layers)
+                        recompute_num_layers=num_layers, schedule=s["schedule"])
+    draft.validate_choices()
     planned = _planned(cfg, req, draft, target)
     flags, launch, distributed_optimizer = req.layout, req.launch, eng.distributed_optimizer
     if planned is not None:
@@ -313,7 +304,6 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        distributed_optimizer=distributed_optimizer, precision=precision, recompute=eng.recompute,
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
-    check_choices(precision, eng.recompute, s["schedule"])
     tcfg.validate(ParallelState.single(layout))
     if req.load:
         open_source(req.load)  # fails now, in one sentence, if the checkpoint is unreadable

@@ -306,8 +306,8 @@ def legacy_plan(names: Iterable[str], specs: dict[str, ShardSpec], layout: Megat
 
     def add(p: int, v: int, name: str, local: str) -> None:
         ep_ranks, local = expert_placement(local, num_experts, par.ep)
-        key = spelled(local, layout.spec, layout.moe_grouped_gemm)
-        spec = legacy_shard_spec(key, specs.get(name, ShardSpec()), layout.spec)
+        key = spelled(local, layout.spelling, layout.moe_grouped_gemm)
+        spec = legacy_shard_spec(key, specs.get(name, ShardSpec()), layout.spelling)
         plan[p].append(PlannedTensor(name, model_key(v, par.vpp), tuple((e, key) for e in ep_ranks), spec))
 
     for name in names:

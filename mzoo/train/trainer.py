@@ -45,7 +45,18 @@ class TrainConfig:
     eval_interval: int = 0  # validation loss every N steps (0: never)
     eval_iters: int = 2  # global batches per validation
 
+    def validate_choices(self) -> None:
+        """The named choices, each one sentence (cheap: jobs call it before reading any data)."""
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"unknown --precision '{self.precision}'; use fp32, bf16 or fp16.")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"unknown --recompute '{self.recompute}'; use none, selective or full.")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"unknown --schedule '{self.schedule}'; use cosine, wsd or constant.")
+
     def validate(self, state: ParallelState) -> None:
+        """Everything this run's layout must agree with, and the named choices."""
+        self.validate_choices()
         per_step = self.micro_batch * state.dp
         if self.global_batch % per_step:
             raise ConfigError(
