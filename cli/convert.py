@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 
+from mzoo.ckpt.megatron.files import FilePlan
 from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.cli.progress import byte_progress, summary_line
 from mzoo.errors import UserError
-from mzoo.ckpt.megatron.files import FilePlan
 from mzoo.jobs.convert import ConvertRequest, run
 from mzoo.layout import Layout
 

@@ -11,8 +11,8 @@ from rich.table import Table
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.errors import UserError
 from mzoo.jobs.plan import PlanResult
-from mzoo.plan.explain import seconds
 from mzoo.layout import Layout
+from mzoo.plan.explain import seconds
 
 ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
 COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
 from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
+from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
 
 
 @user_errors

@@ -7,10 +7,10 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from mzoo import zoo as zoo_lib
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.config import ModelConfig
 from mzoo.params import human
-from mzoo import zoo as zoo_lib
 
 app = typer.Typer(help="Browse the model zoo: published presets and tiny test variants.", no_args_is_help=True)
 

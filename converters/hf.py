@@ -16,8 +16,8 @@ from torch import nn
 
 from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
-from mzoo.ckpt.sink import TensorExtents
 from mzoo.ckpt.sidecar import write_sidecar
+from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ModelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.models import build_model

@@ -10,28 +10,28 @@ from __future__ import annotations
 import json
 import resource
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
-from mzoo.layout import Layout
 from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.hf import is_hf_checkpoint, parse_dtype, parse_size, storage_dtype
 from mzoo.ckpt.megatron.checkpoint import FORMATS, MegatronCheckpoint, Target, validate_layout
+from mzoo.ckpt.megatron.files import FilePlan, plan_files
 from mzoo.ckpt.megatron.write import write_megatron
 from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ModelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.converters.hf import save_hf
 from mzoo.errors import UserError
-from mzoo.ckpt.megatron.files import FilePlan, plan_files
+from mzoo.jobs.sources import Source, open_source
+from mzoo.layout import Layout
 from mzoo.models.canonical import plan_tensors
 from mzoo.parallel.sharding import CanonicalTensor
 from mzoo.zoo import names, resolve
-from mzoo.jobs.sources import Source, open_source
 
 
 @dataclass
@@ -127,7 +127,7 @@ def plan_layout(cfg: ModelConfig, target: Target, tensors: Optional[list[Canonic
 Progress = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]  # (total bytes, label) -> tick
 
 
-def _no_progress(total: int, label: str) -> AbstractContextManager[Callable[[int], None]]:
+def no_progress(total: int, label: str) -> AbstractContextManager[Callable[[int], None]]:
     return nullcontext(lambda n: None)
 
 
@@ -165,7 +165,7 @@ def _check(req: ConvertRequest) -> None:
         raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
 
 
-def run(req: ConvertRequest, progress: Progress = _no_progress) -> Union[Summary, FilePlan]:
+def run(req: ConvertRequest, progress: Progress = no_progress) -> Union[Summary, FilePlan]:
     """Convert (or, with `plan`, describe) one checkpoint; every user error is raised before any output."""
     _check(req)
     dtype = parse_dtype(req.dtype)

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mzoo.layout import Layout
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.converters.hf import save_hf
+from mzoo.data.prepare import PrepareConfig, prepare
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import against_transformers, verify_sources
+from mzoo.layout import Layout
 from mzoo.models.canonical import random_canonical
 from mzoo.params import count_params
 from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.train.bpe import CORPUS, corpus_texts, train_bpe
-from mzoo.data.prepare import PrepareConfig, prepare
 from mzoo.zoo import get
 
 

@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mzoo.errors import UserError
 from mzoo.data.tokenizer import load_transformers_tokenizer
+from mzoo.errors import UserError
 from mzoo.generate import GenerationConfig, generate as run_generation
 from mzoo.jobs.sources import Source, open_source
 from mzoo.models import build_model

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mzoo.config import ModelConfig
-from mzoo.layout import Layout
 from mzoo.errors import UserError
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.plan.constants import GIB

@@ -25,7 +25,7 @@ from mzoo.errors import UserError
 from mzoo.hub import RetryPolicy, UploadFile
 from mzoo.jobs.card import DEFAULT_LICENSE, CardFacts, checkpoint_root, known_base_model, render_card, \
     training_facts, validate_license
-from mzoo.jobs.convert import convert, validate_target
+from mzoo.jobs.convert import Progress, convert, no_progress, validate_target
 from mzoo.jobs.inspect import describe
 from mzoo.jobs.sources import Source, open_source
 from mzoo.params import count_params, human
@@ -246,15 +246,11 @@ class PushRequest:
     token_env: Optional[str] = None
 
 
-def _no_progress(total: int, label: str) -> AbstractContextManager[Callable[[int], None]]:
-    return nullcontext(lambda n: None)
-
-
 @dataclass
 class PushEvents:
     """How the job reports while it works (the CLI draws bars and prints; a library caller may not)."""
 
-    progress: Callable[[int, str], AbstractContextManager[Callable[[int], None]]] = _no_progress
+    progress: Progress = no_progress
     status: Callable[[str], AbstractContextManager[Any]] = lambda text: nullcontext()
     retrying: Callable[[str], None] = lambda message: None
     uploading: Callable[[str], AbstractContextManager[Any]] = lambda message: nullcontext()  # around the commit

@@ -14,8 +14,8 @@ from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
-from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.ckpt.sink import TensorExtents, cat_rows

@@ -22,11 +22,11 @@ from mzoo.ckpt.hf import TOKENIZER_FILES
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.write import add_iteration
 from mzoo.config import ModelConfig
-from mzoo.layout import Layout
 from mzoo.converters.hf import save_hf
 from mzoo.data.gpt import DataConfig, build_gpt_datasets, data_config_from_flags
 from mzoo.errors import UserError
 from mzoo.jobs.sources import load_checkpoint, open_source
+from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.models.canonical import canonical_tensors
 from mzoo.models.gpt import RECOMPUTE_MODULES

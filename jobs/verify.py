@@ -13,12 +13,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mzoo.models.canonical import load_canonical
 from mzoo.converters.hf import load_hf_model
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
-from mzoo.tolerances import VERIFY_TOLERANCE
 from mzoo.models import build_model
+from mzoo.models.canonical import load_canonical
+from mzoo.tolerances import VERIFY_TOLERANCE
 
 
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.layout import Layout
-from mzoo.parallel.state import ParallelState
 from mzoo.models.gpt import GPTModel
 from mzoo.models.hybrid import MambaModel
+from mzoo.parallel.state import ParallelState
 
 # The families mzoo builds: one decoder (GPTModel) for all of them; a config with an `ssm` section is a
 # Mamba (or hybrid) model whatever its family.

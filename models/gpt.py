@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mzoo.config import ModelConfig
+from mzoo.models.rope import RotaryEmbedding, apply_rotary
 from mzoo.parallel import collectives as C
+from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mzoo.parallel.layers import (
     ColumnParallelLinear,
     LayerNormColumnParallelLinear,
@@ -27,11 +29,9 @@ from mzoo.parallel.layers import (
     gated,
     mark_sequence_parallel,
 )
-from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mzoo.parallel.random import checkpoint_with_rng
 from mzoo.parallel.sharding import expert_index, get_spec, renumber_expert, to_local
 from mzoo.parallel.state import ParallelState
-from mzoo.models.rope import RotaryEmbedding, apply_rotary
 
 ACTIVATIONS = {
     "gelu": F.gelu,

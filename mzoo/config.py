@@ -8,8 +8,6 @@ families need (MoE, MLA, SSM).
 
 from __future__ import annotations
 
-from mzoo.errors import UserError
-
 import dataclasses
 import difflib
 import math
@@ -18,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 import yaml
+
+from mzoo.errors import UserError
 
 FAMILIES = ("gpt", "llama", "mixtral", "deepseek", "mamba")
 Activation = Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu", "silu"]

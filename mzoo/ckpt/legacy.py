@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.args import args_to_checkpoint, check_expert_tp
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.safe_pickle import torch_load

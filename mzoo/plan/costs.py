@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mzoo.config import ModelConfig
-from mzoo.parallel.pipeline import stage_layers
 from mzoo.layout import Layout
+from mzoo.parallel.pipeline import stage_layers
 from mzoo.plan.profile import Profile
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.parallel.cross_entropy import CHUNK_ELEMENTS as CE_CHUNK_ELEMENTS
 from mzoo.plan.constants import DDP_BUCKET_ELEMENTS, FP8_WEIGHT_BYTES, GIB
 from mzoo.plan.costs import (
     BlockParams, Model, Shard, Stage, as_model, block_activations, end_params, kv_width, norm_activations, stages,
     vocab_rows,
 )
-from mzoo.layout import Layout
 from mzoo.plan.profile import Profile, sequence_parallel
 from mzoo.plan.settings import Settings, recomputed_modules
 

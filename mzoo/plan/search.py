@@ -9,11 +9,11 @@ from typing import Iterator, Optional
 
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.errors import UserError
+from mzoo.layout import Layout
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.plan.constants import GIB, HEADROOM, MIN_CP_TOKENS
 from mzoo.plan.costs import Model, as_model
 from mzoo.plan.hardware import GPU
-from mzoo.layout import Layout
 from mzoo.plan.memory import Memory, memory
 from mzoo.plan.profile import Profile, megatron_profile
 from mzoo.plan.settings import Settings

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mzoo.config import ModelConfig
-from mzoo.plan.constants import HEADROOM, TOKENS_PER_BATCH
 from mzoo.layout import Layout
+from mzoo.plan.constants import HEADROOM, TOKENS_PER_BATCH
 from mzoo.plan.profile import Profile
 
 

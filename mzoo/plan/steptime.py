@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mzoo.config import ModelConfig
+from mzoo.layout import Layout
 from mzoo.plan.constants import COLLECTIVE_LATENCY_S, COMM_BYTES, FP8_EFFICIENCY, HBM_EFFICIENCY, LINK_EFFICIENCY
 from mzoo.plan.costs import Model, Shard, Stage, as_model, end_params, kv_width, stages, vocab_rows
 from mzoo.plan.hardware import GPU
-from mzoo.layout import Layout
 from mzoo.plan.profile import Profile, sequence_parallel
 from mzoo.plan.settings import Settings, recomputed_modules
 

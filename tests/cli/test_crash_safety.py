@@ -45,9 +45,10 @@ from typing import Any, Optional
 import pytest
 import torch
 from conftest import make_hf_model
-from mzoo.cli.main import app
 from transformers import LlamaConfig
 from typer.testing import CliRunner
+
+from mzoo.cli.main import app
 
 TRIALS = int(os.environ.get("MZOO_CRASH_TRIALS", "30"))
 TRAIN_ARGS = ["train", "llama-tiny", "--mock-data", "--steps", "3", "--seq-len", "16", "--global-batch", "2",

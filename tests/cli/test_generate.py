@@ -10,13 +10,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_hf_model, make_moe_model
 from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GPT2Config, LlamaConfig,
                           Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig)
 from typer.testing import CliRunner
 
-from conftest import make_hf_model, make_moe_model
-from mzoo.layout import Layout
 from mzoo.cli.main import app
+from mzoo.layout import Layout
 
 VOCAB = 211
 PROMPT = [5, 17, 99, 3, 42, 7]

@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_hf_model, make_moe_model
 from transformers import LlamaConfig, MixtralConfig
 from typer.testing import CliRunner
 
-from conftest import make_hf_model, make_moe_model
-from mzoo.layout import Layout
 from mzoo.cli.main import app
+from mzoo.layout import Layout
 
 OUT = "OUT"  # placeholder for the destination each case must not create
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_hf_model
 from transformers import LlamaConfig
 from typer.testing import CliRunner
 
-from conftest import make_hf_model
-from mzoo.layout import Layout
 from mzoo.cli.main import app
+from mzoo.layout import Layout
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from mzoo.plan.costs import rank_params
 from mzoo.layout import Layout
+from mzoo.plan.costs import rank_params
 from mzoo.zoo import get
 
 

@@ -9,7 +9,6 @@ HF_HUB_DISABLE_XET (see docs/push.md)."""
 
 from __future__ import annotations
 
-from mzoo.layout import Layout
 import hashlib
 import json
 import os
@@ -22,9 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_hf_model
 from hub_server import FakeHub
+
+from mzoo.layout import Layout
 
 TOKEN = "hf_TestSecret0123456789abcdef"
 TEXT = "the quick brown fox jumps over a lazy dog while seven tiny models learn to predict tokens"

@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError, HFReader
-from mzoo.models.canonical import random_canonical
-from mzoo.converters.hf import save_hf
 from mzoo.ckpt.megatron.checkpoint import Target
+from mzoo.converters.hf import save_hf
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import against_transformers
+from mzoo.models.canonical import random_canonical
 from mzoo.zoo import get
 
 CONFIGS = {

@@ -8,17 +8,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from conftest import all_safetensors, hf_roundtrip, make_moe_model
 import torch
+from conftest import all_safetensors, hf_roundtrip, make_moe_model
 from transformers import AutoConfig, AutoModelForCausalLM, Mamba2Config, MambaConfig, NemotronHConfig
 
 from mzoo.config import ConfigError, ModelConfig
-from mzoo.layout import Layout
 from mzoo.converters import for_family, for_hf_config
-from mzoo.models.canonical import canonical_tensors, random_canonical
 from mzoo.converters.hf import save_hf
+from mzoo.layout import Layout
 from mzoo.models import build_model, meta_model
+from mzoo.models.canonical import canonical_tensors, random_canonical
 from mzoo.parallel.state import ParallelState
 from mzoo.zoo import get
 

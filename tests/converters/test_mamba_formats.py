@@ -8,7 +8,6 @@ that mzoo's names and shapes are its own and that it loads what mzoo writes (and
 
 from __future__ import annotations
 
-from mzoo.layout import Layout
 import argparse
 import json
 import subprocess
@@ -21,12 +20,13 @@ from transformers import Mamba2Config, MambaConfig, NemotronHConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.args import args_to_config, config_to_args
-from mzoo.config import ConfigError
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.checkpoint import Target
+from mzoo.config import ConfigError
 from mzoo.jobs.convert import convert, plan_layout
 from mzoo.jobs.sources import open_source
+from mzoo.layout import Layout
 from mzoo.zoo import resolve
 
 HYBRID = dict(vocab_size=160, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,

@@ -3,17 +3,17 @@ reads what megatron-core writes; logits are held to transformers' own."""
 
 from __future__ import annotations
 
-from mzoo.layout import Layout
+import dist as D
+import mcore_ref as R
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import dist as D
-import mcore_ref as R
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
+from mzoo.layout import Layout
 
 pytestmark = pytest.mark.dist
 

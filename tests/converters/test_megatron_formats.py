@@ -4,7 +4,6 @@ bad input fails with one sentence and leaves no output that looks complete."""
 from __future__ import annotations
 
 
-from mzoo.layout import Layout
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,11 +12,12 @@ from transformers import GPT2Config, LlamaConfig
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
-from mzoo.config import ConfigError
 from mzoo.ckpt.megatron.checkpoint import Target
+from mzoo.config import ConfigError
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.verify import verify_sources
+from mzoo.layout import Layout
 
 MODELS = {
     # GQA, untied, vocab 999 is not a multiple of 128 * TP

@@ -8,18 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
-
-from conftest import all_safetensors, hf_roundtrip, make_moe_model
 import torch
+from conftest import all_safetensors, hf_roundtrip, make_moe_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.ckpt.hf import HFReader
 from mzoo.config import ConfigError
 from mzoo.converters import deepseek, for_family, for_hf_config, mixtral
-from mzoo.models.canonical import canonical_tensors, random_canonical
 from mzoo.converters.hf import save_hf
 from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
+from mzoo.models.canonical import canonical_tensors, random_canonical
 from mzoo.zoo import get
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,

@@ -5,7 +5,6 @@ planning DeepSeek-V3's full layout from its config is fast."""
 
 from __future__ import annotations
 
-from mzoo.layout import Layout
 import json
 import shutil
 import subprocess
@@ -19,14 +18,15 @@ from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.args import args_to_config, config_to_args, moe_layer_pattern
+from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.ckpt.safe_pickle import load_dcp_metadata
 from mzoo.config import ConfigError
-from mzoo.models.canonical import canonical_tensors
-from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.jobs.convert import convert, plan_layout
 from mzoo.jobs.sources import open_source
+from mzoo.layout import Layout
+from mzoo.models.canonical import canonical_tensors
 from mzoo.models.canonical import plan_tensors
 from mzoo.zoo import resolve
 

@@ -4,10 +4,10 @@ streams; recomputation replays the same masks."""
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
 
-import dist as D
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
 from mzoo.models import build_model

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dist as D
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Mamba2Config, MambaConfig, NemotronHConfig
 
-import dist as D
 from mzoo.config import ModelConfig
-from mzoo.layout import Layout
 from mzoo.converters.hf import load_hf_model
+from mzoo.layout import Layout
 from mzoo.models import build_chunks, build_model
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import ParallelState

@@ -4,16 +4,16 @@ loop, and TP / EP / TP x EP shards against one process (logits 1e-5, expert grad
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
+from conftest import make_moe_model
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
-import dist as D
-from conftest import make_moe_model
 from mzoo.config import ModelConfig
-from mzoo.layout import Layout
 from mzoo.converters.hf import load_hf_model
 from mzoo.jobs.verify import sample_tokens
+from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import ParallelState

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
 
-import dist as D
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
 from mzoo.models import build_model

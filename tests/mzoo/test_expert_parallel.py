@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import io
 
+import dist as D
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import dist as D
 from mzoo.config import ConfigError
 from mzoo.layout import Layout
 from mzoo.parallel import collectives as C

@@ -48,9 +48,9 @@ from hypothesis import strategies as st
 
 from mzoo.ckpt.hf import _TORCH_DTYPES, INDEX, HFReader, read_header
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
-from mzoo.errors import UserError
 from mzoo.data.indexed import (DTYPE_CODES, HEADER_BYTES, IndexedDataset, IndexedDatasetWriter, bin_path,
                                idx_path)
+from mzoo.errors import UserError
 
 # torch warns about every pickle protocol it was not written with; mutated files hit that constantly
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol")

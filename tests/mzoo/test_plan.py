@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from mzoo.config import ConfigError, ModelConfig
 from mzoo.cli.plan import parse_check
+from mzoo.config import ConfigError, ModelConfig
+from mzoo.layout import Layout
 from mzoo.plan.constants import GEMM_EFFICIENCY, GIB
 from mzoo.plan.costs import model_flops_per_token, rank_params, stages
 from mzoo.plan.explain import explain
 from mzoo.plan.hardware import GPUS
-from mzoo.layout import Layout
 from mzoo.plan.memory import in_flight, memory
 from mzoo.plan.profile import engine_profile
 from mzoo.plan.search import evaluate, plan, problems, uneven_splits

@@ -3,7 +3,6 @@ of extents), torch.save archives written record by record, and DCP metadata writ
 
 from __future__ import annotations
 
-from mzoo.layout import Layout
 import io
 import os
 import pickle
@@ -20,6 +19,7 @@ from mzoo.ckpt.sidecar import crc32_file
 from mzoo.ckpt.sink import (Budget, Extent, FileSink, TensorExtents, cat_rows, crc32_combine, extents_crc,
                             known_crc)
 from mzoo.errors import UserError
+from mzoo.layout import Layout
 
 
 @pytest.mark.parametrize("split", [0, 1, 7, 4096, 99_999, 100_000])

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from mzoo.errors import UserError
 from mzoo.data.gpt import DataConfig, MockGPTDataset, build_gpt_datasets, parse_blend
 from mzoo.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
 from mzoo.data.indices import build_blending_indices, build_sample_index, parse_split
 from mzoo.data.samplers import global_sample_indices
 from mzoo.data.tokenizer import check_tokenizer_fits, load_tokenizer
+from mzoo.errors import UserError
 
 EOD = "<|endoftext|>"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven tiny models learn to predict "

@@ -17,12 +17,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import dist as D
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-import dist as D
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState

@@ -6,16 +6,16 @@ aux-loss-free expert bias updated every step)."""
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
+from test_training_parity import counting_sampler
 
-import dist as D
 from mzoo.config import MLAConfig, ModelConfig, MoEConfig, RopeConfig
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.train.trainer import TrainConfig, Trainer
-from test_training_parity import counting_sampler
 
 MIXTRAL = ModelConfig(family="mixtral", vocab_size=250, hidden_size=32, num_layers=2, num_attention_heads=4,
                       num_query_groups=2, ffn_hidden_size=48, max_position_embeddings=64,

@@ -3,12 +3,12 @@ checkpoints are real Megatron checkpoints with a tracker that moves last."""
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
 
-import dist as D
-from mzoo.jobs.train import hooks, pretraining_samplers
 from mzoo.config import ModelConfig
+from mzoo.jobs.train import hooks, pretraining_samplers
 from mzoo.layout import Layout
 from mzoo.train.run import RunConfig, run
 from mzoo.train.trainer import TrainConfig

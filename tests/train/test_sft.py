@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dist as D
 import pytest
 import torch
+from conftest import make_hf_model
 from typer.testing import CliRunner
 
-import dist as D
-from conftest import make_hf_model
 from mzoo.cli.main import app
 from mzoo.config import ModelConfig
+from mzoo.data import sft
 from mzoo.layout import Layout
 from mzoo.models import build_model
 from mzoo.parallel.state import ParallelState
-from mzoo.data import sft
 from mzoo.train.trainer import TrainConfig, Trainer
 
 WORDS = [f"w{i}" for i in range(60)]

@@ -3,10 +3,10 @@ equal a single-process run of the same model and global batch at every step (fp3
 
 from __future__ import annotations
 
+import dist as D
 import pytest
 import torch
 
-import dist as D
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
 from mzoo.models import build_model

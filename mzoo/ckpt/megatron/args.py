@@ -13,10 +13,10 @@ from typing import Any, Optional
 
 import torch
 
-from mzoo.layout import Layout
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig
+from mzoo.layout import Layout
 
 
 def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) -> argparse.Namespace:

@@ -9,8 +9,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from mzoo.config import ConfigError, ModelConfig
-from mzoo.layout import Layout
 from mzoo.errors import UserError
+from mzoo.layout import Layout
 
 Spelling = Literal["te", "local"]
 FORMATS = ("hf", "torch", "torch_dist", "zarr")

@@ -11,8 +11,8 @@ import torch
 
 from mzoo.ckpt import legacy
 from mzoo.ckpt.hf import storage_dtype
-from mzoo.ckpt.megatron.keys import dist_chunks
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target, validate_layout
+from mzoo.ckpt.megatron.keys import dist_chunks
 from mzoo.ckpt.megatron.tracker import iteration_dir
 from mzoo.config import ModelConfig
 from mzoo.parallel.sharding import CanonicalTensor

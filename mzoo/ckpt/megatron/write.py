@@ -14,8 +14,8 @@ from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.atomic import atomic_dir, fsync_tree
 from mzoo.ckpt.megatron.args import config_to_args
-from mzoo.ckpt.megatron.keys import dist_chunks, dist_objects
 from mzoo.ckpt.megatron.checkpoint import Target
+from mzoo.ckpt.megatron.keys import dist_chunks, dist_objects
 from mzoo.ckpt.megatron.tracker import iteration_dir, write_tracker
 from mzoo.ckpt.sidecar import write_sidecar
 from mzoo.ckpt.sink import TensorExtents
