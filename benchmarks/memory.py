@@ -31,11 +31,15 @@ import torch
 import torch.distributed as dist
 torch.set_num_threads(1)
 from mzoo.config import ModelConfig
-from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
-from mzoo.data.gpt import MockGPTDataset
 from mzoo.train.trainer import TrainConfig, Trainer
+try:
+    from mzoo.layout import Layout
+    from mzoo.data.gpt import MockGPTDataset
+except ImportError:  # a checkout from before the architecture step (the --baseline one)
+    from mzoo.config import ParallelConfig as Layout
+    from mzoo.train.data import MockGPTDataset
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))

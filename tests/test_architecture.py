@@ -99,3 +99,19 @@ def test_the_rules_are_the_documented_ones():
         for other in ROOMS:
             if other != room:
                 assert (f"`{other}/`" in row.split("|")[2]) == (other in below), (room, other, row)
+
+
+def test_every_package_is_installed():
+    """pyproject lists every package folder of every room (an editable install finds a forgotten one
+    anyway; a wheel would not)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: Path(path) for name, path in project["package-dir"].items()}
+    found = set()
+    for room, (name, _) in ROOMS.items():
+        for init in (ROOT / room).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / room)
+            found.add(".".join([name, *rel.parts]))
+    assert found == set(project["packages"]), found ^ set(project["packages"])
+    assert all((ROOT / folders[name]).is_dir() for name in folders)
