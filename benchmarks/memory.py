@@ -34,10 +34,12 @@ from mzoo.config import ModelConfig
 from mzoo.models import build_chunks
 from mzoo.parallel.state import ParallelState
 from mzoo.train.trainer import TrainConfig, Trainer
-try:
+import mzoo
+if os.path.exists(os.path.join(os.path.dirname(mzoo.__file__), "layout.py")):
     from mzoo.layout import Layout
     from mzoo.data.gpt import MockGPTDataset
-except ImportError:  # a checkout from before the architecture step (the --baseline one)
+else:  # a checkout from before the architecture step (the --baseline one); asked by file, because the
+    # project's editable install would hand it this checkout's new modules
     from mzoo.config import ParallelConfig as Layout
     from mzoo.train.data import MockGPTDataset
 
@@ -98,8 +100,10 @@ def measure(repo: Path, spec: dict, python: str) -> list[dict]:
         env = dict(os.environ, PYTHONPATH=str(path), MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1",
                    ONEDNN_MAX_CPU_ISA="AVX2")
         spec = {**spec, "out": out}
-        subprocess.run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
-                        json.dumps(spec)], check=True, env=env, cwd=out, capture_output=True)
+        proc = subprocess.run([python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(script), json.dumps(spec)], env=env, cwd=out, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"measuring {repo} failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
         return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
 
 
