@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from mzoo.ckpt.megatron.files import FilePlan
 from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.cli.progress import byte_progress, summary_line
 from mzoo.errors import UserError
-from mzoo.jobs.convert import ConvertRequest, run
 from mzoo.layout import Layout
+
+if TYPE_CHECKING:  # the jobs import torch: only a command that runs loads them
+    from mzoo.ckpt.megatron.files import FilePlan
+    from mzoo.jobs.convert import ConvertRequest
 
 DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
 
@@ -36,7 +38,10 @@ def parse_direction(text: str) -> tuple[str, str]:
     raise UserError(f"unknown direction '{text}'; use 'hf->megatron', 'megatron->hf' or 'megatron->megatron'.")
 
 
-def _run(request: ConvertRequest, as_json: bool, quiet: bool) -> None:
+def _run(request: "ConvertRequest", as_json: bool, quiet: bool) -> None:
+    from mzoo.ckpt.megatron.files import FilePlan
+    from mzoo.jobs.convert import run
+
     result = run(request, lambda total, label: byte_progress(total, label, quiet or as_json))
     if isinstance(result, FilePlan):
         _print_plan(result, as_json)
@@ -46,7 +51,7 @@ def _run(request: ConvertRequest, as_json: bool, quiet: bool) -> None:
         console.print(summary_line(result), highlight=False)
 
 
-def _print_plan(plan, as_json: bool, shown: int = 12) -> None:
+def _print_plan(plan: "FilePlan", as_json: bool, shown: int = 12) -> None:
     """What --plan prints: every file (or the first few) with its tensor count and size."""
     if as_json:
         print_json(plan.as_dict())
@@ -90,6 +95,8 @@ def convert(
              mzoo convert 'hf->megatron' deepseek-v3 ./out --tp 2 --pp 16 --ep 64 --first-stage-layers 2 --last-stage-layers 3 --plan
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
+    from mzoo.jobs.convert import ConvertRequest
+
     a, b = parse_direction(direction)
     _run(ConvertRequest(src=src, dst=dst, to=b, expect=a, megatron_format=megatron_format,
                         layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
@@ -114,6 +121,8 @@ def reshard(
     Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
     (MoE: mzoo reshard ./mixtral-ep4 ./mixtral-ep2 --ep 2)
     """
+    from mzoo.jobs.convert import ConvertRequest
+
     _run(ConvertRequest(src=src, dst=dst, to="megatron", expect="megatron", megatron_format=megatron_format,
                         layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
                                       last_stage_layers=last_stage_layers), spec=spec, moe_grouped_gemm=moe_grouped_gemm,

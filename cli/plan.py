@@ -3,16 +3,17 @@ checked layout."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.errors import UserError
-from mzoo.jobs.plan import PlanResult
 from mzoo.layout import Layout
-from mzoo.plan.explain import seconds
+
+if TYPE_CHECKING:  # the jobs import torch: only a command that runs loads them
+    from mzoo.jobs.plan import PlanResult
 
 ENGINES = {"mzoo": "mzoo's engine", "megatron": "Megatron-Core + TE"}
 COMPARED = ("engine", "valid", "feasible", "verdict", "problems", "memory_gb", "mfu", "step_s")
@@ -107,7 +108,9 @@ def _settings_dict(settings) -> dict:
             "headroom": settings.headroom}
 
 
-def _show(result: PlanResult, as_json: bool) -> None:
+def _show(result: "PlanResult", as_json: bool) -> None:
+    from mzoo.plan.explain import seconds
+
     cfg, gpus, settings, plans, other, why, check = (result.cfg, result.gpus, result.settings, result.plans,
                                                       result.other, result.why, result.checked)
 
@@ -154,6 +157,8 @@ def _show(result: PlanResult, as_json: bool) -> None:
 
 
 def _show_one(p) -> None:
+    from mzoo.plan.explain import seconds
+
     color = "green" if p.feasible else "red"
     console.print(f"[bold]{p.gpu.name}[/] {p.layout.label()}: [{color}]{p.verdict()}[/]", highlight=False)
     for reason in p.problems[1:]:

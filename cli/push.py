@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from mzoo.cli import options as O
 from mzoo.cli.common import console, err_console, print_json, quiet_transformers, user_errors
 from mzoo.cli.progress import byte_progress
-from mzoo.jobs.push import PushEvents, PushRequest, PushResult, push as run_push
+
+if TYPE_CHECKING:  # the jobs import torch: only a command that runs loads them
+    from mzoo.jobs.push import PushResult
 
 
-def _report(result: PushResult, as_json: bool, quiet: bool) -> None:
+def _report(result: "PushResult", as_json: bool, quiet: bool) -> None:
     req, src, files, card, generated, commit = (result.request, result.source, result.files, result.card,
                                                 result.card_generated, result.commit)
     staging = req.staging
@@ -90,6 +92,7 @@ def push(
     (look first: mzoo push ./llama-mcore my-org/llama-tiny --dry-run --staging ./upload)
     """
     from mzoo import hub
+    from mzoo.jobs.push import PushEvents, PushRequest, push as run_push
 
     request = PushRequest(ckpt, repo_id, revision, endpoint, private, dry_run, license, base_model, commit_message,
                           staging, tokenizer, trust_pickle, vocab_size, token_env)

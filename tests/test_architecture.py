@@ -115,3 +115,16 @@ def test_every_package_is_installed():
             found.add(".".join([name, *rel.parts]))
     assert found == set(project["packages"]), found ^ set(project["packages"])
     assert all((ROOT / folders[name]).is_dir() for name in folders)
+
+
+def test_the_cli_starts_without_the_engine():
+    """`mzoo --help`, a typo or a bad flag answers in a fraction of a second: the command modules load
+    their jobs (and so torch, transformers, numpy) only when a command runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mzoo.cli.main; "
+            "print(','.join(m for m in ('torch', 'transformers', 'numpy', 'safetensors', 'mzoo.jobs') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "", f"importing the CLI loads {out.strip()}"
