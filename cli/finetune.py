@@ -69,7 +69,7 @@ def finetune(
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters),
         save_format=save_format)
     prepared = job.prepare_finetune(request)
-    stats = prepared.facts
+    stats = prepared.data_stats
     if not as_json and not in_launcher():
         console.print(f"data: {stats['examples']} examples -> {stats['samples']} sequences of {seq_len} tokens, "
                       f"{stats['trained_tokens']} trained tokens; {stats['valid_samples']} validation sequences",

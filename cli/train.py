@@ -96,6 +96,6 @@ def train(
         from mzoo.jobs.plan import dry_run as report
 
         rc = prepared.run
-        print_dry_run(report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.facts["device"]), as_json)
+        print_dry_run(report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.device), as_json)
         return
     execute(prepared, as_json)

@@ -97,4 +97,5 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     run_hooks = hooks(layout, precision, samplers, out.megatron_format,
                       hf_tokenizer=tokenizer_dir if req.save_format == "hf" else None)
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
-    return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes, facts=stats)
+    return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
+                    device=resolve_device(eng.device).type, data_stats=stats)

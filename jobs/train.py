@@ -107,7 +107,8 @@ class Prepared:
     why: Optional[str] = None  # the planner's reason, when it picked the layout
     saved: Optional[str] = None  # what to say after a save
     notes: list[str] = field(default_factory=list)  # warnings (e.g. --force over the memory estimate)
-    facts: dict[str, Any] = field(default_factory=dict)  # what the job found out (finetune: data statistics)
+    device: str = "cpu"  # the device kind the run (or a dry run's estimate) is for
+    data_stats: dict[str, int] = field(default_factory=dict)  # finetune: examples, sequences, trained tokens
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -322,7 +323,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
     run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format)
     saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
     return Prepared("train", rc, run_hooks, world, launch, planned.why if planned else None, saved, notes,
-                    {"device": target})
+                    device=target)
 
 
 # ---- starting a run ------------------------------------------------------------------------------------------
