@@ -69,7 +69,9 @@ def _stage_activations(model: Model, stage: Stage, shard: Shard, profile: Profil
     layers = len(stage.layers)
     recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
     whole = sum(a * n for a, n in per_kind) / max(1, layers)  # the rest keep everything (average layer)
-    return kept * recomputed + whole * (layers - recomputed), max((a for a, _ in per_kind), default=0.0)
+    # working: one layer recomputed in backward, beside the gradients of its output and of its input
+    working = max((a for a, _ in per_kind), default=0.0) + 2 * kept
+    return kept * recomputed + whole * (layers - recomputed), working
 
 
 def in_flight(layout: Layout, pp_rank: int, microbatches: int) -> float:
