@@ -20,12 +20,22 @@ def prepare(
     out: str = typer.Option(..., "--out", "-o", help="Output prefix: writes PREFIX.bin and PREFIX.idx."),
     key: str = typer.Option("text", help="JSON field / parquet column that holds the text."),
     workers: int = typer.Option(1, "--workers", "-w", help="Tokenizer processes (order is preserved)."),
-    append_eod: bool = typer.Option(False, "--append-eod", help="Append the end-of-document token to every document."),
+    append_eod: bool = typer.Option(
+        False, "--append-eod", help="Append the end-of-document (EOS) token to every non-empty document."),
+    special_tokens: bool = typer.Option(
+        True, "--tokenizer-hf-include-special-tokens/--tokenizer-hf-no-include-special-tokens",
+        help="Add the tokenizer's own special tokens (a Llama tokenizer's BOS), as Megatron-LM's "
+             "preprocess_data.py does by default with megatron-core 0.19; megatron-core 0.16's tokenizer "
+             "added them only with --tokenizer-hf-include-special-tokens."),
     overwrite: bool = typer.Option(False, help="Replace PREFIX.bin/.idx if they exist."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Tokenize documents into PREFIX.bin/.idx, which mzoo train and Megatron-LM read as --data-path.
+
+    Byte for byte what Megatron-LM's tools/preprocess_data.py writes with the same tokenizer and
+    switches: one document per record; a record whose text is empty is kept, as a document with no
+    tokens (a blank line is no record).
 
     Example: mzoo data prepare corpus.jsonl --tokenizer ./llama3-tokenizer --out data/corpus --workers 8 --append-eod
     """
@@ -35,7 +45,7 @@ def prepare(
 
     quiet_transformers()
     cfg = PrepareConfig(inputs=list(inputs), tokenizer=tokenizer, out=out, key=key, workers=workers,
-                        append_eod=append_eod, overwrite=overwrite)
+                        append_eod=append_eod, include_special_tokens=special_tokens, overwrite=overwrite)
     check_inputs(cfg.inputs)  # before the bar: a missing file is one sentence, not a broken bar
     if quiet or as_json:
         summary = run_prepare(cfg)
@@ -55,6 +65,7 @@ def prepare(
     if as_json:
         print_json(summary.as_dict())
     else:
-        console.print(f"{summary.documents:,} documents, {summary.tokens:,} tokens ({summary.dtype}) in "
-                      f"{summary.seconds:.2f} s ({summary.tokens_per_s:,.0f} tokens/s) -> {summary.prefix}.bin/.idx",
+        empty = f" ({summary.empty:,} empty)" if summary.empty else ""
+        console.print(f"{summary.documents:,} documents{empty}, {summary.tokens:,} tokens ({summary.dtype}) "
+                      f"in {summary.seconds:.2f} s ({summary.tokens_per_s:,.0f} tokens/s) -> {summary.prefix}.bin/.idx",
                       highlight=False)

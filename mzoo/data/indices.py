@@ -71,7 +71,8 @@ def build_sample_index(sizes: np.ndarray, document_index: np.ndarray, seq_len: i
     lengths = np.asarray(sizes, dtype=np.int64)[document_index]
     starts = np.concatenate(([0], np.cumsum(lengths)))
     positions = np.arange(num_samples + 1, dtype=np.int64) * seq_len
-    doc = np.searchsorted(starts, positions, side="right") - 1
+    doc = np.searchsorted(starts, positions, side="right") - 1  # skips zero-length documents, as helpers.cpp
+    doc[0] = 0  # ... except before the first sample: helpers.cpp starts at (0, 0) even on an empty document
     dtype = np.int32 if max(len(document_index), int(np.max(sizes, initial=0))) <= np.iinfo(np.int32).max else np.int64
     return np.stack([doc, positions - starts[doc]], axis=1).astype(dtype)
 

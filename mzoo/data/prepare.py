@@ -1,5 +1,12 @@
 """`mzoo data prepare`: JSONL / parquet documents -> tokens -> an indexed dataset, in input order,
-tokenized by a pool of workers while this process reads and writes."""
+tokenized by a pool of workers while this process reads and writes.
+
+The output equals Megatron-LM's tools/preprocess_data.py (HuggingFaceTokenizer, one JSON key, no
+sentence splitting) byte for byte: every record is one document of one sequence; a record whose text
+tokenizes to nothing stays a document with no sequence (Megatron's `add_document([], [])`), so document
+counts agree; --append-eod adds the EOS id to non-empty documents only; the tokenizer's own special
+tokens (a BOS) are added unless --tokenizer-hf-no-include-special-tokens. A blank JSONL line is no
+record (preprocess_data.py stops there with a JSON error)."""
 
 from __future__ import annotations
 
@@ -11,7 +18,7 @@ from collections import deque
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +37,7 @@ class PrepareConfig:
     key: str = "text"
     workers: int = 1
     append_eod: bool = False
+    include_special_tokens: bool = True  # the tokenizer's BOS etc., as Megatron-LM's default now
     overwrite: bool = False
     chunk_docs: int = 256  # documents per task sent to a worker
 
@@ -37,8 +45,9 @@ class PrepareConfig:
 @dataclass
 class PrepareSummary:
     documents: int
+    sequences: int
     tokens: int
-    skipped: int  # documents that tokenized to nothing
+    empty: int  # documents that tokenized to nothing: kept, with no sequence, as Megatron keeps them
     seconds: float
     dtype: str
     vocab_size: int
@@ -49,7 +58,8 @@ class PrepareSummary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens, "skipped": self.skipped,
+        return {"documents": self.documents, "sequences": self.sequences, "tokens": self.tokens,
+                "empty": self.empty,
                 "seconds": round(self.seconds, 3), "tokens_per_s": round(self.tokens_per_s, 1), "dtype": self.dtype,
                 "vocab_size": self.vocab_size, "bin": str(bin_path(self.prefix)), "idx": str(idx_path(self.prefix))}
 
@@ -91,11 +101,14 @@ def _text(value: Any, where: str, key: str) -> str:
     return value
 
 
-def _iter_jsonl(path: Path, key: str) -> Iterator[tuple[str, int]]:
+Record = tuple[Optional[str], int]  # (text, or None for a line that is no record; its bytes)
+
+
+def _iter_jsonl(path: Path, key: str) -> Iterator[Record]:
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
-                yield "", len(line)  # blank lines are not documents; still count the bytes
+                yield None, len(line)  # a blank line is no document; still count the bytes
                 continue
             try:
                 record = json.loads(line)
@@ -107,7 +120,7 @@ def _iter_jsonl(path: Path, key: str) -> Iterator[tuple[str, int]]:
             yield _text(record[key], f"{path}:{lineno}", key), len(line)
 
 
-def _iter_parquet(path: Path, key: str) -> Iterator[tuple[str, int]]:
+def _iter_parquet(path: Path, key: str) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -122,17 +135,17 @@ def _iter_parquet(path: Path, key: str) -> Iterator[tuple[str, int]]:
             yield _text(value, f"{path} row {done}", key), nbytes
 
 
-def _documents(inputs: Sequence[tuple[Path, str]], key: str) -> Iterator[tuple[str, int]]:
+def _documents(inputs: Sequence[tuple[Path, str]], key: str) -> Iterator[Record]:
     for path, kind in inputs:
         yield from (_iter_jsonl if kind == "jsonl" else _iter_parquet)(path, key)
 
 
-def _chunks(docs: Iterator[tuple[str, int]], n: int) -> Iterator[tuple[list[str], int]]:
+def _chunks(docs: Iterator[Record], n: int) -> Iterator[tuple[list[str], int]]:
     texts: list[str] = []
     nbytes = 0
     for text, size in docs:
         nbytes += size
-        if text:
+        if text is not None:  # an empty text is still a document
             texts.append(text)
         if len(texts) >= n:
             yield texts, nbytes
@@ -141,12 +154,13 @@ def _chunks(docs: Iterator[tuple[str, int]], n: int) -> Iterator[tuple[list[str]
         yield texts, nbytes
 
 
-def encode_chunk(tok: Tokenizer, texts: Sequence[str], append_eod: bool, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens concatenated, length per document) for the documents that tokenize to something."""
-    ids = tok.encode_batch(texts) if texts else []
+def encode_chunk(tok: Tokenizer, texts: Sequence[str], append_eod: bool, dtype: type,
+                 special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens concatenated, length per document; 0 for one that tokenizes to nothing, which gets no
+    EOD either, as in preprocess_data.py)."""
+    ids = tok.encode_batch(texts, special_tokens) if texts else []
     if append_eod:
-        ids = [d + [tok.eod_id] for d in ids if d]
-    ids = [d for d in ids if d]
+        ids = [d + [tok.eod_id] if d else d for d in ids]
     lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
@@ -158,18 +172,20 @@ def encode_chunk(tok: Tokenizer, texts: Sequence[str], append_eod: bool, dtype: 
 _WORKER: dict = {}
 
 
-def _worker_init(tokenizer_path: str, append_eod: bool, dtype_name: str) -> None:
+def _worker_init(tokenizer_path: str, append_eod: bool, special_tokens: bool, dtype_name: str) -> None:
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # "sequence longer than model max length" is irrelevant here
     except ImportError:  # pragma: no cover
         pass
-    _WORKER.update(tok=load_tokenizer(tokenizer_path), append_eod=append_eod, dtype=np.dtype(dtype_name).type)
+    _WORKER.update(tok=load_tokenizer(tokenizer_path), append_eod=append_eod, special_tokens=special_tokens,
+                   dtype=np.dtype(dtype_name).type)
 
 
 def _worker_encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_chunk(_WORKER["tok"], texts, _WORKER["append_eod"], _WORKER["dtype"])
+    w = _WORKER
+    return encode_chunk(w["tok"], texts, w["append_eod"], w["dtype"], w["special_tokens"])
 
 
 def _encoded(chunks: Iterator[tuple[list[str], int]], cfg: PrepareConfig, tok: Tokenizer, dtype: type
@@ -178,14 +194,15 @@ def _encoded(chunks: Iterator[tuple[list[str], int]], cfg: PrepareConfig, tok: T
     pool tokenizes while this process reads; at most 4 chunks per worker wait, bounding memory."""
     if cfg.workers <= 1:
         for texts, nbytes in chunks:
-            flat, lengths = encode_chunk(tok, texts, cfg.append_eod, dtype)
+            flat, lengths = encode_chunk(tok, texts, cfg.append_eod, dtype, cfg.include_special_tokens)
             yield flat, lengths, len(texts), nbytes
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pool = ctx.Pool(cfg.workers, initializer=_worker_init,
-                    initargs=(str(tok.path), cfg.append_eod, np.dtype(dtype).name))
+                    initargs=(str(tok.path), cfg.append_eod, cfg.include_special_tokens,
+                              np.dtype(dtype).name))
     try:
         pending: deque = deque()
         for texts, nbytes in chunks:
@@ -225,14 +242,18 @@ def prepare(cfg: PrepareConfig, progress: ProgressFn = lambda b, d, t: None) -> 
         raise DataError(f"the tokenizer in {cfg.tokenizer} has no end-of-document (EOS) token for --append-eod; "
                         "set eos_token in its tokenizer_config.json or drop --append-eod.")
     dtype = optimal_dtype(tok.vocab_size)
-    skipped = 0
+    empty = 0
     stream = _encoded(_chunks(_documents(inputs, cfg.key), cfg.chunk_docs), cfg, tok, dtype)
     with IndexedDatasetWriter(prefix, dtype) as writer, closing(stream):
         for flat, lengths, n_docs, nbytes in stream:
-            writer.add_documents(flat, lengths)
-            skipped += n_docs - int(lengths.size)
-            progress(nbytes, int(lengths.size), int(flat.size))
-        if writer.num_documents == 0:
-            raise DataError(f"no documents with text found in {', '.join(str(p) for p, _ in inputs)}; check --key.")
-    return PrepareSummary(writer.num_documents, writer.num_tokens, skipped, time.perf_counter() - start,
-                          np.dtype(dtype).name, tok.vocab_size, prefix)
+            nonempty = lengths > 0  # an empty document is a document with no sequence, as in Megatron
+            writer.add_documents(flat, lengths[nonempty], nonempty.astype(np.int64))
+            empty += n_docs - int(np.count_nonzero(nonempty))
+            progress(nbytes, n_docs, int(flat.size))
+        if writer.num_tokens == 0:
+            n = writer.num_documents
+            detail = f"{n} documents, none with a token" if n else "no records"
+            files = ", ".join(str(p) for p, _ in inputs)
+            raise DataError(f"no documents with text found in {files} ({detail}); check --key.")
+    return PrepareSummary(writer.num_documents, writer.num_sequences, writer.num_tokens, empty,
+                          time.perf_counter() - start, np.dtype(dtype).name, tok.vocab_size, prefix)

@@ -17,8 +17,9 @@ _EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>",
 class Tokenizer:
     """What data preparation needs from a tokenizer, whichever library loaded it.
 
-    `encode` adds the tokenizer's own special tokens (a Llama tokenizer's BOS), as Megatron's
-    preprocess_data does; `eod_id` is what --append-eod appends (the EOS token)."""
+    `encode` adds the tokenizer's own special tokens (a Llama tokenizer's BOS) unless told not to, as
+    megatron-core 0.19's HuggingFaceTokenizer does by default (include_special_tokens; 0.16's did
+    not); `eod_id` is what --append-eod appends: the EOS token, else the SEP token, as Megatron's."""
 
     path: Path
     backend: Any  # a transformers tokenizer or a tokenizers.Tokenizer
@@ -29,14 +30,15 @@ class Tokenizer:
     def is_transformers(self) -> bool:
         return not type(self.backend).__module__.startswith("tokenizers")
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         if self.is_transformers:
-            out = self.backend(list(texts), return_attention_mask=False, return_token_type_ids=False)
+            out = self.backend(list(texts), add_special_tokens=special_tokens, return_attention_mask=False,
+                               return_token_type_ids=False)
             return list(out["input_ids"])
-        return [e.ids for e in self.backend.encode_batch(list(texts))]
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=special_tokens)]
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self.encode_batch([text], special_tokens)[0]
 
 
 def _raw_tokenizer(path: Path, file: Path) -> Tokenizer:
@@ -77,7 +79,7 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"transformers cannot load the tokenizer in {path} ({first.rstrip('.')}); save it with "
                         "save_pretrained or add its tokenizer.json.") from None
-    eod = tok.eos_token_id
+    eod = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id  # Megatron's eod
     vocab = tok.get_vocab()
     if eod is None:
         eod = next((vocab[name] for name in _EOD_NAMES if name in vocab), None)

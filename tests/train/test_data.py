@@ -137,6 +137,76 @@ def test_megatron_builder_output_reads_in_mzoo_and_writers_agree(tmp_path, dtype
     assert ds.get(3, offset=1, length=2).tolist() == seqs[3][1:3].tolist()
 
 
+@pytest.fixture(scope="module")
+def bos_tok(tmp_path_factory) -> Path:
+    """A transformers tokenizer folder whose post-processor adds a BOS, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("bos")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", EOD, "<s>"])
+    tok.train_from_iterator(_texts(200, 98), trainer)
+    bos = ("<s>", tok.token_to_id("<s>"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token=EOD, unk_token="<unk>")
+    hf.save_pretrained(root)
+    return root
+
+
+def _preprocess_data(jsonl: Path, tokenizer: Path, prefix: Path, append_eod: bool,
+                     special_tokens: bool) -> int:
+    """Megatron-LM's tools/preprocess_data.py (one key, no sentence splitting) as a reference: megatron-core's
+    own HuggingFaceTokenizer and IndexedDatasetBuilder, one add_document per JSON line, the document empty
+    (no sequence) when its text tokenizes to nothing, the EOD only on a non-empty one. Returns the records.
+    preprocess_data.py stops on a blank line (json.loads fails); the reference passes over it as mzoo does."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.tokenizers.text.libraries.huggingface_tokenizer import HuggingFaceTokenizer
+
+    tok = HuggingFaceTokenizer(str(tokenizer), include_special_tokens=special_tokens)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(tok.vocab_size))
+    records = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    for record in records:
+        ids = tok.text_to_ids(record["text"])
+        ids = ids + [tok.eod] if ids and append_eod else ids
+        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)] if ids else [])
+    builder.finalize(f"{prefix}.idx")
+    return len(records)
+
+
+@pytest.mark.parametrize("append_eod, special_tokens, workers",
+                         [(True, True, 2), (False, True, 1), (True, False, 1), (False, False, 2)])
+def test_prepare_equals_preprocess_data_with_empty_documents(tmp_path, bos_tok, append_eod, special_tokens,
+                                                             workers):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronIndexed
+
+    texts = _texts(300, 7)
+    for i in (0, 5, 100, 101, 299):  # first, consecutive and last documents empty
+        texts[i] = ""
+    texts[7] = "   "  # tokenizes to nothing (no BOS: an empty document too)
+    lines = _jsonl(tmp_path / "c.jsonl", texts).read_text().splitlines(keepends=True)
+    (tmp_path / "c.jsonl").write_text("".join(lines[:50] + ["\n"] + lines[50:]))  # a blank line is no record
+    flags = ["--append-eod"] if append_eod else []
+    flags += [] if special_tokens else ["--tokenizer-hf-no-include-special-tokens"]
+    r = mzoo("data", "prepare", tmp_path / "c.jsonl", "--tokenizer", bos_tok, "--out", tmp_path / "ours",
+             "--workers", workers, "--json", *flags)
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    records = _preprocess_data(tmp_path / "c.jsonl", bos_tok, tmp_path / "meg", append_eod, special_tokens)
+    assert records == 300
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == (tmp_path / f"meg{ext}").read_bytes(), ext
+    meg, ours = MegatronIndexed(str(tmp_path / "meg")), IndexedDataset(tmp_path / "ours")
+    n_empty = 0 if special_tokens else 6
+    assert len(meg.document_indices) - 1 == ours.num_documents == summary["documents"] == 300
+    assert len(meg) == len(ours) == summary["sequences"] == 300 - n_empty and summary["empty"] == n_empty
+    tok = load_tokenizer(bos_tok)
+    bos, eod = tok.backend.bos_token_id, [tok.eod_id] if append_eod else []
+    assert ours.document(0).tolist() == ([bos] + eod if special_tokens else [])  # the empty text
+    assert (ours.document(1)[0] == bos) == special_tokens
+
+
 def test_parquet_input(tmp_path, tok_dirs):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
@@ -240,6 +310,45 @@ def test_same_samples_as_megatron_gpt_dataset(tmp_path, corpus):
                 assert torch.equal(t[i]["tokens"], o[i]["tokens"]) and torch.equal(t[i]["labels"], o[i]["labels"])
 
 
+def test_empty_documents_and_zero_length_sequences_give_megatrons_samples(tmp_path):
+    """Empty documents (preprocess_data's, no sequence) and zero-length sequences (another builder's) in
+    one dataset: the same splits, indices and samples as megatron-core's GPTDataset, no crash."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    class Tok:
+        vocab_size, eod, unique_identifiers = 256, 1, {"class": "Tok"}
+
+    rng = np.random.default_rng(4)
+    builder = IndexedDatasetBuilder(str(tmp_path / "z.bin"), dtype=np.uint16)
+    for d in range(240):
+        if d % 5 == 0:
+            builder.add_document(torch.zeros(0, dtype=torch.int64), [])  # an empty document
+        elif d % 5 == 1:
+            builder.add_item(torch.zeros(0, dtype=torch.int64))  # a zero-length sequence
+            builder.end_document()
+        else:
+            n = int(rng.integers(1, 20))
+            builder.add_document(torch.from_numpy(rng.integers(2, 256, n)), [n])
+    builder.finalize(str(tmp_path / "z.idx"))
+    prefix = str(tmp_path / "z")
+    assert IndexedDataset(prefix).num_documents == 240 and len(IndexedDataset(prefix)) == 192
+    for sizes in ([None, None, None], [500, 40, 0]):
+        cfg = GPTDatasetConfig(random_seed=3, sequence_length=9, blend=([prefix], None), split="90,10,0",
+                               tokenizer=Tok(), reset_position_ids=False, reset_attention_mask=False,
+                               eod_mask_loss=False, create_attention_mask=False, path_to_cache=None)
+        theirs = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, cfg).build()
+        ours = build_gpt_datasets(DataConfig([prefix], split="90,10,0", seq_len=9, seed=3,
+                                             cache_dir=tmp_path / f"ours{sizes[0]}"), sizes)
+        for t, o in zip(theirs[:2], ours[:2]):
+            assert np.array_equal(t.sample_index, o.sample_index)
+            assert np.array_equal(t.document_index, o.document_index)
+            assert len(t) == len(o) > 0
+            for i in range(len(t)):
+                assert torch.equal(t[i]["tokens"], o[i]["tokens"]) and torch.equal(t[i]["labels"], o[i]["labels"])
+
+
 def test_sample_index_matches_megatron_helpers():
     from megatron.core.datasets import helpers
 
@@ -248,6 +357,8 @@ def test_sample_index_matches_megatron_helpers():
         sizes = rng.integers(1, 50, 100).astype(np.int32)
         doc_index = np.tile(np.arange(100, dtype=np.int32), epochs)
         rng.shuffle(doc_index)
+        sizes[rng.random(100) < 0.2] = 0  # zero-length sequences (another builder's add_item of nothing) ...
+        sizes[doc_index[0]] = 0  # ... also the very first: helpers.cpp still starts sample 0 there
         tokens = int(sizes.sum())
         theirs = helpers.build_sample_idx(sizes, doc_index, seq, epochs, tokens, True, True)
         ours = build_sample_index(sizes, doc_index, seq, epochs, tokens)
@@ -382,6 +493,9 @@ def test_errors_are_one_sentence_and_leave_nothing(tmp_path, tok_dirs):
     wrong_key = _jsonl(tmp_path / "k.jsonl", ["a b"], key="content")
     r = mzoo("data", "prepare", wrong_key, "--tokenizer", hf, "--out", out / "c")
     assert r.exit_code == 2 and "--key" in _one_sentence(r.stderr)
+    only_empty = _jsonl(tmp_path / "e.jsonl", ["", "  "])  # documents, but not one token to train on
+    r = mzoo("data", "prepare", only_empty, "--tokenizer", hf, "--out", out / "c", "--workers", "2")
+    assert r.exit_code == 2 and "2 documents, none with a token" in _one_sentence(r.stderr)
     assert list(out.iterdir()) == []  # no .bin/.idx, no temporary files
     r = mzoo("data", "prepare", good, "--tokenizer", hf, "--out", tmp_path / "nodir" / "c")
     assert r.exit_code == 2 and "does not exist" in _one_sentence(r.stderr)
