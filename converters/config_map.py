@@ -6,6 +6,10 @@ positions, tied embeddings, rope); what differs is a spelling (GPT-2's n_embd), 
 transformers config class has its own), a transform, or a key the family lacks. So `CORE` says the
 correspondence once, each family derives its table from it with `KeyTable.but`, and the sections
 only some families have (MoE, MLA, Mamba) are tables of the same kind in their adapters.
+
+A key whose spelling changed in transformers 5 (rope: `rope_parameters`, before it top-level
+`rope_theta` + `rope_scaling`) also writes the old spelling (`Key.legacy`), so that transformers 4.5x
+loads the same model instead of silently dropping the rope scaling; 5 reads both to the same values.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Key:
     read: Read = same
     write: Optional[Write] = None  # None: the field's value as it is
     written: bool = True  # False: read only (transformers writes it, mzoo does not)
+    legacy: Optional[Callable[[Any], dict[str, Any]]] = None  # the value in transformers 4's keys, written too
 
     def get(self, hf: dict[str, Any], reading: Optional[Reading] = None, need: Optional[Need] = None) -> Any:
         """The field's value from config.json (a missing REQUIRED key: KeyError, or what `need` raises)."""
@@ -86,8 +91,13 @@ class KeyTable:
         return reading.fields
 
     def write(self, obj: Any) -> dict[str, Any]:
-        """config.json key -> value for every written key."""
-        return {key.hf: key.put(obj) for key in self.keys if key.written}
+        """config.json key -> value for every written key (and its transformers 4 spelling, if any)."""
+        out: dict[str, Any] = {}
+        for key in self.keys:
+            if key.written:
+                out[key.hf] = key.put(obj)
+                out.update(key.legacy(obj) if key.legacy else {})
+        return out
 
     def __getitem__(self, name: str) -> Key:
         for key in self.keys:
@@ -110,8 +120,10 @@ class KeyTable:
 
 # ---- rope ------------------------------------------------------------------------------------------
 def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
-    """transformers 5 `rope_parameters`, or the older top-level rope_theta + rope_scaling."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    """The rope transformers 5 reads: a non-null `rope_scaling` (the 4.x spelling) over `rope_parameters`,
+    theta from that section or else the top-level `rope_theta` (4.x reads the same where rope_scaling is
+    set)."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear", "llama3", "yarn"):
@@ -144,6 +156,19 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
     return out
 
 
+def rope_to_hf4(rope: RopeConfig) -> dict[str, Any]:
+    """The same rope as transformers 4.5x spells it: top-level rope_theta (and partial_rotary_factor),
+    and rope_scaling (null for plain rope) without them, whose keys 4.x's rope validation accepts.
+    transformers 5 prefers a non-null rope_scaling to rope_parameters and adds rope_theta and
+    partial_rotary_factor from the top level, so it reads exactly `rope_to_hf(rope)` back."""
+    params = rope_to_hf(rope)
+    out: dict[str, Any] = {"rope_theta": params.pop("rope_theta")}
+    if "partial_rotary_factor" in params:
+        out["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    out["rope_scaling"] = params if rope.scaling else None
+    return out
+
+
 # ---- the shared table ------------------------------------------------------------------------------
 def _name(value: Any, reading: Reading) -> str:
     return value or ""
@@ -165,7 +190,8 @@ CORE = KeyTable((
     Key("head_dim", "head_dim", None, read=lambda v, r: v or None, write=lambda cfg: cfg.kv_channels),
     Key("ffn_hidden_size", "intermediate_size"),
     Key("norm_eps", "rms_norm_eps", 1e-6),
-    Key("rope", "rope_parameters", None, read=lambda v, r: rope_from_hf(r.hf), write=lambda cfg: rope_to_hf(cfg.rope)),
+    Key("rope", "rope_parameters", None, read=lambda v, r: rope_from_hf(r.hf),
+        write=lambda cfg: rope_to_hf(cfg.rope), legacy=lambda cfg: rope_to_hf4(cfg.rope)),
     Key("max_position_embeddings", "max_position_embeddings", 2048),
     Key("tie_embeddings", "tie_word_embeddings", False, read=boolean),
 ))

@@ -80,12 +80,19 @@ def save_hf(
         except BaseException:
             writer.abort()
             raise
-        write_json(tmp / "config.json", {**hf_config, "dtype": dtype_name(dtype), "transformers_version": _tf_version()})
+        config = {**hf_config, **dtype_keys(dtype), "transformers_version": _tf_version()}
+        write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
         for file in tokenizer_files:
             shutil.copy2(file, tmp / Path(file).name)
         write_sidecar(tmp, cfg, "hf", dtype_name(dtype))
     return out
+
+
+def dtype_keys(dtype: torch.dtype) -> dict[str, str]:
+    """config.json's dtype in both spellings: `dtype` (read by transformers 5 and 4.57) and `torch_dtype`
+    (4.x before the rename; 4.57 and 5 keep `dtype` when both are there and drop the other silently)."""
+    return {"dtype": dtype_name(dtype), "torch_dtype": dtype_name(dtype)}
 
 
 def _tf_version() -> str:

@@ -190,6 +190,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         architectures=["NemotronHForCausalLM"],
         **KEYS.write(cfg),
         layers_block_type=[BLOCK_TYPES[c] for c in pattern],
+        hybrid_override_pattern=pattern,  # the pre-5 spelling (remote code, vLLM); 5 drops it for the list
+        num_hidden_layers=len(pattern),  # likewise; 5 derives it from the list
         attention_bias=False,
         mlp_hidden_act=MZOO_TO_HF_ACTIVATION[cfg.activation],
         mlp_bias=False,
