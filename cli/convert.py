@@ -76,6 +76,8 @@ DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep th
 SHARD = typer.Option("5GB", "--shard-size", help="Largest safetensors shard for Hugging Face output.")
 OVER = typer.Option(False, "--overwrite", help="Replace DST if it exists.")
 JSON = typer.Option(False, "--json", help="Print a JSON summary.")
+TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer folder (save_pretrained) to carry with the weights; "
+                         "its files replace the source's of the same name (default: the source's own).")
 
 
 @user_errors
@@ -87,11 +89,16 @@ def convert(
     first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
     megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
     shard_size: str = SHARD, trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE,
-    overwrite: bool = OVER, plan: bool = PLAN, as_json: bool = JSON, quiet: bool = O.QUIET,
+    overwrite: bool = OVER, plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON,
+    quiet: bool = O.QUIET,
 ) -> None:
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
+    The tokenizer, chat template, generation config and special token ids travel with the weights
+    (Megatron: in iter_XXXXXXX/tokenizer/, where Megatron-Bridge keeps them).
+
     Example: mzoo convert 'hf->megatron' ./llama-hf ./llama-mcore --tp 2 --pp 2
+             mzoo convert 'megatron->hf' ./ckpt ./llama-hf --tokenizer ./llama-tokenizer
              mzoo convert 'hf->megatron' deepseek-v3 ./out --tp 2 --pp 16 --ep 64 --first-stage-layers 2 --last-stage-layers 3 --plan
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
     """
@@ -102,8 +109,8 @@ def convert(
                         layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
                                       last_stage_layers=last_stage_layers), spec=spec,
                         moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, shard_size=shard_size,
-                        trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan),
-         as_json, quiet)
+                        trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan,
+                        tokenizer=tokenizer), as_json, quiet)
 
 
 @user_errors
@@ -114,7 +121,7 @@ def reshard(
     first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
     megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
     trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE, overwrite: bool = OVER,
-    plan: bool = PLAN, as_json: bool = JSON, quiet: bool = O.QUIET,
+    plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON, quiet: bool = O.QUIET,
 ) -> None:
     """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
 
@@ -127,4 +134,4 @@ def reshard(
                         layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
                                       last_stage_layers=last_stage_layers), spec=spec, moe_grouped_gemm=moe_grouped_gemm,
                         dtype=dtype, trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite,
-                        plan=plan), as_json, quiet)
+                        plan=plan, tokenizer=tokenizer), as_json, quiet)

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from mzoo.ckpt.assets import GENERATION, Assets, generation_config, write_special
 from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
 from mzoo.ckpt.sidecar import write_sidecar
@@ -49,12 +50,12 @@ def save_hf(
     out: str | Path,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: int = 5 * 10**9,
-    tokenizer_files: Iterable[Path] = (),
+    assets: Assets = Assets(),
     overwrite: bool = False,
-    generation: Optional[dict] = None,
 ) -> Path:
     """Write canonical tensors as a Hugging Face checkpoint that from_pretrained loads. A tensor
-    may come as extents of another checkpoint's files (in `dtype`): its bytes are copied by the kernel."""
+    may come as extents of another checkpoint's files (in `dtype`): its bytes are copied by the kernel.
+    `assets`: the tokenizer files, generation config and special ids that travel with the weights."""
     adapter = adapters.for_family(cfg.family)
     hf_config = adapter.config_to_hf(cfg)  # fails on configs HF cannot express, before any work
     out = Path(out)
@@ -80,10 +81,10 @@ def save_hf(
         except BaseException:
             writer.abort()
             raise
-        config = {**hf_config, **dtype_keys(dtype), "transformers_version": _tf_version()}
+        config = {**write_special(hf_config, assets), **dtype_keys(dtype), "transformers_version": _tf_version()}
         write_json(tmp / "config.json", config)
-        write_json(tmp / "generation_config.json", {"_from_model_config": True, **(generation or {})})
-        for file in tokenizer_files:
+        write_json(tmp / GENERATION, generation_config(assets))
+        for file in assets.tokenizer_files:
             shutil.copy2(file, tmp / Path(file).name)
         write_sidecar(tmp, cfg, "hf", dtype_name(dtype))
     return out

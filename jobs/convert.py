@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 
+from mzoo.ckpt.assets import tokenizer_assets
 from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.hf import is_hf_checkpoint, parse_dtype, parse_size, storage_dtype
 from mzoo.ckpt.megatron.checkpoint import FORMATS, MegatronCheckpoint, Target, validate_layout
@@ -108,10 +109,9 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
                 yield t.name, value
 
         save_hf(cfg, stream(), dst, dtype=dtype, max_shard_bytes=target.max_shard_bytes,
-                tokenizer_files=src.tokenizer_files, overwrite=overwrite)
+                assets=src.assets, overwrite=overwrite)
     else:
-        write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.tokenizer_files,
-                       extents)
+        write_megatron(cfg, src.tensors, fetch, dst, target, dtype, src.iteration, overwrite, tick, src.assets, extents)
     lay = target.megatron.layout if target.fmt != "hf" else Layout()
     return Summary(str(src.path), str(dst), src.fmt, target.fmt, lay.tp, lay.pp, lay.vpp, src.nbytes,
                    time.perf_counter() - start, peak_rss_gb(), lay.ep)
@@ -149,6 +149,7 @@ class ConvertRequest:
     vocab_size: Optional[int] = None
     overwrite: bool = False
     plan: bool = False  # describe the output's files, write nothing
+    tokenizer: Optional[Path] = None  # a tokenizer folder to carry (replaces the source's files of the same name)
 
     def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronCheckpoint:
         return MegatronCheckpoint(layout=self.layout, spelling=self.spec, iteration=iteration,
@@ -163,6 +164,8 @@ def _check(req: ConvertRequest) -> None:
         raise UserError(f"unknown --megatron-format '{req.megatron_format}'; use torch, torch_dist or zarr.")
     if req.plan and req.to == "hf":
         raise UserError("--plan describes Megatron layouts; drop it for Hugging Face output.")
+    if req.tokenizer is not None:
+        tokenizer_assets(req.tokenizer)  # one sentence when the folder holds no tokenizer
 
 
 def run(req: ConvertRequest, progress: Progress = no_progress) -> Union[Summary, FilePlan]:
@@ -179,6 +182,8 @@ def run(req: ConvertRequest, progress: Progress = no_progress) -> Union[Summary,
         raise UserError(f"{req.src} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
     if req.expect == "megatron" and src.fmt == "hf":
         raise UserError(f"{req.src} is a Hugging Face checkpoint, not Megatron; use 'hf->...'.")
+    if req.tokenizer is not None:
+        src.assets = src.assets.with_tokenizer(tokenizer_assets(req.tokenizer))
     fmt = "hf" if req.to == "hf" else req.megatron_format
     layout = req.megatron_layout(src.cfg, src.iteration)
     if req.plan:

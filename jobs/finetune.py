@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
+from mzoo.ckpt.assets import tokenizer_assets
 from mzoo.data import sft as sft_data
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
@@ -74,7 +75,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     cfg = src.cfg
     if "mamba" in cfg.block_kinds and ex.packing:
         raise UserError("packed sequences need attention masks that Mamba layers do not have; add --no-pack.")
-    tokenizer_dir = req.tokenizer or (Path(src.tokenizer_files[0]).parent if src.tokenizer_files else None)
+    assets = src.assets.with_tokenizer(tokenizer_assets(req.tokenizer)) if req.tokenizer else src.assets
+    tokenizer_dir = req.tokenizer or assets.tokenizer_dir
     if tokenizer_dir is None:
         raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
@@ -94,8 +96,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                                          cfg.vocab_size, tcfg.seed)
         return sft_data.sampler(train, tcfg.seed), (sft_data.sampler(valid, tcfg.seed) if valid else None)
 
-    run_hooks = hooks(layout, precision, samplers, out.megatron_format,
-                      hf_tokenizer=tokenizer_dir if req.save_format == "hf" else None)
+    run_hooks = hooks(layout, precision, samplers, out.megatron_format, assets, hf=req.save_format == "hf")
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
     return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
                     device=resolve_device(eng.device).type, data_stats=stats)

@@ -45,8 +45,8 @@ def tokenizer_folder(ckpt: Path, src: Source, explicit: Optional[Path]) -> Optio
     """--tokenizer, else the checkpoint's own tokenizer files, else a tokenizer.json beside it."""
     if explicit is not None:
         return explicit  # load_transformers_tokenizer says so in one sentence when it holds none
-    if src.tokenizer_files:
-        return Path(src.tokenizer_files[0]).parent
+    if src.assets.has_tokenizer:
+        return src.assets.tokenizer_dir
     for folder in (ckpt, ckpt.parent):
         if (folder / "tokenizer.json").exists():
             return folder

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from mzoo import hub
 from mzoo.ckpt.atomic import atomic_dir
-from mzoo.ckpt.hf import TOKENIZER_FILES
+from mzoo.ckpt.assets import MARKERS as TOKENIZER_MARKERS, Assets, folder_assets, tokenizer_assets
 from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.errors import UserError
 from mzoo.hub import RetryPolicy, UploadFile
@@ -33,7 +33,6 @@ from mzoo.params import count_params, human
 RETRY = RetryPolicy()  # tests shorten the waits
 
 
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -75,19 +74,16 @@ def open_complete(ckpt: Path, trust_pickle: bool, vocab_size: Optional[int]):
     return src
 
 
-def _tokenizer(src, tokenizer: Optional[Path]) -> list[Path]:
-    """Tokenizer files to publish: --tokenizer DIR, else the source's own (HF folder or Megatron root)."""
-
+def _assets(src, tokenizer: Optional[Path]) -> Assets:
+    """What to publish beside the weights: the source's assets, with --tokenizer DIR's files over
+    them; tokenizer files beside an older mzoo Megatron root count as the source's."""
     if tokenizer is not None:
-        found = [tokenizer / f for f in TOKENIZER_FILES if (tokenizer / f).is_file()]
-        if not tokenizer.is_dir() or not any(f.name in TOKENIZER_MARKERS for f in found):
-            raise UserError(f"--tokenizer {tokenizer} holds no tokenizer.json, tokenizer.model or vocab.json; pass "
-                            "a folder saved with tokenizer.save_pretrained().")
-        return found
-    if src.tokenizer_files:
-        return list(src.tokenizer_files)
+        return src.assets.with_tokenizer(tokenizer_assets(tokenizer))
+    if src.assets.has_tokenizer:
+        return src.assets
     root, _ = checkpoint_root(src.path, src.fmt)
-    return [root / f for f in TOKENIZER_FILES if (root / f).is_file()]
+    beside = folder_assets(root)
+    return src.assets.with_tokenizer(beside) if beside.has_tokenizer else src.assets
 
 
 def _check_tokenizer(files: list[Path], vocab_size: int) -> None:
@@ -109,10 +105,10 @@ def _check_tokenizer(files: list[Path], vocab_size: int) -> None:
                         f"{vocab_size} rows; pass the tokenizer the model was trained with (--tokenizer DIR).")
 
 
-def _check_space(src, parent: Path, tokenizer_files: list[Path]) -> None:
+def _check_space(src, parent: Path, assets: Assets) -> None:
     """The staging folder must fit: a converted model needs its bytes, an HF source only when it
     cannot be hard-linked (another file system)."""
-    need = sum(f.stat().st_size for f in tokenizer_files)
+    need = assets.nbytes()
     if src.fmt != "hf":
         need += src.nbytes
     elif os.stat(src.path).st_dev != os.stat(parent).st_dev:
@@ -131,12 +127,12 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def stage(src, dst: Path, tokenizer_files: list[Path], tick: Callable[[int], None]) -> None:
+def stage(src, dst: Path, assets: Assets, tick: Callable[[int], None]) -> None:
     """The folder to upload, built atomically: an HF source linked (or copied) file by file, any
     other source converted to HF by the streaming pipeline."""
 
     if src.fmt != "hf":
-        src.tokenizer_files = tokenizer_files  # save_hf copies them next to config.json
+        src.assets = assets  # save_hf copies them next to config.json
         convert(src, dst, Target("hf"), progress=tick)
         return
     with atomic_dir(dst) as tmp:
@@ -144,7 +140,7 @@ def stage(src, dst: Path, tokenizer_files: list[Path], tick: Callable[[int], Non
             if not any(part.startswith(".") or ".mzoo-tmp" in part for part in Path(rel).parts):
                 _link_or_copy(src.path / rel, tmp / rel)
                 tick(size)
-        for f in tokenizer_files:  # --tokenizer replaces the folder's own files of the same name
+        for f in assets.files:  # --tokenizer replaces the folder's own files of the same name
             if (tmp / f.name).exists() and not (tmp / f.name).samefile(f):
                 (tmp / f.name).unlink()
             if not (tmp / f.name).exists():
@@ -275,15 +271,15 @@ def push(request: PushRequest, events: PushEvents = PushEvents()) -> PushResult:
     req, token = _request(request.repo_id, request.revision, request.endpoint, request.private, request.dry_run,
                           request.license, request.base_model, request.message, request.staging, request.token_env)
     src = open_complete(request.ckpt, request.trust_pickle, request.vocab_size)
-    tok_files = _tokenizer(src, request.tokenizer)
-    _check_tokenizer(tok_files, src.cfg.vocab_size)
-    _check_space(src, req.staging.parent if req.staging else Path(tempfile.gettempdir()), tok_files)
+    assets = _assets(src, request.tokenizer)
+    _check_tokenizer(assets.tokenizer_files, src.cfg.vocab_size)
+    _check_space(src, req.staging.parent if req.staging else Path(tempfile.gettempdir()), assets)
     remote = _connect(req, token, events) if token is not None else None
     with staging_folder(req) as folder:
         total = src.nbytes if src.fmt != "hf" else sum(src.files.values())
         label = f"{src.fmt} -> hf (staging)" if src.fmt != "hf" else "linking into staging"
         with events.progress(total, label) as tick:
-            stage(src, folder, tok_files, tick)
+            stage(src, folder, assets, tick)
         card, generated = write_card(src, folder, req)
         files = hub.upload_files(folder)
         commit = None

@@ -12,6 +12,7 @@ import torch
 
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
+from mzoo.ckpt.assets import Assets, folder_assets, megatron_assets
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
@@ -62,7 +63,7 @@ class Source:
     get: Callable[[str], torch.Tensor]
     megatron: Optional[MegatronCheckpoint] = None  # what a Megatron checkpoint records: layout, spelling, ...
     iteration: int | str = 0
-    tokenizer_files: list[Path] = field(default_factory=list)
+    assets: Assets = field(default_factory=Assets)  # tokenizer, generation config, special ids
     files: dict[str, int] = field(default_factory=dict)
     tensors: list[CanonicalTensor] = field(default_factory=list)
     # a canonical tensor as extents of the source files (kernel copy), where the format allows it
@@ -118,7 +119,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         first = reader.names()[0]
         dtype = reader.torch_dtype(first)
         return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg),
-                      tokenizer_files=reader.tokenizer_files(), files=_files(path), tensors=canonical_tensors(cfg),
+                      assets=folder_assets(path, reader.config), files=_files(path), tensors=canonical_tensors(cfg),
                       extents=lambda n: adapter.extents(n, reader, cfg))
     folder, iteration = find_iteration_dir(path)
     root = folder.parent if folder != path else path
@@ -129,7 +130,8 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         specs = {t.name: t.spec for t in tensors}
         reader.bind(cfg.num_layers, specs, cfg.moe.num_experts if cfg.moe else 0)
         get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
-        return Source(path, fmt, cfg, reader.dtype, get, reader.megatron, iteration, files=_files(folder), tensors=tensors)
+        return Source(path, fmt, cfg, reader.dtype, get, reader.megatron, iteration, megatron_assets(folder, read_sidecar(root)),
+                      files=_files(folder), tensors=tensors)
     store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
@@ -162,8 +164,8 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
             value = value.rows(0, cfg.vocab_size)
         return value
 
-    return Source(path, fmt, cfg, dtype, get, megatron, iteration, files=_files(folder), tensors=tensors,
-                  extents=extents)
+    return Source(path, fmt, cfg, dtype, get, megatron, iteration, megatron_assets(folder, read_sidecar(root)),
+                  files=_files(folder), tensors=tensors, extents=extents)
 
 
 def _zarr_reader(folder: Path):

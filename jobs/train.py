@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from mzoo.ckpt.hf import TOKENIZER_FILES
+from mzoo.ckpt.assets import Assets, tokenizer_assets
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.write import add_iteration
 from mzoo.config import ModelConfig
@@ -190,20 +190,19 @@ def checkpoint_layout(cfg: ModelConfig, layout: Layout, iteration: int) -> Megat
 
 
 def hooks(layout: Layout, precision: str, samplers: Callable, megatron_format: str = "torch_dist",
-          hf_tokenizer: Optional[Path] = None) -> Hooks:
+          assets: Assets = Assets(), hf: bool = False) -> Hooks:
     """The engine's hooks: build chunks at `precision`, load any checkpoint, save Megatron at the run's
-    layout (or, with `hf_tokenizer`, Hugging Face weights plus that tokenizer folder's files)."""
+    layout (or, with `hf`, Hugging Face weights), the tokenizer and special ids in `assets` with them."""
     dtype = DTYPES[precision]
 
     def save(cfg: ModelConfig, tensors: dict[str, torch.Tensor], root: Path, iteration: int, extra) -> None:
         stored = next(iter(tensors.values())).dtype
-        if hf_tokenizer is not None:
-            files = [hf_tokenizer / f for f in TOKENIZER_FILES if (hf_tokenizer / f).exists()]
+        if hf:
             ordered = [t.name for t in canonical_tensors(cfg)]
-            save_hf(cfg, ((n, tensors[n]) for n in ordered), root, stored, tokenizer_files=files, overwrite=True)
+            save_hf(cfg, ((n, tensors[n]) for n in ordered), root, stored, assets=assets, overwrite=True)
             return
         target = Target(megatron_format, checkpoint_layout(cfg, layout, iteration), stored)
-        add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, target, stored, iteration, extra)
+        add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, target, stored, iteration, extra, assets)
 
     return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype),
                  lambda model, path: load_checkpoint(model, path), save, samplers)
@@ -306,8 +305,9 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))
-    if req.load:
-        open_source(req.load)  # fails now, in one sentence, if the checkpoint is unreadable
+    assets = open_source(req.load).assets if req.load else Assets()  # fails now, in one sentence, if unreadable
+    if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
+        assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
     if not req.mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
         build_gpt_datasets(replace(data_cfg, seq_len=tcfg.seq_len, seed=tcfg.seed, vocab_size=cfg.vocab_size),
@@ -320,7 +320,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
     rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
                    req.load_optim, str(out.log_json) if out.log_json else None,
                    str(out.tensorboard) if out.tensorboard else None, device=eng.device)
-    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format)
+    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format, assets)
     saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
     return Prepared("train", rc, run_hooks, world, launch, planned.why if planned else None, saved, notes,
                     device=target)

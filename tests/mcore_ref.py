@@ -579,6 +579,15 @@ def load_dist_checkpoint(model, path: str | os.PathLike, strict: bool = True,
     return state
 
 
+def common_in_dcp() -> bool:
+    """megatron-core >= 0.17 saves the common state (args, iteration) as the DCP object
+    `common_state/shard_0_1` instead of common.pt (it still reads common.pt)."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("megatron-core").split(".")[:2])
+    return (major, minor) >= (0, 17)
+
+
 def load_common(path: str | os.PathLike) -> dict[str, Any]:
     """common.pt as megatron-core reads it (dist_checkpointing.load_common_state_dict)."""
     install_cpu_shim()

@@ -37,6 +37,7 @@ from mzoo.ckpt.torch_zip import save_tensor
 METADATA_JSON = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                  "common_backend": "torch", "common_backend_version": 1}
 COMMON = "common.pt"
+COMMON_OBJECT = "common_state/shard_0_1"  # megatron-core >= 0.17 keeps the common state in DCP
 
 
 @dataclass(frozen=True)
@@ -171,10 +172,14 @@ class DistReader:
     def _common(self) -> dict[str, Any]:
         if (self.folder / COMMON).exists():
             return torch_load(self.folder / COMMON, self.trust_pickle)
-        key = next((k for k in self.objects if k.startswith("common")), None)
-        if key is None:
+        if COMMON_OBJECT not in self.objects:
             return {}
-        return torch_load(io.BytesIO(self._bytes(key)), self.trust_pickle)  # core >= 0.19: in-DCP common state
+        # megatron-core >= 0.17: the common state is a ShardedObject of shape (1,) holding [state]
+        loaded = torch_load(io.BytesIO(self._bytes(COMMON_OBJECT)), self.trust_pickle)
+        if not (isinstance(loaded, list) and len(loaded) == 1 and isinstance(loaded[0], dict)):
+            raise CheckpointError(f"{self.folder}: {COMMON_OBJECT} holds a {type(loaded).__name__}, not megatron-core's "
+                                  "[common state]; the checkpoint is damaged or from an unknown release.")
+        return loaded[0]
 
     def _bytes(self, key: str) -> bytes:
         info = next(v for (fqn, _), v in self.storage.items() if fqn == key)

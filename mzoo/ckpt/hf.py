@@ -213,9 +213,6 @@ class HFReader:
         return TensorExtents(tuple(meta["shape"]), self.torch_dtype(name),
                              (Extent(self.path / file, 8 + self._header_bytes[file] + begin, end - begin),))
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).exists()]
-
 
 def parse_size(text: str) -> int:
     """'5GB' -> bytes (decimal units as the hub uses; also KiB/MiB/GiB)."""

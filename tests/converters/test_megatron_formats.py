@@ -144,7 +144,7 @@ def test_legacy_layout_on_disk(sources, tmp_path):
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     folder = out / "iter_0000000"
     assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
-                                                        "mp_rank_01_001"]
+                                                        "mp_rank_01_001", "tokenizer"]
     last = torch.load(folder / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
     names = set(last["model"])
     assert "decoder.layers.0.self_attention.linear_qkv.weight" in names  # local numbering (global 2)

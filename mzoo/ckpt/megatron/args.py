@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -19,11 +20,21 @@ from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig
 from mzoo.layout import Layout
 
 
-def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) -> argparse.Namespace:
-    """The fields of Megatron-LM's args that describe the model, layout and dtype."""
+def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype,
+                   tokenizer: Optional[Path] = None) -> argparse.Namespace:
+    """The fields of Megatron-LM's args that describe the model, layout and dtype; `tokenizer`: the
+    folder of the HF tokenizer saved with the checkpoint."""
     args = _dense_args(cfg, ckpt, dtype)
-    vars(args).update(_moe_args(cfg, ckpt), **_mla_args(cfg), **_ssm_args(cfg, ckpt))
+    vars(args).update(_moe_args(cfg, ckpt), **_mla_args(cfg), **_ssm_args(cfg, ckpt), **_tokenizer_args(cfg, tokenizer))
     return args
+
+
+def _tokenizer_args(cfg: ModelConfig, tokenizer: Optional[Path]) -> dict[str, Any]:
+    """Megatron-LM's tokenizer arguments: the checkpoint's own HF tokenizer folder when one travels
+    (Megatron-Bridge's load_tokenizer also finds it there), else NullTokenizer over the vocabulary."""
+    if tokenizer is None:
+        return dict(tokenizer_type="NullTokenizer", tokenizer_model=None)
+    return dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tokenizer))
 
 
 # the stack spec Megatron-LM's `--spec` names for MambaModel (Transformer Engine)

@@ -12,6 +12,7 @@ import torch
 
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
+from mzoo.ckpt.assets import TOKENIZER_DIR, Assets
 from mzoo.ckpt.atomic import atomic_dir, fsync_tree
 from mzoo.ckpt.megatron.args import config_to_args
 from mzoo.ckpt.megatron.checkpoint import Target
@@ -25,18 +26,21 @@ from mzoo.parallel.sharding import CanonicalTensor
 
 def write_megatron(cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor], dst: Path,
                    target: Target, dtype: torch.dtype, iteration: int | str, overwrite: bool,
-                   tick: Callable[[int], None], tokenizer_files: list[Path] = (),
+                   tick: Callable[[int], None], assets: Assets = Assets(),
                    extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
     """A new Megatron checkpoint folder (tracker + one iteration), atomically. `extents`: where a
-    canonical tensor's bytes already are unchanged (torch_dist copies them in the kernel)."""
+    canonical tensor's bytes already are unchanged (torch_dist copies them in the kernel); `assets`
+    go to the iteration's tokenizer/ folder and mzoo.yaml."""
     with atomic_dir(dst, overwrite) as tmp:
-        _write_iteration(iteration_dir(tmp, iteration), cfg, tensors, fetch, target, dtype, iteration, tick, extents)
-        _finish_root(tmp, cfg, target, dtype, iteration)
+        folder = iteration_dir(tmp, iteration)
+        _write_iteration(folder, cfg, tensors, fetch, target, dtype, iteration, tick, extents, assets,
+                         iteration_dir(Path(dst).absolute(), iteration))
+        _finish_root(tmp, cfg, target, dtype, iteration, assets)
 
 
 def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], fetch: Callable[[str], torch.Tensor],
                   target: Target, dtype: torch.dtype, iteration: int,
-                  extra: Callable[[Path], None] = lambda folder: None) -> Path:
+                  extra: Callable[[Path], None] = lambda folder: None, assets: Assets = Assets()) -> Path:
     """Add one iteration to a (possibly existing) checkpoint root, as training saves do: the
     iteration folder is built under a temporary name and renamed, the tracker is updated last."""
     root = Path(root)
@@ -45,7 +49,8 @@ def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], 
     tmp = root / f".{final.name}.mzoo-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_iteration(tmp, cfg, tensors, fetch, target, dtype, iteration, lambda n: None)
+        _write_iteration(tmp, cfg, tensors, fetch, target, dtype, iteration, lambda n: None, None, assets,
+                         final.absolute())
         extra(tmp)
         fsync_tree(tmp)
         if final.exists():
@@ -54,20 +59,25 @@ def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _finish_root(root, cfg, target, dtype, iteration)
+    _finish_root(root, cfg, target, dtype, iteration, assets)
     return final
 
 
 def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTensor],
                      fetch: Callable[[str], torch.Tensor], target: Target, dtype: torch.dtype,
                      iteration: int | str, tick: Callable[[int], None],
-                     extents: Optional[Callable[[str], Optional[TensorExtents]]] = None) -> None:
+                     extents: Optional[Callable[[str], Optional[TensorExtents]]] = None, assets: Assets = Assets(),
+                     final: Optional[Path] = None) -> None:
+    """One iteration folder; `final`: where it will be once renamed (args name its tokenizer there)."""
     lay = replace(target.megatron, iteration=iteration)
     padded = lay.padded_vocab(cfg)
-    args = config_to_args(cfg, lay, dtype)
+    tokenizer = (final or folder) / TOKENIZER_DIR if assets.has_tokenizer else None
+    args = config_to_args(cfg, lay, dtype, tokenizer)
     specs = {t.name: t.spec for t in tensors}
+    if assets.files:
+        assets.copy_into(folder / TOKENIZER_DIR)
     if target.fmt == "torch":
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         legacy.write_legacy(folder, [t.name for t in tensors], fetch, specs, lay, cfg.num_layers, args, padded,
                             cfg.tie_embeddings, tick, cfg.moe.num_experts if cfg.moe else 0, extents)
         return
@@ -81,8 +91,11 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
         zarr_fmt.write_checkpoint(folder, chunks, common, tick)
 
 
-def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str) -> None:
+def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str,
+                 assets: Assets = Assets()) -> None:
     lay = target.megatron
-    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout,
-                  extra={"iteration": iteration, "spec": lay.spelling, "padded_vocab_size": lay.padded_vocab(cfg)})
+    extra = {"iteration": iteration, "spec": lay.spelling, "padded_vocab_size": lay.padded_vocab(cfg)}
+    if assets.special:
+        extra["special_tokens"] = dict(assets.special)
+    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout, extra=extra)
     write_tracker(root, iteration)  # last: marks the checkpoint complete
