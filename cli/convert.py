@@ -71,7 +71,8 @@ GROUPED = typer.Option(False, "--moe-grouped-gemm",
                             "of SequentialMLP (experts.local_experts.<i>.linear_fc1.weight).")
 PLAN = typer.Option(False, "--plan", help="Print the files, tensors and shapes the output would get; write nothing.")
 FMT = typer.Option("torch_dist", "--megatron-format", help="torch_dist (default), torch (legacy) or zarr.")
-SPEC = typer.Option("te", "--spec", help="Parameter spelling: te (Transformer Engine) or local.")
+SPEC = typer.Option("te", "--spec", help="Parameter spelling: te (Transformer Engine) or local; load it in "
+                    "Megatron-LM with the matching --transformer-impl (transformer_engine or local).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep the source's).")
 SHARD = typer.Option("5GB", "--shard-size", help="Largest safetensors shard for Hugging Face output.")
 OVER = typer.Option(False, "--overwrite", help="Replace DST if it exists.")

@@ -20,15 +20,14 @@ torch.set_num_threads(1)
 
 def make_hf_model(path: Path, config, seed: int = 0) -> Path:
     """Random-init a transformers model from `config`, perturb norms/biases so that every tensor
-    matters, and save_pretrained it to `path`."""
+    matters (tests/informative.py), and save_pretrained it to `path`."""
     from transformers import AutoModelForCausalLM
+
+    from informative import perturb_hf_
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # norms start at 1 and biases at 0: make them informative
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_hf_(model)  # norms start at 1 and biases at 0: make them informative
     model.save_pretrained(path)
     return path
 
@@ -38,17 +37,11 @@ def make_moe_model(path: Path, config, seed: int = 0) -> Path:
     and whose every norm, bias and expert-score correction is informative."""
     from transformers import AutoModelForCausalLM
 
+    from informative import perturb_hf_
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("gate.weight"):  # the router
-                p.normal_(0.0, 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.1)
+    perturb_hf_(model, moe=True)
     model.save_pretrained(path)
     return path
 

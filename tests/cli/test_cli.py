@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from informative import informative_init
 
 MZOO = [str(Path(sys.executable).with_name("mzoo"))]
 
@@ -85,7 +87,10 @@ def test_init_then_from_pretrained(tmp_path):
     assert summary["params"] == 172_288
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "gpt2"
+    block = model.transformer.h[0]  # Megatron's init: norms at 1, biases at 0 (tests make them informative)
+    assert torch.equal(block.ln_1.weight, torch.ones(64)) and not block.attn.c_attn.bias.any()
 
 
 def test_demo_runs_end_to_end():
@@ -119,7 +124,7 @@ def test_every_command_has_help_with_an_example():
 
 def test_convert_reshard_inspect_verify(tmp_path):
     hf, mc, mc2, back = (str(tmp_path / n) for n in ("hf", "mc", "mc2", "back"))
-    mzoo("init", "gpt-tiny", hf)
+    informative_init("gpt-tiny", tmp_path / "hf")  # `mzoo init` with norms and biases a lost one would show
     summary = json.loads(mzoo("convert", "hf->megatron", hf, mc, "--tp", "2", "--pp", "2", "--json").stdout)
     assert summary["dst_format"] == "torch_dist" and summary["bytes"] > 0 and summary["peak_rss_gb"] > 0
     info = json.loads(mzoo("inspect", mc, "--json").stdout)

@@ -7,6 +7,7 @@ import dist as D
 import mcore_ref as R
 import pytest
 import torch
+from conftest import all_safetensors, make_hf_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
@@ -29,11 +30,31 @@ def _load_dist(rank, world, cfg, path, ids):
     return R.pack(R.logits(model, ids))
 
 
-def _load_legacy(rank, world, cfg, path, ids):
+def _rank_file(path, rank) -> dict:
+    file = path / "iter_0000000" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+    return torch.load(file, weights_only=False)
+
+
+def _norms(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("layernorm.weight")}
+
+
+def _load_legacy(rank, world, cfg, local, te, ids):
+    """A local-spec model (Megatron-LM without Transformer Engine) loads the local-spelled rank file
+    strictly; the TE-spelled one goes the way Megatron-LM's load_model_state_dict takes it: strict
+    fails, the non-strict fallback loads the rest and leaves every norm at megatron's init."""
     model = R.build_gpt_model(cfg, tp=world, padded_vocab=PADDED)
-    state = torch.load(path / "iter_0000000" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", weights_only=False)
+    state = _rank_file(local, rank)
     model.load_state_dict(state["model"], strict=True)
-    return R.pack(R.logits(model, ids))
+    fresh, te_state = R.build_gpt_model(cfg, tp=world, padded_vocab=PADDED), _rank_file(te, rank)
+    try:
+        fresh.load_state_dict(te_state["model"], strict=True)
+        error = None
+    except RuntimeError as e:
+        error = str(e)
+        fresh.load_state_dict(te_state["model"], strict=False)
+    return R.pack(dict(logits=R.logits(model, ids), norms=_norms(model), impl=state["args"].transformer_impl,
+                       te_impl=te_state["args"].transformer_impl, te_error=error, te_norms=_norms(fresh)))
 
 
 def _save_mcore(rank, world, cfg, path, ids):
@@ -48,8 +69,6 @@ def _save_mcore(rank, world, cfg, path, ids):
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from conftest import make_hf_model
-
     path = make_hf_model(tmp_path_factory.mktemp("hf") / "llama", HF_CONFIG)
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(IDS).logits
@@ -66,12 +85,31 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_tp(hf, tmp_path):
 
 
 def test_megatron_core_loads_mzoo_legacy_rank_files(hf, tmp_path):
+    """`--spec local` rank files load strictly into megatron-core's local spec with every norm the
+    source's (non-unit) values, and say `transformer_impl='local'` in their args. The default (TE)
+    spelling fuses the norms into linear_qkv / linear_fc1 (`layer_norm_weight`), which the local
+    spec does not have: Megatron-LM run without Transformer Engine falls back to a non-strict load
+    and every norm is 1.0. Its args say `transformer_impl='transformer_engine'`."""
     path, expected = hf
-    out = tmp_path / "legacy"
-    convert(open_source(path), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
-    cfg = open_source(out).cfg
-    for logits in map(R.unpack, D.run(_load_legacy, 2, cfg, out, IDS)):
-        assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
+    local, te = tmp_path / "legacy", tmp_path / "legacy-te"
+    convert(open_source(path), local, Target("torch", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
+    convert(open_source(path), te, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
+    cfg = open_source(local).cfg
+    hf_tensors = all_safetensors(path)
+    hf_names = {"input_layernorm": "input_layernorm", "pre_mlp_layernorm": "post_attention_layernorm"}
+    source = {f"decoder.layers.{i}.{mine}.weight": hf_tensors[f"model.layers.{i}.{theirs}.weight"]
+              for i in range(cfg.num_layers) for mine, theirs in hf_names.items()}
+    source["decoder.final_layernorm.weight"] = hf_tensors["model.norm.weight"]
+    assert all((v != 1).all() for v in source.values())  # informative: a norm reset to 1 shows
+    for r in map(R.unpack, D.run(_load_legacy, 2, cfg, local, te, IDS)):
+        assert (r["logits"][..., :1000] - expected).abs().max().item() <= 1e-4
+        assert r["norms"].keys() == source.keys() and r["impl"] == "local"
+        for name, value in source.items():
+            assert torch.equal(r["norms"][name], value), name
+        assert r["te_impl"] == "transformer_engine"
+        error = r["te_error"] or ""  # missing the local norms, unexpected the TE ones
+        assert "input_layernorm.weight" in error and "linear_qkv.layer_norm_weight" in error
+        assert all(torch.equal(v, torch.ones_like(v)) for k, v in r["te_norms"].items() if "layers" in k)
 
 
 def test_megatron_core_checkpoint_converts_to_hf(hf, tmp_path):

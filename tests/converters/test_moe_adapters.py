@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import all_safetensors, hf_roundtrip, make_moe_model
+from informative import perturb_hf_
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
@@ -184,6 +185,7 @@ def _save_both_spellings(config, path: Path) -> tuple[Path, Path]:
     for a model it loaded from such a checkpoint."""
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    perturb_hf_(model, moe=True)  # a norm or expert-score correction either reader lost would show
     model.save_pretrained(path / "per_expert")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)

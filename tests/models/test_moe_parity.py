@@ -8,6 +8,7 @@ import dist as D
 import pytest
 import torch
 from conftest import make_moe_model
+from informative import perturb_model_
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
 
 from mzoo.config import ModelConfig
@@ -77,6 +78,7 @@ def _sharded(rank, world, name, layout):
     state = ParallelState.build(Layout(**layout))
     ref = build_model(cfg)
     ref.init_weights(seed=3)
+    perturb_model_(ref, seed=3)  # norms, expert biases off 1 and 0: a misplaced shard of one shows
     for d in range(state.dp):
         out = ref(_ids(d))
         out.square().mean().backward()
@@ -84,6 +86,7 @@ def _sharded(rank, world, name, layout):
             expected = out.detach()
     model = build_model(cfg, state)
     model.init_weights(seed=3)
+    perturb_model_(model, seed=3)
     got = model(_ids(state.dp_rank))
     got.square().mean().backward()
     ref_params = dict(ref.canonical_parameters())

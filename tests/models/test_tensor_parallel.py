@@ -5,6 +5,7 @@ from __future__ import annotations
 import dist as D
 import pytest
 import torch
+from informative import perturb_model_
 
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
@@ -26,11 +27,13 @@ def _run(rank, world, cfg, sequence_parallel):
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     ref = build_model(cfg)
     ref.init_weights(seed=3)
+    perturb_model_(ref, seed=3)  # norms and biases off 1 and 0: a misplaced shard of one shows
     expected = ref(ids)
     expected.square().mean().backward()
     state = ParallelState.build(Layout(tp=world, sequence_parallel=sequence_parallel))
     model = build_model(cfg, state)
     model.init_weights(seed=3)  # same seed, same global model, this rank's shards
+    perturb_model_(model, seed=3)
     got = model(ids)
     got.square().mean().backward()
     # fc1 grad on this rank equals the matching shard of the reference grad

@@ -4,6 +4,7 @@ the model card made from them: a run at EP2 no longer saves EP1, a TP2 finetune 
 from __future__ import annotations
 
 import torch
+from informative import informative
 
 from mzoo.jobs.push import Request, write_card
 from mzoo.jobs.sources import open_source
@@ -14,7 +15,7 @@ from mzoo.zoo import resolve
 
 
 def _save(cfg, layout: Layout, root, fmt: str, iteration: int = 7) -> dict[str, torch.Tensor]:
-    tensors = dict(random_canonical(cfg, seed=3))
+    tensors = dict(informative(random_canonical(cfg, seed=3)))  # a norm saved or read back as 1 would show
     extra_called = []
     save = hooks(layout, "fp32", lambda *a: None, fmt).save_checkpoint
     save(cfg, tensors, root, iteration, lambda folder: extra_called.append(folder))
