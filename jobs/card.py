@@ -195,7 +195,7 @@ def _source_sentence(f: CardFacts) -> str:
     lay = f.layout
     where = ", ".join(f"{k.upper()} {lay[k]}" for k in ("tp", "pp", "vpp", "ep") if k in lay)
     spec = f", {lay['spec']} parameter spelling" if lay.get("spec") else ""
-    it = f", iteration {f.iteration}" if f.iteration not in (None, 0) else ""
+    it = f", iteration {f.iteration}" if f.iteration not in (None, 0, "release") else ""
     return f"Converted from a Megatron `{f.source_format}` checkpoint ({where}{spec}{it})"
 
 

@@ -175,7 +175,7 @@ def run(req: ConvertRequest, progress: Progress = no_progress) -> Union[Summary,
     max_bytes = parse_size(req.shard_size)
     architecture = config_only(req.src) if req.plan else None
     if architecture is not None:  # plan from the architecture alone: no weights needed
-        target = Target(req.megatron_format, req.megatron_layout(architecture), dtype or torch.bfloat16, max_bytes)
+        target = Target(req.megatron_format, req.megatron_layout(architecture, "release"), dtype or torch.bfloat16, max_bytes)
         return plan_layout(architecture, target)
     src = open_source(req.src, req.trust_pickle, req.vocab_size)
     if req.expect == "hf" and src.fmt != "hf":

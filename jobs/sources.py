@@ -118,7 +118,9 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         reader, adapter, cfg = read_config(path)
         first = reader.names()[0]
         dtype = reader.torch_dtype(first)
-        return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg),
+        # "release": what Megatron-LM's own converters write for weights without a training run
+        # (Megatron-LM <= 0.15 refuses a tracker holding 0)
+        return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg), iteration="release",
                       assets=folder_assets(path, reader.config), files=_files(path), tensors=canonical_tensors(cfg),
                       extents=lambda n: adapter.extents(n, reader, cfg))
     folder, iteration = find_iteration_dir(path)

@@ -16,7 +16,8 @@ import io
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -67,6 +68,21 @@ def allowlist() -> list[Any]:
     ]
 
 
+@contextmanager
+def _only(allowed: list) -> Iterator[None]:
+    """Exactly `allowed` while loading, and the process's own list back after: torch's safe_globals
+    context manager leaves the list empty on exit, silently unregistering what other libraries
+    (megatron-core registers argparse.Namespace at import) rely on."""
+    prior = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(prior)
+
+
 def torch_load(path: str | Path | io.BytesIO, trust_pickle: bool = False, mmap: bool = False) -> Any:
     """torch.load with weights_only and mzoo's allowlist; `trust_pickle` lifts the restriction.
 
@@ -77,7 +93,7 @@ def torch_load(path: str | Path | io.BytesIO, trust_pickle: bool = False, mmap: 
     if trust_pickle:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     try:
-        with torch.serialization.safe_globals(allowlist()):
+        with _only(allowlist()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal(where, str(e))) from None

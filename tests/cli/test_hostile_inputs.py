@@ -81,14 +81,14 @@ def world(tmp_path_factory):
 
     evil = root / "evil-legacy"
     convert(open_source(llama), evil, Target("torch", MegatronCheckpoint()))
-    rank = evil / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    rank = evil / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(rank, weights_only=False)
     state["evil"] = Evil()
     torch.save(state, rank)
 
     missing_shard = root / "missing-shard"
     convert(open_source(llama), missing_shard, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
-    shutil.rmtree(missing_shard / "iter_0000000" / "mp_rank_01")
+    shutil.rmtree(missing_shard / "release" / "mp_rank_01")
 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

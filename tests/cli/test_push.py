@@ -356,7 +356,7 @@ def broken(ckpts) -> dict[str, Path]:
     assert len(shards) > 1
     shards[-1].unlink()
     shutil.copytree(ckpts["mcore"], root / "mcore-truncated")
-    with open(root / "mcore-truncated" / "iter_0000000" / "__0_0.distcp", "ab") as f:
+    with open(root / "mcore-truncated" / "release" / "__0_0.distcp", "ab") as f:
         f.write(b"\0" * 7)  # still readable, but no longer the size mzoo.yaml recorded
     return {p.name: p for p in root.iterdir()}
 
@@ -364,7 +364,7 @@ def broken(ckpts) -> dict[str, Path]:
 @pytest.mark.parametrize("name, message", [
     ("mcore-missing", ".distcp"),
     ("hf-sharded", ".safetensors"),
-    ("mcore-truncated", "iter_0000000/__0_0.distcp has "),
+    ("mcore-truncated", "release/__0_0.distcp has "),
 ])
 def test_incomplete_checkpoints(broken, hub, env, name, message):
     err = _one_sentence(mzoo("push", broken[name], "my-org/tiny", "--endpoint", hub.url))

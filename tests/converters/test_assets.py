@@ -54,7 +54,7 @@ def _convert(src: Path, dst: Path, to: str, **kw) -> None:
 
 
 def _args(root: Path, fmt: str):
-    folder = root / "iter_0000000"
+    folder = root / "release"
     if fmt == "torch":
         return torch.load(folder / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)["args"]
     if fmt == "torch_dist":
@@ -80,7 +80,7 @@ def _same_assets(got: Path, want: Path) -> None:
 def test_round_trip_through_every_megatron_format_keeps_the_tokenizer(source, tmp_path, fmt):
     mid, resharded, back = tmp_path / "mid", tmp_path / "resharded", tmp_path / "back"
     _convert(source, mid, "megatron", expect="hf", megatron_format=fmt, layout=Layout(tp=2))
-    folder = mid / "iter_0000000" / "tokenizer"
+    folder = mid / "release" / "tokenizer"
     for name in CARRIED:
         assert (folder / name).read_bytes() == (source / name).read_bytes(), name
     args = _args(mid, fmt)
@@ -98,7 +98,7 @@ def test_tokenizer_flag_supplies_one_to_a_checkpoint_without(source, tmp_path):
             (bare_hf / f.name).write_bytes(f.read_bytes())
     bare = tmp_path / "bare"
     _convert(bare_hf, bare, "megatron", expect="hf")
-    assert not (bare / "iter_0000000" / "tokenizer").exists()
+    assert not (bare / "release" / "tokenizer").exists()
     assert _args(bare, "torch_dist").tokenizer_type == "NullTokenizer"
     with pytest.raises(CheckpointError, match="holds no tokenizer.json"):
         _convert(bare, tmp_path / "never", "hf", expect="megatron", tokenizer=tmp_path)

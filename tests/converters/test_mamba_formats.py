@@ -74,8 +74,9 @@ def _assert_same(a, b) -> None:
         assert torch.equal(before[name], after[name]), name
 
 
-def _legacy(out, rank: str, iteration: int = 0) -> dict:
-    return torch.load(out / f"iter_{iteration:07d}" / rank / "model_optim_rng.pt", weights_only=False)
+def _legacy(out, rank: str, iteration: int | str = "release") -> dict:
+    folder = "release" if iteration == "release" else f"iter_{iteration:07d}"
+    return torch.load(out / folder / rank / "model_optim_rng.pt", weights_only=False)
 
 
 def _one_sentence(text: str) -> None:
@@ -225,7 +226,7 @@ def test_dist_keys_are_per_layer_and_split(sources, tmp_path, fmt):
     for spec in ("te", "local"):
         out = tmp_path / f"{fmt}-{spec}"
         convert(open_source(sources["mamba2"]), out, Target(fmt, MegatronCheckpoint(layout=Layout(tp=2), spelling=spec)))
-        folder = out / "iter_0000000"
+        folder = out / "release"
         if fmt == "torch_dist":
             meta = {k: v[1] if v[0] == "tensor" else None for k, v in R.dcp_metadata(folder).items()}
             values = R.read_dcp_tensors(folder)
@@ -258,7 +259,7 @@ def test_hybrid_and_mamba1_dist_keys(sources, tmp_path):
     hy, m1 = tmp_path / "hy", tmp_path / "m1"
     convert(open_source(sources["nemotron_h"]), hy, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2), spelling="local")))
     convert(open_source(sources["mamba1"]), m1, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
-    meta = R.dcp_metadata(hy / "iter_0000000")
+    meta = R.dcp_metadata(hy / "release")
     assert {"decoder.layers.0.mixer.in_proj.weight.dt", "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
             "decoder.layers.1.self_attention.linear_qkv._extra_state/shard_0_1",
             "decoder.layers.2.mlp.linear_fc1.layer_norm_weight",
@@ -268,7 +269,7 @@ def test_hybrid_and_mamba1_dist_keys(sources, tmp_path):
             "decoder.layers.3.mlp.shared_experts.linear_fc1.weight"} <= set(meta)
     assert meta["decoder.layers.3.mlp.experts.experts.linear_fc1.weight"][1] == (4, 16, 32)
     assert not any(".norm.weight" in k and "mixer" not in k and "final" not in k for k in meta)
-    meta = R.dcp_metadata(m1 / "iter_0000000")
+    meta = R.dcp_metadata(m1 / "release")
     x, z = (meta[f"decoder.layers.0.mixer.in_proj.weight.{s}"][1] for s in "xz")
     assert x == z == (64, 32)
     assert meta["decoder.layers.0.mixer.in_proj.bias.z"][1] == (64,)
@@ -318,7 +319,7 @@ def test_missing_section_is_named(sources, tmp_path):
 
     out = tmp_path / "m"
     convert(open_source(sources["mamba2"]), out, Target("torch_dist", MegatronCheckpoint()))
-    meta_file = out / "iter_0000000" / ".metadata"
+    meta_file = out / "release" / ".metadata"
     meta = load_dcp_metadata(meta_file, False)
     del meta.state_dict_metadata["decoder.layers.1.mixer.in_proj.weight.B"]
     meta_file.write_bytes(dcp_meta.dumps(meta))
@@ -398,10 +399,10 @@ def test_megatron_core_reads_and_writes_the_same_checkpoints(sources, tmp_path, 
     padded = lay.padded_vocab(src.cfg)
     args = config_to_args(src.cfg, lay, torch.float32)
     mcore_out.mkdir()
-    results = [R.unpack(r) for r in D.run(_mcore_round, 2, src.cfg, padded, dist_out / "iter_0000000",
-                                          legacy_out / "iter_0000000", mcore_out, args, timeout=600)]
+    results = [R.unpack(r) for r in D.run(_mcore_round, 2, src.cfg, padded, dist_out / "release",
+                                          legacy_out / "release", mcore_out, args, timeout=600)]
     ours = [_legacy(legacy_out, f"mp_rank_{t:02d}")["model"] for t in range(2)]
-    meta = R.dcp_metadata(dist_out / "iter_0000000")
+    meta = R.dcp_metadata(dist_out / "release")
     for t, (names, keys, from_dist, from_legacy, _) in enumerate(results):
         assert names == {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in ours[t].items()}
         assert keys == {k: (v[1] if v[0] == "tensor" else None) for k, v in meta.items()}

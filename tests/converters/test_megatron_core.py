@@ -31,7 +31,7 @@ def _load_dist(rank, world, cfg, path, ids):
 
 
 def _rank_file(path, rank) -> dict:
-    file = path / "iter_0000000" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+    file = path / "release" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
     return torch.load(file, weights_only=False)
 
 
@@ -80,7 +80,7 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_tp(hf, tmp_path):
     out = tmp_path / "mc"
     convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
     cfg = open_source(out).cfg
-    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "iter_0000000", IDS)):  # written TP1, read TP2
+    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):  # written TP1, read TP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
 
 

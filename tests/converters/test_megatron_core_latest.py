@@ -51,7 +51,7 @@ def test_reads_what_megatron_core_0_19_saved(name, tmp_path):
     back = tmp_path / "back"
     convert(open_source(hf), back, Target("torch_dist", MegatronCheckpoint(layout=layout, spelling=source.megatron.spelling)))
     theirs = R.read_dcp_tensors(root / "iter_0000002")
-    ours = R.read_dcp_tensors(back / "iter_0000000")
+    ours = R.read_dcp_tensors(back / "release")
     assert set(ours) == set(theirs)
     for key, tensor in theirs.items():
         mine = ours[key]

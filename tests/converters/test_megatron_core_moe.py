@@ -49,7 +49,7 @@ def _load_dist(rank, world, cfg, path, ids):
 
 def _load_legacy(rank, world, cfg, path, ids):
     model = R.build_gpt_model(cfg, tp=1, padded_vocab=PADDED, ep=world)
-    state = torch.load(path / "iter_0000000" / f"mp_rank_00_{rank:03d}" / "model_optim_rng.pt", weights_only=False)
+    state = torch.load(path / "release" / f"mp_rank_00_{rank:03d}" / "model_optim_rng.pt", weights_only=False)
     model.load_state_dict(state["model"], strict=True)
     return R.pack(R.logits(model, ids))
 
@@ -90,7 +90,7 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
     out = tmp_path / "mc"
     convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
     cfg = open_source(out).cfg
-    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "iter_0000000", IDS)):  # written EP1, read EP2
+    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):  # written EP1, read EP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
 
 
@@ -134,10 +134,10 @@ def test_mzoo_deepseek_names_are_megatron_cores(tmp_path, variant, tp, ep):
     results = [R.unpack(r) for r in D.run(_mla_names, 2, cfg, tp, ep)]
     for rank, (mc_local, mc_keys) in enumerate(results):
         folder = f"mp_rank_{rank:02d}" if ep == 1 else f"mp_rank_00_{rank:03d}"
-        state = torch.load(legacy / "iter_0000000" / folder / "model_optim_rng.pt", weights_only=False)["model"]
+        state = torch.load(legacy / "release" / folder / "model_optim_rng.pt", weights_only=False)["model"]
         mine = {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
         assert mine == mc_local, (set(mine) ^ set(mc_local), rank)
-    meta = R.dcp_metadata(dist / "iter_0000000")
+    meta = R.dcp_metadata(dist / "release")
     mine = {k: (v[1] if v[0] == "tensor" else None) for k, v in meta.items()}
     mc_keys = {k: v for _, keys in results for k, v in keys.items()}  # each EP rank declares its experts' objects
     assert mine == mc_keys, set(mine) ^ set(mc_keys)

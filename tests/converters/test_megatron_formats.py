@@ -116,7 +116,7 @@ def test_kernel_copies_write_what_the_read_path_writes(sources, tmp_path, monkey
     convert(open_source(sources["llama"]), tmp_path / "fast", Target(fmt, lay))
     assert calls, "no tensor took the kernel-copy path"
     convert(_without_extents(open_source(sources["llama"])), tmp_path / "slow", Target(fmt, lay))
-    iteration = "iter_0000000"
+    iteration = "release"
     if fmt == "torch_dist":
         (fast, fast_meta), (slow, slow_meta) = (_dist_tensors(tmp_path / x / iteration) for x in ("fast", "slow"))
         assert fast_meta.state_dict_metadata == slow_meta.state_dict_metadata
@@ -141,8 +141,8 @@ def test_legacy_layout_on_disk(sources, tmp_path):
     """Rank folders, local layer numbering, model0/model1 chunks, padded vocab, args, tied copy."""
     out = tmp_path / "m"
     convert(open_source(sources["llama-tied"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2, vpp=1))))
-    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
-    folder = out / "iter_0000000"
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == "release"  # what Megatron-LM's own converters write
+    folder = out / "release"
     assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
                                                         "mp_rank_01_001", "tokenizer"]
     last = torch.load(folder / "mp_rank_01_001" / "model_optim_rng.pt", weights_only=False)
@@ -157,7 +157,7 @@ def test_legacy_layout_on_disk(sources, tmp_path):
 
     out2 = tmp_path / "v"
     convert(open_source(sources["llama"]), out2, Target("torch", MegatronCheckpoint(layout=Layout(tp=1, pp=2, vpp=2))))
-    f = torch.load(out2 / "iter_0000000" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
+    f = torch.load(out2 / "release" / "mp_rank_00_001" / "model_optim_rng.pt", weights_only=False)
     assert set(k for k in f if k.startswith("model")) == {"model0", "model1"}
 
 
@@ -166,7 +166,7 @@ def test_gated_fc1_is_split_per_section(sources, tmp_path):
     convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
     hf = _tensors(sources["llama"])
     gate, up = hf["model.layers.0.mlp.gate_proj.weight"], hf["model.layers.0.mlp.up_proj.weight"]
-    rank1 = torch.load(out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
+    rank1 = torch.load(out / "release" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)
     fc1 = rank1["model"]["decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(fc1, torch.cat([gate[48:], up[48:]]))
 
@@ -207,7 +207,7 @@ def test_tp_that_does_not_divide_groups(sources, tmp_path):
 def test_missing_rank_file(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
-    (out / "iter_0000000" / "mp_rank_01" / "model_optim_rng.pt").unlink()
+    (out / "release" / "mp_rank_01" / "model_optim_rng.pt").unlink()
     with pytest.raises(CheckpointError, match="has no model_optim_rng.pt"):
         open_source(out)
 
@@ -215,7 +215,7 @@ def test_missing_rank_file(sources, tmp_path):
 def test_truncated_rank_file(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=1))))
-    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    f = out / "release" / "mp_rank_00" / "model_optim_rng.pt"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         open_source(out)
@@ -224,7 +224,7 @@ def test_truncated_rank_file(sources, tmp_path):
 def test_unfinished_dist_save_is_not_a_checkpoint(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["llama"]), out, Target("torch_dist", MegatronCheckpoint()))
-    (out / "iter_0000000" / "metadata.json").unlink()
+    (out / "release" / "metadata.json").unlink()
     with pytest.raises(CheckpointError, match="no metadata.json"):
         open_source(out)
 
@@ -237,7 +237,7 @@ class Evil:
 def test_pickles_outside_the_allowlist_need_trust(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint()))
-    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    f = out / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     state["evil"] = Evil()
     torch.save(state, f)
@@ -252,7 +252,7 @@ def test_megatron_enums_and_numpy_rng_state_load_without_trust(sources, tmp_path
 
     out = tmp_path / "m"
     convert(open_source(sources["llama"]), out, Target("torch", MegatronCheckpoint()))
-    f = out / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt"
+    f = out / "release" / "mp_rank_00" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     state["rng_state"] = [{"np_rng_state": np.random.get_state(), "torch_rng_state": torch.get_rng_state()}]
     torch.save(state, f)

@@ -94,7 +94,7 @@ def _case_id(case) -> str:
 
 
 def _legacy(out, rank: str) -> dict:
-    return torch.load(out / "iter_0000000" / rank / "model_optim_rng.pt", weights_only=False)
+    return torch.load(out / "release" / rank / "model_optim_rng.pt", weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_legacy_expert_files(sources, tmp_path):
     E/EP experts numbered from 0 (global = ep_rank * E/EP + local)."""
     out = tmp_path / "m"
     convert(open_source(sources["deepseek-v3"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, pp=2, ep=4))))
-    names = sorted(p.name for p in (out / "iter_0000000").iterdir())
+    names = sorted(p.name for p in (out / "release").iterdir())
     assert names == [f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(4)]
     hf = _tensors(sources["deepseek-v3"])
     files = [_legacy(out, f"mp_rank_01_001_{e:03d}")["model"] for e in range(4)]  # TP rank 1, last stage
@@ -151,7 +151,7 @@ def test_ambiguous_rank_folder_names(sources, tmp_path):
     convert(src, pp, Target("torch", MegatronCheckpoint(layout=Layout(pp=2))))
     convert(src, ep, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
     for out in (pp, ep):
-        assert sorted(p.name for p in (out / "iter_0000000").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+        assert sorted(p.name for p in (out / "release").iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
     assert (open_source(pp).megatron.layout.pp, open_source(pp).megatron.layout.ep) == (2, 1)
     assert (open_source(ep).megatron.layout.pp, open_source(ep).megatron.layout.ep) == (1, 2)
     assert "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight" in _legacy(ep, "mp_rank_00_001")["model"]
@@ -181,12 +181,12 @@ def test_dist_keys_are_megatron_cores(sources, tmp_path):
     mix, ds = tmp_path / "mix", tmp_path / "ds"
     convert(open_source(sources["mixtral"]), mix, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=2))))
     convert(open_source(sources["deepseek-v3"]), ds, Target("torch_dist", MegatronCheckpoint(spelling="local")))
-    meta = R.dcp_metadata(mix / "iter_0000000")
+    meta = R.dcp_metadata(mix / "release")
     assert meta["decoder.layers.mlp.experts.experts.linear_fc1.weight"] == ("tensor", (2, 4, 192, 64), torch.float32)
     assert meta["decoder.layers.mlp.router.weight"][1] == (2, 4, 64)
     assert meta["decoder.layers.pre_mlp_layernorm.weight"][1] == (2, 64)  # TE spec: its own norm
     assert "decoder.layers.mlp.experts.experts.linear_fc2._extra_state/shard_1.3_2.4" in meta
-    meta = R.dcp_metadata(ds / "iter_0000000")
+    meta = R.dcp_metadata(ds / "release")
     assert meta["decoder.layers.1.mlp.experts.experts.linear_fc1.weight"][1] == (8, 64, 64)
     assert meta["decoder.layers.1.mlp.router.expert_bias"] == ("tensor", (8,), torch.float32)
     assert {"decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.pre_mlp_layernorm.weight",
@@ -271,7 +271,7 @@ def test_ep_on_a_dense_model(tmp_path, hf_factory):
 def test_missing_expert_shard_file(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["mixtral"]), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2, ep=2))))
-    shutil.rmtree(out / "iter_0000000" / "mp_rank_01_001")
+    shutil.rmtree(out / "release" / "mp_rank_01_001")
     with pytest.raises(CheckpointError) as err:
         convert(open_source(out), tmp_path / "hf", Target("hf"))
     assert "is missing mp_rank_01_001 (args say tp=2, pp=1, ep=2)" in str(err.value)
@@ -282,7 +282,7 @@ def test_missing_expert_shard_file(sources, tmp_path):
 def test_missing_expert_tensor(sources, tmp_path):
     out = tmp_path / "m"
     convert(open_source(sources["mixtral"]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
-    f = out / "iter_0000000" / "mp_rank_00_001" / "model_optim_rng.pt"
+    f = out / "release" / "mp_rank_00_001" / "model_optim_rng.pt"
     state = torch.load(f, weights_only=False)
     del state["model"]["decoder.layers.1.mlp.experts.local_experts.0.linear_fc2.weight"]
     torch.save(state, f)
@@ -291,7 +291,7 @@ def test_missing_expert_tensor(sources, tmp_path):
         open_source(out)
     dist = tmp_path / "d"
     convert(open_source(sources["mixtral"]), dist, Target("torch_dist", MegatronCheckpoint()))
-    meta_file = dist / "iter_0000000" / ".metadata"
+    meta_file = dist / "release" / ".metadata"
     meta = load_dcp_metadata(meta_file, False)
     del meta.state_dict_metadata["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
     meta_file.write_bytes(dcp_meta.dumps(meta))
@@ -338,7 +338,7 @@ def test_planning_deepseek_v3_is_fast():
     dist = plan_layout(cfg, Target("torch_dist", lay, torch.bfloat16), tensors)
     assert time.perf_counter() - start < 10
     assert len(plan.files) == 2 * 16 * 64
-    assert plan.files[-1].path == "iter_0000000/mp_rank_01_015_063/model_optim_rng.pt"
+    assert plan.files[-1].path == "release/mp_rank_01_015_063/model_optim_rng.pt"
     keys = {e.key: e.shape for e in plan.files[-1].entries}
     assert keys["decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"] == (2048, 7168)  # [gate; up] / TP
     assert keys["decoder.layers.1.mlp.router.weight"] == (256, 7168)

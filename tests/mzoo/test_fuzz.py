@@ -843,7 +843,7 @@ def test_dcp_metadata_of_another_type_is_one_sentence(tmp_path):
                                                     num_hidden_layers=1, num_attention_heads=2,
                                                     num_key_value_heads=1, max_position_embeddings=16))
     convert(open_source(hf), tmp_path / "dist", Target("torch_dist", MegatronCheckpoint()))
-    (tmp_path / "dist" / "iter_0000000" / ".metadata").write_bytes(pickle.dumps(torch.Size([1, 2]), protocol=2))
+    (tmp_path / "dist" / "release" / ".metadata").write_bytes(pickle.dumps(torch.Size([1, 2]), protocol=2))
     with time_limit(), pytest.raises(UserError) as caught:
         open_source(tmp_path / "dist")
     assert_one_sentence(caught.value)

@@ -217,7 +217,7 @@ def test_torch_dcp_reader_loads_what_mzoo_writes(tmp_path):
                                                      num_attention_heads=8, num_key_value_heads=4,
                                                      intermediate_size=96))
     convert(open_source(src), tmp_path / "m", Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
-    folder = tmp_path / "m" / "iter_0000000"
+    folder = tmp_path / "m" / "release"
     ours = DistReader(folder)
     state = {k: torch.empty(ours.shape(k), dtype=ours.dtype(k)) for k in ours.keys()}
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)

@@ -16,15 +16,17 @@ import torch
 
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
+from mzoo.ckpt.megatron.lm_defaults import lm_defaults
 from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig
 from mzoo.layout import Layout
 
 
 def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype,
                    tokenizer: Optional[Path] = None) -> argparse.Namespace:
-    """The fields of Megatron-LM's args that describe the model, layout and dtype; `tokenizer`: the
-    folder of the HF tokenizer saved with the checkpoint."""
-    args = _dense_args(cfg, ckpt, dtype)
+    """Megatron-LM's full args (its parser's defaults, lm_defaults.py) with the model, layout, dtype and
+    tokenizer over them; `tokenizer`: the folder of the HF tokenizer saved with the checkpoint."""
+    args = argparse.Namespace(**lm_defaults())
+    vars(args).update(vars(_dense_args(cfg, ckpt, dtype)))
     vars(args).update(_moe_args(cfg, ckpt), **_mla_args(cfg), **_ssm_args(cfg, ckpt), **_tokenizer_args(cfg, tokenizer))
     return args
 
@@ -134,9 +136,15 @@ def _dense_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) 
         rope_scaling_factor=rope.factor if rope.scaling == "llama3" else 8.0,
         normalization="RMSNorm" if cfg.normalization == "rmsnorm" else "LayerNorm",
         norm_epsilon=cfg.norm_eps,
+        layernorm_epsilon=cfg.norm_eps,  # what megatron-core 0.19's config reads
         swiglu=cfg.activation == "swiglu",
-        openai_gelu=False,
+        # GELU's tanh form: openai_gelu for legacy models and transformers' converter; megatron-core
+        # computes it as its fused bias_gelu (F.gelu without bias fusion is the exact erf form)
+        openai_gelu=cfg.activation == "gelu_tanh",
+        bias_gelu_fusion=cfg.activation == "gelu_tanh" and cfg.add_bias_linear,
+        bias_swiglu_fusion=cfg.activation == "swiglu",
         squared_relu=cfg.activation == "squared_relu",
+        apply_query_key_layer_scaling=False,
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         qk_layernorm=cfg.qk_layernorm,
@@ -146,6 +154,9 @@ def _dense_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) 
         make_vocab_size_divisible_by=ckpt.make_vocab_size_divisible_by,
         tensor_model_parallel_size=ckpt.layout.tp,
         pipeline_model_parallel_size=ckpt.layout.pp,
+        data_parallel_size=ckpt.layout.dp,
+        context_parallel_size=ckpt.layout.cp,
+        sequence_parallel=ckpt.layout.sequence_parallel,
         virtual_pipeline_model_parallel_size=ckpt.layout.vpp if ckpt.layout.vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=cfg.num_layers // (ckpt.layout.pp * ckpt.layout.vpp) if ckpt.layout.vpp > 1 else None,
         decoder_first_pipeline_num_layers=ckpt.layout.first_stage_layers,
@@ -157,6 +168,8 @@ def _dense_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtype) 
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        no_save_optim=True,  # mzoo's Megatron files hold no Megatron optimizer or RNG state
+        no_save_rng=True,
         consumed_train_samples=0,
         consumed_valid_samples=0,
         iteration=ckpt.iteration if isinstance(ckpt.iteration, int) else 0,
@@ -181,7 +194,9 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
     elif a.get("squared_relu"):
         activation = "squared_relu"
     else:
-        activation = a.get("mzoo_activation") or ("gelu_tanh" if a.get("openai_gelu") else "gelu")
+        # megatron-core's fused bias_gelu (the default with biases) is the tanh form
+        tanh = a.get("openai_gelu") or (a.get("bias_gelu_fusion") and a.get("add_bias_linear", True))
+        activation = a.get("mzoo_activation") or ("gelu_tanh" if tanh else "gelu")
     rope = RopeConfig(theta=float(a.get("rotary_base", 10000)), rotary_percent=float(a.get("rotary_percent", 1.0)))
     if a.get("use_rope_scaling"):
         rope.scaling, rope.factor = "llama3", float(a.get("rope_scaling_factor", 8.0))

@@ -73,6 +73,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
     padded = lay.padded_vocab(cfg)
     tokenizer = (final or folder) / TOKENIZER_DIR if assets.has_tokenizer else None
     args = config_to_args(cfg, lay, dtype, tokenizer)
+    args.ckpt_format, args.use_dist_ckpt = target.fmt, target.fmt != "torch"
     specs = {t.name: t.spec for t in tensors}
     if assets.files:
         assets.copy_into(folder / TOKENIZER_DIR)
