@@ -70,7 +70,9 @@ GROUPED = typer.Option(False, "--moe-grouped-gemm",
                        help="Legacy files: name experts as TEGroupedMLP does (experts.linear_fc1.weight<i>) instead "
                             "of SequentialMLP (experts.local_experts.<i>.linear_fc1.weight).")
 PLAN = typer.Option(False, "--plan", help="Print the files, tensors and shapes the output would get; write nothing.")
-FMT = typer.Option("torch_dist", "--megatron-format", help="torch_dist (default), torch (legacy) or zarr.")
+FMT = typer.Option("torch_dist", "--megatron-format",
+                   help="torch_dist (default), torch (legacy) or zarr (Megatron's legacy zarr backend: only "
+                        "megatron-core <= 0.15.3 loads it; convert to torch_dist for 0.16 and newer).")
 SPEC = typer.Option("te", "--spec", help="Parameter spelling: te (Transformer Engine) or local; load it in "
                     "Megatron-LM with the matching --transformer-impl (transformer_engine or local).")
 DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep the source's).")

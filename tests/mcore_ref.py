@@ -20,6 +20,8 @@ What it offers a test:
 - `load_dist_checkpoint(model, path, strict, dist_strictness)`: megatron-core reads a torch_dist
   checkpoint into the model as Megatron-LM's `load_checkpoint` does (vocab-padding mismatches
   handled by megatron itself).
+- `zarr_objects(model, mzoo_folder, save_to)`: megatron-core's zarr-backend ShardedObject save
+  and load (the part of zarr that 0.16.1 still ships) on the model's `_extra_state` objects.
 - `logits(model, ids)`: full padded-vocab logits [b, s, V_padded], gathered over TP.
 - `sharded_keys(model)`, `local_state_dict(model)`, `global_tensors(model)`: how megatron names,
   shards and stacks the model's tensors (collective where noted).
@@ -594,6 +596,26 @@ def load_common(path: str | os.PathLike) -> dict[str, Any]:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_common_state_dict(str(path))
+
+
+def zarr_objects(model, mzoo_folder: str | os.PathLike, save_to: str | os.PathLike) -> dict[str, Any]:
+    """The ShardedObject half of megatron-core's zarr backend, on the model's own objects (the
+    linears' `_extra_state`): TorchCommonSaveStrategy writes them into `save_to` as a zarr save did
+    (`<key>/shard_<offsets>_<shape>.pt`, main replicas only), and TorchCommonLoadStrategy loads them
+    from `mzoo_folder` as a zarr load does, raising "Object shard ... not found" for a missing one
+    (collective only in that every rank calls it). strategies/common.py is the same file in 0.16.1
+    as in 0.15.3, the last release that loads zarr. Returns {unique key: data loaded}."""
+    install_cpu_shim()
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.strategies.common import (TorchCommonLoadStrategy,
+                                                                    TorchCommonSaveStrategy)
+
+    objects, _ = extract_matching_values(sharded_state_dict(model), lambda x: isinstance(x, ShardedObject))
+    TorchCommonSaveStrategy("torch", 1).save_sharded_objects(objects, str(save_to))
+    keys = {name: obj.unique_key for name, obj in objects.items()}
+    loaded = TorchCommonLoadStrategy().load_sharded_objects(objects, str(mzoo_folder))
+    return {keys[name]: data for name, data in loaded.items()}
 
 
 # ---- plain torch.distributed.checkpoint: no megatron needed --------------------------------------

@@ -55,8 +55,9 @@ class Chunk:
 
 
 def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
-    """The `_extra_state` objects megatron-core saves for every linear of the decoder, value [None];
-    its default load strictness requires them. Their key carries the chunk's prepended axes:
+    """The `_extra_state` ShardedObjects megatron-core saves for every linear of the decoder, by
+    unique key, with their data: None, what its linears' get_extra_state returns. Its default load
+    strictness requires them, in torch_dist and zarr alike. The key carries the chunk's prepended axes:
     `<module>._extra_state/shard_<layer>_<L>` (stacked), `shard_<layer>.<expert>_<L>.<E>` (stacked
     experts), `shard_<expert>_<E>` (per-layer experts), `shard_0_1` (per-layer keys)."""
     out = {}
@@ -64,7 +65,7 @@ def extra_state_objects(chunks: list[Chunk]) -> dict[str, Any]:
         extra = extra_state_name(c.key)
         if c.key.startswith("decoder.layers.") and extra:
             offsets, shape = (c.offsets[: c.prepend], c.global_shape[: c.prepend]) if c.prepend else ((0,), (1,))
-            out[f"{extra}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"] = [None]
+            out[f"{extra}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"] = None
     return out
 
 
@@ -74,7 +75,8 @@ FILE_BYTES = 512 << 20  # a new .distcp file starts past this size: a closed fil
 def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
                on_item: Callable[[int], None] = lambda n: None, objects: Optional[dict[str, Any]] = None) -> None:
     """Write a torch_dist checkpoint into the (empty) iteration folder; metadata.json last.
-    `objects`: further ShardedObjects by key (value as megatron stores it, e.g. [None]).
+    `objects`: further ShardedObjects, unique key -> data; DCP holds each as megatron's torch_dist
+    strategy saves it, torch.save([data]) (the decoder's `_extra_state` ones are added here).
 
     The files are what DCP's FileSystemWriter writes (`__0_<n>.distcp` holding one torch.save
     archive per item, a pickled `Metadata` in `.metadata`), but each item is produced only when
@@ -113,9 +115,9 @@ def write_dist(folder: Path, chunks: list[Chunk], common: dict[str, Any],
             stored(MetadataIndex(c.key, torch.Size(c.offsets), 0), out, save_tensor(out, value))
             on_item(value.nbytes)
             del value
-        for key, obj in {**extra_state_objects(chunks), **(objects or {})}.items():
+        for key, data in {**extra_state_objects(chunks), **(objects or {})}.items():
             buf = io.BytesIO()
-            torch.save(obj, buf)
+            torch.save([data], buf)
             out = sink()
             state[key] = BytesStorageMetadata()
             stored(MetadataIndex(key), out, (out.position, len(buf.getbuffer())))

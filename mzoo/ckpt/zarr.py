@@ -4,13 +4,17 @@ Megatron-Core (strategies/zarr.py and strategies/tensorstore.py, removed in core
 one zarr v2 array per sharded-tensor key, in the folder `<checkpoint>/<key>`: no compressor,
 no filters, fill_value null, C order, "." chunk keys, chunk shape = one rank's shard
 (global shape // axis fragmentation), every chunk written (write_empty_chunks=True), and
-bf16 as the dtype string "bfloat16" (zarr's "<V2" patched in .zarray). `metadata.json`
+bf16 as the dtype string "bfloat16" (zarr's "<V2" patched in .zarray). Each ShardedObject
+(the linears' `_extra_state`) is torch.save(data) in `<checkpoint>/<unique key>.pt`, e.g.
+`decoder.layers.mlp.linear_fc1._extra_state/shard_0_2.pt`, as megatron's common strategy saved
+it; these folders hold no .zarray and the reader skips them. `metadata.json`
 ({"sharded_backend": "zarr", ...}) is written last and `common.pt` holds the non-tensor state.
 
 Reading opens each array with the spec Megatron's loader used (driver "zarr", kvstore
 "file") and reads only the chunks overlapping the region asked for. Writing produces the
-same bytes Megatron's writer did (.zarray included), one region at a time, so a converter
-holds at most one region plus the chunks it touches.
+bytes Megatron's writer did for the same chunks (.zarray included), one region at a time, so a
+converter holds at most one region plus the chunks it touches. The converter's chunks are one
+per layer (per expert), not Megatron's per-rank shards (docs/formats.md, "zarr").
 """
 
 from __future__ import annotations
@@ -329,12 +333,17 @@ def write_checkpoint(
     chunks: Iterable["Chunk"],
     common: dict[str, Any],
     on_item: Callable[[int], None] = lambda n: None,
+    objects: Optional[dict[str, Any]] = None,
 ) -> None:
     """A whole zarr-backend checkpoint from dist.Chunk pieces, one piece in memory at a time.
 
-    Each key's zarr chunk is its pieces' shape (Megatron's one-chunk-per-shard layout); then
-    common.pt, and metadata.json last, as Megatron's save did.
+    Each key's zarr chunk is its pieces' shape (Megatron's one-chunk-per-shard layout); then the
+    ShardedObjects (the decoder's `_extra_state`, which megatron's default strictness requires,
+    plus `objects`: unique key -> data), common.pt, and metadata.json last, as Megatron's save did.
     """
+    from mzoo.ckpt.dist import extra_state_objects
+
+    chunks = list(chunks)
     pieces: dict[str, list[Chunk]] = {}
     for c in chunks:
         pieces.setdefault(c.key, []).append(c)
@@ -352,8 +361,21 @@ def write_checkpoint(
                 writer.write(key, tuple(slice(o, o + n) for o, n in zip(c.offsets, c.shape)), value)
                 on_item(value.numel() * value.element_size())
                 del value
+    for key, data in {**extra_state_objects(chunks), **(objects or {})}.items():
+        save_object(folder, key, data)
     torch.save(common, Path(folder) / COMMON_FILE)
     (Path(folder) / METADATA_FILE).write_text(json.dumps(ZARR_METADATA))
+
+
+def save_object(folder: Path, unique_key: str, data: Any) -> None:
+    """One ShardedObject as megatron's TorchCommonSaveStrategy saved it: torch.save(data) to
+    `<folder>/<key>/shard_<offsets>_<shape>.pt` (its unique key plus .pt)."""
+    key, _, shard = unique_key.partition("/")
+    if not key or key in (".", "..") or not shard.startswith("shard_") or "/" in shard:
+        raise ValueError(f"{unique_key!r} is not a ShardedObject key (<key>/shard_<offsets>_<shape>).")
+    path = Path(folder) / key / f"{shard}.pt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save(data, path)
 
 
 def _short(e: BaseException) -> str:

@@ -233,12 +233,14 @@ def test_dist_keys_are_per_layer_and_split(sources, tmp_path, fmt):
         else:
             from mzoo.ckpt.zarr import ZarrReader
 
-            reader = ZarrReader(folder)
+            reader = ZarrReader(folder)  # arrays only: the object folders hold no .zarray
             meta = {k: reader.shape(k) for k in reader.keys()}
             values = {k: reader.read(k) for k in reader.keys()}
+            objects = {str(p.relative_to(folder))[:-3]: p for p in folder.glob("*/shard_*.pt")}
+            assert not set(objects) & set(meta) and all(torch.load(p) is None for p in objects.values())
+            meta.update(dict.fromkeys(objects))  # megatron's common strategy: <unique key>.pt holding None
         layer1 = {k: v for k, v in meta.items() if k.startswith("decoder.layers.1.")}
-        objects = fmt == "torch_dist"  # mzoo's zarr, like the dense path's, carries no ShardedObjects
-        assert layer1 == {k: v for k, v in MAMBA2_LAYER_DIST.items() if v is not None or objects}, spec
+        assert layer1 == MAMBA2_LAYER_DIST, spec
         assert not any(k.startswith("decoder.layers.mixer") for k in meta)  # never stacked
         assert {"decoder.final_norm.weight", "embedding.word_embeddings.weight", "output_layer.weight"} <= set(meta)
         z, x, B, C, dt = hf["backbone.layers.1.mixer.in_proj.weight"].split([64, 64, 16, 16, 4])
@@ -246,8 +248,7 @@ def test_dist_keys_are_per_layer_and_split(sources, tmp_path, fmt):
             assert torch.equal(values[f"decoder.layers.1.mixer.in_proj.weight.{name}"], part)
         bias = hf["backbone.layers.1.mixer.conv1d.bias"]
         assert torch.equal(values["decoder.layers.1.mixer.conv1d.bias.C"], bias[80:])
-    if fmt == "torch_dist":
-        assert "output_layer._extra_state/shard_0_1" in meta  # MambaModel, unlike GPTModel, declares it
+    assert "output_layer._extra_state/shard_0_1" in meta  # MambaModel, unlike GPTModel, declares it
 
 
 def test_hybrid_and_mamba1_dist_keys(sources, tmp_path):
@@ -356,10 +357,11 @@ def _state(model) -> dict:
     return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
 
 
-def _mcore_round(rank, world, cfg, padded, mzoo_dist, mzoo_legacy, save_to, args):
+def _mcore_round(rank, world, cfg, padded, mzoo_dist, mzoo_legacy, save_to, args, mzoo_zarr, zarr_objects_to):
     """On each TP rank: megatron-core's names (state_dict, torch_dist keys), its state after loading
     mzoo's torch_dist (default strictness) and mzoo's legacy rank file (strict), and a checkpoint
-    megatron-core saves itself (with the args mzoo writes) plus the state it saved."""
+    megatron-core saves itself (with the args mzoo writes) plus the state it saved. On the way, its
+    zarr object strategy loads the `_extra_state` objects from mzoo's zarr and saves its own."""
     import mcore_ref as R
     from mcore_mamba import build_mcore_mamba
 
@@ -367,6 +369,9 @@ def _mcore_round(rank, world, cfg, padded, mzoo_dist, mzoo_legacy, save_to, args
     names = {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     keys = {k: tuple(v.shape) for k, v in R.global_tensors(model).items()}
     keys.update({info["key"]: None for info in R.sharded_keys(model).values() if info["kind"] == "object"})
+    zarr_objects = R.zarr_objects(model, mzoo_zarr, zarr_objects_to)
+    assert set(zarr_objects) == {k for k, v in keys.items() if v is None}
+    assert all(v is None for v in zarr_objects.values())
     R.load_dist_checkpoint(model, mzoo_dist)
     from_dist = _state(model)
     legacy = torch.load(mzoo_legacy / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", weights_only=False)
@@ -385,7 +390,8 @@ def _mcore_round(rank, world, cfg, padded, mzoo_dist, mzoo_legacy, save_to, args
 def test_megatron_core_reads_and_writes_the_same_checkpoints(sources, tmp_path, model):
     """megatron-core 0.16.1's MambaModel (local spec, TP2): its state_dict names/shapes are mzoo's
     legacy rank files', its torch_dist keys/shapes mzoo's (split sections, per layer, `_extra_state`
-    objects); it loads mzoo's torch_dist at Megatron-LM's default strictness and mzoo's rank files
+    objects, which its zarr object strategy finds in mzoo's zarr and saves as the same files);
+    it loads mzoo's torch_dist at Megatron-LM's default strictness and mzoo's rank files
     with strict=True, getting mzoo's tensors; mzoo reads the torch_dist checkpoint megatron-core
     saves and writes it back as exactly megatron-core's rank state."""
     import dist as D
@@ -393,14 +399,20 @@ def test_megatron_core_reads_and_writes_the_same_checkpoints(sources, tmp_path, 
 
     src = open_source(sources[model])
     lay = MegatronCheckpoint(layout=Layout(tp=2), spelling="local")
-    dist_out, legacy_out, mcore_out, again = (tmp_path / n for n in ("dist", "legacy", "mcore", "again"))
+    dist_out, legacy_out, mcore_out, again, zarr_out, objects_out = (
+        tmp_path / n for n in ("dist", "legacy", "mcore", "again", "zarr", "objects"))
     convert(src, dist_out, Target("torch_dist", lay))
     convert(src, legacy_out, Target("torch", lay))
+    convert(src, zarr_out, Target("zarr", lay))
     padded = lay.padded_vocab(src.cfg)
     args = config_to_args(src.cfg, lay, torch.float32)
     mcore_out.mkdir()
+    objects_out.mkdir()
     results = [R.unpack(r) for r in D.run(_mcore_round, 2, src.cfg, padded, dist_out / "release",
-                                          legacy_out / "release", mcore_out, args, timeout=600)]
+                                          legacy_out / "release", mcore_out, args, zarr_out / "release",
+                                          objects_out, timeout=600)]
+    shards = lambda folder: {str(p.relative_to(folder)): p.read_bytes() for p in folder.glob("*/shard_*.pt")}  # noqa: E731
+    assert shards(objects_out) == shards(zarr_out / "release")  # megatron's zarr save: the same files
     ours = [_legacy(legacy_out, f"mp_rank_{t:02d}")["model"] for t in range(2)]
     meta = R.dcp_metadata(dist_out / "release")
     for t, (names, keys, from_dist, from_legacy, _) in enumerate(results):

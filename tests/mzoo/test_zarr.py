@@ -292,3 +292,32 @@ def test_write_checkpoint_from_chunks_and_read_as_checkpoint(tmp_path):
     assert ck.keys() == ["decoder.layers.w", emb_key]
     assert torch.equal(bits(ck.read("decoder.layers.w", 1)), bits(stack[1]))  # DistReader-style layer row
     assert torch.equal(bits(ck.read(emb_key, None)), bits(emb))
+
+
+def test_write_checkpoint_saves_sharded_objects_the_megatron_way(tmp_path):
+    """Each ShardedObject is torch.save(data) in `<unique key>.pt`, what megatron's common strategy
+    (strategies/common.py save_sharded_objects) wrote beside the zarr arrays; the reader skips them."""
+    from mzoo.ckpt.dist import Chunk
+    from mzoo.ckpt.zarr import ZarrCheckpoint, save_object, write_checkpoint
+
+    key = "decoder.layers.self_attention.linear_proj.weight"
+    stack = sample((2, 4, 4), torch.bfloat16, seed=6)
+    chunks = [Chunk(key, (2, 4, 4), (i, 0, 0), (1, 4, 4), torch.bfloat16, lambda i=i: stack[i].unsqueeze(0),
+                    prepend=1) for i in range(2)]
+    norm = torch.rand(4).bfloat16()
+    chunks.append(Chunk("decoder.final_layernorm.weight", (4,), (0,), (4,), torch.bfloat16, lambda: norm))
+    write_checkpoint(tmp_path, chunks, {"iteration": 0}, objects={"output_layer._extra_state/shard_0_1": None})
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("*/*.pt"))
+    assert files == ["decoder.layers.self_attention.linear_proj._extra_state/shard_0_2.pt",
+                     "decoder.layers.self_attention.linear_proj._extra_state/shard_1_2.pt",
+                     "output_layer._extra_state/shard_0_1.pt"]  # no object for a norm
+    (tmp_path / "ref").mkdir()
+    torch.save(None, tmp_path / "ref" / "shard_0_2.pt")  # the bytes depend on the file name only
+    assert (tmp_path / files[0]).read_bytes() == (tmp_path / "ref" / "shard_0_2.pt").read_bytes()
+    assert all(torch.load(tmp_path / f) is None for f in files)
+    ck = ZarrCheckpoint(tmp_path)
+    assert ck.keys() == ["decoder.final_layernorm.weight", key]
+    assert torch.equal(bits(ck.read(key)), bits(stack))
+    for bad in ("no-slash", "a/b/shard_0_1", "../shard_0_1", "x._extra_state/0_1"):
+        with pytest.raises(ValueError, match="is not a ShardedObject key"):
+            save_object(tmp_path, bad, None)

@@ -139,6 +139,6 @@ def _section_chunks(key: str, t: CanonicalTensor, names: tuple[str, ...],
 
 
 def dist_objects(cfg: ModelConfig) -> dict[str, Any]:
-    """ShardedObjects beyond the decoder's `_extra_state`: megatron-core's MambaModel (unlike
-    GPTModel, which drops it) declares its output layer's, tied or not."""
-    return {"output_layer._extra_state/shard_0_1": [None]} if cfg.ssm is not None else {}
+    """ShardedObjects (unique key -> data) beyond the decoder's `_extra_state`: megatron-core's
+    MambaModel (unlike GPTModel, which drops it) declares its output layer's, tied or not."""
+    return {"output_layer._extra_state/shard_0_1": None} if cfg.ssm is not None else {}

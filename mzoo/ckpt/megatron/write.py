@@ -89,7 +89,7 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
     else:
         from mzoo.ckpt import zarr as zarr_fmt
 
-        zarr_fmt.write_checkpoint(folder, chunks, common, tick)
+        zarr_fmt.write_checkpoint(folder, chunks, common, tick, dist_objects(cfg))
 
 
 def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str,
