@@ -267,7 +267,7 @@ def assert_complete_or_absent(dst: Path, src: Path) -> str:
 def assert_not_mistaken(tmp: Path, src: Path, stats: dict[str, int]) -> None:
     """A leftover temporary folder (or an iteration inside it) is refused by `inspect`, or flagged by
     `inspect --check`, or is in fact complete (written up to its tracker, killed before the rename)."""
-    for path in [tmp, *sorted(tmp.glob("iter_*"))]:
+    for path in [tmp, *sorted(tmp.glob("iter_*")), *sorted(tmp.glob("release"))]:
         shown = cli("inspect", path, "--json", "--check")
         if shown.exit_code == 0:
             assert_verified(path, src)
@@ -339,7 +339,7 @@ def test_a_plain_python_m_subprocess_killed_mid_write(source, work):
     deadline = time.monotonic() + 300
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            if any(t.glob("iter_*/*.distcp") for t in temporaries(dst)):
+            if any(t.glob("release/*.distcp") for t in temporaries(dst)):
                 break
             time.sleep(0.002)
         time.sleep(random.Random(0).random() * 0.01)

@@ -350,7 +350,7 @@ def broken(ckpts) -> dict[str, Path]:
 
     root = ckpts["root"] / "broken"
     shutil.copytree(ckpts["mcore"], root / "mcore-missing")
-    next((root / "mcore-missing").glob("iter_*/*.distcp")).unlink()
+    next((root / "mcore-missing").glob("release/*.distcp")).unlink()
     convert(open_source(ckpts["hf"]), root / "hf-sharded", Target("hf", max_shard_bytes=100_000))
     shards = sorted((root / "hf-sharded").glob("model-*.safetensors"))
     assert len(shards) > 1

@@ -283,7 +283,7 @@ def test_plan_matches_what_is_written(sources, tmp_path):
 
     src = open_source(sources["nemotron_h"])
     for fmt in ("torch", "torch_dist"):
-        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2), spelling="local"), torch.float32)
+        target = Target(fmt, MegatronCheckpoint(layout=Layout(tp=2, pp=2), spelling="local", iteration="release"), torch.float32)
         plan = plan_layout(src.cfg, target)
         out = tmp_path / fmt
         convert(src, out, target)
