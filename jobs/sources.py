@@ -15,6 +15,7 @@ from mzoo.ckpt import legacy
 from mzoo.ckpt.assets import Assets, folder_assets, megatron_assets
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
+from mzoo.ckpt.megatron.bridge import read_run_config, run_config_to_args
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
@@ -101,7 +102,8 @@ def _megatron_config(root: Path, args: Any, vocab_size: Optional[int]) -> ModelC
     elif args is not None:
         cfg = args_to_config(args)
     else:
-        raise CheckpointError(f"{root} carries neither mzoo.yaml nor Megatron args; mzoo cannot tell the architecture.")
+        raise CheckpointError(f"{root} carries neither mzoo.yaml, Megatron-LM args nor a Megatron-Bridge "
+                              "run_config.yaml; mzoo cannot tell the architecture.")
     if vocab_size is not None:
         cfg = cfg.replace(vocab_size=vocab_size)
     return cfg
@@ -137,6 +139,9 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
+    if args is None:  # Megatron-Bridge: the model provider's fields in run_config.yaml
+        run = read_run_config(folder)
+        args = run_config_to_args(run) if run is not None else None
     if args is not None:
         check_expert_tp(args)
     cfg = _megatron_config(root, args, vocab_size)
