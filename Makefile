@@ -29,6 +29,7 @@ PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) $(shel
 MCORE ?= megatron-core
 LATEST := .venv-mcore-latest
 MCORE_TESTS := tests/mzoo/test_megatron_core_harness.py tests/converters/test_megatron_core.py \
+	tests/converters/test_megatron_lm_args.py tests/converters/test_megatron_core_zarr.py \
 	tests/converters/test_megatron_core_moe.py tests/converters/test_megatron_core_latest.py \
 	tests/converters/test_mamba_formats.py
 
