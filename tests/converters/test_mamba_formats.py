@@ -397,6 +397,10 @@ def test_megatron_core_reads_and_writes_the_same_checkpoints(sources, tmp_path, 
     import dist as D
     import mcore_ref as R
 
+    if R.common_in_dcp():  # make test-mcore-latest
+        pytest.skip("megatron-core >= 0.17 builds MambaModel's layers through HybridStack, which needs Transformer "
+                    "Engine (0.16.1 in CI builds it)")
+
     src = open_source(sources[model])
     lay = MegatronCheckpoint(layout=Layout(tp=2), spelling="local")
     dist_out, legacy_out, mcore_out, again, zarr_out, objects_out = (

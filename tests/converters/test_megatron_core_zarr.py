@@ -100,6 +100,10 @@ def test_megatron_core_object_strategy_reads_and_writes_mzoo_zarr_objects(tmp_pa
     import dist as D
     import mcore_ref as R
 
+    if R.common_in_dcp():  # make test-mcore-latest
+        pytest.skip("megatron-core >= 0.17 has no zarr object strategy (strategies/common.py lost "
+                    "TorchCommonLoadStrategy); only <= 0.15.3 loads zarr")
+
     out, _ = _write(tmp_path, name)
     folder, ref = out / "release", tmp_path / "megatron-objects"
     ref.mkdir()
