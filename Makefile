@@ -30,8 +30,8 @@ MCORE ?= megatron-core
 LATEST := .venv-mcore-latest
 MCORE_TESTS := tests/mzoo/test_megatron_core_harness.py tests/converters/test_megatron_core.py \
 	tests/converters/test_megatron_lm_args.py tests/converters/test_megatron_core_zarr.py \
-	tests/converters/test_megatron_core_moe.py tests/converters/test_megatron_core_latest.py \
-	tests/converters/test_mamba_formats.py
+	tests/converters/test_megatron_core_moe.py tests/converters/test_megatron_core_latest.py
+# (test_mamba_formats' megatron-core test needs 0.16: 0.17+ builds MambaModel through HybridStack, which needs TE)
 
 $(LATEST)/.installed: pyproject.toml
 	@test -n "$(PY312)" || { echo "megatron-core >= 0.17 needs Python 3.12; set PY312=/path/to/python3.12."; exit 2; }
