@@ -326,8 +326,6 @@ def build_mla_model_for_names(cfg: ModelConfig, tp: int, padded_vocab: int, ep: 
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
     for layer in spec.layer_specs:
         layer.submodules.self_attention.submodules.core_attention = IdentityOp
-        if mla.q_lora_rank is None:  # 0.19 refuses a q_layernorm that would never run (0.16 ignored it)
-            layer.submodules.self_attention.submodules.q_layernorm = IdentityOp
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=padded_vocab, pre_process=True,
                     post_process=True, parallel_output=True, **gpt_model_kwargs(cfg)).eval()
 

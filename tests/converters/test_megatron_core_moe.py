@@ -126,6 +126,10 @@ def test_mzoo_deepseek_names_are_megatron_cores(tmp_path, variant, tp, ep):
     layer: the first layer is dense) with the same global shapes and _extra_state objects."""
     from conftest import make_hf_model
 
+    if variant == "v2-lite" and R.common_in_dcp():  # make test-mcore-latest
+        pytest.skip("megatron-core >= 0.17 builds MLA's direct q projection (no q_lora) from Transformer Engine "
+                    "classes, placeholders without TE: it cannot build V2-Lite on CPU")
+
     hf = make_hf_model(tmp_path / "hf", DEEPSEEK[variant])
     cfg = open_source(hf).cfg
     legacy, dist = tmp_path / "legacy", tmp_path / "dist"
