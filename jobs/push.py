@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from mzoo import hub
 from mzoo.ckpt.atomic import atomic_dir
-from mzoo.ckpt.assets import MARKERS as TOKENIZER_MARKERS, Assets, folder_assets, tokenizer_assets
+from mzoo.ckpt.assets import MARKERS as TOKENIZER_MARKERS, Assets, folder_assets, tokenizer_assets, vocabulary
 from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.errors import UserError
 from mzoo.hub import RetryPolicy, UploadFile
@@ -96,10 +96,7 @@ def _check_tokenizer(files: list[Path], vocab_size: int) -> None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         raise UserError(f"{path} is not readable JSON; pass a tokenizer saved with save_pretrained().") from None
-    vocab = (data.get("model") or {}).get("vocab") or {}
-    ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-    ids += [t.get("id", 0) for t in data.get("added_tokens") or []]
-    size = max((i for i in ids if isinstance(i, int)), default=-1) + 1
+    size = max(vocabulary(data).values(), default=-1) + 1
     if size > vocab_size:
         raise UserError(f"the tokenizer in {path.parent} has ids up to {size - 1} but the model's vocabulary has "
                         f"{vocab_size} rows; pass the tokenizer the model was trained with (--tokenizer DIR).")

@@ -36,7 +36,7 @@ class Assets:
 
     @property
     def tokenizer_dir(self) -> Optional[Path]:
-        return self.files[0].parent if self.has_tokenizer else None
+        return next((f.parent for f in self.files if f.name in MARKERS), None)
 
     @property
     def tokenizer_files(self) -> list[Path]:
@@ -66,7 +66,7 @@ def folder_assets(folder: Path, config: Optional[dict] = None) -> Assets:
     """The assets in one folder (an HF checkpoint, a tokenizer folder, a Megatron `tokenizer/`); the
     special ids from `config` (config.json), else generation_config.json, else the tokenizer's own."""
     folder = Path(folder)
-    files = tuple(folder / f for f in (*TOKENIZER_FILES, GENERATION) if (folder / f).is_file())
+    files = tuple(_inside(folder, f) for f in (*TOKENIZER_FILES, GENERATION) if (folder / f).is_file())
     special = _ids(config or {})
     if not special and (folder / GENERATION).is_file():
         special = _ids(_json(folder / GENERATION))
@@ -89,10 +89,7 @@ def megatron_assets(iteration_folder: Path, sidecar: Optional[dict]) -> Assets:
     ids mzoo.yaml records."""
     folder = Path(iteration_folder) / TOKENIZER_DIR
     recorded = _ids((sidecar or {}).get("special_tokens") or {})
-    if not folder.is_dir():
-        return Assets((), recorded)
-    found = folder_assets(folder, recorded or None)
-    return found
+    return folder_assets(folder, recorded or None) if folder.is_dir() else Assets((), recorded)
 
 
 def write_special(config: dict, assets: Assets) -> dict:
@@ -117,8 +114,7 @@ def tokenizer_ids(folder: Path) -> dict[str, Any]:
         vocab = _json_or_empty(folder / "tokenizer.json")
     except ValueError:
         return {}
-    ids = dict((vocab.get("model") or {}).get("vocab") or {}) if isinstance((vocab.get("model") or {}).get("vocab"), dict) else {}
-    ids.update({t.get("content"): t.get("id") for t in vocab.get("added_tokens") or [] if isinstance(t, dict)})
+    ids = vocabulary(vocab)
     out = {}
     for key in SPECIAL_IDS:
         token = named.get(key.replace("_id", ""))
@@ -126,6 +122,23 @@ def tokenizer_ids(folder: Path) -> dict[str, Any]:
         if isinstance(token, str) and isinstance(ids.get(token), int):
             out[key] = ids[token]
     return out
+
+
+def vocabulary(tokenizer_json: dict) -> dict[str, int]:
+    """token -> id of a parsed tokenizer.json: the model's vocabulary (a dict, or Unigram's list of
+    [piece, score]) and the added tokens."""
+    vocab = (tokenizer_json.get("model") or {}).get("vocab") or {}
+    ids = dict(vocab) if isinstance(vocab, dict) else {str(p[0]): i for i, p in enumerate(vocab) if isinstance(p, list) and p}
+    ids.update({t.get("content"): t.get("id") for t in tokenizer_json.get("added_tokens") or [] if isinstance(t, dict)})
+    return {k: v for k, v in ids.items() if isinstance(v, int)}
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder / name`, refused when a symlink takes it out of the folder (as HF shards are)."""
+    path = folder / name
+    if folder.resolve() not in path.resolve().parents:
+        raise CheckpointError(f"{path} points outside {folder}; refusing to read it.")
+    return path
 
 
 def _json_or_empty(path: Path) -> dict:

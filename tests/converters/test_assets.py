@@ -106,3 +106,15 @@ def test_tokenizer_flag_supplies_one_to_a_checkpoint_without(source, tmp_path):
     out = tmp_path / "out"
     _convert(bare, out, "hf", expect="megatron", tokenizer=source)
     _same_assets(out, source)
+
+
+def test_a_tokenizer_file_linked_out_of_its_folder_is_refused(source, tmp_path):
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    linked = tmp_path / "linked-tokenizer"
+    linked.mkdir()
+    (linked / "tokenizer_config.json").write_bytes((source / "tokenizer_config.json").read_bytes())
+    (linked / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="points outside"):
+        _convert(source, tmp_path / "never", "megatron", expect="hf", tokenizer=linked)
+    assert not (tmp_path / "never").exists()
