@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -11,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mzoo.errors import UserError
+from mzoo.signals import Stopped, install
 
 console = Console()
 if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
@@ -29,15 +31,23 @@ def quiet_transformers() -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Print a UserError as one red sentence and exit 2, with no traceback."""
+    """Print a UserError as one red sentence and exit 2, with no traceback; SIGTERM and SIGINT end
+    the command through its normal unwind (temporaries removed) with one sentence and 128+signal."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        install()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False)
             raise typer.Exit(2) from None
+        except Stopped as e:
+            if getattr(e, "supervised", False):  # a clean stop under mzoo's parent: it reports and exits
+                raise typer.Exit(0) from None
+            if int(os.environ.get("RANK", "0")) == 0:
+                err_console.print(str(e), highlight=False, markup=False)
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper
 

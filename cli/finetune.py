@@ -25,7 +25,7 @@ def finetune(
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,
     ep: Optional[int] = O.EP,
     nproc_per_node: Optional[int] = O.NPROC_PER_NODE, nnodes: int = O.NNODES, node_rank: int = O.NODE_RANK,
-    master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT,
+    master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT, watchdog: float = O.WATCHDOG,
     sequence_parallel: bool = O.SEQUENCE_PARALLEL, distributed_optimizer: bool = O.DISTRIBUTED_OPTIMIZER,
     seq_len: int = typer.Option(256, help="Tokens per (packed) sequence."),
     micro_batch: int = typer.Option(2, help="Sequences per micro-batch per DP rank."),
@@ -61,7 +61,7 @@ def finetune(
     request = job.FinetuneRequest(
         ckpt=ckpt, examples=job.Examples(data, fmt, valid_data, valid_fraction, packing), tokenizer=tokenizer,
         layout=LayoutFlags(tp, pp, vpp, dp, ep, None, None, sequence_parallel),
-        launch=Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port),
+        launch=Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=Engine(device, precision, recompute, recompute_modules, recompute_num_layers, distributed_optimizer,
                       force),
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,

@@ -36,6 +36,8 @@ NNODES = typer.Option(1, "--nnodes", help="Nodes (run the same command on each, 
 NODE_RANK = typer.Option(0, "--node-rank", help="This node's index (multi-node).")
 MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 (multi-node).")
 MASTER_PORT = typer.Option(29500, "--master-port", help="Port on node 0 (multi-node).")
+WATCHDOG = typer.Option(600.0, "--watchdog", help="Seconds a rank may make no progress (a step, evaluation or "
+                        "save) before the job is ended with exit code 124, naming the rank; 0 turns it off.")
 
 # ---- the engine ----------------------------------------------------------------------------------------------
 DEVICE = typer.Option("auto", "--device", help="auto (this rank's GPU when torch sees CUDA, else the CPU), cuda or "

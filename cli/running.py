@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from mzoo.cli.common import console, err_console, print_json
@@ -33,7 +34,11 @@ def execute(prepared: Prepared, as_json: bool) -> None:
     if needs_launcher(prepared):
         if not as_json:
             console.print(f"layout: {summary(prepared.run)}", highlight=False)
-        raise typer.Exit(relaunch(prepared, sys.argv[2:]))
+        outcome = relaunch(prepared, sys.argv[2:])
+        if outcome.message:
+            label = "[bold red]error:[/] " if outcome.error else ""
+            err_console.print(label + escape(outcome.message), highlight=False)
+        raise typer.Exit(outcome.code)
     if rank == 0 and not as_json and not in_launcher():
         console.print(f"layout: {summary(prepared.run)}", highlight=False)
     command = prepared.command

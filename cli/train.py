@@ -22,7 +22,7 @@ def train(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="The GPU type the planner assumes (default: this machine's, "
                                       "else h100-80gb)."),
     nproc_per_node: Optional[int] = O.NPROC_PER_NODE, nnodes: int = O.NNODES, node_rank: int = O.NODE_RANK,
-    master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT,
+    master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT, watchdog: float = O.WATCHDOG,
     first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
     sequence_parallel: bool = O.SEQUENCE_PARALLEL, distributed_optimizer: bool = O.DISTRIBUTED_OPTIMIZER,
     data: list[str] = typer.Option([], "--data", help="Indexed dataset prefix (repeat; Megatron blend: --data 30 "
@@ -80,7 +80,7 @@ def train(
     request = job.TrainRequest(
         model=model,
         layout=job.LayoutFlags(tp, pp, vpp, dp, ep, first_stage_layers, last_stage_layers, sequence_parallel),
-        launch=job.Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port),
+        launch=job.Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=job.Engine(device, precision, recompute, recompute_modules, recompute_num_layers,
                           distributed_optimizer, force),
         hyper=job.Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,

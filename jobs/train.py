@@ -9,7 +9,6 @@ runs in this process and reports every step through a callback.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.state import ParallelState
 from mzoo.train import fit
 from mzoo.train.device import default_precision, device_type, resolve_device
+from mzoo.train.supervise import Outcome, supervise
 from mzoo.train.run import Hooks, RunConfig, adopt_slurm_env, in_launcher, run
 from mzoo.train.trainer import StepLog, TrainConfig, dataset_samplers
 from mzoo.zoo import resolve, training_settings
@@ -69,6 +69,11 @@ class Launch:
     node_rank: int = 0
     master_addr: Optional[str] = None
     master_port: int = 29500
+    watchdog: float = 600.0  # seconds a rank may make no progress before the parent ends the job (0: off)
+
+    def __post_init__(self) -> None:
+        if not self.watchdog >= 0:  # NaN too
+            raise UserError(f"--watchdog {self.watchdog:g} is not a number of seconds; give 0 (off) or more.")
 
 
 @dataclass(frozen=True)
@@ -342,9 +347,13 @@ def needs_launcher(prepared: Prepared) -> bool:
     return prepared.world > 1 and not in_launcher()
 
 
-def relaunch(prepared: Prepared, argv: Sequence[str]) -> int:
-    """Run the command again under torchrun; its exit status."""
-    return subprocess.call(torchrun_command(prepared, argv))
+def relaunch(prepared: Prepared, argv: Sequence[str]) -> Outcome:
+    """Run the command again under torchrun, supervised: signals reach the workers, which save and
+    stop; a rank without progress for --watchdog seconds ends the job (exit 124)."""
+    launch = prepared.launch
+    per_node = prepared.world // launch.nnodes
+    ranks = range(launch.node_rank * per_node, (launch.node_rank + 1) * per_node)
+    return supervise(torchrun_command(prepared, argv), list(ranks), launch.watchdog)
 
 
 def start(prepared: Prepared, on_step: Callable[[StepLog], None] = lambda log: None) -> list[StepLog]:

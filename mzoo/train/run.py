@@ -20,6 +20,7 @@ from mzoo.config import ConfigError, ModelConfig
 from mzoo.layout import Layout
 from mzoo.parallel.sharding import to_global, to_local
 from mzoo.parallel.state import ParallelState
+from mzoo.signals import Heartbeat, RUN_DIR_ENV, StopFlag, Stopped, stop_sentence, write_stop_report
 from mzoo.train.device import configure, init_process_group, resolve_device
 from mzoo.train.trainer import Sampler, StepLog, TrainConfig, Trainer
 
@@ -200,18 +201,63 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     return True
 
 
+class _Stop(Exception):
+    """Every rank agreed to stop after this step (a signal reached one of them)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def agreed_stop(flag: StopFlag, device: torch.device) -> int:
+    """The signal any rank received (MAX over the world), so that all stop after the same step."""
+    pending = flag.pending()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return pending
+    value = torch.tensor([pending], dtype=torch.int32, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
 def run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None] = lambda s: None) -> list[StepLog]:
-    device = resolve_device(rc.device)
-    owns_group = init_process_group(device)
-    configure(device)
-    logs = _run(rc, hooks, on_step, device)  # on an error the launcher tears every rank down
-    if owns_group:  # tear the group down in step, so no rank exits under a live communicator thread
-        dist.barrier()
-        dist.destroy_process_group()
-    return logs
+    heartbeat = Heartbeat(int(os.environ.get("RANK", 0))).start()
+    try:
+        device = resolve_device(rc.device)
+        owns_group = init_process_group(device)
+        configure(device)
+        stopped: Optional[Stopped] = None
+        try:
+            logs = _run(rc, hooks, on_step, device, heartbeat)  # on an error the launcher tears every rank down
+        except Stopped as e:
+            if not getattr(e, "agreed", False):
+                raise  # a signal before the loop: this rank alone, no teardown in step
+            stopped = e
+        if owns_group:  # tear the group down in step, so no rank exits under a live communicator thread
+            dist.barrier()
+            dist.destroy_process_group()
+        if stopped is not None:
+            raise stopped
+        return logs
+    finally:
+        heartbeat.stop()
 
 
-def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device: torch.device) -> list[StepLog]:
+def _stopped(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, state: ParallelState,
+             signum: int) -> Stopped:
+    """Save the step every rank stopped after (as an interval save would) and say so."""
+    if rc.save:
+        save(rc, hooks, model, trainer, state)
+    if state.rank == 0:
+        write_stop_report(signum, trainer.step, rc.save)
+    error = Stopped(signum, stop_sentence(signum, trainer.step, rc.save))
+    error.agreed = True
+    error.supervised = RUN_DIR_ENV in os.environ  # the parent prints the sentence and sets the exit code
+    return error
+
+
+def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device: torch.device,
+         heartbeat: Optional[Heartbeat] = None) -> list[StepLog]:
+    heartbeat = heartbeat or Heartbeat(0)
+    flag = StopFlag()
     state = build_state(rc.layout, device)
     torch.manual_seed(rc.train.seed)
     model = hooks.build_model(rc.model, state)
@@ -244,18 +290,26 @@ def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device
                 values["valid/loss"] = log.val_loss
             board.scalars(log.step, values)
         on_step(log)
+        heartbeat.beat(log.step)
+        signum = agreed_stop(flag, device)
+        if signum:
+            raise _Stop(signum)
         if rc.save and rc.save_interval and log.step % rc.save_interval == 0 and log.step < rc.train.steps:
             save(rc, hooks, model, trainer, state)
 
-    try:
-        logs = trainer.train(on_step=step)
-    finally:
-        if log_file:
-            log_file.close()
-        if board:
-            board.close()
-    if rc.save:
-        save(rc, hooks, model, trainer, state)
+    with flag.armed():  # a signal during any save (interval, stop or final) waits for it to finish
+        try:
+            logs = trainer.train(on_step=step)
+        except _Stop as stop:
+            raise _stopped(rc, hooks, model, trainer, state, stop.signum) from None
+        finally:
+            if log_file:
+                log_file.close()
+            if board:
+                board.close()
+        heartbeat.beat(trainer.step)
+        if rc.save:
+            save(rc, hooks, model, trainer, state)
     return logs
 
 
