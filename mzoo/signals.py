@@ -30,7 +30,7 @@ class Stopped(KeyboardInterrupt):
     """A command ended by a signal; `str()` is the sentence to print."""
 
     def __init__(self, signum: int, message: str = ""):
-        super().__init__(message or f"stopped by {signal_name(signum)}; nothing was written.")
+        super().__init__(message or f"stopped by {signal_name(signum)} before the command finished; run it again.")
         self.signum = signum
 
     @property

@@ -76,11 +76,34 @@ def stalled(beats: dict[int, Beat], ranks: Sequence[int], started: float, limit:
             "it off) if its steps, evaluations or saves take longer.")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def descendants(pid: int) -> list[int]:
+    """Every live process under `pid`, from /proc (torchrun starts each worker in a session of its
+    own, so its process group does not reach them)."""
+    kids: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for kid in kids.get(todo.pop(), []):
+            found.append(kid)
+            todo.append(kid)
+    return found
+
+
+def _kill_group(proc: subprocess.Popen, workers: Sequence[int] = ()) -> None:
+    """SIGKILL torchrun, every process under it and the workers that reported a pid (a stopped
+    process dies of SIGKILL too)."""
+    everyone = set(workers) | (set(descendants(proc.pid)) if Path("/proc/self/stat").exists() else set())
+    for pid in [proc.pid, *everyone]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
@@ -105,8 +128,9 @@ def supervise(command: Sequence[str], ranks: Sequence[int], watchdog: float, pol
             except subprocess.TimeoutExpired:
                 pass
             beats = read_beats(run_dir, ranks)
+            pids = [beat.pid for beat in beats.values()]
             if len(received) > 1:  # asked twice: do not wait for the save
-                _kill_group(proc)
+                _kill_group(proc, pids)
                 return Outcome(128 + received[0], f"killed on a second {signal_name(received[-1])}; "
                                "nothing was saved.")
             if received:
@@ -117,7 +141,7 @@ def supervise(command: Sequence[str], ranks: Sequence[int], watchdog: float, pol
                 continue  # the workers are saving: no watchdog while they do
             verdict = stalled(beats, ranks, started, watchdog, time.time()) if watchdog > 0 else None
             if verdict:
-                _kill_group(proc)
+                _kill_group(proc, pids)
                 return Outcome(WATCHDOG_EXIT, verdict, error=True)
         return _ended(proc.returncode, run_dir, received)
     finally:

@@ -185,3 +185,38 @@ def test_bad_watchdog_value_is_one_sentence(tmp_path):
     out = subprocess.run([MZOO, *TRAIN, "--watchdog", "-1"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "--watchdog" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_sigterm_during_a_conversion_removes_its_temporary_folder(tmp_path):
+    """Any long command: SIGTERM unwinds like an error (temporaries removed), one sentence, 128+15.
+    The process is frozen (SIGSTOP) the moment its temporary folder is seen, so the signal lands
+    mid-write on every try, then SIGTERM and SIGCONT."""
+    from conftest import make_hf_model
+    from transformers import LlamaConfig
+
+    src = make_hf_model(tmp_path / "hf", LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688,
+                                                     num_hidden_layers=8, num_attention_heads=4,
+                                                     num_key_value_heads=2, max_position_embeddings=128))
+    for attempt in range(5):
+        dst = tmp_path / f"out{attempt}"
+        err = open(tmp_path / "stderr.txt", "w")
+        proc = subprocess.Popen([MZOO, "convert", "hf->megatron", str(src), str(dst), "--tp", "2",
+                                 "--megatron-format", "torch"], stderr=err, stdout=subprocess.DEVNULL)
+        caught = False
+        while proc.poll() is None:
+            if any(".mzoo-tmp" in p.name for p in tmp_path.iterdir()):
+                os.kill(proc.pid, signal.SIGSTOP)
+                caught = any(".mzoo-tmp" in p.name for p in tmp_path.iterdir())
+                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signal.SIGCONT)
+                break
+            time.sleep(0.002)
+        proc.wait(timeout=120)
+        if caught:
+            break
+    assert caught, "the temporary folder was never seen"
+    text = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "stopped by SIGTERM before the command finished" in text and "Traceback" not in text, text
+    assert not [p.name for p in tmp_path.iterdir() if ".mzoo-tmp" in p.name]
+    assert not dst.exists()
