@@ -220,3 +220,18 @@ def test_sigterm_during_a_conversion_removes_its_temporary_folder(tmp_path):
     assert "stopped by SIGTERM before the command finished" in text and "Traceback" not in text, text
     assert not [p.name for p in tmp_path.iterdir() if ".mzoo-tmp" in p.name]
     assert not dst.exists()
+
+
+def test_sigterm_to_a_single_process_run_saves(tmp_path):
+    """One process (no torchrun; also what each `srun` task is): it saves the step and exits 143."""
+    err = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([MZOO, "train", "llama-tiny", "--mock-data", "--seq-len", "32", "--steps", "100000",
+                             "--save", "ckpt", "--log-json", "log.jsonl"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=err, text=True, start_new_session=True)
+    wait_training(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    code, text = outcome(proc, tmp_path)
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    step = saved_iteration(tmp_path / "ckpt")
+    assert f"stopped by SIGTERM at step {step}; saved iteration {step} to ckpt; resume with --load ckpt." in text
+    assert "Traceback" not in text, text
