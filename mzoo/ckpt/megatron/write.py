@@ -3,7 +3,8 @@ iteration in an existing root as training saves do; mzoo.yaml beside, the tracke
 
 from __future__ import annotations
 
-import shutil
+import errno
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,7 +14,8 @@ import torch
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.assets import TOKENIZER_DIR, Assets
-from mzoo.ckpt.atomic import atomic_dir, fsync_tree
+from mzoo.ckpt.atomic import (OutputError, atomic_dir, disk_full, exchange, fault, fsync_tree, honour_umask_tree,
+                               remove, rename_noreplace, sweep, try_lock)
 from mzoo.ckpt.megatron.args import config_to_args
 from mzoo.ckpt.megatron.checkpoint import Target
 from mzoo.ckpt.megatron.keys import dist_chunks, dist_objects
@@ -42,24 +44,40 @@ def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], 
                   target: Target, dtype: torch.dtype, iteration: int,
                   extra: Callable[[Path], None] = lambda folder: None, assets: Assets = Assets()) -> Path:
     """Add one iteration to a (possibly existing) checkpoint root, as training saves do: the
-    iteration folder is built under a temporary name and renamed, the tracker is updated last."""
+    iteration folder is built under a locked temporary name, switched in (an existing one of the same
+    number is exchanged, never deleted first), the tracker is updated, and only then the old copy removed:
+    a kill at any moment leaves the tracker on a complete iteration."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = iteration_dir(root, iteration)
     tmp = root / f".{final.name}.mzoo-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    sweep(final)
+    if tmp.exists():
+        raise OutputError(f"another process is saving {final} now; stop it, or save this run elsewhere.")
+    tmp.mkdir()
+    lock = try_lock(tmp)
+    replaced = final.exists()
     try:
         _write_iteration(tmp, cfg, tensors, fetch, target, dtype, iteration, lambda n: None, None, assets,
                          final.absolute())
         extra(tmp)
+        honour_umask_tree(tmp)
         fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        switch = exchange if replaced else rename_noreplace
+        fault("before-switch")
+        switch(tmp, final)
+        fault("after-exchange" if replaced else "after-rename")
+        _finish_root(root, cfg, target, dtype, iteration, assets)
+        fault("after-tracker")
+    except BaseException as e:  # before the switch tmp is the partial new copy, after it the old one
+        remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise disk_full(final) from None
         raise
-    _finish_root(root, cfg, target, dtype, iteration, assets)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    remove(tmp)  # the replaced copy, once the tracker is on the new one
     return final
 
 
