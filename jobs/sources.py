@@ -136,7 +136,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
         return Source(path, fmt, cfg, reader.dtype, get, reader.megatron, iteration, megatron_assets(folder, read_sidecar(root)),
                       files=_files(folder), tensors=tensors)
-    store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
+    store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder, trust_pickle)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:  # Megatron-Bridge: the model provider's fields in run_config.yaml
@@ -175,10 +175,10 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
                   files=_files(folder), tensors=tensors, extents=extents)
 
 
-def _zarr_reader(folder: Path):
+def _zarr_reader(folder: Path, trust_pickle: bool = False):
     from mzoo.ckpt import zarr as zarr_fmt
 
-    return zarr_fmt.ZarrCheckpoint(folder)
+    return zarr_fmt.ZarrCheckpoint(folder, trust_pickle)
 
 
 def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Source:
