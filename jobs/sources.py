@@ -18,7 +18,7 @@ from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_ex
 from mzoo.ckpt.megatron.bridge import read_run_config, run_config_to_args
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
-from mzoo.ckpt.megatron.tracker import find_iteration_dir
+from mzoo.ckpt.megatron.tracker import TRACKER, find_iteration_dir
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.ckpt.sink import TensorExtents, cat_rows
 from mzoo.config import ModelConfig
@@ -39,6 +39,8 @@ def detect_format(path: Path) -> str:
     try:
         folder, _ = find_iteration_dir(path)
     except CheckpointError:
+        if (path / TRACKER).exists():
+            raise  # the tracker is there and says why (damaged, or naming a missing iteration)
         raise CheckpointError(
             f"{path} is not a checkpoint mzoo recognises (no config.json + safetensors, no Megatron "
             "latest_checkpointed_iteration.txt or iter_* folder)."

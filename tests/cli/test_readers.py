@@ -85,3 +85,37 @@ def test_finetune_takes_trust_pickle(untrusted_zarr, tmp_path):
     passed = CliRunner().invoke(app, args + ["--trust-pickle"])
     assert "--trust-pickle" not in passed.output and "No such option" not in passed.output, passed.output
     assert "carries no tokenizer" in passed.output  # got past the checkpoint: the next check speaks
+
+
+# ---- case 14 (reader parts): a damaged tracker file is one sentence that says what it holds ----------
+@pytest.fixture(scope="module")
+def legacy_root(tmp_path_factory):
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    root = tmp_path_factory.mktemp("tracker")
+    hf = make_hf_model(root / "hf", LlamaConfig(**LLAMA))
+    out = root / "torch"
+    convert(open_source(hf), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=1))))
+    return out
+
+
+@pytest.mark.parametrize("content,said", [(b"banana\n", "'banana'"), (b"", "is empty"), (b"\xff\xfe\x00\x81", "not text"),
+                                          (b"-3\n", "'-3'")])
+def test_damaged_tracker_is_one_sentence(legacy_root, tmp_path, content, said):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(legacy_root, copy)
+    (copy / "latest_checkpointed_iteration.txt").write_bytes(content)
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "latest_checkpointed_iteration.txt" in result.output and said in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_tracker_at_a_missing_iteration_says_why(legacy_root, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(legacy_root, copy)
+    (copy / "latest_checkpointed_iteration.txt").write_text("42\n")
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 2 and "iter_0000042" in result.output and "does not exist" in result.output, result.output
