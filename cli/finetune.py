@@ -46,7 +46,7 @@ def finetune(
                                     "run's layout)."),
     megatron_format: str = O.MEGATRON_FORMAT, save_interval: int = O.SAVE_INTERVAL, log_json: Optional[Path] = O.LOG_JSON,
     as_json: bool = typer.Option(False, "--json", help="Print the layout, losses and validation losses as JSON."),
-    force: bool = O.FORCE,
+    force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
 ) -> None:
     """Finetune a checkpoint on prompt/completion, chat or plain-text JSONL; the loss covers only the
     completion (assistant) tokens, examples are packed with attention kept inside each.
@@ -67,7 +67,7 @@ def finetune(
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                     clip_grad, seed),
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters),
-        save_format=save_format)
+        save_format=save_format, trust_pickle=trust_pickle)
     prepared = job.prepare_finetune(request)
     stats = prepared.data_stats
     if not as_json and not in_launcher():

@@ -61,7 +61,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
                                  "estimate (meta device), and exit without allocating weights or launching."),
     dry_run_rank: int = typer.Option(0, "--dry-run-rank", help="The global rank --dry-run reports on."),
-    force: bool = O.FORCE,
+    force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
 ) -> None:
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
 
@@ -87,7 +87,8 @@ def train(
                         clip_grad, seed),
         outputs=job.Outputs(save, save_interval, megatron_format, log_json, tensorboard, eval_interval, eval_iters),
         data=tuple(data), split=split, tokenizer=tokenizer, mock_data=mock_data, overrides=tuple(override),
-        gpus=gpus, gpu=gpu, peak_tflops=peak_tflops, load=load, load_optim=load_optim, dry_run=dry_run)
+        gpus=gpus, gpu=gpu, peak_tflops=peak_tflops, load=load, load_optim=load_optim, dry_run=dry_run,
+        trust_pickle=trust_pickle)
     prepared = job.prepare_train(request)
     if prepared.why is not None and not as_json and int(os.environ.get("RANK", 0)) == 0:
         console.print(prepared.why, highlight=False)

@@ -49,6 +49,7 @@ class FinetuneRequest:
     hyper: Hyper = Hyper()  # None: finetuning's DEFAULTS
     outputs: Outputs = Outputs(eval_iters=1)
     save_format: str = "hf"  # or megatron
+    trust_pickle: bool = False
 
 
 def prepare_finetune(req: FinetuneRequest) -> Prepared:
@@ -71,7 +72,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
     if ex.valid_data is not None:
         sft_data.read_jsonl(ex.valid_data, ex.format)
-    src = open_source(req.ckpt)
+    src = open_source(req.ckpt, req.trust_pickle)
     cfg = src.cfg
     if "mamba" in cfg.block_kinds and ex.packing:
         raise UserError("packed sequences need attention masks that Mamba layers do not have; add --no-pack.")
@@ -96,7 +97,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                                          cfg.vocab_size, tcfg.seed)
         return sft_data.sampler(train, tcfg.seed), (sft_data.sampler(valid, tcfg.seed) if valid else None)
 
-    run_hooks = hooks(layout, precision, samplers, out.megatron_format, assets, hf=req.save_format == "hf")
+    run_hooks = hooks(layout, precision, samplers, out.megatron_format, assets, hf=req.save_format == "hf",
+                      trust_pickle=req.trust_pickle)
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
     return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
                     device=resolve_device(eng.device).type, data_stats=stats)

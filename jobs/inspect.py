@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from mzoo.ckpt.integrity import archive_problems, deferred
+from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar
 from mzoo.jobs.sources import open_source
 from mzoo.layout import Layout
@@ -15,7 +17,8 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
              check: bool = False) -> dict[str, Any]:
     """What a checkpoint is, without loading its weights; files checked against mzoo.yaml's sizes
     and, with `check`, against its CRC-32 checksums (reads every byte)."""
-    src = open_source(path, trust_pickle, vocab_size)
+    with deferred():  # the files are checked below, each problem listed
+        src = open_source(path, trust_pickle, vocab_size)
     lay = src.megatron.layout if src.megatron is not None else Layout()
     root = path if src.fmt == "hf" or (path / "mzoo.yaml").exists() else path.parent
     side = read_sidecar(root) or {}
@@ -30,6 +33,9 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
             problems.append(f"{rel} has {f.stat().st_size} bytes, mzoo.yaml recorded {size}")
         elif check and rel in (side.get("crc32") or {}) and crc32_file(f) != side["crc32"][rel]:
             problems.append(f"{rel} does not match the checksum mzoo.yaml recorded: it is corrupted")
+    if check and not side.get("crc32") and src.fmt in ("torch", "torch_dist"):
+        folder = find_iteration_dir(path)[0]
+        problems += [p.replace(str(folder) + "/", "") for p in archive_problems(folder, src.fmt)]
     count = count_params(src.cfg)
     return {
         "path": str(path),
@@ -48,6 +54,6 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "files": src.files,
         "written_by_mzoo": bool(side),
         "problems": problems,
-        "checked": check and bool(side.get("crc32")),
+        "checked": check and (bool(side.get("crc32")) or src.fmt in ("torch", "torch_dist")),
         "model": src.cfg.to_dict(),
     }

@@ -18,7 +18,7 @@ from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_ex
 from mzoo.ckpt.megatron.bridge import read_run_config, run_config_to_args
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
-from mzoo.ckpt.megatron.tracker import find_iteration_dir
+from mzoo.ckpt.megatron.tracker import TRACKER, find_iteration_dir
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.ckpt.sink import TensorExtents, cat_rows
 from mzoo.config import ModelConfig
@@ -39,6 +39,8 @@ def detect_format(path: Path) -> str:
     try:
         folder, _ = find_iteration_dir(path)
     except CheckpointError:
+        if (path / TRACKER).exists():
+            raise  # the tracker is there and says why (damaged, or naming a missing iteration)
         raise CheckpointError(
             f"{path} is not a checkpoint mzoo recognises (no config.json + safetensors, no Megatron "
             "latest_checkpointed_iteration.txt or iter_* folder)."
@@ -136,7 +138,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         get = lambda n: _trim(specs[n], reader.get(n), cfg.vocab_size)  # noqa: E731
         return Source(path, fmt, cfg, reader.dtype, get, reader.megatron, iteration, megatron_assets(folder, read_sidecar(root)),
                       files=_files(folder), tensors=tensors)
-    store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder)
+    store = dist_fmt.DistReader(folder, trust_pickle) if fmt == "torch_dist" else _zarr_reader(folder, trust_pickle)
     common = store.common
     args = common.get("args") if isinstance(common, dict) else None
     if args is None:  # Megatron-Bridge: the model provider's fields in run_config.yaml
@@ -175,10 +177,10 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
                   files=_files(folder), tensors=tensors, extents=extents)
 
 
-def _zarr_reader(folder: Path):
+def _zarr_reader(folder: Path, trust_pickle: bool = False):
     from mzoo.ckpt import zarr as zarr_fmt
 
-    return zarr_fmt.ZarrCheckpoint(folder)
+    return zarr_fmt.ZarrCheckpoint(folder, trust_pickle)
 
 
 def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Source:

@@ -195,7 +195,7 @@ def checkpoint_layout(cfg: ModelConfig, layout: Layout, iteration: int) -> Megat
 
 
 def hooks(layout: Layout, precision: str, samplers: Callable, megatron_format: str = "torch_dist",
-          assets: Assets = Assets(), hf: bool = False) -> Hooks:
+          assets: Assets = Assets(), hf: bool = False, trust_pickle: bool = False) -> Hooks:
     """The engine's hooks: build chunks at `precision`, load any checkpoint, save Megatron at the run's
     layout (or, with `hf`, Hugging Face weights), the tokenizer and special ids in `assets` with them."""
     dtype = DTYPES[precision]
@@ -210,7 +210,7 @@ def hooks(layout: Layout, precision: str, samplers: Callable, megatron_format: s
         add_iteration(root, cfg, canonical_tensors(cfg), tensors.__getitem__, target, stored, iteration, extra, assets)
 
     return Hooks(lambda cfg, state: build_chunks(cfg, state, dtype=dtype),
-                 lambda model, path: load_checkpoint(model, path), save, samplers)
+                 lambda model, path: load_checkpoint(model, path, trust_pickle), save, samplers)
 
 
 def pretraining_samplers(data: Optional[DataConfig]) -> Callable:
@@ -261,6 +261,7 @@ class TrainRequest:
     load: Optional[str] = None
     load_optim: bool = True
     dry_run: bool = False
+    trust_pickle: bool = False  # for --load
 
 
 def _planned(cfg: ModelConfig, req: TrainRequest, draft: TrainConfig, target: str) -> Optional[fit.AutoLayout]:
@@ -310,7 +311,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))
-    assets = open_source(req.load).assets if req.load else Assets()  # fails now, in one sentence, if unreadable
+    assets = open_source(req.load, req.trust_pickle).assets if req.load else Assets()  # fails now, in one sentence, if unreadable
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
@@ -325,7 +326,8 @@ def prepare_train(req: TrainRequest) -> Prepared:
     rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
                    req.load_optim, str(out.log_json) if out.log_json else None,
                    str(out.tensorboard) if out.tensorboard else None, device=eng.device)
-    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format, assets)
+    run_hooks = hooks(layout, precision, pretraining_samplers(data_cfg), out.megatron_format, assets,
+                      trust_pickle=req.trust_pickle)
     saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
     return Prepared("train", rc, run_hooks, world, launch, planned.why if planned else None, saved, notes,
                     device=target)

@@ -29,6 +29,7 @@ from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.dcp_meta import (BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                 TensorProperties, TensorStorageMetadata, _StorageInfo)
 from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.integrity import Checksums, verify_torch_archive
 from mzoo.ckpt.megatron.names import extra_state_name
 from mzoo.ckpt.safe_pickle import load_dcp_metadata, torch_load
 from mzoo.ckpt.sink import Budget, Extent, FileSink, TensorExtents
@@ -166,13 +167,29 @@ class DistReader:
         self.storage = {}
         for index, info in self.metadata.storage_data.items():
             self.storage[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = info
+        sizes: dict[str, int] = {}
         for info in self.storage.values():
-            if not (self.folder / info.relative_path).exists():
-                raise CheckpointError(f"{self.folder} is missing {info.relative_path}; the copy is incomplete.")
+            path = self.folder / info.relative_path
+            if info.relative_path not in sizes:
+                if not path.is_file():
+                    raise CheckpointError(f"{self.folder} is missing {info.relative_path}; the copy is incomplete.")
+                sizes[info.relative_path] = path.stat().st_size
+            if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+                raise CheckpointError(f"{path} is truncated: it ends at byte {sizes[info.relative_path]}, but "
+                                      f".metadata places an item up to byte {info.offset + info.length}; re-copy it.")
+        self.checksums = Checksums(self.folder)
         self.common = self._common()
+
+    def _verify(self, info: Any, archive: bool = True) -> None:
+        """The item's file against mzoo.yaml's CRC-32, else (a torch.save'd item) its archive's own."""
+        path = self.folder / info.relative_path
+        if not self.checksums.verify(path) and archive:
+            verify_torch_archive(path, info.offset, info.length)
 
     def _common(self) -> dict[str, Any]:
         if (self.folder / COMMON).exists():
+            if not self.checksums.verify(self.folder / COMMON):
+                verify_torch_archive(self.folder / COMMON)
             return torch_load(self.folder / COMMON, self.trust_pickle)
         if COMMON_OBJECT not in self.objects:
             return {}
@@ -185,6 +202,7 @@ class DistReader:
 
     def _bytes(self, key: str) -> bytes:
         info = next(v for (fqn, _), v in self.storage.items() if fqn == key)
+        self._verify(info, archive=False)  # DCP stores objects as raw bytes: no archive CRC of their own
         with open(self.folder / info.relative_path, "rb") as f:
             f.seek(info.offset)
             return f.read(info.length)
@@ -239,6 +257,7 @@ class DistReader:
         if info is None or getattr(info, "transform_descriptors", None):
             return None
         path = self.folder / info.relative_path
+        self._verify(info)
         with open(path, "rb", buffering=0) as f:
             layout = _saved_tensor_layout(f, info.offset, info.length)
         if layout is None or math.prod(layout[1]) != math.prod(c.sizes):
@@ -258,6 +277,7 @@ class DistReader:
             raise CheckpointError(f"{self.folder}: no stored data for {key} at {tuple(chunk.offsets)}; the checkpoint is damaged.")
         if getattr(info, "transform_descriptors", None):
             raise CheckpointError(f"{key} is stored with transforms {info.transform_descriptors}, which mzoo cannot read yet.")
+        self._verify(info)
         direct = read_saved_tensor(self.folder / info.relative_path, info.offset, info.length)
         if direct is not None:
             return direct.reshape(tuple(chunk.sizes)) if tuple(direct.shape) != tuple(chunk.sizes) else direct

@@ -120,6 +120,9 @@ class HFReader:
             if name == "__metadata__" or name not in self.headers[file]:
                 raise CheckpointError(f"{INDEX} says {name} is in {file}, but it is not; the index is stale.")
         self._header_bytes = {f: _header_length(self.path / f) for f in self.headers}
+        from mzoo.ckpt.integrity import Checksums
+
+        self.checksums = Checksums(self.path)  # mzoo.yaml's CRC-32s, checked as each shard is first used
 
     def _shard(self, root: Path, file: str) -> Path:
         """The shard file an index entry names, refused when it is not a file inside the folder."""
@@ -193,6 +196,7 @@ class HFReader:
         meta = self.headers[file][name]
         dtype = self.torch_dtype(name)
         begin, end = meta["data_offsets"]
+        self.checksums.verify(self.path / file)
         buf = bytearray(end - begin)
         if not buf:
             return torch.empty(meta["shape"], dtype=dtype)
@@ -210,6 +214,7 @@ class HFReader:
         file = self.weight_map[name]
         meta = self.headers[file][name]
         begin, end = meta["data_offsets"]
+        self.checksums.verify(self.path / file)
         return TensorExtents(tuple(meta["shape"]), self.torch_dtype(name),
                              (Extent(self.path / file, 8 + self._header_bytes[file] + begin, end - begin),))
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.integrity import Checksums, verify_torch_archive
 from mzoo.ckpt.megatron.args import args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
@@ -116,7 +117,8 @@ class LegacyReader:
         for d in dirs:
             if not (d / FILE).exists():
                 raise CheckpointError(f"{d} has no {FILE}; the checkpoint is incomplete.")
-        first = torch_load(dirs[0] / FILE, trust_pickle, mmap=True)  # rank (0, 0, 0) sorts first
+        self.checksums = Checksums(self.folder)
+        first = self._torch_load(dirs[0] / FILE)  # rank (0, 0, 0) sorts first
         if not isinstance(first, dict):
             raise CheckpointError(f"{dirs[0] / FILE} holds a {type(first).__name__}, not a Megatron state dict; "
                                   "the checkpoint is corrupt.")
@@ -153,8 +155,14 @@ class LegacyReader:
             # they touched leave this process.
             for other in [k for k in self._cache if k[1] != rank[1]]:
                 del self._cache[other]
-            self._cache[rank] = torch_load(self.files[rank], self.trust_pickle, mmap=True)
+            self._cache[rank] = self._torch_load(self.files[rank])
         return self._cache[rank]
+
+    def _torch_load(self, path: Path) -> Any:
+        """A rank file, checked first against mzoo.yaml's CRC-32, else its archive's own."""
+        if not self.checksums.verify(path):
+            verify_torch_archive(path)
+        return torch_load(path, self.trust_pickle, mmap=True)
 
     def _names(self) -> dict[Rank, dict[str, set[str]]]:
         """Every rank file's tensor names per model chunk (each file mapped once, then released)."""

@@ -169,6 +169,9 @@ class ZarrReader:
             )
         self._arrays: dict[str, ts.TensorStore] = {}
         self._meta: dict[str, dict[str, Any]] = {}
+        from mzoo.ckpt.integrity import Checksums
+
+        self.checksums = Checksums(self.path)  # mzoo.yaml's CRC-32s, checked as each chunk is first read
 
     def keys(self) -> list[str]:
         """Sharded-tensor keys: folders holding a .zarray (`.sync` lock folders skipped, as Megatron did)."""
@@ -224,12 +227,13 @@ class ZarrReader:
     def _check_chunks(self, key: str, idx: tuple[Union[slice, int], ...]) -> None:
         """A missing chunk would read back as zeros; Megatron wrote every chunk, so it is a partial copy."""
         meta = self._meta[key]
-        if meta.get("fill_value") is not None:
-            return  # with a real fill value, absent chunks are legitimately "all fill"
         sep = meta.get("dimension_separator") or "."
         folder = self.path / key
         for name in _chunk_names(idx, tuple(meta["chunks"]), sep):
-            if not os.path.isfile(folder / name.replace("/", os.sep)):
+            chunk = folder / name.replace("/", os.sep)
+            if os.path.isfile(chunk):
+                self.checksums.verify(chunk)
+            elif meta.get("fill_value") is None:  # with a real fill value, absent chunks are legitimately "all fill"
                 raise CheckpointError(
                     f"array {key!r} in {self.path} is missing chunk {name};"
                     " the checkpoint copy is incomplete."
@@ -324,7 +328,11 @@ class ZarrCheckpoint(ZarrReader):
         super().__init__(path)
         from mzoo.ckpt.safe_pickle import torch_load
 
+        from mzoo.ckpt.integrity import verify_torch_archive
+
         common = self.path / COMMON_FILE
+        if common.exists() and not self.checksums.verify(common):
+            verify_torch_archive(common)
         self.common: Any = torch_load(common, trust_pickle) if common.exists() else {}
 
 

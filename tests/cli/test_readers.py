@@ -1,0 +1,121 @@
+"""Issue 17 (readers), through the commands: case 16, `--trust-pickle` is honoured wherever the
+refusal suggests it (the zarr reader, `train --load`, `finetune`)."""
+
+from __future__ import annotations
+
+import fractions
+import shutil
+
+import pytest
+import torch
+from conftest import make_hf_model
+from transformers import LlamaConfig
+from typer.testing import CliRunner
+
+from mzoo.cli.main import app
+from mzoo.layout import Layout
+
+LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def untrusted_zarr(tmp_path_factory):
+    """A zarr checkpoint whose common.pt holds an object outside mzoo's pickle allowlist."""
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.ckpt.megatron.tracker import find_iteration_dir
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    root = tmp_path_factory.mktemp("readers")
+    hf = make_hf_model(root / "hf", LlamaConfig(**LLAMA))
+    out = root / "zarr"
+    convert(open_source(hf), out, Target("zarr", MegatronCheckpoint(layout=Layout(tp=1))))
+    common = find_iteration_dir(out)[0] / "common.pt"
+    state = torch.load(common, weights_only=False)
+    state["note"] = fractions.Fraction(1, 3)
+    torch.save(state, common)
+    (out / "mzoo.yaml").unlink()  # its CRC-32 of common.pt no longer holds
+    return out
+
+
+def test_zarr_reader_honours_trust_pickle(untrusted_zarr):
+    from mzoo.ckpt.hf import CheckpointError
+    from mzoo.jobs.sources import open_source
+
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        open_source(untrusted_zarr)
+    src = open_source(untrusted_zarr, trust_pickle=True)
+    src.get(src.tensors[0].name)
+
+
+def test_inspect_zarr_with_trust_pickle(untrusted_zarr):
+    refused = CliRunner().invoke(app, ["inspect", str(untrusted_zarr)])
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    ok = CliRunner().invoke(app, ["inspect", str(untrusted_zarr), "--trust-pickle"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_train_load_takes_trust_pickle(untrusted_zarr):
+    args = ["train", "llama-tiny", "--load", str(untrusted_zarr), "--mock-data", "--dry-run", "--device", "cpu"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output, refused.output
+    ok = CliRunner().invoke(app, args + ["--trust-pickle"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_train_hooks_load_with_trust_pickle(untrusted_zarr):
+    """The workers' weight loading takes the flag too, not only the check before launch."""
+    from mzoo.jobs.sources import open_source
+    from mzoo.jobs.train import hooks
+    from mzoo.parallel.state import ParallelState
+
+    cfg = open_source(untrusted_zarr, trust_pickle=True).cfg
+    h = hooks(Layout(), "fp32", lambda *a: None, trust_pickle=True)
+    model = h.build_model(cfg, ParallelState.single(Layout()))
+    h.load_weights(model, str(untrusted_zarr))
+
+
+def test_finetune_takes_trust_pickle(untrusted_zarr, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello world"}\n' * 4)
+    args = ["finetune", str(untrusted_zarr), "--data", str(data), "--steps", "1", "--device", "cpu"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output, refused.output
+    passed = CliRunner().invoke(app, args + ["--trust-pickle"])
+    assert "--trust-pickle" not in passed.output and "No such option" not in passed.output, passed.output
+    assert "carries no tokenizer" in passed.output  # got past the checkpoint: the next check speaks
+
+
+# ---- case 14 (reader parts): a damaged tracker file is one sentence that says what it holds ----------
+@pytest.fixture(scope="module")
+def legacy_root(tmp_path_factory):
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    root = tmp_path_factory.mktemp("tracker")
+    hf = make_hf_model(root / "hf", LlamaConfig(**LLAMA))
+    out = root / "torch"
+    convert(open_source(hf), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=1))))
+    return out
+
+
+@pytest.mark.parametrize("content,said", [(b"banana\n", "'banana'"), (b"", "is empty"), (b"\xff\xfe\x00\x81", "not text"),
+                                          (b"-3\n", "'-3'")])
+def test_damaged_tracker_is_one_sentence(legacy_root, tmp_path, content, said):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(legacy_root, copy)
+    (copy / "latest_checkpointed_iteration.txt").write_bytes(content)
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "latest_checkpointed_iteration.txt" in result.output and said in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_tracker_at_a_missing_iteration_says_why(legacy_root, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(legacy_root, copy)
+    (copy / "latest_checkpointed_iteration.txt").write_text("42\n")
+    result = CliRunner().invoke(app, ["inspect", str(copy)])
+    assert result.exit_code == 2 and "iter_0000042" in result.output and "does not exist" in result.output, result.output
