@@ -15,7 +15,7 @@ from mzoo.layout import Layout
 
 if TYPE_CHECKING:  # the jobs import torch: only a command that runs loads them
     from mzoo.ckpt.megatron.files import FilePlan
-    from mzoo.jobs.convert import ConvertRequest
+    from mzoo.jobs.convert import ConvertRequest, Summary
 
 DIRECTIONS = {("hf", "megatron"), ("megatron", "hf"), ("megatron", "megatron"), ("hf", "hf")}
 
@@ -39,10 +39,14 @@ def parse_direction(text: str) -> tuple[str, str]:
 
 
 def _run(request: "ConvertRequest", as_json: bool, quiet: bool) -> None:
-    from mzoo.ckpt.megatron.files import FilePlan
     from mzoo.jobs.convert import run
 
-    result = run(request, lambda total, label: byte_progress(total, label, quiet or as_json))
+    _print(run(request, lambda total, label: byte_progress(total, label, quiet or as_json)), as_json, quiet)
+
+
+def _print(result: "Summary | FilePlan", as_json: bool, quiet: bool) -> None:
+    from mzoo.ckpt.megatron.files import FilePlan
+
     if isinstance(result, FilePlan):
         _print_plan(result, as_json)
     elif as_json:
@@ -116,25 +120,39 @@ def convert(
                         tokenizer=tokenizer), as_json, quiet)
 
 
+KEEP_TP = typer.Option(None, "--tp", help="Tensor-parallel size of the output (default: the source's).")
+KEEP_PP = typer.Option(None, "--pp", help="Pipeline-parallel size of the output (default: the source's).")
+KEEP_VPP = typer.Option(None, "--vpp", help="Virtual pipeline stages per rank (default: the source's; 1 after a new "
+                        "--pp).")
+KEEP_EP = typer.Option(None, "--ep", help="Expert-parallel size of the output (default: the source's).")
+KEEP_FMT = typer.Option(None, "--megatron-format", help="torch_dist, torch (legacy) or zarr (default: the source's).")
+KEEP_SPEC = typer.Option(None, "--spec", help="Parameter spelling: te or local (default: the source's).")
+KEEP_GROUPED = typer.Option(None, "--moe-grouped-gemm/--no-moe-grouped-gemm",
+                            help="Legacy files: TEGroupedMLP or SequentialMLP expert names (default: the source's).")
+
+
 @user_errors
 def reshard(
     src: Path = typer.Argument(..., help="Megatron checkpoint (any format, any layout)."),
     dst: Path = typer.Argument(..., help="Folder to create."),
-    tp: int = O.OUT_TP, pp: int = O.OUT_PP, vpp: int = O.OUT_VPP, ep: int = O.OUT_EP,
-    first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
-    megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
+    tp: Optional[int] = KEEP_TP, pp: Optional[int] = KEEP_PP, vpp: Optional[int] = KEEP_VPP,
+    ep: Optional[int] = KEEP_EP, first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
+    megatron_format: Optional[str] = KEEP_FMT, spec: Optional[str] = KEEP_SPEC,
+    moe_grouped_gemm: Optional[bool] = KEEP_GROUPED, dtype: Optional[str] = DTYPE,
     trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE, overwrite: bool = OVER,
     plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON, quiet: bool = O.QUIET,
 ) -> None:
     """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
 
+    Every setting not given keeps the source's: `--ep 4` alone changes only the expert split.
+
     Example: mzoo reshard ./ckpt-tp2pp2 ./ckpt-tp4 --tp 4 --pp 1 --megatron-format torch
     (MoE: mzoo reshard ./mixtral-ep4 ./mixtral-ep2 --ep 2)
     """
-    from mzoo.jobs.convert import ConvertRequest
+    from mzoo.jobs.convert import Reshard, reshard as job
 
-    _run(ConvertRequest(src=src, dst=dst, to="megatron", expect="megatron", megatron_format=megatron_format,
-                        layout=Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
-                                      last_stage_layers=last_stage_layers), spec=spec, moe_grouped_gemm=moe_grouped_gemm,
-                        dtype=dtype, trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite,
-                        plan=plan, tokenizer=tokenizer), as_json, quiet)
+    request = Reshard(src=src, dst=dst, tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
+                      last_stage_layers=last_stage_layers, megatron_format=megatron_format, spec=spec,
+                      moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, trust_pickle=trust_pickle,
+                      vocab_size=vocab_size, overwrite=overwrite, plan=plan, tokenizer=tokenizer)
+    _print(job(request, lambda total, label: byte_progress(total, label, quiet or as_json)), as_json, quiet)

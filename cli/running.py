@@ -1,5 +1,9 @@
-"""What `train` and `finetune` print: the layout, a progress bar, one line per step, and the final
-losses (JSON) or where the model was saved; and `train --dry-run`'s report."""
+"""What `train` and `finetune` print: the layout, what --load read, one line per step, and the final
+losses (JSON) or where the model was saved; and `train --dry-run`'s report.
+
+One output policy: the layout, the loaded checkpoint, step lines and the summary go to stdout (with
+--json, only the JSON does); warnings and the progress bar go to stderr, the bar only when stdout is
+not a terminal (in one, the step lines are the progress)."""
 
 from __future__ import annotations
 
@@ -31,6 +35,16 @@ def execute(prepared: Prepared, as_json: bool) -> None:
     for note in prepared.notes:
         err_console.print(note, highlight=False)
     rank = int(os.environ.get("RANK", 0))
+    loaded = prepared.loaded.as_dict() if prepared.loaded else None
+    if prepared.nothing_to_train:  # checked before any launch: no process starts, nothing is rewritten
+        if as_json:
+            print_json({"layout": summary(prepared.run), "loaded": loaded, "nothing_to_train": True, "losses": []})
+        else:
+            console.print(prepared.loaded.line(), highlight=False)
+            console.print(f"already at step {prepared.loaded.step} (the target); nothing to train", highlight=False)
+        return
+    if prepared.loaded and not as_json and not in_launcher():
+        console.print(prepared.loaded.line(), highlight=False)
     if needs_launcher(prepared):
         if not as_json:
             console.print(f"layout: {summary(prepared.run)}", highlight=False)
@@ -43,19 +57,20 @@ def execute(prepared: Prepared, as_json: bool) -> None:
         console.print(f"layout: {summary(prepared.run)}", highlight=False)
     command = prepared.command
     bar = Progress(TextColumn(command), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=err_console, transient=True, disable=rank != 0 or as_json)
+                   console=err_console, transient=True, redirect_stdout=False, redirect_stderr=False,
+                   disable=rank != 0 or as_json or console.is_terminal)
     task = bar.add_task(command, total=prepared.run.train.steps)
 
     def show(log: StepLog) -> None:
         bar.update(task, completed=log.step)
         if rank == 0 and not as_json:
-            bar.console.print(step_line(log), highlight=False)
+            console.print(step_line(log), highlight=False)
 
     with bar:
         logs = start(prepared, show)
     if rank == 0:
         if as_json:
-            print_json({"layout": summary(prepared.run), "losses": [log.loss for log in logs],
+            print_json({"layout": summary(prepared.run), "loaded": loaded, "losses": [log.loss for log in logs],
                         "val_losses": {log.step: log.val_loss for log in logs if log.val_loss is not None}})
         elif prepared.saved:
             console.print(prepared.saved, highlight=False)

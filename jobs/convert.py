@@ -168,16 +168,17 @@ def _check(req: ConvertRequest) -> None:
         tokenizer_assets(req.tokenizer)  # one sentence when the folder holds no tokenizer
 
 
-def run(req: ConvertRequest, progress: Progress = no_progress) -> Union[Summary, FilePlan]:
-    """Convert (or, with `plan`, describe) one checkpoint; every user error is raised before any output."""
+def run(req: ConvertRequest, progress: Progress = no_progress, opened: Optional[Source] = None) -> Union[Summary, FilePlan]:
+    """Convert (or, with `plan`, describe) one checkpoint (`opened`: req.src, already open); every user
+    error is raised before any output."""
     _check(req)
     dtype = parse_dtype(req.dtype)
     max_bytes = parse_size(req.shard_size)
-    architecture = config_only(req.src) if req.plan else None
+    architecture = config_only(req.src) if req.plan and opened is None else None
     if architecture is not None:  # plan from the architecture alone: no weights needed
         target = Target(req.megatron_format, req.megatron_layout(architecture, "release"), dtype or torch.bfloat16, max_bytes)
         return plan_layout(architecture, target)
-    src = open_source(req.src, req.trust_pickle, req.vocab_size)
+    src = opened or open_source(req.src, req.trust_pickle, req.vocab_size)
     if req.expect == "hf" and src.fmt != "hf":
         raise UserError(f"{req.src} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
     if req.expect == "megatron" and src.fmt == "hf":
@@ -206,3 +207,56 @@ def config_only(src: Path) -> Optional[ModelConfig]:
     if src.exists() or text in names():
         return resolve(text)
     return None
+
+
+@dataclass(frozen=True)
+class Reshard:
+    """`mzoo reshard` as typed: None keeps the source's own value (its TP, PP, VPP, EP, stage split,
+    Megatron format, spelling and legacy expert naming), so a flag changes only what it names.
+    VPP and the uneven stage ends belong to a pipeline split: a new --pp resets them unless given."""
+
+    src: Path
+    dst: Path
+    tp: Optional[int] = None
+    pp: Optional[int] = None
+    vpp: Optional[int] = None
+    ep: Optional[int] = None
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+    megatron_format: Optional[str] = None
+    spec: Optional[str] = None
+    moe_grouped_gemm: Optional[bool] = None
+    dtype: Optional[str] = None
+    trust_pickle: bool = False
+    vocab_size: Optional[int] = None
+    overwrite: bool = False
+    plan: bool = False
+    tokenizer: Optional[Path] = None
+
+    def resolve(self, fmt: str, was: MegatronCheckpoint) -> ConvertRequest:
+        """The convert request this reshard means for a source in Megatron format `fmt` saved as `was`."""
+        lay = was.layout
+        same_pipeline = self.pp is None or self.pp == lay.pp
+        pick = lambda asked, kept: kept if asked is None else asked  # noqa: E731
+        layout = Layout(tp=pick(self.tp, lay.tp), pp=pick(self.pp, lay.pp),
+                        vpp=pick(self.vpp, lay.vpp if same_pipeline else 1), ep=pick(self.ep, lay.ep),
+                        first_stage_layers=pick(self.first_stage_layers, lay.first_stage_layers if same_pipeline else None),
+                        last_stage_layers=pick(self.last_stage_layers, lay.last_stage_layers if same_pipeline else None))
+        return ConvertRequest(src=self.src, dst=self.dst, to="megatron", expect="megatron",
+                              megatron_format=pick(self.megatron_format, fmt), layout=layout,
+                              spec=pick(self.spec, was.spelling),
+                              moe_grouped_gemm=pick(self.moe_grouped_gemm, was.moe_grouped_gemm), dtype=self.dtype,
+                              trust_pickle=self.trust_pickle, vocab_size=self.vocab_size, overwrite=self.overwrite,
+                              plan=self.plan, tokenizer=self.tokenizer)
+
+
+def reshard(req: Reshard, progress: Progress = no_progress) -> Union[Summary, FilePlan]:
+    """Reshard one Megatron checkpoint, keeping every setting the request leaves None (a --plan of an
+    architecture without weights starts from tp=pp=ep=1, torch_dist, te)."""
+    asked = ConvertRequest(req.src, req.dst, "megatron", "megatron", req.megatron_format or "torch_dist",
+                           spec=req.spec or "te", plan=req.plan, tokenizer=req.tokenizer)
+    _check(asked)  # the flags first, in one sentence, before the source is read
+    if req.plan and config_only(req.src) is not None:
+        return run(req.resolve("torch_dist", MegatronCheckpoint()), progress)
+    src = open_source(req.src, req.trust_pickle, req.vocab_size)
+    return run(req.resolve(src.fmt, src.megatron or MegatronCheckpoint()), progress, src)

@@ -34,7 +34,7 @@ from mzoo.parallel.state import ParallelState
 from mzoo.train import fit
 from mzoo.train.device import default_precision, device_type, resolve_device
 from mzoo.train.supervise import Outcome, supervise
-from mzoo.train.run import Hooks, RunConfig, adopt_slurm_env, in_launcher, run
+from mzoo.train.run import Hooks, RunConfig, adopt_slurm_env, in_launcher, run, saved_position
 from mzoo.train.trainer import StepLog, TrainConfig, dataset_samplers
 from mzoo.zoo import resolve, training_settings
 
@@ -114,6 +114,44 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # warnings (e.g. --force over the memory estimate)
     device: str = "cpu"  # the device kind the run (or a dry run's estimate) is for
     data_stats: dict[str, int] = field(default_factory=dict)  # finetune: examples, sequences, trained tokens
+    loaded: Optional["Loaded"] = None  # what --load read
+    nothing_to_train: bool = False  # --load is already at the target step
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What `--load` read: the checkpoint, its format, iteration and layout, and the step it resumes at
+    (None: weights only, no optimizer state or --no-load-optim)."""
+
+    path: str
+    format: str
+    iteration: int | str
+    step: Optional[int]
+    layout: Layout
+
+    def as_dict(self) -> dict[str, Any]:
+        lay = self.layout
+        return {"path": self.path, "format": self.format, "iteration": self.iteration, "step": self.step,
+                "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "ep": lay.ep}}
+
+    def line(self) -> str:
+        lay = self.layout
+        at = f", step {self.step}" if self.step is not None else ", weights only"
+        where = f" iteration {self.iteration}" if self.format != "hf" else ""
+        return f"loaded {self.path}: {self.format}{where}{at}, tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep}"
+
+
+def open_load(path: str, load_optim: bool, steps: int, trust_pickle: bool = False) -> tuple[Loaded, Assets]:
+    """Open --load (one sentence if unreadable) and check its step against the target: a checkpoint past
+    --steps is refused, before anything is launched or rewritten."""
+    src = open_source(path, trust_pickle)
+    position = saved_position(path) if load_optim else None
+    step = int(position["step"]) if position else None
+    layout = src.megatron.layout if src.megatron is not None else Layout()
+    if step is not None and step > steps:
+        raise UserError(f"--steps {steps} is below step {step} that {path} was saved at; pass --steps above {step} "
+                        "to train on (or --no-load-optim to start a new schedule from its weights).")
+    return Loaded(str(path), src.fmt, src.iteration, step, layout), src.assets
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -311,7 +349,8 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))
-    assets = open_source(req.load, req.trust_pickle).assets if req.load else Assets()  # fails now, in one sentence, if unreadable
+    loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
+                      else (None, Assets()))
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
@@ -330,7 +369,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
                       trust_pickle=req.trust_pickle)
     saved = f"saved {out.megatron_format} checkpoint to {out.save}" if out.save else None
     return Prepared("train", rc, run_hooks, world, launch, planned.why if planned else None, saved, notes,
-                    device=target)
+                    device=target, loaded=loaded, nothing_to_train=loaded is not None and loaded.step == tcfg.steps)
 
 
 # ---- starting a run ------------------------------------------------------------------------------------------

@@ -176,6 +176,21 @@ def _load_rng(folder: Path, state: ParallelState) -> bool:
     return True
 
 
+def saved_position(path: str | Path) -> Optional[dict[str, Any]]:
+    """The loop's position a checkpoint was saved at ({step, consumed_samples, optimizer_step}), or
+    None when it carries no optimizer state to resume (a conversion, Hugging Face weights)."""
+    from mzoo.ckpt.hf import CheckpointError
+    from mzoo.ckpt.megatron.tracker import find_iteration_dir
+
+    try:
+        folder, _ = find_iteration_dir(Path(path))
+    except CheckpointError:
+        return None
+    if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
+        return None
+    return json.loads((folder / TRAIN_STATE_FILE).read_text())
+
+
 def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
     """Restore optimizer states and the loop's position when the checkpoint has them."""
     from safetensors.torch import load_file

@@ -1,0 +1,61 @@
+"""Issue 17, case 17: layout and reporting slips (reshard keeps what it is not asked to change, resume
+says what it did, one output policy, splits, verify's default, plan --check's exit codes)."""
+
+from __future__ import annotations
+
+import json
+
+from informative import informative_init
+from test_cli import mzoo
+
+
+def test_reshard_keeps_every_axis_and_the_format_it_is_not_asked_to_change(tmp_path):
+    hf, legacy, out = (tmp_path / n for n in ("hf", "legacy", "out"))
+    informative_init("mixtral-tiny", hf)
+    mzoo("convert", "hf->megatron", hf, legacy, "--tp", "2", "--megatron-format", "torch", "--spec", "local")
+    mzoo("reshard", legacy, out, "--ep", "4", "--quiet")
+    info = json.loads(mzoo("inspect", out, "--json").stdout)
+    assert (info["format"], info["tp"], info["pp"], info["ep"], info["spec"]) == ("torch", 2, 1, 4, "local")
+    back = tmp_path / "back"
+    mzoo("reshard", out, back, "--tp", "1", "--megatron-format", "torch_dist", "--quiet")
+    info = json.loads(mzoo("inspect", back, "--json").stdout)
+    assert (info["format"], info["tp"], info["ep"], info["spec"]) == ("torch_dist", 1, 4, "local")
+
+
+TINY = ("--mock-data", "--seq-len", "16", "--micro-batch", "1", "--global-batch", "1", "--device", "cpu")
+
+
+def _trained(tmp_path, steps: int = 2):
+    ckpt = tmp_path / "ckpt"
+    mzoo("train", "gpt-tiny", *TINY, "--steps", str(steps), "--save", ckpt)
+    return ckpt
+
+
+def test_resume_at_the_target_says_so_and_a_lower_target_is_refused(tmp_path):
+    ckpt = _trained(tmp_path)
+    before = sorted(p.name for p in ckpt.iterdir())
+    out = mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--load", ckpt, "--save", ckpt)
+    assert "already at step 2 (the target); nothing to train" in out.stdout
+    data = json.loads(mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--load", ckpt, "--json").stdout)
+    assert data["nothing_to_train"] is True
+    mtime = (ckpt / "iter_0000002").stat().st_mtime_ns
+    low = mzoo("train", "gpt-tiny", *TINY, "--steps", "1", "--load", ckpt, "--save", ckpt, check=False)
+    assert low.returncode == 2 and "--steps 1 is below step 2" in low.stderr and "Traceback" not in low.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before and (ckpt / "iter_0000002").stat().st_mtime_ns == mtime
+
+
+def test_load_says_what_it_loaded(tmp_path):
+    ckpt = _trained(tmp_path)
+    out = mzoo("train", "gpt-tiny", *TINY, "--steps", "3", "--load", ckpt)
+    assert f"loaded {ckpt}: torch_dist iteration 2, step 2, tp=1 pp=1 vpp=1 ep=1" in out.stdout
+    data = json.loads(mzoo("train", "gpt-tiny", *TINY, "--steps", "3", "--load", ckpt, "--json").stdout)
+    assert data["loaded"] == {"path": str(ckpt), "format": "torch_dist", "iteration": 2, "step": 2,
+                              "layout": {"tp": 1, "pp": 1, "vpp": 1, "ep": 1}}
+
+
+def test_step_lines_and_summary_go_to_stdout_json_alone(tmp_path):
+    out = mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--save", tmp_path / "c")
+    assert "step    1  loss" in out.stdout and "step    2  loss" in out.stdout and "saved" in out.stdout
+    assert "loss" not in out.stderr
+    data = json.loads(mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--json").stdout)  # nothing else on stdout
+    assert len(data["losses"]) == 2
