@@ -4,7 +4,7 @@ sentence naming it instead of wrong weights or a traceback deep inside torch.
 Two sources, both already on disk: the CRC-32 `mzoo.yaml` records per file (mzoo's checkpoints),
 else what the format itself records (a torch.save zip archive's per-record CRC-32: Megatron-LM's
 own legacy rank files and every torch_dist item). zlib-ng's SIMD CRC-32 (~11 GB/s) keeps one pass
-over a file nearly free beside the read it precedes (benchmarks/crc_verify.py); a file is verified
+over a file nearly free beside the read it precedes; a file is verified
 once per process (keyed by inode, size and mtime, so a file changed since is verified again).
 """
 
