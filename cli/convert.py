@@ -83,6 +83,7 @@ DTYPE = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: keep th
 SHARD = typer.Option("5GB", "--shard-size", help="Largest safetensors shard for Hugging Face output.")
 OVER = typer.Option(False, "--overwrite", help="Replace DST if it exists.")
 JSON = typer.Option(False, "--json", help="Print a JSON summary.")
+NONFINITE = typer.Option(False, "--allow-nonfinite", help="Write NaN / Inf weights instead of refusing them.")
 TOKENIZER = typer.Option(None, "--tokenizer", help="A tokenizer folder (save_pretrained) to carry with the weights; "
                          "its files replace the source's of the same name (default: the source's own).")
 
@@ -97,7 +98,7 @@ def convert(
     megatron_format: str = FMT, spec: str = SPEC, moe_grouped_gemm: bool = GROUPED, dtype: Optional[str] = DTYPE,
     shard_size: str = SHARD, trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE,
     overwrite: bool = OVER, plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON,
-    quiet: bool = O.QUIET,
+    quiet: bool = O.QUIET, allow_nonfinite: bool = NONFINITE,
 ) -> None:
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
@@ -117,7 +118,7 @@ def convert(
                                       last_stage_layers=last_stage_layers), spec=spec,
                         moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, shard_size=shard_size,
                         trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan,
-                        tokenizer=tokenizer), as_json, quiet)
+                        tokenizer=tokenizer, allow_nonfinite=allow_nonfinite), as_json, quiet)
 
 
 KEEP_TP = typer.Option(None, "--tp", help="Tensor-parallel size of the output (default: the source's).")
@@ -141,6 +142,7 @@ def reshard(
     moe_grouped_gemm: Optional[bool] = KEEP_GROUPED, dtype: Optional[str] = DTYPE,
     trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE, overwrite: bool = OVER,
     plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON, quiet: bool = O.QUIET,
+    allow_nonfinite: bool = NONFINITE,
 ) -> None:
     """Change the parallel layout (and optionally the format) of a Megatron checkpoint.
 
@@ -154,5 +156,6 @@ def reshard(
     request = Reshard(src=src, dst=dst, tp=tp, pp=pp, vpp=vpp, ep=ep, first_stage_layers=first_stage_layers,
                       last_stage_layers=last_stage_layers, megatron_format=megatron_format, spec=spec,
                       moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, trust_pickle=trust_pickle,
-                      vocab_size=vocab_size, overwrite=overwrite, plan=plan, tokenizer=tokenizer)
+                      vocab_size=vocab_size, overwrite=overwrite, plan=plan, tokenizer=tokenizer,
+                      allow_nonfinite=allow_nonfinite)
     _print(job(request, lambda total, label: byte_progress(total, label, quiet or as_json)), as_json, quiet)

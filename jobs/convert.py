@@ -20,6 +20,7 @@ import torch
 from mzoo.ckpt.assets import tokenizer_assets
 from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.hf import is_hf_checkpoint, parse_dtype, parse_size, storage_dtype
+from mzoo.ckpt.integrity import is_finite, nonfinite_message
 from mzoo.ckpt.megatron.checkpoint import FORMATS, MegatronCheckpoint, Target, validate_layout
 from mzoo.ckpt.megatron.files import FilePlan, plan_files
 from mzoo.ckpt.megatron.write import write_megatron
@@ -72,7 +73,7 @@ def validate_target(src: Source, target: Target) -> None:
 
 
 def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = False,
-            progress: Optional[Callable[[int], None]] = None) -> Summary:
+            progress: Optional[Callable[[int], None]] = None, allow_nonfinite: bool = False) -> Summary:
     dst = Path(dst)
     validate_target(src, target)
     check_destination(dst, overwrite)
@@ -81,9 +82,15 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
     dtype = target.dtype or src.dtype
     cfg = src.cfg
 
+    def finite(name: str, value):
+        """Each tensor as it streams past (after any cast: fp32 -> fp16 can overflow to Inf)."""
+        if not allow_nonfinite and not is_finite(value):
+            raise UserError(nonfinite_message(name, src.path, "pass --allow-nonfinite to convert it anyway"))
+        return value
+
     def fetch(name: str) -> torch.Tensor:
         value = src.get(name)
-        return value.to(storage_dtype(name, dtype) if target.fmt != "hf" else dtype)
+        return finite(name, value.to(storage_dtype(name, dtype) if target.fmt != "hf" else dtype))
 
     shapes = {t.name: t.shape for t in src.tensors}
     adapter = adapters.for_family(cfg.family) if target.fmt == "hf" else None
@@ -97,7 +104,7 @@ def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = Fals
             return None
         if adapter is not None and adapter.hf_extents(name, got, cfg) is None:
             return None
-        return got
+        return finite(name, got)
 
     if target.fmt == "hf":
         def stream():
@@ -150,6 +157,7 @@ class ConvertRequest:
     overwrite: bool = False
     plan: bool = False  # describe the output's files, write nothing
     tokenizer: Optional[Path] = None  # a tokenizer folder to carry (replaces the source's files of the same name)
+    allow_nonfinite: bool = False  # write NaN / Inf weights instead of refusing
 
     def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronCheckpoint:
         return MegatronCheckpoint(layout=self.layout, spelling=self.spec, iteration=iteration,
@@ -190,7 +198,7 @@ def run(req: ConvertRequest, progress: Progress = no_progress, opened: Optional[
     if req.plan:
         return plan_layout(src.cfg, Target(fmt, layout, dtype or src.dtype, max_bytes), src.tensors)
     with progress(src.nbytes, f"{src.fmt} -> {fmt}") as tick:
-        return convert(src, req.dst, Target(fmt, layout, dtype, max_bytes), req.overwrite, tick)
+        return convert(src, req.dst, Target(fmt, layout, dtype, max_bytes), req.overwrite, tick, req.allow_nonfinite)
 
 
 def config_only(src: Path) -> Optional[ModelConfig]:
@@ -232,6 +240,7 @@ class Reshard:
     overwrite: bool = False
     plan: bool = False
     tokenizer: Optional[Path] = None
+    allow_nonfinite: bool = False
 
     def resolve(self, fmt: str, was: MegatronCheckpoint) -> ConvertRequest:
         """The convert request this reshard means for a source in Megatron format `fmt` saved as `was`."""
@@ -247,7 +256,7 @@ class Reshard:
                               spec=pick(self.spec, was.spelling),
                               moe_grouped_gemm=pick(self.moe_grouped_gemm, was.moe_grouped_gemm), dtype=self.dtype,
                               trust_pickle=self.trust_pickle, vocab_size=self.vocab_size, overwrite=self.overwrite,
-                              plan=self.plan, tokenizer=self.tokenizer)
+                              plan=self.plan, tokenizer=self.tokenizer, allow_nonfinite=self.allow_nonfinite)
 
 
 def reshard(req: Reshard, progress: Progress = no_progress) -> Union[Summary, FilePlan]:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mzoo.ckpt.integrity import is_finite, nonfinite_message
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.generate import GenerationConfig, generate as run_generation
@@ -85,7 +86,13 @@ def generate(req: GenerateRequest, on_text: Optional[Callable[[str], None]] = No
     if tok is not None and tok.eos_token_id is not None:
         gen.eos_token_id = tok.eos_token_id
     model = build_model(cfg, dtype=torch.float32)
-    load_canonical(model, lambda name: src.get(name).float())
+    def weight(name: str) -> torch.Tensor:
+        value = src.get(name).float()
+        if not is_finite(value):  # else every logit is NaN and greedy decoding prints token 0 forever
+            raise UserError(nonfinite_message(name, src.path, "generate from an earlier or repaired checkpoint"))
+        return value
+
+    load_canonical(model, weight)
     made: list[int] = []
     # decode after the prompt text, so the first word keeps the space that separates it from the prompt
     context = ids if tok is not None and req.prompt is not None else []

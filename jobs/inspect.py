@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from mzoo.ckpt.integrity import archive_problems, deferred
+from mzoo.ckpt.hf import CheckpointError
+from mzoo.ckpt.integrity import archive_problems, deferred, is_finite, nonfinite_message
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
 from mzoo.ckpt.sidecar import crc32_file, read_sidecar
 from mzoo.jobs.sources import open_source
@@ -36,6 +37,15 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
     if check and not side.get("crc32") and src.fmt in ("torch", "torch_dist"):
         folder = find_iteration_dir(path)[0]
         problems += [p.replace(str(folder) + "/", "") for p in archive_problems(folder, src.fmt)]
+    if check and not problems:  # every weight looked at once, in blocks (damaged files are reported above)
+        for t in src.tensors:
+            try:
+                value = src.extents(t.name) if src.extents is not None else None
+                if not is_finite(value if value is not None else src.get(t.name)):
+                    problems.append(nonfinite_message(t.name, src.path, "it cannot be used as it is"))
+            except CheckpointError as e:
+                problems.append(str(e))
+                break
     count = count_params(src.cfg)
     return {
         "path": str(path),

@@ -19,6 +19,7 @@ from mzoo.ckpt.megatron.bridge import read_run_config, run_config_to_args
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.keys import dist_location, saved_spelling
 from mzoo.ckpt.megatron.tracker import TRACKER, find_iteration_dir
+from mzoo.ckpt.paths import hub_snapshot, inside
 from mzoo.ckpt.sidecar import read_sidecar
 from mzoo.ckpt.sink import TensorExtents, cat_rows
 from mzoo.config import ModelConfig
@@ -29,7 +30,7 @@ from mzoo.parallel.sharding import CanonicalTensor, ShardSpec
 
 
 def detect_format(path: Path) -> str:
-    path = Path(path)
+    path = hub_snapshot(Path(path))
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; check the path.")
     if is_hf_checkpoint(path):
@@ -94,7 +95,8 @@ class Source:
 
 
 def _files(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file of the checkpoint (what push uploads), none reached through a link out of it."""
+    return {str(p.relative_to(root)): inside(root, p).stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _megatron_config(root: Path, args: Any, vocab_size: Optional[int]) -> ModelConfig:
@@ -116,7 +118,7 @@ def _trim(spec: ShardSpec, value: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Optional[int] = None) -> Source:
-    path = Path(path)
+    path = hub_snapshot(Path(path))
     fmt = detect_format(path)
     if fmt == "hf":
         reader, adapter, cfg = read_config(path)

@@ -135,10 +135,9 @@ def vocabulary(tokenizer_json: dict) -> dict[str, int]:
 
 def _inside(folder: Path, name: str) -> Path:
     """`folder / name`, refused when a symlink takes it out of the folder (as HF shards are)."""
-    path = folder / name
-    if folder.resolve() not in path.resolve().parents:
-        raise CheckpointError(f"{path} points outside {folder}; refusing to read it.")
-    return path
+    from mzoo.ckpt.paths import inside
+
+    return inside(folder, folder / name)
 
 
 def _json_or_empty(path: Path) -> dict:

@@ -96,6 +96,13 @@ def _check_entry(file: Path, name: str, meta: Any) -> int:
     return end
 
 
+def _in_hub_blobs(folder: Path, full: Path) -> bool:
+    from mzoo.ckpt.paths import hub_blobs
+
+    blobs = hub_blobs(folder)
+    return blobs is not None and full.parent == blobs
+
+
 class HFReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint."""
 
@@ -128,7 +135,7 @@ class HFReader:
         """The shard file an index entry names, refused when it is not a file inside the folder."""
         try:
             full = (self.path / file).resolve()
-            inside = root in full.parents
+            inside = root in full.parents or _in_hub_blobs(self.path, full)
             exists, is_file = full.exists(), full.is_file()
         except (OSError, ValueError) as e:  # a name too long, a NUL byte, a symlink loop
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)

@@ -4,7 +4,7 @@ sentence naming it instead of wrong weights or a traceback deep inside torch.
 Two sources, both already on disk: the CRC-32 `mzoo.yaml` records per file (mzoo's checkpoints),
 else what the format itself records (a torch.save zip archive's per-record CRC-32: Megatron-LM's
 own legacy rank files and every torch_dist item). zlib-ng's SIMD CRC-32 (~11 GB/s) keeps one pass
-over a file nearly free beside the read it precedes (benchmarks/crc_verify.py); a file is verified
+over a file nearly free beside the read it precedes; a file is verified
 once per process (keyed by inode, size and mtime, so a file changed since is verified again).
 """
 
@@ -18,8 +18,10 @@ import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
+
 from mzoo.ckpt.hf import CheckpointError
-from mzoo.ckpt.sink import Extent, extents_crc
+from mzoo.ckpt.sink import Extent, TensorExtents, extents_crc
 
 SIDECAR = "mzoo.yaml"
 _VERIFIED: set[tuple[int, int, int, int, int, int]] = set()  # (dev, ino, size, mtime_ns, offset, length)
@@ -41,7 +43,7 @@ def _key(path: Path, offset: int = 0, length: int = -1) -> tuple[int, int, int, 
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, offset, length
 
 
-def _recorded(folder: Path) -> tuple[Path, dict[str, str]]:
+def _recorded(folder: Path) -> tuple[Path, dict[str, str], dict[str, int]]:
     """mzoo.yaml's CRC-32 map and the folder its paths are relative to: the checkpoint folder, or
     for a Megatron iteration folder the root above it (where mzoo writes the sidecar)."""
     from mzoo.ckpt.sidecar import read_sidecar
@@ -51,17 +53,18 @@ def _recorded(folder: Path) -> tuple[Path, dict[str, str]]:
             try:
                 side = read_sidecar(base) or {}
             except Exception:  # noqa: BLE001 - a damaged sidecar is inspect's to report; verify by format then
-                return base, {}
-            crcs = side.get("crc32")
-            return base, {str(k): str(v) for k, v in crcs.items()} if isinstance(crcs, dict) else {}
-    return folder, {}
+                return base, {}, {}
+            crcs, sizes = side.get("crc32"), side.get("files")
+            return (base, {str(k): str(v) for k, v in crcs.items()} if isinstance(crcs, dict) else {},
+                    {str(k): v for k, v in sizes.items()} if isinstance(sizes, dict) else {})
+    return folder, {}, {}
 
 
 class Checksums:
     """The CRC-32s recorded for one checkpoint's files; `verify(path)` before reading `path`."""
 
     def __init__(self, folder: str | Path):
-        self.base, self.crcs = _recorded(Path(folder))
+        self.base, self.crcs, self.sizes = _recorded(Path(folder))
 
     def covers(self, path: Path) -> bool:
         return self._rel(path) in self.crcs
@@ -82,6 +85,9 @@ class Checksums:
         key = _key(path)
         if key in _VERIFIED:
             return True
+        if self.sizes.get(rel, key[2]) != key[2]:
+            raise CheckpointError(f"{path} has {key[2]} bytes but mzoo.yaml recorded {self.sizes[rel]}: it is truncated "
+                                  "or corrupt; re-copy it.")
         actual = f"{extents_crc([Extent(Path(path), 0, key[2])]):08x}"
         if actual != self.crcs[rel].lower():
             raise CheckpointError(f"{path} does not match the CRC-32 mzoo.yaml recorded for it: it is corrupted or "
@@ -143,3 +149,40 @@ def archive_problems(folder: Path, fmt: str) -> list[str]:
         except CheckpointError as e:
             problems.append(str(e))
     return problems
+
+
+# ---- non-finite weights: a NaN or Inf converts, inspects and generates silently otherwise --------------
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BLOCK = 16 << 20  # bytes looked at a time: the check's memory stays bounded whatever the tensor's size
+
+
+def is_finite(value: "torch.Tensor | TensorExtents") -> bool:
+    """Whether every element is finite, looked at in blocks of _BLOCK bytes (tensors in memory, or
+    extents of files, read through one reused buffer)."""
+    if value.dtype not in _CHECKED_DTYPES:
+        return True
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        step = max(1, _BLOCK // flat.element_size())
+        return all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step))
+    buf = bytearray(_BLOCK)
+    for e in value.extents:
+        if e.path is None:  # zeros
+            continue
+        with open(e.path, "rb", buffering=0) as f:
+            f.seek(e.offset)
+            left = e.length
+            while left:
+                n = f.readinto(memoryview(buf)[:min(left, _BLOCK)])
+                if not n:
+                    raise CheckpointError(f"{e.path} is truncated; re-copy the checkpoint.")
+                n -= n % value.dtype.itemsize
+                if n and not bool(torch.isfinite(torch.frombuffer(buf, dtype=value.dtype, count=n // value.dtype.itemsize)).all()):
+                    return False
+                left -= n
+                f.seek(e.offset + e.length - left)
+    return True
+
+
+def nonfinite_message(name: str, where: Path, remedy: str) -> str:
+    return f"{name} in {where} holds NaN or Inf values: the checkpoint is damaged or its training diverged; {remedy}."

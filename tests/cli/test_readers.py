@@ -119,3 +119,43 @@ def test_tracker_at_a_missing_iteration_says_why(legacy_root, tmp_path):
     (copy / "latest_checkpointed_iteration.txt").write_text("42\n")
     result = CliRunner().invoke(app, ["inspect", str(copy)])
     assert result.exit_code == 2 and "iter_0000042" in result.output and "does not exist" in result.output, result.output
+
+
+# ---- NaN / Inf weights: convert refuses (unless --allow-nonfinite), inspect --check names, generate refuses ----
+@pytest.fixture(scope="module")
+def nan_hf(tmp_path_factory):
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("nonfinite")
+    hf = make_hf_model(root / "hf", LlamaConfig(**LLAMA))
+    weights = next(hf.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if "layers.1.mlp.down_proj" in n)
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return hf
+
+
+@pytest.mark.parametrize("direction", ["hf->megatron", "hf->hf"])
+def test_convert_refuses_nonfinite_weights(nan_hf, tmp_path, direction):
+    out = tmp_path / "out"
+    refused = CliRunner().invoke(app, ["convert", direction, str(nan_hf), str(out)])
+    assert refused.exit_code == 2 and "NaN or Inf" in refused.output and "--allow-nonfinite" in refused.output, \
+        refused.output
+    assert "decoder.layers.1.mlp.linear_fc2.weight" in refused.output and not out.exists()
+    ok = CliRunner().invoke(app, ["convert", direction, str(nan_hf), str(out), "--allow-nonfinite"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_inspect_check_names_nonfinite_weights(nan_hf):
+    import json
+
+    result = CliRunner().invoke(app, ["inspect", str(nan_hf), "--check", "--json"])
+    problems = json.loads(result.output)["problems"]
+    assert result.exit_code == 1 and any("decoder.layers.1.mlp.linear_fc2.weight" in p and "NaN or Inf" in p
+                                         for p in problems), problems
+
+
+def test_generate_refuses_nonfinite_weights(nan_hf):
+    result = CliRunner().invoke(app, ["generate", str(nan_hf), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"])
+    assert result.exit_code == 2 and "NaN or Inf" in result.output, result.output

@@ -148,3 +148,100 @@ def test_inspect_check_without_sidecar_uses_the_archive_crc(checkpoints, fmt, tm
     bad = CliRunner().invoke(app, ["inspect", str(copy), "--check", "--json"])
     problems = json.loads(bad.output)["problems"]
     assert bad.exit_code == 1 and any(victim.name in p and "CRC-32" in p for p in problems), problems
+
+
+# ---- cases 2 and 13: never follow a symlink out of the folder, except a hub cache's own blobs --------
+def _hub_cache(hf_folder, cache, outside_link=None):
+    """hf_folder laid out as huggingface_hub caches it: snapshots/<rev>/file -> ../../blobs/<sha>."""
+    import hashlib
+    import os
+
+    repo = cache / "models--org--tiny"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / rev
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in sorted(hf_folder.iterdir()):
+        if f.is_file():
+            sha = hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copy(f, repo / "blobs" / sha)
+            os.symlink(f"../../blobs/{sha}", snap / f.name)
+    if outside_link is not None:
+        name, target = outside_link
+        (snap / name).unlink(missing_ok=True)
+        os.symlink(target, snap / name)
+    return repo, snap
+
+
+def test_hub_cache_snapshot_reads(checkpoints, tmp_path):
+    from mzoo.jobs.sources import open_source
+
+    repo, snap = _hub_cache(checkpoints["hf-src"], tmp_path / "hub")
+    for path in (snap, repo):  # the snapshot, or the models--org--name folder (refs/main)
+        src = open_source(path)
+        assert src.fmt == "hf"
+        for t in src.tensors:
+            src.get(t.name)
+
+
+def test_hub_cache_link_out_of_blobs_is_refused(checkpoints, tmp_path):
+    from mzoo.jobs.sources import open_source
+
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"token": "hf_private"}')
+    _, snap = _hub_cache(checkpoints["hf-src"], tmp_path / "hub", ("tokenizer.json", str(secret)))
+    with pytest.raises(CheckpointError, match="outside"):
+        open_source(snap)
+
+
+def test_weights_linked_out_of_the_folder_are_refused(checkpoints, tmp_path):
+    import os
+
+    from mzoo.jobs.sources import open_source
+
+    copy = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf-src"], copy)
+    weights = next(copy.glob("*.safetensors"))
+    moved = tmp_path / "elsewhere.safetensors"
+    weights.rename(moved)
+    os.symlink(moved, weights)
+    with pytest.raises(CheckpointError, match="outside"):
+        open_source(copy)
+
+
+def test_tokenizer_linked_out_of_the_folder_is_refused_by_convert(checkpoints, tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+
+    copy = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf-src"], copy)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN PRIVATE KEY-----")
+    (copy / "tokenizer.json").unlink(missing_ok=True)
+    os.symlink(secret, copy / "tokenizer.json")
+    result = CliRunner().invoke(app, ["convert", "hf->hf", str(copy), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "outside" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_stage_refuses_any_file_linked_out_of_the_folder(checkpoints, tmp_path):
+    """push uploads every file of an HF folder: a linked notes file must not carry a secret out."""
+    import os
+
+    from mzoo.jobs.push import stage
+    from mzoo.jobs.sources import open_source
+
+    copy = tmp_path / "hf"
+    shutil.copytree(checkpoints["hf-src"], copy)
+    secret = tmp_path / "token"
+    secret.write_text("hf_private_token")
+    os.symlink(secret, copy / "notes.txt")
+    with pytest.raises(CheckpointError, match="outside"):
+        src = open_source(copy)
+        stage(src, tmp_path / "staged", src.assets, lambda n: None)
+    assert not (tmp_path / "staged").exists()
