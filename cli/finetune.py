@@ -47,6 +47,7 @@ def finetune(
     megatron_format: str = O.MEGATRON_FORMAT, save_interval: int = O.SAVE_INTERVAL, log_json: Optional[Path] = O.LOG_JSON,
     as_json: bool = typer.Option(False, "--json", help="Print the layout, losses and validation losses as JSON."),
     force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let --save replace what the folder holds."),
 ) -> None:
     """Finetune a checkpoint on prompt/completion, chat or plain-text JSONL; the loss covers only the
     completion (assistant) tokens, examples are packed with attention kept inside each.
@@ -66,7 +67,7 @@ def finetune(
                       force),
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                     clip_grad, seed),
-        outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters),
+        outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters, overwrite),
         save_format=save_format, trust_pickle=trust_pickle)
     prepared = job.prepare_finetune(request)
     stats = prepared.data_stats

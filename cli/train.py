@@ -62,6 +62,8 @@ def train(
                                  "estimate (meta device), and exit without allocating weights or launching."),
     dry_run_rank: int = typer.Option(0, "--dry-run-rank", help="The global rank --dry-run reports on."),
     force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let --save replace another run's iterations, or "
+                                   "add iterations to a folder that is no checkpoint root."),
 ) -> None:
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
 
@@ -85,7 +87,8 @@ def train(
                           distributed_optimizer, force),
         hyper=job.Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                         clip_grad, seed),
-        outputs=job.Outputs(save, save_interval, megatron_format, log_json, tensorboard, eval_interval, eval_iters),
+        outputs=job.Outputs(save, save_interval, megatron_format, log_json, tensorboard, eval_interval, eval_iters,
+                             overwrite),
         data=tuple(data), split=split, tokenizer=tokenizer, mock_data=mock_data, overrides=tuple(override),
         gpus=gpus, gpu=gpu, peak_tflops=peak_tflops, load=load, load_optim=load_optim, dry_run=dry_run,
         trust_pickle=trust_pickle)

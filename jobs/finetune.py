@@ -13,7 +13,7 @@ from mzoo.data import sft as sft_data
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
-from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format,
+from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format, check_save,
                              check_memory, hooks, recompute_options, resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
@@ -69,6 +69,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                        precision=precision, recompute=eng.recompute, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate_choices()
+    check_save(out.save, out.overwrite, req.save_format == "hf", h.steps, out.save_interval)
     sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
     if ex.valid_data is not None:
         sft_data.read_jsonl(ex.valid_data, ex.format)

@@ -18,7 +18,9 @@ import torch
 import yaml
 
 from mzoo.ckpt.assets import Assets, tokenizer_assets
+from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+from mzoo.ckpt.megatron.tracker import TRACKER
 from mzoo.ckpt.megatron.write import add_iteration
 from mzoo.config import ModelConfig
 from mzoo.converters.hf import save_hf
@@ -98,6 +100,7 @@ class Outputs:
     tensorboard: Optional[Path] = None
     eval_interval: int = 0
     eval_iters: int = 2
+    overwrite: bool = False  # --save may replace what the folder holds
 
 
 @dataclass
@@ -226,6 +229,50 @@ def check_memory(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, device: st
     return f"warning: {sentence}; starting anyway (--force)."
 
 
+# ---- the save folder ----------------------------------------------------------------------------------
+def _iterations(root: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in root.glob("iter_[0-9]*") if p.is_dir() and p.name[5:].isdigit())
+
+
+def _written_iterations(start: int, steps: int, interval: int) -> set[int]:
+    """The iterations a run from `start` to `steps` saves: every `interval`, and the last."""
+    return {s for s in range(start + 1, steps) if interval and s % interval == 0} | {steps}
+
+
+def check_save(save: Optional[Path], overwrite: bool, hf: bool, steps: int, interval: int,
+               load: Optional[str] = None) -> None:
+    """Before any work: `--save` can be written, and replaces nothing it was not asked to. An HF save
+    replaces the whole folder, so a non-empty one needs --overwrite; a Megatron root gains iterations,
+    but one that holds another run's iteration this run would write (or is not a checkpoint) needs it too."""
+    if save is None:
+        return
+    save = Path(save)
+    check_destination(save, overwrite=True)  # parent exists, writable
+    if not save.exists():
+        return
+    if not save.is_dir():
+        raise UserError(f"--save {save} is a file, not a folder; choose a folder (it is created if missing).")
+    if not os.access(save, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --save {save} (no permission, or a read-only file system); "
+                        f"choose a writable folder.")
+    if overwrite or not any(save.iterdir()):
+        return
+    if hf:
+        raise UserError(f"--save {save} already holds files, which an HF save would replace; choose a new or "
+                        f"empty folder, or pass --overwrite to replace it.")
+    if not (save / TRACKER).exists() and not _iterations(save):
+        raise UserError(f"--save {save} holds files but is no checkpoint root; choose a new or empty folder, or "
+                        f"pass --overwrite to add iterations to it anyway.")
+    start = 0
+    if load is not None and (save / TRACKER).exists() and Path(load).resolve() in (save.resolve(),
+                                                                                    save.resolve().parent):
+        start = max(_iterations(save), default=0)
+    clash = sorted(set(_iterations(save)) & _written_iterations(start, steps, interval))
+    if clash:
+        raise UserError(f"--save {save} already holds iteration {clash[0]} from another run, which this run would "
+                        f"replace; save elsewhere, resume it with --load {save}, or pass --overwrite.")
+
+
 # ---- the engine's hooks ----------------------------------------------------------------------------------
 def checkpoint_layout(cfg: ModelConfig, layout: Layout, iteration: int) -> MegatronCheckpoint:
     """The layout a training save records: the one the run used (its TP, PP, VPP, EP and stage split)."""
@@ -349,6 +396,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))
+    check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves

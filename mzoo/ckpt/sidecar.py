@@ -30,7 +30,11 @@ def write_sidecar(
     dtype: str,
     layout: Optional[Layout] = None,
     extra: Optional[dict[str, Any]] = None,
+    skip: str = "",
+    rehash: str = "",
 ) -> None:
+    """`skip`: a subfolder not to vouch for (yet); `rehash`: one whose files were replaced in place, so
+    the checksums recorded earlier for it are not reused."""
     folder = Path(folder)
     # the tracker moves after the sidecar is written and temporary names are renamed away: neither
     # is part of what the sidecar vouches for
@@ -38,9 +42,12 @@ def write_sidecar(
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in (SIDECAR, TRACKER) and ".mzoo-tmp" not in str(p.relative_to(folder))
+        and not (skip and str(p.relative_to(folder)).startswith(skip + "/"))
     }
     previous = read_sidecar(folder) or {}
     known, sizes = previous.get("crc32") or {}, previous.get("files") or {}
+    if rehash:
+        known = {rel: crc for rel, crc in known.items() if not rel.startswith(rehash + "/")}
     # files of earlier iterations are immutable once renamed into place, and files this process
     # wrote through a FileSink were hashed on the way out: read back only the rest
     checksums = {rel: known[rel] if rel in known and sizes.get(rel) == size else _crc32_written(folder / rel)

@@ -63,11 +63,12 @@ def add_iteration(root: Path, cfg: ModelConfig, tensors: list[CanonicalTensor], 
         extra(tmp)
         honour_umask_tree(tmp)
         fsync_tree(tmp)
-        switch = exchange if replaced else rename_noreplace
+        if replaced:  # mzoo.yaml stops vouching for the old copy before it is swapped out
+            _finish_root(root, cfg, target, dtype, iteration, assets, skip=final.name, tracker=False)
         fault("before-switch")
-        switch(tmp, final)
+        (exchange if replaced else rename_noreplace)(tmp, final)
         fault("after-exchange" if replaced else "after-rename")
-        _finish_root(root, cfg, target, dtype, iteration, assets)
+        _finish_root(root, cfg, target, dtype, iteration, assets, rehash=final.name if replaced else "")
         fault("after-tracker")
     except BaseException as e:  # before the switch tmp is the partial new copy, after it the old one
         remove(tmp)
@@ -111,10 +112,12 @@ def _write_iteration(folder: Path, cfg: ModelConfig, tensors: list[CanonicalTens
 
 
 def _finish_root(root: Path, cfg: ModelConfig, target: Target, dtype: torch.dtype, iteration: int | str,
-                 assets: Assets = Assets()) -> None:
+                 assets: Assets = Assets(), skip: str = "", rehash: str = "", tracker: bool = True) -> None:
     lay = target.megatron
     extra = {"iteration": iteration, "spec": lay.spelling, "padded_vocab_size": lay.padded_vocab(cfg)}
     if assets.special:
         extra["special_tokens"] = dict(assets.special)
-    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout, extra=extra)
-    write_tracker(root, iteration)  # last: marks the checkpoint complete
+    write_sidecar(root, cfg, target.fmt, str(dtype).replace("torch.", ""), lay.layout, extra=extra, skip=skip,
+                  rehash=rehash)
+    if tracker:
+        write_tracker(root, iteration)  # last: marks the checkpoint complete
