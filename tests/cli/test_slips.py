@@ -59,3 +59,29 @@ def test_step_lines_and_summary_go_to_stdout_json_alone(tmp_path):
     assert "loss" not in out.stderr
     data = json.loads(mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--json").stdout)  # nothing else on stdout
     assert len(data["losses"]) == 2
+
+
+def _corpus(tmp_path, documents: int = 500):
+    """A Megatron indexed dataset of `documents` short documents (what `mzoo data prepare` writes)."""
+    import numpy as np
+
+    from mzoo.data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "corpus"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(documents):
+            w.add_document(rng.integers(0, 1000, 20))
+    return prefix
+
+
+def test_default_split_trains_a_small_corpus_when_no_evaluation_is_asked(tmp_path):
+    data = _corpus(tmp_path)  # 969,30,1 of 500 documents leaves the test split empty
+    args = ("train", "gpt-tiny", "--data", data, "--seq-len", "16", "--micro-batch", "1", "--global-batch", "1",
+            "--device", "cpu", "--steps", "2")
+    out = mzoo(*args, "--json")
+    assert len(json.loads(out.stdout)["losses"]) == 2
+    for split in ("1000,0,0", "999,1,0"):  # no share; a share of no document
+        asked = mzoo(*args, "--split", split, "--eval-interval", "1", check=False)
+        assert asked.returncode == 2 and "Traceback" not in asked.stderr
+        assert "the valid split" in asked.stderr and "is empty" in asked.stderr and "--split" in asked.stderr
