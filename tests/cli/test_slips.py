@@ -85,3 +85,17 @@ def test_default_split_trains_a_small_corpus_when_no_evaluation_is_asked(tmp_pat
         asked = mzoo(*args, "--split", split, "--eval-interval", "1", check=False)
         assert asked.returncode == 2 and "Traceback" not in asked.stderr
         assert "the valid split" in asked.stderr and "is empty" in asked.stderr and "--split" in asked.stderr
+
+
+def test_plan_check_exit_codes_are_the_ones_its_help_documents():
+    """0: the layout is valid and fits; 1: valid but does not fit; 2: not valid for this model and GPU
+    count, or --check is malformed (stated in --help)."""
+    help_text = " ".join(mzoo("plan", "--help").stdout.split())
+    assert "0 when --check's layout is valid and fits" in help_text
+    assert "1 when it is valid but does not fit" in help_text and "2 when it is not valid" in help_text
+    base = ("plan", "llama3-8b", "--gpus", "8", "--check")
+    assert mzoo(*base, "tp=8").returncode == 0
+    assert mzoo(*base, "tp=1,pp=1", check=False).returncode == 1  # 8B unsharded over DP: 81 GiB on 80
+    for invalid in ("tp=3,dp=1", "tp=7", "ep=2", "tpp=1"):  # query groups; the GPU count; dense; malformed
+        proc = mzoo(*base, invalid, check=False)
+        assert proc.returncode == 2, invalid
