@@ -99,3 +99,29 @@ def test_plan_check_exit_codes_are_the_ones_its_help_documents():
     for invalid in ("tp=3,dp=1", "tp=7", "ep=2", "tpp=1"):  # query groups; the GPU count; dense; malformed
         proc = mzoo(*base, invalid, check=False)
         assert proc.returncode == 2, invalid
+
+
+def test_verify_default_catches_one_corrupted_embedding_row(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mzoo.jobs.verify import sample_tokens
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    informative_init("llama-tiny", a)
+    shutil.copytree(a, b)
+    (shard,) = b.glob("*.safetensors")
+    tensors = load_file(shard)
+    emb = tensors["model.embed_tokens.weight"]
+    unseen = sorted(set(range(emb.shape[0])) - set(sample_tokens(emb.shape[0]).flatten().tolist()))[0]
+    emb[unseen] += 0.5  # a row the default's random tokens never read
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (b / "mzoo.yaml").unlink()  # no recorded checksums: only the comparison can tell
+    proc = mzoo("verify", a, b, "--json", check=False)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1 and data["match"] is False
+    assert data["worst_tensor"] == "embedding.word_embeddings.weight" and data["max_tensor_diff"] == 0.5
+    same = json.loads(mzoo("verify", a, a, "--json").stdout)
+    assert same["match"] and same["max_tensor_diff"] == 0.0 and same["tensors"] > 0
