@@ -88,7 +88,8 @@ def plan(
 
     Example: mzoo plan llama3-70b --gpus 64 --seq-len 8192 --global-batch 512
              mzoo plan deepseek-v3 --gpus 1024 --engine megatron --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
-    Exit status: 0, or 1 when --check's layout does not fit or is not valid.
+    Exit status: 0 when --check's layout is valid and fits (on every --gpu), 1 when it is valid but
+    does not fit, 2 when it is not valid for this model and GPU count or --check is malformed.
     """
     from mzoo.jobs.plan import PlanRequest, plan as run
 
@@ -98,7 +99,7 @@ def plan(
     result = run(request)
     _show(result, as_json)
     if result.checked and not result.feasible:
-        raise typer.Exit(1)
+        raise typer.Exit(2 if not all(p.valid for p in result.plans) else 1)
 
 
 def _settings_dict(settings) -> dict:

@@ -24,7 +24,7 @@ def verify(
     vocab_size: Optional[int] = O.VOCAB_SIZE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Run both checkpoints on the same tokens and compare logits on the true vocabulary; exit 0 only if they match.
+    """Compare every tensor of both checkpoints and their logits on the same tokens; exit 0 only if both match.
 
     Example: mzoo verify ./llama-hf ./llama-mcore-tp2pp2
     """
@@ -37,6 +37,8 @@ def verify(
         verdict = "[green]match[/]" if result.match else "[red]MISMATCH[/]"
         console.print(f"max |Δlogits| {result.max_abs_diff:.3e} (tolerance {tolerance:g}), mean KL "
                       f"{result.mean_kl:.3e}, argmax agreement {result.argmax_agreement:.2%} over "
-                      f"{result.tokens} tokens: {verdict}")
+                      f"{result.tokens} tokens; max |Δ| {result.max_tensor_diff:.3e} over all {result.tensors} "
+                      f"tensors" + (f" (worst: {result.worst_tensor})" if result.worst_tensor else "") + f": {verdict}",
+                      highlight=False)
     if not result.match:
         raise typer.Exit(1)

@@ -403,9 +403,13 @@ def prepare_train(req: TrainRequest) -> Prepared:
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
     if not req.mock_data and not in_launcher():  # build (and cache) the sample indices now: bad data fails here
-        build_gpt_datasets(replace(data_cfg, seq_len=tcfg.seq_len, seed=tcfg.seed, vocab_size=cfg.vocab_size),
-                           (tcfg.steps * tcfg.global_batch, tcfg.eval_iters * tcfg.global_batch
-                            if tcfg.eval_interval else None, None))
+        _, valid, _ = build_gpt_datasets(
+            replace(data_cfg, seq_len=tcfg.seq_len, seed=tcfg.seed, vocab_size=cfg.vocab_size),
+            (tcfg.steps * tcfg.global_batch, tcfg.eval_iters * tcfg.global_batch if tcfg.eval_interval else None,
+             None), (True, bool(tcfg.eval_interval), False))
+        if tcfg.eval_interval and valid is None:
+            raise UserError(f"the valid split is empty: --split {req.split} gives it no share, and --eval-interval "
+                            "needs one; pass a valid share (e.g. --split 90,10,0) or drop --eval-interval.")
     notes = []
     if not req.dry_run:
         warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)

@@ -1,4 +1,6 @@
-"""Are two checkpoints the same model? Run both on one token batch and compare logits.
+"""Are two checkpoints the same model? Compare every canonical tensor, one at a time (a random token
+batch reads only a few embedding rows, so a corrupted row elsewhere would pass), and run both on one
+token batch and compare logits.
 
 Both sides run in mzoo's engine in fp32 (any format, any layout: tensors are merged to the
 canonical form first), or one side in transformers itself (`against_transformers`).
@@ -6,7 +8,8 @@ canonical form first), or one side in transformers itself (`against_transformers
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -29,10 +32,13 @@ class Comparison:
     argmax_agreement: float
     tokens: int
     tolerance: float = VERIFY_TOLERANCE
+    tensors: int = 0  # canonical tensors compared directly (0: logits only)
+    max_tensor_diff: float = 0.0  # largest |a - b| over every element of those tensors (fp32)
+    worst_tensor: Optional[str] = None
 
     @property
     def match(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return self.max_abs_diff <= self.tolerance and self.max_tensor_diff <= self.tolerance
 
     def as_dict(self) -> dict:
         return {**asdict(self), "match": self.match}
@@ -62,6 +68,30 @@ def source_logits(src, ids: torch.Tensor) -> torch.Tensor:
     return model.eval()(ids)
 
 
+@dataclass(frozen=True)
+class TensorDiff:
+    tensors: int
+    max_diff: float
+    worst: Optional[str]
+
+
+@torch.no_grad()
+def compare_tensors(a, b) -> TensorDiff:
+    """Every canonical tensor of two sources, streamed one pair at a time (memory: two tensors), in
+    fp32; a tensor one side lacks or shapes differently counts as an infinite difference."""
+    shapes_b = {t.name: t.shape for t in b.tensors}
+    worst, largest = None, 0.0
+    for t in a.tensors:
+        diff = float("inf") if shapes_b.get(t.name) != t.shape else \
+            (a.get(t.name).float() - b.get(t.name).float()).abs().max().item() if math.prod(t.shape) else 0.0
+        diff = float("inf") if math.isnan(diff) else diff  # NaN on one side is a difference
+        if diff > largest:
+            worst, largest = t.name, diff
+    if set(shapes_b) - {t.name for t in a.tensors}:
+        worst, largest = sorted(set(shapes_b) - {t.name for t in a.tensors})[0], float("inf")
+    return TensorDiff(len(a.tensors), largest, worst)
+
+
 def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance: float = VERIFY_TOLERANCE) -> Comparison:
     if a.cfg.vocab_size != b.cfg.vocab_size:
         raise UserError(
@@ -70,7 +100,9 @@ def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance
         )
     seq = min(seq, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
     ids = sample_tokens(a.cfg.vocab_size, batch, seq, seed)
-    return compare_logits(source_logits(a, ids), source_logits(b, ids), tolerance)
+    logits = compare_logits(source_logits(a, ids), source_logits(b, ids), tolerance)
+    tensors = compare_tensors(a, b)
+    return replace(logits, tensors=tensors.tensors, max_tensor_diff=tensors.max_diff, worst_tensor=tensors.worst)
 
 
 @torch.no_grad()

@@ -45,6 +45,11 @@ class GPTDataset:
             raise DataError(f"sequence length must be at least 1, not {seq_len}.")
         self.dataset, self.indices, self.num_samples = dataset, np.asarray(indices, np.int32), num_samples
         self.split, self.seq_len, self.seed = split, seq_len, seed
+        if len(self.indices) == 0:
+            raise DataError(
+                f"the {split} split of {dataset.prefix} is empty: its share in --split gives it none of the "
+                f"{len(dataset)} documents; pass a larger {split} share (e.g. --split 90,10,0 for valid) or "
+                "evaluate less (no --eval-interval).")
         tokens_per_epoch = int(np.sum(dataset.sequence_lengths[self.indices], dtype=np.int64))
         if tokens_per_epoch < seq_len + 1:
             raise DataError(
@@ -217,12 +222,13 @@ def data_config_from_flags(data: Sequence[str], split: str, mock: bool, tokenize
     return DataConfig(prefixes=prefixes, weights=weights, split=split)
 
 
-def build_gpt_datasets(cfg: DataConfig, num_samples: Sequence[Optional[int]] = (None, None, None)
-                       ) -> list[Optional[Dataset]]:
+def build_gpt_datasets(cfg: DataConfig, num_samples: Sequence[Optional[int]] = (None, None, None),
+                       wanted: Sequence[bool] = (True, True, True)) -> list[Optional[Dataset]]:
     """[train, valid, test] datasets, like Megatron's BlendedMegatronDatasetBuilder with GPTDataset.
 
     `num_samples[i]` is how many samples split i must provide (None: one epoch). A split whose share
-    is zero is None. With weights, each split is a BlendedDataset of about num_samples[i] samples."""
+    is zero, or that is not `wanted` (no evaluation asked: a small corpus may leave it empty), is None.
+    With weights, each split is a BlendedDataset of about num_samples[i] samples."""
     if cfg.mock:
         if not cfg.vocab_size:
             raise DataError("mock data needs the model's vocabulary size.")
@@ -231,7 +237,7 @@ def build_gpt_datasets(cfg: DataConfig, num_samples: Sequence[Optional[int]] = (
         raise DataError("no data given; pass dataset prefixes written by `mzoo data prepare`, or use --mock-data.")
     if cfg.weights is not None and len(cfg.weights) != len(cfg.prefixes):
         raise DataError(f"{len(cfg.weights)} weights for {len(cfg.prefixes)} datasets; give one weight per prefix.")
-    bookends = parse_split(cfg.split)
+    bookends = [b if want else None for b, want in zip(parse_split(cfg.split), wanted)]
     if cfg.weights is not None:
         missing = [SPLITS[i] for i, b in enumerate(bookends) if b is not None and num_samples[i] is None]
         if missing:

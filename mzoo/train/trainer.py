@@ -130,7 +130,7 @@ def dataset_samplers(data_cfg, num_train: int, num_valid: Optional[int], state: 
     from mzoo.data.gpt import build_gpt_datasets
 
     def build():
-        return build_gpt_datasets(data_cfg, (num_train, num_valid, None))
+        return build_gpt_datasets(data_cfg, (num_train, num_valid, None), (True, num_valid is not None, False))
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         splits = build() if dist.get_rank() == 0 else None

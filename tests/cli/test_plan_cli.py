@@ -64,7 +64,7 @@ def test_check_fits_and_does_not_fit():
     assert fits.returncode == 0 and "fits:" in fits.stdout and "memory (GiB" in fits.stdout
     ours = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
                 "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it has no CP yet
-    assert ours.returncode == 1 and "mzoo's engine has no context parallelism yet (cp=2)" in ours.stdout
+    assert ours.returncode == 2 and "mzoo's engine has no context parallelism yet (cp=2)" in ours.stdout  # not valid
     assert "Megatron-Core + TE: fits:" in ours.stdout  # the labelled comparison
     tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
                  "--json")
@@ -73,7 +73,7 @@ def test_check_fits_and_does_not_fit():
     assert not layout["feasible"] and layout["dp"] == 8 and layout["memory_gb"] > 80
     assert layout["verdict"].startswith("does not fit") and "largest part" in layout["verdict"]
     invalid = mzoo("plan", "llama3-8b", "--gpus", 8, "--check", "tp=8,pp=1,dp=2")
-    assert invalid.returncode == 1 and "not valid" in invalid.stdout
+    assert invalid.returncode == 2 and "not valid" in invalid.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -59,3 +59,69 @@ def test_step_lines_and_summary_go_to_stdout_json_alone(tmp_path):
     assert "loss" not in out.stderr
     data = json.loads(mzoo("train", "gpt-tiny", *TINY, "--steps", "2", "--json").stdout)  # nothing else on stdout
     assert len(data["losses"]) == 2
+
+
+def _corpus(tmp_path, documents: int = 500):
+    """A Megatron indexed dataset of `documents` short documents (what `mzoo data prepare` writes)."""
+    import numpy as np
+
+    from mzoo.data.indexed import IndexedDatasetWriter
+
+    prefix = tmp_path / "corpus"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for _ in range(documents):
+            w.add_document(rng.integers(0, 1000, 20))
+    return prefix
+
+
+def test_default_split_trains_a_small_corpus_when_no_evaluation_is_asked(tmp_path):
+    data = _corpus(tmp_path)  # 969,30,1 of 500 documents leaves the test split empty
+    args = ("train", "gpt-tiny", "--data", data, "--seq-len", "16", "--micro-batch", "1", "--global-batch", "1",
+            "--device", "cpu", "--steps", "2")
+    out = mzoo(*args, "--json")
+    assert len(json.loads(out.stdout)["losses"]) == 2
+    for split in ("1000,0,0", "999,1,0"):  # no share; a share of no document
+        asked = mzoo(*args, "--split", split, "--eval-interval", "1", check=False)
+        assert asked.returncode == 2 and "Traceback" not in asked.stderr
+        assert "the valid split" in asked.stderr and "is empty" in asked.stderr and "--split" in asked.stderr
+
+
+def test_plan_check_exit_codes_are_the_ones_its_help_documents():
+    """0: the layout is valid and fits; 1: valid but does not fit; 2: not valid for this model and GPU
+    count, or --check is malformed (stated in --help)."""
+    help_text = " ".join(mzoo("plan", "--help").stdout.split())
+    assert "0 when --check's layout is valid and fits" in help_text
+    assert "1 when it is valid but does not fit" in help_text and "2 when it is not valid" in help_text
+    base = ("plan", "llama3-8b", "--gpus", "8", "--check")
+    assert mzoo(*base, "tp=8").returncode == 0
+    assert mzoo(*base, "tp=1,pp=1", check=False).returncode == 1  # 8B unsharded over DP: 81 GiB on 80
+    for invalid in ("tp=3,dp=1", "tp=7", "ep=2", "tpp=1"):  # query groups; the GPU count; dense; malformed
+        proc = mzoo(*base, invalid, check=False)
+        assert proc.returncode == 2, invalid
+
+
+def test_verify_default_catches_one_corrupted_embedding_row(tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mzoo.jobs.verify import sample_tokens
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    informative_init("llama-tiny", a)
+    shutil.copytree(a, b)
+    (shard,) = b.glob("*.safetensors")
+    tensors = load_file(shard)
+    emb = tensors["model.embed_tokens.weight"]
+    unseen = sorted(set(range(emb.shape[0])) - set(sample_tokens(emb.shape[0]).flatten().tolist()))[0]
+    emb[unseen] += 0.5  # a row the default's random tokens never read
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (b / "mzoo.yaml").unlink()  # no recorded checksums: only the comparison can tell
+    proc = mzoo("verify", a, b, "--json", check=False)
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 1 and data["match"] is False
+    assert data["worst_tensor"] == "embedding.word_embeddings.weight" and data["max_tensor_diff"] == 0.5
+    same = json.loads(mzoo("verify", a, a, "--json").stdout)
+    assert same["match"] and same["max_tensor_diff"] == 0.0 and same["tensors"] > 0
