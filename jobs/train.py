@@ -236,6 +236,8 @@ def _iterations(root: Path) -> list[int]:
 
 def _written_iterations(start: int, steps: int, interval: int) -> set[int]:
     """The iterations a run from `start` to `steps` saves: every `interval`, and the last."""
+    if steps <= start:  # nothing to train: nothing is written
+        return set()
     return {s for s in range(start + 1, steps) if interval and s % interval == 0} | {steps}
 
 
@@ -396,9 +398,9 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))
-    check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
+    check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
