@@ -17,6 +17,7 @@ from torch import nn
 from mzoo.ckpt.assets import GENERATION, Assets, generation_config, write_special
 from mzoo.ckpt.atomic import atomic_dir
 from mzoo.ckpt.hf import HFReader, HFWriter, dtype_name, storage_dtype, write_json
+from mzoo.ckpt.layers import check_layer_count, held_layers
 from mzoo.ckpt.sidecar import write_sidecar
 from mzoo.ckpt.sink import TensorExtents
 from mzoo.config import ModelConfig
@@ -30,6 +31,10 @@ def read_config(path: str | Path) -> tuple[HFReader, adapters.Adapter, ModelConf
     reader = HFReader(path)
     adapter = adapters.for_hf_config(reader.config)
     cfg = adapter.config_from_hf(reader.config)
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in reader.config), "num_hidden_layers")
+    extra = reader.config.get("num_nextn_predict_layers") or 0  # DeepSeek's MTP layers, ignored on read
+    check_layer_count(cfg.num_layers, held_layers(reader.names()), str(Path(path) / "config.json"),
+                      "its weight files", extra if isinstance(extra, int) else 0, key)
     cfg.validate(str(path))
     return reader, adapter, cfg
 

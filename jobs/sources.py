@@ -14,6 +14,7 @@ from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.assets import Assets, folder_assets, megatron_assets
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
+from mzoo.ckpt.layers import check_layer_count, dist_layers
 from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.bridge import read_run_config, run_config_to_args
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
@@ -113,6 +114,12 @@ def _megatron_config(root: Path, args: Any, vocab_size: Optional[int]) -> ModelC
     return cfg
 
 
+def _config_name(root: Path) -> str:
+    """What a Megatron checkpoint's layer count was read from, for the sentence that refuses it."""
+    side = read_sidecar(root)
+    return str(root / "mzoo.yaml") if side and "model" in side else f"{root}'s Megatron args"
+
+
 def _trim(spec: ShardSpec, value: torch.Tensor, vocab: int) -> torch.Tensor:
     return value[:vocab] if spec.vocab and value.shape[0] > vocab else value
 
@@ -134,6 +141,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     if fmt == "torch":
         reader = legacy.LegacyReader(path, trust_pickle)
         cfg = _megatron_config(root, reader.args, vocab_size)
+        check_layer_count(cfg.num_layers, reader.layer_count(), _config_name(root), "its rank files")
         tensors = canonical_tensors(cfg)
         specs = {t.name: t.spec for t in tensors}
         reader.bind(cfg.num_layers, specs, cfg.moe.num_experts if cfg.moe else 0)
@@ -149,6 +157,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
     if args is not None:
         check_expert_tp(args)
     cfg = _megatron_config(root, args, vocab_size)
+    check_layer_count(cfg.num_layers, dist_layers(store.keys(), store.shape), _config_name(root), f"its {fmt} files")
     tensors = canonical_tensors(cfg)
     specs = {t.name: t.spec for t in tensors}
     keys = set(store.keys())

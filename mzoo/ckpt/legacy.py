@@ -21,6 +21,7 @@ import torch
 
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.integrity import Checksums, verify_torch_archive
+from mzoo.ckpt.layers import held_layers
 from mzoo.ckpt.megatron.args import args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
@@ -171,6 +172,13 @@ class LegacyReader:
             state = self._load(rank)
             out[rank] = {k: set(v) for k, v in state.items() if k.startswith("model") and isinstance(v, dict)}
         return out
+
+    def layer_count(self) -> int:
+        """Layers the rank files hold: each stage's local layer numbers (0.. per model chunk), summed
+        over the pipeline stages and virtual chunks of TP rank 0, EP rank 0."""
+        names = self._names()
+        return sum(held_layers(keys) for (t, _, e), chunks in names.items() if t == 0 and e == 0
+                   for keys in chunks.values())
 
     def bind(self, num_layers: int, specs: dict[str, ShardSpec], num_experts: int = 0) -> None:
         """Tell the reader the model's layers, experts and ShardSpecs (from a meta model); finds

@@ -3,10 +3,11 @@ models shard them; per-rank and global parameter counts are sums of the same blo
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-from mzoo.config import ModelConfig
+from mzoo.config import HYBRID_SYMBOLS, ModelConfig
 from mzoo.layout import Layout
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.plan.profile import Profile
@@ -45,9 +46,26 @@ class BlockParams:
 
 def layer_blocks(cfg: ModelConfig, index: int) -> tuple[str, ...]:
     """The blocks of one layer: a transformer layer is attention + (MLP or MoE); hybrid layers one each."""
-    kind = cfg.layer_types[index]
+    return layer_blocks_of(cfg.layer_types[index], cfg, cfg.is_moe_layer(index))
+
+
+def layer_kind_counts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], int]]:
+    """(blocks of a layer, how many layers of that kind) over the whole model, without a walk over
+    the layers where the kinds follow from counts (a config claiming 10M layers answers at once)."""
+    if cfg.ssm is not None and cfg.ssm.hybrid_pattern:
+        counts = Counter(cfg.ssm.hybrid_pattern)  # as long as num_layers, already in memory
+        return [(layer_blocks_of(HYBRID_SYMBOLS[c], cfg, False), n) for c, n in counts.items()]
+    if cfg.ssm is not None:
+        return [(("mamba",), cfg.num_layers)]
+    routed = len(cfg.moe_layers)
+    out = [(layer_blocks_of("transformer", cfg, True), routed), (layer_blocks_of("transformer", cfg, False),
+                                                                 cfg.num_layers - routed)]
+    return [(blocks, n) for blocks, n in out if n]
+
+
+def layer_blocks_of(kind: str, cfg: ModelConfig, moe: bool) -> tuple[str, ...]:
     if kind == "transformer":
-        return ("mla" if cfg.mla is not None else "gqa", "moe" if cfg.is_moe_layer(index) else "mlp")
+        return ("mla" if cfg.mla is not None else "gqa", "moe" if moe else "mlp")
     return {"attention": ("gqa",), "mlp": ("mlp",), "moe": ("moe",), "mamba": ("mamba",)}[kind]
 
 
@@ -349,9 +367,11 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     """Exact count of the whole model, without building it: the per-rank count at tp 1 on one stage, on
     the true (unpadded) vocabulary, tied embeddings once. A token touches top_k of each layer's routed
     experts (every expert of a block has the same size)."""
-    whole = Layout()
-    stage = stages(cfg, whole)[0]
-    p = Model(cfg).params(stage.layers, Shard(1, 1, 1, False)) + end_params(cfg, stage, cfg.vocab_size)
+    stage = Stage(0, (), 1, True, True, not cfg.tie_embeddings)
+    p = end_params(cfg, stage, cfg.vocab_size)
+    for blocks, n in layer_kind_counts(cfg):
+        for b in blocks:
+            p += block_params(cfg, b, Shard(1, 1, 1, False)).times(n)
     active = p.total - p.expert + (p.expert * cfg.moe.top_k // cfg.moe.num_experts if p.expert else 0)
     return ParamCount(total=p.total, active=active)
 
