@@ -157,6 +157,6 @@ def test_param_count_is_constant_time_in_layers():
     small, huge = count_params(cfg), None
     start = time.perf_counter()
     huge = count_params(cfg.replace(num_layers=HUGE_LAYERS))
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5  # walking every layer took over 10 s; a loaded 2-core machine needs the slack
     per_layer = (count_params(cfg.replace(num_layers=3)).total - small.total)
     assert huge.total == small.total + per_layer * (HUGE_LAYERS - 2)
