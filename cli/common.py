@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -52,5 +53,17 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def finite_json(data: Any) -> Any:
+    """`data` with NaN and infinities as null: JSON has no such numbers, and `Infinity` breaks strict
+    readers (jq, JSON.parse)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.write(json.dumps(finite_json(data), indent=2, allow_nan=False) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from informative import informative_init
 from test_cli import mzoo
 
@@ -125,3 +127,13 @@ def test_verify_default_catches_one_corrupted_embedding_row(tmp_path):
     assert data["worst_tensor"] == "embedding.word_embeddings.weight" and data["max_tensor_diff"] == 0.5
     same = json.loads(mzoo("verify", a, a, "--json").stdout)
     assert same["match"] and same["max_tensor_diff"] == 0.0 and same["tensors"] > 0
+
+
+def test_json_output_is_strict_json_when_a_difference_is_infinite(capsys):
+    """verify's max_tensor_diff is inf for a missing tensor: --json writes null, never `Infinity`."""
+    from mzoo.cli.common import print_json
+
+    print_json({"max_tensor_diff": float("inf"), "rows": [float("nan"), 1.5]})
+    out = capsys.readouterr().out
+    assert json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
+        {"max_tensor_diff": None, "rows": [None, 1.5]}
