@@ -20,7 +20,8 @@ def finetune(
                             "chat ({messages})."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the checkpoint's)."),
     valid_data: Optional[Path] = typer.Option(None, "--valid-data", help="Validation examples (same format)."),
-    valid_fraction: float = O.option(0.0, "--valid-fraction", help="Hold out this share of --data for validation.", rule=V.FRACTION),
+    valid_fraction: float = O.option(0.0, "--valid-fraction", help="Hold out this share of --data for validation.",
+                                     rule=V.FRACTION),
     packing: bool = typer.Option(True, "--pack/--no-pack", help="Pack several examples per sequence (attention stays "
                                  "within each)."),
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,

@@ -20,7 +20,8 @@ def option(default: Any, *decls: str, rule: Optional[Rule] = None, **kwargs: Any
 # ---- checkpoint reading ----------------------------------------------------------------------------------
 TRUST_PICKLE = typer.Option(False, "--trust-pickle", help="Unpickle objects outside mzoo's allowlist (trusted files "
                                                           "only).")
-VOCAB_SIZE = option(None, "--vocab-size", help="True vocabulary size when the source records only a padded one.", rule=POSITIVE)
+VOCAB_SIZE = option(None, "--vocab-size", help="True vocabulary size when the source records only a padded one.",
+                    rule=POSITIVE)
 
 # ---- output -------------------------------------------------------------------------------------------------
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")
@@ -29,7 +30,8 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar or summary.")
 OUT_TP = option(1, "--tp", help="Tensor-parallel size of the output.", rule=POSITIVE)
 OUT_PP = option(1, "--pp", help="Pipeline-parallel size of the output.", rule=POSITIVE)
 OUT_VPP = option(1, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).", rule=POSITIVE)
-OUT_EP = option(1, "--ep", help="Expert-parallel size of the output (MoE models; must divide the experts).", rule=POSITIVE)
+OUT_EP = option(1, "--ep", help="Expert-parallel size of the output (MoE models; must divide the experts).",
+                rule=POSITIVE)
 FIRST = typer.Option(None, "--first-stage-layers", help="Layers on the first pipeline stage (uneven split).")
 LAST = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeline stage (uneven split).")
 

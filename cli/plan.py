@@ -60,10 +60,12 @@ def plan(
                                   "h200, a100-80gb, b200, ... (docs/plan.md)."),
     gpus_per_node: int = O.option(8, "--gpus-per-node", help="GPUs per node (NVLink domain).", rule=V.POSITIVE),
     seq_len: Optional[int] = O.option(None, "--seq-len",
-                                          help="Tokens per sample (default: min(4096, the model's context)).", rule=V.POSITIVE),
+                                          help="Tokens per sample (default: min(4096, the model's context)).",
+      rule=V.POSITIVE),
     global_batch: Optional[int] = O.option(None, "--global-batch",
                                                help="Samples per step (default: about 4M tokens).", rule=V.POSITIVE),
-    micro_batch: int = O.option(1, "--micro-batch", help="Samples per micro-batch per data-parallel rank.", rule=V.POSITIVE),
+    micro_batch: int = O.option(1, "--micro-batch", help="Samples per micro-batch per data-parallel rank.",
+                                rule=V.POSITIVE),
     recompute: str = typer.Option("none", "--recompute", help="Activation recomputation: none, selective or full."),
     distributed_optimizer: bool = typer.Option(True, "--distributed-optimizer/--no-distributed-optimizer",
                                                help="Shard fp32 master weights and Adam states over DP x CP."),
@@ -75,7 +77,8 @@ def plan(
     engine: str = typer.Option("mzoo", "--engine", help="Whose memory and speed to rank by: mzoo (its own engine, "
                                "bf16; Megatron-Core + TE shown beside) or megatron."),
     headroom: float = O.option(0.05, "--headroom", help="Share of each GPU's memory kept free for the allocator's "
-                                   "fragmentation and caches (the runtime's fixed memory is counted apart).", rule=V.FRACTION),
+                                   "fragmentation and caches (the runtime's fixed memory is counted apart).",
+      rule=V.FRACTION),
     top: int = O.option(10, "--top", help="Show the best K layouts per GPU type.", rule=V.POSITIVE),
     check: Optional[str] = typer.Option(None, "--check", help="Evaluate one layout, e.g. tp=4,pp=4,ep=8 "
                                         "(keys: tp pp vpp ep etp cp dp first last)."),

@@ -32,20 +32,26 @@ def train(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check that this tokenizer fits the model's "
                                              "vocabulary."),
     mock_data: bool = typer.Option(False, "--mock-data", help="Random tokens instead of --data."),
-    seq_len: Optional[int] = O.option(None, help="Tokens per sample (default: the preset's recipe, else 128).", rule=V.POSITIVE),
-    micro_batch: Optional[int] = O.option(None, help="Samples per micro-batch per DP rank (recipe, else 2).", rule=V.POSITIVE),
+    seq_len: Optional[int] = O.option(None, help="Tokens per sample (default: the preset's recipe, else 128).",
+                                      rule=V.POSITIVE),
+    micro_batch: Optional[int] = O.option(None, help="Samples per micro-batch per DP rank (recipe, else 2).",
+                                          rule=V.POSITIVE),
     global_batch: Optional[int] = O.option(None, help="Samples per optimizer step, all DP ranks together "
                                                "(recipe, else 8).", rule=V.POSITIVE),
-    steps: Optional[int] = O.option(None, help="Optimizer steps (the recipe's tokens / batch, else 20).", rule=V.POSITIVE),
+    steps: Optional[int] = O.option(None, help="Optimizer steps (the recipe's tokens / batch, else 20).",
+                                    rule=V.POSITIVE),
     lr: Optional[float] = O.option(None, help="Peak learning rate (recipe, else 3e-4).", rule=V.FINITE_NON_NEGATIVE),
-    min_lr: Optional[float] = O.option(None, help="Final learning rate (recipe, else 3e-5).", rule=V.FINITE_NON_NEGATIVE),
+    min_lr: Optional[float] = O.option(None, help="Final learning rate (recipe, else 3e-5).",
+                                       rule=V.FINITE_NON_NEGATIVE),
     warmup: Optional[int] = O.option(None, help="Linear warm-up steps (recipe, else 2).", rule=V.NON_NEGATIVE),
     schedule: Optional[str] = typer.Option(None, help="cosine, wsd or constant (recipe, else cosine)."),
-    weight_decay: Optional[float] = O.option(None, help="AdamW weight decay, matrices only (recipe, else 0.1).", rule=V.FINITE_NON_NEGATIVE),
+    weight_decay: Optional[float] = O.option(None, help="AdamW weight decay, matrices only (recipe, else 0.1).",
+                                             rule=V.FINITE_NON_NEGATIVE),
     clip_grad: float = O.CLIP_GRAD, seed: int = O.SEED, device: str = O.DEVICE,
     precision: Optional[str] = O.PRECISION, recompute: str = O.RECOMPUTE,
     recompute_modules: Optional[str] = O.RECOMPUTE_MODULES, recompute_num_layers: Optional[int] = O.RECOMPUTE_NUM_LAYERS,
-    peak_tflops: Optional[float] = O.option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs).", rule=V.FINITE_POSITIVE),
+    peak_tflops: Optional[float] = O.option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs).",
+                                            rule=V.FINITE_POSITIVE),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added (at the run's "
                                         "layout), the tracker updated last."),
@@ -61,7 +67,8 @@ def train(
     as_json: bool = typer.Option(False, "--json", help="Print the resolved layout and final losses as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
                                  "estimate (meta device), and exit without allocating weights or launching."),
-    dry_run_rank: int = O.option(0, "--dry-run-rank", help="The global rank --dry-run reports on.", rule=V.NON_NEGATIVE),
+    dry_run_rank: int = O.option(0, "--dry-run-rank", help="The global rank --dry-run reports on.",
+                                 rule=V.NON_NEGATIVE),
     force: bool = O.FORCE,
 ) -> None:
     """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
