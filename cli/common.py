@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -11,9 +12,11 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mzoo.errors import UserError
 from mzoo.signals import Stopped, install
+from mzoo.validate import Rule, check
 
 console = Console()
 if not console.is_terminal:  # pipes and logs: do not squeeze tables into 80 columns
@@ -31,17 +34,40 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def option_rules(fn: Callable) -> dict[str, tuple[str, Rule]]:
+    """{parameter: (flag, rule)} for the options of command `fn` declared with a rule (options.option)."""
+    rules = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        rule = getattr(param.default, "mzoo_rule", None)
+        if rule is not None:
+            decls = [d for d in getattr(param.default, "param_decls", ()) if d.startswith("--")]
+            rules[name] = (decls[0].split("/")[0] if decls else "--" + name.replace("_", "-"), rule)
+    return rules
+
+
+def check_options(fn: Callable, values: dict[str, Any]) -> None:
+    """Every ruled option of command `fn` in `values` follows its rule, else one ArgumentError."""
+    rules = getattr(fn, "mzoo_rules", None) or option_rules(inspect.unwrap(fn))
+    for name, (flag, rule) in rules.items():
+        if name in values:
+            check(flag, values[name], rule)
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Print a UserError as one red sentence and exit 2, with no traceback; SIGTERM and SIGINT end
-    the command through its normal unwind (temporaries removed) with one sentence and 128+signal."""
+    """Check the command's option values first (before the command imports torch), then print any
+    UserError as one red sentence and exit 2, with no traceback. User text is escaped: a path with
+    square brackets is not rich markup. SIGTERM and SIGINT end the command through its normal unwind
+    (temporaries removed) with one sentence and 128+signal."""
+    rules = option_rules(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         install()
         try:
+            check_options(wrapper, kwargs)
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
         except Stopped as e:
             if getattr(e, "supervised", False):  # a clean stop under mzoo's parent: it reports and exits
@@ -50,6 +76,7 @@ def user_errors(fn: Callable) -> Callable:
                 err_console.print(str(e), highlight=False, markup=False)
             raise typer.Exit(e.exit_code) from None
 
+    wrapper.mzoo_rules = rules  # type: ignore[attr-defined]
     return wrapper
 
 

@@ -52,7 +52,7 @@ def _print(result: "Summary | FilePlan", as_json: bool, quiet: bool) -> None:
     elif as_json:
         print_json(result.as_dict())
     elif not quiet:
-        console.print(summary_line(result), highlight=False)
+        console.print(summary_line(result), highlight=False, markup=False)
 
 
 def _print_plan(plan: "FilePlan", as_json: bool, shown: int = 12) -> None:
@@ -63,9 +63,9 @@ def _print_plan(plan: "FilePlan", as_json: bool, shown: int = 12) -> None:
     lay = plan.megatron.layout
     console.print(f"{plan.fmt} (tp={lay.tp} pp={lay.pp} vpp={lay.vpp} ep={lay.ep} spec={plan.megatron.spelling}): "
                   f"{len(plan.files)} files, {sum(len(f.entries) for f in plan.files)} tensors, "
-                  f"{plan.nbytes / 1e9:.3f} GB; nothing written", highlight=False)
+                  f"{plan.nbytes / 1e9:.3f} GB; nothing written", highlight=False, markup=False)
     for f in plan.files[:shown]:
-        console.print(f"  {f.path}  {len(f.entries)} tensors  {f.nbytes / 1e9:.3f} GB", highlight=False)
+        console.print(f"  {f.path}  {len(f.entries)} tensors  {f.nbytes / 1e9:.3f} GB", highlight=False, markup=False)
     if len(plan.files) > shown:
         console.print(f"  ... {len(plan.files) - shown} more (--json lists every file and tensor)", highlight=False)
 

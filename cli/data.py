@@ -7,6 +7,8 @@ from typing import List
 
 import typer
 
+from mzoo import validate as V
+from mzoo.cli import options as O
 from mzoo.cli.common import console, err_console, print_json, quiet_transformers, user_errors
 
 app = typer.Typer(help="Prepare training data: tokenize corpora into Megatron indexed datasets.", no_args_is_help=True)
@@ -19,7 +21,7 @@ def prepare(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="Tokenizer folder (save_pretrained) or tokenizer.json."),
     out: str = typer.Option(..., "--out", "-o", help="Output prefix: writes PREFIX.bin and PREFIX.idx."),
     key: str = typer.Option("text", help="JSON field / parquet column that holds the text."),
-    workers: int = typer.Option(1, "--workers", "-w", help="Tokenizer processes (order is preserved)."),
+    workers: int = O.option(1, "--workers", "-w", help="Tokenizer processes (order is preserved).", rule=V.POSITIVE),
     append_eod: bool = typer.Option(
         False, "--append-eod", help="Append the end-of-document (EOS) token to every non-empty document."),
     special_tokens: bool = typer.Option(
@@ -68,4 +70,4 @@ def prepare(
         empty = f" ({summary.empty:,} empty)" if summary.empty else ""
         console.print(f"{summary.documents:,} documents{empty}, {summary.tokens:,} tokens ({summary.dtype}) "
                       f"in {summary.seconds:.2f} s ({summary.tokens_per_s:,.0f} tokens/s) -> {summary.prefix}.bin/.idx",
-                      highlight=False)
+                      highlight=False, markup=False)

@@ -7,13 +7,15 @@ from typing import Optional
 
 import typer
 
-from mzoo.cli.common import console, print_json, quiet_transformers, user_errors
+from mzoo import validate as V
+from mzoo.cli import options as O
+from mzoo.cli.common import console, escape, print_json, quiet_transformers, user_errors
 
 
 @user_errors
 def demo(
     preset: str = typer.Option("llama-tiny", help="Zoo preset to build (a -tiny one runs in seconds)."),
-    steps: int = typer.Option(30, help="Training steps (0 skips training)."),
+    steps: int = O.option(30, help="Training steps (0 skips training).", rule=V.NON_NEGATIVE),
     workdir: Optional[Path] = typer.Option(None, help="Keep the outputs here instead of a temporary folder."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -43,5 +45,5 @@ def _fail(message: str, as_json: bool) -> int:
     if as_json:
         print_json({"match": False, "error": message})
     else:
-        console.print(f"[red]{message}[/]")
+        console.print(f"[red]{escape(message)}[/]")
     return 1

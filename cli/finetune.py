@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mzoo import validate as V
 from mzoo.cli import options as O
 from mzoo.cli.common import console, user_errors
 
@@ -19,7 +20,8 @@ def finetune(
                             "chat ({messages})."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the checkpoint's)."),
     valid_data: Optional[Path] = typer.Option(None, "--valid-data", help="Validation examples (same format)."),
-    valid_fraction: float = typer.Option(0.0, "--valid-fraction", help="Hold out this share of --data for validation."),
+    valid_fraction: float = O.option(0.0, "--valid-fraction", help="Hold out this share of --data for validation.",
+                                     rule=V.FRACTION),
     packing: bool = typer.Option(True, "--pack/--no-pack", help="Pack several examples per sequence (attention stays "
                                  "within each)."),
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,
@@ -27,20 +29,20 @@ def finetune(
     nproc_per_node: Optional[int] = O.NPROC_PER_NODE, nnodes: int = O.NNODES, node_rank: int = O.NODE_RANK,
     master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT, watchdog: float = O.WATCHDOG,
     sequence_parallel: bool = O.SEQUENCE_PARALLEL, distributed_optimizer: bool = O.DISTRIBUTED_OPTIMIZER,
-    seq_len: int = typer.Option(256, help="Tokens per (packed) sequence."),
-    micro_batch: int = typer.Option(2, help="Sequences per micro-batch per DP rank."),
-    global_batch: int = typer.Option(8, help="Sequences per optimizer step, all DP ranks together."),
-    steps: int = typer.Option(100, help="Optimizer steps."),
-    lr: float = typer.Option(1e-5, help="Peak learning rate."),
-    min_lr: float = typer.Option(1e-6, help="Final learning rate."),
-    warmup: int = typer.Option(5, help="Linear warm-up steps."),
+    seq_len: int = O.option(256, help="Tokens per (packed) sequence.", rule=V.POSITIVE),
+    micro_batch: int = O.option(2, help="Sequences per micro-batch per DP rank.", rule=V.POSITIVE),
+    global_batch: int = O.option(8, help="Sequences per optimizer step, all DP ranks together.", rule=V.POSITIVE),
+    steps: int = O.option(100, help="Optimizer steps.", rule=V.POSITIVE),
+    lr: float = O.option(1e-5, help="Peak learning rate.", rule=V.FINITE_NON_NEGATIVE),
+    min_lr: float = O.option(1e-6, help="Final learning rate.", rule=V.FINITE_NON_NEGATIVE),
+    warmup: int = O.option(5, help="Linear warm-up steps.", rule=V.NON_NEGATIVE),
     schedule: str = typer.Option("cosine", help="cosine, wsd or constant."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (matrices only)."),
+    weight_decay: float = O.option(0.0, help="AdamW weight decay (matrices only).", rule=V.FINITE_NON_NEGATIVE),
     clip_grad: float = O.CLIP_GRAD, seed: int = O.SEED, device: str = O.DEVICE,
     precision: Optional[str] = O.PRECISION, recompute: str = O.RECOMPUTE,
     recompute_modules: Optional[str] = O.RECOMPUTE_MODULES, recompute_num_layers: Optional[int] = O.RECOMPUTE_NUM_LAYERS,
     eval_interval: int = O.EVAL_INTERVAL,
-    eval_iters: int = typer.Option(1, "--eval-iters", help="Global batches per validation."),
+    eval_iters: int = O.option(1, "--eval-iters", help="Global batches per validation.", rule=V.POSITIVE),
     save: Optional[Path] = typer.Option(None, "--save", help="Where to save the finetuned model."),
     save_format: str = typer.Option("hf", "--save-format", help="hf (a from_pretrained folder) or megatron (at the "
                                     "run's layout)."),

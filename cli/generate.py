@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from mzoo import validate as V
 from mzoo.cli import options as O
 from mzoo.cli.common import print_json, quiet_transformers, user_errors
 from mzoo.errors import UserError
@@ -28,10 +29,11 @@ def generate(
     ckpt: Path = typer.Argument(..., help="Checkpoint (Hugging Face or Megatron, any layout)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text (needs a tokenizer)."),
     prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="Prompt as token ids: 1,2,3."),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: smallest set of tokens reaching this mass."),
-    seed: int = typer.Option(0, help="Seed of the sampler."),
+    max_new_tokens: int = O.option(32, "--max-new-tokens", help="Tokens to generate at most.", rule=V.POSITIVE),
+    temperature: float = O.option(0.0, help="0 is greedy; above 0 samples.", rule=V.FINITE_NON_NEGATIVE),
+    top_p: float = O.option(1.0, "--top-p", help="Nucleus sampling: smallest set of tokens reaching this mass.",
+                            rule=V.PROBABILITY),
+    seed: int = O.option(0, help="Seed of the sampler.", rule=V.NON_NEGATIVE),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the checkpoint's)."),
     trust_pickle: bool = O.TRUST_PICKLE,
     as_json: bool = typer.Option(False, "--json", help="Print prompt ids, generated ids and text as JSON."),

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from mzoo.cli import options as O
-from mzoo.cli.common import console, print_json, user_errors
+from mzoo.cli.common import console, escape, print_json, user_errors
 from mzoo.params import human
 
 
@@ -34,7 +34,7 @@ def inspect(
             raise typer.Exit(1)
         return
     m = info["model"]
-    console.print(f"[bold]{path}[/]: {info['format']}"
+    console.print(f"[bold]{escape(str(path))}[/]: {info['format']}"
                   + (f", iteration {info['iteration']}" if info["iteration"] is not None else ""), highlight=False)
     console.print(f"  model   {m['family']}: {human(info['num_params'])} parameters, {m['num_layers']} layers, "
                   f"hidden {m['hidden_size']}, vocab {info['vocab_size']}", highlight=False)
@@ -42,7 +42,7 @@ def inspect(
                   + (f" spec={info['spec']}" if info["spec"] else "") + f", dtype {info['dtype']}", highlight=False)
     console.print(f"  files   {len(info['files'])} files, {info['total_bytes'] / 1e9:.3f} GB", highlight=False)
     for p in info["problems"]:
-        console.print(f"  [red]problem[/] {p}", highlight=False)
+        console.print(f"  [red]problem[/] {escape(str(p))}", highlight=False)
     if check:
         if info["problems"]:
             raise typer.Exit(1)

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from mzoo.cli.common import console, print_json, user_errors
+from mzoo import validate as V
+from mzoo.cli import options as O
+from mzoo.cli.common import console, escape, print_json, user_errors
 from mzoo.errors import UserError
 from mzoo.layout import Layout
 
@@ -53,15 +55,17 @@ def parse_check(text: str, gpus: int) -> Layout:
 @user_errors
 def plan(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama3-70b) or a model YAML file."),
-    gpus: int = typer.Option(..., "--gpus", help="GPUs in total."),
+    gpus: int = O.option(..., "--gpus", help="GPUs in total.", rule=V.POSITIVE),
     gpu: list[str] = typer.Option(["h100-80gb"], "--gpu", help="GPU type, repeat to compare: h100-80gb, "
                                   "h200, a100-80gb, b200, ... (docs/plan.md)."),
-    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node (NVLink domain)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len",
-                                          help="Tokens per sample (default: min(4096, the model's context))."),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch",
-                                               help="Samples per step (default: about 4M tokens)."),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="Samples per micro-batch per data-parallel rank."),
+    gpus_per_node: int = O.option(8, "--gpus-per-node", help="GPUs per node (NVLink domain).", rule=V.POSITIVE),
+    seq_len: Optional[int] = O.option(None, "--seq-len",
+                                          help="Tokens per sample (default: min(4096, the model's context)).",
+      rule=V.POSITIVE),
+    global_batch: Optional[int] = O.option(None, "--global-batch",
+                                               help="Samples per step (default: about 4M tokens).", rule=V.POSITIVE),
+    micro_batch: int = O.option(1, "--micro-batch", help="Samples per micro-batch per data-parallel rank.",
+                                rule=V.POSITIVE),
     recompute: str = typer.Option("none", "--recompute", help="Activation recomputation: none, selective or full."),
     distributed_optimizer: bool = typer.Option(True, "--distributed-optimizer/--no-distributed-optimizer",
                                                help="Shard fp32 master weights and Adam states over DP x CP."),
@@ -72,9 +76,10 @@ def plan(
                                              "runs) or bf16 (megatron-core's library default)."),
     engine: str = typer.Option("mzoo", "--engine", help="Whose memory and speed to rank by: mzoo (its own engine, "
                                "bf16; Megatron-Core + TE shown beside) or megatron."),
-    headroom: float = typer.Option(0.05, "--headroom", help="Share of each GPU's memory kept free for the allocator's "
-                                   "fragmentation and caches (the runtime's fixed memory is counted apart)."),
-    top: int = typer.Option(10, "--top", help="Show the best K layouts per GPU type."),
+    headroom: float = O.option(0.05, "--headroom", help="Share of each GPU's memory kept free for the allocator's "
+                                   "fragmentation and caches (the runtime's fixed memory is counted apart).",
+      rule=V.FRACTION),
+    top: int = O.option(10, "--top", help="Show the best K layouts per GPU type.", rule=V.POSITIVE),
     check: Optional[str] = typer.Option(None, "--check", help="Evaluate one layout, e.g. tp=4,pp=4,ep=8 "
                                         "(keys: tp pp vpp ep etp cp dp first last)."),
     as_json: bool = typer.Option(False, "--json",
@@ -128,7 +133,7 @@ def _show(result: "PlanResult", as_json: bool) -> None:
         print_json(rows)
         return
     s = settings
-    console.print(f"[bold]{cfg.name or 'model'}[/] on {gpus} GPUs ({s.gpus_per_node} per node): seq {s.seq_len}, "
+    console.print(f"[bold]{escape(cfg.name or 'model')}[/] on {gpus} GPUs ({s.gpus_per_node} per node): seq {s.seq_len}, "
                   f"global batch {s.global_batch}, micro batch {s.micro_batch}, recompute {s.recompute}, "
                   f"{'distributed' if s.distributed_optimizer else 'replicated'} optimizer, "
                   f"{'fp32' if s.grad_fp32 else 'bf16'} gradients{', fp8' if s.fp8 else ''}", highlight=False)

@@ -33,7 +33,7 @@ def step_line(log: StepLog) -> str:
 def execute(prepared: Prepared, as_json: bool) -> None:
     """Relaunch under torchrun when the layout needs more processes, else run here."""
     for note in prepared.notes:
-        err_console.print(note, highlight=False)
+        err_console.print(note, highlight=False, markup=False)
     rank = int(os.environ.get("RANK", 0))
     loaded = prepared.loaded.as_dict() if prepared.loaded else None
     if prepared.nothing_to_train:  # checked before any launch: no process starts, nothing is rewritten
@@ -73,7 +73,7 @@ def execute(prepared: Prepared, as_json: bool) -> None:
             print_json({"layout": summary(prepared.run), "loaded": loaded, "losses": [log.loss for log in logs],
                         "val_losses": {log.step: log.val_loss for log in logs if log.val_loss is not None}})
         elif prepared.saved:
-            console.print(prepared.saved, highlight=False)
+            console.print(prepared.saved, highlight=False, markup=False)
 
 
 def _size(n: float) -> str:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from mzoo import validate as V
 from mzoo.cli import options as O
 from mzoo.cli.common import console, user_errors
 
@@ -17,8 +18,8 @@ def train(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama-tiny, llama3-8b) or a model YAML file."),
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,
     ep: Optional[int] = O.EP,
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs in total: without --tp/--pp/--vpp/--ep/--dp the "
-                                       "planner picks the layout (also inside torchrun / srun)."),
+    gpus: Optional[int] = O.option(None, "--gpus", help="GPUs in total: without --tp/--pp/--vpp/--ep/--dp the "
+                                       "planner picks the layout (also inside torchrun / srun).", rule=V.POSITIVE),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="The GPU type the planner assumes (default: this machine's, "
                                       "else h100-80gb)."),
     nproc_per_node: Optional[int] = O.NPROC_PER_NODE, nnodes: int = O.NNODES, node_rank: int = O.NODE_RANK,
@@ -31,20 +32,26 @@ def train(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check that this tokenizer fits the model's "
                                              "vocabulary."),
     mock_data: bool = typer.Option(False, "--mock-data", help="Random tokens instead of --data."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per sample (default: the preset's recipe, else 128)."),
-    micro_batch: Optional[int] = typer.Option(None, help="Samples per micro-batch per DP rank (recipe, else 2)."),
-    global_batch: Optional[int] = typer.Option(None, help="Samples per optimizer step, all DP ranks together "
-                                               "(recipe, else 8)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (the recipe's tokens / batch, else 20)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (recipe, else 3e-4)."),
-    min_lr: Optional[float] = typer.Option(None, help="Final learning rate (recipe, else 3e-5)."),
-    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps (recipe, else 2)."),
+    seq_len: Optional[int] = O.option(None, help="Tokens per sample (default: the preset's recipe, else 128).",
+                                      rule=V.POSITIVE),
+    micro_batch: Optional[int] = O.option(None, help="Samples per micro-batch per DP rank (recipe, else 2).",
+                                          rule=V.POSITIVE),
+    global_batch: Optional[int] = O.option(None, help="Samples per optimizer step, all DP ranks together "
+                                               "(recipe, else 8).", rule=V.POSITIVE),
+    steps: Optional[int] = O.option(None, help="Optimizer steps (the recipe's tokens / batch, else 20).",
+                                    rule=V.POSITIVE),
+    lr: Optional[float] = O.option(None, help="Peak learning rate (recipe, else 3e-4).", rule=V.FINITE_NON_NEGATIVE),
+    min_lr: Optional[float] = O.option(None, help="Final learning rate (recipe, else 3e-5).",
+                                       rule=V.FINITE_NON_NEGATIVE),
+    warmup: Optional[int] = O.option(None, help="Linear warm-up steps (recipe, else 2).", rule=V.NON_NEGATIVE),
     schedule: Optional[str] = typer.Option(None, help="cosine, wsd or constant (recipe, else cosine)."),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay, matrices only (recipe, else 0.1)."),
+    weight_decay: Optional[float] = O.option(None, help="AdamW weight decay, matrices only (recipe, else 0.1).",
+                                             rule=V.FINITE_NON_NEGATIVE),
     clip_grad: float = O.CLIP_GRAD, seed: int = O.SEED, device: str = O.DEVICE,
     precision: Optional[str] = O.PRECISION, recompute: str = O.RECOMPUTE,
     recompute_modules: Optional[str] = O.RECOMPUTE_MODULES, recompute_num_layers: Optional[int] = O.RECOMPUTE_NUM_LAYERS,
-    peak_tflops: Optional[float] = typer.Option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs)."),
+    peak_tflops: Optional[float] = O.option(None, help="Device peak TFLOP/s for MFU (detected for known GPUs).",
+                                            rule=V.FINITE_POSITIVE),
     load: Optional[str] = typer.Option(None, "--load", help="Start from this checkpoint (HF or Megatron, any layout)."),
     save: Optional[Path] = typer.Option(None, "--save", help="Checkpoint root: iterations are added (at the run's "
                                         "layout), the tracker updated last."),
@@ -54,13 +61,14 @@ def train(
     megatron_format: str = O.MEGATRON_FORMAT, log_json: Optional[Path] = O.LOG_JSON,
     tensorboard: Optional[Path] = typer.Option(None, "--tensorboard", help="Write TensorBoard event files here."),
     eval_interval: int = O.EVAL_INTERVAL,
-    eval_iters: int = typer.Option(2, "--eval-iters", help="Global batches per validation."),
+    eval_iters: int = O.option(2, "--eval-iters", help="Global batches per validation.", rule=V.POSITIVE),
     override: list[str] = typer.Option([], "--override", help="Preset override key=value (repeatable; dotted keys "
                                        "reach sub-configs)."),
     as_json: bool = typer.Option(False, "--json", help="Print the resolved layout and final losses as JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
                                  "estimate (meta device), and exit without allocating weights or launching."),
-    dry_run_rank: int = typer.Option(0, "--dry-run-rank", help="The global rank --dry-run reports on."),
+    dry_run_rank: int = O.option(0, "--dry-run-rank", help="The global rank --dry-run reports on.",
+                                 rule=V.NON_NEGATIVE),
     force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Let --save replace another run's iterations, or "
                                    "add iterations to a folder that is no checkpoint root."),
@@ -94,7 +102,7 @@ def train(
         trust_pickle=trust_pickle)
     prepared = job.prepare_train(request)
     if prepared.why is not None and not as_json and int(os.environ.get("RANK", 0)) == 0:
-        console.print(prepared.why, highlight=False)
+        console.print(prepared.why, highlight=False, markup=False)
     if dry_run:  # everything above is what train checks before launch; stop before any real work
         from mzoo.cli.running import print_dry_run
         from mzoo.jobs.plan import dry_run as report

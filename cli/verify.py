@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mzoo import validate as V
 from mzoo.cli import options as O
 from mzoo.cli.common import console, print_json, user_errors
 from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
@@ -16,10 +17,11 @@ from mzoo.tolerances import VERIFY_TOLERANCE as TOLERANCE
 def verify(
     a: Path = typer.Argument(..., help="First checkpoint (any format, any layout)."),
     b: Path = typer.Argument(..., help="Second checkpoint."),
-    batch: int = typer.Option(2, help="Sequences in the test batch."),
-    seq_len: int = typer.Option(32, help="Tokens per sequence."),
-    seed: int = typer.Option(0, help="Seed of the random token batch."),
-    tolerance: float = typer.Option(TOLERANCE, help="Largest max |Δlogits| (fp32) that counts as a match."),
+    batch: int = O.option(2, help="Sequences in the test batch.", rule=V.POSITIVE),
+    seq_len: int = O.option(32, help="Tokens per sequence.", rule=V.POSITIVE),
+    seed: int = O.option(0, help="Seed of the random token batch.", rule=V.NON_NEGATIVE),
+    tolerance: float = O.option(TOLERANCE, help="Largest max |Δlogits| (fp32) that counts as a match.",
+                                rule=V.FINITE_NON_NEGATIVE),
     trust_pickle: bool = O.TRUST_PICKLE,
     vocab_size: Optional[int] = O.VOCAB_SIZE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),

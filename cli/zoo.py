@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from mzoo import zoo as zoo_lib
-from mzoo.cli.common import console, print_json, user_errors
+from mzoo.cli.common import console, escape, print_json, user_errors
 from mzoo.config import ModelConfig
 from mzoo.params import human
 
@@ -76,10 +76,10 @@ def show(
         print_json({**_summary(p), "config": p.config.to_dict(), "recipe": recipe})
         return
     s = _summary(p)
-    console.print(f"[bold]{name}[/] ({s['family']}): {human(s['params'])} parameters"
+    console.print(f"[bold]{escape(name)}[/] ({s['family']}): {human(s['params'])} parameters"
                   + (f", {human(s['active_params'])} active per token" if s["active_params"] != s["params"] else ""))
     if s["source"]:
-        console.print(f"source: {s['source']}", highlight=False)
+        console.print(f"source: {s['source']}", highlight=False, markup=False)
     console.print(p.config.to_yaml(), highlight=False, markup=False)
     if recipe:
         r = p.recipe

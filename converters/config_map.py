@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from mzoo.config import ConfigError, RopeConfig
+from dataclasses import fields as dataclass_fields
+
+from mzoo.config import ConfigError, ModelConfig, RopeConfig, check_types
+
+MODEL_FIELDS = frozenset(f.name for f in dataclass_fields(ModelConfig))
 
 
 class _Required:
@@ -88,6 +92,8 @@ class KeyTable:
         reading = Reading(hf)
         for key in self.keys:
             reading.fields[key.field] = key.get(hf, reading, need)
+        top = {k.field: k.hf for k in self.keys if k.field in MODEL_FIELDS}  # sections are checked by ModelConfig
+        check_types(ModelConfig, {f: reading.fields[f] for f in top}, top, "config.json")
         return reading.fields
 
     def write(self, obj: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from mzoo.errors import UserError
 from mzoo.jobs.sources import Source, open_source
 from mzoo.layout import Layout
 from mzoo.models.canonical import plan_tensors
-from mzoo.parallel.sharding import CanonicalTensor
+from mzoo.parallel.sharding import CanonicalTensor, check_split
 from mzoo.zoo import names, resolve
 
 
@@ -70,6 +70,8 @@ def validate_target(src: Source, target: Target) -> None:
         adapters.for_family(src.cfg.family).config_to_hf(src.cfg)
     else:
         validate_layout(src.cfg, target.fmt, target.megatron)
+        lay = target.megatron.layout
+        check_split(src.tensors, lay.tp, lay.expert_tp)
 
 
 def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = False,

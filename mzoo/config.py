@@ -365,6 +365,17 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
+def check_types(cls: type, values: dict[str, Any], spelled: dict[str, str], where: str) -> None:
+    """Refuse a value of the wrong type for a field of dataclass `cls` (a bool, float, null or string
+    layer count), naming the key as the user wrote it (`spelled[field]`, e.g. config.json's
+    num_hidden_layers), before the dataclass is built and arithmetic on it fails in a traceback."""
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint is not None and not dataclasses.is_dataclass(hint):
+            _coerce(hint, value, f"{where}: {spelled.get(name, name)}")
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, dict):

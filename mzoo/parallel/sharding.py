@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -155,3 +155,39 @@ class CanonicalTensor:
     name: str
     shape: tuple[int, ...]
     spec: ShardSpec
+
+
+# ---- layouts a model cannot take -------------------------------------------------------------------
+def _split_what(name: str) -> str:
+    """What a TP-split extent of tensor `name` is, in the words of a model's config."""
+    if ".mlp.shared_experts." in name:
+        return "shared-expert FFN size"
+    if ".mlp.experts." in name:
+        return "expert FFN size"
+    if ".mlp." in name:
+        return "FFN size"
+    if ".mixer." in name:
+        return "Mamba mixer size"
+    if ".self_attention." in name:
+        return "attention size"
+    return "size"
+
+
+def check_split(tensors: Iterable[CanonicalTensor], tp: int, expert_tp: Optional[int] = None) -> None:
+    """Refuse, in one sentence, a TP size that does not divide every extent a ShardSpec splits
+    (each section separately; vocabulary rows are padded instead): otherwise writers would emit
+    ceil-sized, overlapping shards (108 rows x 3 for 320) that no reader can merge."""
+    from mzoo.config import ConfigError
+
+    for t in tensors:
+        spec = t.spec
+        if spec.axis != "tp" or spec.vocab:
+            continue
+        size = (expert_tp or tp) if expert_index(t.name) is not None else tp
+        if size == 1:
+            continue
+        for extent in spec.sections or (t.shape[spec.dim],):
+            if extent % size:
+                flag = "expert tensor parallel size" if size != tp else "tensor parallel size (--tp)"
+                raise ConfigError(f"{flag} {size} does not divide the {_split_what(t.name)} {extent} "
+                                  f"({t.name} splits along it); choose a size that divides {extent}.")

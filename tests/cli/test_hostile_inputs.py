@@ -178,6 +178,20 @@ CASES = {
     "invalid repo id": (["push", "{root}/llama", "not a/valid--repo", "--dry-run"], "repository id"),
     "push without a token": (["push", "{root}/llama", "org/name", "--token-env", "MZOO_NO_SUCH_TOKEN"],
                              "environment variable is not set"),
+    # --- issue 17: validate ---
+    "micro batch zero": (["train", "llama-tiny", "--mock-data", "--micro-batch", "0", "--save", OUT],
+                         "--micro-batch must be at least 1"),
+    "global batch zero": (["train", "llama-tiny", "--mock-data", "--global-batch", "0", "--save", OUT],
+                          "--global-batch must be at least 1"),
+    "seq len zero": (["train", "llama-tiny", "--mock-data", "--seq-len", "0", "--save", OUT], "--seq-len must be"),
+    "lr nan": (["train", "llama-tiny", "--mock-data", "--lr", "nan", "--save", OUT], "--lr must be a finite number"),
+    "steps negative": (["train", "llama-tiny", "--mock-data", "--steps", "-1", "--save", OUT], "--steps must be"),
+    "verify batch zero": (["verify", "{root}/llama", "{root}/llama", "--batch", "0"], "--batch must be at least 1"),
+    "top p out of range": (["generate", "{root}/llama", "--prompt-ids", "1,2", "--top-p", "1.5"],
+                           "--top-p must be above 0"),
+    "valid fraction 1": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--valid-fraction", "1",
+                          "--save", OUT], "--valid-fraction must be"),
+    "brackets in a path": (["inspect", "{root}/[/nope]"], "[/nope] does not exist"),
 }
 
 

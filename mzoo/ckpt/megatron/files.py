@@ -15,7 +15,7 @@ from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target, validate_l
 from mzoo.ckpt.megatron.keys import dist_chunks
 from mzoo.ckpt.megatron.tracker import iteration_dir
 from mzoo.config import ModelConfig
-from mzoo.parallel.sharding import CanonicalTensor
+from mzoo.parallel.sharding import CanonicalTensor, check_split
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ def plan_files(cfg: ModelConfig, target: Target, tensors: list[CanonicalTensor])
     lay = target.megatron
     par = lay.layout
     validate_layout(cfg, target.fmt, lay)
+    check_split(tensors, par.tp, par.expert_tp)
     dtype = target.dtype or torch.bfloat16
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     padded = lay.padded_vocab(cfg)
