@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mzoo.data.errors import DataError
+from mzoo.ckpt.atomic import check_space
 from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype, pending_path
 from mzoo.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -252,6 +253,7 @@ def prepare(cfg: PrepareConfig, progress: ProgressFn = lambda b, d, t: None) -> 
     inputs = check_inputs(cfg.inputs)
     prefix = os.fspath(cfg.out)
     check_output(prefix, cfg.overwrite)
+    check_space(Path(prefix).absolute().parent, input_bytes(cfg.inputs), f"writing {prefix}.bin/.idx")
     sweep_temporaries(prefix)
     tok = load_tokenizer(cfg.tokenizer)
     if cfg.append_eod and tok.eod_id is None:
