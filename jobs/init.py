@@ -43,7 +43,7 @@ def init(req: InitRequest) -> InitResult:
     torch_dtype = parse_dtype(req.dtype)
     max_bytes = parse_size(req.shard_size)
     for_family(cfg.family).config_to_hf(cfg)  # fail before any work if HF cannot express it
-    check_destination(req.out, req.overwrite)
+    check_destination(req.out, req.overwrite, need_bytes=count_params(cfg).total * torch_dtype.itemsize)
     save_hf(cfg, random_canonical(cfg, req.seed), req.out, dtype=torch_dtype, max_shard_bytes=max_bytes,
             overwrite=req.overwrite)
     return InitResult(str(req.out), cfg.name, count_params(cfg).total, req.dtype, req.seed)

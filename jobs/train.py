@@ -21,6 +21,7 @@ from mzoo.ckpt.assets import Assets, tokenizer_assets
 from mzoo.ckpt.atomic import check_destination
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.tracker import TRACKER
+from mzoo.ckpt.runlock import LOCK_NAME, run_lock
 from mzoo.ckpt.megatron.write import add_iteration
 from mzoo.config import ModelConfig
 from mzoo.converters.hf import save_hf
@@ -259,7 +260,7 @@ def check_save(save: Optional[Path], overwrite: bool, hf: bool, steps: int, inte
     if not os.access(save, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to --save {save} (no permission, or a read-only file system); "
                         f"choose a writable folder.")
-    if overwrite or not any(save.iterdir()):
+    if overwrite or not any(p.name != LOCK_NAME for p in save.iterdir()):
         return
     if hf:
         raise UserError(f"--save {save} already holds files, which an HF save would replace; choose a new or "
@@ -450,9 +451,18 @@ def relaunch(prepared: Prepared, argv: Sequence[str]) -> Outcome:
     launch = prepared.launch
     per_node = prepared.world // launch.nnodes
     ranks = range(launch.node_rank * per_node, (launch.node_rank + 1) * per_node)
-    return supervise(torchrun_command(prepared, argv), list(ranks), launch.watchdog)
+    with run_lock(save_root(prepared), owner=launch.node_rank == 0):  # the node holding rank 0 owns --save
+        return supervise(torchrun_command(prepared, argv), list(ranks), launch.watchdog)
 
 
 def start(prepared: Prepared, on_step: Callable[[StepLog], None] = lambda log: None) -> list[StepLog]:
-    """Run in this process (one of torchrun's, or the only one)."""
-    return run(prepared.run, prepared.hooks, on_step)
+    """Run in this process (one of torchrun's, or the only one); rank 0 holds the run lock unless the
+    `mzoo` parent that launched it does."""
+    with run_lock(save_root(prepared), owner=int(os.environ.get("RANK", 0)) == 0):
+        return run(prepared.run, prepared.hooks, on_step)
+
+
+def save_root(prepared: Prepared) -> Optional[str]:
+    """The folder a second run must not save into meanwhile: a Megatron --save root (an HF save
+    replaces its whole folder, so it is guarded by its atomic switch instead)."""
+    return prepared.run.save if prepared.run.save_format == "megatron" else None

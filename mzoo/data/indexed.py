@@ -11,6 +11,7 @@ prepared here trains in Megatron-LM and a corpus Megatron-LM prepared trains her
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 from pathlib import Path
@@ -58,11 +59,6 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _replace_atomically(tmp: Path, dst: Path) -> None:
-    _fsync(tmp)
-    os.replace(tmp, dst)
-
-
 class IndexedDatasetWriter:
     """Writes `<prefix>.bin` and `<prefix>.idx` under temporary names and renames them last (.idx
     after .bin), so a killed or failed run never leaves a dataset that looks complete.
@@ -81,6 +77,7 @@ class IndexedDatasetWriter:
         self._tmp_bin = parent / (bin_path(self.prefix).name + tag)
         self._tmp_idx = parent / (idx_path(self.prefix).name + tag)
         self._bin = open(self._tmp_bin, "wb")
+        fcntl.flock(self._bin.fileno(), fcntl.LOCK_EX)  # a live writer's temporaries are never swept
         self._lengths: list[np.ndarray] = []
         self._modes: list[np.ndarray] = []
         self._doc_ends: list[int] = [0]  # document_indices: sequence index where each document ends
@@ -128,8 +125,7 @@ class IndexedDatasetWriter:
         modes = (np.concatenate(self._modes) if self._modes else np.zeros(0, np.int8)) if self.multimodal else None
         with open(self._tmp_idx, "wb") as f:
             write_index(f, self.dtype, lengths, np.asarray(self._doc_ends, np.int64), modes)
-        _replace_atomically(self._tmp_bin, bin_path(self.prefix))
-        _replace_atomically(self._tmp_idx, idx_path(self.prefix))
+        switch_pair(self._tmp_bin, self._tmp_idx, self.prefix)
         self._done = True
 
     def abort(self) -> None:
@@ -170,6 +166,39 @@ def write_index(f, dtype: type, sequence_lengths: np.ndarray, document_indices: 
         f.write(np.asarray(sequence_modes, dtype=np.int8).tobytes(order="C"))
 
 
+def pending_path(prefix: PathLike) -> Path:
+    """Present while (or after an interrupted) switch of a pair: the .bin and .idx may not match."""
+    return idx_path(prefix).with_name(idx_path(prefix).name + ".mzoo-tmp-pair")
+
+
+def switch_pair(tmp_bin: Path, tmp_idx: Path, prefix: PathLike) -> None:
+    """Rename the new .bin and .idx in as a pair: a marker, locked by this writer, exists from before
+    the first rename until after the second, so a reader never pairs a new .bin with an old .idx."""
+    from mzoo.ckpt.atomic import fault
+
+    _fsync(tmp_bin)
+    _fsync(tmp_idx)
+    marker = pending_path(prefix)
+    fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.replace(tmp_bin, bin_path(prefix))
+        fault("data-between-renames")
+        os.replace(tmp_idx, idx_path(prefix))
+        _fsync_dir(marker.parent)
+        marker.unlink()
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class IndexedDataset:
     """Reads `<prefix>.bin/.idx` through numpy memmaps, validating the header and the sizes first
     (a truncated copy is reported, not read as garbage). `ds[i]` is sequence i's tokens."""
@@ -181,6 +210,9 @@ class IndexedDataset:
         if missing:
             raise DataError(f"dataset {self.prefix} is missing {' and '.join(missing)}; give the prefix that "
                             f"`mzoo data prepare --out` wrote (without .bin/.idx).")
+        if pending_path(self.prefix).exists():
+            raise DataError(f"dataset {self.prefix} was being replaced when its writer stopped (the .bin and .idx "
+                            f"may be from different runs); re-run `mzoo data prepare --overwrite`.")
         idx_size = ipath.stat().st_size
         with open(ipath, "rb") as f:
             head = f.read(HEADER_BYTES)
@@ -213,6 +245,9 @@ class IndexedDataset:
         if bin_size < need:
             raise DataError(f"{bpath} is {bin_size} bytes but its index points to {need}; the file is truncated, "
                             "copy it again or re-run `mzoo data prepare`.")
+        if bin_size > need:
+            raise DataError(f"{bpath} is {bin_size} bytes but {ipath.name} describes {need}: the two files are not "
+                            "one pair (another run's .bin?); copy them together or re-run `mzoo data prepare`.")
         self._check_index(ipath, bpath, bin_size, itemsize)
         self._tokens = (np.memmap(bpath, mode="r", dtype=self.dtype, shape=(bin_size // itemsize,))
                         if bin_size >= itemsize else np.zeros(0, self.dtype))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from collections import deque
 from contextlib import closing
@@ -23,7 +24,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mzoo.data.errors import DataError
-from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype
+from mzoo.ckpt.atomic import check_space
+from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype, pending_path
 from mzoo.data.tokenizer import Tokenizer, load_tokenizer
 
 INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -92,6 +94,20 @@ def check_output(prefix: str, overwrite: bool) -> None:
     existing = [p for p in (bin_path(prefix), idx_path(prefix)) if p.exists()]
     if existing and not overwrite:
         raise DataError(f"{existing[0]} already exists; remove it or pass --overwrite.")
+
+
+def sweep_temporaries(prefix: str) -> list[Path]:
+    """Remove the unlocked temporaries a killed `data prepare` left beside PREFIX.bin/.idx, and say so;
+    the pending-pair marker stays until a new pair replaces the mismatched one."""
+    from mzoo.ckpt.atomic import leftovers, remove
+
+    gone = [p for p in [*leftovers(bin_path(prefix)), *leftovers(idx_path(prefix))] if p != pending_path(prefix)]
+    for path in gone:
+        remove(path)
+    if gone:
+        sys.stderr.write(f"note: removed {len(gone)} temporary file(s) an interrupted run left beside {prefix}: "
+                         f"{', '.join(p.name for p in gone)}\n")
+    return gone
 
 
 def _text(value: Any, where: str, key: str) -> str:
@@ -237,6 +253,8 @@ def prepare(cfg: PrepareConfig, progress: ProgressFn = lambda b, d, t: None) -> 
     inputs = check_inputs(cfg.inputs)
     prefix = os.fspath(cfg.out)
     check_output(prefix, cfg.overwrite)
+    check_space(Path(prefix).absolute().parent, input_bytes(cfg.inputs), f"writing {prefix}.bin/.idx")
+    sweep_temporaries(prefix)
     tok = load_tokenizer(cfg.tokenizer)
     if cfg.append_eod and tok.eod_id is None:
         raise DataError(f"the tokenizer in {cfg.tokenizer} has no end-of-document (EOS) token for --append-eod; "
