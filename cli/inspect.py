@@ -43,6 +43,9 @@ def inspect(
     console.print(f"  files   {len(info['files'])} files, {info['total_bytes'] / 1e9:.3f} GB", highlight=False)
     for p in info["problems"]:
         console.print(f"  [red]problem[/] {escape(str(p))}", highlight=False)
+    for p in info["leftovers"]:
+        console.print(f"  [yellow]leftover[/] {escape(p)}: an interrupted run's temporary (the next write to it "
+                      "removes it; or remove it yourself)", highlight=False)
     if check:
         if info["problems"]:
             raise typer.Exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from mzoo.ckpt.atomic import leftovers_in
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.integrity import archive_problems, deferred, is_finite, nonfinite_message
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
@@ -64,6 +65,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "files": src.files,
         "written_by_mzoo": bool(side),
         "problems": problems,
+        "leftovers": [str(p) for p in leftovers_in(path)],  # killed writers' temporaries beside or inside it
         "checked": check and (bool(side.get("crc32")) or src.fmt in ("torch", "torch_dist")),
         "model": src.cfg.to_dict(),
     }

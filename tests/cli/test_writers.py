@@ -140,6 +140,9 @@ def test_resaving_an_iteration_killed_at_each_window_keeps_a_complete_one(tmp_pa
     assert resave(root, 2, 5, window) == -9  # killed there
     info = describe(root, check=True)
     assert info["iteration"] == 5 and info["problems"] == [], info
+    assert info["leftovers"] and all(".mzoo-" in p for p in info["leftovers"]), info  # inspect names what was left
+    shown = cli("inspect", root)
+    assert shown.exit_code == 0 and "leftover" in shown.stdout and "interrupted run" in shown.stdout
     src = open_source(root)
     value = {float(src.get(t.name).flatten()[0]) for t in src.tensors}
     assert value in ({1.0}, {2.0})  # the old copy or the new one, whole
