@@ -109,7 +109,54 @@ def world(tmp_path_factory):
     (root / "not-a-checkpoint" / "notes.txt").write_text("hello")
     (root / "existing").mkdir()
     (root / "existing" / "keep.txt").write_text("mine")
+    _readers_world(root, llama)  # issue 17: readers
     return root
+
+
+def _readers_world(root, llama):
+    """Issue 17 (readers): damaged Megatron checkpoints, trackers, a linked tokenizer, NaN weights."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    def biggest_distcp(folder):
+        return max(folder.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+
+    flipped = root / "flipped-distcp"
+    convert(open_source(llama), flipped, Target("torch_dist", MegatronCheckpoint()))
+    victim = biggest_distcp(flipped)
+    data = bytearray(victim.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    cut = root / "cut-distcp"
+    convert(open_source(llama), cut, Target("torch_dist", MegatronCheckpoint()))
+    (cut / "mzoo.yaml").unlink()  # a Megatron-LM checkpoint: no mzoo.yaml
+    victim = biggest_distcp(cut)
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+
+    for name, tracker in (("garbage-tracker", b"banana\n"), ("tracker-to-nowhere", b"42\n")):
+        convert(open_source(llama), root / name, Target("torch", MegatronCheckpoint()))
+        (root / name / "latest_checkpointed_iteration.txt").write_bytes(tracker)
+
+    linked = root / "linked-tokenizer"
+    shutil.copytree(llama, linked)
+    (root / "secret.txt").write_text("not a tokenizer")
+    (linked / "tokenizer.json").unlink(missing_ok=True)
+    os.symlink(root / "secret.txt", linked / "tokenizer.json")
+
+    nan = root / "nan-weights"
+    shutil.copytree(llama, nan)
+    weights = nan / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = next(n for n in tensors if "layers.1.mlp.down_proj" in n)
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
 CASES = {
@@ -192,6 +239,17 @@ CASES = {
     "valid fraction 1": (["finetune", "{root}/llama", "--data", "{root}/text.jsonl", "--valid-fraction", "1",
                           "--save", OUT], "--valid-fraction must be"),
     "brackets in a path": (["inspect", "{root}/[/nope]"], "[/nope] does not exist"),
+    # --- issue 17: readers ---
+    "flipped byte in a .distcp with mzoo.yaml": (["convert", "megatron->hf", "{root}/flipped-distcp", OUT],
+                                                 "does not match the CRC-32 mzoo.yaml recorded"),
+    "half-truncated .distcp without mzoo.yaml": (["convert", "megatron->hf", "{root}/cut-distcp", OUT],
+                                                 "is truncated: it ends at byte"),
+    "tracker holding garbage": (["inspect", "{root}/garbage-tracker"], "not an iteration number or 'release'"),
+    "tracker naming a missing iteration": (["inspect", "{root}/tracker-to-nowhere"],
+                                           "points at iter_0000042, which does not exist"),
+    "tokenizer linked out of the folder": (["convert", "hf->hf", "{root}/linked-tokenizer", OUT],
+                                           "refusing to read it: copy the file into the folder"),
+    "NaN weights": (["convert", "hf->megatron", "{root}/nan-weights", OUT], "holds NaN or Inf values"),
 }
 
 
