@@ -138,3 +138,17 @@ def test_an_unwritable_parent_is_refused_before_any_work(tmp_path):  # case 7
         atomic.check_destination(tmp_path / "file" / "out")
     with pytest.raises(OutputError, match="already exists .a file."):
         atomic.check_destination(tmp_path / "file")
+
+
+def test_overwrite_onto_a_symlink_replaces_the_link_and_keeps_its_target(tmp_path):  # case 14
+    """--overwrite replaces DST, which is the link: the folder it points at is not the user's to lose."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "precious").write_text("keep")
+    (tmp_path / "dst").symlink_to(target)
+    with atomic_dir(tmp_path / "dst", overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    dst = tmp_path / "dst"
+    assert not dst.is_symlink() and (dst / "a.txt").read_text() == "new"
+    assert (target / "precious").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "elsewhere"]
