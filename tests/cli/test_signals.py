@@ -175,7 +175,8 @@ def test_watchdog_ends_a_job_whose_rank_is_frozen(tmp_path):
     began = time.time()
     code, err = outcome(proc, tmp_path, timeout=90)
     assert code == 124, err[-3000:]
-    assert 10 <= time.time() - began < 60
+    # the limit counts from the rank's last progress, which came up to one step (and a poll) before SIGSTOP
+    assert 8 <= time.time() - began < 60
     assert f"rank {rank} " in err and "--watchdog" in err, err
     assert "Traceback" not in err, err
     assert_none_left(everyone)
