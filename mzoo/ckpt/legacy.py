@@ -22,7 +22,7 @@ import torch
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.integrity import Checksums, verify_torch_archive
 from mzoo.ckpt.layers import held_layers
-from mzoo.ckpt.megatron.args import args_to_checkpoint, check_expert_tp
+from mzoo.ckpt.megatron.args import args_difference, args_to_checkpoint, check_expert_tp
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.names import extra_state_name, grouped_spelling, legacy_shard_spec, to_spelling
 from mzoo.ckpt.megatron.tracker import find_iteration_dir
@@ -146,6 +146,10 @@ class LegacyReader:
                 f"ep={par.ep}); the copy is incomplete."
             )
         self._cache: dict[Rank, dict[str, Any]] = {(0, 0, 0): first}
+        self._iteration0 = first.get("iteration")
+        self._checked: set[Rank] = set()
+        self._stage_shapes: dict[int, tuple[Path, dict[tuple[str, str], tuple[int, ...]]]] = {}
+        self._same_save((0, 0, 0), first)
         self.locations: dict[str, list[Location]] = {}
         self.specs: dict[str, ShardSpec] = {}
         self.dtype = next((v.dtype for v in model_state.values() if isinstance(v, torch.Tensor)), torch.float32)
@@ -157,7 +161,39 @@ class LegacyReader:
             for other in [k for k in self._cache if k[1] != rank[1]]:
                 del self._cache[other]
             self._cache[rank] = self._torch_load(self.files[rank])
+            self._same_save(rank, self._cache[rank])
         return self._cache[rank]
+
+    def _same_save(self, rank: Rank, state: Any) -> None:
+        """Refuse a rank file of another model or save (once per file, from what is already read):
+        its model-defining args and iteration must be rank (0, 0, 0)'s, and every tensor it shares
+        with the stage's first file the same shape (TP shards and EP ranks' copies are equal-sized)."""
+        if rank in self._checked:
+            return
+        path, first = self.files[rank], self.files[(0, 0, 0)]
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path} holds a {type(state).__name__}, not a Megatron state dict; "
+                                  "the checkpoint is corrupt.")
+        if rank != (0, 0, 0):
+            diff = args_difference(state.get("args"), self.args)
+            if diff is not None:
+                key, mine, theirs = diff
+                raise CheckpointError(f"{path} comes from another model than {first}: its args say {key}={mine!r}, "
+                                      f"{first.parent.name}'s {theirs!r}; put the checkpoint's own rank files back.")
+            if state.get("iteration") != self._iteration0:
+                raise CheckpointError(f"{path} was saved at iteration {state.get('iteration')!r} but {first} at "
+                                      f"{self._iteration0!r}: the rank files come from different saves; re-copy the "
+                                      "iteration folder.")
+        shapes = {(chunk, name): tuple(t.shape) for chunk, tensors in state.items()
+                  if chunk.startswith("model") and isinstance(tensors, dict)
+                  for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+        ref_path, ref = self._stage_shapes.setdefault(rank[1], (path, shapes))
+        for key, shape in shapes.items():
+            if key in ref and ref[key] != shape:
+                raise CheckpointError(f"{path} holds {key[1]} with shape {shape} but {ref_path} holds it with "
+                                      f"{ref[key]}: the rank files come from differently sized models; put the "
+                                      "checkpoint's own rank files back.")
+        self._checked.add(rank)
 
     def _torch_load(self, path: Path) -> Any:
         """A rank file, checked first against mzoo.yaml's CRC-32, else its archive's own."""

@@ -159,3 +159,90 @@ def test_inspect_check_names_nonfinite_weights(nan_hf):
 def test_generate_refuses_nonfinite_weights(nan_hf):
     result = CliRunner().invoke(app, ["generate", str(nan_hf), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"])
     assert result.exit_code == 2 and "NaN or Inf" in result.output, result.output
+
+
+# ---- case 12: a TP rank of another model in a checkpoint without mzoo.yaml (Megatron-LM's own) ----------
+TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def _legacy_tp2(hf, out):
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    convert(open_source(hf), out, Target("torch", MegatronCheckpoint(layout=Layout(tp=2))))
+    (out / "mzoo.yaml").unlink()  # Megatron-LM's own checkpoints carry none: only the rank files speak
+    return out
+
+
+@pytest.fixture(scope="module")
+def foreign_ranks(tmp_path_factory):
+    """llama-tiny's architecture at TP2 (legacy, no mzoo.yaml), and copies whose mp_rank_01 is not its own:
+    another hidden size; a rotary base that changes no shape; the same rank file saved at another
+    iteration; another hidden size under this model's args (the shapes alone disagree)."""
+    from mzoo.ckpt.megatron.tracker import find_iteration_dir
+
+    root = tmp_path_factory.mktemp("foreign")
+    good = _legacy_tp2(make_hf_model(root / "hf", LlamaConfig(**TINY)), root / "good")
+    small = _legacy_tp2(make_hf_model(root / "hf-small", LlamaConfig(**{**TINY, "hidden_size": 32}), seed=1),
+                        root / "other-small")
+    rope = _legacy_tp2(make_hf_model(root / "hf-rope", LlamaConfig(**{**TINY, "rope_theta": 500000.0}), seed=2),
+                       root / "other-rope")
+
+    def rank1(ckpt):
+        return find_iteration_dir(ckpt)[0] / "mp_rank_01" / "model_optim_rng.pt"
+
+    def variant(name, make):
+        copy = root / name
+        shutil.copytree(good, copy)
+        make(rank1(copy))
+        return copy
+
+    own_args = torch.load(rank1(good), weights_only=False)["args"]
+
+    def resaved(src, **top):
+        def make(dst):
+            state = torch.load(src, weights_only=False)
+            state.update(top)
+            torch.save(state, dst)
+        return make
+
+    out = {"good": good}
+    out["hidden"] = variant("hidden", lambda dst: shutil.copy(rank1(small), dst))
+    out["rope"] = variant("rope", lambda dst: shutil.copy(rank1(rope), dst))
+    out["iteration"] = variant("iteration", resaved(rank1(good), iteration=7))
+    out["shapes"] = variant("shapes", resaved(rank1(small), args=own_args))
+    return out
+
+
+SAID = {"hidden": "hidden_size=32", "rope": "rotary_base=500000", "iteration": "iteration 7",
+        "shapes": "differently sized models"}
+
+
+def _command(name, ckpt, tmp_path):
+    return {
+        "convert": ["convert", "megatron->hf", str(ckpt), str(tmp_path / "out")],
+        "verify": ["verify", str(ckpt), str(ckpt)],
+        "generate": ["generate", str(ckpt), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"],
+        "train": ["train", "llama-tiny", "--load", str(ckpt), "--mock-data", "--dry-run", "--device", "cpu"],
+    }[name]
+
+
+COMMANDS = ["convert", "verify", "generate", "train"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("variant", list(SAID))
+def test_rank_from_another_model_is_refused(foreign_ranks, tmp_path, command, variant):
+    result = CliRunner().invoke(app, _command(command, foreign_ranks[variant], tmp_path))
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    text = " ".join(result.output.split())
+    assert "mp_rank_01/model_optim_rng.pt" in text and SAID[variant] in text, text
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_own_rank_files_without_sidecar_still_load(foreign_ranks, tmp_path, command):
+    result = CliRunner().invoke(app, _command(command, foreign_ranks["good"], tmp_path))
+    assert result.exit_code == 0, result.output

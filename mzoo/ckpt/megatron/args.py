@@ -357,6 +357,36 @@ def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoE
     )
 
 
+# The args that define the network and its layout, the same in every rank file of one save (the
+# rank-specific fields, paths and counters are left out): a rank file whose values differ comes
+# from another model or run.
+MODEL_ARGS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "max_position_embeddings", "position_embedding_type", "rotary_base",
+    "rotary_percent", "rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor",
+    "normalization", "norm_epsilon", "swiglu", "openai_gelu", "squared_relu", "add_bias_linear", "add_qkv_bias",
+    "qk_layernorm", "untie_embeddings_and_output_weights", "vocab_size", "padded_vocab_size",
+    "make_vocab_size_divisible_by", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+    "expert_model_parallel_size", "expert_tensor_parallel_size", "transformer_impl", "params_dtype", "fp16", "bf16",
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_layer_freq",
+    "moe_grouped_gemm", "moe_router_score_function", "moe_router_enable_expert_bias", "multi_latent_attention",
+    "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "is_hybrid_model",
+    "hybrid_override_pattern", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
+)
+
+
+def args_difference(args: Any, reference: Any) -> Optional[tuple[str, Any, Any]]:
+    """The first model-defining arg (MODEL_ARGS) whose value differs: (name, in args, in reference)."""
+    a, b = vars(args) if isinstance(args, argparse.Namespace) else {}, vars(reference)
+    missing = object()
+    for key in MODEL_ARGS:
+        mine, theirs = a.get(key, missing), b.get(key, missing)
+        if mine != theirs:
+            return key, None if mine is missing else mine, None if theirs is missing else theirs
+    return None
+
+
 def args_to_checkpoint(args: argparse.Namespace, spelling: Optional[Spelling] = None) -> MegatronCheckpoint:
     a = vars(args)
     layout = Layout(tp=a.get("tensor_model_parallel_size") or 1, pp=a.get("pipeline_model_parallel_size") or 1,
