@@ -18,8 +18,9 @@ torch at TP2), in each format, in a fresh process per row:
 
 `read s` is the time of the reading inside the process (reader construction + every tensor; not the
 ~2-3 s of `import torch`), so it compares with `cat`. Files are read from a warm page cache (all
-files are cat'ed once first): the CRC's cost is CPU, not the disk. Peak RSS is that of the whole
-process (proctree.py). Rows run `--repeats` times round-robin; medians, spread (max - min) / median.
+files are cat'ed once first): the CRC's cost is CPU, not the disk. Peak RSS is the row's own
+process (`/usr/bin/time -f %M`: forked from GNU time's small process, not from this one, whose
+high-water mark a direct child's ru_maxrss would inherit), `import torch` included for the readers. Rows run `--repeats` times round-robin; medians, spread (max - min) / median.
 `CRC cost` = median over rounds of (on - off) in the same round; `on/off` likewise a ratio.
 
 Usage: .venv/bin/python benchmarks/readers.py [--layers 12] [--hidden 1024] [--repeats 2] [--keep]
@@ -98,8 +99,15 @@ def files_of(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.is_file())
 
 
-def measure(row: Row, env: dict) -> None:
-    run = run_measured(row.argv, env)
+TIME = "/usr/bin/time"  # GNU time: forks the row from its own ~2 MB process, so %M is the row's own peak
+
+
+def measure(row: Row, env: dict, work: Path) -> None:
+    """One run of a row; its peak RSS is GNU time's %M (wait4 of a child forked from a small
+    process): a child forked straight from this benchmark would report this process's high-water
+    mark when that is higher than its own (ru_maxrss keeps the pre-exec mm's)."""
+    rss_file = work / "maxrss.txt"
+    run = run_measured([TIME, "-f", "%M", "-o", str(rss_file), *row.argv], env)
     if run.rc != 0:
         raise SystemExit(f"{row.name} failed ({run.rc}):\n{run.output}")
     if row.argv[0] == "cat":
@@ -108,7 +116,7 @@ def measure(row: Row, env: dict) -> None:
         seconds, nbytes = run.output.split()[-2:]
         row.times.append(float(seconds))
         row.nbytes = int(nbytes)
-    row.rss.append(run.peak_rss)
+    row.rss.append(int(rss_file.read_text().split()[-1]) * 1024)
 
 
 def make_checkpoints(work: Path, layers: int, hidden: int, mzoo: str, env: dict) -> dict[str, Path]:
@@ -148,6 +156,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.child:
         child(*args.child)
         return 0
+    if not os.access(TIME, os.X_OK):
+        parser.error(f"{TIME} (GNU time) is needed to measure each row's own peak RSS; install the 'time' package.")
     py, mzoo = sys.executable, str(Path(sys.executable).with_name("mzoo"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     load_before = os.getloadavg()[0]
@@ -165,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         subprocess.run(["cat", *files_of(work)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
         for _ in range(args.repeats):
             for row in rows:
-                measure(row, env)
+                measure(row, env, work)
         sizes = {fmt: sum(os.path.getsize(f) for f in files_of(paths[fmt])) for fmt in ("hf", "torch_dist", "torch")}
     finally:
         if not args.keep:
@@ -187,11 +197,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cost = statistics.median(a - b for a, b in zip(row.times, off.times)) if is_crc else None
         body.append([
             row.name, f"{med:.3f}", f"{(max(row.times) - min(row.times)) / med:.0%}", f"{nbytes / GB / med:.2f}",
-            f"{max(row.rss) / GB:.2f}", f"{statistics.median(a / b for a, b in zip(row.times, cat.times)):.2f}",
+            f"{max(row.rss) / 1e6:.1f}", f"{statistics.median(a / b for a, b in zip(row.times, cat.times)):.2f}",
             "" if cost is None else f"{cost:+.3f}",
             "" if cost is None else f"{statistics.median(a / b for a, b in zip(row.times, off.times)):.2f}",
         ])
-    print_markdown_table(["row", "read s", "spread", "GB/s", "peak RSS GB", "vs cat", "CRC cost s", "on/off"], body)
+    print_markdown_table(["row", "read s", "spread", "GB/s", "peak RSS MB", "vs cat", "CRC cost s", "on/off"], body)
     return 0
 
 
