@@ -13,6 +13,7 @@ import torch
 from mzoo.ckpt import dist as dist_fmt
 from mzoo.ckpt import legacy
 from mzoo.ckpt.assets import Assets, folder_assets, megatron_assets
+from mzoo.ckpt.atomic import missing_note
 from mzoo.ckpt.hf import CheckpointError, HFReader, is_hf_checkpoint
 from mzoo.ckpt.layers import check_layer_count, dist_layers
 from mzoo.ckpt.megatron.args import args_to_config, args_to_checkpoint, check_expert_tp
@@ -33,7 +34,8 @@ from mzoo.parallel.sharding import CanonicalTensor, ShardSpec
 def detect_format(path: Path) -> str:
     path = hub_snapshot(Path(path))
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist; check the path.")
+        note = missing_note(path)
+        raise CheckpointError(f"{path} does not exist; {note or 'check the path'}.")
     if is_hf_checkpoint(path):
         return "hf"
     if path.is_dir() and (path / "config.json").exists():

@@ -103,13 +103,18 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 
 
 def exchange(src: Path, dst: Path) -> None:
-    """Swap src and dst in one step (dst is never missing); afterwards src holds the old dst."""
+    """Swap src and dst in one step (dst is never missing; without renameat2, only a kill between the
+    fallback's two renames leaves it missing); afterwards src holds the old dst."""
     if _renameat2(src, dst, _RENAME_EXCHANGE):
         return
     old = dst.with_name(f"{dst.name}{OLD_TAG}{os.getpid()}")  # portable fallback: two renames
     os.rename(dst, old)
-    fault("exchange-fallback")
-    os.rename(src, dst)
+    try:  # dst is missing until the next rename: a kill here leaves both copies, which `inspect dst` names
+        fault("exchange-fallback")
+        os.rename(src, dst)
+    except BaseException:
+        os.rename(old, dst)  # a failure (a full disk) puts the old copy back
+        raise
     os.rename(old, src)
 
 
@@ -164,6 +169,17 @@ def leftovers_in(folder: Path) -> list[Path]:
                     os.close(fd)
                     out.append(path)
     return out
+
+
+def missing_note(dst: Path) -> str:
+    """What to say of a missing `dst` beside which a killed writer left copies ('' when none)."""
+    left = leftovers(dst)
+    if not left:
+        return ""
+    old = [p for p in left if OLD_TAG in p.name]
+    fix = (f"rename {old[0].name} (the copy an interrupted --overwrite was replacing) back to {Path(dst).name}, or "
+           "rerun the command that writes it") if old else "rerun the command that writes it (it removes them)"
+    return f"an interrupted run left {', '.join(p.name for p in left)} beside it: {fix}"
 
 
 def glob_escape(name: str) -> str:

@@ -39,8 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -77,6 +78,10 @@ for line in sys.stdin:
             out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             err = os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(null, 0); os.dup2(out, 1); os.dup2(err, 2)
+            os.environ.update(req.get("env") or {})  # MZOO_FAULT: this trial's fault window
+            if req.get("no_renameat2"):  # a file system without renameat2: atomic.py's portable fallback
+                import mzoo.ckpt.atomic
+                mzoo.ckpt.atomic._renameat2 = lambda src, dst, flags: False
             sys.argv = ["mzoo", *req["argv"]]
             try:
                 cli.app(args=req["argv"], prog_name="mzoo")
@@ -139,13 +144,15 @@ class Server:
         return json.loads(line)
 
     def run(self, argv: list[str], delay: Optional[float] = None, timeout: float = 300,
-            watch: Optional[tuple[Path, str]] = None, after_seen: Optional[float] = None) -> dict[str, Any]:
+            watch: Optional[tuple[Path, str]] = None, after_seen: Optional[float] = None,
+            env: Optional[dict[str, str]] = None, no_renameat2: bool = False) -> dict[str, Any]:
         self.count += 1
         out, err = self.work / f"trial-{self.count}.out", self.work / f"trial-{self.count}.err"
         self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "cwd": str(self.work), "delay": delay,
                                           "timeout": timeout, "stdout": str(out), "stderr": str(err),
                                           "watch": [str(w) for w in watch] if watch else None,
-                                          "after_seen": after_seen}) + "\n")
+                                          "after_seen": after_seen, "env": env or {},
+                                          "no_renameat2": no_renameat2}) + "\n")
         self.proc.stdin.flush()
         result = self._answer(timeout + 60)
         for key, file in (("stdout", out), ("stderr", err)):  # absent when killed before it opened them
@@ -515,3 +522,162 @@ def test_inspect_check_on_a_training_root_after_two_saves(tmp_path):
 @pytest.mark.parametrize("leftover", ["latest_checkpointed_iteration.txt.mzoo-tmp", "mzoo.yaml.mzoo-tmp"])
 def test_a_temporary_file_left_by_a_kill_is_not_recorded(tmp_path, leftover):
     assert _save_iterations(tmp_path / "ckpt", [1, 2], leftover) == []
+
+
+# ---- (d) fault-injected windows: every writer, killed (or out of disk) exactly at each named window ------
+# A random kill reaches the instant between two renames only rarely: MZOO_FAULT=WINDOW makes the writer
+# SIGKILL itself there (mzoo.ckpt.atomic.fault), MZOO_FAULT=WINDOW:enospc makes the disk fill there.
+# After each: DST holds the old complete content or the new complete content (or, first written, nothing),
+# nothing partial is visible, a tracker points at a complete iteration, and what a kill left is named by
+# `inspect` and swept, with a note, by the next run. A full disk is one sentence and leaves nothing.
+KINDS = ("kill", "enospc")
+
+
+def tagged(path: Path) -> bool:
+    return ".mzoo-tmp" in path.name or ".mzoo-old-" in path.name
+
+
+def temporaries_under(folder: Path) -> list[Path]:
+    """Every temporary a writer left in `folder` or below (not the contents of one)."""
+    out: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        if tagged(path) and not any(parent in out for parent in path.parents):
+            out.append(path)
+    return out
+
+
+def tensors_hash(path: Path) -> str:
+    """The complete checkpoint at `path` (inspect --check finds nothing wrong), as a hash of its tensors."""
+    from mzoo.jobs.sources import open_source
+
+    shown = cli("inspect", path, "--json", "--check")
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["problems"] == [], shown.output
+    src = open_source(path)
+    h = hashlib.sha1()
+    for t in src.tensors:
+        h.update(t.name.encode())
+        h.update(src.get(t.name).float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def root_state(root: Path) -> tuple[int, str]:
+    """A training root: the iteration its tracker names (complete) and that iteration's tensors."""
+    tracker = int((root / "latest_checkpointed_iteration.txt").read_text())
+    for it in root.glob("iter_*"):  # no visible iteration folder is partial
+        tensors_hash(it)
+    return tracker, tensors_hash(root)
+
+
+def one_sentence_disk_full(result: dict[str, Any]) -> None:
+    text = " ".join((result["stdout"] + result["stderr"]).split())
+    assert result["rc"] == 2 and "the disk filled while writing" in text, text[-3000:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
+
+
+@dataclass
+class FaultWriter:
+    """One writer command: argv(dst, new) runs it (new=False: the old content DST holds before a
+    replacing trial), state(dst) is what a complete DST holds, comparable between runs."""
+
+    argv: Callable[[Path, bool], list]
+    state: Callable[[Path], Any] = tensors_hash
+    first: tuple[str, ...] = ("before-switch",)  # windows of a write to a new DST
+    replacing: tuple[str, ...] = ("before-switch", "after-exchange")  # of one replacing DST (--overwrite)
+
+
+def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[str, Any]) -> None:
+    """Each window of `writer`, with each kind of fault, in a fresh folder; the checks above after each."""
+    base.mkdir()
+    ref = {}
+    for new in (False, True):  # uninterrupted runs: what the old and the new DST hold
+        dst = base / f"ref-{int(new)}" / "out"
+        dst.parent.mkdir()
+        server.full(writer.argv(dst, new))
+        ref[new] = writer.state(dst)
+    assert ref[False] != ref[True]
+    cases = [(w, k, False) for w in writer.first for k in KINDS] + [(w, k, True) for w in writer.replacing
+                                                                     for k in KINDS]
+    for n, (window, kind, replacing) in enumerate(cases):
+        folder = base / f"trial-{n}"
+        folder.mkdir()
+        dst = folder / "out"
+        if replacing:
+            server.full(writer.argv(dst, False))
+        fault = window + (":enospc" if kind == "enospc" else "")
+        result = server.run(writer.argv(dst, True), env={"MZOO_FAULT": fault},
+                            no_renameat2=window == "exchange-fallback")
+        assert not result["killed"], f"{fault}: the window was never reached"
+        if kind == "kill":
+            assert result["rc"] != 0, (fault, result["stderr"][-3000:])
+        else:
+            one_sentence_disk_full(result)
+        outcome = "absent"
+        if dst.exists():
+            now = writer.state(dst)
+            assert now in (ref[False], ref[True]) and (replacing or now == ref[True]), fault
+            outcome = "new" if now == ref[True] else "old"
+        elif replacing:  # only between the portable fallback's two renames, with both copies named
+            assert (window, kind) == ("exchange-fallback", "kill"), f"{fault}: the output it was replacing is missing"
+            shown = cli("inspect", dst)
+            text = " ".join(shown.output.split())
+            assert shown.exit_code == 2 and all(p.name in text for p in temporaries_under(folder)), text
+            old = [p for p in temporaries_under(folder) if ".mzoo-old-" in p.name]
+            assert f"rename {old[0].name}" in text and writer.state(old[0]) == ref[False], text
+            outcome = "missing, old copy named"
+        assert [p.name for p in folder.iterdir() if not tagged(p)] == (["out"] if dst.exists() else []), fault
+        left = temporaries_under(folder)
+        stats[f"{kind}: DST {outcome}"] = stats.get(f"{kind}: DST {outcome}", 0) + 1
+        if kind == "enospc":
+            assert left == [], f"{fault} left {left}"
+            continue
+        if left and dst.exists():  # inspect names what the kill left
+            named = json.loads(cli("inspect", dst, "--json").stdout)["leftovers"]
+            assert {str(p) for p in left} <= set(named), (fault, left, named)
+        again = server.full(writer.argv(dst, True))  # the next run sweeps, and says so
+        if left:
+            assert "removed" in again["stderr"] and all(p.name in again["stderr"] for p in left), again["stderr"]
+            stats["leftovers swept by the next run"] = stats.get("leftovers swept by the next run", 0) + len(left)
+        assert temporaries_under(folder) == [] and writer.state(dst) == ref[True], fault
+        shutil.rmtree(folder)
+    stats["trials"] = stats.get("trials", 0) + len(cases)
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(work) -> dict[str, Path]:
+    """Two small LLaMAs of one architecture (the old and the new content) and a tp1 checkpoint of each."""
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        out[name] = make_hf_model(work / f"tiny-{name}", LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64), seed=seed)
+        assert cli("convert", "hf->megatron", out[name], work / f"tiny-{name}-tp1", "--quiet").exit_code == 0
+        out[f"{name}-tp1"] = work / f"tiny-{name}-tp1"
+    return out
+
+
+def _convert(src: dict[str, Path], fmt: str):
+    def argv(dst: Path, new: bool) -> list:
+        return ["convert", "hf->megatron", src["a" if new else "b"], dst, "--megatron-format", fmt, "--quiet",
+                *(["--overwrite"] if new else [])]
+    return argv
+
+
+@pytest.mark.parametrize("command", ["convert", "convert zarr", "reshard", "init"])
+def test_fault_windows_of_the_atomic_writers(server, work, tiny_sources, command):
+    """convert (torch_dist; zarr), reshard and init: the new folder is switched in by renameat2
+    (RENAME_NOREPLACE, RENAME_EXCHANGE with --overwrite); convert also on a file system without it
+    (the portable fallback's two renames)."""
+    if command.startswith("convert"):
+        writer = FaultWriter(_convert(tiny_sources, "zarr" if "zarr" in command else "torch_dist"))
+        if command == "convert":
+            writer.replacing += ("exchange-fallback",)
+    elif command == "reshard":
+        writer = FaultWriter(lambda dst, new: ["reshard", tiny_sources["a-tp1" if new else "b-tp1"], dst, "--tp", "2",
+                                               "--quiet", *(["--overwrite"] if new else [])])
+    else:
+        writer = FaultWriter(lambda dst, new: ["init", "llama-tiny", dst, "--seed", "2" if new else "1",
+                                               *(["--overwrite"] if new else [])])
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    fault_trials(server, writer, work / f"faults-{command.replace(' ', '-')}", stats)
+    report(f"{command} at each fault window ({time.perf_counter() - start:.1f} s)", stats)
