@@ -117,7 +117,15 @@ class IndexedDatasetWriter:
         self.num_tokens += int(flat.size)
 
     def finalize(self) -> None:
-        """Write the index, fsync, rename both files into place (.bin first, .idx last)."""
+        """Write the index, fsync, rename both files into place (.bin first, .idx last); on a failure
+        (a full disk) the temporaries are removed."""
+        try:
+            self._finalize()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finalize(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()

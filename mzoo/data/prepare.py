@@ -10,6 +10,7 @@ record (preprocess_data.py stops there with a JSON error)."""
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mzoo.data.errors import DataError
-from mzoo.ckpt.atomic import check_space
+from mzoo.ckpt.atomic import check_space, disk_full
 from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype, pending_path
 from mzoo.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -307,16 +308,25 @@ def prepare(cfg: PrepareConfig, progress: ProgressFn = lambda b, d, t: None) -> 
     dtype = optimal_dtype(tok.vocab_size)
     empty = 0
     stream = _encoded(_chunks(_documents(inputs, cfg.key), cfg.chunk_docs), cfg, tok, dtype)
-    with IndexedDatasetWriter(prefix, dtype) as writer, closing(stream):
-        for flat, lengths, n_docs, nbytes in stream:
-            nonempty = lengths > 0  # an empty document is a document with no sequence, as in Megatron
-            writer.add_documents(flat, lengths[nonempty], nonempty.astype(np.int64))
-            empty += n_docs - int(np.count_nonzero(nonempty))
-            progress(nbytes, n_docs, int(flat.size))
-        if writer.num_tokens == 0:
-            n = writer.num_documents
-            detail = f"{n} documents, none with a token" if n else "no records"
-            files = ", ".join(str(p) for p, _ in inputs)
-            raise DataError(f"no documents with text found in {files} ({detail}); check --key.")
+    try:
+        with IndexedDatasetWriter(prefix, dtype) as writer, closing(stream):
+            for flat, lengths, n_docs, nbytes in stream:
+                nonempty = lengths > 0  # an empty document is a document with no sequence, as in Megatron
+                writer.add_documents(flat, lengths[nonempty], nonempty.astype(np.int64))
+                empty += n_docs - int(np.count_nonzero(nonempty))
+                progress(nbytes, n_docs, int(flat.size))
+            if writer.num_tokens == 0:
+                n = writer.num_documents
+                detail = f"{n} documents, none with a token" if n else "no records"
+                files = ", ".join(str(p) for p, _ in inputs)
+                raise DataError(f"no documents with text found in {files} ({detail}); check --key.")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        if pending_path(prefix).exists():  # between the two renames: readers refuse the pair until rerun
+            raise DataError(f"the disk filled while writing {prefix}.bin/.idx, between its two renames (the new "
+                            f".bin is in, the old .idx still there, and readers refuse the pair): free some space "
+                            f"and re-run `mzoo data prepare --overwrite`.") from None
+        raise disk_full(Path(f"{prefix}.bin")) from None
     return PrepareSummary(writer.num_documents, writer.num_sequences, writer.num_tokens, empty,
                           time.perf_counter() - start, np.dtype(dtype).name, tok.vocab_size, prefix)

@@ -560,12 +560,13 @@ def tensors_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def root_state(root: Path) -> tuple[int, str]:
-    """A training root: the iteration its tracker names (complete) and that iteration's tensors."""
-    tracker = int((root / "latest_checkpointed_iteration.txt").read_text())
-    for it in root.glob("iter_*"):  # no visible iteration folder is partial
+def root_state(root: Path) -> Optional[tuple[int, str]]:
+    """A training root: the iteration its tracker names (complete) and that iteration's tensors; None
+    before its first save is complete. No visible iteration folder is partial."""
+    for it in root.glob("iter_*"):
         tensors_hash(it)
-    return tracker, tensors_hash(root)
+    tracker = root / "latest_checkpointed_iteration.txt"
+    return (int(tracker.read_text()), tensors_hash(root)) if tracker.exists() else None
 
 
 def one_sentence_disk_full(result: dict[str, Any]) -> None:
@@ -580,9 +581,11 @@ class FaultWriter:
     replacing trial), state(dst) is what a complete DST holds, comparable between runs."""
 
     argv: Callable[[Path, bool], list]
-    state: Callable[[Path], Any] = tensors_hash
+    state: Callable[[Path], Any] = tensors_hash  # None: DST holds no output yet
     first: tuple[str, ...] = ("before-switch",)  # windows of a write to a new DST
     replacing: tuple[str, ...] = ("before-switch", "after-exchange")  # of one replacing DST (--overwrite)
+    outputs: Callable[[Path], list[str]] = lambda dst: [dst.name]  # what a user sees of a written DST
+    refused: Optional[Callable[[Path, Any], None]] = None  # a state that readers refuse in one sentence
 
 
 def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[str, Any]) -> None:
@@ -612,8 +615,11 @@ def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[st
         else:
             one_sentence_disk_full(result)
         outcome = "absent"
-        if dst.exists():
-            now = writer.state(dst)
+        now = writer.state(dst) if os.path.lexists(dst) or writer.refused else None
+        if now is not None and writer.refused is not None and now not in ref.values():
+            writer.refused(dst, now)  # what data prepare's pair marker makes of a half-switched pair
+            outcome = "refused"
+        elif now is not None:
             assert now in (ref[False], ref[True]) and (replacing or now == ref[True]), fault
             outcome = "new" if now == ref[True] else "old"
         elif replacing:  # only between the portable fallback's two renames, with both copies named
@@ -624,18 +630,21 @@ def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[st
             old = [p for p in temporaries_under(folder) if ".mzoo-old-" in p.name]
             assert f"rename {old[0].name}" in text and writer.state(old[0]) == ref[False], text
             outcome = "missing, old copy named"
-        assert [p.name for p in folder.iterdir() if not tagged(p)] == (["out"] if dst.exists() else []), fault
+        seen = sorted(p.name for p in folder.iterdir() if not tagged(p))
+        assert seen == (writer.outputs(dst) if now is not None else [] if not dst.exists() else ["out"]), (fault, seen)
         left = temporaries_under(folder)
         stats[f"{kind}: DST {outcome}"] = stats.get(f"{kind}: DST {outcome}", 0) + 1
-        if kind == "enospc":
-            assert left == [], f"{fault} left {left}"
-            continue
-        if left and dst.exists():  # inspect names what the kill left
+        if kind == "enospc":  # nothing left, but a half-switched pair's marker (which readers heed)
+            assert all(p.name.endswith(".mzoo-tmp-pair") for p in left) and (not left or outcome == "refused"), left
+            if not left:
+                continue
+        if left and now is not None and writer.refused is None:  # inspect names what the kill left
             named = json.loads(cli("inspect", dst, "--json").stdout)["leftovers"]
             assert {str(p) for p in left} <= set(named), (fault, left, named)
         again = server.full(writer.argv(dst, True))  # the next run sweeps, and says so
-        if left:
-            assert "removed" in again["stderr"] and all(p.name in again["stderr"] for p in left), again["stderr"]
+        swept = [p for p in left if not p.name.endswith(".mzoo-tmp-pair")]  # a pair's marker: gone with the new pair
+        if swept:
+            assert "removed" in again["stderr"] and all(p.name in again["stderr"] for p in swept), again["stderr"]
             stats["leftovers swept by the next run"] = stats.get("leftovers swept by the next run", 0) + len(left)
         assert temporaries_under(folder) == [] and writer.state(dst) == ref[True], fault
         shutil.rmtree(folder)
@@ -681,3 +690,85 @@ def test_fault_windows_of_the_atomic_writers(server, work, tiny_sources, command
     start = time.perf_counter()
     fault_trials(server, writer, work / f"faults-{command.replace(' ', '-')}", stats)
     report(f"{command} at each fault window ({time.perf_counter() - start:.1f} s)", stats)
+
+
+def test_fault_windows_of_training_saves(server, work):
+    """train --save: the first save of an iteration (renamed in, then the tracker), and a re-save of
+    the same iteration number into a root another run saved (--overwrite: exchanged, the tracker
+    moved, the old copy removed last)."""
+    def argv(root: Path, new: bool) -> list:
+        return ["train", "llama-tiny", "--mock-data", "--steps", "1", "--seq-len", "16", "--global-batch", "2",
+                "--micro-batch", "1", "--seed", "2" if new else "1", "--save", root, *(["--overwrite"] if new else [])]
+
+    writer = FaultWriter(argv, root_state, first=("before-switch", "after-rename", "after-tracker"),
+                         replacing=("before-switch", "after-exchange", "after-tracker"),
+                         outputs=lambda root: ["out"])
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    fault_trials(server, writer, work / "faults-train", stats)
+    report(f"train --save at each fault window ({time.perf_counter() - start:.1f} s)", stats)
+
+
+@pytest.fixture(scope="module")
+def tokenized(work) -> dict[str, Path]:
+    """A small HF model with a word-level tokenizer, and two corpora for it."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from test_sft import make_tokenizer  # the word-level tokenizer the finetuning tests use
+
+    folder = work / "tokenized"
+    make_hf_model(folder / "model", LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96,
+                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                max_position_embeddings=64))
+    make_tokenizer(folder / "model")
+    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": "w1 w2", "completion": "w2 w1"}) + "\n"
+                                              for _ in range(16)))
+    for name, n in (("old", 50), ("new", 80)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"w{i % 7} w{i % 5} w1"}) + "\n"
+                                                      for i in range(n)))
+    return {"model": folder / "model", "sft": folder / "sft.jsonl", "old": folder / "old.jsonl",
+            "new": folder / "new.jsonl"}
+
+
+def test_fault_windows_of_finetune_saves(server, work, tokenized):
+    """finetune --save (Hugging Face): the folder is replaced as a whole at each save."""
+    def argv(dst: Path, new: bool) -> list:
+        return ["finetune", tokenized["model"], "--data", tokenized["sft"], "--format", "prompt-completion",
+                "--seq-len", "16", "--steps", "1", "--global-batch", "2", "--micro-batch", "1",
+                "--lr", "3e-3" if new else "1e-2", "--save", dst, *(["--overwrite"] if new else [])]
+
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    fault_trials(server, FaultWriter(argv), work / "faults-finetune", stats)
+    report(f"finetune --save at each fault window ({time.perf_counter() - start:.1f} s)", stats)
+
+
+def test_fault_windows_of_data_prepare(server, work, tokenized):
+    """data prepare --overwrite renames the .bin, then the .idx, under a locked pair marker: between
+    the two, readers and `train --data` refuse the pair in one sentence; the next prepare repairs it."""
+    from mzoo.data.errors import DataError
+    from mzoo.data.indexed import IndexedDataset, bin_path
+
+    def argv(prefix: Path, new: bool) -> list:
+        return ["data", "prepare", tokenized["new" if new else "old"], "--tokenizer", tokenized["model"], "--out",
+                prefix, *(["--overwrite"] if new else [])]
+
+    def state(prefix: Path) -> Any:
+        try:
+            return len(IndexedDataset(prefix)), hashlib.sha1(bin_path(prefix).read_bytes()).hexdigest()
+        except DataError as e:
+            return str(e)
+
+    def refused(prefix: Path, said: str) -> None:
+        assert "was being replaced when its writer stopped" in said, said
+        train = server.run(["train", "gpt-tiny", "--data", prefix, "--seq-len", "16", "--micro-batch", "1",
+                            "--global-batch", "1", "--device", "cpu", "--steps", "1"])
+        text = " ".join(train["stderr"].split())
+        assert train["rc"] == 2 and "re-run `mzoo data prepare --overwrite`" in text, text[-3000:]
+        assert "Traceback" not in train["stderr"]
+
+    writer = FaultWriter(argv, state, first=(), replacing=("data-between-renames",),
+                         outputs=lambda prefix: [f"{prefix.name}.bin", f"{prefix.name}.idx"], refused=refused)
+    stats: dict[str, Any] = {}
+    start = time.perf_counter()
+    fault_trials(server, writer, work / "faults-data", stats)
+    report(f"data prepare --overwrite at each fault window ({time.perf_counter() - start:.1f} s)", stats)
