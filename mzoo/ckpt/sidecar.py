@@ -16,6 +16,7 @@ import yaml
 import mzoo
 from mzoo.ckpt.atomic import atomic_write_bytes
 from mzoo.ckpt.megatron.tracker import TRACKER
+from mzoo.ckpt.runlock import LOCK_NAME
 from mzoo.ckpt.sink import crc32, known_crc
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
@@ -36,12 +37,12 @@ def write_sidecar(
     """`skip`: a subfolder not to vouch for (yet); `rehash`: one whose files were replaced in place, so
     the checksums recorded earlier for it are not reused."""
     folder = Path(folder)
-    # the tracker moves after the sidecar is written and temporary names are renamed away: neither
-    # is part of what the sidecar vouches for
+    # the tracker moves after the sidecar is written, temporary names are renamed away and the run
+    # lock is rewritten by each run that takes it: none is part of what the sidecar vouches for
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (SIDECAR, TRACKER) and ".mzoo-tmp" not in str(p.relative_to(folder))
+        if p.is_file() and p.name not in (SIDECAR, TRACKER, LOCK_NAME) and ".mzoo-tmp" not in str(p.relative_to(folder))
         and not (skip and str(p.relative_to(folder)).startswith(skip + "/"))
     }
     previous = read_sidecar(folder) or {}

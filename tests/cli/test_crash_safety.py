@@ -772,3 +772,17 @@ def test_fault_windows_of_data_prepare(server, work, tokenized):
     start = time.perf_counter()
     fault_trials(server, writer, work / "faults-data", stats)
     report(f"data prepare --overwrite at each fault window ({time.perf_counter() - start:.1f} s)", stats)
+
+
+def test_the_run_lock_is_not_vouched_for(tmp_path):
+    """Each run rewrites ROOT/.mzoo-lock (its pid and host): mzoo.yaml recording it made `inspect --check`
+    call a root corrupted once another run had taken it (found by the training fault-window trials)."""
+    from mzoo.ckpt.runlock import LOCK_NAME
+    from mzoo.jobs.inspect import describe
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / LOCK_NAME).write_text("pid=1\nhost=a\n")
+    _save_iterations(root, [1])
+    (root / LOCK_NAME).write_text("pid=123456\nhost=b\n")  # the next run's
+    assert describe(root, check=True)["problems"] == []
