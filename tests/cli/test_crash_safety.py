@@ -21,8 +21,10 @@ there is one: fsync is a no-op there, which changes nothing for SIGKILL (the pag
 killed process) and keeps this file near a minute on two cores.
 
 Each test prints (-s) how many kills landed mid-write (a temporary folder existed when the process
-died) and asserts that a fair share did. The last tests pin down, deterministically, the gaps a
-random kill hits only rarely: the tracker and temporary files are not recorded in mzoo.yaml.
+died) and asserts that a fair share did. Block (d) hits, deterministically, every named window
+(MZOO_FAULT) of every writer command (convert, zarr, reshard, init, data prepare, train and finetune
+--save), with a SIGKILL and with a full disk there; the last tests pin down the gaps a random kill
+hits only rarely: the tracker, temporary files and the run lock are not recorded in mzoo.yaml.
 """
 
 from __future__ import annotations
@@ -641,6 +643,8 @@ def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[st
         if left and now is not None and writer.refused is None:  # inspect names what the kill left
             named = json.loads(cli("inspect", dst, "--json").stdout)["leftovers"]
             assert {str(p) for p in left} <= set(named), (fault, left, named)
+            shown = cli("inspect", dst).stdout
+            assert "interrupted run" in shown and all(p.name in shown for p in left), shown
         again = server.full(writer.argv(dst, True))  # the next run sweeps, and says so
         swept = [p for p in left if not p.name.endswith(".mzoo-tmp-pair")]  # a pair's marker: gone with the new pair
         if swept:

@@ -4,9 +4,7 @@ checked before any work, and re-saving an iteration never deletes the only check
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,42 +105,3 @@ def test_a_fresh_train_into_an_old_root_does_not_replace_its_iteration(tmp_path)
     assert cli(*TRAIN, "--seed", "7", "--save", root, "--overwrite").exit_code == 0
 
 
-RESAVE = r'''
-import sys, torch
-from pathlib import Path
-from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
-from mzoo.ckpt.megatron.write import add_iteration
-from mzoo.models.canonical import canonical_tensors
-from mzoo.zoo import resolve
-cfg = resolve("llama-tiny")
-tensors = canonical_tensors(cfg)
-seed, iteration = int(sys.argv[2]), int(sys.argv[3])
-gen = torch.Generator().manual_seed(seed)
-values = {t.name: torch.full(t.shape, float(seed)) for t in tensors}
-add_iteration(Path(sys.argv[1]), cfg, tensors, values.__getitem__,
-              Target("torch_dist", MegatronCheckpoint(iteration=iteration), torch.float32), torch.float32, iteration)
-'''
-
-
-def resave(root: Path, seed: int, iteration: int, fault: str = "") -> int:
-    env = {**os.environ, "MZOO_FAULT": fault}
-    return subprocess.run([sys.executable, "-c", RESAVE, str(root), str(seed), str(iteration)], env=env,
-                          capture_output=True, text=True, timeout=300).returncode
-
-
-@pytest.mark.parametrize("window", ["before-switch", "after-exchange", "after-tracker"])
-def test_resaving_an_iteration_killed_at_each_window_keeps_a_complete_one(tmp_path, window):  # case 3
-    from mzoo.jobs.inspect import describe
-    from mzoo.jobs.sources import open_source
-
-    root = tmp_path / "ckpt"
-    assert resave(root, 1, 5) == 0
-    assert resave(root, 2, 5, window) == -9  # killed there
-    info = describe(root, check=True)
-    assert info["iteration"] == 5 and info["problems"] == [], info
-    assert info["leftovers"] and all(".mzoo-" in p for p in info["leftovers"]), info  # inspect names what was left
-    shown = cli("inspect", root)
-    assert shown.exit_code == 0 and "leftover" in shown.stdout and "interrupted run" in shown.stdout
-    src = open_source(root)
-    value = {float(src.get(t.name).flatten()[0]) for t in src.tensors}
-    assert value in ({1.0}, {2.0})  # the old copy or the new one, whole
