@@ -147,6 +147,21 @@ def is_dist_checkpoint(folder: Path) -> Optional[str]:
         raise CheckpointError(f"{meta} is not valid JSON; the checkpoint is damaged.") from None
 
 
+_ZIP_HEAD, _ZIP_END = b"PK\x03\x04", b"PK\x05\x06"
+
+
+def _check_archive_bounds(path: Path, fqn: str, offset: int, length: int) -> None:
+    """Without mzoo.yaml's CRC-32s: a torch.save'd item must begin and end where .metadata says (8 bytes
+    read), so a .distcp of another model is refused at open, before any tensor is read; the items'
+    own CRC-32s are checked as they are read."""
+    with open(path, "rb", buffering=0) as f:
+        head = os.pread(f.fileno(), 4, offset)
+        end = os.pread(f.fileno(), 4, offset + length - 22) if length >= 22 else b""
+    if head != _ZIP_HEAD or end != _ZIP_END:
+        raise CheckpointError(f"{path} holds no torch archive where .metadata places {fqn} (bytes {offset}-"
+                              f"{offset + length}): the file comes from another checkpoint or is corrupted; re-copy it.")
+
+
 class DistReader:
     """Region reads from a torch_dist checkpoint written by mzoo or by megatron-core."""
 
@@ -168,7 +183,8 @@ class DistReader:
         for index, info in self.metadata.storage_data.items():
             self.storage[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = info
         sizes: dict[str, int] = {}
-        for info in self.storage.values():
+        self.checksums = Checksums(self.folder)
+        for (fqn, _), info in self.storage.items():
             path = self.folder / info.relative_path
             if info.relative_path not in sizes:
                 if not path.is_file():
@@ -177,7 +193,8 @@ class DistReader:
             if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
                 raise CheckpointError(f"{path} is truncated: it ends at byte {sizes[info.relative_path]}, but "
                                       f".metadata places an item up to byte {info.offset + info.length}; re-copy it.")
-        self.checksums = Checksums(self.folder)
+            if fqn in self.tensors and not self.checksums.covers(path):
+                _check_archive_bounds(path, fqn, info.offset, info.length)
         self.common = self._common()
 
     def _verify(self, info: Any, archive: bool = True) -> None:

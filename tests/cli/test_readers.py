@@ -246,3 +246,38 @@ def test_rank_from_another_model_is_refused(foreign_ranks, tmp_path, command, va
 def test_own_rank_files_without_sidecar_still_load(foreign_ranks, tmp_path, command):
     result = CliRunner().invoke(app, _command(command, foreign_ranks["good"], tmp_path))
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def foreign_distcp(tmp_path_factory):
+    """torch_dist without mzoo.yaml whose .distcp comes from a smaller or a larger model: the items
+    .metadata places in the file do not begin and end where it says."""
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
+    from mzoo.ckpt.megatron.tracker import find_iteration_dir
+    from mzoo.jobs.convert import convert
+    from mzoo.jobs.sources import open_source
+
+    root = tmp_path_factory.mktemp("foreign-distcp")
+    out = {}
+    for name, hidden in (("good", 64), ("small", 32), ("large", 128)):
+        hf = make_hf_model(root / f"hf-{name}", LlamaConfig(**{**TINY, "hidden_size": hidden}), seed=hidden)
+        out[name] = root / name
+        convert(open_source(hf), out[name], Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=2))))
+        (out[name] / "mzoo.yaml").unlink()
+    for name in ("small", "large"):
+        copy = root / f"{name}-in-good"
+        shutil.copytree(out["good"], copy)
+        for f in find_iteration_dir(out[name])[0].glob("*.distcp"):
+            shutil.copy(f, find_iteration_dir(copy)[0] / f.name)
+        out[f"{name}-in-good"] = copy
+    return out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("variant", ["small-in-good", "large-in-good"])
+def test_distcp_from_another_model_is_refused(foreign_distcp, tmp_path, command, variant):
+    """At open, before any tensor is read: `train --load --dry-run` used the larger model's file."""
+    result = CliRunner().invoke(app, _command(command, foreign_distcp[variant], tmp_path))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "__0_0.distcp holds no torch archive where .metadata places" in text, text
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
