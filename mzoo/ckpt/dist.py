@@ -159,7 +159,8 @@ def _check_archive_bounds(path: Path, fqn: str, offset: int, length: int) -> Non
         end = os.pread(f.fileno(), 4, offset + length - 22) if length >= 22 else b""
     if head != _ZIP_HEAD or end != _ZIP_END:
         raise CheckpointError(f"{path} holds no torch archive where .metadata places {fqn} (bytes {offset}-"
-                              f"{offset + length}): the file comes from another checkpoint or is corrupted; re-copy it.")
+                              f"{offset + length}): the file comes from another checkpoint or is corrupted; "
+                              "re-copy it.")
 
 
 class DistReader:

@@ -42,7 +42,8 @@ def write_sidecar(
     files = {
         str(p.relative_to(folder)): p.stat().st_size
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in (SIDECAR, TRACKER, LOCK_NAME) and ".mzoo-tmp" not in str(p.relative_to(folder))
+        if p.is_file() and p.name not in (SIDECAR, TRACKER, LOCK_NAME)
+        and ".mzoo-tmp" not in str(p.relative_to(folder))
         and not (skip and str(p.relative_to(folder)).startswith(skip + "/"))
     }
     previous = read_sidecar(folder) or {}
