@@ -644,7 +644,8 @@ def fault_trials(server: Server, writer: FaultWriter, base: Path, stats: dict[st
             named = json.loads(cli("inspect", dst, "--json").stdout)["leftovers"]
             assert {str(p) for p in left} <= set(named), (fault, left, named)
             shown = cli("inspect", dst).stdout
-            assert "interrupted run" in shown and all(p.name in shown for p in left), shown
+            unwrapped = "".join(shown.split())  # rich folds a long path across lines
+            assert "interrupted run" in " ".join(shown.split()) and all(p.name in unwrapped for p in left), shown
         again = server.full(writer.argv(dst, True))  # the next run sweeps, and says so
         swept = [p for p in left if not p.name.endswith(".mzoo-tmp-pair")]  # a pair's marker: gone with the new pair
         if swept:
