@@ -158,7 +158,10 @@ class ModelConfig:
     def block_kinds(self) -> frozenset[str]:
         """The blocks the layers hold, of "attention", "mlp", "moe", "mamba" (a transformer layer is
         attention + an MoE on `moe_layers`, else an MLP): the one answer to "has it attention?"."""
-        types = set(self.layer_types)
+        if self.ssm is not None:  # the distinct symbols, not a list as long as the model
+            types = {HYBRID_SYMBOLS[c] for c in set(self.ssm.hybrid_pattern)} if self.ssm.hybrid_pattern else {"mamba"}
+        else:
+            types = {"transformer"}
         kinds = types - {"transformer"}
         if "transformer" in types:
             routed = len(self.moe_layers)
