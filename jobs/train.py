@@ -30,7 +30,7 @@ from mzoo.errors import UserError
 from mzoo.jobs.sources import load_checkpoint, open_source
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
-from mzoo.models.canonical import canonical_tensors, plan_tensors
+from mzoo.models.canonical import canonical_tensors, kind_tensors
 from mzoo.models.gpt import RECOMPUTE_MODULES
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.sharding import check_split
@@ -205,7 +205,7 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
     layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel,
                     first_stage_layers=flags.first_stage_layers, last_stage_layers=flags.last_stage_layers)
     layout.validate_for(cfg)
-    check_split(plan_tensors(cfg), layout.tp, layout.expert_tp)  # ffn, experts, Mamba: before any process starts
+    check_split(kind_tensors(cfg), layout.tp, layout.expert_tp)  # ffn, experts, Mamba: before any process starts
     if dp % ep:
         raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
                         "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
