@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from mzoo.ckpt.assets import Assets, tokenizer_assets
-from mzoo.ckpt.atomic import check_destination
+from mzoo.ckpt.atomic import check_destination, check_space
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.tracker import TRACKER
 from mzoo.ckpt.runlock import LOCK_NAME, run_lock
@@ -32,6 +32,7 @@ from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.models.canonical import canonical_tensors, kind_tensors
 from mzoo.models.gpt import RECOMPUTE_MODULES
+from mzoo.params import count_params
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.sharding import check_split
 from mzoo.parallel.state import ParallelState
@@ -278,6 +279,29 @@ def check_save(save: Optional[Path], overwrite: bool, hf: bool, steps: int, inte
                         f"replace; save elsewhere, resume it with --load {save}, or pass --overwrite.")
 
 
+def save_bytes(cfg: ModelConfig, precision: str, hf: bool) -> int:
+    """What one save writes: the weights at the run's precision and, in a Megatron save, the optimizer
+    state beside them (Adam's fp32 master weights, exp_avg and exp_avg_sq: 12 bytes a parameter)."""
+    return count_params(cfg).total * (DTYPES[precision].itemsize + (0 if hf else 12))
+
+
+def first_save(start: int, steps: int, interval: int) -> int:
+    """The iteration a run from `start` saves first: the next multiple of `interval`, else the last step."""
+    nxt = (start // interval + 1) * interval if interval else steps
+    return min(nxt, steps)
+
+
+def check_save_space(save: Optional[Path], cfg: ModelConfig, precision: str, hf: bool, first: int) -> None:
+    """Before step 1: the first save (iteration `first`) fits, so a full disk is not found out only
+    after the work it was to keep."""
+    if save is None:
+        return
+    save = Path(save)
+    what = f"saving the finetuned model (hf) at step {first} to {save}" if hf else \
+        f"saving iteration {first} (weights and optimizer state) to {save}"
+    check_space(save if save.is_dir() else save.absolute().parent, save_bytes(cfg, precision, hf), what)
+
+
 # ---- the engine's hooks ----------------------------------------------------------------------------------
 def checkpoint_layout(cfg: ModelConfig, layout: Layout, iteration: int) -> MegatronCheckpoint:
     """The layout a training save records: the one the run used (its TP, PP, VPP, EP and stage split)."""
@@ -404,6 +428,13 @@ def prepare_train(req: TrainRequest) -> Prepared:
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
     check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
+    start = (loaded.step or 0) if loaded is not None else 0
+    if start < tcfg.steps:
+        check_save_space(out.save, cfg, precision, False, first_save(start, tcfg.steps, out.save_interval))
+    notes = []
+    if not req.dry_run:  # before the data's indices are built
+        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)
+        notes += [warning] if warning else []
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
@@ -415,10 +446,6 @@ def prepare_train(req: TrainRequest) -> Prepared:
         if tcfg.eval_interval and valid is None:
             raise UserError(f"the valid split is empty: --split {req.split} gives it no share, and --eval-interval "
                             "needs one; pass a valid share (e.g. --split 90,10,0) or drop --eval-interval.")
-    notes = []
-    if not req.dry_run:
-        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)
-        notes += [warning] if warning else []
     rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
                    req.load_optim, str(out.log_json) if out.log_json else None,
                    str(out.tensorboard) if out.tensorboard else None, device=eng.device)
