@@ -379,6 +379,11 @@ def check_types(cls: type, values: dict[str, Any], spelled: dict[str, str], wher
             _coerce(hint, value, f"{where}: {spelled.get(name, name)}")
 
 
+def check_value(hint: Any, value: Any, where: str) -> None:
+    """Refuse `value` unless it has type `hint` (int, Optional[int], bool, ...), naming `where`."""
+    _coerce(hint, value, where)
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, dict):
