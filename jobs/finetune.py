@@ -14,7 +14,8 @@ from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format, check_save,
-                             check_memory, check_save_space, first_save, hooks, recompute_options, resolve_layout)
+                             check_memory, check_save_space, first_save, hooks, loaded_from, recompute_options,
+                             resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
 from mzoo.train.run import RunConfig
@@ -103,4 +104,5 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                       trust_pickle=req.trust_pickle)
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
     return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
-                    device=resolve_device(eng.device).type, data_stats=stats)
+                    device=resolve_device(eng.device).type, data_stats=stats,
+                    loaded=loaded_from(src, req.ckpt, None))  # weights only: a new schedule

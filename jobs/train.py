@@ -27,7 +27,7 @@ from mzoo.config import ModelConfig
 from mzoo.converters.hf import save_hf
 from mzoo.data.gpt import DataConfig, build_gpt_datasets, data_config_from_flags
 from mzoo.errors import UserError
-from mzoo.jobs.sources import load_checkpoint, open_source
+from mzoo.jobs.sources import Source, load_checkpoint, open_source
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.models.canonical import canonical_tensors, kind_tensors
@@ -153,11 +153,16 @@ def open_load(path: str, load_optim: bool, steps: int, trust_pickle: bool = Fals
     src = open_source(path, trust_pickle)
     position = saved_position(path) if load_optim else None
     step = int(position["step"]) if position else None
-    layout = src.megatron.layout if src.megatron is not None else Layout()
     if step is not None and step > steps:
         raise UserError(f"--steps {steps} is below step {step} that {path} was saved at; pass --steps above {step} "
                         "to train on (or --no-load-optim to start a new schedule from its weights).")
-    return Loaded(str(path), src.fmt, src.iteration, step, layout), src.assets
+    return loaded_from(src, path, step), src.assets
+
+
+def loaded_from(src: Source, path: str | Path, step: Optional[int]) -> Loaded:
+    """What a run reads from `src` (train's --load, finetune's base checkpoint), as the line it prints."""
+    layout = src.megatron.layout if src.megatron is not None else Layout()
+    return Loaded(str(path), src.fmt, src.iteration, step, layout)
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
