@@ -194,8 +194,12 @@ def test_sizes_no_machine_holds_are_refused_before_anything_is_built(ckpts, tmp_
 
 def test_plan_of_ten_million_layers_answers(ckpts):
     """`mzoo plan` on deep.yaml: every layout's memory from per-kind counts (the per-layer walk and
-    millions of vpp candidates ran past the alarm)."""
-    [result] = run_capped([["plan", ckpts / "deep.yaml", "--gpus", "8", "--json"]])
+    millions of vpp candidates ran past the alarm); `train --dry-run`, which lists the rank's tensors
+    from a meta model (about 4 KiB of Python objects each), says what that listing would need."""
+    result, dry = run_capped([["plan", ckpts / "deep.yaml", "--gpus", "8", "--json"],
+                              ["train", ckpts / "deep.yaml", "--mock-data", "--dry-run"]])
+    assert_one_sentence(dry, "listing rank 0's 60,000,003 parameter tensors (10,000,000 layers) on the meta "
+                        "device needs about", "this machine offers")
     assert result["code"] == 0, result
     plans = json.loads(result["output"])
     assert plans and not any(p["feasible"] for p in plans)  # terabytes per GPU, as the counts say
