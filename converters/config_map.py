@@ -17,12 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
-from dataclasses import fields as dataclass_fields
 
-from mzoo.config import ConfigError, ModelConfig, RopeConfig, check_types
-
-MODEL_FIELDS = frozenset(f.name for f in dataclass_fields(ModelConfig))
-
+from mzoo.config import ConfigError, MoEConfig, ModelConfig, RopeConfig, check_types
 
 class _Required:
     def __repr__(self) -> str:
@@ -70,12 +66,22 @@ class Key:
     legacy: Optional[Callable[[Any], dict[str, Any]]] = None  # the value in transformers 4's keys, written too
 
     def get(self, hf: dict[str, Any], reading: Optional[Reading] = None, need: Optional[Need] = None) -> Any:
-        """The field's value from config.json (a missing REQUIRED key: KeyError, or what `need` raises)."""
+        """The field's value from config.json (a missing REQUIRED key: KeyError, or what `need` raises);
+        a value the transform cannot read is one sentence naming the key."""
         if self.default is REQUIRED:
             value = need(hf, self.hf) if need else hf[self.hf]
         else:
             value = hf.get(self.hf, self.default)
-        return self.read(value, reading or Reading(hf))
+        try:
+            return self.read(value, reading or Reading(hf))
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError(f"config.json: {self.hf} has a value mzoo cannot read ({value!r}); fix config.json.") \
+                from None
+
+    @property
+    def plain(self) -> bool:
+        """The field takes config.json's value as it is (or only as a number / flag): its type is checked raw."""
+        return self.read in (same, number, boolean)
 
     def put(self, obj: Any) -> Any:
         return self.write(obj) if self.write else getattr(obj, self.field)
@@ -86,14 +92,22 @@ class KeyTable:
     """Keys applied in order both ways: config.json -> fields, and an object -> config.json keys."""
 
     keys: tuple[Key, ...]
+    section: type = ModelConfig  # the dataclass whose fields these are (MoEConfig, MLAConfig, SSMConfig)
+
+    def check(self, hf: dict[str, Any]) -> None:
+        """Refuse a config.json value of the wrong type for its field (`num_experts_per_tok: "2"`,
+        `n_routed_experts: true`), naming the key, before any transform or arithmetic sees it."""
+        plain = {k.field: k.hf for k in self.keys if k.plain and k.hf in hf}
+        check_types(self.section, {f: hf[key] for f, key in plain.items()}, plain, "config.json")
 
     def read(self, hf: dict[str, Any], need: Optional[Need] = None) -> dict[str, Any]:
         """field -> value for every key (a key's read sees the fields before it)."""
+        self.check(hf)
         reading = Reading(hf)
         for key in self.keys:
             reading.fields[key.field] = key.get(hf, reading, need)
-        top = {k.field: k.hf for k in self.keys if k.field in MODEL_FIELDS}  # sections are checked by ModelConfig
-        check_types(ModelConfig, {f: reading.fields[f] for f in top}, top, "config.json")
+        read = {k.field: k.hf for k in self.keys if not k.plain and k.field in reading.fields}  # after transforms
+        check_types(self.section, {f: reading.fields[f] for f in read}, read, "config.json")
         return reading.fields
 
     def write(self, obj: Any) -> dict[str, Any]:
@@ -118,10 +132,10 @@ class KeyTable:
         if unknown:
             raise KeyError(f"no keys for {sorted(unknown)}")
         return KeyTable(tuple(replace(key, **changes.get(key.field, {})) for key in self.keys
-                              if key.field not in drop))
+                              if key.field not in drop), self.section)
 
     def __add__(self, other: "KeyTable") -> "KeyTable":
-        return KeyTable(self.keys + other.keys)
+        return KeyTable(self.keys + other.keys, self.section)
 
 
 # ---- rope ------------------------------------------------------------------------------------------
@@ -209,4 +223,4 @@ MOE = KeyTable((
     Key("ffn_hidden_size", "moe_intermediate_size"),
     Key("routed_scaling_factor", "routed_scaling_factor", 1.0, read=number),
     Key("norm_topk_prob", "norm_topk_prob", True, read=boolean),
-))
+), MoEConfig)

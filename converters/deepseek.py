@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mzoo.config import ConfigError, MLAConfig, ModelConfig, MoEConfig
+from mzoo.config import ConfigError, MLAConfig, ModelConfig, MoEConfig, check_types
 from mzoo.converters.adapter import Adapter, register
 from mzoo.converters.config_map import CORE, MOE, Key, KeyTable, number
 from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
@@ -80,7 +80,7 @@ MLA_KEYS = KeyTable((
     Key("qk_nope_head_dim", "qk_nope_head_dim"),
     Key("qk_rope_head_dim", "qk_rope_head_dim"),
     Key("v_head_dim", "v_head_dim"),
-))
+), MLAConfig)
 
 
 def _need(hf: dict[str, Any], key: str) -> Any:
@@ -126,8 +126,17 @@ def _with_defaults(hf: dict[str, Any]) -> dict[str, Any]:
     return {**DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k in nullable}}
 
 
+# MoEConfig fields read from config.json outside the key tables
+RAW_MOE = {"num_shared_experts": "n_shared_experts", "first_k_dense": "first_k_dense_replace", "n_group": "n_group",
+           "topk_group": "topk_group", "layer_freq": "moe_layer_freq"}
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     hf = _with_defaults(hf)
+    for table in (KEYS, MOE_KEYS, MLA_KEYS):  # every value's type, by its key, before any arithmetic
+        table.check(hf)
+    raw = {f: key for f, key in RAW_MOE.items() if key in hf}
+    check_types(MoEConfig, {f: hf[key] for f, key in raw.items()}, raw, "config.json")
     v3 = hf["model_type"] == "deepseek_v3"
     if hf.get("quantization_config"):
         raise ConfigError("this DeepSeek checkpoint is quantized (quantization_config in config.json); mzoo "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mzoo.config import ConfigError, ModelConfig, SSMConfig
+from mzoo.config import ConfigError, ModelConfig, SSMConfig, check_value
 from mzoo.converters import nemotron_h
 from mzoo.converters.adapter import Adapter, register
 from mzoo.converters.config_map import CORE, Key, KeyTable, boolean
@@ -54,7 +54,7 @@ SSM_KEYS = KeyTable((
     Key("expand", "expand", 2),
     Key("conv_bias", "use_conv_bias", True, read=boolean),
     Key("proj_bias", "use_bias", False, read=boolean),
-))
+), SSMConfig)
 # Mamba2Config adds multi-head SSM keys (num_heads: see mamba2_from_hf)
 SSM2_KEYS = SSM_KEYS.but(d_state=dict(default=128)) + KeyTable((
     Key("head_dim", "head_dim", 64),
@@ -79,6 +79,10 @@ def _check(hf: dict[str, Any], kind: str) -> None:
 
 
 def mamba1_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    KEYS.check(hf)
+    SSM_KEYS.check(hf)
+    if hf.get("time_step_rank", "auto") != "auto":
+        check_value(int, hf["time_step_rank"], "config.json: time_step_rank")
     _check(hf, "Mamba")
     hidden, expand = hf["hidden_size"], SSM_KEYS["expand"].get(hf)
     if hf.get("intermediate_size", expand * hidden) != expand * hidden:
@@ -91,6 +95,10 @@ def mamba1_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def mamba2_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    MAMBA2_KEYS.check(hf)
+    SSM2_KEYS.check(hf)
+    if "num_heads" in hf:
+        check_value(int, hf["num_heads"], "config.json: num_heads")
     _check(hf, "Mamba-2")
     hidden, expand, head_dim = hf["hidden_size"], SSM2_KEYS["expand"].get(hf), SSM2_KEYS["head_dim"].get(hf)
     if hf.get("num_heads", expand * hidden // head_dim) * head_dim != expand * hidden:

@@ -58,10 +58,12 @@ MOE_KEYS = KeyTable((
     Key("num_experts", "num_local_experts", 8),
     Key("top_k", "num_experts_per_tok", 2),
     Key("aux_loss_coeff", "router_aux_loss_coef", 0.001, read=number),
-))
+), MoEConfig)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    KEYS.check(hf)
+    MOE_KEYS.check(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"Mixtral config has hidden_act '{hf['hidden_act']}'; mzoo's mixtral family needs "
                           "'silu'.")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mzoo.config import ConfigError, ModelConfig, MoEConfig, SSMConfig
+from mzoo.config import ConfigError, ModelConfig, MoEConfig, SSMConfig, check_value
 from mzoo.converters.config_map import CORE, MOE, Key, KeyTable, Reading, boolean
 from mzoo.converters.mapping import QKV, Direct
 
@@ -83,7 +83,7 @@ SSM_KEYS = KeyTable((
     Key("chunk_size", "chunk_size", 128),
     Key("conv_bias", "use_conv_bias", True, read=boolean),
     Key("proj_bias", "use_bias", False, read=boolean),
-))
+), SSMConfig)
 # one shared expert, as wide as moe_shared_expert_intermediate_size
 MOE_KEYS = MOE + KeyTable((
     Key("shared_expert_ffn_hidden_size", "moe_shared_expert_intermediate_size",
@@ -120,6 +120,11 @@ def _moe_from_hf(hf: dict[str, Any]) -> MoEConfig:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    for table in (KEYS, SSM_KEYS, MOE_KEYS):  # every value's type, by its key, before any arithmetic
+        table.check(hf)
+    for key in ("mamba_num_heads", "n_group", "topk_group"):
+        if key in hf:
+            check_value(int if key == "mamba_num_heads" else Optional[int], hf[key], f"config.json: {key}")
     pattern = pattern_from_hf(hf)
     hidden = hf["hidden_size"]
     heads, head_dim = hf["mamba_num_heads"], hf["mamba_head_dim"]

@@ -8,6 +8,7 @@ Which tensors exist and how they split comes from a meta model of the configurat
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -74,14 +75,20 @@ def validate_target(src: Source, target: Target) -> None:
         check_split(src.tensors, lay.tp, lay.expert_tp)
 
 
+def output_bytes(tensors: list[CanonicalTensor], dtype: torch.dtype) -> int:
+    """What a conversion writes: every canonical tensor at the dtype it is stored in (fp32 ones stay
+    fp32); vocabulary padding, headers and metadata are within check_space's slack."""
+    return sum(math.prod(t.shape) * storage_dtype(t.name, dtype).itemsize for t in tensors)
+
+
 def convert(src: Source, dst: str | Path, target: Target, overwrite: bool = False,
             progress: Optional[Callable[[int], None]] = None, allow_nonfinite: bool = False) -> Summary:
     dst = Path(dst)
     validate_target(src, target)
-    check_destination(dst, overwrite)
+    dtype = target.dtype or src.dtype
+    check_destination(dst, overwrite, need_bytes=output_bytes(src.tensors, dtype))
     tick = progress or (lambda n: None)
     start = time.perf_counter()
-    dtype = target.dtype or src.dtype
     cfg = src.cfg
 
     def finite(name: str, value):

@@ -14,7 +14,8 @@ from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
 from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format, check_save,
-                             check_memory, hooks, recompute_options, resolve_layout)
+                             check_memory, check_save_space, first_save, hooks, loaded_from, recompute_options,
+                             resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
 from mzoo.train.run import RunConfig
@@ -82,14 +83,15 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     if tokenizer_dir is None:
         raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
+    check_save_space(out.save, cfg, precision, req.save_format == "hf", first_save(0, h.steps, out.save_interval))
     tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
+    notes = []
+    warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force)  # before the data too
+    notes += [warning] if warning else []
     sft = sft_data.SFTConfig(ex.data, ex.format, ex.valid_data, ex.valid_fraction, ex.packing)
     tokenizer = load_transformers_tokenizer(tokenizer_dir)
     train, valid, stats = sft_data.build(sft, tokenizer, h.seq_len, cfg.vocab_size, h.seed)  # bad data fails here
     tcfg = replace(tcfg, eval_interval=(out.eval_interval or h.steps) if valid is not None else 0)
-    notes = []
-    warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force)
-    notes += [warning] if warning else []
     rc = RunConfig(cfg, layout, tcfg, str(req.ckpt), str(out.save) if out.save else None, out.save_interval, False,
                    str(out.log_json) if out.log_json else None, save_format=req.save_format, device=eng.device)
 
@@ -102,4 +104,5 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                       trust_pickle=req.trust_pickle)
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
     return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
-                    device=resolve_device(eng.device).type, data_stats=stats)
+                    device=resolve_device(eng.device).type, data_stats=stats,
+                    loaded=loaded_from(src, req.ckpt, None))  # weights only: a new schedule

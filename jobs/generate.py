@@ -9,13 +9,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mzoo.capacity import require_memory
 from mzoo.ckpt.integrity import is_finite, nonfinite_message
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
-from mzoo.generate import GenerationConfig, generate as run_generation
+from mzoo.generate import GenerationConfig, generate as run_generation, memory_needed
 from mzoo.jobs.sources import Source, open_source
 from mzoo.models import build_model
 from mzoo.models.canonical import load_canonical
+from mzoo.params import count_params, human
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,12 @@ def generate(req: GenerateRequest, on_text: Optional[Callable[[str], None]] = No
     ids = _prompt_ids(req, tok, cfg.vocab_size, cfg.max_position_embeddings)
     if tok is not None and tok.eos_token_id is not None:
         gen.eos_token_id = tok.eos_token_id
+    require_memory(memory_needed(cfg, len(ids), gen.max_new_tokens), torch.device("cpu"),
+                   f"generating from {req.ckpt} ({human(count_params(cfg).total)} parameters in fp32, with its "
+                   f"KV cache)", "check the sizes in its config (hidden_size, ffn_hidden_size, vocab_size, "
+                   "num_layers) or run on a machine with more memory")
     model = build_model(cfg, dtype=torch.float32)
+
     def weight(name: str) -> torch.Tensor:
         value = src.get(name).float()
         if not is_finite(value):  # else every logit is NaN and greedy decoding prints token 0 forever

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from mzoo.ckpt.assets import Assets, tokenizer_assets
-from mzoo.ckpt.atomic import check_destination
+from mzoo.ckpt.atomic import check_destination, check_space
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Target
 from mzoo.ckpt.megatron.tracker import TRACKER
 from mzoo.ckpt.runlock import LOCK_NAME, run_lock
@@ -27,11 +27,12 @@ from mzoo.config import ModelConfig
 from mzoo.converters.hf import save_hf
 from mzoo.data.gpt import DataConfig, build_gpt_datasets, data_config_from_flags
 from mzoo.errors import UserError
-from mzoo.jobs.sources import load_checkpoint, open_source
+from mzoo.jobs.sources import Source, load_checkpoint, open_source
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
-from mzoo.models.canonical import canonical_tensors, plan_tensors
+from mzoo.models.canonical import canonical_tensors, kind_tensors
 from mzoo.models.gpt import RECOMPUTE_MODULES
+from mzoo.params import count_params
 from mzoo.parallel.pipeline import stage_layers
 from mzoo.parallel.sharding import check_split
 from mzoo.parallel.state import ParallelState
@@ -152,11 +153,16 @@ def open_load(path: str, load_optim: bool, steps: int, trust_pickle: bool = Fals
     src = open_source(path, trust_pickle)
     position = saved_position(path) if load_optim else None
     step = int(position["step"]) if position else None
-    layout = src.megatron.layout if src.megatron is not None else Layout()
     if step is not None and step > steps:
         raise UserError(f"--steps {steps} is below step {step} that {path} was saved at; pass --steps above {step} "
                         "to train on (or --no-load-optim to start a new schedule from its weights).")
-    return Loaded(str(path), src.fmt, src.iteration, step, layout), src.assets
+    return loaded_from(src, path, step), src.assets
+
+
+def loaded_from(src: Source, path: str | Path, step: Optional[int]) -> Loaded:
+    """What a run reads from `src` (train's --load, finetune's base checkpoint), as the line it prints."""
+    layout = src.megatron.layout if src.megatron is not None else Layout()
+    return Loaded(str(path), src.fmt, src.iteration, step, layout)
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -205,7 +211,7 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
     layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel,
                     first_stage_layers=flags.first_stage_layers, last_stage_layers=flags.last_stage_layers)
     layout.validate_for(cfg)
-    check_split(plan_tensors(cfg), layout.tp, layout.expert_tp)  # ffn, experts, Mamba: before any process starts
+    check_split(kind_tensors(cfg), layout.tp, layout.expert_tp)  # ffn, experts, Mamba: before any process starts
     if dp % ep:
         raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
                         "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
@@ -276,6 +282,29 @@ def check_save(save: Optional[Path], overwrite: bool, hf: bool, steps: int, inte
     if clash:
         raise UserError(f"--save {save} already holds iteration {clash[0]} from another run, which this run would "
                         f"replace; save elsewhere, resume it with --load {save}, or pass --overwrite.")
+
+
+def save_bytes(cfg: ModelConfig, precision: str, hf: bool) -> int:
+    """What one save writes: the weights at the run's precision and, in a Megatron save, the optimizer
+    state beside them (Adam's fp32 master weights, exp_avg and exp_avg_sq: 12 bytes a parameter)."""
+    return count_params(cfg).total * (DTYPES[precision].itemsize + (0 if hf else 12))
+
+
+def first_save(start: int, steps: int, interval: int) -> int:
+    """The iteration a run from `start` saves first: the next multiple of `interval`, else the last step."""
+    nxt = (start // interval + 1) * interval if interval else steps
+    return min(nxt, steps)
+
+
+def check_save_space(save: Optional[Path], cfg: ModelConfig, precision: str, hf: bool, first: int) -> None:
+    """Before step 1: the first save (iteration `first`) fits, so a full disk is not found out only
+    after the work it was to keep."""
+    if save is None:
+        return
+    save = Path(save)
+    what = f"saving the finetuned model (hf) at step {first} to {save}" if hf else \
+        f"saving iteration {first} (weights and optimizer state) to {save}"
+    check_space(save if save.is_dir() else save.absolute().parent, save_bytes(cfg, precision, hf), what)
 
 
 # ---- the engine's hooks ----------------------------------------------------------------------------------
@@ -404,6 +433,13 @@ def prepare_train(req: TrainRequest) -> Prepared:
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
     check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
+    start = (loaded.step or 0) if loaded is not None else 0
+    if start < tcfg.steps:
+        check_save_space(out.save, cfg, precision, False, first_save(start, tcfg.steps, out.save_interval))
+    notes = []
+    if not req.dry_run:  # before the data's indices are built
+        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)
+        notes += [warning] if warning else []
     if req.tokenizer is not None and Path(req.tokenizer).is_dir():  # the data's tokenizer travels with the saves
         assets = assets.with_tokenizer(tokenizer_assets(Path(req.tokenizer)))
     data_cfg = data_config_from_flags(req.data, req.split, req.mock_data, req.tokenizer, cfg.vocab_size)
@@ -415,10 +451,6 @@ def prepare_train(req: TrainRequest) -> Prepared:
         if tcfg.eval_interval and valid is None:
             raise UserError(f"the valid split is empty: --split {req.split} gives it no share, and --eval-interval "
                             "needs one; pass a valid share (e.g. --split 90,10,0) or drop --eval-interval.")
-    notes = []
-    if not req.dry_run:
-        warning = check_memory(cfg, layout, tcfg, eng.device, world // launch.nnodes, eng.force)
-        notes += [warning] if warning else []
     rc = RunConfig(cfg, layout, tcfg, req.load, str(out.save) if out.save else None, out.save_interval,
                    req.load_optim, str(out.log_json) if out.log_json else None,
                    str(out.tensorboard) if out.tensorboard else None, device=eng.device)

@@ -16,11 +16,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mzoo.capacity import require_memory
 from mzoo.converters.hf import load_hf_model
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
 from mzoo.models import build_model
 from mzoo.models.canonical import load_canonical
+from mzoo.params import count_params, human
 from mzoo.tolerances import VERIFY_TOLERANCE
 
 
@@ -92,6 +94,16 @@ def compare_tensors(a, b) -> TensorDiff:
     return TensorDiff(len(a.tensors), largest, worst)
 
 
+def check_memory(a, b, tokens: int) -> None:
+    """Both sides run one after the other in fp32: the larger model and its logits must fit, checked
+    before either is built."""
+    big = max((a, b), key=lambda s: count_params(s.cfg).total)
+    need = count_params(big.cfg).total * 4 + 2 * tokens * big.cfg.padded_vocab_size() * 4
+    require_memory(need, torch.device("cpu"), f"running {big.path} ({human(count_params(big.cfg).total)} parameters "
+                   "in fp32)", "check the sizes in its config (hidden_size, ffn_hidden_size, vocab_size, "
+                   "num_layers) or run on a machine with more memory")
+
+
 def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance: float = VERIFY_TOLERANCE) -> Comparison:
     if a.cfg.vocab_size != b.cfg.vocab_size:
         raise UserError(
@@ -99,6 +111,7 @@ def verify_sources(a, b, batch: int = 2, seq: int = 32, seed: int = 0, tolerance
             "pass --vocab-size if one of them only records its padded size."
         )
     seq = min(seq, a.cfg.max_position_embeddings, b.cfg.max_position_embeddings)
+    check_memory(a, b, batch * seq)
     ids = sample_tokens(a.cfg.vocab_size, batch, seq, seed)
     logits = compare_logits(source_logits(a, ids), source_logits(b, ids), tolerance)
     tensors = compare_tensors(a, b)

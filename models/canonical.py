@@ -47,6 +47,28 @@ def plan_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
     return out + tail
 
 
+def one_layer_of_each_kind(cfg: ModelConfig) -> ModelConfig:
+    """The same model with one layer of each kind (a dense prefix layer, each MoE-period position,
+    each hybrid symbol) in the order they first occur: every distinct tensor shape and ShardSpec of
+    `cfg`, from a meta model of a few layers whatever num_layers claims."""
+    if cfg.ssm is not None and cfg.ssm.hybrid_pattern:
+        pattern = "".join(dict.fromkeys(cfg.ssm.hybrid_pattern))
+        return cfg.replace(num_layers=len(pattern), **{"ssm.hybrid_pattern": pattern})
+    moe = cfg.moe
+    if moe is not None and cfg.ssm is None:
+        dense = int(moe.first_k_dense > 0)
+        if cfg.num_layers <= dense + moe.layer_freq:
+            return cfg
+        return cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense})
+    return cfg.replace(num_layers=min(cfg.num_layers, 1))
+
+
+def kind_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
+    """The canonical tensors of one layer of each kind plus the embedding and head: what a check of
+    every shape (TP divisibility, the largest tensor) needs, without listing 10M layers."""
+    return canonical_tensors(one_layer_of_each_kind(cfg))
+
+
 @torch.no_grad()
 def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
     """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""

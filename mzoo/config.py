@@ -158,7 +158,10 @@ class ModelConfig:
     def block_kinds(self) -> frozenset[str]:
         """The blocks the layers hold, of "attention", "mlp", "moe", "mamba" (a transformer layer is
         attention + an MoE on `moe_layers`, else an MLP): the one answer to "has it attention?"."""
-        types = set(self.layer_types)
+        if self.ssm is not None:  # the distinct symbols, not a list as long as the model
+            types = {HYBRID_SYMBOLS[c] for c in set(self.ssm.hybrid_pattern)} if self.ssm.hybrid_pattern else {"mamba"}
+        else:
+            types = {"transformer"}
         kinds = types - {"transformer"}
         if "transformer" in types:
             routed = len(self.moe_layers)
@@ -374,6 +377,11 @@ def check_types(cls: type, values: dict[str, Any], spelled: dict[str, str], wher
         hint = hints.get(name)
         if hint is not None and not dataclasses.is_dataclass(hint):
             _coerce(hint, value, f"{where}: {spelled.get(name, name)}")
+
+
+def check_value(hint: Any, value: Any, where: str) -> None:
+    """Refuse `value` unless it has type `hint` (int, Optional[int], bool, ...), naming `where`."""
+    _coerce(hint, value, where)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -13,7 +13,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mzoo.config import ModelConfig
 from mzoo.errors import UserError
+from mzoo.plan.costs import count_params, kv_width, layer_kind_counts
 
 
 @dataclass
@@ -56,6 +58,17 @@ class GenerationConfig:
             raise UserError(f"--temperature must not be negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}.")
+
+
+def memory_needed(cfg: ModelConfig, prompt_tokens: int, new_tokens: int, element_bytes: int = 4) -> int:
+    """Bytes a generation is sure to allocate: the weights at `element_bytes`, the keys and values of
+    every attention layer at the final length (twice: each step's torch.cat copies them) and the
+    prompt's logits."""
+    tokens = min(prompt_tokens + new_tokens, cfg.max_position_embeddings)
+    attention = sum(n for blocks, n in layer_kind_counts(cfg) if {"gqa", "mla"} & set(blocks))
+    cache = 2 * attention * kv_width(cfg) * tokens * element_bytes
+    logits = prompt_tokens * cfg.padded_vocab_size() * 4
+    return count_params(cfg).total * element_bytes + int(cache) + logits
 
 
 def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator) -> torch.Tensor:

@@ -144,14 +144,21 @@ class Heartbeat:
             pass
 
 
-def write_stop_report(signum: int, step: int, saved: Optional[str]) -> None:
+def write_stop_report(signum: int, step: int, saved: Optional[str], hf: bool = False) -> None:
     """Rank 0 tells the supervising parent why the workers ended cleanly (the parent prints it)."""
     run_dir = os.environ.get(RUN_DIR_ENV)
     if run_dir:
-        (Path(run_dir) / "stopped.json").write_text(json.dumps({"signal": signum, "step": step, "saved": saved}))
+        (Path(run_dir) / "stopped.json").write_text(json.dumps({"signal": signum, "step": step, "saved": saved,
+                                                                "hf": hf}))
 
 
-def stop_sentence(signum: int, step: int, saved: Optional[str]) -> str:
-    where = (f"saved iteration {step} to {saved}; resume with --load {saved}" if saved
-             else "nothing saved (no --save was given)")
+def stop_sentence(signum: int, step: int, saved: Optional[str], hf: bool = False) -> str:
+    """What a stopped run saved: a Megatron iteration (which --load resumes, optimizer and all), or a
+    Hugging Face folder of weights (finetuning's default), replaced at each save, with no schedule to resume."""
+    if not saved:
+        where = "nothing saved (no --save was given)"
+    elif hf:
+        where = f"saved the model at step {step} as a Hugging Face folder to {saved} (weights only)"
+    else:
+        where = f"saved iteration {step} to {saved}; resume with --load {saved}"
     return f"stopped by {signal_name(signum)} at step {step}; {where}."

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from mzoo.capacity import bytes_text as _size
 from mzoo.errors import UserError
 
 TMP_TAG = ".mzoo-tmp-"
@@ -232,14 +233,6 @@ def check_destination(dst: Path, overwrite: bool = False, need_bytes: int = 0) -
         raise OutputError(f"cannot write to {parent} (no permission, or a read-only file system); "
                           f"choose a writable destination.")
     check_space(parent, need_bytes, f"writing {dst}")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def disk_full(dst: Path) -> DiskFullError:

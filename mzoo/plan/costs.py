@@ -3,7 +3,6 @@ models shard them; per-rank and global parameter counts are sums of the same blo
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -44,23 +43,41 @@ class BlockParams:
         return self.dense + self.expert + self.frozen
 
 
-def layer_blocks(cfg: ModelConfig, index: int) -> tuple[str, ...]:
-    """The blocks of one layer: a transformer layer is attention + (MLP or MoE); hybrid layers one each."""
-    return layer_blocks_of(cfg.layer_types[index], cfg, cfg.is_moe_layer(index))
-
-
-def layer_kind_counts(cfg: ModelConfig) -> list[tuple[tuple[str, ...], int]]:
-    """(blocks of a layer, how many layers of that kind) over the whole model, without a walk over
-    the layers where the kinds follow from counts (a config claiming 10M layers answers at once)."""
-    if cfg.ssm is not None and cfg.ssm.hybrid_pattern:
-        counts = Counter(cfg.ssm.hybrid_pattern)  # as long as num_layers, already in memory
-        return [(layer_blocks_of(HYBRID_SYMBOLS[c], cfg, False), n) for c, n in counts.items()]
+def layer_kind_counts(cfg: ModelConfig, layers: Optional[range] = None) -> list[tuple[tuple[str, ...], int]]:
+    """(blocks of a layer, how many layers of that kind) over `layers` (default: the whole model), in
+    the order the kinds first occur, from counts rather than a walk over the layers (a config claiming
+    10M layers answers at once)."""
+    layers = range(cfg.num_layers) if layers is None else layers
+    if not len(layers):
+        return []
+    if cfg.ssm is not None and cfg.ssm.hybrid_pattern:  # str.count / str.find run in C
+        pattern, a, b = cfg.ssm.hybrid_pattern, layers.start, layers.stop
+        found = sorted((pattern.find(c, a, b), c) for c in HYBRID_SYMBOLS if pattern.find(c, a, b) >= 0)
+        return [(layer_blocks_of(HYBRID_SYMBOLS[c], cfg, False), pattern.count(c, a, b)) for _, c in found]
     if cfg.ssm is not None:
-        return [(("mamba",), cfg.num_layers)]
-    routed = len(cfg.moe_layers)
-    out = [(layer_blocks_of("transformer", cfg, True), routed), (layer_blocks_of("transformer", cfg, False),
-                                                                 cfg.num_layers - routed)]
-    return [(blocks, n) for blocks, n in out if n]
+        return [(("mamba",), len(layers))]
+    routed = _intersection(cfg.moe_layers, layers)
+    kinds = [(layer_blocks_of("transformer", cfg, True), len(routed), routed[0] if routed else -1),
+             (layer_blocks_of("transformer", cfg, False), len(layers) - len(routed),
+              _first_outside(layers, routed))]
+    return [(blocks, n) for blocks, n, _ in sorted(kinds, key=lambda k: k[2]) if n]
+
+
+def _intersection(every: range, layers: range) -> range:
+    """The indices of the step range `every` inside the contiguous range `layers`."""
+    if not len(every):
+        return every
+    start = max(layers.start, every.start)
+    first = every.start + -(-(start - every.start) // every.step) * every.step
+    return range(first, max(first, min(layers.stop, every.stop)), every.step)
+
+
+def _first_outside(layers: range, routed: range) -> int:
+    """The first index of `layers` not in `routed` (-1 when every one is)."""
+    i = layers.start
+    if i in routed:  # routed layers are every step-th: the next one is free unless the step is 1
+        i = i + 1 if routed.step > 1 else routed.stop
+    return i if i < layers.stop else -1
 
 
 def layer_blocks_of(kind: str, cfg: ModelConfig, moe: bool) -> tuple[str, ...]:
@@ -249,21 +266,20 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (3 x forward: backward is twice the forward), without recomputation,
     exact per block (MLA and SSM included): the planner's MFU and the trainer's are this one count."""
     fwd = 2.0 * cfg.hidden_size * cfg.vocab_size  # output layer (tied or not, the logits are a GEMM)
-    for i in range(cfg.num_layers):
-        for block in layer_blocks(cfg, i):
+    for blocks, n in layer_kind_counts(cfg):
+        for block in blocks:
             f = block_flops(cfg, block, seq_len)
-            fwd += f.gemm + f.core
+            fwd += n * (f.gemm + f.core)
     return 3.0 * fwd
 
 
 # ---- one model's costs, cached per block kind -------------------------------------------------------
 class Model:
-    """A ModelConfig with its per-layer block kinds and a memo of per-block results, so that ranking
-    thousands of layouts stays fast (every layer of one kind costs the same)."""
+    """A ModelConfig with a memo of per-block results, so that ranking thousands of layouts stays fast
+    (every layer of one kind costs the same, and layers are counted per kind, never walked)."""
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
-        self.blocks = [layer_blocks(cfg, i) for i in range(cfg.num_layers)]
         self._memo: dict = {}
 
     def _cached(self, key: tuple, fn):
@@ -271,23 +287,25 @@ class Model:
             self._memo[key] = fn()
         return self._memo[key]
 
-    def kinds(self, layers: tuple[int, ...]) -> list[tuple[tuple[str, ...], int]]:
-        """(blocks of a layer, how many layers of that kind) over some layers."""
+    def kinds(self, ranges: tuple[range, ...]) -> list[tuple[tuple[str, ...], int]]:
+        """(blocks of a layer, how many layers of that kind) over some layer ranges, in the order the
+        kinds first occur."""
         def count():
             out: dict[tuple[str, ...], int] = {}
-            for i in layers:
-                out[self.blocks[i]] = out.get(self.blocks[i], 0) + 1
+            for r in ranges:
+                for blocks, n in layer_kind_counts(self.cfg, r):
+                    out[blocks] = out.get(blocks, 0) + n
             return list(out.items())
-        return self._cached(("kinds", layers), count)
+        return self._cached(("kinds", ranges), count)
 
-    def params(self, layers: tuple[int, ...], s: Shard) -> BlockParams:
+    def params(self, ranges: tuple[range, ...], s: Shard) -> BlockParams:
         def total():
             out = BlockParams()
-            for blocks, n in self.kinds(layers):
+            for blocks, n in self.kinds(ranges):
                 for b in blocks:
                     out += block_params(self.cfg, b, s).times(n)
             return out
-        return self._cached(("params", layers, s), total)
+        return self._cached(("params", ranges, s), total)
 
     def layer_activations(self, blocks: tuple[str, ...], s: Shard, profile: Profile, modules: frozenset) -> float:
         return self._cached(("acts", blocks, s, profile, modules),
@@ -308,24 +326,33 @@ def as_model(cfg) -> Model:
 # ---- one rank's parameters ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Stage:
-    """What one pipeline rank holds: its layers (all virtual chunks) and the embedding / head."""
+    """What one pipeline rank holds: its layers (one range of global indices per virtual chunk) and
+    the embedding / head."""
 
     rank: int
-    layers: tuple[int, ...]
+    ranges: tuple[range, ...]
     chunks: int
     embedding: bool  # the first chunk of the first stage
     head: bool  # the last chunk of the last stage: final norm, output layer, loss
     output_layer: bool  # false when the head reuses the tied embedding of the same chunk
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(r) for r in self.ranges)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every global layer index (for reports; the costs count `ranges` per kind instead)."""
+        return tuple(i for r in self.ranges for i in r)
 
 
 def stages(cfg: ModelConfig, layout: Layout) -> list[Stage]:
     ranges = stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
     out = []
     for p, chunks in enumerate(ranges):
-        layers = tuple(i for r in chunks for i in r)
         first, last = p == 0, p == layout.pp - 1
         same_chunk = first and last and len(chunks) == 1
-        out.append(Stage(p, layers, len(chunks), first, last, last and not (cfg.tie_embeddings and same_chunk)))
+        out.append(Stage(p, tuple(chunks), len(chunks), first, last, last and not (cfg.tie_embeddings and same_chunk)))
     return out
 
 
@@ -336,7 +363,7 @@ def rank_params(cfg: ModelConfig, layout: Layout, pp_rank: int, vocab_divisible:
     model = as_model(cfg)
     stage = stages(model.cfg, layout)[pp_rank]
     shard = Shard(layout.tp, layout.expert_tp, layout.ep, False)
-    return model.params(stage.layers, shard) + end_params(model.cfg, stage, vocab_rows(model.cfg, layout.tp,
+    return model.params(stage.ranges, shard) + end_params(model.cfg, stage, vocab_rows(model.cfg, layout.tp,
                                                                                          vocab_divisible))
 
 

@@ -57,7 +57,7 @@ def _stage_activations(model: Model, stage: Stage, shard: Shard, profile: Profil
     """(bytes per token of one micro-batch over the stage's layers, extra working bytes per token
     held once: the layer or block being recomputed)."""
     modules = recomputed_modules(profile, settings)
-    kinds = model.kinds(stage.layers)
+    kinds = model.kinds(stage.ranges)
     per_kind = [(model.layer_activations(blocks, shard, profile, modules), n) for blocks, n in kinds]
     if settings.recompute != "full":
         working = 0.0
@@ -66,7 +66,7 @@ def _stage_activations(model: Model, stage: Stage, shard: Shard, profile: Profil
                            for blocks, _ in kinds for b in blocks if b in modules), default=0.0)
         return sum(a * n for a, n in per_kind), working
     kept = profile.act * model.cfg.hidden_size * (1.0 / shard.tp if shard.sp else 1.0)  # each layer's input
-    layers = len(stage.layers)
+    layers = stage.num_layers
     recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
     whole = sum(a * n for a, n in per_kind) / max(1, layers)  # the rest keep everything (average layer)
     # working: one layer recomputed in backward, beside the gradients of its output and of its input
@@ -90,7 +90,7 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     cfg = model.cfg
     sp = sequence_parallel(profile, layout.tp)
     shard = Shard(layout.tp, layout.expert_tp, layout.ep, sp)
-    params = model.params(stage.layers, replace(shard, sp=False)) + end_params(cfg, stage, vocab_rows(cfg, layout.tp))
+    params = model.params(stage.ranges, replace(shard, sp=False)) + end_params(cfg, stage, vocab_rows(cfg, layout.tp))
     dense_shards = layout.dp * layout.cp if settings.distributed_optimizer else 1
     expert_shards = layout.expert_dp if settings.distributed_optimizer else 1
     trained = params.dense + params.expert
@@ -125,7 +125,7 @@ def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile,
     cfg = model.cfg
     h, e = cfg.hidden_size, profile.act
     sh = 1.0 / layout.tp if sp else 1.0
-    blocks = {b for kind, _ in model.kinds(stage.layers) for b in kind}
+    blocks = {b for kind, _ in model.kinds(stage.ranges) for b in kind}
     out = 0.0
     if sp and not profile.engine:  # the all-gathered input of the linear being computed
         out += T * h * e

@@ -11,7 +11,7 @@ from mzoo.config import ConfigError, ModelConfig
 from mzoo.errors import UserError
 from mzoo.layout import Layout
 from mzoo.parallel.pipeline import stage_layers
-from mzoo.plan.constants import GIB, HEADROOM, MIN_CP_TOKENS
+from mzoo.plan.constants import GIB, HEADROOM, MAX_VPP, MIN_CP_TOKENS
 from mzoo.plan.costs import Model, as_model
 from mzoo.plan.hardware import GPU
 from mzoo.plan.memory import Memory, memory
@@ -163,7 +163,7 @@ def uneven_splits(layers: int, pp: int) -> list[tuple[int, int]]:
         return []
     per = math.ceil(layers / pp)
     rest = layers - per * (pp - 2)
-    return [(f, rest - f) for f in range(1, per + 1) if 1 <= rest - f <= per]
+    return [(f, rest - f) for f in range(max(1, rest - per), min(per, rest - 1) + 1)]  # 1 <= f, rest - f <= per
 
 
 def rank_key(p: Plan) -> tuple:
@@ -176,7 +176,9 @@ def rank_key(p: Plan) -> tuple:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of n, ascending, in O(sqrt n) (n may be a config's 10M layers)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def candidates(cfg: ModelConfig, gpus: int, settings: Settings) -> Iterator[Layout]:
@@ -189,7 +191,7 @@ def candidates(cfg: ModelConfig, gpus: int, settings: Settings) -> Iterator[Layo
             if pp > cfg.num_layers:
                 continue
             even = pp > 1 and cfg.num_layers % pp == 0
-            vpps = [v for v in _divisors(cfg.num_layers // pp) if v > 1] if even else []
+            vpps = [v for v in _divisors(cfg.num_layers // pp) if 1 < v <= MAX_VPP] if even else []
             for cp in _divisors(gpus // (tp * pp)):
                 dp = gpus // (tp * pp * cp)
                 for vpp in [1] + vpps:

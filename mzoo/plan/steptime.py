@@ -111,10 +111,10 @@ def _stage_time(model: Model, layout: Layout, settings: Settings, g: GPU, profil
     selective, modules = settings.recompute == "selective", recomputed_modules(profile, settings)
     full = 0.0  # the share of layers recomputed whole
     if settings.recompute == "full":
-        layers = max(1, len(stage.layers))
+        layers = max(1, stage.num_layers)
         full = 1.0 if settings.recompute_layers is None else min(1.0, settings.recompute_layers * stage.chunks / layers)
     gemm = core = extra = tp_elems = tp_calls = ep = cp_exposed = 0.0
-    for blocks, n in model.kinds(stage.layers):
+    for blocks, n in model.kinds(stage.ranges):
         for block in blocks:
             f = model.flops(block, settings.seq_len)
             gemm, core = gemm + n * f.gemm, core + n * f.core
@@ -166,7 +166,7 @@ def _dp_and_optimizer(model: Model, layout: Layout, settings: Settings, g: GPU, 
     backward and all-gathers parameters during the next step's first forward, so only what does not
     fit is exposed; mzoo's engine does neither yet (`Profile.overlap_dp`)."""
     shard = Shard(layout.tp, layout.expert_tp, layout.ep, False)
-    params = model.params(stage.layers, shard) + end_params(model.cfg, stage, vocab_rows(model.cfg, layout.tp))
+    params = model.params(stage.ranges, shard) + end_params(model.cfg, stage, vocab_rows(model.cfg, layout.tp))
     bw = _bandwidth(g, layout.tp * layout.cp * layout.dp, settings.gpus_per_node)
     groups = ((params.dense, layout.dp * layout.cp), (params.expert, layout.expert_dp))
     reduce = gather = elements = 0.0

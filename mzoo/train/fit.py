@@ -1,23 +1,23 @@
 """Before a run allocates anything: does one rank's estimated peak fit the memory of its device?
 
 The estimate is the planner's model of mzoo's own engine (mzoo/plan/, `engine_profile`), which the
-measured checks hold within 3% of the real peak on CPUs. On a GPU the capacity is what the driver
-reports free on this rank's device, less a headroom for the allocator's fragmentation; on a CPU it is
-the host's available memory, shared by the processes this node starts. When the run does not fit,
+measured checks hold within 3% of the real peak on CPUs. The capacity is mzoo.capacity's: on a GPU
+what the driver reports free on this rank's device, less a headroom for the allocator's fragmentation;
+on a CPU the host's available memory, shared by the processes this node starts. When the run does not fit,
 the one sentence names both numbers and the first change of settings that would fit.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
+from mzoo.capacity import capacity
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
-from mzoo.plan.constants import GIB, HEADROOM  # the planner's share of a GPU kept free for the allocator
+from mzoo.plan.constants import GIB
 from mzoo.plan.hardware import detect, gpu as named_gpu
 from mzoo.plan.memory import memory
 from mzoo.plan.profile import engine_profile
@@ -34,29 +34,6 @@ class Fit:
     @property
     def fits(self) -> bool:
         return self.need <= self.available
-
-
-def host_available() -> float:
-    """MemAvailable from /proc/meminfo (the kernel's estimate of what can be allocated without
-    swapping), else the physical memory."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def capacity(device: torch.device, local_processes: int) -> tuple[float, str]:
-    """(bytes one process may use, a phrase naming where)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free * (1 - HEADROOM), f"GPU {device} ({free / GIB:.1f} GiB free, less {HEADROOM:.0%} headroom)"
-    total = host_available()
-    if local_processes > 1:
-        return total / local_processes, f"this machine ({total / GIB:.1f} GiB available, {local_processes} processes)"
-    return total, "this machine"
 
 
 def settings_of(tcfg):

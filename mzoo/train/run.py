@@ -262,8 +262,8 @@ def _stopped(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Train
     if rc.save:
         save(rc, hooks, model, trainer, state)
     if state.rank == 0:
-        write_stop_report(signum, trainer.step, rc.save)
-    error = Stopped(signum, stop_sentence(signum, trainer.step, rc.save))
+        write_stop_report(signum, trainer.step, rc.save, rc.save_format == "hf")
+    error = Stopped(signum, stop_sentence(signum, trainer.step, rc.save, rc.save_format == "hf"))
     error.agreed = True
     error.supervised = RUN_DIR_ENV in os.environ  # the parent prints the sentence and sets the exit code
     return error

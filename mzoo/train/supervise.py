@@ -161,7 +161,8 @@ def _ended(code: int, run_dir: Path, received: list[int]) -> Outcome:
     report = run_dir / "stopped.json"
     if report.exists():
         data = json.loads(report.read_text())
-        return Outcome(128 + data["signal"], stop_sentence(data["signal"], data["step"], data["saved"]))
+        return Outcome(128 + data["signal"], stop_sentence(data["signal"], data["step"], data["saved"],
+                                                           data.get("hf", False)))
     if received:
         return Outcome(128 + received[0], f"stopped by {signal_name(received[0])} before training began; "
                        "nothing was saved.")

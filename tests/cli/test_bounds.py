@@ -108,6 +108,11 @@ def ckpts(tmp_path_factory) -> Path:
     shutil.copytree(hf, wide)
     (wide / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2**22, "intermediate_size": 2**24,
                                                   "head_dim": 8}))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from test_sft import make_tokenizer  # the word-level tokenizer the finetuning tests use
+
+    make_tokenizer(wide)
+    (root / "sft.jsonl").write_text(json.dumps({"prompt": "w1 w2", "completion": "w2 w1"}) + "\n")
     preset = yaml.safe_load((Path(__file__).parents[2] / "zoo" / "presets" / "llama-tiny.yaml").read_text())
     (root / "deep.yaml").write_text(yaml.safe_dump({**preset, "name": "deep", "num_layers": HUGE_LAYERS}))
     (root / "wide.yaml").write_text(yaml.safe_dump({**preset, "name": "wide", "hidden_size": 2**20,
@@ -160,3 +165,42 @@ def test_param_count_is_constant_time_in_layers():
     assert time.perf_counter() - start < 5  # walking every layer took over 10 s; a loaded 2-core machine needs the slack
     per_layer = (count_params(cfg.replace(num_layers=3)).total - small.total)
     assert huge.total == small.total + per_layer * (HUGE_LAYERS - 2)
+
+
+def test_sizes_no_machine_holds_are_refused_before_anything_is_built(ckpts, tmp_path, monkeypatch):
+    """Case 10(b): a consistent layer count but a hidden size of 4M (config.json) or 1M (mzoo.yaml): each
+    job that builds a model names the bytes it needs and what the machine offers, in one sentence,
+    before it allocates (generate and verify died in a MemoryError, init allocating a 64 TiB tensor);
+    a 10M-layer preset reaches train's fit check at once (it built a 10M-layer meta model first)."""
+    monkeypatch.setenv("MZOO_FREE_BYTES", str(2**62))  # a disk that holds anything: memory is what refuses
+    wide, tiny = ckpts / "hf-wide", ("--seq-len", "16", "--micro-batch", "1", "--global-batch", "1", "--steps", "1")
+    results = run_capped([
+        ["generate", wide, "--prompt-ids", "1,2", "--max-new-tokens", "1"],
+        ["verify", ckpts / "hf", wide],
+        ["init", ckpts / "wide.yaml", tmp_path / "init"],
+        ["train", ckpts / "wide.yaml", "--mock-data", *tiny, "--save", tmp_path / "train"],
+        ["train", ckpts / "deep.yaml", "--mock-data", *tiny, "--save", tmp_path / "deep"],
+        ["finetune", wide, "--data", ckpts / "sft.jsonl", "--format", "prompt-completion", *tiny,
+         "--save", tmp_path / "ft"],
+    ])
+    texts = [assert_one_sentence(r, "needs about", "this machine offers") for r in results]
+    assert "generating from" in texts[0] and "PiB of memory" in texts[0]
+    assert "parameters in fp32" in texts[1]
+    assert "initialising decoder.layers.0.mlp.linear_fc1.weight of shape 8388608x1048576 needs about 64.0 TiB" \
+        in texts[2]
+    assert all("(--force starts anyway)." in t for t in texts[3:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_plan_of_ten_million_layers_answers(ckpts):
+    """`mzoo plan` on deep.yaml: every layout's memory from per-kind counts (the per-layer walk and
+    millions of vpp candidates ran past the alarm); `train --dry-run`, which lists the rank's tensors
+    from a meta model (about 4 KiB of Python objects each), says what that listing would need."""
+    result, dry = run_capped([["plan", ckpts / "deep.yaml", "--gpus", "8", "--json"],
+                              ["train", ckpts / "deep.yaml", "--mock-data", "--dry-run"]])
+    assert_one_sentence(dry, "listing rank 0's 60,000,003 parameter tensors (10,000,000 layers) on the meta "
+                        "device needs about", "this machine offers")
+    assert result["code"] == 0, result
+    plans = json.loads(result["output"])
+    assert plans and not any(p["feasible"] for p in plans)  # terabytes per GPU, as the counts say
+    assert min(p["memory_gb"] for p in plans) > 1000

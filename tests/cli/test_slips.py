@@ -137,3 +137,61 @@ def test_json_output_is_strict_json_when_a_difference_is_infinite(capsys):
     out = capsys.readouterr().out
     assert json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == \
         {"max_tensor_diff": None, "rows": [None, 1.5]}
+
+
+# ---- finetune reports what it loaded and what a stop saved ------------------------------------------
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """llama-tiny as a Hugging Face folder with a word-level tokenizer, and prompt-completion data."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
+    from test_sft import make_tokenizer  # the word-level tokenizer the finetuning tests use
+
+    root = tmp_path_factory.mktemp("ft-slips")
+    informative_init("llama-tiny", root / "model")
+    make_tokenizer(root / "model")
+    (root / "train.jsonl").write_text("".join(json.dumps({"prompt": "w1 w2 w3", "completion": "w3 w2 w1"}) + "\n"
+                                              for _ in range(16)))
+    return root
+
+
+FT = ("--format", "prompt-completion", "--seq-len", "16", "--micro-batch", "1", "--global-batch", "2",
+      "--device", "cpu")
+
+
+def test_finetune_says_what_it_loaded(base, tmp_path):
+    """The same line as train's --load (weights only: finetuning starts a new schedule), and in --json."""
+    args = ("finetune", base / "model", "--data", base / "train.jsonl", *FT, "--steps", "1")
+    out = mzoo(*args)
+    assert f"loaded {base / 'model'}: hf, weights only, tp=1 pp=1 vpp=1 ep=1" in out.stdout, out.stdout
+    data = json.loads(mzoo(*args, "--json").stdout)
+    assert data["loaded"] == {"path": str(base / "model"), "format": "hf", "iteration": "release", "step": None,
+                              "layout": {"tp": 1, "pp": 1, "vpp": 1, "ep": 1}}
+
+
+def test_sigterm_during_finetune_names_the_hugging_face_folder_it_saved(base, tmp_path):
+    """A stopped finetune with an HF --save wrote a weights-only folder, not a Megatron iteration that
+    --load resumes: the sentence says so, with the step it holds."""
+    import re
+    import signal
+    import subprocess
+
+    from test_signals import MZOO, outcome, wait_training
+
+    err = open(tmp_path / "stderr.txt", "w")
+    proc = subprocess.Popen([MZOO, "finetune", str(base / "model"), "--data", str(base / "train.jsonl"), *FT,
+                             "--steps", "100000", "--save", "ft", "--log-json", "log.jsonl"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    wait_training(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    code, text = outcome(proc, tmp_path)
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    said = re.search(r"stopped by SIGTERM at step (\d+); saved the model at step (\d+) as a Hugging Face folder "
+                     r"to ft \(weights only\)\.", " ".join(text.split()))
+    assert said and said[1] == said[2], text[-3000:]
+    assert "saved iteration" not in text and "--load" not in text and "Traceback" not in text
+    assert (tmp_path / "ft" / "config.json").exists()
+    assert not (tmp_path / "ft" / "latest_checkpointed_iteration.txt").exists()
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) >= int(said[1])

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from mzoo.cli.main import app
-from mzoo.train import fit
+from mzoo import capacity
 
 MZOO = str(Path(sys.executable).with_name("mzoo"))
 
@@ -38,7 +38,7 @@ def test_the_headline_command_refuses_in_seconds_with_both_numbers(tmp_path):
     assert "seq 8192" in message  # the recipe's sequence length, not a toy default
     need = float(message.split("needs about ")[1].split(" GiB")[0])
     offers = float(message.split("offers ")[1].split(" GiB")[0])
-    assert need > 100 and offers == pytest.approx(fit.host_available() / 2**30, rel=0.2)
+    assert need > 100 and offers == pytest.approx(capacity.host_available() / 2**30, rel=0.2)
     assert "even its weights, gradients and optimizer state need" in message
     assert peak_kib < 2 * 2**20  # under 2 GB: nothing model-sized was allocated
     assert not list(tmp_path.iterdir())
@@ -47,7 +47,7 @@ def test_the_headline_command_refuses_in_seconds_with_both_numbers(tmp_path):
 def test_a_run_that_does_not_fit_is_told_the_flags_that_would(monkeypatch):
     """With the machine's memory set to 60 MiB, llama-tiny's recipe-free defaults fit only with
     recomputation and shorter sequences; --force trains anyway with a warning."""
-    monkeypatch.setattr(fit, "host_available", lambda: 60 * 2**20)
+    monkeypatch.setattr(capacity, "host_available", lambda: 60 * 2**20)
     args = ["train", "llama-tiny", "--mock-data", "--steps", "1", "--seq-len", "4096", "--micro-batch", "4",
             "--global-batch", "4", "--override", "max_position_embeddings=4096"]
     result = CliRunner().invoke(app, args)

@@ -63,3 +63,54 @@ def test_a_config_json_of_the_right_types_still_reads():
     cfg = config_from_hf({"model_type": "llama", "vocab_size": 96, "hidden_size": 48, "intermediate_size": 160,
                           "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3})
     assert cfg.num_layers == 2 and cfg.ffn_hidden_size == 160
+
+
+# config.json sections (MoE, MLA, Mamba): each key's value of the wrong type is one sentence naming the key
+SECTION_SLIPS = [
+    ("deepseek-tiny", "num_experts_per_tok", "2", "must be an integer"),
+    ("deepseek-tiny", "n_routed_experts", True, "must be an integer"),
+    ("deepseek-tiny", "n_shared_experts", "1", "must be an integer"),
+    ("deepseek-tiny", "first_k_dense_replace", 1.0, "must be an integer"),
+    ("deepseek-tiny", "routed_scaling_factor", "x", "must be a number"),
+    ("deepseek-tiny", "norm_topk_prob", "yes", "must be true or false"),
+    ("deepseek-tiny", "qk_rope_head_dim", "8", "must be an integer"),
+    ("deepseek-tiny", "kv_lora_rank", 2.0, "must be an integer"),
+    ("mixtral-tiny", "num_local_experts", "4", "must be an integer"),
+    ("mixtral-tiny", "num_experts_per_tok", True, "must be an integer"),
+    ("mixtral-tiny", "router_aux_loss_coef", "x", "must be a number"),
+    ("mamba-tiny", "state_size", "16", "must be an integer"),
+    ("mamba-tiny", "expand", 2.5, "must be an integer"),
+    ("mamba-tiny", "num_heads", "4", "must be an integer"),
+    ("mamba-tiny", "use_conv_bias", 1, "must be true or false"),
+    ("mamba1-tiny", "time_step_rank", "x", "must be an integer"),
+    ("mamba-hybrid-tiny", "mamba_num_heads", "4", "must be an integer"),
+    ("mamba-hybrid-tiny", "ssm_state_size", "16", "must be an integer"),
+    ("mamba-hybrid-tiny", "n_groups", True, "must be an integer"),
+]
+
+
+def _hf_config(preset: str) -> dict:
+    """The config.json mzoo writes for a tiny preset (transformers reads it back in the converter tests)."""
+    from mzoo.converters import for_family
+
+    return for_family(resolve(preset).family).config_to_hf(resolve(preset))
+
+
+@pytest.mark.parametrize("preset, key, value, want", SECTION_SLIPS, ids=[f"{p}-{k}" for p, k, _, _ in SECTION_SLIPS])
+def test_a_config_json_section_value_of_the_wrong_type_names_its_key(preset, key, value, want):
+    from mzoo.converters import for_hf_config
+
+    hf = _hf_config(preset)
+    assert key in hf or key == "time_step_rank"  # the key mzoo writes (Mamba-1's rank: "auto" when left out)
+    hf[key] = value
+    with pytest.raises(ConfigError, match=rf"^config\.json: {key} {want}, got "):
+        for_hf_config(hf).config_from_hf(hf)
+
+
+@pytest.mark.parametrize("preset", sorted({p for p, _, _, _ in SECTION_SLIPS}))
+def test_the_section_configs_of_the_right_types_still_read(preset):
+    from mzoo.converters import for_hf_config
+
+    hf = _hf_config(preset)
+    cfg = for_hf_config(hf).config_from_hf(hf)
+    assert cfg.architecture_differences(resolve(preset)) == []
