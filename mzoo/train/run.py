@@ -109,6 +109,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
     states as canonical tensors (so a resume may use another layout) and the loop's position."""
     from safetensors.torch import save_file
 
+    trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
     tensors = gather_canonical(model, state)
     if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
         if state.rank == 0:
