@@ -14,7 +14,7 @@ by gradient accumulation, 6 optimizer steps of which the first 2 are warm-up):
   hybrid    8 layers, Megatron pattern M-M*M-M* (4 Mamba-2, 2 attention, 2 squared-ReLU MLP of
             ffn 1408), no positions                                                      (~19.8 M)
 
-For every model, two rows, each one process with --threads intra-op threads (default 1; see Threads):
+For every model, two or three rows, each one process with --threads intra-op threads (default 1; see Threads):
 
   baseline  a plain transformers loop on the same architecture: AutoModelForCausalLM.from_config of the
             Hugging Face config mzoo's own adapter writes for the model (LlamaForCausalLM,
@@ -26,6 +26,11 @@ For every model, two rows, each one process with --threads intra-op threads (def
             backward per micro-batch, clip_grad_norm_(1.0) (mzoo clips at 1.0 by default), optimizer.step
   mzoo      mzoo train MODEL.yaml --mock-data --steps N --seq-len S --micro-batch 2 --global-batch 8
             --log-json FILE
+  megatron-core  (llama, mixtral: what megatron-core builds on CPU without Transformer Engine or
+            mamba-ssm; --no-megatron-core skips them) the real megatron-core GPTModel of the same
+            config (tests/mcore_ref.py's builder: local spec, fp32, its unfused DotProductAttention,
+            fusions off, SequentialMLP experts), one gloo process, Megatron's per-token loss averaged,
+            torch.optim.AdamW (lr 3e-4, wd 0.1), clip_grad_norm_(1.0): a peer built the same way
 
 and, for the overhead of the parallel layouts over gloo (the --parallel list, default
 llama:tp2, llama:pp2, mixtral:ep2), one row per layout on 2 processes x 1 thread (`--tp 2`, `--pp 2`
@@ -107,6 +112,7 @@ LAYOUTS = {  # name -> (mzoo flags, processes)
     "dp2-distopt": (["--dp", "2", "--distributed-optimizer"], 2),
 }
 DEFAULT_PARALLEL = "llama:tp2,llama:pp2,mixtral:ep2"
+MCORE_PEERS = ("llama", "mixtral")  # what megatron-core builds on CPU without Transformer Engine / mamba-ssm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +225,56 @@ with open(log_path, "w") as log:
         log.write(json.dumps({"step": step, "loss": loss_value, "grad_norm": float(norm),
                               "tokens_per_s": glob * seq / dt}) + "\n")
         log.flush()
+'''
+
+
+# The megatron-core peer, run as a script in its own subprocess: the real megatron-core GPTModel
+# (tests/mcore_ref.py's builder: local spec, fp32, no fusions, CPU shim) on a one-process gloo group,
+# forward/backward with Megatron's per-token loss, torch.optim.AdamW, clip 1.0.
+# argv = mzoo model YAML, steps, seq_len, log file, micro batch, global batch, threads, tests dir.
+MCORE = r'''
+import json, os, socket, sys, time
+sys.path.insert(0, sys.argv[8])
+import torch
+import torch.distributed as dist
+from mcore_ref import build_gpt_model
+from mzoo.zoo import resolve
+
+cfg = resolve(sys.argv[1])
+steps, seq, log_path = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+micro, glob, threads = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+torch.set_num_threads(threads)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = build_gpt_model(cfg, tp=1, seed=1234).train()
+opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+accum, vocab = glob // micro, cfg.vocab_size
+mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
+positions = torch.arange(seq).unsqueeze(0).expand(micro, seq)
+gen = torch.Generator().manual_seed(1234)
+with open(log_path, "w") as log:
+    log.write(json.dumps({"params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+                          "class": type(model).__name__}) + "\n")
+    log.flush()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(accum):
+            ids = torch.randint(0, vocab, (micro, seq + 1), generator=gen)
+            loss = model(ids[:, :-1], positions, mask, labels=ids[:, 1:]).mean() / accum
+            loss.backward()
+            total += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dt = time.perf_counter() - t0
+        log.write(json.dumps({"step": step, "loss": float(total), "grad_norm": float(norm),
+                              "tokens_per_s": glob * seq / dt}) + "\n")
+        log.flush()
+dist.destroy_process_group()
 '''
 
 
@@ -444,6 +500,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the model YAMLs and the step logs")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--no-megatron-core", dest="megatron_core", action="store_false",
+                    help="skip the megatron-core peer rows (llama, mixtral)")
     args = ap.parse_args(argv)
     if args.steps <= WARMUP_STEPS:
         ap.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
@@ -494,6 +552,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         dims = model_dims(args.hidden, args.layers)
         (work / "baseline.py").write_text(BASELINE)
+        (work / "mcore_peer.py").write_text(MCORE)
+        tests_dir = str(Path(__file__).resolve().parent.parent / "tests")
         tokens_per_step = GLOBAL_BATCH * args.seq_len
         common = ["--mock-data", "--steps", str(args.steps), "--seq-len", str(args.seq_len),
                   "--micro-batch", str(MICRO_BATCH), "--global-batch", str(GLOBAL_BATCH)]
@@ -516,6 +576,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             plan.append((f"{kind}: mzoo", kind, 1, t,
                          [mzoo, "train", str(work / f"{kind}.yaml"), *common, "--log-json", "{log}"],
                          f"{kind}: transformers", False))
+            if kind in MCORE_PEERS and args.megatron_core:
+                plan.append((f"{kind}: megatron-core", kind, 1, t,
+                             [py, str(work / "mcore_peer.py"), str(work / f"{kind}.yaml"), str(args.steps),
+                              str(args.seq_len), "{log}", str(MICRO_BATCH), str(GLOBAL_BATCH), str(t), tests_dir],
+                             f"{kind}: transformers", False))
         for kind in dict.fromkeys(k for k, _ in parallel):
             if t == 1 and kind in models:  # the model's own mzoo row already runs 1 process x 1 thread
                 ref = f"{kind}: mzoo"

@@ -68,6 +68,13 @@ RECOMPUTE_NUM_LAYERS = option(None, "--recompute-num-layers", help="With --recom
 DISTRIBUTED_OPTIMIZER = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam "
                                                                             "states over DP (on when the planner "
                                                                             "picks the layout).")
+OVERLAP_GRAD_REDUCE = typer.Option(False, "--overlap-grad-reduce", help="Start each DP gradient bucket's reduction "
+                                   "inside the backward (bitwise the same result).")
+OVERLAP_PARAM_GATHER = typer.Option(False, "--overlap-param-gather", help="With --distributed-optimizer: overlap "
+                                    "the parameter all-gather with the next forward.")
+DDP_BUCKET_SIZE = option(40_000_000, "--ddp-bucket-size", help="Elements per DP gradient bucket (Megatron's "
+                         "default; smaller buckets start reducing earlier with --overlap-grad-reduce).",
+                         rule=POSITIVE)
 FORCE = typer.Option(False, "--force", help="Start even when the memory estimate exceeds the device's.")
 CLIP_GRAD = option(1.0, "--clip-grad", help="Global gradient-norm clipping (0 disables).", rule=FINITE_NON_NEGATIVE)
 SEED = option(1234, "--seed", help="Seed for initialisation and data order.", rule=NON_NEGATIVE)

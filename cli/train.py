@@ -26,6 +26,8 @@ def train(
     master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT, watchdog: float = O.WATCHDOG,
     first_stage_layers: Optional[int] = O.FIRST, last_stage_layers: Optional[int] = O.LAST,
     sequence_parallel: bool = O.SEQUENCE_PARALLEL, distributed_optimizer: bool = O.DISTRIBUTED_OPTIMIZER,
+    overlap_grad_reduce: bool = O.OVERLAP_GRAD_REDUCE, overlap_param_gather: bool = O.OVERLAP_PARAM_GATHER,
+    ddp_bucket_size: int = O.DDP_BUCKET_SIZE,
     data: list[str] = typer.Option([], "--data", help="Indexed dataset prefix (repeat; Megatron blend: --data 30 "
                                    "--data a --data 70 --data b)."),
     split: str = typer.Option("969,30,1", "--split", help="train,valid,test shares of every dataset."),
@@ -92,7 +94,7 @@ def train(
         layout=job.LayoutFlags(tp, pp, vpp, dp, ep, first_stage_layers, last_stage_layers, sequence_parallel),
         launch=job.Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=job.Engine(device, precision, recompute, recompute_modules, recompute_num_layers,
-                          distributed_optimizer, force),
+                          distributed_optimizer, force, overlap_grad_reduce, overlap_param_gather, ddp_bucket_size),
         hyper=job.Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                         clip_grad, seed),
         outputs=job.Outputs(save, save_interval, megatron_format, log_json, tensorboard, eval_interval, eval_iters,

@@ -67,6 +67,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     tcfg = TrainConfig(seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch, steps=h.steps,
                        lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule, weight_decay=h.weight_decay,
                        clip_grad=h.clip_grad, seed=h.seed, distributed_optimizer=eng.distributed_optimizer,
+                       overlap_grad_reduce=eng.overlap_grad_reduce, overlap_param_gather=eng.overlap_param_gather,
+                       bucket_elements=eng.bucket_elements,
                        precision=precision, recompute=eng.recompute, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate_choices()

@@ -91,7 +91,7 @@ def profile_of(settings: Settings, engine: str) -> Profile:
     """The profile ranked by: mzoo's engine in bf16 on GPUs, or Megatron-Core + TE."""
     if engine == "megatron":
         return megatron_profile(settings.grad_fp32, settings.fp8)
-    return engine_profile("bf16", sequence_parallel=True, device="cuda")
+    return engine_profile("bf16", sequence_parallel=True, device="cuda", overlap=True)  # as train --gpus runs
 
 
 def _other(cfg: ModelConfig, gpus: int, settings: Settings, plans: list[Plan], engine: str) -> list[Plan]:

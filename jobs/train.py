@@ -92,6 +92,9 @@ class Engine:
     recompute_num_layers: Optional[int] = None  # with recompute full
     distributed_optimizer: bool = False
     force: bool = False  # start even when the memory estimate exceeds the device's
+    overlap_grad_reduce: bool = False  # DP reductions inside the backward
+    overlap_param_gather: bool = False  # distributed optimizer's all-gather under the next forward
+    bucket_elements: int = 40_000_000  # per DP gradient bucket
 
 
 @dataclass(frozen=True)
@@ -413,11 +416,12 @@ def prepare_train(req: TrainRequest) -> Prepared:
     draft.validate_choices()
     planned = _planned(cfg, req, draft, target)
     flags, launch, distributed_optimizer = req.layout, req.launch, eng.distributed_optimizer
+    overlap = False
     if planned is not None:
         p = planned.layout
         flags = LayoutFlags(p.tp, p.pp, p.vpp, p.dp, p.ep, p.first_stage_layers, p.last_stage_layers,
                             p.sequence_parallel)
-        distributed_optimizer = True
+        distributed_optimizer = overlap = True  # what the planner's profile assumed
         if launch.nproc_per_node is None and not in_launcher():
             launch = replace(launch, nproc_per_node=p.world_size // launch.nnodes)
     elif req.gpus and launch.nproc_per_node is None and not in_launcher():
@@ -427,6 +431,8 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        steps=s["steps"], lr=s["lr"], min_lr=s["min_lr"], warmup=s["warmup"], schedule=s["schedule"],
                        weight_decay=s["weight_decay"], clip_grad=h.clip_grad, seed=h.seed,
                        distributed_optimizer=distributed_optimizer, precision=precision, recompute=eng.recompute,
+                       overlap_grad_reduce=eng.overlap_grad_reduce or overlap,
+                       overlap_param_gather=eng.overlap_param_gather or overlap, bucket_elements=eng.bucket_elements,
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
                        recompute_modules=modules, recompute_num_layers=num_layers)
     tcfg.validate(ParallelState.single(layout))

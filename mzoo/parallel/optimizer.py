@@ -19,6 +19,21 @@ parameter that is 2 + 4 + 12 / dp bytes for bf16. Weight decay is a scalar per r
 elements, not a vector; Adam's denominator goes through a bounded chunk buffer. AdamW is
 element-wise, so every layout performs exactly the same arithmetic on every element.
 
+Overlap (Megatron's overlap_grad_reduce / overlap_param_gather). With `overlap_grad_reduce`, a
+bucket's reduction starts asynchronously inside the backward of the step's last micro-batch, as
+soon as every parameter in it has received its last gradient, and `step` only waits for it. Buckets
+start in one fixed order (highest first, the order the backward fills them), so every rank of a
+group issues the same collectives in the same order even when one rank's bucket fills late (an
+expert that got no tokens): a bucket that is not full when its turn comes holds back the lower ones
+until `step`. A bucket holding a tied embedding is reduced in `step`, after the embedding's copies
+on the first and last stages are summed (their stages finish the backward at different times);
+sequence-parallel norms are summed over TP inside the backward before their bucket starts. Every
+gradient therefore goes through the same sums in the same order as without overlap, and the two
+runs are bitwise equal. With `overlap_param_gather` (distributed optimizer), the all-gather of the
+updated parameters is started per bucket at the end of `step` and waited for by a pre-forward hook
+of the first module that uses them, so it overlaps the next forward; anything else that reads the
+parameters calls `finish_param_gather` first.
+
 Expert gradients are summed over EDP and divided by dp * cp: the all-to-all backward already brought
 every EP rank's tokens into each expert's gradient, so this is the mean over all data-parallel ranks,
 as for the dense parameters (Megatron-Core does the same).
@@ -29,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -51,6 +66,8 @@ class AdamWConfig:
     clip_grad: float = 1.0
     distributed: bool = False  # shard master weights and Adam states over DP (experts: over EDP)
     bucket_elements: int = 40_000_000
+    overlap_grad_reduce: bool = False  # start each bucket's reduction inside the backward
+    overlap_param_gather: bool = False  # with `distributed`: the all-gather overlaps the next forward
 
 
 def is_expert(p: torch.Tensor) -> bool:
@@ -71,6 +88,10 @@ class _Bucket:
     state: int
     decay: list[tuple[int, int]] = field(default_factory=list)  # matrices: weight decay applies
     unique: list[tuple[int, int]] = field(default_factory=list)  # counted once in the global norm
+    members: list[int] = field(default_factory=list)  # indices of the parameters it holds
+    deferred: bool = False  # holds a tied embedding copy: reduced in `step`, after the copies are summed
+    launches: int = 0  # reductions started (tests check: exactly one per step)
+    in_backward: int = 0  # of which started inside the backward
 
     @property
     def own(self) -> int:
@@ -115,6 +136,25 @@ class _FlatGroup:
             _bind_grad_hook(p, self.main_grad[off : off + p.numel()].view_as(p))
         for bucket in self.buckets:
             self._runs(bucket, state)
+        self.overlap = config.overlap_grad_reduce and group is not None and size > 1
+        self.gather_overlap = config.overlap_param_gather and self.distributed
+        self.tp_group = state.tp_group if state.config.sequence_parallel else None
+        self._bucket_of = [next(k for k, b in enumerate(self.buckets) if b.lo <= off < b.hi) if p.numel() else
+                           len(self.buckets) - 1 for p, off in zip(params, self.offsets)]
+        for i, k in enumerate(self._bucket_of):
+            self.buckets[k].members.append(i)
+            if getattr(params[i], "shared_embedding", False) and state.embedding_group is not None:
+                self.buckets[k].deferred = True
+        self._microbatches = 1
+        self._fired = [0] * len(params)  # last-micro-batch gradients seen this step, per parameter
+        self._full = [0] * len(self.buckets)  # parameters of the bucket whose gradient is final
+        self._next = len(self.buckets) - 1  # the next bucket to start (highest first)
+        self._grad_work: dict[int, dist.Work] = {}  # bucket -> its reduction in flight
+        self._tp_work: dict[int, dist.Work] = {}  # parameter -> its sequence-parallel sum over TP
+        self._gather_work: dict[int, dist.Work] = {}  # bucket -> its parameter all-gather in flight
+        if self.overlap:
+            for i, p in enumerate(params):
+                _bind_grad_hook(p, p.main_grad, after=lambda i=i: self._grad_ready(i))
         n_state = sum(b.own for b in self.buckets)
         self.master = torch.empty(n_state, dtype=torch.float32, device=device)
         self.exp_avg = torch.zeros(n_state, dtype=torch.float32, device=device)
@@ -171,18 +211,85 @@ class _FlatGroup:
                 yield cut[0] - off, cut[1] - off, b.state + cut[0] - b.own_lo
 
     # ---- the step ----------------------------------------------------------------------------
-    def zero_grad(self) -> None:
+    def zero_grad(self, microbatches: int = 1) -> None:
+        if self._grad_work or self._tp_work:
+            raise RuntimeError("internal error: gradients zeroed while their reduction is in flight")
         self.main_grad.zero_()
+        self._microbatches = microbatches
+        self._fired = [0] * len(self.params)
+        self._full = [0] * len(self.buckets)
+        self._next = len(self.buckets) - 1
+        for b in self.buckets:
+            b.launches = b.in_backward = 0
+
+    # ---- overlap: reductions started from the backward ---------------------------------------
+    def _grad_ready(self, i: int) -> None:
+        """Parameter i's gradient of one micro-batch is in main_grad: on the last micro-batch its
+        bucket may start."""
+        self._fired[i] += 1
+        if self._fired[i] < self._microbatches:
+            return
+        k = self._bucket_of[i]
+        if self._fired[i] > self._microbatches or self.buckets[k].launches:
+            raise RuntimeError(f"internal error: parameter {i} of a gradient bucket got a gradient after its "
+                               "bucket's reduction started (more backward passes than micro-batches?)")
+        if self.tp_group is not None and getattr(self.params[i], "sequence_parallel", False):
+            self._tp_work[i] = dist.all_reduce(self.params[i].main_grad, group=self.tp_group, async_op=True)
+        self._full[k] += 1
+        self._launch_ready(in_backward=True)
+
+    def _launch_ready(self, in_backward: bool) -> None:
+        """Start full buckets in descending order; a deferred bucket is skipped (started in `step`)."""
+        while self._next >= 0:
+            b = self.buckets[self._next]
+            if not b.deferred:
+                if self._full[self._next] < len(b.members):
+                    return
+                self._launch(self._next, in_backward)
+            self._next -= 1
+
+    def _launch(self, k: int, in_backward: bool) -> None:
+        b = self.buckets[k]
+        for i in b.members:
+            work = self._tp_work.pop(i, None)
+            if work is not None:
+                work.wait()
+        b.launches += 1
+        b.in_backward += in_backward
+        work = self._start_reduction(b, async_op=True)
+        if work is not None:
+            self._grad_work[k] = work
+
+    def sync_sequence_parallel(self) -> None:
+        """Sum over TP the sequence-parallel gradients the backward did not (overlap only)."""
+        for i, p in enumerate(self.params):
+            if getattr(p, "sequence_parallel", False) and i not in self._tp_work and \
+                    self._fired[i] < self._microbatches:
+                dist.all_reduce(p.main_grad, group=self.tp_group)
+
+    def _start_reduction(self, b: _Bucket, async_op: bool) -> Optional[dist.Work]:
+        whole = self.main_grad[b.lo : b.hi]
+        if self.distributed:
+            return _reduce_scatter_tensor(self.main_grad[b.own_lo : b.own_hi], whole, group=self.group,
+                                          async_op=async_op)
+        if self.group is not None:
+            return dist.all_reduce(whole, group=self.group, async_op=async_op)
+        return None
 
     def reduce(self) -> list[torch.Tensor]:
         """Sum each bucket over the group (in place; reduce-scattered into this rank's slice when
-        distributed), then divide by the data-parallel size. Returns this rank's slices."""
-        for b in self.buckets:
-            whole = self.main_grad[b.lo : b.hi]
-            if self.distributed:
-                _reduce_scatter_tensor(self.main_grad[b.own_lo : b.own_hi], whole, group=self.group)
-            elif self.group is not None:
-                dist.all_reduce(whole, group=self.group)
+        distributed), then divide by the data-parallel size. Returns this rank's slices. With
+        overlap, start the buckets the backward did not, in the same order, and wait for all."""
+        if self.overlap:
+            for k in range(len(self.buckets) - 1, -1, -1):
+                if not self.buckets[k].launches:
+                    self._launch(k, in_backward=False)
+            for work in self._grad_work.values():
+                work.wait()
+            self._grad_work.clear()
+        else:
+            for b in self.buckets:
+                self._start_reduction(b, async_op=False)
         grads = self.own_grads()
         if self.divisor != 1:
             for g in grads:
@@ -221,12 +328,26 @@ class _FlatGroup:
                 master[lo:hi].addcdiv_(mc, denom, value=-lr / bias1)
 
     def write_back(self) -> None:
-        """Master slices -> the parameter buffer in the training dtype -> every rank (in place)."""
-        for b in self.buckets:
+        """Master slices -> the parameter buffer in the training dtype -> every rank (in place; with
+        gather overlap the all-gathers are left in flight for `wait_gather`)."""
+        self.finish_param_gather()
+        for k, b in enumerate(self.buckets):
             self.param_buffer[b.own_lo : b.own_hi].copy_(self.state_slice(self.master, b))
             if self.distributed:
-                _all_gather_tensor(self.param_buffer[b.lo : b.hi], self.param_buffer[b.own_lo : b.own_hi],
-                                   group=self.group)
+                work = _all_gather_tensor(self.param_buffer[b.lo : b.hi], self.param_buffer[b.own_lo : b.own_hi],
+                                          group=self.group, async_op=self.gather_overlap)
+                if self.gather_overlap:
+                    self._gather_work[k] = work
+
+    def wait_gather(self, buckets: Sequence[int]) -> None:
+        """Wait for the parameter all-gathers of these buckets (no-op once done)."""
+        for k in buckets:
+            work = self._gather_work.pop(k, None)
+            if work is not None:
+                work.wait()
+
+    def finish_param_gather(self) -> None:
+        self.wait_gather(list(self._gather_work))
 
     def load_master_from_params(self) -> None:
         for b in self.buckets:
@@ -264,9 +385,10 @@ class _FlatGroup:
                 values[at : at + hi - lo].copy_(flat[lo:hi])
 
 
-def _bind_grad_hook(p: nn.Parameter, main_grad: torch.Tensor) -> None:
+def _bind_grad_hook(p: nn.Parameter, main_grad: torch.Tensor, after: Optional[Callable[[], None]] = None) -> None:
     """After autograd accumulates this parameter's gradient of one backward pass, add it into the
-    fp32 main gradient and drop it (a later optimizer over the same parameters replaces the hook)."""
+    fp32 main gradient and drop it, then call `after` (a later optimizer over the same parameters
+    replaces the hook)."""
     old = getattr(p, "_mzoo_grad_hook", None)
     if old is not None:
         old.remove()
@@ -275,6 +397,8 @@ def _bind_grad_hook(p: nn.Parameter, main_grad: torch.Tensor) -> None:
     def accumulate(param: torch.Tensor) -> None:
         main_grad.add_(param.grad)
         param.grad = None
+        if after is not None:
+            after()
 
     p._mzoo_grad_hook = p.register_post_accumulate_grad_hook(accumulate)
 
@@ -293,6 +417,7 @@ class Optimizer:
                                   state.dp * state.config.cp)
         # (group, indices into self.params) for the non-empty groups
         self.groups = [(g, idx) for g, idx in ((self.dense, dense), (self.expert, expert)) if g is not None]
+        self._gather_hooks = [_wait_before_forward(model, group) for group, _ in self.groups if group.gather_overlap]
 
     def _group(self, indices: list[int], group: Group, size: int, rank: int, divisor: int) -> Optional[_FlatGroup]:
         if not indices:
@@ -305,23 +430,35 @@ class Optimizer:
         group = self.dense or self.expert
         return group.master if group is not None else torch.zeros(0)
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, microbatches: int = 1) -> None:
+        """Before a step of `microbatches` backward passes (overlap starts buckets on the last)."""
         for p in self.params:
             p.grad = None
         for group, _ in self.groups:
-            group.zero_grad()
+            group.zero_grad(microbatches)
+
+    def finish_param_gather(self) -> None:
+        """Wait for every parameter all-gather still in flight (before reading the parameters
+        outside a forward: saving, exporting)."""
+        for group, _ in self.groups:
+            group.finish_param_gather()
 
     def _sync_replicas(self) -> None:
         """Gradients of parameters held by several ranks of one model replica: tied embeddings on
-        the first and last pipeline stages, sequence-parallel norms on every TP rank."""
+        the first and last pipeline stages, sequence-parallel norms on every TP rank (with overlap,
+        the backward already summed those whose gradient was final)."""
         if self.state.embedding_group is not None:
             for p in self.params:
                 if getattr(p, "shared_embedding", False):
                     dist.all_reduce(p.main_grad, group=self.state.embedding_group)
         if self.state.config.sequence_parallel and self.state.tp_group is not None:
-            for p in self.params:
-                if getattr(p, "sequence_parallel", False):
-                    dist.all_reduce(p.main_grad, group=self.state.tp_group)
+            for group, _ in self.groups:
+                if group.overlap:
+                    group.sync_sequence_parallel()
+                    continue
+                for p in group.params:
+                    if getattr(p, "sequence_parallel", False):
+                        dist.all_reduce(p.main_grad, group=self.state.tp_group)
 
     def grad_norm(self, grads: Sequence[list[torch.Tensor]]) -> float:
         """Global L2 norm over every parameter of the model, each counted once; `grads` holds the
@@ -380,6 +517,7 @@ class Optimizer:
     def param_states(self, kinds: Sequence[str] = KINDS) -> dict[str, list[torch.Tensor]]:
         """kind -> this rank's full local tensor of every trainable parameter, in model.parameters()
         order, on the CPU (DP / EDP shards gathered)."""
+        self.finish_param_gather()
         out: dict[str, list[torch.Tensor]] = {}
         for kind in kinds:
             views: list[Optional[torch.Tensor]] = [None] * len(self.params)
@@ -396,6 +534,22 @@ class Optimizer:
                 group.load(kind, [states[kind][i] for i in indices])
         self.step_count = step
         self._write_back()
+
+
+def _wait_before_forward(model: nn.Module, group: _FlatGroup) -> list[torch.utils.hooks.RemovableHandle]:
+    """A pre-forward hook on every module that holds parameters of `group` directly: wait for the
+    all-gathers of their buckets. Kept out of torch.compile's graphs (a wait is not traceable)."""
+    index = {id(p): k for p, k in zip(group.params, group._bucket_of)}
+    handles = []
+    for module in model.modules():
+        buckets = sorted({index[id(p)] for p in module.parameters(recurse=False) if id(p) in index})
+        if buckets:
+            @torch._dynamo.disable
+            def wait(_module: nn.Module, _args, buckets: list[int] = buckets) -> None:
+                group.wait_gather(buckets)
+
+            handles.append(module.register_forward_pre_hook(wait))
+    return handles
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine") -> float:

@@ -67,6 +67,40 @@ def _outgoing(tensor: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.T
     return tensor.detach().contiguous()
 
 
+def post(
+    state: ParallelState,
+    *,
+    send_next: torch.Tensor | None = None,
+    send_prev: torch.Tensor | None = None,
+    recv_prev: bool = False,
+    recv_next: bool = False,
+    shape: Shape,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[dist.Work]]:
+    """Post up to four transfers as one batch without waiting: (buffer from prev, buffer from next,
+    the batch's works). A buffer may be read, and a sent tensor reused, only after every work of
+    its batch has been waited for (the overlapped interleaved schedule does so just in time)."""
+    if send_next is None and send_prev is None and not recv_prev and not recv_next:
+        return None, None, []
+    if state.pp < 2 or state.pp_group is None:
+        raise ValueError("pipeline p2p needs a pipeline group (pp > 1) built with ParallelState.build.")
+    device = device or default_device(state)
+    nxt, prv, group = next_rank(state), prev_rank(state), state.pp_group
+    from_prev = torch.empty(tuple(shape), dtype=dtype, device=device) if recv_prev else None
+    from_next = torch.empty(tuple(shape), dtype=dtype, device=device) if recv_next else None
+    ops = []  # forward direction first, then backward (see the module docstring)
+    if send_next is not None:
+        ops.append(dist.P2POp(dist.isend, _outgoing(send_next, shape, dtype), nxt, group, _FORWARD_TAG))
+    if from_prev is not None:
+        ops.append(dist.P2POp(dist.irecv, from_prev, prv, group, _FORWARD_TAG))
+    if send_prev is not None:
+        ops.append(dist.P2POp(dist.isend, _outgoing(send_prev, shape, dtype), prv, group, _BACKWARD_TAG))
+    if from_next is not None:
+        ops.append(dist.P2POp(dist.irecv, from_next, nxt, group, _BACKWARD_TAG))
+    return from_prev, from_next, dist.batch_isend_irecv(ops)
+
+
 def communicate(
     state: ParallelState,
     *,
@@ -84,24 +118,9 @@ def communicate(
     A tensor received from prev is an activation: a fresh leaf with requires_grad, so the backward
     pass of this stage leaves its gradient in `.grad`.
     """
-    if send_next is None and send_prev is None and not recv_prev and not recv_next:
-        return None, None
-    if state.pp < 2 or state.pp_group is None:
-        raise ValueError("pipeline p2p needs a pipeline group (pp > 1) built with ParallelState.build.")
-    device = device or default_device(state)
-    nxt, prv, group = next_rank(state), prev_rank(state), state.pp_group
-    from_prev = torch.empty(tuple(shape), dtype=dtype, device=device) if recv_prev else None
-    from_next = torch.empty(tuple(shape), dtype=dtype, device=device) if recv_next else None
-    ops = []  # forward direction first, then backward (see the module docstring)
-    if send_next is not None:
-        ops.append(dist.P2POp(dist.isend, _outgoing(send_next, shape, dtype), nxt, group, _FORWARD_TAG))
-    if from_prev is not None:
-        ops.append(dist.P2POp(dist.irecv, from_prev, prv, group, _FORWARD_TAG))
-    if send_prev is not None:
-        ops.append(dist.P2POp(dist.isend, _outgoing(send_prev, shape, dtype), prv, group, _BACKWARD_TAG))
-    if from_next is not None:
-        ops.append(dist.P2POp(dist.irecv, from_next, nxt, group, _BACKWARD_TAG))
-    for work in dist.batch_isend_irecv(ops):
+    from_prev, from_next, works = post(state, send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
+                                       recv_next=recv_next, shape=shape, dtype=dtype, device=device)
+    for work in works:
         work.wait()
     if from_prev is not None:
         from_prev.requires_grad_()

@@ -18,6 +18,15 @@ Backward follows Megatron's backward_step: `torch.autograd.backward(output, grad
 (or on the loss), then the input's `.grad` goes upstream. Each stage keeps an activation only from
 its forward until its backward, so a stage holds at most its 1F1B in-flight count of microbatches.
 With `forward_only` (evaluation) no graph is built at all and nothing is kept.
+
+Outputs are freed once sent (Megatron's deallocate_pipeline_outputs): the backward of a stage needs
+its output's autograd node, not its values, so after the send its storage is swapped for one
+element and the backward is run through the autograd engine directly (torch.autograd.backward
+would compare the gradient's shape with the emptied tensor's). That saves one [seq, batch, hidden]
+activation per microbatch in flight. It is safe whatever op made the output: an op that saved its
+own output for its backward (tanh, a compiled region) holds its own reference to the storage
+(autograd's SavedVariable), so only storage nothing else needs is released: an addition's, which is
+how every decoder layer ends (the residual).
 """
 
 from __future__ import annotations
@@ -62,6 +71,13 @@ def _run_forward(
     return output
 
 
+def _free_output(output: torch.Tensor | None) -> None:
+    """After `output` was sent: keep its autograd node, drop its values (Megatron's
+    deallocate_output_tensor). A view is left alone (its storage belongs to another tensor)."""
+    if output is not None and output.grad_fn is not None and output._base is None:
+        output.data = torch.empty((1,), dtype=output.dtype, device=output.device)
+
+
 def _run_backward(
     input_tensor: torch.Tensor | None, output: torch.Tensor, output_grad: torch.Tensor | None
 ) -> torch.Tensor | None:
@@ -70,7 +86,12 @@ def _run_backward(
     An input the output does not depend on gets a zero gradient (its true value) rather than None,
     which would leave the previous stage waiting for a message that never comes.
     """
-    torch.autograd.backward(output, grad_tensors=output_grad)
+    if output_grad is not None and output.shape != output_grad.shape:  # freed by _free_output
+        torch.autograd.Variable._execution_engine.run_backward(
+            tensors=(output,), grad_tensors=(output_grad,), keep_graph=False, create_graph=False, inputs=(),
+            allow_unreachable=True, accumulate_grad=True)
+    else:
+        torch.autograd.backward(output, grad_tensors=output_grad)
     if input_tensor is None:
         return None
     return torch.zeros_like(input_tensor) if input_tensor.grad is None else input_tensor.grad
@@ -140,6 +161,8 @@ def forward_backward_pipelining_without_interleaving(
         if not forward_only:
             inputs.append(x)
             outputs.append(y)
+            if not last:
+                _free_output(y)
     y = None  # the deque alone holds each output, so its backward frees it
 
     x = p2p.recv_forward(state, shape, dtype, device) if remaining else None
@@ -147,6 +170,8 @@ def forward_backward_pipelining_without_interleaving(
         inputs.append(x)
         outputs.append(forward(warmup + i, x))  # no local reference: freed right after its backward
         grad = p2p.send_forward_recv_backward(outputs[-1], state, shape, dtype, device)
+        if not last:
+            _free_output(outputs[-1])
         input_grad = _run_backward(inputs.popleft(), outputs.popleft(), grad)
         if i == remaining - 1:
             x = None
@@ -163,6 +188,51 @@ def forward_backward_pipelining_without_interleaving(
 
 
 # ---- interleaved 1F1B (virtual pipeline) ---------------------------------------------------------
+class _InFlight:
+    """Overlapped p2p (Megatron's overlap_p2p_comm): batches posted without waiting. A received
+    buffer is waited for just before its forward or backward reads it, any other batch when the one
+    after next is posted (waits only ever come later than the blocking exchange's, so they cannot
+    deadlock where it does not); a sent output is freed once its batch is done; `drain` waits for
+    everything left."""
+
+    def __init__(self, state: ParallelState, shape: Shape, dtype: torch.dtype, device: torch.device):
+        self.state, self.shape, self.dtype, self.device = state, shape, dtype, device
+        self.batches: dict[int, tuple[list, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
+        self.of: dict[int, int] = {}  # id(received buffer) -> its batch (the batch keeps the buffer alive)
+        self.posted = 0
+
+    def post(self, *, send_next: torch.Tensor | None = None, send_prev: torch.Tensor | None = None,
+             recv_prev: bool = False, recv_next: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        for key in sorted(self.batches)[:-1]:  # all but the latest batch: done, or a send to finish now
+            self._finish(key)
+        x, g, works = p2p.post(self.state, send_next=send_next, send_prev=send_prev, recv_prev=recv_prev,
+                               recv_next=recv_next, shape=self.shape, dtype=self.dtype, device=self.device)
+        key, self.posted = self.posted, self.posted + 1
+        self.batches[key] = (works, send_next, x, g)
+        for t in (x, g):
+            if t is not None:
+                self.of[id(t)] = key
+        return x, g
+
+    def ready(self, t: torch.Tensor | None) -> None:
+        key = self.of.pop(id(t), None) if t is not None else None
+        if key is not None and key in self.batches:
+            self._finish(key)
+
+    def _finish(self, key: int) -> None:
+        works, sent, received, _ = self.batches.pop(key)
+        for work in works:
+            work.wait()
+        _free_output(sent)
+        if received is not None:
+            received.requires_grad_()
+
+    def drain(self) -> None:
+        for key in sorted(self.batches):
+            self._finish(key)
+        self.of.clear()
+
+
 class _VirtualOrder:
     """Megatron's schedule table for microbatch groups of pp (its default group size).
 
@@ -218,12 +288,19 @@ def forward_backward_pipelining_with_interleaving(
     shape: Shape,
     dtype: torch.dtype,
     forward_only: bool = False,
+    overlap_p2p: bool = True,
 ) -> list[torch.Tensor]:
     """Interleaved 1F1B over `vpp` model chunks per rank (Megatron's virtual pipeline).
 
     Chunk v of rank p is virtual stage v * pp + p; activations travel round the ring of ranks V
     times. The microbatch count must be a multiple of pp (Megatron's requirement for its default
     microbatch group size of pp); warm-up forwards = 2 * (pp - rank - 1) + (V - 1) * pp.
+
+    `overlap_p2p` (Megatron's overlap_p2p_comm, on by default there too): in the steady state the
+    forward's transfers (send the output, receive the next input) are posted right after the forward
+    and run under the backward, and the backward's under the next forward; each received buffer is
+    waited for only when read. Every rank posts the same messages in the same order as the blocking
+    exchange (forward direction, then backward), only earlier, so peers still pair them alike.
     """
     chunks = _chunks(model)
     if len(chunks) != state.config.vpp or len(chunks) < 2:
@@ -239,6 +316,7 @@ def forward_backward_pipelining_with_interleaving(
         )
     order = _VirtualOrder(state, num_microbatches, len(chunks), forward_only)
     device = p2p.default_device(state)
+    flight = _InFlight(state, shape, dtype, device) if overlap_p2p and order.remaining else None
     # Per chunk, in microbatch order: inputs received (or None for data), outputs awaiting backward,
     # gradients received for those outputs.
     inputs: list[deque[torch.Tensor | None]] = [deque() for _ in chunks]
@@ -252,6 +330,8 @@ def forward_backward_pipelining_with_interleaving(
         if order.is_data_chunk(v):
             inputs[v].append(None)
         x = inputs[v][len(outputs[v])]  # the first input whose forward has not run yet
+        if flight is not None:
+            flight.ready(x)
         y = _run_forward(forward_step, order.microbatch(k), chunks[v], x, order.is_loss_chunk(v), losses, forward_only)
         if forward_only:
             inputs[v].popleft()
@@ -262,6 +342,8 @@ def forward_backward_pipelining_with_interleaving(
     def backward(k: int) -> torch.Tensor | None:
         """Backward of virtual step k; returns the gradient to send upstream (None at the model's start)."""
         v = order.chunk(k, forward=False)
+        if flight is not None and not order.is_loss_chunk(v):
+            flight.ready(grads[v][0])
         grad = None if order.is_loss_chunk(v) else grads[v].popleft()
         input_grad = _run_backward(inputs[v].popleft(), outputs[v].popleft(), grad)
         return None if order.is_data_chunk(v) else input_grad
@@ -281,7 +363,10 @@ def forward_backward_pipelining_with_interleaving(
         recv_prev = recv_prev and k != order.total - 1
         # The last warm-up step also fetches the first output gradient (Megatron does the same).
         recv_next = k == order.warmup - 1 and not forward_only and not order.all_warmup and not state.is_last_stage
-        x, g = comm(forward(k), None, recv_prev, recv_next)
+        out = forward(k)
+        x, g = comm(out, None, recv_prev, recv_next)
+        if not forward_only:
+            _free_output(out)
         if recv_prev:
             inputs[v_in].append(x)
         if recv_next:
@@ -293,10 +378,17 @@ def forward_backward_pipelining_with_interleaving(
         recv_next, v_grad = order.receives(i, forward=False)
         recv_prev = recv_prev and i != order.remaining - 1
         out = forward(fk)
-        x, g = comm(out, backward(i), recv_prev, recv_next)
+        if flight is not None:  # the forward's transfers run under this backward, the backward's under the next forward
+            x = flight.post(send_next=out, recv_prev=recv_prev)[0]
+            if recv_prev:
+                inputs[v_in].append(x)
+            g = flight.post(send_prev=backward(i), recv_next=recv_next)[1]
+        else:
+            x, g = comm(out, backward(i), recv_prev, recv_next)
+            _free_output(out)
+            if recv_prev:
+                inputs[v_in].append(x)
         out = None  # drop the local reference: the output now lives only until its backward
-        if recv_prev:
-            inputs[v_in].append(x)
         if recv_next:
             grads[v_grad].append(g)
 
@@ -309,6 +401,8 @@ def forward_backward_pipelining_with_interleaving(
             g = comm(None, backward(k), False, recv_next)[1]
             if recv_next:
                 grads[v_grad].append(g)
+    if flight is not None:
+        flight.drain()
     return losses
 
 

@@ -43,18 +43,20 @@ def megatron_profile(grad_fp32: bool = True, fp8: bool = False) -> Profile:
                    overhead=int(MEGATRON_OVERHEAD_GIB * GIB), fp8=fp8)
 
 
-def engine_profile(precision: str = "fp32", sequence_parallel: bool = False, device: str = "cpu") -> Profile:
+def engine_profile(precision: str = "fp32", sequence_parallel: bool = False, device: str = "cpu",
+                   overlap: bool = False) -> Profile:
     """mzoo's own engine (mzoo/parallel/optimizer.py): parameters in the training dtype, the fp32
     main-gradient buffer, fp32 master + Adam m, v (sharded by the distributed optimizer), the same
     2 + 4 + 12/dp bytes as Megatron for bf16. The loss keeps the logits in their dtype and writes
     their gradient in place. On a GPU the runtime's fixed memory (CUDA context, NCCL, cuBLAS) is
     Megatron's; on the CPU it is part of the measured baseline, and gloo's DP collectives copy one
-    fp32 bucket during the optimizer step (NCCL reduces the buffer in place)."""
+    fp32 bucket during the optimizer step (NCCL reduces the buffer in place). `overlap`: the run
+    overlaps its DP traffic (--overlap-grad-reduce with --overlap-param-gather when distributed)."""
     size = {"fp32": 4, "bf16": 2, "fp16": 2}[precision]
     overhead = int(MEGATRON_OVERHEAD_GIB * GIB) if device == "cuda" else 0
     return Profile(f"mzoo-{precision}", param=size, grad=4, master=4, moments=8, act=size, logits=size,
                    sequence_parallel=sequence_parallel, engine=True, selective=frozenset({"core_attn"}),
-                   overhead=overhead, bucket_copy=device != "cuda", efficiency=ENGINE_EFFICIENCY, overlap_dp=False)
+                   overhead=overhead, bucket_copy=device != "cuda", efficiency=ENGINE_EFFICIENCY, overlap_dp=overlap)
 
 
 def sequence_parallel(profile: Profile, tp: int) -> bool:

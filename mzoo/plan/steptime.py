@@ -164,7 +164,8 @@ def _dp_and_optimizer(model: Model, layout: Layout, settings: Settings, g: GPU, 
     """Exposed DP traffic and optimizer-step time of one stage. Megatron reduces gradients
     (reduce-scatter with the distributed optimizer, all-reduce without) during the last micro-batch's
     backward and all-gathers parameters during the next step's first forward, so only what does not
-    fit is exposed; mzoo's engine does neither yet (`Profile.overlap_dp`)."""
+    fit is exposed; mzoo's engine does the same with --overlap-grad-reduce / --overlap-param-gather
+    (`Profile.overlap_dp`)."""
     shard = Shard(layout.tp, layout.expert_tp, layout.ep, False)
     params = model.params(stage.ranges, shard) + end_params(model.cfg, stage, vocab_rows(model.cfg, layout.tp))
     bw = _bandwidth(g, layout.tp * layout.cp * layout.dp, settings.gpus_per_node)
@@ -180,7 +181,7 @@ def _dp_and_optimizer(model: Model, layout: Layout, settings: Settings, g: GPU, 
             elements += n
     if profile.overlap_dp:
         exposed = max(0.0, reduce - bwd) + max(0.0, gather - fwd)
-    else:  # mzoo's engine reduces after the whole backward and gathers after the step: all exposed
+    else:  # without overlap: reduced after the whole backward, gathered in the step: all exposed
         exposed = reduce + gather
     per_element = profile.grad + 2 * (profile.master + profile.moments) + profile.param
     return exposed, elements * per_element / (g.hbm_tbps * 1e12 * HBM_EFFICIENCY)

@@ -109,7 +109,7 @@ def auto_layout(cfg: ModelConfig, tcfg, gpus: int, gpu: str) -> AutoLayout:
     from mzoo.errors import UserError
 
     settings = replace(settings_of(tcfg), distributed_optimizer=True)
-    profile = engine_profile(tcfg.precision, sequence_parallel=True, device="cuda")
+    profile = engine_profile(tcfg.precision, sequence_parallel=True, device="cuda", overlap=True)
     ranked = plan(cfg, gpus, settings, named_gpu(gpu), profile)
     best = ranked[0]
     if not best.feasible:

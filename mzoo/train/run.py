@@ -109,6 +109,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
     states as canonical tensors (so a resume may use another layout) and the loop's position."""
     from safetensors.torch import save_file
 
+    trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
     tensors = gather_canonical(model, state)
     if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
         if state.rank == 0:
@@ -334,4 +335,6 @@ def summary(rc: RunConfig) -> dict[str, Any]:
             "sequence_parallel": lay.sequence_parallel, "world_size": lay.world_size,
             "global_batch": rc.train.global_batch, "micro_batch": rc.train.micro_batch,
             "microbatches_per_rank": rc.train.global_batch // (rc.train.micro_batch * lay.dp),
-            "seq_len": rc.train.seq_len, "steps": rc.train.steps}
+            "seq_len": rc.train.seq_len, "steps": rc.train.steps,
+            "distributed_optimizer": rc.train.distributed_optimizer,
+            "overlap_grad_reduce": rc.train.overlap_grad_reduce, "overlap_param_gather": rc.train.overlap_param_gather}

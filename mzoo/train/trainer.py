@@ -37,6 +37,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     seed: int = 1234
     distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False  # DP reductions start inside the backward (bitwise-equal result)
+    overlap_param_gather: bool = False  # with distributed_optimizer: all-gathers overlap the next forward
+    bucket_elements: int = 40_000_000  # gradient bucket size (Megatron's --ddp-bucket-size)
     precision: str = "fp32"  # fp32, bf16 (fp32 master weights), fp16 (+ dynamic loss scaling)
     recompute: str = "none"  # none, selective, full
     recompute_modules: tuple[str, ...] = ()  # selective: core_attn (default), mlp, moe
@@ -53,6 +56,9 @@ class TrainConfig:
             raise ConfigError(f"unknown --recompute '{self.recompute}'; use none, selective or full.")
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"unknown --schedule '{self.schedule}'; use cosine, wsd or constant.")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's all-gather; add "
+                              "--distributed-optimizer or drop it.")
 
     def validate(self, state: ParallelState) -> None:
         """Everything this run's layout must agree with, and the named choices."""
@@ -150,7 +156,8 @@ class Trainer:
         self.valid_sampler = valid_sampler
         self.optimizer = Optimizer(model, state, AdamWConfig(
             lr=tcfg.lr, weight_decay=tcfg.weight_decay, clip_grad=tcfg.clip_grad,
-            distributed=tcfg.distributed_optimizer))
+            distributed=tcfg.distributed_optimizer, overlap_grad_reduce=tcfg.overlap_grad_reduce,
+            overlap_param_gather=tcfg.overlap_param_gather, bucket_elements=tcfg.bucket_elements))
         self.device = next(model.parameters()).device
         self.data_keys = set(sampler(0))  # which keys the data has (packed finetuning data: positions too)
         self.step = 0
@@ -232,7 +239,7 @@ class Trainer:
         tcfg, state = self.tcfg, self.state
         for chunk in self._chunks():
             chunk.train()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(tcfg.microbatches(state))
         scale, consumed = self.scaler.scale, self.consumed_samples
 
         total = self._global_batch_loss(self.sampler, consumed, scale, forward_only=False)
@@ -261,4 +268,5 @@ class Trainer:
             log = self.train_step()
             on_step(log)
             logs.append(log)
+        self.optimizer.finish_param_gather()  # the caller may read the weights next
         return logs

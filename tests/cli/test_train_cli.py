@@ -54,6 +54,7 @@ def test_train_tp2_from_hf_save_convert_verify(tmp_path):
         (["--tp", "2", "--pp", "2", "--nproc-per-node", "2"], "4 processes, but 2 were asked for"),
         (["--data", "nowhere/corpus"], "nowhere/corpus"),
         ([], "no training data"),
+        (["--overlap-param-gather"], "--overlap-param-gather overlaps the distributed optimizer's all-gather"),
     ],
 )
 def test_bad_training_input_fails_before_launch(tmp_path, args, message):
@@ -106,3 +107,19 @@ def test_runs_inside_a_slurm_allocation(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     result = json.loads(outs[0][0])
     assert result["layout"]["tp"] == 2 and len(result["losses"]) == 3
+
+
+@pytest.mark.dist
+def test_overlapped_dp_run_logs_the_same_losses(tmp_path):
+    """--overlap-grad-reduce --overlap-param-gather reach the workers and change no number."""
+    common = ["train", "llama-tiny", "--dp", "2", "--distributed-optimizer", "--steps", "3", "--seq-len", "32",
+              "--mock-data"]
+    losses = []
+    for name, flags in (("plain", []), ("overlap", ["--overlap-grad-reduce", "--overlap-param-gather"])):
+        proc = run(*common, *flags, "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads(proc.stdout)  # printed by rank 0 of the relaunched workers: what they ran with
+        assert out["layout"]["dp"] == 2 and out["layout"]["distributed_optimizer"]
+        assert out["layout"]["overlap_grad_reduce"] == out["layout"]["overlap_param_gather"] == bool(flags)
+        losses.append(out["losses"])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

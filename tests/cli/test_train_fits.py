@@ -109,7 +109,7 @@ def test_gpus_without_a_layout_asks_the_planner(tmp_path):
     why = " ".join(proc.stdout.split())
     assert why.startswith("layout from the planner: ") and "fit 8 x h100-80gb" in why
     settings = Settings(8192, 512, 1, distributed_optimizer=True)
-    best = plan(get("llama3-8b").config, 8, settings, gpu("h100-80gb"), engine_profile("bf16", True, "cuda"))[0]
+    best = plan(get("llama3-8b").config, 8, settings, gpu("h100-80gb"), engine_profile("bf16", True, "cuda", overlap=True))[0]
     assert f"layout from the planner: {best.layout.label()} " in why
     report = json.loads(run("train", "llama3-8b", "--gpus", 8, "--mock-data", "--dry-run", "--device", "cuda", "--json",
                             cwd=tmp_path).stdout)

@@ -4,7 +4,10 @@ A toy model (8 Linear+tanh layers of width 16, seeded) is split into stages as M
 layers (`stage_layers`: chunk v of rank p holds layer block v * pp + p). Each case checks the
 per-microbatch losses and every layer's gradients against a single-process run, that forward_only
 gives the same losses and no gradients, and that each rank keeps no more microbatches in flight
-than Megatron's warm-up count + 1.
+than Megatron's warm-up count + 1. Outputs are emptied once sent: the plain variant ends in tanh,
+whose backward reads its output (autograd's saved copy keeps that storage, so its gradients must
+still be right); the residual variant (each layer x + tanh(Wx + b): a stage's output comes from an
+addition, as a decoder layer's does) checks that every sent output was emptied.
 """
 
 from __future__ import annotations
@@ -41,14 +44,14 @@ CASES = {
 class Chunk(nn.Module):
     """Some consecutive layers of the toy model; the first reads data, the last computes the loss."""
 
-    def __init__(self, layers: dict[int, nn.Linear], reads_data: bool, computes_loss: bool):
+    def __init__(self, layers: dict[int, nn.Linear], reads_data: bool, computes_loss: bool, residual: bool = False):
         super().__init__()
         self.layers = nn.ModuleDict({str(i): layer for i, layer in layers.items()})
-        self.reads_data, self.computes_loss = reads_data, computes_loss
+        self.reads_data, self.computes_loss, self.residual = reads_data, computes_loss, residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers.values():
-            x = torch.tanh(layer(x))
+            x = x + torch.tanh(layer(x)) if self.residual else torch.tanh(layer(x))
         return x
 
 
@@ -62,14 +65,18 @@ def toy_batches(num_microbatches: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(num_microbatches, *SHAPE, generator=g), torch.randn(num_microbatches, *SHAPE, generator=g)
 
 
-def make_forward_step(num_microbatches: int, live: dict | None = None):
-    """forward_step for the schedules; `live` counts outputs not yet freed (peak in live['max'])."""
+def make_forward_step(num_microbatches: int, live: dict | None = None, sent: list | None = None):
+    """forward_step for the schedules; `live` counts outputs not yet freed (peak in live['max']);
+    `sent` keeps every output sent on (to see whether the schedule emptied it)."""
     data, targets = toy_batches(num_microbatches)
 
     def forward_step(mb: int, chunk: Chunk, x: torch.Tensor | None) -> torch.Tensor:
         y = chunk(data[mb] if chunk.reads_data else x)
         if chunk.computes_loss:
             y = nn.functional.mse_loss(y, targets[mb]) / num_microbatches
+        elif sent is not None:
+            sent.append(y)
+            return y
         if live is not None:
             live["now"] += 1
             live["max"] = max(live["max"], live["now"])
@@ -87,10 +94,10 @@ def grads_of(layers: dict[int, nn.Linear]) -> dict[int, list]:
     return {i: [layer.weight.grad.tolist(), layer.bias.grad.tolist()] for i, layer in layers.items()}
 
 
-def reference(num_microbatches: int) -> tuple[list[float], dict[int, list]]:
+def reference(num_microbatches: int, residual: bool = False) -> tuple[list[float], dict[int, list]]:
     """All layers in one process: per-microbatch losses and the gradients of their sum."""
     layers = toy_layers()
-    model = Chunk(dict(enumerate(layers)), reads_data=True, computes_loss=True)
+    model = Chunk(dict(enumerate(layers)), reads_data=True, computes_loss=True, residual=residual)
     step = make_forward_step(num_microbatches)
     losses = [step(mb, model, None) for mb in range(num_microbatches)]
     torch.stack(losses).sum().backward()
@@ -104,7 +111,7 @@ def expected_in_flight(pp: int, vpp: int, rank: int, num_microbatches: int) -> i
     return min(warmup + 1, total)
 
 
-def pipeline_worker(rank: int, world: int, cases: list[tuple[int, int, int]]) -> list[dict]:
+def pipeline_worker(rank: int, world: int, cases: list[tuple[int, int, int]], residual: bool = False) -> list[dict]:
     out = []
     for pp, vpp, num_microbatches in cases:
         state = ParallelState.build(Layout(pp=pp, vpp=vpp))
@@ -112,12 +119,14 @@ def pipeline_worker(rank: int, world: int, cases: list[tuple[int, int, int]]) ->
         ranges = stage_layers(LAYERS, pp, vpp)[state.pp_rank]
         owned = {i: layers[i] for r in ranges for i in r}
         chunks = [
-            Chunk({i: layers[i] for i in r}, state.is_first_stage and v == 0, state.is_last_stage and v == vpp - 1)
+            Chunk({i: layers[i] for i in r}, state.is_first_stage and v == 0, state.is_last_stage and v == vpp - 1,
+                  residual)
             for v, r in enumerate(ranges)
         ]
         schedule = pick_schedule(state)
-        live = {"now": 0, "max": 0}
-        losses = schedule(make_forward_step(num_microbatches, live), chunks, num_microbatches, state, SHAPE, torch.float32)
+        live, sent = {"now": 0, "max": 0}, []
+        step = make_forward_step(num_microbatches, None if residual else live, sent if residual else None)
+        losses = schedule(step, chunks, num_microbatches, state, SHAPE, torch.float32)
         grads = grads_of(owned)
         for layer in owned.values():
             layer.weight.grad = layer.bias.grad = None
@@ -132,6 +141,8 @@ def pipeline_worker(rank: int, world: int, cases: list[tuple[int, int, int]]) ->
                 "grads": grads,
                 "eval_grads": any(p.grad is not None for c in chunks for p in c.parameters()),
                 "max_in_flight": live["max"],
+                "sent": len(sent),
+                "freed": sum(y.numel() == 1 for y in sent),
             }
         )
     return out
@@ -180,6 +191,23 @@ def test_schedule_matches_single_process(results, world: int, case: int) -> None
     assert [r["max_in_flight"] for r in per_rank] == [
         expected_in_flight(pp, vpp, rank, num_microbatches) for rank in range(pp)
     ]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_outputs_are_freed_once_sent_and_gradients_still_match(world: int) -> None:
+    """Megatron's deallocate_pipeline_outputs: every output sent on is emptied, every layer's gradient
+    still equals one process (the backward ran through the emptied outputs' autograd nodes)."""
+    results = run(pipeline_worker, world, CASES[world], True)
+    for case, (pp, vpp, num_microbatches) in enumerate(CASES[world]):
+        ref_losses, ref_grads = reference(num_microbatches, residual=True)
+        per_rank = [ranks[case] for ranks in results]
+        assert _close(per_rank[-1]["losses"], ref_losses)
+        merged = {i: g for r in per_rank for i, g in r["grads"].items()}
+        for i in range(LAYERS):
+            assert _close(merged[i][0], ref_grads[i][0]) and _close(merged[i][1], ref_grads[i][1]), (case, i)
+        sent = sum(r["sent"] for r in per_rank)
+        assert sent >= num_microbatches * (pp * vpp - 1) and sum(r["freed"] for r in per_rank) == sent, per_rank
 
 
 def test_no_pipelining_matches_reference() -> None:
