@@ -117,7 +117,9 @@ class Experts(nn.Module):
         """x [N, H] sorted by local expert, `sizes` rows each (`counts`: the same on x's device) ->
         partial outputs [N, H] (summed over TP later)."""
         if self.uses_grouped_gemm(x):
-            return self._grouped(x, counts)
+            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in self.local_experts],
+                                 [e.linear_fc2.weight for e in self.local_experts], self._ffn,
+                                 E.grouped_row_multiple(x.device))
         outs = []
         for expert, part in zip(self.local_experts, x.split(sizes)):
             h = self._ffn(F.linear(part, expert.linear_fc1.weight))
@@ -128,13 +130,7 @@ class Experts(nn.Module):
         if not self.grouped_gemm or len(self.local_experts) < 2:
             return False
         fc2 = self.local_experts[0].linear_fc2.weight  # [H, F / tp]
-        return E.grouped_gemm_supported(x.device, x.dtype, fc2.shape) and fc2.dtype == x.dtype
-
-    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # on the device: no host round trip
-        w1 = E.stack_weights([e.linear_fc1.weight for e in self.local_experts])
-        w2 = E.stack_weights([e.linear_fc2.weight for e in self.local_experts])
-        return E.grouped_linear(self._ffn(E.grouped_linear(x, w1, offsets)), w2, offsets)
+        return fc2.dtype == x.dtype and E.grouped_gemm_supported(x.device, x.dtype, fc2.shape)
 
 
 class MoELayer(nn.Module):

@@ -8,6 +8,11 @@ the ranks that hold their experts and back, with Megatron-Core's semantics:
   along the sequence under SP); partial outputs are summed (reduce-scattered under SP).
 - EP: token copies sorted by expert go to the expert's rank through `all_to_all_single` with
   uneven splits; experts are numbered `ep_rank * E/EP + local`.
+- Dispatch is one stable sort and one gather; the combine is one gather back and a weighted sum
+  over top-k, so no step (forward or backward) adds rows by index (GPU atomics); the split sizes
+  cost one device-to-host copy per layer.
+- Experts run as `torch._grouped_mm` where `grouped_gemm_supported` says the device and dtype
+  allow it, on weights stacked without a copy when they sit in one buffer (the optimizer's).
 """
 
 from __future__ import annotations
@@ -120,28 +125,63 @@ class _Combine(torch.autograd.Function):
 
 # ---- grouped GEMM: all local experts in one kernel ---------------------------------------------------
 GROUPED_MM_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # run and match the loop on torch 2.13
+GROUPED_MM_CUDA_MAJORS = (9, 10)  # the CUTLASS bf16 kernel (sm90, sm100); other GPUs loop inside torch
+CUDA_ROW_MULTIPLE = 8  # rows per group on CUDA: 16 bytes of bf16, torchtitan's TOKEN_GROUP_ALIGN_SIZE_M
 
 
 def grouped_gemm_allowed(device_type: str, dtype: torch.dtype, capability: Optional[tuple[int, int]],
                          widths: Sequence[int]) -> bool:
-    """Whether `torch._grouped_mm` may run the experts: on CUDA its bf16 kernel on sm90 and newer
-    (the one torchtitan uses; elsewhere CUDA takes the per-expert loop), on the CPU fp32 / bf16 / fp16;
-    and every matrix row (`widths`: hidden and this rank's expert FFN sizes) a multiple of 16 bytes,
-    which the kernel requires of its strides."""
+    """Whether `torch._grouped_mm` may run the experts. On CUDA only its bf16 CUTLASS kernel
+    (sm90 / sm100): elsewhere torch falls back to a loop of matmuls after copying the offsets to
+    the host, the per-expert loop without its sync. On the CPU fp32 / bf16 / fp16 (tested against
+    the loop). And every matrix row (`widths`: hidden and this rank's FFN size) a multiple of 16
+    bytes, which the kernel requires of its strides (wrong results on CUDA otherwise)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device_type == "cuda":
-        ok = dtype == torch.bfloat16 and capability is not None and capability >= (9, 0)
+        ok = dtype == torch.bfloat16 and capability is not None and capability[0] in GROUPED_MM_CUDA_MAJORS
     else:
         ok = device_type == "cpu" and dtype in GROUPED_MM_CPU_DTYPES
-    size = torch.empty((), dtype=dtype, device="meta").element_size()
-    return ok and all(w * size % 16 == 0 for w in widths)
+    return ok and all(w * dtype.itemsize % 16 == 0 for w in widths)
 
 
 def grouped_gemm_supported(device: torch.device, dtype: torch.dtype, widths: Sequence[int]) -> bool:
     """`grouped_gemm_allowed` for a real device."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     return grouped_gemm_allowed(device.type, dtype, capability, widths)
+
+
+def grouped_row_multiple(device: torch.device) -> int:
+    """Rows each group is padded to: on CUDA a multiple of 8, at least 8, as torchtitan pads for
+    this kernel (no empty group, every group 16-byte aligned along the token dimension of the
+    weight-gradient GEMM); the CPU kernel needs none."""
+    return CUDA_ROW_MULTIPLE if device.type == "cuda" else 1
+
+
+def grouped_mlp(x: torch.Tensor, sizes: list[int], counts: torch.Tensor, fc1: Sequence[torch.Tensor],
+                fc2: Sequence[torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor],
+                row_multiple: int = 1) -> torch.Tensor:
+    """Expert MLPs on rows sorted by expert (`sizes` rows each; `counts` the same on x's device):
+    fc2_e(activation(fc1_e(x))) for every expert e in two `torch._grouped_mm` calls. Groups are
+    padded with zero rows to `row_multiple` (dropped again after), offsets computed on the device."""
+    padded = sizes if row_multiple == 1 else [max(row_multiple, -(-n // row_multiple) * row_multiple) for n in sizes]
+    if row_multiple > 1:
+        counts = ((counts + row_multiple - 1) // row_multiple * row_multiple).clamp_min(row_multiple)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    h = activation(grouped_linear(_resize_blocks(x, sizes, padded), stack_weights(fc1), offsets))
+    return _resize_blocks(grouped_linear(h, stack_weights(fc2), offsets), padded, sizes)
+
+
+def _resize_blocks(x: torch.Tensor, sizes: list[int], new: list[int]) -> torch.Tensor:
+    """Row blocks of `sizes` grown with zero rows or cut to `new` (one copy; none when equal)."""
+    if sizes == new:
+        return x
+    parts = []
+    for block, n, m in zip(x.split(sizes), sizes, new):
+        parts.append(block[:m])
+        if m > n:
+            parts.append(x.new_zeros(m - n, *x.shape[1:]))
+    return torch.cat(parts)
 
 
 def stack_weights(weights: Sequence[torch.Tensor]) -> torch.Tensor:
