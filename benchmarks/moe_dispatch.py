@@ -15,8 +15,9 @@ The layer: hidden 512, 8 experts of FFN 1792 (Mixtral's 3.5x), SwiGLU, top-2 sof
 Every row builds the layer, hands it to mzoo's Optimizer (its parameters become views of one
 buffer and gradients accumulate into fp32 main grads, as in training), runs 2 warm-up steps and
 `--steps` timed fwd+bwd steps in its own subprocess; time is the median step. Peak RSS is the
-child's VmHWM; "step peak" is the VmHWM reached during the steps above the RSS after the warm-up
-(reset through /proc/self/clear_refs), i.e. what one step's activations and temporaries cost.
+child's ru_maxrss; "steps' peak" is its VmHWM at the end above its RSS before the first step (the
+layer, its fp32 main grads and the inputs built): what the steps' activations, gradients and
+temporaries cost at their peak, allocator caching included.
 The list of rows runs `--repeats` times round-robin; the table shows medians, the spread
 ((max - min) / median) and the ratio to `before` (median of per-round ratios).
 
@@ -112,18 +113,16 @@ def child(row: str, dtype_name: str, tokens: int, steps: int, threads: int) -> d
         x.grad = None
         layer(x).backward(grad)
 
+    _, built = _hwm_kb()
     for _ in range(2):
         step()
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    _, settled = _hwm_kb()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     hwm, _ = _hwm_kb()
-    return {"ms": statistics.median(times) * 1e3, "step_peak_mb": (hwm - settled) / 1024,
+    return {"ms": statistics.median(times) * 1e3, "step_peak_mb": (hwm - built) / 1024,
             "grouped": layer.experts.uses_grouped_gemm(x)}
 
 
@@ -165,7 +164,7 @@ def main() -> None:
         for _ in range(a.repeats):
             rounds.append({row: measure(row, dtype, a) for row in ROWS})
         print(f"{dtype}:\n")
-        print("| dispatch + experts | fwd+bwd ms | spread | vs before | peak RSS MB | step peak MB | grouped GEMM ran |")
+        print("| dispatch + experts | fwd+bwd ms | spread | vs before | peak RSS MB | steps' peak MB | grouped GEMM ran |")
         print("|---|---|---|---|---|---|---|")
         for row in ROWS:
             ms = [r[row]["ms"] for r in rounds]

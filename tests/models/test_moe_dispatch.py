@@ -224,17 +224,26 @@ def test_grouped_gemm_equals_the_per_expert_loop(dtype):
     x = torch.randn(sum(sizes), cfg.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
     g = torch.randn(sum(sizes), cfg.hidden_size, generator=torch.Generator().manual_seed(6)).to(dtype)
 
+    counts = torch.tensor(sizes)
+
     def padded(xi: torch.Tensor) -> torch.Tensor:
+        """The CUDA padding, under a meta default device: a tensor it made without device= fails."""
         fc1, fc2 = ([getattr(e, k).weight for e in experts.local_experts] for k in ("linear_fc1", "linear_fc2"))
-        return E.grouped_mlp(xi, sizes, torch.tensor(sizes), fc1, fc2, experts._ffn, row_multiple=8)
+        with torch.device("meta"):
+            out = E.grouped_mlp(xi, sizes, counts, fc1, fc2, experts._ffn, row_multiple=8)
+            out.backward(g)
+        return out
 
     runs = {}
     for name in ("grouped", "padded", "loop"):
         experts.grouped_gemm = name != "loop"
         assert experts.uses_grouped_gemm(x) == (name != "loop")
         xi = x.clone().requires_grad_()
-        out = padded(xi) if name == "padded" else experts(xi, sizes, torch.tensor(sizes))
-        out.backward(g)
+        if name == "padded":
+            out = padded(xi)
+        else:
+            out = experts(xi, sizes, counts)
+            out.backward(g)
         runs[name] = [out.detach(), xi.grad, *(p.grad.clone() for p in experts.parameters())]
         experts.zero_grad(set_to_none=True)
     fp32 = dtype == torch.float32  # unpadded fp32: the same products summed in the same order
