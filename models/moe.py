@@ -95,7 +95,9 @@ class Expert(nn.Module):
 
 
 class Experts(nn.Module):
-    """This EP rank's experts (SequentialMLP naming); a per-expert loop or one batched matmul."""
+    """This EP rank's experts (SequentialMLP naming), run as one grouped GEMM per linear
+    (`torch._grouped_mm`, Megatron's --moe-grouped-gemm) where `E.grouped_gemm_supported` says the
+    device and dtype allow it, else one matmul per expert: the reference, the same numbers."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
         super().__init__()
@@ -104,36 +106,31 @@ class Experts(nn.Module):
         self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
         count = cfg.moe.num_experts // state.config.ep
         self.local_experts = nn.ModuleList(Expert(cfg, state, cfg.moe.ffn_hidden_size, dtype) for _ in range(count))
-        self.batched = False  # grouped path: one padded bmm for all experts (same numbers as the loop)
+        self.grouped_gemm = True  # False: always the per-expert loop
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
             return gated(h, self.act)
         return self.act(h)
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [N, H] sorted by local expert, `counts` rows each -> partial outputs [N, H] (summed over TP later)."""
-        if self.batched and len(counts) > 1:
-            return self._batched(x, counts)
+    def forward(self, x: torch.Tensor, sizes: list[int], counts: torch.Tensor) -> torch.Tensor:
+        """x [N, H] sorted by local expert, `sizes` rows each (`counts`: the same on x's device) ->
+        partial outputs [N, H] (summed over TP later)."""
+        if self.uses_grouped_gemm(x):
+            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in self.local_experts],
+                                 [e.linear_fc2.weight for e in self.local_experts], self._ffn,
+                                 E.grouped_row_multiple(x.device))
         outs = []
-        for expert, part in zip(self.local_experts, x.split(counts)):
+        for expert, part in zip(self.local_experts, x.split(sizes)):
             h = self._ffn(F.linear(part, expert.linear_fc1.weight))
             outs.append(F.linear(h, expert.linear_fc2.weight))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
-    def _batched(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        n, width = len(counts), max(counts)
-        if width == 0:
-            return x.new_zeros(x.shape)
-        sizes = torch.tensor(counts, device=x.device)
-        row = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-        slot = torch.repeat_interleave(torch.arange(n, device=x.device), sizes) * width + row
-        padded = x.new_zeros(n * width, x.shape[-1]).index_copy(0, slot, x).view(n, width, -1)
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
-        h = self._ffn(torch.bmm(padded, w1.transpose(1, 2)))
-        y = torch.bmm(h, w2.transpose(1, 2))
-        return y.reshape(n * width, -1).index_select(0, slot)
+    def uses_grouped_gemm(self, x: torch.Tensor) -> bool:
+        if not self.grouped_gemm or len(self.local_experts) < 2:
+            return False
+        fc2 = self.local_experts[0].linear_fc2.weight  # [H, F / tp]
+        return fc2.dtype == x.dtype and E.grouped_gemm_supported(x.device, x.dtype, fc2.shape)
 
 
 class MoELayer(nn.Module):
