@@ -106,7 +106,10 @@ class Experts(nn.Module):
         self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
         count = cfg.moe.num_experts // state.config.ep
         self.local_experts = nn.ModuleList(Expert(cfg, state, cfg.moe.ffn_hidden_size, dtype) for _ in range(count))
-        self.grouped_gemm = True  # False: always the per-expert loop
+        # None: the grouped GEMM where it pays (CUDA's CUTLASS kernel); True: wherever torch runs it
+        # (the CPU too: equal to the loop, not faster, ~270 MB more peak per 4096-token layer in
+        # fp32, docs/benchmarks.md); False: always the per-expert loop, the CPU reference
+        self.grouped_gemm: Optional[bool] = None
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -127,7 +130,9 @@ class Experts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
     def uses_grouped_gemm(self, x: torch.Tensor) -> bool:
-        if not self.grouped_gemm or len(self.local_experts) < 2:
+        if self.grouped_gemm is False or len(self.local_experts) < 2:
+            return False
+        if self.grouped_gemm is None and x.device.type != "cuda":
             return False
         fc2 = self.local_experts[0].linear_fc2.weight  # [H, F / tp]
         return fc2.dtype == x.dtype and E.grouped_gemm_supported(x.device, x.dtype, fc2.shape)

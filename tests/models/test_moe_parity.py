@@ -54,10 +54,11 @@ def test_matches_transformers(tmp_path, case):
     with torch.no_grad():
         expected, got = ref(ids).logits, ours.eval()(ids)
     assert (expected - got).abs().max().item() <= 1e-4
-    for layer in ours.decoder.layers:  # the per-expert loop (the reference) gives the same numbers
+    for layer in ours.decoder.layers:  # the grouped GEMM gives the loop's (the reference's) numbers
         if hasattr(layer.mlp, "experts"):
+            assert not layer.mlp.experts.uses_grouped_gemm(ids.new_zeros(1, cfg.hidden_size))  # CPU default: loop
+            layer.mlp.experts.grouped_gemm = True  # asked for: torch's CPU grouped GEMM, the same numbers
             assert layer.mlp.experts.uses_grouped_gemm(ids.new_zeros(1, cfg.hidden_size, dtype=torch.float32))
-            layer.mlp.experts.grouped_gemm = False
     with torch.no_grad():
         assert (ours(ids) - got).abs().max().item() <= 1e-6
 
