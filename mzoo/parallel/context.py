@@ -44,19 +44,14 @@ def gathered_indices(seq_len: int, cp: int, device=None) -> torch.Tensor:
 
 
 def split_for_rank(batch: dict[str, torch.Tensor], state: ParallelState) -> dict[str, torch.Tensor]:
-    """This CP rank's two chunks of every [b, s] tensor of a micro-batch; without packed positions
-    the global positions are added, so RoPE sees where the chunks sit."""
+    """This CP rank's two chunks of every [b, s] tensor of a micro-batch (without packed positions
+    the model gives the chunks their global positions itself, on every pipeline stage)."""
     cp = state.config.cp
     if cp == 1 or not batch:
         return batch
-    seq = next(iter(batch.values())).shape[1]
-    device = next(iter(batch.values())).device
-    index = chunk_indices(seq, cp, state.cp_rank, device)
-    out = {key: t.index_select(1, index) for key, t in batch.items()}
-    if "position_ids" not in out:
-        b = next(iter(batch.values())).shape[0]
-        out["position_ids"] = index.expand(b, -1)
-    return out
+    first = next(iter(batch.values()))
+    index = chunk_indices(first.shape[1], cp, state.cp_rank, first.device)
+    return {key: t.index_select(1, index) for key, t in batch.items()}
 
 
 @dataclass
