@@ -63,8 +63,9 @@ def test_check_fits_and_does_not_fit():
                 "--check", "tp=4,pp=4,vpp=5,cp=2", "--engine", "megatron")
     assert fits.returncode == 0 and "fits:" in fits.stdout and "memory (GiB" in fits.stdout
     ours = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
-                "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it has no CP yet
-    assert ours.returncode == 2 and "mzoo's engine has no context parallelism yet (cp=2)" in ours.stdout  # not valid
+                "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it runs CP
+    assert ours.returncode == 1 and "cp comm" in ours.stdout  # evaluated on mzoo's engine: valid, too big
+    assert "context parallelism" not in ours.stdout and "does not fit" in ours.stdout
     assert "Megatron-Core + TE: fits:" in ours.stdout  # the labelled comparison
     tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
                  "--json")

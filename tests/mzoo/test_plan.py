@@ -207,6 +207,26 @@ def test_layout_rules():
         tp=2, pp=16, dp=32, ep=64, etp=1, first_stage_layers=4, last_stage_layers=1)
 
 
+def test_cp_layouts_run_on_mzoos_engine():
+    """CP is an engine layout: no engine problem, the engine's step time pays the un-overlapped K/V
+    all-gather, and its memory keeps the K/V gathered from the other ranks, (cp - 1) T kv/t elements
+    per attention layer, beside what the same T tokens per rank cost without CP."""
+    from mzoo.plan.costs import kv_width
+
+    cfg = get("llama3-8b").config
+    engine = engine_profile("bf16", sequence_parallel=True, device="cuda")
+    layout = Layout(tp=2, pp=1, cp=2, dp=2)
+    assert layout.mzoo_engine
+    found = evaluate(cfg, layout, Settings(8192, 64, grad_fp32=False), H100, 8, engine)
+    assert found.valid and found.engine == "mzoo-bf16" and found.time.cp_comm > 0
+    with_cp = memory(cfg, layout, Settings(8192, 64), engine)
+    without = memory(cfg, Layout(tp=2, pp=1, dp=2), Settings(4096, 64), engine)  # the same 4096 tokens per rank
+    gathered = cfg.num_layers * 2 * 4096 * kv_width(cfg) / 2
+    assert with_cp.activations - without.activations == pytest.approx(gathered)
+    selective = memory(cfg, layout, Settings(8192, 64, recompute="selective"), engine)  # core_attn recomputed
+    assert selective.recompute_working >= 2 * 4096 * kv_width(cfg) / 2
+
+
 # ---- the measured check ---------------------------------------------------------------------------------
 CHILD = r"""
 import json, sys
