@@ -113,6 +113,25 @@ def test_dry_run_llama_tiny_tp2_pp2_every_rank():
         assert out["memory"]["profile"] == "mzoo-fp32" and out["memory"]["total_gb"] > 0
 
 
+def test_dry_run_cp2_x_tp2_rank_coordinates_and_memory():
+    """Rank order tp, cp, dp: rank 3 of CP2 x TP2 x DP2 is tp 1, cp 1, dp 0; every CP rank holds the
+    whole model; the estimate is the planner's engine memory for that layout (gathered K/V included)."""
+    from mzoo.plan.memory import memory
+    from mzoo.plan.profile import engine_profile
+    from mzoo.plan.settings import Settings
+
+    cfg = get("llama3-8b").config
+    out = _dry_run("llama3-8b", "--cp", 2, "--tp", 2, "--dp", 2, "--sequence-parallel", "--seq-len", 8192,
+                   "--micro-batch", 1, "--global-batch", 8, "--precision", "bf16", "--dry-run-rank", 3)
+    assert out["world_size"] == 8 and out["layout"]["cp"] == 2
+    assert (out["coordinates"]["tp_rank"], out["coordinates"]["cp_rank"], out["coordinates"]["dp_rank"]) == (1, 1, 0)
+    assert out["count"] == rank_params(cfg, Layout(tp=2, cp=2, dp=2), 0).total
+    layout = Layout(tp=2, cp=2, dp=2, sequence_parallel=True)
+    expected = memory(cfg, layout, Settings(8192, 8, 1, distributed_optimizer=False), engine_profile("bf16", True))
+    assert out["memory"]["total_gb"] == round(expected.total / 2**30, 3)
+    assert out["memory"]["activations_gb"] > 5  # 4096 tokens per rank of 32 layers: the estimate is not empty
+
+
 def test_dry_run_deepseek_v3_at_full_scale_in_seconds():
     """Rank 0 and a last-stage rank of TP2 x PP16 x EP64 x DP64 (2048 processes) on the meta device."""
     cfg = get("deepseek-v3").config
