@@ -98,6 +98,15 @@ def _gathered_kv(model: Model, layout: Layout, stage: Stage, profile: Profile, s
     return per_layer * kept, per_layer if kept < attention else 0.0
 
 
+def _attention_tile(cfg: ModelConfig, layout: Layout, settings: Settings, profile: Profile) -> float:
+    """Bytes alive inside one tiled (CP) attention of mzoo's engine: one fp32 tile of scores,
+    probabilities and their gradients; never at the same time as the loss's logits."""
+    if layout.cp == 1 or not profile.engine:
+        return 0.0
+    rows, cols = min(CP_TILE, settings.seq_len // layout.cp), min(CP_TILE, settings.seq_len)
+    return 4 * 4 * settings.micro_batch * cfg.num_attention_heads / layout.tp * rows * cols
+
+
 def in_flight(layout: Layout, pp_rank: int, microbatches: int) -> float:
     """Micro-batches whose activations a stage holds at its peak, in units of the whole stage:
     1F1B: pp - rank; interleaved: Megatron's warm-up ((pp - rank - 1) * 2 + (vpp - 1) * pp + 1)
@@ -141,7 +150,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     if profile.bucket_copy and max(dense_shards if settings.distributed_optimizer else layout.dp * layout.cp,
                                    layout.expert_dp) > 1:
         step = 4 * min(DDP_BUCKET_ELEMENTS, max(params.dense, params.expert))  # gloo's copy of one fp32 bucket
-    return Memory(weights, gradients, optimizer, activations, T * working, logits, buffers,
+    working = T * working + _attention_tile(cfg, layout, settings, profile)
+    return Memory(weights, gradients, optimizer, activations, working, logits, buffers,
                   step, profile.overhead, stage.rank, params.total)
 
 
@@ -157,10 +167,7 @@ def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile,
         out += T * h * e
     if layout.ep > 1 and "moe" in blocks:  # all-to-all send + receive
         out += 2 * cfg.moe.top_k * T * sh * h * e
-    if layout.cp > 1 and profile.engine:  # tiled attention: fp32 scores, probabilities and their grads, one tile
-        rows, cols = min(CP_TILE, settings.seq_len // layout.cp), min(CP_TILE, settings.seq_len)
-        out += 4 * 4 * settings.micro_batch * cfg.num_attention_heads / layout.tp * rows * cols
-    elif layout.cp > 1:  # ring attention: K/V chunks in flight (double buffered)
+    if layout.cp > 1 and not profile.engine:  # ring attention: K/V chunks in flight (double buffered)
         out += 2 * T * kv_width(cfg) / layout.tp * e
     if layout.pp > 1:  # p2p send + receive of one micro-batch's hidden state
         out += 2 * T * h * sh * e

@@ -202,7 +202,7 @@ class Trainer:
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
             whole = self._batch(sampler, batches[m], chunk)
             batch = split_for_rank(whole, state)  # context parallelism: this rank's two chunks
-            packed = {key: batch[key] for key in PACKED_KEYS if key in batch}  # finetuning data; CP positions
+            packed = {key: batch[key] for key in PACKED_KEYS if key in batch}  # finetuning data
             if not chunk.post_process:
                 return chunk(batch.get("tokens"), hidden=hidden, **packed)
             loss = chunk(batch.get("tokens"), hidden=hidden, labels=batch["labels"], **packed).float()
