@@ -69,13 +69,14 @@ def _expected(reference: dict, name: str) -> list[float]:
     "name, layout, world, dist_opt",
     [
         ("llama", dict(cp=2), 2, False),
+        ("llama", dict(cp=2, tp=2), 4, False),
         ("llama", dict(cp=2, tp=2, sequence_parallel=True), 4, False),
         ("llama", dict(cp=2, pp=2), 4, False),
         ("llama", dict(cp=2, dp=2), 4, True),
         ("mixtral", dict(cp=2, ep=2), 2, True),
         ("deepseek", dict(cp=2), 2, False),
     ],
-    ids=["cp2", "cp2xtp2-sp", "cp2xpp2", "cp2xdp2-distopt", "mixtral-cp2xep2-distopt", "deepseek-mla-cp2"],
+    ids=["cp2", "cp2xtp2", "cp2xtp2-sp", "cp2xpp2", "cp2xdp2-distopt", "mixtral-cp2xep2-distopt", "deepseek-mla-cp2"],
 )
 def test_cp_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = _expected(reference, name)
