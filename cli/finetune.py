@@ -25,7 +25,7 @@ def finetune(
     packing: bool = typer.Option(True, "--pack/--no-pack", help="Pack several examples per sequence (attention stays "
                                  "within each)."),
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,
-    ep: Optional[int] = O.EP,
+    ep: Optional[int] = O.EP, cp: Optional[int] = O.CP,
     nproc_per_node: Optional[int] = O.NPROC_PER_NODE, nnodes: int = O.NNODES, node_rank: int = O.NODE_RANK,
     master_addr: Optional[str] = O.MASTER_ADDR, master_port: int = O.MASTER_PORT, watchdog: float = O.WATCHDOG,
     sequence_parallel: bool = O.SEQUENCE_PARALLEL, distributed_optimizer: bool = O.DISTRIBUTED_OPTIMIZER,
@@ -65,7 +65,7 @@ def finetune(
 
     request = job.FinetuneRequest(
         ckpt=ckpt, examples=job.Examples(data, fmt, valid_data, valid_fraction, packing), tokenizer=tokenizer,
-        layout=LayoutFlags(tp, pp, vpp, dp, ep, None, None, sequence_parallel),
+        layout=LayoutFlags(tp, pp, vpp, dp, ep, None, None, sequence_parallel, cp),
         launch=Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=Engine(device, precision, recompute, recompute_modules, recompute_num_layers, distributed_optimizer,
                       force, overlap_grad_reduce, overlap_param_gather, ddp_bucket_size),

@@ -39,13 +39,16 @@ LAST = typer.Option(None, "--last-stage-layers", help="Layers on the last pipeli
 TP = option(None, "--tp", help="Tensor-parallel size (default 1, or the planner's with --gpus).", rule=POSITIVE)
 PP = option(None, "--pp", help="Pipeline-parallel size (1F1B schedule).", rule=POSITIVE)
 VPP = option(None, "--vpp", help="Virtual pipeline stages per rank (interleaved 1F1B).", rule=POSITIVE)
-DP = option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp)).", rule=POSITIVE)
-EP = option(None, "--ep", help="Expert-parallel size (MoE models); divides dp: EP groups are carved out of DP "
-                                     "ranks.", rule=POSITIVE)
+DP = option(None, "--dp", help="Data-parallel size (default: processes / (tp*pp*cp)).", rule=POSITIVE)
+EP = option(None, "--ep", help="Expert-parallel size (MoE models); divides dp*cp: EP groups are carved out of "
+                                     "the DP x CP ranks.", rule=POSITIVE)
+CP = option(None, "--cp", help="Context-parallel size: each rank holds 2 of the sequence's 2*cp chunks (Megatron's "
+                                "load-balanced split); attention all-gathers keys and values.", rule=POSITIVE)
 SEQUENCE_PARALLEL = typer.Option(False, "--sequence-parallel", help="Split norms/dropout along the sequence over TP.")
 
 # ---- where the processes run --------------------------------------------------------------------------------
-NPROC_PER_NODE = option(None, "--nproc-per-node", help="Processes per node (default tp*pp*dp / nnodes).", rule=POSITIVE)
+NPROC_PER_NODE = option(None, "--nproc-per-node", help="Processes per node (default tp*pp*cp*dp / nnodes).",
+                        rule=POSITIVE)
 NNODES = option(1, "--nnodes", help="Nodes (run the same command on each, with --node-rank).", rule=POSITIVE)
 NODE_RANK = option(0, "--node-rank", help="This node's index (multi-node).", rule=NON_NEGATIVE)
 MASTER_ADDR = typer.Option(None, "--master-addr", help="Address of node 0 (multi-node).")

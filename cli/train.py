@@ -17,8 +17,8 @@ from mzoo.cli.common import console, user_errors
 def train(
     model: str = typer.Argument(..., help="Zoo preset (e.g. llama-tiny, llama3-8b) or a model YAML file."),
     tp: Optional[int] = O.TP, pp: Optional[int] = O.PP, vpp: Optional[int] = O.VPP, dp: Optional[int] = O.DP,
-    ep: Optional[int] = O.EP,
-    gpus: Optional[int] = O.option(None, "--gpus", help="GPUs in total: without --tp/--pp/--vpp/--ep/--dp the "
+    ep: Optional[int] = O.EP, cp: Optional[int] = O.CP,
+    gpus: Optional[int] = O.option(None, "--gpus", help="GPUs in total: without --tp/--pp/--vpp/--ep/--cp/--dp the "
                                        "planner picks the layout (also inside torchrun / srun).", rule=V.POSITIVE),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="The GPU type the planner assumes (default: this machine's, "
                                       "else h100-80gb)."),
@@ -75,7 +75,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Let --save replace another run's iterations, or "
                                    "add iterations to a folder that is no checkpoint root."),
 ) -> None:
-    """Train a zoo model with tensor, sequence and data parallelism (relaunches itself under torchrun).
+    """Train a zoo model with tensor, sequence, pipeline, context, expert and data parallelism
+    (relaunches itself under torchrun).
 
     Presets with a published recipe (`mzoo zoo show PRESET`) train with its sequence length, batch,
     learning-rate schedule and token count unless a flag says otherwise. Before anything is
@@ -84,6 +85,7 @@ def train(
 
     Example: mzoo train llama-tiny --tp 2 --dp 2 --steps 30 --save ./ckpt
              mzoo train mixtral-tiny --ep 2 --dp 2 --steps 30
+             mzoo train llama-tiny --cp 2 --tp 2 --seq-len 512 --mock-data --steps 30
              mzoo train llama-tiny --tp 2 --pp 2 --mock-data --dry-run --dry-run-rank 3
     """
     from mzoo.cli.running import execute
@@ -91,7 +93,7 @@ def train(
 
     request = job.TrainRequest(
         model=model,
-        layout=job.LayoutFlags(tp, pp, vpp, dp, ep, first_stage_layers, last_stage_layers, sequence_parallel),
+        layout=job.LayoutFlags(tp, pp, vpp, dp, ep, first_stage_layers, last_stage_layers, sequence_parallel, cp),
         launch=job.Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=job.Engine(device, precision, recompute, recompute_modules, recompute_num_layers,
                           distributed_optimizer, force, overlap_grad_reduce, overlap_param_gather, ddp_bucket_size),

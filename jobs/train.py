@@ -8,6 +8,7 @@ runs in this process and reports every step through a callback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -59,10 +60,11 @@ class LayoutFlags:
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
     sequence_parallel: bool = False
+    cp: Optional[int] = None
 
     @property
     def given(self) -> bool:
-        return any(v is not None for v in (self.tp, self.pp, self.vpp, self.dp, self.ep))
+        return any(v is not None for v in (self.tp, self.pp, self.vpp, self.dp, self.ep, self.cp))
 
 
 @dataclass(frozen=True)
@@ -202,26 +204,33 @@ def check_megatron_format(megatron_format: str) -> None:
 def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len: int) -> tuple[Layout, int]:
     """(Layout, world size) from the flags, every inconsistency one sentence."""
     tp, pp, vpp, ep, dp = flags.tp or 1, flags.pp or 1, flags.vpp or 1, flags.ep or 1, flags.dp
+    cp = flags.cp or 1
     adopt_slurm_env()
     nnodes = launch.nnodes
     if nnodes > 1 and not in_launcher() and not launch.master_addr:
         raise UserError("multi-node training needs --master-addr (the address of node 0).")
-    world = int(os.environ.get("WORLD_SIZE", (launch.nproc_per_node or 0) * nnodes or tp * pp * (dp or ep)))
+    fewest_dp = ep // math.gcd(ep, cp)  # the smallest dp whose dp x cp ranks hold the EP groups
+    world = int(os.environ.get("WORLD_SIZE", (launch.nproc_per_node or 0) * nnodes or tp * pp * cp * (dp or fewest_dp)))
     if launch.nproc_per_node is None and world % nnodes:
         raise UserError(f"{world} processes do not split evenly over {nnodes} nodes; set --nproc-per-node.")
     if dp is None:
-        dp = max(1, world // (tp * pp))
-    layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, sequence_parallel=flags.sequence_parallel,
+        dp = max(1, world // (tp * pp * cp))
+    layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, cp=cp, sequence_parallel=flags.sequence_parallel,
                     first_stage_layers=flags.first_stage_layers, last_stage_layers=flags.last_stage_layers)
     layout.validate_for(cfg)
     check_split(kind_tensors(cfg), layout.tp, layout.expert_tp)  # ffn, experts, Mamba: before any process starts
-    if dp % ep:
-        raise UserError(f"--ep {ep} must divide the data-parallel size {dp} (expert-parallel groups are carved out "
-                        "of the data-parallel ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
+    if (dp * cp) % ep:
+        where = "data-parallel size" if cp == 1 else "data x context parallel size"
+        raise UserError(f"--ep {ep} must divide the {where} {dp * cp} (expert-parallel groups are carved out "
+                        "of those ranks, as in Megatron); start a multiple of tp*pp*ep processes.")
     stage_layers(cfg.num_layers, pp, vpp, flags.first_stage_layers, flags.last_stage_layers)  # one sentence if not
     if layout.world_size != world:
-        raise UserError(f"tp={tp} x pp={pp} x dp={dp} = {layout.world_size} processes, but {world} were asked for; "
+        product = f"tp={tp} x pp={pp} x dp={dp}" if cp == 1 else f"tp={tp} x pp={pp} x cp={cp} x dp={dp}"
+        raise UserError(f"{product} = {layout.world_size} processes, but {world} were asked for; "
                         "make the product match --nproc-per-node.")
+    split = layout.sequence_problem(seq_len)
+    if split is not None:
+        raise UserError(split)
     if cfg.max_position_embeddings < seq_len and cfg.position_embedding == "learned":
         raise UserError(f"--seq-len {seq_len} exceeds the model's {cfg.max_position_embeddings} learned positions.")
     return layout, world
@@ -420,7 +429,7 @@ def prepare_train(req: TrainRequest) -> Prepared:
     if planned is not None:
         p = planned.layout
         flags = LayoutFlags(p.tp, p.pp, p.vpp, p.dp, p.ep, p.first_stage_layers, p.last_stage_layers,
-                            p.sequence_parallel)
+                            p.sequence_parallel, p.cp)
         distributed_optimizer = overlap = True  # what the planner's profile assumed
         if launch.nproc_per_node is None and not in_launcher():
             launch = replace(launch, nproc_per_node=p.world_size // launch.nnodes)

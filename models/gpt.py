@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import nn
 from mzoo.config import ModelConfig
 from mzoo.models.rope import RotaryEmbedding, apply_rotary
 from mzoo.parallel import collectives as C
+from mzoo.parallel.context import ContextParallelAttention, chunk_indices
 from mzoo.parallel.cross_entropy import vocab_parallel_cross_entropy
 from mzoo.parallel.layers import (
     ColumnParallelLinear,
@@ -44,11 +45,17 @@ ACTIVATIONS = {
 }
 
 
+Mask = Union[torch.Tensor, ContextParallelAttention]  # [b, 1, s, s] bool, or this CP rank's chunks
+
+
 def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, state: ParallelState,
                    cache=None, scale: Optional[float] = None, enable_gqa: bool = False,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   mask: Optional[Mask] = None) -> torch.Tensor:
     """Causal SDPA on [b, h, s, d]; with an inference cache, new queries see every cached key;
-    `mask` [b, 1, s, s] (packed sequences) replaces the plain causal mask."""
+    `mask` [b, 1, s, s] (packed sequences) replaces the plain causal mask. Under context parallelism
+    `mask` says which chunks this rank holds, and the keys of every CP rank are attended to."""
+    if isinstance(mask, ContextParallelAttention):
+        return mask(q, k, v, scale)  # Layout.validate_for refuses attention dropout with CP
     if mask is None and cache is not None:
         mask = cache.attention_mask(q.shape[2], k.shape[2], q.device)
     causal = mask is None and q.shape[2] == k.shape[2] and q.shape[2] > 1
@@ -85,12 +92,12 @@ class SelfAttention(nn.Module):
         self.layer_number = 0  # global index, set by the layer: keys of the inference cache
 
     def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[Mask] = None) -> torch.Tensor:
         return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache,
                               enable_gqa=self.groups != self.heads, mask=mask)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]], cache=None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[Mask] = None) -> torch.Tensor:
         qkv = self.linear_qkv(x)
         s, b = qkv.shape[:2]
         per_group = self.heads // self.groups
@@ -166,7 +173,7 @@ class TransformerLayer(nn.Module):
         self.mlp_kind = "moe" if cfg.is_moe_layer(number) else "mlp"
         self.recompute_mlp = False  # selective recomputation of the whole MLP / MoE block
 
-    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[Mask] = None) -> torch.Tensor:
         h = x if self.input_layernorm is None else self.input_layernorm(x)
         x = x + hidden_dropout(self.self_attention(h, rope, cache, mask), self.p, self.training, self.state)
         h = x if self.pre_mlp_layernorm is None else self.pre_mlp_layernorm(x)
@@ -220,7 +227,7 @@ class TransformerBlock(nn.Module):
         if self.final_layernorm is not None:
             mark_sequence_parallel(self.final_layernorm.weight, self.final_layernorm.bias)
 
-    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache=None, mask: Optional[Mask] = None) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             if i < self.recompute_layers and self.training and torch.is_grad_enabled():
                 x = checkpoint_with_rng(layer, x, rope, None, mask, tracker=layer.state.rng)
@@ -302,11 +309,15 @@ class GPTModel(nn.Module):
         segments: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """`cache` (mzoo.generate.InferenceCache): decode after the cached positions. `segments`
-        [b, s]: packed examples; a token attends only to earlier tokens of its own segment."""
+        [b, s]: packed examples; a token attends only to earlier tokens of its own segment. Under
+        context parallelism every [b, s] input is this rank's two chunks (mzoo.parallel.context)."""
         b, s = self._batch_shape(input_ids, hidden)
-        if position_ids is None:
+        device = input_ids.device if input_ids is not None else hidden.device
+        cp = self.state.config.cp
+        if position_ids is None and cp > 1:  # this rank's two chunks: their global positions
+            position_ids = chunk_indices(s * cp, cp, self.state.cp_rank, device).expand(b, s)
+        elif position_ids is None:
             start = cache.offset if cache is not None else 0
-            device = input_ids.device if input_ids is not None else hidden.device
             position_ids = torch.arange(start, start + s, device=device).expand(b, s)
         x = self.embedding(input_ids, position_ids) if self.pre_process else hidden
         if self.state.config.sequence_parallel and self.pre_process:
@@ -314,7 +325,10 @@ class GPTModel(nn.Module):
         if self.pre_process:
             x = hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.state)
         rope = self.rotary(position_ids) if self.rotary is not None else None
-        mask = segment_mask(segments) if segments is not None else None
+        if cp > 1:
+            mask = ContextParallelAttention.build(self.state, s, device, segments)
+        else:
+            mask = segment_mask(segments) if segments is not None else None
         x = self.decoder(x, rope, cache, mask)
         if cache is not None and self.post_process:
             cache.offset += s

@@ -41,8 +41,20 @@ class Layout:
 
     @property
     def mzoo_engine(self) -> bool:
-        """Whether `mzoo train` runs this layout (its engine has expert TP = TP and no CP yet)."""
-        return self.expert_tp == self.tp and self.cp == 1
+        """Whether `mzoo train` runs this layout (its engine has expert TP = TP)."""
+        return self.expert_tp == self.tp
+
+    def sequence_problem(self, seq_len: int) -> Optional[str]:
+        """Why sequences of `seq_len` tokens cannot be split by this layout, or None: context
+        parallelism cuts them into 2 x cp equal chunks, sequence parallelism each rank's part into tp."""
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            return (f"--seq-len {seq_len} is not divisible by 2 x cp = {2 * self.cp} (context parallelism cuts the "
+                    f"sequence into 2 x cp equal chunks); choose a multiple of {2 * self.cp}.")
+        if self.sequence_parallel and (seq_len // self.cp) % self.tp:
+            what = f"--seq-len {seq_len}" if self.cp == 1 else f"--seq-len {seq_len} / cp {self.cp}"
+            return (f"{what} is not divisible by TP={self.tp}, which sequence parallelism needs; choose a multiple of "
+                    f"{self.tp * self.cp * (2 if self.cp > 1 else 1)}.")
+        return None
 
     def key(self) -> tuple:
         return (self.tp, self.pp, self.vpp, self.ep, self.expert_tp, self.cp, self.dp)
@@ -90,6 +102,12 @@ class Layout:
                 f"pipeline size {self.pp} x virtual stages {self.vpp} exceeds the {cfg.num_layers} layers; "
                 "use fewer stages."
             )
+        if self.cp > 1 and "mamba" in kinds:
+            raise ConfigError(f"context parallelism (--cp {self.cp}) is for attention models; Mamba layers scan the "
+                              "whole sequence in one rank; use --cp 1.")
+        if self.cp > 1 and cfg.attention_dropout:
+            raise ConfigError(f"context parallelism (--cp {self.cp}) has no attention dropout (its tiled attention "
+                              f"draws none); set attention_dropout to 0 (now {cfg.attention_dropout}) or use --cp 1.")
         if cfg.moe is None and self.ep > 1:
             raise ConfigError(f"expert parallelism (--ep {self.ep}) needs a mixture-of-experts model; use --ep 1.")
         if cfg.moe is not None and cfg.moe.num_experts % self.ep:

@@ -251,15 +251,20 @@ def load_balancing_loss(scores: torch.Tensor, indices: torch.Tensor, coeff: floa
                         state: ParallelState) -> torch.Tensor:
     """Switch-style auxiliary loss with Megatron's normalisation, E * coeff * sum_e(P_e * f_e) on
     this rank's tokens; under SP the token counts are summed over TP so that the per-rank terms
-    add up to the loss of the whole sequence (their router grads are summed over TP)."""
+    add up to the loss of the whole sequence (their router grads are summed over TP). Under CP the
+    counts are summed over CP too, and each rank's term is cp times its share of the sequence's loss,
+    like its LM loss (gradients are averaged over dp x cp)."""
     num_experts, k = scores.shape[1], indices.shape[1]
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts).float()
-    total = float(scores.shape[0])
+    share = total = float(scores.shape[0])
     if state.config.sequence_parallel and state.tp_group is not None:
         dist.all_reduce(counts, group=state.tp_group)
-        total *= state.tp
+        share, total = share * state.tp, total * state.tp
+    if state.cp_group is not None:
+        dist.all_reduce(counts, group=state.cp_group)
+        total *= state.config.cp
     probs = scores / scores.sum(-1, keepdim=True) if score_function == "sigmoid" else scores
-    return (probs.sum(0) * counts).sum() * (num_experts * coeff / (k * total * total))
+    return (probs.sum(0) * counts).sum() * (num_experts * coeff / (k * share * total))
 
 
 class AuxLossScaler(torch.autograd.Function):
@@ -292,13 +297,13 @@ def set_aux_loss_scale(scale: float) -> None:
 def update_expert_biases(routers: Iterable[nn.Module], rate: float, state: ParallelState) -> None:
     """DeepSeek-V3's aux-loss-free balancing after each optimizer step: move every router's
     `expert_bias` by `rate` towards its under-loaded experts, on the load counted over all
-    data-parallel ranks (and TP ranks under SP) since the last update."""
+    data-parallel and context-parallel ranks (and TP ranks under SP) since the last update."""
     for router in routers:
         bias: Optional[torch.Tensor] = getattr(router, "expert_bias", None)
         if bias is None:
             continue
         counts = router.tokens_per_expert.clone()
-        for group in (state.dp_group, state.tp_group if state.config.sequence_parallel else None):
+        for group in (state.dp_cp_group, state.tp_group if state.config.sequence_parallel else None):
             if group is not None:
                 dist.all_reduce(counts, group=group)
         bias.add_(torch.sign(counts.mean() - counts).to(bias.dtype) * rate)

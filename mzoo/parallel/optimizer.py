@@ -2,7 +2,7 @@
 Megatron's mixed-precision memory model.
 
 The trainable parameters of this rank form two parameter groups: dense parameters, replicated over
-the data-parallel (DP) group, and routed-expert parameters (marked `p.expert_parallel = True`), which
+the data-parallel x context-parallel (DP x CP) group (plain DP when cp = 1), and routed-expert parameters (marked `p.expert_parallel = True`), which
 differ between expert-parallel (EP) ranks and are replicated only over the expert-data-parallel (EDP)
 group. Each group owns two persistent, contiguous buffers in the same layout, split into buckets:
 
@@ -64,7 +64,7 @@ class AdamWConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_grad: float = 1.0
-    distributed: bool = False  # shard master weights and Adam states over DP (experts: over EDP)
+    distributed: bool = False  # shard master weights and Adam states over DP x CP (experts: over EDP)
     bucket_elements: int = 40_000_000
     overlap_grad_reduce: bool = False  # start each bucket's reduction inside the backward
     overlap_param_gather: bool = False  # with `distributed`: the all-gather overlaps the next forward
@@ -412,7 +412,8 @@ class Optimizer:
         expert = [i for i, p in enumerate(self.params) if is_expert(p)]
         if expert:
             check_expert_layout(state.config)
-        self.dense = self._group(dense, state.dp_group, state.dp, state.dp_rank, state.dp)
+        # dense parameters are replicated over dp x cp (context-parallel ranks see different tokens)
+        self.dense = self._group(dense, state.dp_cp_group, state.dp_cp, state.dp_cp_rank, state.dp_cp)
         self.expert = self._group(expert, state.edp_group, state.expert_dp, state.edp_rank,
                                   state.dp * state.config.cp)
         # (group, indices into self.params) for the non-empty groups
@@ -478,7 +479,7 @@ class Optimizer:
                 if group is not None:
                     dist.all_reduce(expert, group=group)
         if self.dense is not None and self.dense.distributed:
-            dist.all_reduce(dense, group=state.dp_group)
+            dist.all_reduce(dense, group=state.dp_cp_group)
         sq = torch.stack([dense, expert])
         for group in (state.tp_group, state.pp_group):
             if group is not None:

@@ -38,6 +38,7 @@ class ParallelState:
     cp_group: Group = None
     dp_group: Group = None
     pp_group: Group = None
+    dp_cp_group: Group = None  # same tp, pp: dense gradients and the loss are reduced over dp x cp (Megatron's)
     ep_group: Group = None  # same tp, pp, edp rank: exchanges tokens (all-to-all)
     edp_group: Group = None  # same tp, pp, ep rank: reduces expert gradients
     pp_ranks: tuple[int, ...] = (0,)  # global ranks of this pipeline, by stage
@@ -59,6 +60,19 @@ class ParallelState:
     @property
     def dp(self) -> int:
         return self.config.dp
+
+    @property
+    def cp(self) -> int:
+        return self.config.cp
+
+    @property
+    def dp_cp(self) -> int:
+        return self.config.dp * self.config.cp
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """Rank in the dp x cp group (its ranks in global order: cp fastest)."""
+        return self.cp_rank + self.config.cp * self.dp_rank
 
     @property
     def ep(self) -> int:
@@ -126,6 +140,13 @@ class ParallelState:
                     pair = dist.new_group([ranks[0], ranks[-1]])
                     if me.rank in (ranks[0], ranks[-1]):
                         me.embedding_group = pair
+        for pp_rank in range(config.pp):  # dp x cp: every (tp, pp) position, in an order all ranks share
+            for tp_rank in range(config.tp):
+                ranks = [r for r, c in coords.items() if (c[0], c[3]) == (tp_rank, pp_rank)]
+                if tuple(ranks) not in made:  # with cp 1 these are the DP groups
+                    made[tuple(ranks)] = dist.new_group(ranks) if len(ranks) > 1 else None
+                if me.rank in ranks:
+                    me.dp_cp_group = made[tuple(ranks)]
         for name, ranks in expert_group_ranks(config, world):
             key = tuple(ranks)
             if key not in made:  # e.g. with ep 1 and cp 1 the EDP groups are the DP groups

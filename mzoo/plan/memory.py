@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from mzoo.config import ModelConfig
 from mzoo.layout import Layout
+from mzoo.parallel.blockwise import DEFAULT_TILE as CP_TILE
 from mzoo.parallel.cross_entropy import CHUNK_ELEMENTS as CE_CHUNK_ELEMENTS
 from mzoo.plan.constants import DDP_BUCKET_ELEMENTS, FP8_WEIGHT_BYTES, GIB
 from mzoo.plan.costs import (
@@ -74,6 +75,38 @@ def _stage_activations(model: Model, stage: Stage, shard: Shard, profile: Profil
     return kept * recomputed + whole * (layers - recomputed), working
 
 
+def _gathered_kv(model: Model, layout: Layout, stage: Stage, profile: Profile, settings: Settings
+                 ) -> tuple[float, float]:
+    """(saved, working) bytes per local token that mzoo's context-parallel attention adds: each attention
+    layer keeps the keys and values all-gathered from the other cp - 1 ranks for its backward (none
+    while recomputed, then one layer's worth at a time). Megatron's ring keeps only its chunks in
+    flight (a buffer, `_buffers`)."""
+    if layout.cp == 1 or not profile.engine:
+        return 0.0, 0.0
+    per_layer = profile.act * (layout.cp - 1) * kv_width(model.cfg) / layout.tp
+    kinds = model.kinds(stage.layers)
+    attention = sum(n for blocks, n in kinds if {"gqa", "mla"} & set(blocks))
+    if not attention:
+        return 0.0, 0.0
+    if "core_attn" in recomputed_modules(profile, settings):
+        return 0.0, per_layer
+    kept = attention
+    if settings.recompute == "full":
+        layers = len(stage.layers)
+        recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
+        kept = attention * (layers - recomputed) / max(1, layers)
+    return per_layer * kept, per_layer if kept < attention else 0.0
+
+
+def _attention_tile(cfg: ModelConfig, layout: Layout, settings: Settings, profile: Profile) -> float:
+    """Bytes alive inside one tiled (CP) attention of mzoo's engine: one fp32 tile of scores,
+    probabilities and their gradients; never at the same time as the loss's logits."""
+    if layout.cp == 1 or not profile.engine:
+        return 0.0
+    rows, cols = min(CP_TILE, settings.seq_len // layout.cp), min(CP_TILE, settings.seq_len)
+    return 4 * 4 * settings.micro_batch * cfg.num_attention_heads / layout.tp * rows * cols
+
+
 def in_flight(layout: Layout, pp_rank: int, microbatches: int) -> float:
     """Micro-batches whose activations a stage holds at its peak, in units of the whole stage:
     1F1B: pp - rank; interleaved: Megatron's warm-up ((pp - rank - 1) * 2 + (vpp - 1) * pp + 1)
@@ -102,6 +135,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     T = settings.tokens(layout)
     m = settings.microbatches(layout)
     per_token, working = _stage_activations(model, stage, shard, profile, settings)
+    kept_kv, kv_working = _gathered_kv(model, layout, stage, profile, settings)
+    per_token, working = per_token + kept_kv, working + kv_working
     activations = T * per_token * in_flight(layout, stage.rank, m)
     h, e, sh = cfg.hidden_size, profile.act, (1.0 / layout.tp if sp else 1.0)
     logits = 0.0
@@ -115,7 +150,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     if profile.bucket_copy and max(dense_shards if settings.distributed_optimizer else layout.dp * layout.cp,
                                    layout.expert_dp) > 1:
         step = 4 * min(DDP_BUCKET_ELEMENTS, max(params.dense, params.expert))  # gloo's copy of one fp32 bucket
-    return Memory(weights, gradients, optimizer, activations, T * working, logits, buffers,
+    working = T * working + _attention_tile(cfg, layout, settings, profile)
+    return Memory(weights, gradients, optimizer, activations, working, logits, buffers,
                   step, profile.overhead, stage.rank, params.total)
 
 
@@ -131,7 +167,7 @@ def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile,
         out += T * h * e
     if layout.ep > 1 and "moe" in blocks:  # all-to-all send + receive
         out += 2 * cfg.moe.top_k * T * sh * h * e
-    if layout.cp > 1:  # ring attention: K/V chunks in flight (double buffered)
+    if layout.cp > 1 and not profile.engine:  # ring attention: K/V chunks in flight (double buffered)
         out += 2 * T * kv_width(cfg) / layout.tp * e
     if layout.pp > 1:  # p2p send + receive of one micro-batch's hidden state
         out += 2 * T * h * sh * e

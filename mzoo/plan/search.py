@@ -49,14 +49,12 @@ def problems(cfg: ModelConfig, layout: Layout, settings: Settings, gpus: Optiona
         stage_layers(cfg.num_layers, layout.pp, layout.vpp, layout.first_stage_layers, layout.last_stage_layers)
     except ConfigError as e:
         out.append(str(e))
-    if layout.cp > 1 and settings.seq_len % (2 * layout.cp):
-        out.append(f"cp={layout.cp} needs the sequence ({settings.seq_len}) to split into 2 x cp equal chunks.")
+    split = replace(layout, sequence_parallel=layout.tp > 1).sequence_problem(settings.seq_len)  # the engine's rule
+    if split is not None:
+        out.append(split)
     elif layout.cp > 1 and settings.seq_len // layout.cp < MIN_CP_TOKENS:
         out.append(f"cp={layout.cp} leaves {settings.seq_len // layout.cp} tokens per rank, fewer than "
                    f"{MIN_CP_TOKENS}: too little work per GPU for the attention and GEMM kernels.")
-    if layout.tp > 1 and (settings.seq_len // layout.cp) % layout.tp:
-        out.append(f"sequence parallelism needs seq_len / cp ({settings.seq_len // layout.cp}) divisible by "
-                   f"tp={layout.tp}.")
     if settings.global_batch % (settings.micro_batch * layout.dp):
         out.append(f"global batch {settings.global_batch} is not a multiple of micro batch {settings.micro_batch} "
                    f"x dp {layout.dp}.")
@@ -146,8 +144,6 @@ def evaluate(cfg, layout: Layout, settings: Settings, g: GPU, gpus: Optional[int
 def engine_problems(layout: Layout, settings: Settings) -> list[str]:
     """What mzoo's engine cannot run yet (Megatron-Core can)."""
     out = []
-    if layout.cp > 1:
-        out.append(f"mzoo's engine has no context parallelism yet (cp={layout.cp}); Megatron-Core runs this layout.")
     if layout.expert_tp != layout.tp:
         out.append(f"mzoo's engine runs experts with TP = tp, not expert TP {layout.expert_tp}; Megatron-Core runs "
                    "this layout.")

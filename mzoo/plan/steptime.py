@@ -130,7 +130,11 @@ def _stage_time(model: Model, layout: Layout, settings: Settings, g: GPU, profil
             if block == "moe" and layout.ep > 1:
                 a2a = _all_to_all(cfg.moe.top_k * T * sh * cfg.hidden_size * COMM_BYTES, layout, g, gpn)
                 ep += n * (4 + 2 * full) * a2a
-            if block in ("gqa", "mla") and layout.cp > 1:
+            if block in ("gqa", "mla") and layout.cp > 1 and profile.engine:
+                # mzoo: all-gather K, V forward (again when recomputed), reduce-scatter their grads; not overlapped
+                kv = T * kv_width(cfg) / t * COMM_BYTES
+                cp_exposed += n * (2 + full) * (layout.cp - 1) * kv / _bandwidth(g, t * layout.cp, gpn)
+            elif block in ("gqa", "mla") and layout.cp > 1:
                 kv = T * kv_width(cfg) / t * COMM_BYTES
                 ring = 3 * (layout.cp - 1) * kv / _bandwidth(g, t * layout.cp, gpn)  # fwd K, V; bwd K, V + grads
                 cp_exposed += n * max(0.0, ring - 3 * f.core * T / t / rate_core)

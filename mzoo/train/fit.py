@@ -83,7 +83,8 @@ def suggestion(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, ava
 
 def refusal(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, fit: Fit) -> str:
     """Both numbers and what would fit (the caller ends the sentence)."""
-    what = (f"{cfg.name or 'this model'} at tp={layout.tp} pp={layout.pp} dp={layout.dp} ep={layout.ep} "
+    cp = f" cp={layout.cp}" if layout.cp > 1 else ""
+    what = (f"{cfg.name or 'this model'} at tp={layout.tp} pp={layout.pp}{cp} dp={layout.dp} ep={layout.ep} "
             f"({tcfg.precision}, seq {tcfg.seq_len}, micro batch {tcfg.micro_batch}, recompute {tcfg.recompute})")
     return (f"{what} needs about {fit.need / GIB:.1f} GiB per process but {fit.where} offers "
             f"{fit.available / GIB:.1f} GiB; {suggestion(cfg, layout, tcfg, device, fit.available)}")

@@ -138,7 +138,8 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
 
 def _layout_key(state: ParallelState) -> str:
     c = state.config
-    return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-ep{c.ep}-sp{int(c.sequence_parallel)}"
+    cp = f"-cp{c.cp}" if c.cp > 1 else ""  # runs without CP keep the key their checkpoints were saved under
+    return f"tp{c.tp}-pp{c.pp}-vpp{c.vpp}-dp{c.dp}-ep{c.ep}-sp{int(c.sequence_parallel)}{cp}"
 
 
 def _gather_rng(state: ParallelState) -> list[dict[str, torch.Tensor]]:
@@ -332,6 +333,7 @@ def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device
 def summary(rc: RunConfig) -> dict[str, Any]:
     lay = rc.layout
     return {"model": rc.model.name or rc.model.family, "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep,
+            "cp": lay.cp,
             "sequence_parallel": lay.sequence_parallel, "world_size": lay.world_size,
             "global_batch": rc.train.global_batch, "micro_batch": rc.train.micro_batch,
             "microbatches_per_rank": rc.train.global_batch // (rc.train.micro_batch * lay.dp),

@@ -2,7 +2,8 @@
 
 A global batch is `global_batch` samples starting at `consumed_samples`; DP rank r takes every
 micro-batch slice Megatron's pretraining sampler gives it, so the data a run sees depends only on
-the global counter, never on the layout. The loss is the mean over every token of the global batch.
+the global counter, never on the layout; the CP ranks of one DP rank read the same micro-batches and
+keep two chunks of each. The loss is the mean over every token of the global batch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from mzoo.config import ConfigError, ModelConfig
 from mzoo.parallel.experts import set_aux_loss_scale, update_expert_biases
+from mzoo.parallel.context import split_for_rank
 from mzoo.parallel.optimizer import AdamWConfig, Optimizer, lr_at
 from mzoo.parallel.random import seed_everything
 from mzoo.parallel.state import ParallelState
@@ -75,8 +77,9 @@ class TrainConfig:
                 f"interleaved pipelining needs micro-batches per step ({self.global_batch // per_step}) to be a "
                 f"multiple of pp={pp}; raise --global-batch."
             )
-        if state.config.sequence_parallel and self.seq_len % state.tp:
-            raise ConfigError(f"--seq-len {self.seq_len} must be divisible by TP={state.tp} with sequence parallelism.")
+        split = state.config.sequence_problem(self.seq_len)
+        if split is not None:
+            raise ConfigError(split)
 
     def microbatches(self, state: ParallelState) -> int:
         return self.global_batch // (self.micro_batch * state.dp)
@@ -201,27 +204,31 @@ class Trainer:
 
         batches = global_sample_indices(consumed, tcfg.global_batch, state.dp_rank, state.dp, tcfg.micro_batch)
 
+        cp = state.config.cp
+
         def forward_step(m: int, chunk: torch.nn.Module, hidden: Optional[torch.Tensor]) -> torch.Tensor:
-            batch = self._batch(sampler, batches[m], chunk)
+            whole = self._batch(sampler, batches[m], chunk)
+            batch = split_for_rank(whole, state)  # context parallelism: this rank's two chunks
             packed = {key: batch[key] for key in PACKED_KEYS if key in batch}  # finetuning data
             if not chunk.post_process:
                 return chunk(batch.get("tokens"), hidden=hidden, **packed)
             loss = chunk(batch.get("tokens"), hidden=hidden, labels=batch["labels"], **packed).float()
-            if "loss_mask" in batch:  # mean over the trained tokens of this micro-batch
-                mask = batch["loss_mask"].float()
-                return (loss * mask).sum() / mask.sum().clamp(min=1.0) / n_micro * scale
+            # cp times this rank's share of the micro-batch loss (gradients are averaged over dp x cp)
+            if "loss_mask" in batch:  # mean over the trained tokens of the whole micro-batch
+                trained = whole["loss_mask"].float().sum().clamp(min=1.0)
+                return (loss * batch["loss_mask"].float()).sum() * cp / trained / n_micro * scale
             return loss.mean() / n_micro * scale
 
         set_aux_loss_scale(scale / n_micro)  # MoE load-balancing loss: scaled like the LM loss
-        seq = tcfg.seq_len // (state.tp if state.config.sequence_parallel else 1)
+        seq = tcfg.seq_len // cp // (state.tp if state.config.sequence_parallel else 1)
         dtype = next(chunks[0].parameters()).dtype
         losses = pick_schedule(state)(forward_step, chunks if len(chunks) > 1 else chunks[0], n_micro, state,
                                       (seq, tcfg.micro_batch, self.cfg.hidden_size), dtype, forward_only=forward_only)
         total = torch.stack(losses).sum() / scale if losses else torch.zeros((), device=self.device)
-        for group in (state.pp_group, state.dp_group):  # the global-batch loss on every rank
+        for group in (state.pp_group, state.dp_cp_group):  # the global-batch loss on every rank
             if group is not None:
                 torch.distributed.all_reduce(total, group=group)
-        return total / state.dp
+        return total / state.dp_cp
 
     @torch.no_grad()
     def evaluate(self, sampler: Sampler, iters: int) -> float:

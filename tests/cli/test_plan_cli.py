@@ -63,8 +63,9 @@ def test_check_fits_and_does_not_fit():
                 "--check", "tp=4,pp=4,vpp=5,cp=2", "--engine", "megatron")
     assert fits.returncode == 0 and "fits:" in fits.stdout and "memory (GiB" in fits.stdout
     ours = mzoo("plan", "llama3-70b", "--gpus", 64, "--seq-len", 8192, "--global-batch", 512,
-                "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it has no CP yet
-    assert ours.returncode == 2 and "mzoo's engine has no context parallelism yet (cp=2)" in ours.stdout  # not valid
+                "--check", "tp=4,pp=4,vpp=5,cp=2")  # ranked for mzoo's engine by default: it runs CP
+    assert ours.returncode == 1 and "cp comm" in ours.stdout  # evaluated on mzoo's engine: valid, too big
+    assert "context parallelism" not in ours.stdout and "does not fit" in ours.stdout
     assert "Megatron-Core + TE: fits:" in ours.stdout  # the labelled comparison
     tight = mzoo("plan", "llama3-70b", "--gpus", 8, "--seq-len", 8192, "--global-batch", 512, "--check", "tp=1,pp=1",
                  "--json")
@@ -110,6 +111,25 @@ def test_dry_run_llama_tiny_tp2_pp2_every_rank():
         assert ("output_layer.weight" in names) == (pp_rank == 1)
         assert all(n.startswith(f"decoder.layers.{pp_rank}.") for n in names if n.startswith("decoder.layers."))
         assert out["memory"]["profile"] == "mzoo-fp32" and out["memory"]["total_gb"] > 0
+
+
+def test_dry_run_cp2_x_tp2_rank_coordinates_and_memory():
+    """Rank order tp, cp, dp: rank 3 of CP2 x TP2 x DP2 is tp 1, cp 1, dp 0; every CP rank holds the
+    whole model; the estimate is the planner's engine memory for that layout (gathered K/V included)."""
+    from mzoo.plan.memory import memory
+    from mzoo.plan.profile import engine_profile
+    from mzoo.plan.settings import Settings
+
+    cfg = get("llama3-8b").config
+    out = _dry_run("llama3-8b", "--cp", 2, "--tp", 2, "--dp", 2, "--sequence-parallel", "--seq-len", 8192,
+                   "--micro-batch", 1, "--global-batch", 8, "--precision", "bf16", "--dry-run-rank", 3)
+    assert out["world_size"] == 8 and out["layout"]["cp"] == 2
+    assert (out["coordinates"]["tp_rank"], out["coordinates"]["cp_rank"], out["coordinates"]["dp_rank"]) == (1, 1, 0)
+    assert out["count"] == rank_params(cfg, Layout(tp=2, cp=2, dp=2), 0).total
+    layout = Layout(tp=2, cp=2, dp=2, sequence_parallel=True)
+    expected = memory(cfg, layout, Settings(8192, 8, 1, distributed_optimizer=False), engine_profile("bf16", True))
+    assert out["memory"]["total_gb"] == round(expected.total / 2**30, 3)
+    assert out["memory"]["activations_gb"] > 5  # 4096 tokens per rank of 32 layers: the estimate is not empty
 
 
 def test_dry_run_deepseek_v3_at_full_scale_in_seconds():

@@ -55,6 +55,9 @@ def test_train_tp2_from_hf_save_convert_verify(tmp_path):
         (["--data", "nowhere/corpus"], "nowhere/corpus"),
         ([], "no training data"),
         (["--overlap-param-gather"], "--overlap-param-gather overlaps the distributed optimizer's all-gather"),
+        (["--cp", "2", "--seq-len", "30"], "--seq-len 30 is not divisible by 2 x cp = 4"),
+        (["--cp", "2", "--dp", "1", "--nproc-per-node", "4"], "tp=1 x pp=1 x cp=2 x dp=1 = 2 processes, but 4"),
+        (["--cp", "0"], "--cp"),
     ],
 )
 def test_bad_training_input_fails_before_launch(tmp_path, args, message):

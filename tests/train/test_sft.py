@@ -1,6 +1,6 @@
 """Supervised finetuning: the loss mask covers exactly the completion / assistant tokens, packing
 keeps examples apart (a packed example's logits equal its logits alone), finetuning a tiny model on
-a synthetic task drives the validation loss down, TP2 equals one process, and bad data lines are
+a synthetic task drives the validation loss down, TP2 and CP2 equal one process, and bad data lines are
 one sentence naming file and line."""
 
 from __future__ import annotations
@@ -143,13 +143,16 @@ def test_finetuning_drives_validation_loss_down(reference):
     assert val[-1] < 0.7 * val[0], val
 
 
-def _tp_worker(rank, world, folder):
-    return _finetune(ParallelState.build(Layout(tp=2)), folder)
+def _layout_worker(rank, world, folder, layout):
+    return _finetune(ParallelState.build(Layout(**layout)), folder)
 
 
 @pytest.mark.dist
-def test_tp2_matches_single_process(reference, task_folder):
-    for losses, val in D.run(_tp_worker, 2, str(task_folder)):
+@pytest.mark.parametrize("layout, world", [(dict(tp=2), 2), (dict(cp=2), 2)], ids=["tp2", "cp2"])
+def test_layout_matches_single_process(reference, task_folder, layout, world):
+    """CP2: packed examples cross the chunk boundaries, so each rank's queries need the segment ids
+    of keys held by the other rank, and the loss mask's token count is the whole micro-batch's."""
+    for losses, val in D.run(_layout_worker, world, str(task_folder), layout):
         assert max(abs(a - b) for a, b in zip(losses, reference[0])) <= 1e-5
         assert max(abs(a - b) for a, b in zip(val, reference[1])) <= 1e-5
 
