@@ -4,7 +4,7 @@ bucket is reduced exactly once per step, and most of them start inside the backw
 silently fell back to reducing in `step` would fail). Layouts cover the cases where a bucket is
 easy to miss or reduce twice: tied embeddings across pipeline stages (their bucket waits for the
 copies to be summed), sequence-parallel norms (summed over TP first), expert parameters with
-their own group, and the interleaved schedule."""
+their own group, the interleaved schedule, and context parallelism (dense gradients over dp x cp)."""
 
 from __future__ import annotations
 
@@ -66,9 +66,10 @@ def _worker(rank, world, name, layout, dist_opt):
         ("llama-tied", dict(pp=2, dp=2), 4, True),
         ("llama", dict(pp=2, vpp=2, dp=2), 4, True),
         ("mixtral", dict(dp=2, ep=2), 2, True),
+        ("llama", dict(cp=2), 2, True),
     ],
     ids=["dp2", "dp2-distopt", "tp2-sp-dp2-distopt", "pp2-tied-dp2-distopt", "pp2-vpp2-dp2-distopt",
-         "mixtral-ep2-distopt"],
+         "mixtral-ep2-distopt", "cp2-distopt"],
 )
 def test_overlap_equals_the_plain_run_bitwise(name, layout, world, dist_opt):
     for rank, (plain, overlapped) in enumerate(D.run(_worker, world, name, layout, dist_opt)):
