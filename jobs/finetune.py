@@ -67,7 +67,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                        lr=h.lr, min_lr=h.min_lr, warmup=h.warmup, schedule=h.schedule, weight_decay=h.weight_decay,
                        clip_grad=h.clip_grad, seed=h.seed, distributed_optimizer=eng.distributed_optimizer,
                        precision=precision, recompute=eng.recompute, eval_iters=out.eval_iters,
-                       recompute_modules=modules, recompute_num_layers=num_layers)
+                       recompute_modules=modules, recompute_num_layers=num_layers, compile=eng.compile)
     tcfg.validate_choices()
     check_save(out.save, out.overwrite, req.save_format == "hf", h.steps, out.save_interval)
     sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
@@ -83,6 +83,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
         raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
     tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
+    tcfg.validate_compile(cfg)
     sft = sft_data.SFTConfig(ex.data, ex.format, ex.valid_data, ex.valid_fraction, ex.packing)
     tokenizer = load_transformers_tokenizer(tokenizer_dir)
     train, valid, stats = sft_data.build(sft, tokenizer, h.seq_len, cfg.vocab_size, h.seed)  # bad data fails here

@@ -91,6 +91,7 @@ class Engine:
     recompute_num_layers: Optional[int] = None  # with recompute full
     distributed_optimizer: bool = False
     force: bool = False  # start even when the memory estimate exceeds the device's
+    compile: bool = False  # torch.compile each decoder layer
 
 
 @dataclass(frozen=True)
@@ -399,8 +400,9 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        weight_decay=s["weight_decay"], clip_grad=h.clip_grad, seed=h.seed,
                        distributed_optimizer=distributed_optimizer, precision=precision, recompute=eng.recompute,
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
-                       recompute_modules=modules, recompute_num_layers=num_layers)
+                       recompute_modules=modules, recompute_num_layers=num_layers, compile=eng.compile)
     tcfg.validate(ParallelState.single(layout))
+    tcfg.validate_compile(cfg)
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
     check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)
