@@ -3,12 +3,13 @@ eager does, shares one graph across identical layers, keeps canonical parameter 
 dropout (and the TP-aware RNG streams) to eager, so the masks are eager's.
 
 Bounds: inductor fuses and reorders float operations (reductions, a*b+c), so bitwise equality is
-not promised. Measured over these 4 steps on this CPU, fp32 losses differ by at most 5e-7 and
-parameters by at most 1e-6 (often exactly 0); the fp32 bounds are 5e-6 / 2e-5, an order above, far
-below what a wrong mask, a dropped norm or a lost gradient moves them (>1e-3). bf16 rounds every
-op's output to 8 bits of mantissa, so one reordered sum can flip a rounding: measured 2e-3 in the
-loss; the bound is 1e-2 (losses ~6.9; one wrong dropout mask moves them by >3e-2).
-Each compiled run costs 10-30 s of compile on a shared CPU.
+not promised. Measured on this CPU over 4 steps of llama-tiny (2 layers): fp32 losses differ by at
+most 4.8e-7 (0.0 with dropout, and for the hybrid Mamba model), first-step gradients by 3.8e-7
+relative; the bounds are 5e-6 and 2e-6, an order above, and far below what a different dropout mask
+moves the losses (dropout 0.2 changes them by 6e-3). bf16 rounds every op's output to 8 mantissa
+bits, so a reordered sum can flip a rounding: measured 3e-4 in the loss and 9e-3 relative in the
+gradients (about one bf16 ulp); the bounds are 2e-3 and 3e-2.
+Each compiled run compiles for 5-60 s on a shared CPU (less when inductor's on-disk cache has it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mzoo.train.trainer import TrainConfig, Trainer
 from mzoo.zoo import resolve
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FP32_LOSS, FP32_GRAD, BF16_LOSS, BF16_GRAD = 5e-6, 2e-6, 1e-2, 3e-2
+FP32_LOSS, FP32_GRAD, BF16_LOSS, BF16_GRAD = 5e-6, 2e-6, 2e-3, 3e-2
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +94,7 @@ def test_compiled_layers_train_as_eager_fp32():
     compiled = _train(cfg, True)
     assert _graphs() == (1, 0)  # both layers run one compiled graph, whole
     assert compiled == pytest.approx(eager, rel=0, abs=FP32_LOSS)
-    assert eager[-1] < eager[0] - 1e-3  # it trains: the comparison means something
+    assert len(set(eager)) == len(eager)  # every step moved the weights: the comparison means something
     assert _worst_grad(_grads(cfg, True), _grads(cfg, False)) < FP32_GRAD
     assert _graphs() == (1, 0)  # the same graph again: same shapes
 
