@@ -1,18 +1,21 @@
 """Benchmark: `mzoo train --compile` (each decoder layer torch.compile'd, inductor on the CPU) against
 the same run without it, the named baseline, measured in the same invocation.
 
-The model: a small random llama (default hidden 512, 4 layers, 8 heads / 4 query groups, SwiGLU ffn
-1408, vocab 8000, untied, ~20 M parameters, the llama of benchmarks/train.py), fp32, random tokens
-(--mock-data), sequence length 256, micro batch 2, global batch 8 (4 micro-batches), 8 optimizer
+The model: a small random llama (default hidden 256, 4 layers, 4 heads / 2 query groups, SwiGLU ffn
+640, vocab 8000, untied, ~7 M parameters: benchmarks/train.py's llama at a quarter of its width, so
+that a cold compile and the steps fit minutes on a shared 2-core machine), fp32, random tokens
+(--mock-data), sequence length 128, micro batch 2, global batch 8 (4 micro-batches), 8 optimizer
 steps. Two rows, each its own process with --threads intra-op threads (default 1):
 
-  eager     mzoo train MODEL.yaml --mock-data --steps 8 --seq-len 256 --log-json FILE      (baseline)
+  eager     mzoo train MODEL.yaml --mock-data --steps 8 --seq-len 128 --log-json FILE      (baseline)
   compile   the same with --compile
 
 tokens/s: from the per-step JSON lines (`tokens_per_s` = global batch x seq len / step seconds, the
 trainer's own perf_counter around the whole step); the first 2 steps are warm-up and dropped (step 1
 of the compiled run holds the compilation), tokens/s = tokens of the remaining steps / their time.
-"vs eager" is the ratio within one round. compile s = the compiled run's step-1 time minus its
+"vs eager" is the ratio within one round. tok/CPU-s: the same tokens over the CPU seconds (user +
+system) the process tree spent on them, read each time the step log gains a line: steadier than
+wall time on a shared machine (a time slice taken away is not counted). compile s = the compiled run's step-1 time minus its
 median measured step (the forward and backward graphs are compiled during step 1; evaluation would
 compile once more, the benchmark runs none). Every row runs with a fresh, empty inductor cache
 (TORCHINDUCTOR_CACHE_DIR under the work folder), so compile s is a cold compile.
@@ -21,7 +24,7 @@ Peak RSS = max(ru_maxrss from os.wait4, the polled RSS of the process tree) (ben
 GB = 1e9 bytes. Rows run --repeats times (default 2) round-robin; the table shows medians, "vs eager"
 the median of the per-round ratios.
 
-Run:  .venv/bin/python benchmarks/compile.py [--hidden 512] [--layers 4] [--seq-len 256] [--steps 8]
+Run:  .venv/bin/python benchmarks/compile.py [--hidden 256] [--layers 4] [--seq-len 128] [--steps 8]
                                              [--repeats 2] [--threads 1] [--json]
 """
 
@@ -70,16 +73,20 @@ def measure(argv: list[str], env: dict, log: Path, tokens_per_step: int) -> dict
     measured = seconds[WARMUP_STEPS:]
     if not measured:
         return {"error": f"only {len(steps)} steps logged; need more than {WARMUP_STEPS}"}
+    cpu = res.poller.cpu_at_line  # the tree's CPU seconds when the log had n lines
+    first, last = WARMUP_STEPS, len(steps)
+    cpu_s = cpu[last] - cpu[first] if first in cpu and last in cpu and cpu[last] > cpu[first] else None
     return {"tokens_per_s": tokens_per_step * len(measured) / sum(measured),
+            "tokens_per_cpu_s": tokens_per_step * len(measured) / cpu_s if cpu_s else None,
             "compile_s": seconds[0] - statistics.median(measured), "step_s": [round(s, 3) for s in seconds],
             "peak_rss": res.peak_rss, "wall_s": res.wall_s, "final_loss": steps[-1]["loss"]}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -126,14 +133,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, _ in ROWS:
         rs = runs[name]
         ratio = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rs, runs["eager"]))
-        body.append([f"mzoo train{' --compile' if name == 'compile' else ''}" + (" (baseline)" if name == "eager"
-                                                                                  else ""),
+        cpu = [(a["tokens_per_cpu_s"], b["tokens_per_cpu_s"]) for a, b in zip(rs, runs["eager"])
+               if a["tokens_per_cpu_s"] and b["tokens_per_cpu_s"]]
+        body.append(["eager (baseline)" if name == "eager" else "--compile",
                      f"{statistics.median(r['tokens_per_s'] for r in rs):,.0f}", f"{ratio:.2f}",
+                     f"{statistics.median(a for a, _ in cpu):,.0f}" if cpu else "-",
+                     f"{statistics.median(a / b for a, b in cpu):.2f}" if cpu else "-",
                      f"{statistics.median(r['compile_s'] for r in rs):.1f}" if name == "compile" else "-",
                      f"{statistics.median(r['peak_rss'] for r in rs) / GB:.2f}",
                      f"{statistics.median(r['wall_s'] for r in rs):.1f}",
                      f"{statistics.median(r['final_loss'] for r in rs):.4f}"])
-    print_markdown_table(["row", "tokens/s", "vs eager", "compile s", "peak RSS GB", "wall s", "final loss"], body)
+    print_markdown_table(["row", "tokens/s", "vs eager", "tok/CPU-s", "vs eager CPU", "compile s", "peak RSS GB", "wall s", "final loss"], body)
     if args.json:
         print(json.dumps({"info": info, "args": vars(args), "runs": runs}, indent=1))
     return 0
