@@ -2,7 +2,7 @@
 the same run without it, the named baseline, measured in the same invocation.
 
 The model: a small random llama (default hidden 256, 4 layers, 4 heads / 2 query groups, SwiGLU ffn
-640, vocab 8000, untied, ~7 M parameters: benchmarks/train.py's llama at a quarter of its width, so
+768, vocab 8000, untied, ~7 M parameters: benchmarks/train.py's llama at half its width, so
 that a cold compile and the steps fit minutes on a shared 2-core machine), fp32, random tokens
 (--mock-data), sequence length 128, micro batch 2, global batch 8 (4 micro-batches), 8 optimizer
 steps. Two rows, each its own process with --threads intra-op threads (default 1):
