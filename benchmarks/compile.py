@@ -21,8 +21,9 @@ compile once more, the benchmark runs none). Every row runs with a fresh, empty 
 (TORCHINDUCTOR_CACHE_DIR under the work folder), so compile s is a cold compile.
 
 Peak RSS = max(ru_maxrss from os.wait4, the polled RSS of the process tree) (benchmarks/proctree.py);
-GB = 1e9 bytes. Rows run --repeats times (default 2) round-robin; the table shows medians, "vs eager"
-the median of the per-round ratios.
+GB = 1e9 bytes. Rows run --repeats times (default 2) round-robin, eager first in odd rounds and
+second in even ones (so neither always meets the machine's load first); the table shows medians,
+"vs eager" the median of the per-round ratios.
 
 Run:  .venv/bin/python benchmarks/compile.py [--hidden 256] [--layers 4] [--seq-len 128] [--steps 8]
                                              [--repeats 2] [--threads 1] [--json]
@@ -111,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
         runs: dict[str, list[dict]] = {name: [] for name, _ in ROWS}
         for r in range(args.repeats):
-            for name, flags in ROWS:
+            for name, flags in (ROWS if r % 2 == 0 else ROWS[::-1]):  # alternate: neither row always first
                 cache = work / f"inductor-{name}-{r}"  # cold compile every time
                 log = work / f"steps-{name}-{r}.jsonl"
                 got = measure([*base, *flags, "--log-json", str(log)], dict(env, TORCHINDUCTOR_CACHE_DIR=str(cache)),
