@@ -67,7 +67,7 @@ def finetune(
         layout=LayoutFlags(tp, pp, vpp, dp, ep, None, None, sequence_parallel),
         launch=Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=Engine(device, precision, recompute, recompute_modules, recompute_num_layers, distributed_optimizer,
-                      force, compile_layers),
+                      force, compile=compile_layers),
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                     clip_grad, seed),
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters, overwrite),

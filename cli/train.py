@@ -93,7 +93,7 @@ def train(
         layout=job.LayoutFlags(tp, pp, vpp, dp, ep, first_stage_layers, last_stage_layers, sequence_parallel),
         launch=job.Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port, watchdog),
         engine=job.Engine(device, precision, recompute, recompute_modules, recompute_num_layers,
-                          distributed_optimizer, force, compile_layers),
+                          distributed_optimizer, force, compile=compile_layers),
         hyper=job.Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                         clip_grad, seed),
         outputs=job.Outputs(save, save_interval, megatron_format, log_json, tensorboard, eval_interval, eval_iters,
