@@ -68,6 +68,9 @@ RECOMPUTE_MODULES = typer.Option(None, "--recompute-modules", help="With --recom
 RECOMPUTE_NUM_LAYERS = option(None, "--recompute-num-layers", help="With --recompute full: recompute the first "
                                                                          "N layers of each pipeline chunk (default "
                                                                          "all).", rule=POSITIVE)
+COMPILE = typer.Option(False, "--compile", help="torch.compile each decoder layer (regional, as torchtitan); "
+                                               "dropout stays eager, so results match eager's up to float "
+                                               "reordering.")
 DISTRIBUTED_OPTIMIZER = typer.Option(False, "--distributed-optimizer", help="Shard fp32 master weights and Adam "
                                                                             "states over DP (on when the planner "
                                                                             "picks the layout).")

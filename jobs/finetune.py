@@ -70,7 +70,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                        overlap_grad_reduce=eng.overlap_grad_reduce, overlap_param_gather=eng.overlap_param_gather,
                        bucket_elements=eng.bucket_elements,
                        precision=precision, recompute=eng.recompute, eval_iters=out.eval_iters,
-                       recompute_modules=modules, recompute_num_layers=num_layers)
+                       recompute_modules=modules, recompute_num_layers=num_layers, compile=eng.compile)
     tcfg.validate_choices()
     check_save(out.save, out.overwrite, req.save_format == "hf", h.steps, out.save_interval)
     sft_data.read_jsonl(ex.data, ex.format)  # a bad line fails first, naming file and line
@@ -87,6 +87,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
     check_save_space(out.save, cfg, precision, req.save_format == "hf", first_save(0, h.steps, out.save_interval))
     tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
+    tcfg.validate_compile(cfg)
     notes = []
     warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force)  # before the data too
     notes += [warning] if warning else []

@@ -97,6 +97,7 @@ class Engine:
     overlap_grad_reduce: bool = False  # DP reductions inside the backward
     overlap_param_gather: bool = False  # distributed optimizer's all-gather under the next forward
     bucket_elements: int = 40_000_000  # per DP gradient bucket
+    compile: bool = False  # torch.compile each decoder layer
 
 
 @dataclass(frozen=True)
@@ -443,8 +444,9 @@ def prepare_train(req: TrainRequest) -> Prepared:
                        overlap_grad_reduce=eng.overlap_grad_reduce or overlap,
                        overlap_param_gather=eng.overlap_param_gather or overlap, bucket_elements=eng.bucket_elements,
                        peak_tflops=req.peak_tflops, eval_interval=out.eval_interval, eval_iters=out.eval_iters,
-                       recompute_modules=modules, recompute_num_layers=num_layers)
+                       recompute_modules=modules, recompute_num_layers=num_layers, compile=eng.compile)
     tcfg.validate(ParallelState.single(layout))
+    tcfg.validate_compile(cfg)
     loaded, assets = (open_load(req.load, req.load_optim, tcfg.steps, req.trust_pickle) if req.load
                       else (None, Assets()))
     check_save(out.save, out.overwrite, False, tcfg.steps, out.save_interval, req.load)

@@ -60,6 +60,10 @@ class ModelChunks(nn.ModuleList):
         for chunk in self:
             chunk.init_weights(seed)
 
+    def compile_layers(self) -> None:
+        for chunk in self:
+            chunk.compile_layers()
+
     def set_recompute(self, mode: str, modules: tuple[str, ...] = (), num_layers: Optional[int] = None) -> None:
         for chunk in self:
             chunk.set_recompute(mode, modules, num_layers)

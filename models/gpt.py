@@ -30,7 +30,7 @@ from mzoo.parallel.layers import (
     gated,
     mark_sequence_parallel,
 )
-from mzoo.parallel.random import checkpoint_with_rng
+from mzoo.parallel.random import RNGTracker, checkpoint_with_rng
 from mzoo.parallel.sharding import expert_index, get_spec, renumber_expert, to_local
 from mzoo.parallel.state import ParallelState
 
@@ -62,6 +62,15 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     if not dropout:  # no random numbers drawn: no RNG state to switch (a host round trip per call on GPUs)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=enable_gqa)
+    return _attention_with_dropout(q, k, v, mask, dropout, causal, scale, enable_gqa, state)
+
+
+@torch.compiler.disable
+def _attention_with_dropout(q, k, v, mask, dropout: float, causal: bool, scale, enable_gqa: bool,
+                            state: ParallelState) -> torch.Tensor:
+    """SDPA with dropout in this rank's stream. Eager even inside a compiled layer (`--compile`: a
+    graph break here): the tracker swaps the generator's state in Python, which a graph cannot
+    capture, and inductor's own random numbers would draw other masks than eager."""
     with state.rng.fork():  # this rank's heads: its own dropout stream
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
                                               scale=scale, enable_gqa=enable_gqa)
@@ -209,10 +218,17 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelSta
     stream is split along the sequence (SP), where each rank draws its own (model-parallel stream)."""
     if not p or not training:
         return x
-    if state.config.sequence_parallel:
-        with state.rng.fork():
-            return F.dropout(x, p, True)
-    return F.dropout(x, p, True)
+    return _eager_dropout(x, p, state.rng if state.config.sequence_parallel else None)
+
+
+@torch.compiler.disable
+def _eager_dropout(x: torch.Tensor, p: float, tracker: Optional[RNGTracker]) -> torch.Tensor:
+    """F.dropout from the default stream, or inside `tracker.fork()`. Eager even inside a compiled
+    layer (a graph break), for the reason `_attention_with_dropout` gives: the same masks as eager."""
+    if tracker is None:
+        return F.dropout(x, p, True)
+    with tracker.fork():
+        return F.dropout(x, p, True)
 
 
 class TransformerBlock(nn.Module):
@@ -373,6 +389,16 @@ class GPTModel(nn.Module):
                 attention.recompute = "core_attn" in chosen
             if hasattr(layer, "recompute_mlp"):
                 layer.recompute_mlp = layer.mlp_kind in chosen
+
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer in place (regional compilation, as torchtitan applies it):
+        compile time is one layer's, since identical layers share the compiled code, and parameter
+        names stay canonical (`Module.compile` wraps the call, not the module). Shapes are static
+        (a run's micro-batches all have one shape). Recomputation wraps a compiled layer from outside
+        (full) or is traced inside it (selective); dropout runs eagerly between graphs (see
+        `_eager_dropout`), so masks and the TP-aware RNG streams are eager's."""
+        for layer in self.decoder.layers:
+            layer.compile(dynamic=False)
 
     # ---- naming and initialisation ------------------------------------------------------------
     def canonical_name(self, local_name: str) -> str:

@@ -18,6 +18,20 @@ from mzoo.parallel.sharding import REPLICATED, ShardSpec, set_spec
 from mzoo.parallel.state import ParallelState
 
 
+def rms_normalize(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * rstd, rstd) over the last dim of an fp32 tensor, rstd = rsqrt(mean(x^2) + eps) [..., 1].
+    torch's fused op (what F.rms_norm runs; one kernel on GPUs) where this torch has it: on the CPU
+    it is the same pow -> mean -> add -> rsqrt -> mul, bitwise equal to the expression below
+    (tests/models/test_fused_ops.py). Its backward has no CPU kernel, so _RMSNorm keeps its own."""
+    if _FUSED_RMS_NORM is not None:
+        return _FUSED_RMS_NORM(x32, [x32.shape[-1]], None, eps)
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32 * rstd, rstd
+
+
+_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
 class _RMSNorm(torch.autograd.Function):
     """`weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` computed in fp32, as transformers'
     LlamaRMSNorm, keeping only the input and the fp32 rstd per row for backward (plain autograd
@@ -26,10 +40,9 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        normed, rstd = rms_normalize(x.float(), eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        return weight * normed.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -75,7 +88,12 @@ class _GatedActivation(torch.autograd.Function):
 
 
 def gated(h: torch.Tensor, act) -> torch.Tensor:
-    """The gated activation of a [gate; up] fc1 output (SwiGLU, GeGLU)."""
+    """The gated activation of a [gate; up] fc1 output (SwiGLU, GeGLU). Inside a compiled layer it is
+    the plain expression: dynamo cannot trace the custom backward's `autograd.grad`, and inductor's
+    partitioner recomputes cheap pointwise ops such as act(gate) in backward instead of saving them."""
+    if torch.compiler.is_compiling():
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
     return _GatedActivation.apply(h, act)
 
 

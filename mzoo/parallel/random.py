@@ -88,6 +88,11 @@ def checkpoint_with_rng(fn, *args, tracker: RNGTracker):
     inside `fn` draws the same masks twice (Megatron's CheckpointFunction does the same)."""
     from torch.utils.checkpoint import checkpoint
 
+    if torch.compiler.is_compiling():  # inside a compiled layer: dynamo traces plain checkpoint as a
+        # higher-order op and the partitioner recomputes `fn` in backward. It cannot trace a custom
+        # context_fn, and needs none here: `--compile` refuses selective recomputation of a region
+        # that draws random numbers (attention dropout), and no other recomputed region draws any.
+        return checkpoint(fn, *args, use_reentrant=False)
     snapshot = {k: v.clone() for k, v in tracker.states.items()}
 
     @contextmanager

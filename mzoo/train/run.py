@@ -337,6 +337,6 @@ def summary(rc: RunConfig) -> dict[str, Any]:
             "sequence_parallel": lay.sequence_parallel, "world_size": lay.world_size,
             "global_batch": rc.train.global_batch, "micro_batch": rc.train.micro_batch,
             "microbatches_per_rank": rc.train.global_batch // (rc.train.micro_batch * lay.dp),
-            "seq_len": rc.train.seq_len, "steps": rc.train.steps,
+            "seq_len": rc.train.seq_len, "steps": rc.train.steps, "compile": rc.train.compile,
             "distributed_optimizer": rc.train.distributed_optimizer,
             "overlap_grad_reduce": rc.train.overlap_grad_reduce, "overlap_param_gather": rc.train.overlap_param_gather}

@@ -46,6 +46,7 @@ class TrainConfig:
     recompute: str = "none"  # none, selective, full
     recompute_modules: tuple[str, ...] = ()  # selective: core_attn (default), mlp, moe
     recompute_num_layers: Optional[int] = None  # full: the first N layers of each chunk (default all)
+    compile: bool = False  # torch.compile each decoder layer (regional; the model's compile_layers)
     peak_tflops: Optional[float] = None  # per device, for MFU
     eval_interval: int = 0  # validation loss every N steps (0: never)
     eval_iters: int = 2  # global batches per validation
@@ -80,6 +81,27 @@ class TrainConfig:
         split = state.config.sequence_problem(self.seq_len)
         if split is not None:
             raise ConfigError(split)
+
+    def validate_compile(self, cfg: ModelConfig) -> None:
+        """What `--compile` cannot run, one sentence before any work. A mixture of experts sizes its
+        expert batches from the routing (data-dependent shapes: graph breaks, and a recompile whenever
+        the counts change: mixtral-tiny compiled 14 graphs in ~260 s against llama-tiny's one in
+        ~25 s); multi-latent attention fails inside inductor here. Selective recomputation is traced
+        inside the compiled layer as plain checkpointing, which cannot replay the TP-aware RNG
+        stream that attention dropout draws from."""
+        if not self.compile:
+            return
+        kinds = cfg.block_kinds
+        blocks = [name for name, present in (("mixture-of-experts", "moe" in kinds),
+                                              ("multi-latent attention", cfg.mla is not None)) if present]
+        if blocks:
+            raise ConfigError(f"--compile supports attention, dense MLP and Mamba layers for now, not "
+                              f"{cfg.name or cfg.family}'s {' and '.join(blocks)} layers; drop --compile.")
+        recomputed = set(self.recompute_modules or ("core_attn",)) if self.recompute == "selective" else set()
+        if cfg.attention_dropout and "core_attn" in recomputed:
+            raise ConfigError(f"--compile cannot recompute core attention with attention dropout "
+                              f"({cfg.attention_dropout:g}); use --recompute full or --recompute-modules mlp, "
+                              "or drop --compile.")
 
     def microbatches(self, state: ParallelState) -> int:
         return self.global_batch // (self.micro_batch * state.dp)
@@ -169,6 +191,11 @@ class Trainer:
         seed_everything(state.rng, tcfg.seed, state.tp_rank, state.pp_rank)
         if hasattr(model, "set_recompute"):
             model.set_recompute(tcfg.recompute, tcfg.recompute_modules, tcfg.recompute_num_layers)
+        if tcfg.compile:  # after set_recompute: full recomputation wraps the compiled layers
+            tcfg.validate_compile(cfg)
+            if not hasattr(model, "compile_layers"):
+                raise ConfigError("--compile needs a model with decoder layers to compile (mzoo's own); drop it.")
+            model.compile_layers()
         self.flops_per_token = model_flops_per_token(cfg, tcfg.seq_len)
         self.peak_tflops = tcfg.peak_tflops or detect_peak_tflops()
 

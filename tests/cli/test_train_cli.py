@@ -58,6 +58,8 @@ def test_train_tp2_from_hf_save_convert_verify(tmp_path):
         (["--cp", "2", "--seq-len", "30"], "--seq-len 30 is not divisible by 2 x cp = 4"),
         (["--cp", "2", "--dp", "1", "--nproc-per-node", "4"], "tp=1 x pp=1 x cp=2 x dp=1 = 2 processes, but 4"),
         (["--cp", "0"], "--cp"),
+        (["--compile", "--recompute", "selective", "--override", "attention_dropout=0.1"],
+         "--compile cannot recompute core attention with attention dropout (0.1)"),
     ],
 )
 def test_bad_training_input_fails_before_launch(tmp_path, args, message):
@@ -85,6 +87,25 @@ def test_train_pp2_on_prepared_data_with_validation_and_tensorboard(tmp_path):
     board.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "valid/loss"} <= set(board.Tags()["scalars"])
     assert [round(e.value, 5) for e in board.Scalars("train/loss")] == [round(log["loss"], 5) for log in logs]
+
+
+@pytest.mark.dist
+def test_compiled_pp2_run_reports_compile_and_trains_as_eager(tmp_path):
+    """--compile through the torchrun relaunch, on two pipeline stages (each compiles its layer):
+    the JSON says so, and the losses are eager's to the fp32 bound of tests/train/test_compile.py."""
+    flags = ["--pp", "2", "--steps", "3", "--seq-len", "32", "--lr", "3e-3", "--mock-data", "--json"]
+    eager, compiled = run("train", "llama-tiny", *flags, cwd=tmp_path), run("train", "llama-tiny", *flags,
+                                                                              "--compile", cwd=tmp_path)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
+    eager, compiled = json.loads(eager.stdout), json.loads(compiled.stdout)
+    assert compiled["layout"]["compile"] is True and eager["layout"]["compile"] is False
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=0, abs=5e-6)
+
+
+def test_compile_refuses_moe_in_one_sentence(tmp_path):
+    proc = run("train", "mixtral-tiny", "--compile", "--mock-data", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--compile supports attention, dense MLP and Mamba layers for now, not mixtral-tiny's" in proc.stderr
 
 
 def test_tokenizer_that_does_not_fit_the_model(tmp_path):

@@ -178,6 +178,25 @@ def test_cli_finetunes_and_saves_a_from_pretrained_folder(task_folder, tmp_path)
     assert (out / "tokenizer.json").exists()
 
 
+def test_cli_compiled_finetune_trains_as_eager(task_folder):
+    """--compile on packed sequences (block-causal masks into the compiled layers) and their
+    evaluation (a second graph: no grad, eval mode): eager's losses to tests/train/test_compile.py's
+    fp32 bound."""
+    args = ["finetune", str(task_folder / "model"), "--data", str(task_folder / "train.jsonl"), "--format",
+            "prompt-completion", "--tokenizer", str(task_folder), "--valid-data", str(task_folder / "valid.jsonl"),
+            "--seq-len", "32", "--steps", "4", "--lr", "3e-3", "--eval-interval", "4", "--json"]
+    reports = []
+    for extra in ([], ["--compile"]):
+        torch._dynamo.reset()
+        result = CliRunner().invoke(app, args + extra)
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.output[result.output.index("{"):]))
+    eager, compiled = reports
+    assert compiled["layout"]["compile"] and not eager["layout"]["compile"]
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=0, abs=5e-6)
+    assert compiled["val_losses"]["4"] == pytest.approx(eager["val_losses"]["4"], rel=0, abs=5e-6)
+
+
 @pytest.mark.parametrize("lines, fmt, message", [
     (['{"prompt": "w1", "completion": "w2"}', "{not json"], "prompt-completion", "data.jsonl:2 is not valid JSON"),
     (['{"prompt": "w1"}'], "prompt-completion", "data.jsonl:1 lacks the key 'completion'"),
