@@ -42,6 +42,7 @@ as for the dense parameters (Megatron-Core does the same).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -538,12 +539,22 @@ class Optimizer:
 
 
 def _wait_before_forward(model: nn.Module, group: _FlatGroup) -> list[torch.utils.hooks.RemovableHandle]:
-    """A pre-forward hook on every module that holds parameters of `group` directly: wait for the
-    all-gathers of their buckets. Kept out of torch.compile's graphs (a wait is not traceable)."""
+    """Pre-forward hooks that wait for the all-gathers of the buckets a module's parameters sit in:
+    one per decoder layer (all of its parameters: the unit `--compile` compiles, so a layer's graph
+    breaks at most once, at its start) and one per other module holding parameters directly (the
+    embedding, the final norm, the output layer). Kept out of torch.compile's graphs (a wait is
+    not traceable)."""
     index = {id(p): k for p, k in zip(group.params, group._bucket_of)}
+    layers = [name for name, _ in model.named_modules() if _LAYER.search(name)]
     handles = []
-    for module in model.modules():
-        buckets = sorted({index[id(p)] for p in module.parameters(recurse=False) if id(p) in index})
+    for name, module in model.named_modules():
+        if name in layers:
+            params = module.parameters()
+        elif any(name.startswith(layer + ".") for layer in layers):
+            continue  # waited for by its layer
+        else:
+            params = module.parameters(recurse=False)
+        buckets = sorted({index[id(p)] for p in params if id(p) in index})
         if buckets:
             @torch._dynamo.disable
             def wait(_module: nn.Module, _args, buckets: list[int] = buckets) -> None:
@@ -551,6 +562,9 @@ def _wait_before_forward(model: nn.Module, group: _FlatGroup) -> list[torch.util
 
             handles.append(module.register_forward_pre_hook(wait))
     return handles
+
+
+_LAYER = re.compile(r"(^|\.)layers\.\d+$")  # a decoder layer's module name
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, total: int, schedule: str = "cosine") -> float:
