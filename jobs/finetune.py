@@ -13,9 +13,9 @@ from mzoo.data import sft as sft_data
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.jobs.sources import open_source
-from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format, check_save,
-                             check_memory, check_save_space, first_save, hooks, loaded_from, recompute_options,
-                             resolve_layout)
+from mzoo.jobs.saves import check_save, check_save_space, first_save
+from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepared, check_megatron_format, check_memory,
+                             hooks, loaded_from, recompute_options, resolve_layout)
 from mzoo.parallel.state import ParallelState
 from mzoo.train.device import default_precision, resolve_device
 from mzoo.train.run import RunConfig

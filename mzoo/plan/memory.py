@@ -84,7 +84,7 @@ def _gathered_kv(model: Model, layout: Layout, stage: Stage, profile: Profile, s
     if layout.cp == 1 or not profile.engine:
         return 0.0, 0.0
     per_layer = profile.act * (layout.cp - 1) * kv_width(model.cfg) / layout.tp
-    kinds = model.kinds(stage.layers)
+    kinds = model.kinds(stage.ranges)
     attention = sum(n for blocks, n in kinds if {"gqa", "mla"} & set(blocks))
     if not attention:
         return 0.0, 0.0
@@ -92,7 +92,7 @@ def _gathered_kv(model: Model, layout: Layout, stage: Stage, profile: Profile, s
         return 0.0, per_layer
     kept = attention
     if settings.recompute == "full":
-        layers = len(stage.layers)
+        layers = stage.num_layers
         recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
         kept = attention * (layers - recomputed) / max(1, layers)
     return per_layer * kept, per_layer if kept < attention else 0.0
