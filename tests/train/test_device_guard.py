@@ -7,8 +7,8 @@ that, a factory call in mzoo's own code without `device=` fails at once with its
 (a meta tensor handed to a gloo collective can hang instead of failing). Each
 family and each layout class is covered: dense TP + SP, PP (tied embeddings across stages),
 interleaved PP, DP + the distributed optimizer, MoE with EP (+ the aux-free bias update), MLA,
-Mamba-1, Mamba-2, the hybrid stack, packed finetuning samples through a pipeline, and a save's
-gathers. Then the model is on a fresh device type check: parameters, buffers and optimizer state all
+Mamba-1, Mamba-2, the hybrid stack, packed finetuning samples through a pipeline, overlapped DP
+reductions and all-gathers, context parallelism (plain and packed), and a save's gathers. Then the model is on a fresh device type check: parameters, buffers and optimizer state all
 on the CPU (nothing left on meta).
 """
 
@@ -113,6 +113,10 @@ LAYOUTS = [
     ("mixtral-tiny", dict(tp=2, sequence_parallel=True), {}, False),
     ("mamba-tiny", dict(tp=2), {}, False),
     ("mamba-hybrid-tiny", dict(pp=2), {}, False),
+    ("llama-tiny", dict(dp=2), dict(distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
+                                    bucket_elements=20_000), False),  # overlapped buckets and all-gathers
+    ("llama-tiny", dict(cp=2), {}, False),  # context parallelism: chunks, gathered K/V, tiled attention
+    ("llama-tiny", dict(cp=2), {}, True),  # ... with packed segments
 ]
 
 
