@@ -1,7 +1,7 @@
 """Benchmark: context parallelism (--cp 2) against one process on the same llama, per-rank peak memory
 and tokens/s, at sequence S, 2S and 4S.
 
-What one row runs: `world` processes (1, or 2 gloo ranks at cp=2), one thread each, each training the
+What one row runs: `world` processes (1, or N gloo ranks at cp=N), one thread each, each training the
 same randomly initialised llama (default hidden 256, 4 layers, 4 heads / 2 query groups, SwiGLU ffn
 688, vocab 4096, fp32) with mzoo's Trainer on mock tokens: micro batch 1, global batch 2 (two
 micro-batches, gradient accumulation), `--steps` optimizer steps of which the first is warm-up. The
@@ -19,7 +19,7 @@ Columns:
 
 Run:  .venv/bin/python benchmarks/cp.py [--seq-len 1024] [--steps 3] [--hidden 256] [--layers 4]
       [--rows 1p:1,1p:2,1p:4,cp2:1,cp2:2,cp2:4] [--json]
-      (a row is LAYOUT:MULTIPLE of --seq-len; LAYOUT is 1p or cp2)
+      (a row is LAYOUT:MULTIPLE of --seq-len; LAYOUT is 1p or cpN, e.g. cp2, cp4)
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def free_port() -> int:
 
 
 def run_row(layout: str, seq: int, args) -> dict:
-    cp = 2 if layout == "cp2" else 1
+    cp = int(layout[2:]) if layout.startswith("cp") else 1
     spec = {"cp": cp, "model": model_spec(args.hidden, args.layers, seq),
             "train": dict(seq_len=seq, micro_batch=1, global_batch=2, steps=args.steps, lr=3e-4, min_lr=3e-5,
                           warmup=1)}
@@ -157,7 +157,7 @@ def main() -> None:
     print(json.dumps(machine_info(load)))
     body = []
     for r in rows:
-        name = "one process" if r["layout"] == "1p" else "cp2 (per rank)"
+        name = "one process" if r["layout"] == "1p" else f"{r['layout']} (per rank)"
         ratio = f"{r['peak'] / base['peak']:.2f}" if base else "-"
         body.append([name, str(r["seq_len"]), f"{r['peak'] / MIB:.1f}", f"{r['estimate'] / MIB:.1f}",
                      f"{r['tokens_per_s']:.0f}", ratio, f"{r['loss']:.4f}"])
