@@ -19,7 +19,8 @@ Columns:
 
 Run:  .venv/bin/python benchmarks/cp.py [--seq-len 1024] [--steps 3] [--hidden 256] [--layers 4]
       [--rows 1p:1,1p:2,1p:4,cp2:1,cp2:2,cp2:4] [--json]
-      (a row is LAYOUT:MULTIPLE of --seq-len; LAYOUT is 1p or cpN, e.g. cp2, cp4)
+      (a row is LAYOUT[+RECOMPUTE]:MULTIPLE of --seq-len; LAYOUT is 1p or cpN, e.g. cp2, cp4; RECOMPUTE is
+      selective or full, mzoo train's --recompute, e.g. cp2+full:4)
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ def free_port() -> int:
 
 
 def run_row(layout: str, seq: int, args) -> dict:
-    cp = int(layout[2:]) if layout.startswith("cp") else 1
+    parallel, _, recompute = layout.partition("+")
+    cp = int(parallel[2:]) if parallel.startswith("cp") else 1
     spec = {"cp": cp, "model": model_spec(args.hidden, args.layers, seq),
             "train": dict(seq_len=seq, micro_batch=1, global_batch=2, steps=args.steps, lr=3e-4, min_lr=3e-5,
-                          warmup=1)}
+                          warmup=1, recompute=recompute or "none")}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), WORLD_SIZE=str(cp))
     procs = [subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
@@ -124,8 +126,8 @@ def run_row(layout: str, seq: int, args) -> dict:
     from mzoo.plan.profile import engine_profile
     from mzoo.plan.settings import Settings
 
-    estimate = memory(ModelConfig.from_dict(spec["model"]), Layout(cp=cp), Settings(seq, 2, 1, distributed_optimizer=False),
-                      engine_profile("fp32")).total
+    settings = Settings(seq, 2, 1, distributed_optimizer=False, recompute=recompute or "none")
+    estimate = memory(ModelConfig.from_dict(spec["model"]), Layout(cp=cp), settings, engine_profile("fp32")).total
     rank0 = next(r for r in ranks if r["rank"] == 0)
     return {"layout": layout, "seq_len": seq, "peak": max(r["peak"] for r in ranks), "estimate": estimate,
             "tokens_per_s": rank0["tokens_per_s"], "loss": rank0["loss"]}
@@ -157,7 +159,9 @@ def main() -> None:
     print(json.dumps(machine_info(load)))
     body = []
     for r in rows:
-        name = "one process" if r["layout"] == "1p" else f"{r['layout']} (per rank)"
+        parallel, _, recompute = r["layout"].partition("+")
+        name = "one process" if parallel == "1p" else f"{parallel} (per rank)"
+        name += f", recompute {recompute}" if recompute else ""
         ratio = f"{r['peak'] / base['peak']:.2f}" if base else "-"
         body.append([name, str(r["seq_len"]), f"{r['peak'] / MIB:.1f}", f"{r['estimate'] / MIB:.1f}",
                      f"{r['tokens_per_s']:.0f}", ratio, f"{r['loss']:.4f}"])

@@ -390,3 +390,22 @@ def test_cp2_memory_estimate_matches_measured_peak(monkeypatch):
         print(f"rank {rank}: measured {measured['peak'] / 2**20:.1f} MiB, estimated {mem.total / 2**20:.1f} MiB, "
               f"ratio {ratio:.3f}")
         assert 0.97 < ratio < 1.03, rank
+
+
+def test_cp2_with_full_recompute_holds_4x_the_sequence():
+    """The planner's statements behind docs/benchmarks.md's CP rows (each estimate within 1% of the peak
+    benchmarks/cp.py measures): a CP2 rank with full recompute trains 4x the sequence in less memory
+    than one process needs at 1x without recompute, one process cannot even with full recompute, and
+    with the same recompute on both sides CP2 holds exactly twice the sequence per rank's memory."""
+    cfg = ModelConfig(name="m-cp", family="llama", vocab_size=4096, hidden_size=256, num_layers=4,
+                      num_attention_heads=4, num_query_groups=2, ffn_hidden_size=688, max_position_embeddings=4096)
+
+    def mib(cp: int, seq: int, recompute: str) -> float:
+        settings = Settings(seq, 2, 1, distributed_optimizer=False, recompute=recompute)
+        return memory(cfg, Layout(cp=cp), settings, engine_profile("fp32")).total / 2**20
+
+    one_at_s = mib(1, 1024, "none")
+    assert mib(2, 4096, "full") < 0.9 * one_at_s
+    assert mib(1, 4096, "full") > 1.2 * one_at_s
+    assert mib(2, 4096, "full") == pytest.approx(mib(1, 2048, "full"), rel=0.01)
+    assert mib(2, 4096, "none") > 1.5 * one_at_s  # without recompute, CP2 at 4S does not fit
