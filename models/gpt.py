@@ -65,7 +65,7 @@ def core_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: f
     return _attention_with_dropout(q, k, v, mask, dropout, causal, scale, enable_gqa, state)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # torch.compiler.disable, importing the compiler stack (~1-2 s) only when first called
 def _attention_with_dropout(q, k, v, mask, dropout: float, causal: bool, scale, enable_gqa: bool,
                             state: ParallelState) -> torch.Tensor:
     """SDPA with dropout in this rank's stream. Eager even inside a compiled layer (`--compile`: a
@@ -221,7 +221,7 @@ def hidden_dropout(x: torch.Tensor, p: float, training: bool, state: ParallelSta
     return _eager_dropout(x, p, state.rng if state.config.sequence_parallel else None)
 
 
-@torch.compiler.disable
+@torch._disable_dynamo  # see _attention_with_dropout
 def _eager_dropout(x: torch.Tensor, p: float, tracker: Optional[RNGTracker]) -> torch.Tensor:
     """F.dropout from the default stream, or inside `tracker.fork()`. Eager even inside a compiled
     layer (a graph break), for the reason `_attention_with_dropout` gives: the same masks as eager."""

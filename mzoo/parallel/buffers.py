@@ -375,7 +375,7 @@ def _wait_before_forward(model: nn.Module, group: _FlatGroup) -> list[torch.util
             params = module.parameters(recurse=False)
         buckets = sorted({index[id(p)] for p in params if id(p) in index})
         if buckets:
-            @torch._dynamo.disable
+            @torch._disable_dynamo  # eager under --compile; the compiler stack is imported on first call
             def wait(_module: nn.Module, _args, buckets: list[int] = buckets) -> None:
                 group.wait_gather(buckets)
 
