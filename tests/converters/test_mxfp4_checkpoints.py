@@ -60,7 +60,7 @@ def _pair(tmp_path: Path) -> tuple[Path, Path]:
     return _save(tmp_path / "mxfp4", packed, MXFP4), _save(tmp_path / "bf16", plain, None)
 
 
-def test_mxfp4_experts_read_convert_and_inspect_as_bf16(tmp_path):
+def test_mxfp4_experts_read_convert_and_inspect_as_bf16(tmp_path, monkeypatch):
     quantised, plain = _pair(tmp_path)
     q, p = open_source(quantised), open_source(plain)
     assert (q.quantization, p.quantization) == ("mxfp4", None)
@@ -96,6 +96,11 @@ def test_mxfp4_experts_read_convert_and_inspect_as_bf16(tmp_path):
     assert info_q["num_params"] == info_p["num_params"] == sum(v.numel() for v in theirs.values())
     shown = CliRunner().invoke(app, ["inspect", str(quantised)])
     assert shown.exit_code == 0 and "stored MXFP4, read dequantized" in shown.stdout, shown.stdout
+    # push uploads the folder as it is, and its card says so
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    shown = CliRunner().invoke(app, ["push", str(quantised), "my-org/tiny-mxfp4", "--dry-run"])
+    assert shown.exit_code == 0 and "stored as bfloat16 and MXFP4 safetensors" in shown.stdout, shown.stdout
 
 
 def test_a_whole_mxfp4_tensor_is_read_not_copied(tmp_path):

@@ -164,3 +164,18 @@ def test_pair_without_quantization_config_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="stored as MXFP4 .*no quantization_config") as e:
         reader.get(EXPERTS + "gate_up_proj")
     _one_sentence(e)
+
+
+def test_halves_in_different_shards(tmp_path):
+    """A sharded checkpoint may put a tensor's blocks and its scales in different files."""
+    tensors, want = _gpt_oss_like(seed=2)
+    folder = _folder(tmp_path / "q", {k: v for k, v in tensors.items() if not k.endswith("_scales")})
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    scales = EXPERTS + "gate_up_proj_scales"
+    save_file({scales: tensors[scales]}, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in tensors if k != scales}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {**weight_map, scales: "model-00002-of-00002.safetensors"}}))
+    reader = HFReader(folder)
+    assert torch.equal(reader.get(EXPERTS + "gate_up_proj"), want)
+    assert torch.equal(reader.get_row(EXPERTS + "gate_up_proj", 0), want[0])
