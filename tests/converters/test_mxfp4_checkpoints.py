@@ -116,3 +116,34 @@ def test_a_whole_mxfp4_tensor_is_read_not_copied(tmp_path):
     assert adapter.extents(canonical, reader, cfg) is None and adapter.extents(canonical, bf16, cfg) is not None
     assert torch.equal(adapter.to_canonical(canonical, reader.get, cfg), bf16.get(name))
     assert len(canonical_tensors(cfg)) == len(open_source(quantised).tensors)
+
+
+def test_transformers_loads_what_the_reader_reads_from_a_gpt_oss_mxfp4_folder(tmp_path):
+    """A tiny GPT-OSS saved as the published checkpoints are (experts MXFP4, the rest bf16): transformers'
+    own loader (dequantize=True, its CPU path) holds exactly the tensors HFReader presents, names included."""
+    from transformers import GptOssConfig, Mxfp4Config
+
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64,
+                          layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    perturb_hf_(model, moe=True)
+    stored = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, H, 2F] and [E, F, H]
+            stored[name + "_blocks"], stored[name + "_scales"] = quantize(value.contiguous())
+        else:
+            stored[name] = value.contiguous()
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": MXFP4}))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
+                                                  dtype=torch.bfloat16).state_dict()
+    reader = HFReader(folder)
+    assert sorted(reader.names()) == sorted(loaded)
+    assert sum(reader.shape(n) == (4, 64, 64) and reader.dtype(n) == "BF16" for n in reader.names()) == 2
+    for name in reader.names():
+        assert torch.equal(reader.get(name), loaded[name]), name
