@@ -208,7 +208,7 @@ class HFReader:
 
     def nbytes(self, name: str) -> int:
         if name in self.packed:
-            return math.prod(self.packed[name].shape) * 2
+            return math.prod(self.packed[name].shape) * torch.bfloat16.itemsize
         begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
         return end - begin
 
