@@ -109,17 +109,16 @@ def dequantized_shape(name: str, blocks: tuple[int, ...], scales: tuple[int, ...
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The [E, G * 32, R] tensor that uint8 blocks [E, R, G, 16] and scales [E, R, G] encode, computed as
-    transformers' convert_moe_packed_tensors computes it (same lookup, same ldexp in `dtype`), one
+    transformers' convert_moe_packed_tensors computes it (same values, same ldexp in `dtype`), one
     expert at a time so the index temporaries stay one expert's size."""
     shape = dequantized_shape("tensor", tuple(blocks.shape), tuple(scales.shape), "dequantize")
     lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    byte = torch.arange(256)
+    pairs = torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1)  # a byte's two values, low nibble first
     experts, rows, groups, width = blocks.shape
     out = torch.empty(shape, dtype=dtype)
     for e in range(experts):
-        blk = blocks[e].to(torch.uint8)
-        values = torch.empty(rows, groups, 2 * width, dtype=dtype)
-        values[..., 0::2] = lut[(blk & 0x0F).to(torch.int)]
-        values[..., 1::2] = lut[(blk >> 4).to(torch.int)]
+        values = pairs[blocks[e].to(torch.int)].reshape(rows, groups, 2 * width)
         torch.ldexp(values, (scales[e].to(torch.int32) - SCALE_BIAS).unsqueeze(-1), out=values)
         out[e] = values.reshape(rows, groups * 2 * width).T
     return out
