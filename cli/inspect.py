@@ -39,7 +39,9 @@ def inspect(
     console.print(f"  model   {m['family']}: {human(info['num_params'])} parameters, {m['num_layers']} layers, "
                   f"hidden {m['hidden_size']}, vocab {info['vocab_size']}", highlight=False)
     console.print(f"  layout  tp={info['tp']} pp={info['pp']} vpp={info['vpp']} ep={info['ep']}"
-                  + (f" spec={info['spec']}" if info["spec"] else "") + f", dtype {info['dtype']}", highlight=False)
+                  + (f" spec={info['spec']}" if info["spec"] else "") + f", dtype {info['dtype']}"
+                  + (f" (stored {info['quantization'].upper()}, read dequantized)" if info["quantization"] else ""),
+                  highlight=False)
     console.print(f"  files   {len(info['files'])} files, {info['total_bytes'] / 1e9:.3f} GB", highlight=False)
     for p in info["problems"]:
         console.print(f"  [red]problem[/] {escape(str(p))}", highlight=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Optional
 
@@ -66,6 +65,8 @@ class Adapter:
             return None
         mapping, names = present[0]
         parts = {role: reader.extents(name) for role, name in names.items()}
+        if any(p is None for p in parts.values()):
+            return None  # stored quantised: read and dequantised instead
         try:
             out = mapping.extents(parts, cfg)
         except ValueError:
@@ -112,29 +113,7 @@ def _read(read: Read, name: str) -> torch.Tensor:
 
 def read_row(reader: HFReader, name: str, row: int) -> torch.Tensor:
     """Row `row` of a stored [N, ...] tensor, read by itself (a fused expert tensor can be many GB)."""
-    if name not in reader:
-        raise CheckpointError(f"{reader.path} has no tensor {name}; the checkpoint does not match its config.")
-    file = reader.weight_map[name]
-    meta = reader.headers[file][name]
-    shape = meta["shape"]
-    if not shape or not 0 <= row < shape[0]:
-        raise CheckpointError(
-            f"{name} in {reader.path} has shape {tuple(shape)}, so it has no row {row}; the checkpoint does "
-            "not match its config."
-        )
-    begin, end = meta["data_offsets"]
-    size = (end - begin) // shape[0]
-    buf = bytearray(size)
-    with open(reader.path / file, "rb", buffering=0) as f:
-        (header,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + header + begin + row * size)
-        got = f.readinto(buf)
-    if got != size:
-        raise CheckpointError(f"{reader.path / file} is truncated; re-download or re-convert it.")
-    dtype = reader.torch_dtype(name)
-    if not buf:
-        return torch.empty(shape[1:], dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape[1:])
+    return reader.get_row(name, row)
 
 
 def register(adapter: Adapter, as_family: bool = True) -> Adapter:

@@ -58,6 +58,7 @@ def describe(path: Path, trust_pickle: bool = False, vocab_size: Optional[int] =
         "ep": lay.ep,
         "spec": src.megatron.spelling if src.megatron is not None else None,
         "dtype": str(src.dtype).replace("torch.", ""),
+        "quantization": src.quantization,  # "mxfp4": stored quantised, read (and counted) dequantised
         "num_params": count.total,
         "active_params": count.active,
         "vocab_size": src.cfg.vocab_size,

@@ -144,6 +144,12 @@ def stage(src, dst: Path, assets: Assets, tick: Callable[[int], None]) -> None:
                 _link_or_copy(f, tmp / f.name)
 
 
+def _stored_dtype(src) -> str:
+    """What the uploaded weights are stored as: an HF folder goes up as it is, MXFP4 halves included."""
+    dtype = str(src.dtype).replace("torch.", "")
+    return f"{dtype} and {src.quantization.upper()}" if src.fmt == "hf" and src.quantization else dtype
+
+
 def write_card(src, dst: Path, req: Request) -> tuple[str, bool]:
     """README.md: an HF source's own card is kept as is; otherwise mzoo's card is written."""
 
@@ -155,7 +161,7 @@ def write_card(src, dst: Path, req: Request) -> tuple[str, bool]:
                                                         "vpp": lay.layout.vpp, "ep": lay.layout.ep,
                                                         "spec": lay.spelling}
     facts = CardFacts(
-        repo_id=req.repo_id, cfg=src.cfg, dtype=str(src.dtype).replace("torch.", ""), source_format=src.fmt,
+        repo_id=req.repo_id, cfg=src.cfg, dtype=_stored_dtype(src), source_format=src.fmt,
         layout=layout, iteration=src.iteration if src.fmt != "hf" else None, license=req.license,
         base_model=known_base_model(src.path, src.fmt, req.base_model),
         training=training_facts(src.path, src.fmt, src.iteration),

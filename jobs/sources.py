@@ -75,6 +75,7 @@ class Source:
     tensors: list[CanonicalTensor] = field(default_factory=list)
     # a canonical tensor as extents of the source files (kernel copy), where the format allows it
     extents: Optional[Callable[[str], Optional[TensorExtents]]] = None
+    quantization: Optional[str] = None  # how the stored weights are quantised ("mxfp4"); read dequantised
 
     def __post_init__(self) -> None:
         shapes = {t.name: t.shape for t in self.tensors}
@@ -137,7 +138,7 @@ def open_source(path: str | Path, trust_pickle: bool = False, vocab_size: Option
         # (Megatron-LM <= 0.15 refuses a tracker holding 0)
         return Source(path, fmt, cfg, dtype, lambda n: adapter.to_canonical(n, reader.get, cfg), iteration="release",
                       assets=folder_assets(path, reader.config), files=_files(path), tensors=canonical_tensors(cfg),
-                      extents=lambda n: adapter.extents(n, reader, cfg))
+                      extents=lambda n: adapter.extents(n, reader, cfg), quantization=reader.quantization)
     folder, iteration = find_iteration_dir(path)
     root = folder.parent if folder != path else path
     if fmt == "torch":

@@ -127,9 +127,18 @@ class HFReader:
             if name == "__metadata__" or name not in self.headers[file]:
                 raise CheckpointError(f"{INDEX} says {name} is in {file}, but it is not; the index is stale.")
         self._header_bytes = {f: _header_length(self.path / f) for f in self.headers}
+        from mzoo.ckpt import mxfp4
         from mzoo.ckpt.integrity import Checksums
 
         self.checksums = Checksums(self.path)  # mzoo.yaml's CRC-32s, checked as each shard is first used
+        self.quantization = mxfp4.quant_method(self.config, str(self.path))  # None, or "mxfp4" (others are refused)
+        # MXFP4 tensors by their dequantised name; their `_blocks` / `_scales` halves are not listed
+        self.packed = (mxfp4.packed_tensors(self.weight_map, self._stored_shape, self._stored_dtype, str(self.path))
+                       if self.quantization else {})
+        halves = {half: base for base, p in self.packed.items() for half in (p.blocks, p.scales)}
+        self._halves = set(halves)
+        self._names = [halves[n] if n in halves else n for n in self.weight_map
+                       if n not in halves or n == self.packed[halves[n]].blocks]
 
     def _shard(self, root: Path, file: str) -> Path:
         """The shard file an index entry names, refused when it is not a file inside the folder."""
@@ -173,16 +182,23 @@ class HFReader:
         raise CheckpointError(f"{self.path} has no {SINGLE} or {INDEX}; it holds no weights mzoo can read.")
 
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self._names)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.packed or (name in self.weight_map and name not in self._halves)
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.headers[self.weight_map[name]][name]["shape"])
 
-    def dtype(self, name: str) -> str:
+    def _stored_dtype(self, name: str) -> str:
         return self.headers[self.weight_map[name]][name]["dtype"]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.packed[name].shape if name in self.packed else self._stored_shape(name)
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype; an MXFP4 tensor reads as BF16."""
+        return "BF16" if name in self.packed else self._stored_dtype(name)
 
     def torch_dtype(self, name: str) -> torch.dtype:
         dtype = _TORCH_DTYPES.get(self.dtype(name))
@@ -191,34 +207,79 @@ class HFReader:
         return dtype
 
     def nbytes(self, name: str) -> int:
+        if name in self.packed:
+            return math.prod(self.packed[name].shape) * torch.bfloat16.itemsize
         begin, end = self.headers[self.weight_map[name]][name]["data_offsets"]
         return end - begin
 
     def get(self, name: str) -> torch.Tensor:
         """Read with pread into a fresh buffer (not mmap): pages read do not stay in this process's
-        RSS after the tensor is freed, so memory stays bounded by the tensors alive."""
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint does not match its config.")
+        RSS after the tensor is freed, so memory stays bounded by the tensors alive. An MXFP4
+        tensor is dequantised to bf16."""
+        if name in self.packed:
+            from mzoo.ckpt.mxfp4 import dequantize
+
+            packed = self.packed[name]
+            return dequantize(self._read(packed.blocks), self._read(packed.scales))
+        return self._read(self._check_name(name))
+
+    def get_row(self, name: str, row: int) -> torch.Tensor:
+        """Row `row` of a stacked [N, ...] tensor, read by itself (a fused expert tensor can be many GB);
+        of an MXFP4 one, that expert's blocks and scales only, dequantised."""
+        if name in self.packed:
+            from mzoo.ckpt.mxfp4 import dequantize
+
+            packed = self.packed[name]
+            self._row_range(name, packed.shape, row)
+            return dequantize(self._read(packed.blocks, row)[None], self._read(packed.scales, row)[None])[0]
+        return self._read(self._check_name(name), row)
+
+    def _check_name(self, name: str) -> str:
+        if name not in self:
+            from mzoo.ckpt.mxfp4 import unlabelled_hint
+
+            hint = "" if self.quantization else unlabelled_hint(name, self.weight_map)
+            raise CheckpointError(f"{self.path} has no tensor {name}{hint}; the checkpoint does not match its "
+                                  "config.")
+        return name
+
+    def _row_range(self, name: str, shape: tuple[int, ...], row: int) -> None:
+        if not shape or not 0 <= row < shape[0]:
+            raise CheckpointError(
+                f"{name} in {self.path} has shape {tuple(shape)}, so it has no row {row}; the checkpoint does "
+                "not match its config."
+            )
+
+    def _read(self, name: str, row: Optional[int] = None) -> torch.Tensor:
+        """A stored tensor's bytes as they are, or one row of them."""
         file = self.weight_map[name]
         meta = self.headers[file][name]
-        dtype = self.torch_dtype(name)
+        dtype = _TORCH_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{name} has dtype {meta['dtype']}, which mzoo cannot convert.")
         begin, end = meta["data_offsets"]
+        shape = list(meta["shape"])
+        if row is not None:
+            self._row_range(name, tuple(shape), row)
+            size = (end - begin) // shape[0]
+            begin, end, shape = begin + row * size, begin + (row + 1) * size, shape[1:]
         self.checksums.verify(self.path / file)
         buf = bytearray(end - begin)
         if not buf:
-            return torch.empty(meta["shape"], dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         with open(self.path / file, "rb", buffering=0) as f:
             f.seek(8 + self._header_bytes[file] + begin)
             got = f.readinto(buf)
         if got != len(buf):
             raise CheckpointError(f"{self.path / file} is truncated; re-download or re-convert it.")
-        return torch.frombuffer(buf, dtype=dtype).reshape(meta["shape"])
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def extents(self, name: str) -> TensorExtents:
-        """Where tensor `name`'s bytes are, for a kernel copy (no read)."""
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.path} has no tensor {name}; the checkpoint does not match its config.")
-        file = self.weight_map[name]
+    def extents(self, name: str) -> Optional[TensorExtents]:
+        """Where tensor `name`'s bytes are, for a kernel copy (no read); None for an MXFP4 tensor,
+        whose bytes are not the tensor's (it must be read, and so dequantised)."""
+        if name in self.packed:
+            return None
+        file = self.weight_map[self._check_name(name)]
         meta = self.headers[file][name]
         begin, end = meta["data_offsets"]
         self.checksums.verify(self.path / file)
