@@ -356,7 +356,7 @@ def test_bf16_distributed_optimizer_memory_is_megatrons(monkeypatch):
                           num_attention_heads=8, num_query_groups=2, ffn_hidden_size=1408, max_position_embeddings=1024),
             "train": dict(seq_len=128, micro_batch=2, global_batch=8, steps=2, precision="bf16",
                           distributed_optimizer=True)}
-    results = D.run(_peak_rss_of_a_rank, 2, spec)
+    results = D.run(_peak_rss_of_a_rank, 2, spec, start="spawn")  # glibc reads MALLOC_ at process start
     cfg = ModelConfig.from_dict(spec["model"])
     settings = Settings(128, 8, 2, distributed_optimizer=True)
     mem = memory(cfg, Layout(dp=2), settings, engine_profile("bf16"))
@@ -382,7 +382,7 @@ def test_cp2_memory_estimate_matches_measured_peak(monkeypatch):
                           num_attention_heads=4, num_query_groups=2, ffn_hidden_size=688, max_position_embeddings=4096),
             "train": dict(seq_len=1024, micro_batch=1, global_batch=2, steps=1),
             "layout": {"cp": 2}}
-    results = D.run(_peak_rss_of_a_rank, 2, spec)
+    results = D.run(_peak_rss_of_a_rank, 2, spec, start="spawn")  # glibc reads MALLOC_ at process start
     mem = memory(ModelConfig.from_dict(spec["model"]), Layout(cp=2), Settings(1024, 2, 1, distributed_optimizer=False),
                  engine_profile("fp32"))
     for rank, measured in enumerate(results):
