@@ -354,11 +354,11 @@ def test_bf16_distributed_optimizer_memory_is_megatrons(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     spec = {"model": dict(name="m-dist", family="llama", vocab_size=8192, hidden_size=512, num_layers=6,
                           num_attention_heads=8, num_query_groups=2, ffn_hidden_size=1408, max_position_embeddings=1024),
-            "train": dict(seq_len=128, micro_batch=2, global_batch=8, steps=2, precision="bf16",
+            "train": dict(seq_len=128, micro_batch=2, global_batch=4, steps=2, precision="bf16",
                           distributed_optimizer=True)}
     results = D.run(_peak_rss_of_a_rank, 2, spec, start="spawn")  # glibc reads MALLOC_ at process start
     cfg = ModelConfig.from_dict(spec["model"])
-    settings = Settings(128, 8, 2, distributed_optimizer=True)
+    settings = Settings(128, 4, 2, distributed_optimizer=True)
     mem = memory(cfg, Layout(dp=2), settings, engine_profile("bf16"))
     n = results[0]["params"]
     assert mem.weights + mem.gradients + mem.optimizer == pytest.approx(n * (2 + 4 + 12 / 2))
