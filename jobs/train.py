@@ -235,11 +235,11 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
 
 
 def check_memory(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, device: str, local_processes: int,
-                 force: bool) -> Optional[str]:
+                 force: bool, lora=None) -> Optional[str]:
     """Stop in one sentence, before anything is allocated, when a rank's estimated peak exceeds what
-    its device offers; with `force`, the warning to show instead."""
+    its device offers; with `force`, the warning to show instead. `lora`: a LoRA run's adapters."""
     where = resolve_device(device)
-    result = fit.check(cfg, layout, tcfg, where, local_processes)
+    result = fit.check(cfg, layout, tcfg, where, local_processes, lora)
     if result.fits:
         return None
     sentence = fit.refusal(cfg, layout, tcfg, where, result)

@@ -48,6 +48,7 @@ class RunConfig:
     tensorboard: Optional[str] = None
     save_format: str = "megatron"  # or "hf": weights only, for inference and sharing (finetuning)
     device: str = "auto"  # auto (this rank's GPU when there is one), cuda or cpu
+    adapter_only: bool = False  # LoRA: a save holds the trainable (adapter) tensors only, the base is frozen
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -82,12 +83,14 @@ def build_state(layout: Layout, device: Optional[torch.device] = None) -> Parall
 
 @torch.no_grad()
 def gather_canonical(model: torch.nn.Module, state: ParallelState,
-                     values: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                     values: Optional[list[torch.Tensor]] = None, trainable: bool = False) -> dict[str, torch.Tensor]:
     """Canonical tensors of the parameters (or of per-parameter `values`, e.g. Adam states):
     TP shards merged on every rank, pipeline stages collected on the first stage. Holds the whole
-    model: fine for the sizes `mzoo train` saves today (see the issue notes)."""
+    model: fine for the sizes `mzoo train` saves today (see the issue notes). `trainable`: only the
+    parameters that train (a LoRA run's adapters)."""
     out: dict[str, torch.Tensor] = {}
-    for i, (name, p) in enumerate(model.canonical_parameters()):
+    named = [(n, p) for n, p in model.canonical_parameters() if p.requires_grad or not trainable]
+    for i, (name, p) in enumerate(named):
         local = p if values is None else values[i]
         if name in out:  # a tied copy on the last stage repeats the embedding
             continue
@@ -110,7 +113,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
     from safetensors.torch import save_file
 
     trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
-    tensors = gather_canonical(model, state)
+    tensors = gather_canonical(model, state, trainable=rc.adapter_only)
     if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
         if state.rank == 0:
             hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, lambda folder: None)
@@ -119,7 +122,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
         return
     opt = {}
     for kind, values in trainer.optimizer.param_states().items():
-        for name, value in gather_canonical(model, state, values).items():
+        for name, value in gather_canonical(model, state, values, trainable=True).items():  # states: trainable only
             opt[f"{kind}/{name}"] = value.contiguous()
     position = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
                 "optimizer_step": trainer.optimizer.step_count}
@@ -210,7 +213,7 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
     states = {}
     for kind in trainer.optimizer.KINDS:
         states[kind] = [to_local(p, saved[f"{kind}/{n}"], state.tp, state.tp_rank)
-                        for n, p in model.canonical_parameters()]
+                        for n, p in model.canonical_parameters() if p.requires_grad]
     position = json.loads((folder / TRAIN_STATE_FILE).read_text())
     trainer.optimizer.load_param_states(states, position["optimizer_step"])
     trainer.step, trainer.consumed_samples = position["step"], position["consumed_samples"]

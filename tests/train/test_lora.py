@@ -1,0 +1,216 @@
+"""LoRA against the real peft package: an adapter mzoo trains loads with PeftModel.from_pretrained to
+mzoo's logits (also when trained at TP2 and PP2), an adapter peft makes loads into mzoo to peft's
+logits, a merge equals peft's merge_and_unload(), TP2 and PP2 give the one-process loss curve, and
+only the adapters reach the optimizer (memory counted exactly, and as the planner counts it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dist as D
+import pytest
+import torch
+from conftest import all_safetensors, make_hf_model
+from typer.testing import CliRunner
+
+from mzoo.cli.main import app
+from mzoo.converters.hf import read_config
+from mzoo.converters.peft import read_adapter, save_adapter
+from mzoo.data import sft
+from mzoo.layout import Layout
+from mzoo.models import build_chunks, build_model
+from mzoo.models.canonical import load_canonical
+from mzoo.models.lora import adapter_parameters, add_lora, load_adapters
+from mzoo.parallel.lora import LoRAConfig
+from mzoo.parallel.state import ParallelState
+from mzoo.train.run import gather_canonical
+from mzoo.train.trainer import TrainConfig, Trainer
+
+peft = pytest.importorskip("peft")  # a test extra (pyproject's [test]); never skipped where it is installed
+
+from test_sft import _task, make_tokenizer, write_jsonl  # noqa: E402
+
+LORA = LoRAConfig(rank=4, alpha=8.0)
+IDS = torch.tensor([[5, 9, 17, 33, 2, 70, 41, 8, 99, 12], [3, 3, 60, 21, 7, 88, 14, 50, 6, 1]])
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    root = tmp_path_factory.mktemp("lora")
+    make_tokenizer(root)
+    make_hf_model(root / "model", LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64))
+    write_jsonl(root / "train.jsonl", _task(32, 0))
+    return root
+
+
+def _model(folder: Path, state: ParallelState, lora: LoRAConfig = LORA, b_std: float = 0.02):
+    """This rank's chunks of the HF base, frozen, with adapters (B non-zero so a dropped B fails)."""
+    reader, adapter, cfg = read_config(folder / "model")
+    model = build_chunks(cfg, state, dtype=torch.float32)
+    load_canonical(model, lambda name: adapter.to_canonical(name, reader.get, cfg))
+    add_lora(model, cfg, lora, seed=3, b_std=b_std)
+    return model
+
+
+def _mzoo_logits(folder: Path, tensors: dict, lora: LoRAConfig = LORA) -> torch.Tensor:
+    model = _model(folder, ParallelState.single(), lora)
+    load_adapters(model, tensors)
+    with torch.no_grad():
+        return model[0].eval()(IDS)
+
+
+def _peft_logits(folder: Path, adapter_dir: Path) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()(IDS).logits
+
+
+def _train(folder: str, state: ParallelState, steps: int = 4):
+    """A few LoRA steps on the SFT task: (losses, the adapter's canonical tensors, optimizer sizes)."""
+    from transformers import AutoTokenizer
+
+    model = _model(Path(folder), state)
+    train, _, _ = sft.build(sft.SFTConfig(Path(folder) / "train.jsonl", "prompt-completion"),
+                            AutoTokenizer.from_pretrained(folder), 32, 128, 0)
+    tcfg = TrainConfig(seq_len=32, micro_batch=2, global_batch=4, steps=steps, lr=3e-3, min_lr=3e-4, warmup=1,
+                       weight_decay=0.0)
+    trainer = Trainer(model, model.cfg, state, tcfg, sft.sampler(train, 0))
+    losses = [log.loss for log in trainer.train()]
+    opt = trainer.optimizer
+    sizes = {"optimizer_params": sum(p.numel() for p in opt.params),
+             "adapter_params": sum(p.numel() for _, p in adapter_parameters(model)),
+             "main_grad": sum(g.main_grad.numel() for g, _ in opt.groups),
+             "with_grad": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return losses, gather_canonical(model, state, trainable=True), sizes
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    torch.set_num_threads(1)
+    return _train(str(folder), ParallelState.single())
+
+
+def test_mzoo_adapter_loads_in_peft_with_the_same_logits_and_merges_as_peft(folder, reference, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, tensors, sizes = reference
+    assert sizes["optimizer_params"] == sizes["adapter_params"] == sizes["with_grad"] == sizes["main_grad"]
+    out = save_adapter(read_config(folder / "model")[2], LORA, tensors, tmp_path / "adapter", str(folder / "model"))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    ours, theirs = _mzoo_logits(folder, tensors), _peft_logits(folder, out)
+    assert (ours - theirs).abs().max() <= 1e-4
+    base = _mzoo_logits(folder, {n: torch.zeros_like(t) if "linear_out" in n else t for n, t in tensors.items()})
+    assert (ours - base).abs().max() > 1e-2  # the adapter matters
+    # --merge: W + scaling B A fused per projection equals peft's merge_and_unload()
+    from peft import PeftModel
+
+    merged_hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "model"), out).merge_and_unload()
+    result = CliRunner().invoke(app, ["convert", "hf->hf", str(folder / "model"), str(tmp_path / "merged"),
+                                      "--merge", str(out)])
+    assert result.exit_code == 0, result.output
+    mine = all_safetensors(tmp_path / "merged")
+    for name, value in merged_hf.state_dict().items():
+        assert (mine[name] - value).abs().max() <= 1e-6, name
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(IDS).logits
+    assert (logits - theirs).abs().max() <= 1e-4
+
+
+def test_peft_made_adapter_loads_into_mzoo_with_peft_logits(folder, tmp_path):
+    """peft's default llama targets (q and v only) and its random B: mzoo's adapter takes it as it is."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    made = get_peft_model(base, LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False))
+    made.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        theirs = made.eval()(IDS).logits
+    cfg = read_config(folder / "model")[2]
+    lora, tensors = read_adapter(tmp_path / "theirs", cfg)
+    assert (lora.rank, lora.alpha, lora.parts) == (2, 5.0, ("fc2", "q", "v"))
+    assert (_mzoo_logits(folder, tensors, lora) - theirs).abs().max() <= 1e-4
+
+
+LAYOUTS = {"tp2-sp": dict(tp=2, sequence_parallel=True), "pp2": dict(pp=2)}
+
+
+def _layouts_worker(rank, world, folder):
+    return {name: _train(folder, ParallelState.build(Layout(**layout))) for name, layout in LAYOUTS.items()}
+
+
+@pytest.mark.dist
+def test_tp2_and_pp2_match_one_process_and_save_what_peft_loads(folder, reference, tmp_path):
+    """The done-when: a LoRA finetune at TP2 (with sequence parallelism) and at PP2 gives the
+    one-process losses within 1e-5 and saves an adapter that peft loads to mzoo's logits. One launch
+    runs both layouts."""
+    cfg = read_config(folder / "model")[2]
+    for name, (losses, tensors, sizes) in D.run(_layouts_worker, 2, str(folder))[0].items():
+        assert max(abs(a - b) for a, b in zip(losses, reference[0])) <= 1e-5, (name, losses, reference[0])
+        assert sizes["optimizer_params"] == sizes["adapter_params"] < reference[2]["adapter_params"]  # a shard each
+        assert set(tensors) == set(reference[1])
+        for key, value in reference[1].items():
+            assert (tensors[key] - value).abs().max() <= 1e-5, (name, key)
+        out = save_adapter(cfg, LORA, tensors, tmp_path / name)
+        assert (_mzoo_logits(folder, tensors) - _peft_logits(folder, out)).abs().max() <= 1e-4, name
+
+
+def test_planner_counts_the_adapters_exactly(folder):
+    """The planner's adapter elements per TP rank equal the engine's, and a LoRA run's optimizer,
+    gradient and weight bytes are the base in its dtype plus the adapters' state."""
+    from mzoo.plan.costs import as_model, lora_params, stages
+    from mzoo.plan.memory import stage_memory
+    from mzoo.plan.profile import engine_profile
+    from mzoo.plan.settings import Settings
+
+    cfg = read_config(folder / "model")[2]
+    for tp in (1, 2):
+        model = build_model(cfg, ParallelState.single(Layout(tp=tp)), device="meta")
+        add_lora(model, cfg, LORA)
+        engine = sum(p.numel() for _, p in adapter_parameters(model))
+        stage = stages(cfg, Layout(tp=tp))[0]
+        assert lora_params(cfg, as_model(cfg).kinds(stage.ranges), tp, LORA.rank, frozenset(LORA.parts)) == engine
+    profile = engine_profile("bf16", False, "cuda")
+    full = stage_memory(cfg, Layout(), Settings(32, 4, 2), profile, stages(cfg, Layout())[0])
+    lora = stage_memory(cfg, Layout(), Settings(32, 4, 2, lora_rank=4, lora_parts=frozenset(LORA.parts)), profile,
+                        stages(cfg, Layout())[0])
+    adapters = lora_params(cfg, as_model(cfg).kinds(stages(cfg, Layout())[0].ranges), 1, 4, frozenset(LORA.parts))
+    assert lora.weights == full.weights + adapters * profile.param
+    assert lora.gradients == adapters * profile.grad
+    assert lora.optimizer == adapters * (profile.master + profile.moments)
+
+
+def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tmp_path):
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(folder / "model", start)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / f, start / f)
+    out = tmp_path / "adapter"
+    common = ["finetune", str(start), "--data", str(folder / "train.jsonl"), "--format", "prompt-completion",
+              "--seq-len", "32", "--global-batch", "4", "--lr", "3e-3", "--json"]
+    lora = ["--lora-rank", "4", "--lora-targets", "qkv,fc2"]
+    result = CliRunner().invoke(app, common + lora + ["--steps", "3", "--save", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
+        ["adapter_config.json", "adapter_model.safetensors"]
+    # continue training from it, then generate with it
+    again = CliRunner().invoke(app, common + ["--steps", "2", "--adapter", str(out), "--save", str(tmp_path / "a2")])
+    assert again.exit_code == 0, again.output
+    gen = CliRunner().invoke(app, ["generate", str(start), "--adapter", str(tmp_path / "a2"), "--prompt-ids",
+                                   "5,9,17", "--max-new-tokens", "4", "--json"])
+    assert gen.exit_code == 0, gen.output
+    bad = CliRunner().invoke(app, common + lora + ["--save-format", "megatron", "--save", str(tmp_path / "m")])
+    assert bad.exit_code == 2 and "saves a peft adapter" in bad.output
