@@ -11,12 +11,9 @@ from pathlib import Path
 import dist as D
 import pytest
 import torch
-from conftest import all_safetensors, make_hf_model
-from typer.testing import CliRunner
 
-from mzoo.cli.main import app
-from mzoo.converters.hf import read_config
-from mzoo.converters.peft import read_adapter, save_adapter
+# light imports only at the top: the distributed workers import this module (peft and transformers
+# take 5-15 s to import on a loaded machine), so those are imported where they are used
 from mzoo.data import sft
 from mzoo.layout import Layout
 from mzoo.models import build_chunks, build_model
@@ -27,16 +24,14 @@ from mzoo.parallel.state import ParallelState
 from mzoo.train.run import gather_canonical
 from mzoo.train.trainer import TrainConfig, Trainer
 
-peft = pytest.importorskip("peft")  # a test extra (pyproject's [test]); never skipped where it is installed
-
-from test_sft import _task, make_tokenizer, write_jsonl  # noqa: E402
-
 LORA = LoRAConfig(rank=4, alpha=8.0)
 IDS = torch.tensor([[5, 9, 17, 33, 2, 70, 41, 8, 99, 12], [3, 3, 60, 21, 7, 88, 14, 50, 6, 1]])
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    from conftest import make_hf_model
+    from test_sft import _task, make_tokenizer, write_jsonl
     from transformers import LlamaConfig
 
     root = tmp_path_factory.mktemp("lora")
@@ -48,17 +43,37 @@ def folder(tmp_path_factory):
     return root
 
 
-def _model(folder: Path, state: ParallelState, lora: LoRAConfig = LORA, b_std: float = 0.02):
-    """This rank's chunks of the HF base, frozen, with adapters (B non-zero so a dropped B fails)."""
+@pytest.fixture(scope="module")
+def base(folder):
+    """(config, canonical base tensors, packed training samples): what every layout trains from."""
+    from transformers import AutoTokenizer
+
+    from mzoo.converters.hf import read_config
+
     reader, adapter, cfg = read_config(folder / "model")
+    tensors = {t.name: adapter.to_canonical(t.name, reader.get, cfg) for t in _canonical(cfg)}
+    train, _, _ = sft.build(sft.SFTConfig(folder / "train.jsonl", "prompt-completion"),
+                            AutoTokenizer.from_pretrained(folder), 32, 128, 0)
+    return cfg, tensors, list(train)
+
+
+def _canonical(cfg):
+    from mzoo.models.canonical import canonical_tensors
+
+    return canonical_tensors(cfg)
+
+
+def _model(base, state: ParallelState, lora: LoRAConfig = LORA, b_std: float = 0.02):
+    """This rank's chunks of the HF base, frozen, with adapters (B non-zero so a dropped B fails)."""
+    cfg, tensors, _ = base
     model = build_chunks(cfg, state, dtype=torch.float32)
-    load_canonical(model, lambda name: adapter.to_canonical(name, reader.get, cfg))
+    load_canonical(model, tensors.__getitem__)
     add_lora(model, cfg, lora, seed=3, b_std=b_std)
     return model
 
 
-def _mzoo_logits(folder: Path, tensors: dict, lora: LoRAConfig = LORA) -> torch.Tensor:
-    model = _model(folder, ParallelState.single(), lora)
+def _mzoo_logits(base, tensors: dict, lora: LoRAConfig = LORA) -> torch.Tensor:
+    model = _model(base, ParallelState.single(), lora)
     load_adapters(model, tensors)
     with torch.no_grad():
         return model[0].eval()(IDS)
@@ -73,17 +88,15 @@ def _peft_logits(folder: Path, adapter_dir: Path) -> torch.Tensor:
         return PeftModel.from_pretrained(base, adapter_dir).eval()(IDS).logits
 
 
-def _train(folder: str, state: ParallelState, steps: int = 4):
-    """A few LoRA steps on the SFT task: (losses, the adapter's canonical tensors, optimizer sizes)."""
-    from transformers import AutoTokenizer
-
-    model = _model(Path(folder), state)
-    train, _, _ = sft.build(sft.SFTConfig(Path(folder) / "train.jsonl", "prompt-completion"),
-                            AutoTokenizer.from_pretrained(folder), 32, 128, 0)
+def _train(base, state: ParallelState, steps: int = 4, **engine):
+    """A few LoRA steps on the SFT task: (losses and grad norms, the adapter's canonical tensors, sizes)."""
+    model = _model(base, state)
+    train = base[2]
     tcfg = TrainConfig(seq_len=32, micro_batch=2, global_batch=4, steps=steps, lr=3e-3, min_lr=3e-4, warmup=1,
-                       weight_decay=0.0)
+                       weight_decay=0.0, **engine)
     trainer = Trainer(model, model.cfg, state, tcfg, sft.sampler(train, 0))
-    losses = [log.loss for log in trainer.train()]
+    logs = trainer.train()
+    losses = [log.loss for log in logs] + [log.grad_norm for log in logs]  # the norm counts each tensor once
     opt = trainer.optimizer
     sizes = {"optimizer_params": sum(p.numel() for p in opt.params),
              "adapter_params": sum(p.numel() for _, p in adapter_parameters(model)),
@@ -93,26 +106,30 @@ def _train(folder: str, state: ParallelState, steps: int = 4):
 
 
 @pytest.fixture(scope="module")
-def reference(folder):
+def reference(base):
     torch.set_num_threads(1)
-    return _train(str(folder), ParallelState.single())
+    return _train(base, ParallelState.single())
 
 
-def test_mzoo_adapter_loads_in_peft_with_the_same_logits_and_merges_as_peft(folder, reference, tmp_path):
+def test_mzoo_adapter_loads_in_peft_with_the_same_logits_and_merges_as_peft(folder, base, reference, tmp_path):
+    from conftest import all_safetensors
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+    from mzoo.converters.peft import save_adapter
 
     _, tensors, sizes = reference
     assert sizes["optimizer_params"] == sizes["adapter_params"] == sizes["with_grad"] == sizes["main_grad"]
-    out = save_adapter(read_config(folder / "model")[2], LORA, tensors, tmp_path / "adapter", str(folder / "model"))
+    out = save_adapter(base[0], LORA, tensors, tmp_path / "adapter", str(folder / "model"))
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    ours, theirs = _mzoo_logits(folder, tensors), _peft_logits(folder, out)
+    ours, theirs = _mzoo_logits(base, tensors), _peft_logits(folder, out)
     assert (ours - theirs).abs().max() <= 1e-4
-    base = _mzoo_logits(folder, {n: torch.zeros_like(t) if "linear_out" in n else t for n, t in tensors.items()})
-    assert (ours - base).abs().max() > 1e-2  # the adapter matters
+    plain = _mzoo_logits(base, {n: torch.zeros_like(t) if "linear_out" in n else t for n, t in tensors.items()})
+    assert (ours - plain).abs().max() > 1e-2  # the adapter matters
     # --merge: W + scaling B A fused per projection equals peft's merge_and_unload()
-    from peft import PeftModel
-
     merged_hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "model"), out).merge_and_unload()
     result = CliRunner().invoke(app, ["convert", "hf->hf", str(folder / "model"), str(tmp_path / "merged"),
                                       "--merge", str(out)])
@@ -125,48 +142,55 @@ def test_mzoo_adapter_loads_in_peft_with_the_same_logits_and_merges_as_peft(fold
     assert (logits - theirs).abs().max() <= 1e-4
 
 
-def test_peft_made_adapter_loads_into_mzoo_with_peft_logits(folder, tmp_path):
-    """peft's default llama targets (q and v only) and its random B: mzoo's adapter takes it as it is."""
+def test_peft_made_adapter_loads_into_mzoo_with_peft_logits(folder, base, tmp_path):
+    """peft's default llama targets (q and v; here down_proj too) and its random B (init_lora_weights
+    False): mzoo's adapter takes it as it is."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from mzoo.converters.peft import read_adapter
+
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
-    made = get_peft_model(base, LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
+    hf = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    made = get_peft_model(hf, LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
                                            init_lora_weights=False))
     made.save_pretrained(tmp_path / "theirs")
     with torch.no_grad():
         theirs = made.eval()(IDS).logits
-    cfg = read_config(folder / "model")[2]
-    lora, tensors = read_adapter(tmp_path / "theirs", cfg)
+    lora, tensors = read_adapter(tmp_path / "theirs", base[0])
     assert (lora.rank, lora.alpha, lora.parts) == (2, 5.0, ("fc2", "q", "v"))
-    assert (_mzoo_logits(folder, tensors, lora) - theirs).abs().max() <= 1e-4
+    assert (_mzoo_logits(base, tensors, lora) - theirs).abs().max() <= 1e-4
 
 
-LAYOUTS = {"tp2-sp": dict(tp=2, sequence_parallel=True), "pp2": dict(pp=2)}
+LAYOUTS = {"tp2-sp": (dict(tp=2, sequence_parallel=True), {}), "pp2": (dict(pp=2), {}),
+           "dp2-distributed-overlap": (dict(dp=2), dict(distributed_optimizer=True, overlap_grad_reduce=True,
+                                                        overlap_param_gather=True))}
 
 
-def _layouts_worker(rank, world, folder):
-    return {name: _train(folder, ParallelState.build(Layout(**layout))) for name, layout in LAYOUTS.items()}
+def _layouts_worker(rank, world, base):
+    return {name: _train(base, ParallelState.build(Layout(**layout)), **engine)
+            for name, (layout, engine) in LAYOUTS.items()}
 
 
 @pytest.mark.dist
-def test_tp2_and_pp2_match_one_process_and_save_what_peft_loads(folder, reference, tmp_path):
-    """The done-when: a LoRA finetune at TP2 (with sequence parallelism) and at PP2 gives the
-    one-process losses within 1e-5 and saves an adapter that peft loads to mzoo's logits. One launch
-    runs both layouts."""
-    cfg = read_config(folder / "model")[2]
-    for name, (losses, tensors, sizes) in D.run(_layouts_worker, 2, str(folder))[0].items():
+def test_tp2_pp2_dp2_match_one_process_and_save_what_peft_loads(folder, base, reference, tmp_path):
+    """The done-when: a LoRA finetune at TP2 (with sequence parallelism), at PP2 and at DP2 with the
+    distributed optimizer and both overlaps gives the one-process losses and gradient norms within
+    1e-5 and saves an adapter that peft loads to mzoo's logits. One launch runs the three layouts."""
+    from mzoo.converters.peft import save_adapter
+
+    for name, (losses, tensors, sizes) in D.run(_layouts_worker, 2, base)[0].items():
         assert max(abs(a - b) for a, b in zip(losses, reference[0])) <= 1e-5, (name, losses, reference[0])
-        assert sizes["optimizer_params"] == sizes["adapter_params"] < reference[2]["adapter_params"]  # a shard each
+        assert sizes["optimizer_params"] == sizes["adapter_params"] <= reference[2]["adapter_params"]
+        assert sizes["main_grad"] <= sizes["adapter_params"] + 2  # (bucket padding): nothing for the base
         assert set(tensors) == set(reference[1])
         for key, value in reference[1].items():
             assert (tensors[key] - value).abs().max() <= 1e-5, (name, key)
-        out = save_adapter(cfg, LORA, tensors, tmp_path / name)
-        assert (_mzoo_logits(folder, tensors) - _peft_logits(folder, out)).abs().max() <= 1e-4, name
+        out = save_adapter(base[0], LORA, tensors, tmp_path / name)
+        assert (_mzoo_logits(base, tensors) - _peft_logits(folder, out)).abs().max() <= 1e-4, name
 
 
-def test_planner_counts_the_adapters_exactly(folder):
+def test_planner_counts_the_adapters_exactly(base):
     """The planner's adapter elements per TP rank equal the engine's, and a LoRA run's optimizer,
     gradient and weight bytes are the base in its dtype plus the adapters' state."""
     from mzoo.plan.costs import as_model, lora_params, stages
@@ -174,7 +198,7 @@ def test_planner_counts_the_adapters_exactly(folder):
     from mzoo.plan.profile import engine_profile
     from mzoo.plan.settings import Settings
 
-    cfg = read_config(folder / "model")[2]
+    cfg = base[0]
     for tp in (1, 2):
         model = build_model(cfg, ParallelState.single(Layout(tp=tp)), device="meta")
         add_lora(model, cfg, LORA)
@@ -193,6 +217,10 @@ def test_planner_counts_the_adapters_exactly(folder):
 
 def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tmp_path):
     import shutil
+
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
 
     start = tmp_path / "start"
     shutil.copytree(folder / "model", start)
