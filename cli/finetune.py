@@ -61,6 +61,9 @@ def finetune(
                                      "qkv, proj, fc1, fc2 (one adapter per Hugging Face projection)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A peft LoRA adapter to continue training "
                                            "(its rank, alpha and targets)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
+                                 "estimate (adapters included), start nothing."),
+    dry_run_rank: int = O.option(0, "--dry-run-rank", help="The global rank --dry-run reports on.", rule=V.NON_NEGATIVE),
 ) -> None:
     """Finetune a checkpoint on prompt/completion, chat or plain-text JSONL; the loss covers only the
     completion (assistant) tokens, examples are packed with attention kept inside each.
@@ -89,8 +92,15 @@ def finetune(
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                     clip_grad, seed),
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters, overwrite),
-        save_format=save_format, trust_pickle=trust_pickle, lora=lora, adapter=adapter)
+        save_format=save_format, trust_pickle=trust_pickle, lora=lora, adapter=adapter, dry_run=dry_run)
     prepared = job.prepare_finetune(request)
+    if dry_run:  # everything above is what finetune checks before launch
+        from mzoo.cli.running import print_dry_run
+        from mzoo.jobs.plan import dry_run as report
+
+        rc = prepared.run
+        print_dry_run(report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.device, prepared.lora), as_json)
+        return
     stats = prepared.data_stats
     if not as_json and not in_launcher():
         console.print(f"data: {stats['examples']} examples -> {stats['samples']} sequences of {seq_len} tokens, "

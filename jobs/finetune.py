@@ -57,6 +57,7 @@ class FinetuneRequest:
     trust_pickle: bool = False
     lora: Optional[LoRAConfig] = None  # train low-rank adapters only; --save writes a peft adapter
     adapter: Optional[Path] = None  # a peft LoRA adapter to continue training (its rank, alpha, targets)
+    dry_run: bool = False  # check everything, then report one rank's parameters and memory (the CLI prints it)
 
 
 def lora_hooks(base: Hooks, lora: LoRAConfig, start: Optional[dict], seed: int, base_model: str) -> Hooks:
@@ -128,8 +129,9 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
     tcfg.validate_compile(cfg)
     notes = []
-    warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force, lora=lora)  # before the data too
-    notes += [warning] if warning else []
+    if not req.dry_run:
+        warning = check_memory(cfg, layout, tcfg, eng.device, world // req.launch.nnodes, eng.force, lora=lora)
+        notes += [warning] if warning else []  # before the data too
     sft = sft_data.SFTConfig(ex.data, ex.format, ex.valid_data, ex.valid_fraction, ex.packing)
     tokenizer = load_transformers_tokenizer(tokenizer_dir)
     train, valid, stats = sft_data.build(sft, tokenizer, h.seq_len, cfg.vocab_size, h.seed)  # bad data fails here
@@ -152,4 +154,4 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
         saved = f"saved the LoRA adapter (peft) to {out.save}"
     return Prepared("finetune", rc, run_hooks, world, req.launch, saved=saved, notes=notes,
                     device=resolve_device(eng.device).type, data_stats=stats,
-                    loaded=loaded_from(src, req.ckpt, None))  # weights only: a new schedule
+                    loaded=loaded_from(src, req.ckpt, None), lora=lora)  # weights only: a new schedule

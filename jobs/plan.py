@@ -155,9 +155,11 @@ class DryRun:
     profile: Profile
     device: str
     count: int = field(init=False)
+    trainable: int = field(init=False)  # elements that train (a LoRA finetune: the adapters)
 
     def __post_init__(self) -> None:
         self.count = sum(p["numel"] for p in self.parameters)
+        self.trainable = sum(p["numel"] for p in self.parameters if p["trainable"])
 
     def as_dict(self) -> dict[str, Any]:
         lay = self.layout
@@ -167,6 +169,7 @@ class DryRun:
                            "sequence_parallel": lay.sequence_parallel, "first_stage_layers": lay.first_stage_layers,
                            "last_stage_layers": lay.last_stage_layers},
                 "layers": list(self.stage.layers), "parameters": self.parameters, "count": self.count,
+                "trainable": self.trainable,
                 "memory": {"profile": self.profile.name, "device": self.device, **self.memory.as_dict()}}
 
 
@@ -186,9 +189,11 @@ def check_listing(cfg: ModelConfig, stage: Stage, rank: int) -> None:
                    "`mzoo plan MODEL --gpus N` estimates memory without a meta model")
 
 
-def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, device: str = "cpu") -> DryRun:
+def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, device: str = "cpu",
+            lora=None) -> DryRun:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) with the
-    planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
+    planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu'); `lora`: with the adapters
+    a LoRA finetune adds (the base frozen)."""
     world = layout.world_size
     if not 0 <= rank < world:
         raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
@@ -196,9 +201,14 @@ def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, devi
     stage = stages(cfg, layout)[state.pp_rank]
     check_listing(cfg, stage, rank)
     chunks = build_chunks(cfg, state, device="meta")
-    params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
+    if lora is not None:
+        from mzoo.models.lora import add_lora
+
+        add_lora(chunks, cfg, lora)
+    params = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "trainable": p.requires_grad}
+              for n, p in chunks.canonical_parameters()]
     profile = engine_profile(tcfg.precision, layout.sequence_parallel, device)
-    mem = stage_memory(cfg, layout, settings_of(tcfg), profile, stage)
+    mem = stage_memory(cfg, layout, settings_of(tcfg, lora), profile, stage)
     coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
               "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
     return DryRun(cfg, layout, rank, coords, stage, params, mem, profile, device)

@@ -125,6 +125,7 @@ class Prepared:
     data_stats: dict[str, int] = field(default_factory=dict)  # finetune: examples, sequences, trained tokens
     loaded: Optional["Loaded"] = None  # what --load read
     nothing_to_train: bool = False  # --load is already at the target step
+    lora: Optional[Any] = None  # finetune: the LoRA adapters the run trains (mzoo.parallel.lora.LoRAConfig)
 
 
 @dataclass(frozen=True)

@@ -240,5 +240,11 @@ def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tm
     gen = CliRunner().invoke(app, ["generate", str(start), "--adapter", str(tmp_path / "a2"), "--prompt-ids",
                                    "5,9,17", "--max-new-tokens", "4", "--json"])
     assert gen.exit_code == 0, gen.output
+    dry = CliRunner().invoke(app, common + lora + ["--tp", "2", "--dry-run", "--dry-run-rank", "1"])
+    assert dry.exit_code == 0, dry.output
+    report = json.loads(dry.output[dry.output.index("{"):])
+    trainable = [p for p in report["parameters"] if p["trainable"]]
+    assert trainable and all(".lora." in p["name"] for p in trainable)
+    assert report["trainable"] == sum(p["numel"] for p in trainable) < report["count"] / 10
     bad = CliRunner().invoke(app, common + lora + ["--save-format", "megatron", "--save", str(tmp_path / "m")])
     assert bad.exit_code == 2 and "saves a peft adapter" in bad.output
