@@ -101,7 +101,12 @@ def _train(base, state: ParallelState, steps: int = 4, **engine):
     sizes = {"optimizer_params": sum(p.numel() for p in opt.params),
              "adapter_params": sum(p.numel() for _, p in adapter_parameters(model)),
              "main_grad": sum(g.main_grad.numel() for g, _ in opt.groups),
-             "with_grad": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+             "with_grad": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             # fp32 master weights + Adam moments, this rank's slices: 12 bytes an adapter element (/ dp)
+             "optimizer_bytes": sum(4 * (g.master.numel() + g.exp_avg.numel() + g.exp_avg_sq.numel())
+                                    for g, _ in opt.groups),
+             "base_with_state": sum(1 for p in model.parameters()
+                                    if not p.requires_grad and (p.grad is not None or hasattr(p, "main_grad")))}
     return losses, gather_canonical(model, state, trainable=True), sizes
 
 
@@ -122,6 +127,7 @@ def test_mzoo_adapter_loads_in_peft_with_the_same_logits_and_merges_as_peft(fold
 
     _, tensors, sizes = reference
     assert sizes["optimizer_params"] == sizes["adapter_params"] == sizes["with_grad"] == sizes["main_grad"]
+    assert sizes["optimizer_bytes"] == 12 * sizes["adapter_params"] and sizes["base_with_state"] == 0
     out = save_adapter(base[0], LORA, tensors, tmp_path / "adapter", str(folder / "model"))
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -183,6 +189,7 @@ def test_tp2_pp2_dp2_match_one_process_and_save_what_peft_loads(folder, base, re
         assert max(abs(a - b) for a, b in zip(losses, reference[0])) <= 1e-5, (name, losses, reference[0])
         assert sizes["optimizer_params"] == sizes["adapter_params"] <= reference[2]["adapter_params"]
         assert sizes["main_grad"] <= sizes["adapter_params"] + 2  # (bucket padding): nothing for the base
+        assert sizes["base_with_state"] == 0 and sizes["optimizer_bytes"] <= 12 * (sizes["main_grad"])
         assert set(tensors) == set(reference[1])
         for key, value in reference[1].items():
             assert (tensors[key] - value).abs().max() <= 1e-5, (name, key)
@@ -238,8 +245,14 @@ def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tm
     again = CliRunner().invoke(app, common + ["--steps", "2", "--adapter", str(out), "--save", str(tmp_path / "a2")])
     assert again.exit_code == 0, again.output
     gen = CliRunner().invoke(app, ["generate", str(start), "--adapter", str(tmp_path / "a2"), "--prompt-ids",
-                                   "5,9,17", "--max-new-tokens", "4", "--json"])
+                                   "5,9,17", "--max-new-tokens", "6", "--json"])
     assert gen.exit_code == 0, gen.output
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(start), tmp_path / "a2").eval()
+    want = hf.generate(input_ids=torch.tensor([[5, 9, 17]]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert json.loads(gen.output[gen.output.index("{"):])["generated_ids"] == want[0, 3:].tolist()
     dry = CliRunner().invoke(app, common + lora + ["--tp", "2", "--dry-run", "--dry-run-rank", "1"])
     assert dry.exit_code == 0, dry.output
     report = json.loads(dry.output[dry.output.index("{"):])
