@@ -72,8 +72,10 @@ def sites(cfg: ModelConfig, parts: Optional[tuple[str, ...]] = None) -> list[Sit
 
 
 def save_adapter(cfg: ModelConfig, lora: LoRAConfig, tensors: dict[str, torch.Tensor], out: Path,
-                 base_model: str = "", overwrite: bool = True) -> Path:
-    """Write canonical adapter tensors as a peft folder that PeftModel.from_pretrained loads."""
+                 base_model: str = "", overwrite: bool = True,
+                 extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write canonical adapter tensors as a peft folder that PeftModel.from_pretrained loads; `extra`
+    adds files to it before it is switched in (a training run's optimizer state, which peft ignores)."""
     from safetensors.torch import save_file
 
     chosen = sites(cfg, lora.parts)
@@ -85,6 +87,8 @@ def save_adapter(cfg: ModelConfig, lora: LoRAConfig, tensors: dict[str, torch.Te
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, adapter_config(lora, sorted({s.module.rsplit(".", 1)[-1] for s in chosen}),
                                                      base_model))
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
@@ -118,6 +122,8 @@ def read_adapter(path: Path, cfg: ModelConfig) -> tuple[LoRAConfig, dict[str, to
         if conf.get(key):
             raise UserError(f"{config_file} sets {key}, which mzoo does not support; use one rank and alpha for "
                             "every module of every layer.")
+    if conf.get("lora_bias"):
+        raise UserError(f"{config_file} sets lora_bias; mzoo loads adapters whose lora_B has no bias.")
     if conf.get("bias", "none") != "none":
         raise UserError(f"{config_file} trains biases (bias={conf['bias']}); mzoo loads adapters with bias 'none'.")
     weights = load_file(str(weights_file))

@@ -60,6 +60,19 @@ class FinetuneRequest:
     dry_run: bool = False  # check everything, then report one rank's parameters and memory (the CLI prints it)
 
 
+def adapter_position(folder: Path) -> Optional[dict]:
+    """The loop's position an mzoo LoRA run saved beside its adapter ({step, consumed_samples,
+    optimizer_step}), or None for an adapter without optimizer state (one peft made)."""
+    import json
+
+    from mzoo.train.run import OPTIMIZER_FILE, TRAIN_STATE_FILE
+
+    folder = Path(folder)
+    if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
+        return None
+    return json.loads((folder / TRAIN_STATE_FILE).read_text())
+
+
 def lora_hooks(base: Hooks, lora: LoRAConfig, start: Optional[dict], seed: int, base_model: str) -> Hooks:
     """The engine's hooks for a LoRA run: the model is built frozen with adapters (initialised as peft
     does, or from `start`, a peft adapter's canonical tensors, once the base weights are in), and a
@@ -75,7 +88,7 @@ def lora_hooks(base: Hooks, lora: LoRAConfig, start: Optional[dict], seed: int, 
             load_adapters(model, start)
 
     def save(cfg, tensors, root, iteration, extra):
-        save_adapter(cfg, lora, tensors, root, base_model)
+        save_adapter(cfg, lora, tensors, root, base_model, extra=extra)
 
     return Hooks(build, load, save, base.make_samplers)
 
@@ -91,8 +104,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
         raise UserError(f"unknown --save-format '{req.save_format}'; use hf or megatron.")
     lora = req.lora
     if (lora is not None or req.adapter is not None) and req.save_format != "hf":
-        raise UserError("a LoRA finetune saves a peft adapter; drop --save-format megatron (resuming a LoRA run "
-                        "with its optimizer state is not supported yet: continue from the adapter with --adapter).")
+        raise UserError("a LoRA finetune saves a peft adapter (with its optimizer state, to continue with "
+                        "--adapter); drop --save-format megatron.")
     check_megatron_format(out.megatron_format)
     modules, num_layers = recompute_options(eng.recompute, eng.recompute_modules, eng.recompute_num_layers)
     tcfg = TrainConfig(seq_len=h.seq_len, micro_batch=h.micro_batch, global_batch=h.global_batch, steps=h.steps,
@@ -109,13 +122,17 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
         sft_data.read_jsonl(ex.valid_data, ex.format)
     src = open_source(req.ckpt, req.trust_pickle)
     cfg = src.cfg
-    start = None
+    start, position = None, None
     if req.adapter is not None:
         saved_lora, start = read_adapter(req.adapter, cfg)
         lora = saved_lora if lora is None else lora
         if (lora.rank, lora.parts) != (saved_lora.rank, saved_lora.parts):
             raise UserError(f"{req.adapter} has rank {saved_lora.rank} on {','.join(saved_lora.parts)}; drop "
                             "--lora-rank / --lora-targets to continue it as it is.")
+        position = adapter_position(req.adapter)
+        if position is not None and position["step"] >= h.steps:
+            raise UserError(f"{req.adapter} was saved at step {position['step']}; give --steps above it to "
+                            "continue training it.")
     if lora is not None:
         check_lora(cfg, lora)
     if "mamba" in cfg.block_kinds and ex.packing:
@@ -138,7 +155,7 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     tcfg = replace(tcfg, eval_interval=(out.eval_interval or h.steps) if valid is not None else 0)
     rc = RunConfig(cfg, layout, tcfg, str(req.ckpt), str(out.save) if out.save else None, out.save_interval, False,
                    str(out.log_json) if out.log_json else None, save_format=req.save_format, device=eng.device,
-                   adapter_only=lora is not None)
+                   adapter_only=lora is not None, resume_from=str(req.adapter) if position else None)
 
     def samplers(cfg, tcfg, state):
         train, valid, _ = sft_data.build(sft, load_transformers_tokenizer(tokenizer_dir), tcfg.seq_len,
@@ -149,6 +166,9 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
                       trust_pickle=req.trust_pickle)
     if lora is not None:
         run_hooks = lora_hooks(run_hooks, lora, start, h.seed, str(req.ckpt))
+    if position is not None:
+        notes.append(f"continuing the adapter {req.adapter} at step {position['step']} (its optimizer state and "
+                     "position restored)")
     saved = f"saved the finetuned model ({req.save_format}) to {out.save}" if out.save else None
     if lora is not None and out.save:
         saved = f"saved the LoRA adapter (peft) to {out.save}"

@@ -49,6 +49,7 @@ class RunConfig:
     save_format: str = "megatron"  # or "hf": weights only, for inference and sharing (finetuning)
     device: str = "auto"  # auto (this rank's GPU when there is one), cuda or cpu
     adapter_only: bool = False  # LoRA: a save holds the trainable (adapter) tensors only, the base is frozen
+    resume_from: Optional[str] = None  # LoRA: an adapter folder whose optimizer state and position to restore
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -114,7 +115,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
 
     trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
     tensors = gather_canonical(model, state, trainable=rc.adapter_only)
-    if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
+    if rc.save_format == "hf" and not rc.adapter_only:  # a Hugging Face folder (replaced at each save): no optimizer
         if state.rank == 0:
             hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, lambda folder: None)
         if dist.is_initialized():
@@ -128,7 +129,7 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
                 "optimizer_step": trainer.optimizer.step_count}
     rngs = _gather_rng(state)
 
-    def extra(folder: Path) -> None:
+    def extra(folder: Path) -> None:  # (a LoRA adapter folder gets them too: its optimizer is the adapters')
         save_file(opt, str(folder / OPTIMIZER_FILE))
         (folder / TRAIN_STATE_FILE).write_text(json.dumps(position) + "\n")
         _write_rng(folder, rngs, _layout_key(state))
@@ -198,8 +199,6 @@ def saved_position(path: str | Path) -> Optional[dict[str, Any]]:
 
 def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
     """Restore optimizer states and the loop's position when the checkpoint has them."""
-    from safetensors.torch import load_file
-
     from mzoo.ckpt.hf import CheckpointError
     from mzoo.ckpt.megatron.tracker import find_iteration_dir
 
@@ -207,6 +206,15 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
         folder, _ = find_iteration_dir(Path(path))
     except CheckpointError:
         return False
+    return restore(folder, model, trainer, state)
+
+
+def restore(folder: Path, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
+    """Optimizer states of the trainable parameters, the loop's position and the random streams saved
+    in `folder` (an iteration, or a LoRA adapter folder), when it has them."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
     if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
         return False
     saved = load_file(str(folder / OPTIMIZER_FILE))
@@ -289,6 +297,8 @@ def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device
     trainer = Trainer(model, rc.model, state, rc.train, train_sampler, valid_sampler)
     if rc.load and rc.load_optimizer:
         resume(rc.load, model, trainer, state)
+    if rc.resume_from:
+        restore(Path(rc.resume_from), model, trainer, state)
     log_file = open(rc.log_json, "a" if trainer.step else "w") if rc.log_json and state.rank == 0 else None
     board = None
     if rc.tensorboard and state.rank == 0:

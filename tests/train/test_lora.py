@@ -240,9 +240,10 @@ def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tm
     result = CliRunner().invoke(app, common + lora + ["--steps", "3", "--save", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+        ["adapter_config.json", "adapter_model.safetensors", "mzoo_optimizer.safetensors", "mzoo_rng",
+         "mzoo_train_state.json"]
     # continue training from it, then generate with it
-    again = CliRunner().invoke(app, common + ["--steps", "2", "--adapter", str(out), "--save", str(tmp_path / "a2")])
+    again = CliRunner().invoke(app, common + ["--steps", "5", "--adapter", str(out), "--save", str(tmp_path / "a2")])
     assert again.exit_code == 0, again.output
     gen = CliRunner().invoke(app, ["generate", str(start), "--adapter", str(tmp_path / "a2"), "--prompt-ids",
                                    "5,9,17", "--max-new-tokens", "6", "--json"])
@@ -261,3 +262,34 @@ def test_cli_lora_finetune_saves_a_peft_adapter_and_generates_with_it(folder, tm
     assert report["trainable"] == sum(p["numel"] for p in trainable) < report["count"] / 10
     bad = CliRunner().invoke(app, common + lora + ["--save-format", "megatron", "--save", str(tmp_path / "m")])
     assert bad.exit_code == 2 and "saves a peft adapter" in bad.output
+
+
+def test_lora_run_continues_from_its_adapter_as_one_run(folder, tmp_path):
+    """A LoRA save carries the adapters' optimizer state and position (peft ignores the extra files):
+    3 steps, then 2 more from the adapter, are the 5 steps of one run; the base gets no state."""
+    import shutil
+
+    from safetensors import safe_open
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+
+    start = tmp_path / "start"
+    shutil.copytree(folder / "model", start)
+    common = ["finetune", str(start), "--data", str(folder / "train.jsonl"), "--format", "prompt-completion",
+              "--tokenizer", str(folder), "--seq-len", "32", "--global-batch", "4", "--lr", "3e-3",
+              "--schedule", "constant", "--warmup", "0", "--json"]
+
+    def losses(*args):
+        result = CliRunner().invoke(app, common + list(args))
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{"):])["losses"]
+
+    losses("--lora-rank", "4", "--steps", "3", "--save", str(tmp_path / "a"))
+    with safe_open(str(tmp_path / "a" / "mzoo_optimizer.safetensors"), "pt") as f:
+        assert f.keys() and all(".lora." in k for k in f.keys())
+    continued = losses("--adapter", str(tmp_path / "a"), "--steps", "5", "--save", str(tmp_path / "b"))
+    whole = losses("--lora-rank", "4", "--steps", "5")
+    assert len(continued) == 2 and continued == pytest.approx(whole[3:], abs=1e-6)
+    done = CliRunner().invoke(app, common + ["--adapter", str(tmp_path / "b"), "--steps", "5"])
+    assert done.exit_code == 2 and "saved at step 5" in done.output
