@@ -103,6 +103,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     if req.save_format not in ("hf", "megatron"):
         raise UserError(f"unknown --save-format '{req.save_format}'; use hf or megatron.")
     lora = req.lora
+    if lora is not None:
+        lora.validate()  # the flags themselves, before any file is read
     if (lora is not None or req.adapter is not None) and req.save_format != "hf":
         raise UserError("a LoRA finetune saves a peft adapter (with its optimizer state, to continue with "
                         "--adapter); drop --save-format megatron.")

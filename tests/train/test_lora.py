@@ -293,3 +293,54 @@ def test_lora_run_continues_from_its_adapter_as_one_run(folder, tmp_path):
     assert len(continued) == 2 and continued == pytest.approx(whole[3:], abs=1e-6)
     done = CliRunner().invoke(app, common + ["--adapter", str(tmp_path / "b"), "--steps", "5"])
     assert done.exit_code == 2 and "saved at step 5" in done.output
+
+
+def test_mixtral_attention_adapter_round_trips_through_peft(tmp_path):
+    """Mixtral: adapters on q/k/v/o (its MLPs are experts, not supported yet) give peft's logits;
+    asking for fc1 on it is one sentence."""
+    from conftest import make_moe_model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from mzoo.converters.hf import read_config
+    from mzoo.converters.peft import save_adapter
+    from mzoo.errors import UserError
+    from mzoo.parallel.lora import parse_targets
+
+    make_moe_model(tmp_path / "mx", MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  num_local_experts=4, num_experts_per_tok=2,
+                                                  max_position_embeddings=64))
+    reader, adapter, cfg = read_config(tmp_path / "mx")
+    model = build_model(cfg)
+    load_canonical(model, lambda name: adapter.to_canonical(name, reader.get, cfg))
+    lora = LoRAConfig(4, 8.0, parts=parse_targets("qkv,proj"))
+    add_lora(model, cfg, lora, seed=1, b_std=0.05)
+    with torch.no_grad():
+        ours = model.eval()(IDS)
+    out = save_adapter(cfg, lora, dict(adapter_parameters(model)), tmp_path / "adapter")
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "mx"), out).eval()
+    with torch.no_grad():
+        assert (hf(IDS).logits - ours).abs().max() <= 1e-4
+    with pytest.raises(UserError, match="mixture of experts"):
+        add_lora(build_model(cfg, device="meta"), cfg, LoRAConfig(4))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "4", "--lora-targets", "experts"], "LoRA on routed experts is not supported yet"),
+    (["--lora-rank", "4", "--lora-targets", "attn"], "unknown --lora-targets 'attn'"),
+    (["--lora-rank", "0"], "--lora-rank 0 must be at least 1"),
+    (["--lora-rank", "4", "--lora-dropout", "1.5"], "--lora-dropout 1.5 must be in [0, 1)"),
+    (["--adapter", "{tmp}"], "is not a peft adapter"),
+])
+def test_bad_lora_flags_are_one_sentence(folder, tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+
+    args = ["finetune", str(folder / "model"), "--data", str(folder / "train.jsonl"), "--format",
+            "prompt-completion", "--tokenizer", str(folder), "--save", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args + [f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
