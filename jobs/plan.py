@@ -15,6 +15,7 @@ from mzoo.errors import UserError
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.models.canonical import kind_tensors
+from mzoo.parallel.lora import parse_targets
 from mzoo.parallel.state import ParallelState
 from mzoo.plan.constants import GIB
 from mzoo.plan.costs import Stage, stages
@@ -48,6 +49,8 @@ class PlanRequest:
     headroom: float = 0.05
     top: int = 10
     check: Optional[Layout] = None  # evaluate this one layout instead of searching
+    lora_rank: int = 0  # a LoRA finetune: the base frozen, adapters of this rank train (memory; step time is full's)
+    lora_targets: str = "qkv,proj,fc1,fc2"
 
 
 @dataclass
@@ -83,8 +86,11 @@ def settings_from(req: PlanRequest, cfg: ModelConfig) -> Settings:
     batch = req.global_batch if req.global_batch is not None else default_global_batch(seq)
     if batch < req.micro_batch:
         raise UserError(f"--global-batch {batch} is smaller than --micro-batch {req.micro_batch}.")
+    lora = frozenset(parse_targets(req.lora_targets)) if req.lora_rank else frozenset()
+    if req.lora_rank < 0:
+        raise UserError(f"--lora-rank {req.lora_rank} must be at least 1 (or 0: no LoRA).")
     return Settings(seq, batch, req.micro_batch, req.recompute, req.distributed_optimizer, req.fp8,
-                    req.grad_reduce_in_fp32, req.gpus_per_node, req.headroom)
+                    req.grad_reduce_in_fp32, req.gpus_per_node, req.headroom, lora_rank=req.lora_rank, lora_parts=lora)
 
 
 def profile_of(settings: Settings, engine: str) -> Profile:

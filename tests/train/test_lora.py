@@ -344,3 +344,20 @@ def test_bad_lora_flags_are_one_sentence(folder, tmp_path, flags, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_knows_lora_memory():
+    """`mzoo plan --lora-rank`: llama3-8b fits one H100 for a LoRA finetune (base weights + adapter
+    state), not for full finetuning (gradients and Adam state of 8B parameters)."""
+    from typer.testing import CliRunner
+
+    from mzoo.cli.main import app
+
+    args = ["plan", "llama3-8b", "--gpus", "1", "--recompute", "selective", "--check", "tp=1", "--json"]
+    full = CliRunner().invoke(app, args)
+    lora = CliRunner().invoke(app, args + ["--lora-rank", "16"])
+    assert full.exit_code == 1 and lora.exit_code == 0, lora.output
+    (ours,) = json.loads(lora.output)
+    (theirs,) = json.loads(full.output)
+    assert ours["feasible"] and not theirs["feasible"]
+    assert ours["memory"]["gradients_gb"] < 0.2 < 29 < theirs["memory"]["gradients_gb"]
