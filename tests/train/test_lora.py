@@ -88,9 +88,9 @@ def _peft_logits(folder: Path, adapter_dir: Path) -> torch.Tensor:
         return PeftModel.from_pretrained(base, adapter_dir).eval()(IDS).logits
 
 
-def _train(base, state: ParallelState, steps: int = 4, **engine):
+def _train(base, state: ParallelState, steps: int = 4, lora: LoRAConfig = LORA, **engine):
     """A few LoRA steps on the SFT task: (losses and grad norms, the adapter's canonical tensors, sizes)."""
-    model = _model(base, state)
+    model = _model(base, state, lora)
     train = base[2]
     tcfg = TrainConfig(seq_len=32, micro_batch=2, global_batch=4, steps=steps, lr=3e-3, min_lr=3e-4, warmup=1,
                        weight_decay=0.0, **engine)
@@ -108,6 +108,24 @@ def _train(base, state: ParallelState, steps: int = 4, **engine):
              "base_with_state": sum(1 for p in model.parameters()
                                     if not p.requires_grad and (p.grad is not None or hasattr(p, "main_grad")))}
     return losses, gather_canonical(model, state, trainable=True), sizes
+
+
+LORA_ATTENTION = LoRAConfig(rank=4, alpha=8.0, parts=("q", "k", "v", "proj"))
+
+
+@pytest.fixture(scope="module")
+def moe_base(base, tmp_path_factory):
+    """A Mixtral base (its MLPs are routed experts: adapters on attention only) on the same samples."""
+    from conftest import make_moe_model
+    from transformers import MixtralConfig
+
+    from mzoo.converters.hf import read_config
+
+    path = make_moe_model(tmp_path_factory.mktemp("mixtral") / "mx", MixtralConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64))
+    reader, adapter, cfg = read_config(path)
+    return cfg, {t.name: adapter.to_canonical(t.name, reader.get, cfg) for t in _canonical(cfg)}, base[2]
 
 
 @pytest.fixture(scope="module")
@@ -173,19 +191,28 @@ LAYOUTS = {"tp2-sp": (dict(tp=2, sequence_parallel=True), {}), "pp2": (dict(pp=2
                                                         overlap_param_gather=True))}
 
 
-def _layouts_worker(rank, world, base):
-    return {name: _train(base, ParallelState.build(Layout(**layout)), **engine)
-            for name, (layout, engine) in LAYOUTS.items()}
+def _layouts_worker(rank, world, base, moe_base):
+    out = {name: _train(base, ParallelState.build(Layout(**layout)), **engine)
+           for name, (layout, engine) in LAYOUTS.items()}
+    out["mixtral-ep2"] = _train(moe_base, ParallelState.build(Layout(dp=2, ep=2)), lora=LORA_ATTENTION,
+                                distributed_optimizer=True)
+    return out
 
 
 @pytest.mark.dist
-def test_tp2_pp2_dp2_match_one_process_and_save_what_peft_loads(folder, base, reference, tmp_path):
+def test_tp2_pp2_dp2_ep2_match_one_process_and_save_what_peft_loads(folder, base, moe_base, reference, tmp_path):
     """The done-when: a LoRA finetune at TP2 (with sequence parallelism), at PP2 and at DP2 with the
     distributed optimizer and both overlaps gives the one-process losses and gradient norms within
-    1e-5 and saves an adapter that peft loads to mzoo's logits. One launch runs the three layouts."""
+    1e-5 and saves an adapter that peft loads to mzoo's logits; Mixtral's attention adapters at EP2
+    give its one-process curve. One launch runs the four layouts."""
     from mzoo.converters.peft import save_adapter
 
-    for name, (losses, tensors, sizes) in D.run(_layouts_worker, 2, base)[0].items():
+    results = D.run(_layouts_worker, 2, base, moe_base)[0]
+    moe_losses, moe_tensors, _ = results.pop("mixtral-ep2")
+    moe_ref = _train(moe_base, ParallelState.single(), lora=LORA_ATTENTION)
+    assert max(abs(a - b) for a, b in zip(moe_losses, moe_ref[0])) <= 1e-5, (moe_losses, moe_ref[0])
+    assert all((moe_tensors[k] - v).abs().max() <= 1e-5 for k, v in moe_ref[1].items())
+    for name, (losses, tensors, sizes) in results.items():
         assert max(abs(a - b) for a, b in zip(losses, reference[0])) <= 1e-5, (name, losses, reference[0])
         assert sizes["optimizer_params"] == sizes["adapter_params"] <= reference[2]["adapter_params"]
         assert sizes["main_grad"] <= sizes["adapter_params"] + 2  # (bucket padding): nothing for the base
