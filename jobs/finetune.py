@@ -20,9 +20,8 @@ from mzoo.jobs.train import (Engine, Hyper, Launch, LayoutFlags, Outputs, Prepar
 from mzoo.models.lora import add_lora, check_lora, load_adapters
 from mzoo.parallel.lora import LoRAConfig
 from mzoo.parallel.state import ParallelState
-from mzoo.train.run import Hooks
 from mzoo.train.device import default_precision, resolve_device
-from mzoo.train.run import RunConfig
+from mzoo.train.run import Hooks, RunConfig
 from mzoo.train.trainer import TrainConfig
 
 
@@ -127,10 +126,12 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     start, position = None, None
     if req.adapter is not None:
         saved_lora, start = read_adapter(req.adapter, cfg)
-        lora = saved_lora if lora is None else lora
-        if (lora.rank, lora.parts) != (saved_lora.rank, saved_lora.parts):
-            raise UserError(f"{req.adapter} has rank {saved_lora.rank} on {','.join(saved_lora.parts)}; drop "
-                            "--lora-rank / --lora-targets to continue it as it is.")
+        if lora is not None and (lora.rank, set(lora.parts), lora.alpha) != \
+                (saved_lora.rank, set(saved_lora.parts), saved_lora.alpha):
+            raise UserError(f"{req.adapter} has rank {saved_lora.rank} and alpha {saved_lora.alpha:g} on "
+                            f"{','.join(saved_lora.parts)}; drop --lora-rank / --lora-alpha / --lora-targets to "
+                            "continue it as it is.")
+        lora = saved_lora
         position = adapter_position(req.adapter)
         if position is not None and position["step"] >= h.steps:
             raise UserError(f"{req.adapter} was saved at step {position['step']}; give --steps above it to "
@@ -144,7 +145,8 @@ def prepare_finetune(req: FinetuneRequest) -> Prepared:
     if tokenizer_dir is None:
         raise UserError(f"{req.ckpt} carries no tokenizer; pass --tokenizer DIR.")
     layout, world = resolve_layout(cfg, req.layout, req.launch, h.seq_len)
-    check_save_space(out.save, cfg, precision, req.save_format == "hf", first_save(0, h.steps, out.save_interval))
+    if lora is None:  # (an adapter is a rank-r sliver of the weights: nothing worth checking)
+        check_save_space(out.save, cfg, precision, req.save_format == "hf", first_save(0, h.steps, out.save_interval))
     tcfg.validate(ParallelState.single(layout))  # before the data is tokenized
     tcfg.validate_compile(cfg)
     notes = []

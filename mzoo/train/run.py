@@ -110,7 +110,9 @@ def gather_canonical(model: torch.nn.Module, state: ParallelState,
 
 def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> None:
     """Weights in the requested Megatron format plus, in the same iteration folder, the optimizer
-    states as canonical tensors (so a resume may use another layout) and the loop's position."""
+    states as canonical tensors (so a resume may use another layout) and the loop's position. A
+    LoRA run (`adapter_only`) hands the hook its adapters with the same optimizer files (the frozen
+    base has none); a full Hugging Face save is weights only."""
     from safetensors.torch import save_file
 
     trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
