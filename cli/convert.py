@@ -99,6 +99,8 @@ def convert(
     shard_size: str = SHARD, trust_pickle: bool = O.TRUST_PICKLE, vocab_size: Optional[int] = O.VOCAB_SIZE,
     overwrite: bool = OVER, plan: bool = PLAN, tokenizer: Optional[Path] = TOKENIZER, as_json: bool = JSON,
     quiet: bool = O.QUIET, allow_nonfinite: bool = NONFINITE,
+    merge: Optional[Path] = typer.Option(None, "--merge", help="A peft LoRA adapter folder to merge into the "
+                                         "weights (W + scaling B A, as peft's merge_and_unload)."),
 ) -> None:
     """Convert a checkpoint between Hugging Face and Megatron formats, streaming one tensor at a time.
 
@@ -109,6 +111,7 @@ def convert(
              mzoo convert 'megatron->hf' ./ckpt ./llama-hf --tokenizer ./llama-tokenizer
              mzoo convert 'hf->megatron' deepseek-v3 ./out --tp 2 --pp 16 --ep 64 --first-stage-layers 2 --last-stage-layers 3 --plan
     (MoE: mzoo convert 'hf->megatron' ./mixtral-hf ./mixtral-mcore --tp 2 --ep 4 --plan)
+    (LoRA: mzoo convert 'hf->hf' ./llama-hf ./llama-merged --merge ./adapter)
     """
     from mzoo.jobs.convert import ConvertRequest
 
@@ -118,7 +121,7 @@ def convert(
                                       last_stage_layers=last_stage_layers), spec=spec,
                         moe_grouped_gemm=moe_grouped_gemm, dtype=dtype, shard_size=shard_size,
                         trust_pickle=trust_pickle, vocab_size=vocab_size, overwrite=overwrite, plan=plan,
-                        tokenizer=tokenizer, allow_nonfinite=allow_nonfinite), as_json, quiet)
+                        tokenizer=tokenizer, allow_nonfinite=allow_nonfinite, merge=merge), as_json, quiet)
 
 
 KEEP_TP = typer.Option(None, "--tp", help="Tensor-parallel size of the output (default: the source's).")

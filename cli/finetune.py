@@ -53,16 +53,34 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the layout, losses and validation losses as JSON."),
     force: bool = O.FORCE, trust_pickle: bool = O.TRUST_PICKLE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Let --save replace what the folder holds."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="Train low-rank adapters of this rank only "
+                                            "(the base stays frozen); --save writes a peft adapter."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA scaling numerator (scaling = alpha / rank)."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapters' input."),
+    lora_targets: str = typer.Option("qkv,proj,fc1,fc2", "--lora-targets", help="Linears that get adapters: "
+                                     "qkv, proj, fc1, fc2 (one adapter per Hugging Face projection)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A peft LoRA adapter to continue training "
+                                           "(its rank, alpha and targets)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything, print one rank's parameters and memory "
+                                 "estimate (adapters included), start nothing."),
+    dry_run_rank: int = O.option(0, "--dry-run-rank", help="The global rank --dry-run reports on.", rule=V.NON_NEGATIVE),
 ) -> None:
     """Finetune a checkpoint on prompt/completion, chat or plain-text JSONL; the loss covers only the
     completion (assistant) tokens, examples are packed with attention kept inside each.
 
     Example: mzoo finetune ./llama-hf --data chat.jsonl --format chat --steps 200 --save ./llama-sft
+
+    LoRA: mzoo finetune ./llama-hf --data chat.jsonl --format chat --lora-rank 16 --tp 2 --save ./adapter
     """
     from mzoo.cli.running import execute
     from mzoo.jobs import finetune as job
     from mzoo.jobs.train import Engine, Hyper, Launch, LayoutFlags, Outputs
+    from mzoo.parallel.lora import LoRAConfig, parse_targets
     from mzoo.train.run import in_launcher
+
+    lora = None
+    if lora_rank is not None:
+        lora = LoRAConfig(lora_rank, lora_alpha, lora_dropout, parse_targets(lora_targets))
 
     request = job.FinetuneRequest(
         ckpt=ckpt, examples=job.Examples(data, fmt, valid_data, valid_fraction, packing), tokenizer=tokenizer,
@@ -74,8 +92,15 @@ def finetune(
         hyper=Hyper(seq_len, micro_batch, global_batch, steps, lr, min_lr, warmup, schedule, weight_decay,
                     clip_grad, seed),
         outputs=Outputs(save, save_interval, megatron_format, log_json, None, eval_interval, eval_iters, overwrite),
-        save_format=save_format, trust_pickle=trust_pickle)
+        save_format=save_format, trust_pickle=trust_pickle, lora=lora, adapter=adapter, dry_run=dry_run)
     prepared = job.prepare_finetune(request)
+    if dry_run:  # everything above is what finetune checks before launch
+        from mzoo.cli.running import print_dry_run
+        from mzoo.jobs.plan import dry_run as report
+
+        rc = prepared.run
+        print_dry_run(report(rc.model, rc.layout, rc.train, dry_run_rank, prepared.device, prepared.lora), as_json)
+        return
     stats = prepared.data_stats
     if not as_json and not in_launcher():
         console.print(f"data: {stats['examples']} examples -> {stats['samples']} sequences of {seq_len} tokens, "

@@ -36,6 +36,8 @@ def generate(
     seed: int = O.option(0, help="Seed of the sampler.", rule=V.NON_NEGATIVE),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the checkpoint's)."),
     trust_pickle: bool = O.TRUST_PICKLE,
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A peft LoRA adapter folder to apply (merged into "
+                                           "the weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print prompt ids, generated ids and text as JSON."),
 ) -> None:
     """Generate text (streamed) or token ids from a checkpoint; KV cache for attention, states for Mamba.
@@ -47,7 +49,7 @@ def generate(
 
     ids = tuple(_parse_ids(prompt_ids)) if prompt_ids is not None else None
     request = GenerateRequest(ckpt, prompt, ids, GenerationConfig(max_new_tokens, temperature, top_p, seed),
-                              tokenizer, trust_pickle)
+                              tokenizer, trust_pickle, adapter)
     quiet_transformers()
 
     def show(text: str) -> None:

@@ -84,6 +84,10 @@ def plan(
                                         "(keys: tp pp vpp ep etp cp dp first last)."),
     as_json: bool = typer.Option(False, "--json",
                                  help="Print JSON: settings, layouts (memory, MFU, breakdowns), explanation."),
+    lora_rank: int = O.option(0, "--lora-rank", help="Plan a LoRA finetune of this rank: the base frozen, only the "
+                              "adapters' gradients and optimizer state (memory; step time stays full training's).",
+                              rule=V.NON_NEGATIVE),
+    lora_targets: str = typer.Option("qkv,proj,fc1,fc2", "--lora-targets", help="The linears LoRA adapts."),
 ) -> None:
     """Rank the parallel layouts (tp, pp, vpp, ep, cp, dp) that fit a model on N GPUs by estimated step
     time, with a per-GPU memory breakdown and MFU, and say why the best one wins (docs/plan.md).
@@ -93,6 +97,7 @@ def plan(
 
     Example: mzoo plan llama3-70b --gpus 64 --seq-len 8192 --global-batch 512
              mzoo plan deepseek-v3 --gpus 1024 --engine megatron --recompute selective --check tp=2,pp=16,ep=64,etp=1,first=4,last=1
+             mzoo plan llama3-8b --gpus 1 --lora-rank 16 --recompute selective
     Exit status: 0 when --check's layout is valid and fits (on every --gpu), 1 when it is valid but
     does not fit, 2 when it is not valid for this model and GPU count or --check is malformed.
     """
@@ -100,7 +105,8 @@ def plan(
 
     layout = parse_check(check, gpus) if check is not None else None
     request = PlanRequest(model, gpus, tuple(gpu), gpus_per_node, seq_len, global_batch, micro_batch, recompute,
-                          distributed_optimizer, fp8, grad_reduce_in_fp32, engine, headroom, top, layout)
+                          distributed_optimizer, fp8, grad_reduce_in_fp32, engine, headroom, top, layout, lora_rank,
+                          lora_targets)
     result = run(request)
     _show(result, as_json)
     if result.checked and not result.feasible:
@@ -111,7 +117,7 @@ def _settings_dict(settings) -> dict:
     return {"seq_len": settings.seq_len, "global_batch": settings.global_batch, "micro_batch": settings.micro_batch,
             "recompute": settings.recompute, "distributed_optimizer": settings.distributed_optimizer,
             "fp8": settings.fp8, "grad_reduce_in_fp32": settings.grad_fp32, "gpus_per_node": settings.gpus_per_node,
-            "headroom": settings.headroom}
+            "headroom": settings.headroom, "lora_rank": settings.lora_rank}
 
 
 def _show(result: "PlanResult", as_json: bool) -> None:
@@ -136,7 +142,8 @@ def _show(result: "PlanResult", as_json: bool) -> None:
     console.print(f"[bold]{escape(cfg.name or 'model')}[/] on {gpus} GPUs ({s.gpus_per_node} per node): seq {s.seq_len}, "
                   f"global batch {s.global_batch}, micro batch {s.micro_batch}, recompute {s.recompute}, "
                   f"{'distributed' if s.distributed_optimizer else 'replicated'} optimizer, "
-                  f"{'fp32' if s.grad_fp32 else 'bf16'} gradients{', fp8' if s.fp8 else ''}", highlight=False)
+                  f"{'fp32' if s.grad_fp32 else 'bf16'} gradients{', fp8' if s.fp8 else ''}"
+                  f"{f', LoRA rank {s.lora_rank} (base frozen)' if s.lora_rank else ''}", highlight=False)
     if check:
         for p, o in zip(plans, other):
             _show_one(p)

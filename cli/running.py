@@ -93,7 +93,8 @@ def print_dry_run(report: DryRun, as_json: bool) -> None:
                   "allocated, nothing launched", highlight=False)
     layers = report.stage.layers
     console.print(f"layers {layers[0]}..{layers[-1]} ({len(layers)})" if layers else "no layers", highlight=False)
-    table = Table(title=f"{len(report.parameters)} parameter tensors, {report.count:,} elements")
+    frozen = f" ({report.trainable:,} trainable)" if report.trainable != report.count else ""
+    table = Table(title=f"{len(report.parameters)} parameter tensors, {report.count:,} elements{frozen}")
     for col in ("name", "shape", "numel"):
         table.add_column(col, justify="right" if col == "numel" else "left")
     for p in report.parameters:

@@ -30,7 +30,7 @@ from mzoo.config import ModelConfig
 from mzoo.converters import adapter as adapters
 from mzoo.converters.hf import save_hf
 from mzoo.errors import UserError
-from mzoo.jobs.sources import Source, open_source
+from mzoo.jobs.sources import Source, open_source, with_adapter
 from mzoo.layout import Layout
 from mzoo.models.canonical import plan_tensors
 from mzoo.parallel.sharding import CanonicalTensor, check_split
@@ -167,6 +167,7 @@ class ConvertRequest:
     plan: bool = False  # describe the output's files, write nothing
     tokenizer: Optional[Path] = None  # a tokenizer folder to carry (replaces the source's files of the same name)
     allow_nonfinite: bool = False  # write NaN / Inf weights instead of refusing
+    merge: Optional[Path] = None  # a peft LoRA adapter merged into the weights on the way
 
     def megatron_layout(self, cfg: ModelConfig, iteration: int | str = 0) -> MegatronCheckpoint:
         return MegatronCheckpoint(layout=self.layout, spelling=self.spec, iteration=iteration,
@@ -196,6 +197,7 @@ def run(req: ConvertRequest, progress: Progress = no_progress, opened: Optional[
         target = Target(req.megatron_format, req.megatron_layout(architecture, "release"), dtype or torch.bfloat16, max_bytes)
         return plan_layout(architecture, target)
     src = opened or open_source(req.src, req.trust_pickle, req.vocab_size)
+    src = with_adapter(src, req.merge)
     if req.expect == "hf" and src.fmt != "hf":
         raise UserError(f"{req.src} is a Megatron ({src.fmt}) checkpoint, not Hugging Face; use 'megatron->...'.")
     if req.expect == "megatron" and src.fmt == "hf":

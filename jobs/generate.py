@@ -14,7 +14,7 @@ from mzoo.ckpt.integrity import is_finite, nonfinite_message
 from mzoo.data.tokenizer import load_transformers_tokenizer
 from mzoo.errors import UserError
 from mzoo.generate import GenerationConfig, generate as run_generation, memory_needed
-from mzoo.jobs.sources import Source, open_source
+from mzoo.jobs.sources import Source, open_source, with_adapter
 from mzoo.models import build_model
 from mzoo.models.canonical import load_canonical
 from mzoo.params import count_params, human
@@ -28,6 +28,7 @@ class GenerateRequest:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     tokenizer: Optional[Path] = None
     trust_pickle: bool = False
+    adapter: Optional[Path] = None  # a peft LoRA adapter, merged into the weights
 
 
 @dataclass
@@ -80,7 +81,7 @@ def generate(req: GenerateRequest, on_text: Optional[Callable[[str], None]] = No
         raise UserError("give exactly one of --prompt TEXT or --prompt-ids 1,2,3.")
     gen = req.generation
     gen.validate()
-    src = open_source(req.ckpt, req.trust_pickle)
+    src = with_adapter(open_source(req.ckpt, req.trust_pickle), req.adapter)
     cfg = src.cfg
     folder = tokenizer_folder(req.ckpt, src, req.tokenizer)
     tok = load_transformers_tokenizer(folder) if folder is not None else None

@@ -15,6 +15,7 @@ from mzoo.errors import UserError
 from mzoo.layout import Layout
 from mzoo.models import build_chunks
 from mzoo.models.canonical import kind_tensors
+from mzoo.parallel.lora import parse_targets
 from mzoo.parallel.state import ParallelState
 from mzoo.plan.constants import GIB
 from mzoo.plan.costs import Stage, stages
@@ -48,6 +49,8 @@ class PlanRequest:
     headroom: float = 0.05
     top: int = 10
     check: Optional[Layout] = None  # evaluate this one layout instead of searching
+    lora_rank: int = 0  # a LoRA finetune: the base frozen, adapters of this rank train (memory; step time is full's)
+    lora_targets: str = "qkv,proj,fc1,fc2"
 
 
 @dataclass
@@ -83,8 +86,11 @@ def settings_from(req: PlanRequest, cfg: ModelConfig) -> Settings:
     batch = req.global_batch if req.global_batch is not None else default_global_batch(seq)
     if batch < req.micro_batch:
         raise UserError(f"--global-batch {batch} is smaller than --micro-batch {req.micro_batch}.")
+    lora = frozenset(parse_targets(req.lora_targets)) if req.lora_rank else frozenset()
+    if req.lora_rank < 0:
+        raise UserError(f"--lora-rank {req.lora_rank} must be at least 1 (or 0: no LoRA).")
     return Settings(seq, batch, req.micro_batch, req.recompute, req.distributed_optimizer, req.fp8,
-                    req.grad_reduce_in_fp32, req.gpus_per_node, req.headroom)
+                    req.grad_reduce_in_fp32, req.gpus_per_node, req.headroom, lora_rank=req.lora_rank, lora_parts=lora)
 
 
 def profile_of(settings: Settings, engine: str) -> Profile:
@@ -155,9 +161,11 @@ class DryRun:
     profile: Profile
     device: str
     count: int = field(init=False)
+    trainable: int = field(init=False)  # elements that train (a LoRA finetune: the adapters)
 
     def __post_init__(self) -> None:
         self.count = sum(p["numel"] for p in self.parameters)
+        self.trainable = sum(p["numel"] for p in self.parameters if p["trainable"])
 
     def as_dict(self) -> dict[str, Any]:
         lay = self.layout
@@ -167,6 +175,7 @@ class DryRun:
                            "sequence_parallel": lay.sequence_parallel, "first_stage_layers": lay.first_stage_layers,
                            "last_stage_layers": lay.last_stage_layers},
                 "layers": list(self.stage.layers), "parameters": self.parameters, "count": self.count,
+                "trainable": self.trainable,
                 "memory": {"profile": self.profile.name, "device": self.device, **self.memory.as_dict()}}
 
 
@@ -186,9 +195,11 @@ def check_listing(cfg: ModelConfig, stage: Stage, rank: int) -> None:
                    "`mzoo plan MODEL --gpus N` estimates memory without a meta model")
 
 
-def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, device: str = "cpu") -> DryRun:
+def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, device: str = "cpu",
+            lora=None) -> DryRun:
     """Build rank `rank` of the layout on the meta device (no weights, no process group) with the
-    planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu')."""
+    planner's memory estimate for mzoo's engine on `device` ('cuda' or 'cpu'); `lora`: with the adapters
+    a LoRA finetune adds (the base frozen)."""
     world = layout.world_size
     if not 0 <= rank < world:
         raise UserError(f"--dry-run-rank {rank} is outside the {world} ranks of this layout; use 0 to {world - 1}.")
@@ -196,9 +207,14 @@ def dry_run(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, rank: int, devi
     stage = stages(cfg, layout)[state.pp_rank]
     check_listing(cfg, stage, rank)
     chunks = build_chunks(cfg, state, device="meta")
-    params = [{"name": n, "shape": list(p.shape), "numel": p.numel()} for n, p in chunks.canonical_parameters()]
+    if lora is not None:
+        from mzoo.models.lora import add_lora
+
+        add_lora(chunks, cfg, lora)
+    params = [{"name": n, "shape": list(p.shape), "numel": p.numel(), "trainable": p.requires_grad}
+              for n, p in chunks.canonical_parameters()]
     profile = engine_profile(tcfg.precision, layout.sequence_parallel, device)
-    mem = stage_memory(cfg, layout, settings_of(tcfg), profile, stage)
+    mem = stage_memory(cfg, layout, settings_of(tcfg, lora), profile, stage)
     coords = {"tp_rank": state.tp_rank, "cp_rank": state.cp_rank, "dp_rank": state.dp_rank, "pp_rank": state.pp_rank,
               "ep_rank": state.ep_rank, "edp_rank": state.edp_rank}
     return DryRun(cfg, layout, rank, coords, stage, params, mem, profile, device)

@@ -205,3 +205,14 @@ def load_checkpoint(model, path: str | Path, trust_pickle: bool = False) -> Sour
         raise UserError(f"{path} holds a different model ({', '.join(diff)} differ); pick the matching preset.")
     load_canonical(model, src.get)
     return src
+
+
+def with_adapter(src: Source, adapter: Optional[str | Path]) -> Source:
+    """`src` with a peft LoRA adapter merged into its weights (W + scaling B A per projection, as
+    peft's merge_and_unload): what `convert --merge` writes and `generate --adapter` samples from."""
+    if adapter is None:
+        return src
+    from mzoo.converters.peft import merged_getter, read_adapter
+
+    lora, tensors = read_adapter(Path(adapter), src.cfg)
+    return replace(src, get=merged_getter(src.cfg, lora, tensors, src.get), extents=None)

@@ -125,6 +125,7 @@ class Prepared:
     data_stats: dict[str, int] = field(default_factory=dict)  # finetune: examples, sequences, trained tokens
     loaded: Optional["Loaded"] = None  # what --load read
     nothing_to_train: bool = False  # --load is already at the target step
+    lora: Optional[Any] = None  # finetune: the LoRA adapters the run trains (mzoo.parallel.lora.LoRAConfig)
 
 
 @dataclass(frozen=True)
@@ -235,11 +236,11 @@ def resolve_layout(cfg: ModelConfig, flags: LayoutFlags, launch: Launch, seq_len
 
 
 def check_memory(cfg: ModelConfig, layout: Layout, tcfg: TrainConfig, device: str, local_processes: int,
-                 force: bool) -> Optional[str]:
+                 force: bool, lora=None) -> Optional[str]:
     """Stop in one sentence, before anything is allocated, when a rank's estimated peak exceeds what
-    its device offers; with `force`, the warning to show instead."""
+    its device offers; with `force`, the warning to show instead. `lora`: a LoRA run's adapters."""
     where = resolve_device(device)
-    result = fit.check(cfg, layout, tcfg, where, local_processes)
+    result = fit.check(cfg, layout, tcfg, where, local_processes, lora)
     if result.fits:
         return None
     sentence = fit.refusal(cfg, layout, tcfg, where, result)

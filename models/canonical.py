@@ -71,9 +71,12 @@ def kind_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
 
 @torch.no_grad()
 def load_canonical(model: nn.Module, fetch: Callable[[str], torch.Tensor]) -> None:
-    """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec."""
+    """Fill this rank's parameters from canonical (global, unpadded) tensors, shard by ShardSpec
+    (the base model's: LoRA adapters are not in base checkpoints; models/lora.py loads them)."""
     state: ParallelState = model.state
     for name, p in model.canonical_parameters():
+        if getattr(p, "lora", False):
+            continue
         try:
             p.copy_(to_local(p, fetch(name), state.tp, state.tp_rank))
         except ValueError as e:

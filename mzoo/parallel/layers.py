@@ -146,6 +146,7 @@ class ColumnParallelLinear(nn.Module):
         spec = ShardSpec("tp", 0, tuple(sections) if sections else None, vocab=vocab)
         self.weight = _param((out_features // tp, in_features), spec, dtype)
         self.bias = _param((out_features // tp,), ShardSpec("tp", 0, spec.sections), dtype) if bias else None
+        self.lora: Optional[nn.Module] = None  # low-rank adapters (mzoo/parallel/lora.py): base names stay canonical
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if self.state.config.sequence_parallel:
@@ -154,6 +155,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self._input(x), self.weight, self.bias)
+        if self.lora is not None:  # on this rank's input: the adapter applies the collectives to A x
+            y = y + self.lora(x, y)
         return C.gather_from_tp(y, self.state.tp_group) if self.gather_output else y
 
 
@@ -188,6 +191,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _param((out_features, in_features // state.tp), ShardSpec("tp", 1), dtype)
         self.bias = _param((out_features,), REPLICATED, dtype) if bias else None
         mark_sequence_parallel(self.bias)
+        self.lora: Optional[nn.Module] = None  # low-rank adapter (mzoo/parallel/lora.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -195,6 +199,8 @@ class RowParallelLinear(nn.Module):
             y = C.reduce_scatter_to_sp(y, self.state.tp_group)
         else:
             y = C.reduce_from_tp(y, self.state.tp_group)
+        if self.lora is not None:
+            y = y + self.lora(x, y)
         return y if self.bias is None else y + self.bias
 
 

@@ -409,3 +409,24 @@ def kv_width(cfg: ModelConfig) -> float:
         m = cfg.mla
         return cfg.num_attention_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
     return 2 * cfg.groups * cfg.kv_channels
+
+
+# ---- LoRA adapters --------------------------------------------------------------------------------
+def lora_params(cfg: ModelConfig, kinds: list[tuple[tuple[str, ...], int]], tp: int, rank: int,
+                parts: frozenset) -> int:
+    """This TP rank's adapter elements over layers of `kinds` (mzoo/parallel/lora.py): on a
+    column-parallel base A [r, in] is whole and B [out / tp, r]; on a row-parallel one A [r, in / tp]
+    and B [out, r] whole. Dense attention and MLPs only (experts carry none)."""
+    h, d, ffn = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size
+    rows = {"q": cfg.num_attention_heads * d, "k": cfg.groups * d, "v": cfg.groups * d}
+    attention = sum(rank * h + rank * rows[p] // tp for p in ("q", "k", "v") if p in parts)
+    if "proj" in parts:
+        attention += rank * cfg.num_attention_heads * d // tp + h * rank
+    fc1 = ("gate", "up") if cfg.gated else ("fc1",)
+    mlp = sum(rank * h + rank * ffn // tp for p in fc1 if p in parts)
+    if "fc2" in parts:
+        mlp += rank * ffn // tp + h * rank
+    total = 0
+    for blocks, n in kinds:
+        total += n * ((attention if "gqa" in blocks else 0) + (mlp if "mlp" in blocks else 0))
+    return total

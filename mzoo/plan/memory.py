@@ -11,8 +11,8 @@ from mzoo.parallel.blockwise import DEFAULT_TILE as CP_TILE
 from mzoo.parallel.cross_entropy import CHUNK_ELEMENTS as CE_CHUNK_ELEMENTS
 from mzoo.plan.constants import DDP_BUCKET_ELEMENTS, FP8_WEIGHT_BYTES, GIB
 from mzoo.plan.costs import (
-    BlockParams, Model, Shard, Stage, as_model, block_activations, end_params, kv_width, norm_activations, stages,
-    vocab_rows,
+    BlockParams, Model, Shard, Stage, as_model, block_activations, end_params, kv_width, lora_params, norm_activations,
+    stages, vocab_rows,
 )
 from mzoo.plan.profile import Profile, sequence_parallel
 from mzoo.plan.settings import Settings, recomputed_modules
@@ -129,6 +129,10 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     trained = params.dense + params.expert
     opt_elements = params.dense / dense_shards + params.expert / expert_shards
     weights = trained * (profile.param + (FP8_WEIGHT_BYTES if profile.fp8 else 0)) + params.frozen * 4
+    if settings.lora_rank:  # LoRA: the base frozen in its dtype; gradients and states for the adapters only
+        trained = lora_params(cfg, model.kinds(stage.ranges), layout.tp, settings.lora_rank, settings.lora_parts)
+        weights += trained * profile.param
+        opt_elements = trained / dense_shards
     gradients = trained * profile.grad
     optimizer = opt_elements * (profile.master + profile.moments)
 
@@ -149,7 +153,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     step = 0.0
     if profile.bucket_copy and max(dense_shards if settings.distributed_optimizer else layout.dp * layout.cp,
                                    layout.expert_dp) > 1:
-        step = 4 * min(DDP_BUCKET_ELEMENTS, max(params.dense, params.expert))  # gloo's copy of one fp32 bucket
+        biggest = trained if settings.lora_rank else max(params.dense, params.expert)
+        step = 4 * min(DDP_BUCKET_ELEMENTS, biggest)  # gloo's copy of one fp32 bucket
     working = T * working + _attention_tile(cfg, layout, settings, profile)
     return Memory(weights, gradients, optimizer, activations, working, logits, buffers,
                   step, profile.overhead, stage.rank, params.total)
@@ -174,7 +179,8 @@ def _buffers(model: Model, layout: Layout, settings: Settings, profile: Profile,
     shards = layout.dp * layout.cp
     if settings.distributed_optimizer and shards > 1 and not profile.engine:  # param all-gather bucket
         out += min(max(DDP_BUCKET_ELEMENTS, 1_000_000 * shards), params.dense + params.expert) * profile.param
-    if profile.engine:  # autograd's .grad of one parameter, alive until the hook adds it to the main grad
+    if profile.engine and not settings.lora_rank:  # autograd's .grad of one parameter, until the hook adds it
+        # to the main grad (a LoRA run's are the adapters': a rank-r sliver)
         out += _largest_param(cfg, layout, stage, blocks) * profile.param
     return out
 

@@ -25,6 +25,8 @@ class Settings:
     headroom: float = HEADROOM  # of each GPU's memory kept free
     recompute_modules: Optional[frozenset] = None  # selective: what is recomputed (default: the profile's)
     recompute_layers: Optional[int] = None  # full: the first N layers of each chunk (default all)
+    lora_rank: int = 0  # LoRA: the base is frozen and only adapters of this rank on `lora_parts` train
+    lora_parts: frozenset = frozenset()
 
     def microbatches(self, layout: Layout) -> int:
         return self.global_batch // (self.micro_batch * layout.dp)

@@ -36,22 +36,24 @@ class Fit:
         return self.need <= self.available
 
 
-def settings_of(tcfg):
-    """The planner's Settings for a run's TrainConfig (the dry run and the fit check share it)."""
+def settings_of(tcfg, lora=None):
+    """The planner's Settings for a run's TrainConfig (the dry run and the fit check share it); `lora`
+    (mzoo.parallel.lora.LoRAConfig): only its adapters train."""
     return Settings(tcfg.seq_len, tcfg.global_batch, tcfg.micro_batch, tcfg.recompute, tcfg.distributed_optimizer,
                       recompute_modules=frozenset(tcfg.recompute_modules) if tcfg.recompute_modules else None,
-                      recompute_layers=tcfg.recompute_num_layers)
+                      recompute_layers=tcfg.recompute_num_layers, lora_rank=lora.rank if lora else 0,
+                      lora_parts=frozenset(lora.parts) if lora else frozenset())
 
 
-def estimate(cfg: ModelConfig, layout: Layout, tcfg, device_type: str) -> float:
+def estimate(cfg: ModelConfig, layout: Layout, tcfg, device_type: str, lora=None) -> float:
     """Peak bytes of the busiest rank of `layout` training with `tcfg` on mzoo's engine."""
     profile = engine_profile(tcfg.precision, layout.sequence_parallel, device_type)
-    return memory(cfg, layout, settings_of(tcfg), profile).total
+    return memory(cfg, layout, settings_of(tcfg, lora), profile).total
 
 
-def check(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, local_processes: int) -> Fit:
+def check(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, local_processes: int, lora=None) -> Fit:
     available, where = capacity(device, local_processes)
-    return Fit(estimate(cfg, layout, tcfg, device.type), available, where)
+    return Fit(estimate(cfg, layout, tcfg, device.type, lora), available, where)
 
 
 def suggestion(cfg: ModelConfig, layout: Layout, tcfg, device: torch.device, available: float) -> str:

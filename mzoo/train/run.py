@@ -48,6 +48,8 @@ class RunConfig:
     tensorboard: Optional[str] = None
     save_format: str = "megatron"  # or "hf": weights only, for inference and sharing (finetuning)
     device: str = "auto"  # auto (this rank's GPU when there is one), cuda or cpu
+    adapter_only: bool = False  # LoRA: a save holds the trainable (adapter) tensors only, the base is frozen
+    resume_from: Optional[str] = None  # LoRA: an adapter folder whose optimizer state and position to restore
 
 
 OPTIMIZER_FILE = "mzoo_optimizer.safetensors"
@@ -82,12 +84,14 @@ def build_state(layout: Layout, device: Optional[torch.device] = None) -> Parall
 
 @torch.no_grad()
 def gather_canonical(model: torch.nn.Module, state: ParallelState,
-                     values: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                     values: Optional[list[torch.Tensor]] = None, trainable: bool = False) -> dict[str, torch.Tensor]:
     """Canonical tensors of the parameters (or of per-parameter `values`, e.g. Adam states):
     TP shards merged on every rank, pipeline stages collected on the first stage. Holds the whole
-    model: fine for the sizes `mzoo train` saves today (see the issue notes)."""
+    model: fine for the sizes `mzoo train` saves today (see the issue notes). `trainable`: only the
+    parameters that train (a LoRA run's adapters)."""
     out: dict[str, torch.Tensor] = {}
-    for i, (name, p) in enumerate(model.canonical_parameters()):
+    named = [(n, p) for n, p in model.canonical_parameters() if p.requires_grad or not trainable]
+    for i, (name, p) in enumerate(named):
         local = p if values is None else values[i]
         if name in out:  # a tied copy on the last stage repeats the embedding
             continue
@@ -106,12 +110,14 @@ def gather_canonical(model: torch.nn.Module, state: ParallelState,
 
 def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> None:
     """Weights in the requested Megatron format plus, in the same iteration folder, the optimizer
-    states as canonical tensors (so a resume may use another layout) and the loop's position."""
+    states as canonical tensors (so a resume may use another layout) and the loop's position. A
+    LoRA run (`adapter_only`) hands the hook its adapters with the same optimizer files (the frozen
+    base has none); a full Hugging Face save is weights only."""
     from safetensors.torch import save_file
 
     trainer.optimizer.finish_param_gather()  # an interval save comes right after a step's update
-    tensors = gather_canonical(model, state)
-    if rc.save_format == "hf":  # a Hugging Face folder (replaced at each save): no optimizer, no RNG
+    tensors = gather_canonical(model, state, trainable=rc.adapter_only)
+    if rc.save_format == "hf" and not rc.adapter_only:  # a Hugging Face folder (replaced at each save): no optimizer
         if state.rank == 0:
             hooks.save_checkpoint(rc.model, tensors, Path(rc.save), trainer.step, lambda folder: None)
         if dist.is_initialized():
@@ -119,13 +125,13 @@ def save(rc: RunConfig, hooks: Hooks, model: torch.nn.Module, trainer: Trainer, 
         return
     opt = {}
     for kind, values in trainer.optimizer.param_states().items():
-        for name, value in gather_canonical(model, state, values).items():
+        for name, value in gather_canonical(model, state, values, trainable=True).items():  # states: trainable only
             opt[f"{kind}/{name}"] = value.contiguous()
     position = {"step": trainer.step, "consumed_samples": trainer.consumed_samples,
                 "optimizer_step": trainer.optimizer.step_count}
     rngs = _gather_rng(state)
 
-    def extra(folder: Path) -> None:
+    def extra(folder: Path) -> None:  # (a LoRA adapter folder gets them too: its optimizer is the adapters')
         save_file(opt, str(folder / OPTIMIZER_FILE))
         (folder / TRAIN_STATE_FILE).write_text(json.dumps(position) + "\n")
         _write_rng(folder, rngs, _layout_key(state))
@@ -195,8 +201,6 @@ def saved_position(path: str | Path) -> Optional[dict[str, Any]]:
 
 def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
     """Restore optimizer states and the loop's position when the checkpoint has them."""
-    from safetensors.torch import load_file
-
     from mzoo.ckpt.hf import CheckpointError
     from mzoo.ckpt.megatron.tracker import find_iteration_dir
 
@@ -204,13 +208,22 @@ def resume(path: str, model: torch.nn.Module, trainer: Trainer, state: ParallelS
         folder, _ = find_iteration_dir(Path(path))
     except CheckpointError:
         return False
+    return restore(folder, model, trainer, state)
+
+
+def restore(folder: Path, model: torch.nn.Module, trainer: Trainer, state: ParallelState) -> bool:
+    """Optimizer states of the trainable parameters, the loop's position and the random streams saved
+    in `folder` (an iteration, or a LoRA adapter folder), when it has them."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
     if not (folder / OPTIMIZER_FILE).exists() or not (folder / TRAIN_STATE_FILE).exists():
         return False
     saved = load_file(str(folder / OPTIMIZER_FILE))
     states = {}
     for kind in trainer.optimizer.KINDS:
         states[kind] = [to_local(p, saved[f"{kind}/{n}"], state.tp, state.tp_rank)
-                        for n, p in model.canonical_parameters()]
+                        for n, p in model.canonical_parameters() if p.requires_grad]
     position = json.loads((folder / TRAIN_STATE_FILE).read_text())
     trainer.optimizer.load_param_states(states, position["optimizer_step"])
     trainer.step, trainer.consumed_samples = position["step"], position["consumed_samples"]
@@ -286,6 +299,8 @@ def _run(rc: RunConfig, hooks: Hooks, on_step: Callable[[StepLog], None], device
     trainer = Trainer(model, rc.model, state, rc.train, train_sampler, valid_sampler)
     if rc.load and rc.load_optimizer:
         resume(rc.load, model, trainer, state)
+    if rc.resume_from:
+        restore(Path(rc.resume_from), model, trainer, state)
     log_file = open(rc.log_json, "a" if trainer.step else "w") if rc.log_json and state.rank == 0 else None
     board = None
     if rc.tensorboard and state.rank == 0:

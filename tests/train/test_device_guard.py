@@ -8,7 +8,8 @@ that, a factory call in mzoo's own code without `device=` fails at once with its
 family and each layout class is covered: dense TP + SP, PP (tied embeddings across stages),
 interleaved PP, DP + the distributed optimizer, MoE with EP (+ the aux-free bias update), MLA,
 Mamba-1, Mamba-2, the hybrid stack, packed finetuning samples through a pipeline, overlapped DP
-reductions and all-gathers, context parallelism (plain and packed), and a save's gathers. Then the model is on a fresh device type check: parameters, buffers and optimizer state all
+reductions and all-gathers, context parallelism (plain and packed), LoRA adapters (bf16, TP2 + SP),
+and a save's gathers. Then the model is on a fresh device type check: parameters, buffers and optimizer state all
 on the CPU (nothing left on meta).
 """
 
@@ -71,9 +72,15 @@ def _sampler(vocab: int, seq_len: int, packed: bool = False):
 def _guarded_steps(name: str, state: ParallelState, packed: bool = False, **train) -> dict:
     name, _, layers = name.partition(":")
     cfg = resolve(name) if not layers else resolve(name).replace(num_layers=int(layers))
+    lora = train.pop("lora", False)  # a LoRA finetune: the base frozen, adapters on every target
     tcfg = TrainConfig(seq_len=16, micro_batch=1, global_batch=4, steps=2, lr=1e-3, **train)
     model = build_chunks(cfg, state)
     model.init_weights(seed=3)
+    if lora:
+        from mzoo.models.lora import add_lora
+        from mzoo.parallel.lora import LoRAConfig
+
+        add_lora(model, cfg, LoRAConfig(4, dropout=0.1), seed=1, b_std=0.02)
     trainer = Trainer(model, cfg, state, tcfg, _sampler(cfg.vocab_size, tcfg.seq_len, packed))
     with torch.device("meta"), DeviceRequired():
         logs = [trainer.train_step() for _ in range(2)]
@@ -101,6 +108,17 @@ def test_mixed_precision_step_creates_nothing_off_device(precision):
     _check(_guarded_steps("llama-tiny", ParallelState.single(), precision=precision))
 
 
+def test_lora_step_creates_nothing_off_device_and_adapters_build_on_the_device():
+    from mzoo.models.lora import add_lora
+    from mzoo.parallel.lora import LoRAConfig
+
+    _check(_guarded_steps("llama-tiny", ParallelState.single(), lora=True, precision="bf16"))
+    cfg = resolve("llama-tiny")
+    model = build_chunks(cfg, ParallelState.single(), device="meta")
+    add_lora(model, cfg, LoRAConfig(4))
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 # (preset, layout, training options, packed data) on 2 ranks; all in one spawn (starting ranks costs seconds)
 LAYOUTS = [
     ("llama-tiny", dict(tp=2, sequence_parallel=True), {}, False),
@@ -117,6 +135,7 @@ LAYOUTS = [
                                     bucket_elements=20_000), False),  # overlapped buckets and all-gathers
     ("llama-tiny", dict(cp=2), {}, False),  # context parallelism: chunks, gathered K/V, tiled attention
     ("llama-tiny", dict(cp=2), {}, True),  # ... with packed segments
+    ("llama-tiny", dict(tp=2, sequence_parallel=True), dict(lora=True, precision="bf16"), False),  # LoRA adapters
 ]
 
 
