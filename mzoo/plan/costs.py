@@ -63,8 +63,10 @@ def layer_kind_counts(cfg: ModelConfig, layers: Optional[range] = None) -> list[
     return [(blocks, n) for blocks, n, _ in sorted(kinds, key=lambda k: k[2]) if n]
 
 
-def _intersection(every: range, layers: range) -> range:
-    """The indices of the step range `every` inside the contiguous range `layers`."""
+def _intersection(every: range | tuple[int, ...], layers: range) -> range | tuple[int, ...]:
+    """The indices of the step range `every` (or an explicit list of them) inside the contiguous range `layers`."""
+    if not isinstance(every, range):
+        return tuple(i for i in every if i in layers)
     if not len(every):
         return every
     start = max(layers.start, every.start)
@@ -72,8 +74,10 @@ def _intersection(every: range, layers: range) -> range:
     return range(first, max(first, min(layers.stop, every.stop)), every.step)
 
 
-def _first_outside(layers: range, routed: range) -> int:
+def _first_outside(layers: range, routed: range | tuple[int, ...]) -> int:
     """The first index of `layers` not in `routed` (-1 when every one is)."""
+    if not isinstance(routed, range):
+        return next((i for i in layers if i not in routed), -1)
     i = layers.start
     if i in routed:  # routed layers are every step-th: the next one is free unless the step is 1
         i = i + 1 if routed.step > 1 else routed.stop
