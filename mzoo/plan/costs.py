@@ -170,7 +170,10 @@ def block_activations(cfg: ModelConfig, block: str, s: Shard, profile: Profile, 
         qkv = (a + 2 * g) * d / t  # kept whole: v is a view of the fused QKV output
         rope = (a + g) * d / t  # rotated q and k
         out = a * d / t  # attention output = linear_proj input
-        return e * (norm() + qkv + rope + out + lse)
+        # per-head q/k norms (Qwen3): their fp32 rstd; mzoo's engine also keeps the q its norm reads, a
+        # copy out of the grouped QKV (k is a view of it); Megatron's q and k are views (measured: docs/plan.md)
+        qk_norm = ((a * d if eng else 0) + 4 / e * (a + g)) / t if cfg.qk_layernorm else 0
+        return e * (norm() + qkv + rope + out + lse + qk_norm)
     if block == "mla":
         m, a = cfg.mla, cfg.num_attention_heads
         qk, up = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_nope_head_dim + m.v_head_dim
