@@ -212,6 +212,9 @@ def test_flops_and_mfu_are_reported():
     # a tied embedding still multiplies the hidden states by the vocabulary for the logits
     tied = cfg.replace(tie_embeddings=True)
     assert flops_per_token(tied, 16) == pytest.approx(_measured_flops_per_token(tied, tokens, labels))
+    # Qwen3's head_dim (16, not 32 / 4) sizes the projections and the attention products
+    qwen3 = cfg.replace(family="qwen3", qk_layernorm=True, head_dim=16)
+    assert flops_per_token(qwen3, 16) == pytest.approx(_measured_flops_per_token(qwen3, tokens, labels))
 
     tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=1, peak_tflops=2.0)
     model = build_model(cfg)
