@@ -3,7 +3,7 @@ EP4 on real gloo ranks give the loss curve of one process holding every expert, 
 (fp32, 1e-5), for a Mixtral-style model (softmax top-2, load-balancing loss) and a DeepSeek-V3-style
 one (MLA, a dense first layer, a shared expert, sigmoid group-limited routing with the
 aux-loss-free expert bias updated every step), and a Qwen3-MoE one (q/k norms, unnormalised top-k
-weights, a dense layer listed in mlp_only_layers) at EP2 and TP2 x EP2 + SP."""
+weights, a dense layer listed in mlp_only_layers) at EP2, EP2 x TP2 + SP and EP2 x PP2."""
 
 from __future__ import annotations
 
@@ -88,9 +88,11 @@ def test_single_process_learns_and_balances(reference, name):
         ("deepseek", dict(tp=2), 2, False),
         ("qwen3-moe", dict(dp=2, ep=2), 2, True),
         ("qwen3-moe", dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4, False),
+        ("qwen3-moe", dict(pp=2, dp=2, ep=2), 4, False),  # the second stage starts with the listed dense layer
     ],
     ids=["mixtral-ep2", "deepseek-ep2-distopt", "mixtral-ep2xtp2", "deepseek-ep2xtp2-sp", "mixtral-ep2xpp2-distopt",
-         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "qwen3-moe-ep2-distopt", "qwen3-moe-ep2xtp2-sp"],
+         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "qwen3-moe-ep2-distopt", "qwen3-moe-ep2xtp2-sp",
+         "qwen3-moe-ep2xpp2"],
 )
 def test_moe_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = reference[name]
