@@ -21,40 +21,25 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mzoo.config import ConfigError, ModelConfig, MoEConfig, moe_placement
+from mzoo.converters import llama
 from mzoo.converters.adapter import Adapter, register
 from mzoo.converters.config_map import CORE, Key, KeyTable, Reading, boolean, number
-from mzoo.converters.mapping import QKV, Direct, GatedMLP, MappingTable
+from mzoo.converters.mapping import Direct, GatedMLP, MappingTable
 
 L = "decoder.layers.*."
 H = "model.layers.*."
 EXPERT = L + "mlp.experts.local_experts.*."
 HF_EXPERT = H + "mlp.experts.*."
 
-_COMMON = [
-    Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-    Direct("decoder.final_layernorm.weight", "model.norm.weight"),
-    Direct("output_layer.weight", "lm_head.weight"),
-    Direct(L + "self_attention.linear_qkv.layer_norm_weight", H + "input_layernorm.weight"),
-    QKV(L + "self_attention.linear_qkv.weight",
-        {"q": H + "self_attn.q_proj.weight", "k": H + "self_attn.k_proj.weight", "v": H + "self_attn.v_proj.weight"}),
-    Direct(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
-]
-_DENSE_MLP = [
-    Direct(L + "mlp.linear_fc1.layer_norm_weight", H + "post_attention_layernorm.weight"),
-    GatedMLP(L + "mlp.linear_fc1.weight", {"gate": H + "mlp.gate_proj.weight", "up": H + "mlp.up_proj.weight"}),
-    Direct(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
-]
 _QK_NORM = [
     Direct(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
     Direct(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight"),
 ]
 
-QWEN2_TABLE = MappingTable(_COMMON + _DENSE_MLP + [
-    QKV(L + "self_attention.linear_qkv.bias",
-        {"q": H + "self_attn.q_proj.bias", "k": H + "self_attn.k_proj.bias", "v": H + "self_attn.v_proj.bias"}),
-])
-QWEN3_TABLE = MappingTable(_COMMON + _QK_NORM + _DENSE_MLP)
-QWEN3_MOE_TABLE = MappingTable(_COMMON + _QK_NORM + _DENSE_MLP + [  # dense layers: mlp_only_layers
+# LLaMA's rows (its o-projection and MLP bias rows are never asked for: no Qwen has add_bias_linear)
+QWEN2_TABLE = llama.TABLE
+QWEN3_TABLE = MappingTable(llama.TABLE.mappings + _QK_NORM)
+QWEN3_MOE_TABLE = MappingTable(QWEN3_TABLE.mappings + [  # LLaMA's dense MLP rows serve mlp_only_layers
     Direct(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
     Direct(L + "mlp.router.weight", H + "mlp.gate.weight"),
     GatedMLP(EXPERT + "linear_fc1.weight", {"gate": HF_EXPERT + "gate_proj.weight", "up": HF_EXPERT + "up_proj.weight"}),
