@@ -181,7 +181,8 @@ def architecture_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
         m = cfg.moe
         rows.append(("experts", f"{m.num_experts} routed, top-{m.top_k}, expert FFN {m.ffn_hidden_size}"
                                 + (f", {m.num_shared_experts} shared" if m.num_shared_experts else "")
-                                + (f", first {m.first_k_dense} layers dense" if m.first_k_dense else "")))
+                                + (f", first {m.first_k_dense} layers dense" if m.first_k_dense else "")
+                                + (f", layers {m.dense_layers} dense" if m.dense_layers else "")))
     rows += [("vocabulary", str(cfg.vocab_size)), ("context length", str(cfg.max_position_embeddings)),
              ("positions", cfg.position_embedding + (f" (theta {cfg.rope.theta:g})" if cfg.position_embedding == "rope"
                                                     else "")),

@@ -28,10 +28,11 @@ def plan_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
     (dense prefix, each MoE-period position) is built and its layers repeated, instead of
     building every expert of every layer."""
     moe = cfg.moe
-    if moe is None or cfg.ssm is not None or cfg.num_layers <= (moe.first_k_dense > 0) + moe.layer_freq:
+    if moe is None or cfg.ssm is not None or cfg.num_layers <= _dense_template(cfg) + moe.layer_freq:
         return canonical_tensors(cfg)
-    dense = int(moe.first_k_dense > 0)
-    small = cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense})
+    dense = _dense_template(cfg)
+    small = cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense, "moe.dense_layers": []})
+    listed = set(moe.dense_layers)
     template: dict[int, list[CanonicalTensor]] = {}
     head, tail = [], []
     for t in canonical_tensors(small):
@@ -42,9 +43,14 @@ def plan_tensors(cfg: ModelConfig) -> list[CanonicalTensor]:
             template.setdefault(layer, []).append(CanonicalTensor(rest, t.shape, t.spec))
     out = list(head)
     for n in range(cfg.num_layers):
-        kind = 0 if n < moe.first_k_dense else dense + (n - moe.first_k_dense) % moe.layer_freq
+        kind = 0 if n < moe.first_k_dense or n in listed else dense + (n - moe.first_k_dense) % moe.layer_freq
         out += [CanonicalTensor(f"decoder.layers.{n}.{t.name}", t.shape, t.spec) for t in template[kind]]
     return out + tail
+
+
+def _dense_template(cfg: ModelConfig) -> int:
+    """1 when the model has dense layers outside the MoE period (a dense prefix or listed ones), else 0."""
+    return int(cfg.moe.first_k_dense > 0 or bool(cfg.moe.dense_layers))
 
 
 def one_layer_of_each_kind(cfg: ModelConfig) -> ModelConfig:
@@ -56,10 +62,10 @@ def one_layer_of_each_kind(cfg: ModelConfig) -> ModelConfig:
         return cfg.replace(num_layers=len(pattern), **{"ssm.hybrid_pattern": pattern})
     moe = cfg.moe
     if moe is not None and cfg.ssm is None:
-        dense = int(moe.first_k_dense > 0)
+        dense = _dense_template(cfg)
         if cfg.num_layers <= dense + moe.layer_freq:
             return cfg
-        return cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense})
+        return cfg.replace(num_layers=dense + moe.layer_freq, **{"moe.first_k_dense": dense, "moe.dense_layers": []})
     return cfg.replace(num_layers=min(cfg.num_layers, 1))
 
 

@@ -29,6 +29,7 @@ from mzoo.parallel.layers import (
     VocabParallelEmbedding,
     gated,
     mark_sequence_parallel,
+    mark_tensor_parallel_partial,
 )
 from mzoo.parallel.random import RNGTracker, checkpoint_with_rng
 from mzoo.parallel.sharding import expert_index, get_spec, renumber_expert, to_local
@@ -91,6 +92,8 @@ class SelfAttention(nn.Module):
         if cfg.qk_layernorm:
             self.q_layernorm = Norm(self.dim, cfg.normalization, cfg.norm_eps, dtype)
             self.k_layernorm = Norm(self.dim, cfg.normalization, cfg.norm_eps, dtype)
+            for norm in (self.q_layernorm, self.k_layernorm):  # each TP rank's grads: its own heads
+                mark_tensor_parallel_partial(norm.weight, getattr(norm, "bias", None))
         else:
             self.q_layernorm = self.k_layernorm = None
         self.linear_proj = RowParallelLinear(

@@ -19,7 +19,7 @@ import yaml
 
 from mzoo.errors import UserError
 
-FAMILIES = ("gpt", "llama", "mixtral", "deepseek", "mamba")
+FAMILIES = ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba")
 Activation = Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu", "silu"]
 Normalization = Literal["layernorm", "rmsnorm"]
 PositionEmbedding = Literal["learned", "rope", "none"]
@@ -68,8 +68,22 @@ class MoEConfig:
     norm_topk_prob: bool = True
     first_k_dense: int = 0  # leading dense layers (DeepSeek first_k_dense_replace)
     layer_freq: int = 1  # MoE on every layer_freq-th layer after the dense prefix
+    dense_layers: list[int] = field(default_factory=list)  # more dense layers among those (Qwen3-MoE mlp_only_layers)
     aux_loss_coeff: float = 0.0  # load-balancing loss weight (Megatron moe_aux_loss_coeff)
     bias_update_rate: float = 1e-3  # aux-loss-free expert_bias step per optimizer step (DeepSeek-V3)
+
+
+def moe_placement(pattern: list[int]) -> dict[str, Any]:
+    """MoEConfig's first_k_dense, layer_freq and dense_layers for a 0/1 per-layer pattern (Megatron's
+    moe_layer_freq list, or Qwen3-MoE's decoder_sparse_step + mlp_only_layers): the one spelling
+    of each pattern, so configs read from different sources compare equal."""
+    ones = [i for i, x in enumerate(pattern) if x]
+    if not ones:
+        raise ConfigError("the MoE layer pattern has no MoE layer; drop the moe section for a dense model.")
+    freq = math.gcd(*(i - ones[0] for i in ones[1:])) if len(ones) > 1 else 1
+    moe = set(ones)
+    dense = [i for i in range(ones[0], len(pattern), freq) if i not in moe]
+    return dict(first_k_dense=ones[0], layer_freq=freq or 1, dense_layers=dense)
 
 
 @dataclass
@@ -169,11 +183,16 @@ class ModelConfig:
         return frozenset(kinds)
 
     @property
-    def moe_layers(self) -> range:
-        """Global indices of the transformer layers with routed experts: every layer_freq-th from first_k_dense."""
+    def moe_layers(self) -> range | tuple[int, ...]:
+        """Global indices of the transformer layers with routed experts: every layer_freq-th from
+        first_k_dense, less moe.dense_layers (a range when there are none: counts stay O(1))."""
         if self.moe is None:
             return range(0)
-        return range(self.moe.first_k_dense, self.num_layers, self.moe.layer_freq)
+        every = range(self.moe.first_k_dense, self.num_layers, self.moe.layer_freq)
+        if not self.moe.dense_layers:
+            return every
+        dense = set(self.moe.dense_layers)
+        return tuple(i for i in every if i not in dense)
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether transformer layer `index` (global, 0-based) uses routed experts."""
@@ -307,6 +326,15 @@ class ModelConfig:
             fail("moe.layer_freq must be positive and moe.first_k_dense non-negative.")
         if moe.first_k_dense > self.num_layers:
             fail(f"moe.first_k_dense ({moe.first_k_dense}) exceeds num_layers ({self.num_layers}).")
+        dense = moe.dense_layers
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            fail(f"moe.dense_layers must list layer indices (integers), got {dense!r}.")
+        if dense != sorted(set(dense)) or (dense and not 0 <= dense[0] <= dense[-1] < self.num_layers):
+            fail(f"moe.dense_layers must be increasing layer indices below num_layers ({self.num_layers}), "
+                 f"got {dense}.")
+        if dense and dense != [i for i in dense if i in range(moe.first_k_dense, self.num_layers, moe.layer_freq)]:
+            fail("moe.dense_layers may only name layers first_k_dense and layer_freq make MoE layers; "
+                 "the others are dense already, so drop them.")
         if moe.aux_loss_coeff < 0 or moe.bias_update_rate < 0:
             fail("moe.aux_loss_coeff and moe.bias_update_rate must not be negative.")
         if moe.expert_bias and moe.score_function != "sigmoid":

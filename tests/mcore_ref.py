@@ -178,7 +178,7 @@ def moe_config(cfg: ModelConfig, ep: int = 1) -> dict[str, Any]:
     if moe is None:
         return {}
     freq: Any = moe.layer_freq
-    if moe.first_k_dense:
+    if moe.first_k_dense or moe.dense_layers:
         freq = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
     return dict(
         num_moe_experts=moe.num_experts,

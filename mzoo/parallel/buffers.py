@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mzoo.parallel.collectives import _all_gather_tensor, _reduce_scatter_tensor
+from mzoo.parallel.layers import summed_over_tp
 from mzoo.parallel.sharding import get_spec
 from mzoo.parallel.state import Group, ParallelState
 
@@ -92,7 +93,7 @@ class _FlatGroup:
             self._runs(bucket, state)
         self.overlap = config.overlap_grad_reduce and group is not None and size > 1
         self.gather_overlap = config.overlap_param_gather and self.distributed
-        self.tp_group = state.tp_group if state.config.sequence_parallel else None
+        self.tp_group, self.sp = state.tp_group, state.config.sequence_parallel  # for summed_over_tp grads
         self._bucket_of = [next(k for k, b in enumerate(self.buckets) if b.lo <= off < b.hi) if p.numel() else
                            len(self.buckets) - 1 for p, off in zip(params, self.offsets)]
         for i, k in enumerate(self._bucket_of):
@@ -187,7 +188,7 @@ class _FlatGroup:
         if self._fired[i] > self._microbatches or self.buckets[k].launches:
             raise RuntimeError(f"internal error: parameter {i} of a gradient bucket got a gradient after its "
                                "bucket's reduction started (more backward passes than micro-batches?)")
-        if self.tp_group is not None and getattr(self.params[i], "sequence_parallel", False):
+        if self.tp_group is not None and summed_over_tp(self.params[i], self.sp):
             self._tp_work[i] = dist.all_reduce(self.params[i].main_grad, group=self.tp_group, async_op=True)
         self._full[k] += 1
         self._launch_ready(in_backward=True)
@@ -215,9 +216,9 @@ class _FlatGroup:
             self._grad_work[k] = work
 
     def sync_sequence_parallel(self) -> None:
-        """Sum over TP the sequence-parallel gradients the backward did not (overlap only)."""
+        """Sum over TP the sequence-parallel (and q/k norm) gradients the backward did not (overlap only)."""
         for i, p in enumerate(self.params):
-            if getattr(p, "sequence_parallel", False) and i not in self._tp_work and \
+            if summed_over_tp(p, self.sp) and i not in self._tp_work and \
                     self._fired[i] < self._microbatches:
                 dist.all_reduce(p.main_grad, group=self.tp_group)
 

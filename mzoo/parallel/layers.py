@@ -110,6 +110,20 @@ def mark_sequence_parallel(*params: Optional[torch.Tensor]) -> None:
             p.sequence_parallel = True  # type: ignore[attr-defined]
 
 
+def mark_tensor_parallel_partial(*params: Optional[torch.Tensor]) -> None:
+    """Replicated parameters applied to this TP rank's heads only (the per-head q/k norms): each
+    rank's grad covers its own heads, so they are summed over TP with or without sequence
+    parallelism (what Megatron's finalize_model_grads does for qk_layernorm)."""
+    for p in params:
+        if p is not None:
+            p.tensor_parallel_partial = True  # type: ignore[attr-defined]
+
+
+def summed_over_tp(p: torch.Tensor, sequence_parallel: bool) -> bool:
+    """Whether p's gradient is a partial sum that the TP ranks must add up."""
+    return getattr(p, "tensor_parallel_partial", False) or (sequence_parallel and getattr(p, "sequence_parallel", False))
+
+
 class Norm(nn.Module):
     """Stand-alone norm (`final_layernorm`, q/k norms): parameters `weight` (+ `bias`)."""
 

@@ -54,6 +54,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mzoo.parallel.buffers import _FlatGroup, _wait_before_forward
+from mzoo.parallel.layers import summed_over_tp
 from mzoo.parallel.state import Group, ParallelState, check_expert_layout
 
 
@@ -124,13 +125,14 @@ class Optimizer:
             for p in self.params:
                 if getattr(p, "shared_embedding", False):
                     dist.all_reduce(p.main_grad, group=self.state.embedding_group)
-        if self.state.config.sequence_parallel and self.state.tp_group is not None:
+        if self.state.tp_group is not None:
+            sp = self.state.config.sequence_parallel
             for group, _ in self.groups:
                 if group.overlap:
                     group.sync_sequence_parallel()
                     continue
                 for p in group.params:
-                    if getattr(p, "sequence_parallel", False):
+                    if summed_over_tp(p, sp):
                         dist.all_reduce(p.main_grad, group=self.state.tp_group)
 
     def grad_norm(self, grads: Sequence[list[torch.Tensor]]) -> float:

@@ -63,8 +63,10 @@ def layer_kind_counts(cfg: ModelConfig, layers: Optional[range] = None) -> list[
     return [(blocks, n) for blocks, n, _ in sorted(kinds, key=lambda k: k[2]) if n]
 
 
-def _intersection(every: range, layers: range) -> range:
-    """The indices of the step range `every` inside the contiguous range `layers`."""
+def _intersection(every: range | tuple[int, ...], layers: range) -> range | tuple[int, ...]:
+    """The indices of the step range `every` (or an explicit list of them) inside the contiguous range `layers`."""
+    if not isinstance(every, range):
+        return tuple(i for i in every if i in layers)
     if not len(every):
         return every
     start = max(layers.start, every.start)
@@ -72,8 +74,10 @@ def _intersection(every: range, layers: range) -> range:
     return range(first, max(first, min(layers.stop, every.stop)), every.step)
 
 
-def _first_outside(layers: range, routed: range) -> int:
+def _first_outside(layers: range, routed: range | tuple[int, ...]) -> int:
     """The first index of `layers` not in `routed` (-1 when every one is)."""
+    if not isinstance(routed, range):
+        return next((i for i in layers if i not in routed), -1)
     i = layers.start
     if i in routed:  # routed layers are every step-th: the next one is free unless the step is 1
         i = i + 1 if routed.step > 1 else routed.stop
@@ -166,7 +170,10 @@ def block_activations(cfg: ModelConfig, block: str, s: Shard, profile: Profile, 
         qkv = (a + 2 * g) * d / t  # kept whole: v is a view of the fused QKV output
         rope = (a + g) * d / t  # rotated q and k
         out = a * d / t  # attention output = linear_proj input
-        return e * (norm() + qkv + rope + out + lse)
+        # per-head q/k norms (Qwen3): their fp32 rstd; mzoo's engine also keeps the q its norm reads, a
+        # copy out of the grouped QKV (k is a view of it); Megatron's q and k are views (measured: docs/plan.md)
+        qk_norm = ((a * d if eng else 0) + 4 / e * (a + g)) / t if cfg.qk_layernorm else 0
+        return e * (norm() + qkv + rope + out + lse + qk_norm)
     if block == "mla":
         m, a = cfg.mla, cfg.num_attention_heads
         qk, up = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_nope_head_dim + m.v_head_dim

@@ -1,5 +1,5 @@
 """`mzoo generate`: greedy decoding with the inference cache (recurrent states for Mamba) equals
-transformers' `generate` token for token (LLaMA, GPT-2, Mixtral, DeepSeek-V2 and -V3, Mamba-1,
+transformers' `generate` token for token (LLaMA, GPT-2, Qwen2, Qwen3, Qwen3-MoE, Mixtral, DeepSeek-V2 and -V3, Mamba-1,
 Mamba-2 and a NemotronH hybrid), from Hugging Face and from a Megatron
 checkpoint at another layout; sampling is reproducible and top-p keeps only the nucleus; text
 prompts stream through the tokenizer token by token; bad input is one sentence."""
@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import make_hf_model, make_moe_model
 from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GPT2Config, LlamaConfig,
-                          Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig)
+                          Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig, Qwen2Config, Qwen3Config,
+                          Qwen3MoeConfig)
 from typer.testing import CliRunner
 
 from mzoo.cli.main import app
@@ -29,6 +30,17 @@ MODELS = {
                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                      max_position_embeddings=64)),
     "gpt2": (make_hf_model, lambda: GPT2Config(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=2, n_positions=64)),
+    "qwen2-tied": (make_hf_model, lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=64, tie_word_embeddings=True)),
+    "qwen3": (make_hf_model, lambda: Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, head_dim=32,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64)),
+    "qwen3-moe": (make_moe_model, lambda: Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                                         moe_intermediate_size=32, head_dim=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                                         num_experts_per_tok=2, norm_topk_prob=True,
+                                                         mlp_only_layers=[1], max_position_embeddings=64)),
     "mixtral": (make_moe_model, lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                       num_local_experts=4, num_experts_per_tok=2,

@@ -153,6 +153,30 @@ def test_dry_run_deepseek_v3_at_full_scale_in_seconds():
     assert last["memory"]["profile"] == "mzoo-bf16"
 
 
+def test_dry_run_qwen3_235b_a22b_last_stage_rank():
+    """Qwen3-MoE's blocks (q/k norms, head_dim 128, 128 routed experts, no shared ones) on a last-stage
+    rank of TP4 x PP4 x EP16 x DP16 (uneven stages): the exact count and the planner's memory."""
+    from mzoo.plan.costs import as_model, stages
+    from mzoo.plan.memory import stage_memory
+    from mzoo.plan.profile import engine_profile
+    from mzoo.plan.settings import Settings
+
+    cfg = get("qwen3-235b-a22b").config
+    layout = Layout(tp=4, pp=4, dp=16, ep=16, first_stage_layers=22, last_stage_layers=22, sequence_parallel=True)
+    rank = 3 * 64 + 4 * 15 + 3  # pp 3, dp 15 (ep rank 15), tp 3
+    out = _dry_run("qwen3-235b-a22b", "--tp", 4, "--pp", 4, "--ep", 16, "--dp", 16, "--first-stage-layers", 22,
+                   "--last-stage-layers", 22, "--seq-len", 4096, "--micro-batch", 1, "--global-batch", 64,
+                   "--sequence-parallel", "--precision", "bf16", "--dry-run-rank", rank)
+    assert out["layers"] == list(range(72, 94)) and out["coordinates"]["ep_rank"] == 15
+    assert out["count"] == rank_params(cfg, layout, 3).total
+    names = {p["name"] for p in out["parameters"]}
+    assert "decoder.layers.93.self_attention.q_layernorm.weight" in names
+    assert "decoder.layers.93.mlp.experts.local_experts.120.linear_fc1.weight" in names  # 15 * 128/16 + 0
+    expected = stage_memory(as_model(cfg), layout, Settings(4096, 64, 1, distributed_optimizer=False),
+                            engine_profile("bf16", True), stages(cfg, layout)[3])  # this rank's stage
+    assert out["memory"]["total_gb"] == round(expected.total / 2**30, 3)
+
+
 def test_dry_run_bad_rank_and_bad_layout_fail_before_work():
     r = mzoo("train", "llama-tiny", "--tp", 2, "--mock-data", "--dry-run", "--dry-run-rank", 2)
     assert r.returncode == 2 and "outside the 2 ranks" in r.stderr

@@ -44,6 +44,8 @@ CASES = {
     "mixtral-plain": lambda: get("mixtral-tiny").config,
     "gpt-no-rope": lambda: get("gpt-tiny").config,
     "nemotron_h": lambda: get("mamba-hybrid-tiny").config,
+    "qwen2": lambda: get("qwen2-tiny").config,
+    "qwen3-moe": lambda: get("qwen3-moe-tiny").config,  # num_local_experts (5) and num_experts (4.x)
 }
 
 

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError, HFReader
 from mzoo.ckpt.megatron.checkpoint import Target
+from mzoo.config import ConfigError
+from mzoo.converters import for_hf_config
 from mzoo.converters.hf import save_hf
 from mzoo.jobs.convert import convert
 from mzoo.jobs.sources import open_source
@@ -59,7 +61,7 @@ def test_hf_canonical_hf_is_bit_exact(hf_factory, tmp_path, case):
     assert against_transformers(dst).match
 
 
-@pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny"])
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt-tiny", "qwen2-tiny", "qwen3-tiny", "qwen3-moe-tiny"])
 def test_init_writes_what_from_pretrained_loads(tmp_path, preset):
     cfg = get(preset).config
     out = save_hf(cfg, random_canonical(cfg, seed=7), tmp_path / preset, dtype=torch.bfloat16)
@@ -131,3 +133,60 @@ def test_failed_write_leaves_no_output(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         save_hf(cfg, random_canonical(cfg, 0), tmp_path / "out")
+
+
+# ---- Qwen ---------------------------------------------------------------------------------------
+# config.json as the Qwen repositories publish it (transformers 4.x spelling: rope_theta, num_experts,
+# the sliding-window fields present but off)
+QWEN_PUBLISHED = {
+    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, rms_norm_eps=1e-06, rope_theta=1000000.0, rope_scaling=None,
+                       tie_word_embeddings=False, hidden_act="silu", use_sliding_window=False, sliding_window=131072,
+                       max_window_layers=28, attention_dropout=0.0, torch_dtype="bfloat16"),
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-06, rope_theta=1000000,
+                       rope_scaling=None, tie_word_embeddings=True, hidden_act="silu", attention_bias=False,
+                       use_sliding_window=False, sliding_window=None, max_window_layers=28, torch_dtype="bfloat16"),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=151936,
+                          hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                          router_aux_loss_coef=0.001, max_position_embeddings=40960, rms_norm_eps=1e-06,
+                          rope_theta=1000000.0, rope_scaling=None, tie_word_embeddings=False, hidden_act="silu",
+                          attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=48),
+}
+
+
+@pytest.mark.parametrize("preset", QWEN_PUBLISHED)
+def test_qwen_published_config_reads_as_its_preset_and_back(preset):
+    hf = QWEN_PUBLISHED[preset]
+    cfg = for_hf_config(hf).config_from_hf(hf)
+    assert cfg.architecture_differences(get(preset).config) == [] and cfg.family == get(preset).config.family
+    written = for_hf_config(hf).config_to_hf(cfg)  # what transformers' own config class reads back
+    from transformers import AutoConfig
+
+    theirs = AutoConfig.for_model(**written).to_dict()
+    assert for_hf_config(theirs).config_from_hf(theirs).architecture_differences(cfg) == []
+
+
+@pytest.mark.parametrize("preset, change, message", [
+    ("qwen2.5-7b", dict(use_sliding_window=True), "turns on sliding-window attention"),
+    ("qwen3-0.6b", dict(layer_types=["sliding_attention"] * 28), "turns on sliding-window attention"),
+    ("qwen3-0.6b", dict(attention_bias=True), "has attention_bias true"),
+    ("qwen3-30b-a3b", dict(decoder_sparse_step=0), "decoder_sparse_step must be a positive integer"),
+    ("qwen3-30b-a3b", dict(mlp_only_layers=list(range(48))), "has no sparse layer"),
+], ids=["sliding-window", "sliding-layer-types", "qwen3-o-bias", "sparse-step-0", "no-sparse-layer"])
+def test_qwen_configs_mzoo_cannot_build_are_refused(preset, change, message):
+    hf = {**QWEN_PUBLISHED[preset], **change}
+    with pytest.raises(ConfigError, match=message):
+        for_hf_config(hf).config_from_hf(hf)
+
+
+def test_qwen_writer_refuses_what_transformers_cannot_express():
+    with pytest.raises(ConfigError, match="Qwen2 in transformers needs q/k/v biases"):
+        for_hf_config({"model_type": "qwen2"}).config_to_hf(get("qwen2-tiny").config.replace(add_qkv_bias=False))
+    with pytest.raises(ConfigError, match="Qwen3-MoE in transformers needs no shared experts"):
+        for_hf_config({"model_type": "qwen3_moe"}).config_to_hf(
+            get("qwen3-moe-tiny").config.replace(**{"moe.num_shared_experts": 1}))

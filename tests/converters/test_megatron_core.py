@@ -1,5 +1,6 @@
 """Real megatron-core (0.16.1, local spec, CPU shim in tests/) reads what mzoo writes, and mzoo
-reads what megatron-core writes; logits are held to transformers' own."""
+reads what megatron-core writes; logits are held to transformers' own (LLaMA, and Qwen2 / Qwen3:
+q/k/v biases without add_bias_linear, qk_layernorm, kv_channels from the args mzoo writes)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import mcore_ref as R
 import pytest
 import torch
 from conftest import all_safetensors, make_hf_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.checkpoint import Target
@@ -20,6 +21,13 @@ pytestmark = pytest.mark.dist
 
 HF_CONFIG = LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128)
+QWEN = {  # Qwen2: q/k/v biases, no o bias, tied; Qwen3: per-head q/k norms, head_dim 32 (not 64 / 4)
+    "qwen2": Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128,
+                         tie_word_embeddings=True),
+    "qwen3": Qwen3Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, intermediate_size=160, max_position_embeddings=128),
+}
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 PADDED = 1024  # 1000 padded to a multiple of 128 (x TP 1 or 2)
 
@@ -82,6 +90,31 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_tp(hf, tmp_path):
     cfg = open_source(out).cfg
     for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):  # written TP1, read TP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
+
+
+def _load_each(rank, world, cases, ids):
+    return [_load_dist(rank, world, cfg, path, ids) for cfg, path in cases]
+
+
+def test_megatron_core_loads_mzoo_qwen_at_another_tp(tmp_path):
+    """Qwen2 and Qwen3 in one launch: written TP1 by mzoo, megatron-core built at TP2 from the
+    Megatron args alone (no mzoo.yaml), logits equal to transformers'."""
+    cases, expected = [], []
+    for family, config in QWEN.items():
+        path = make_hf_model(tmp_path / family, config)
+        with torch.no_grad():
+            expected.append(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(IDS).logits)
+        out = tmp_path / f"{family}-mc"
+        convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(tp=1), spelling="local")))
+        (out / "mzoo.yaml").unlink()
+        cfg = open_source(out).cfg
+        assert (cfg.add_qkv_bias, cfg.add_bias_linear, cfg.qk_layernorm) == (family == "qwen2", False,
+                                                                             family == "qwen3")
+        assert cfg.kv_channels == (32 if family == "qwen3" else 16) and cfg.family == family
+        cases.append((cfg, out / "release"))
+    for per_rank in D.run(_load_each, 2, cases, IDS):
+        for packed, want in zip(per_rank, expected):
+            assert (R.unpack(packed)[..., :1000] - want).abs().max().item() <= 1e-4
 
 
 def test_megatron_core_loads_mzoo_legacy_rank_files(hf, tmp_path):

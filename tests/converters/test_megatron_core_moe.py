@@ -1,7 +1,7 @@
 """Real megatron-core (0.16.1, local spec, SequentialMLP experts, allgather dispatcher, CPU shim in
 tests/) and mzoo agree on mixture-of-experts checkpoints: megatron-core at EP2 loads what mzoo writes
 (torch_dist written at EP1, legacy rank files written at EP2) with logits equal to transformers'
-Mixtral, mzoo converts what megatron-core writes at EP2 back to Hugging Face, and for DeepSeek
+Mixtral and Qwen3-MoE (q/k norms, a dense layer from mlp_only_layers as a per-layer moe_layer_freq), mzoo converts what megatron-core writes at EP2 back to Hugging Face, and for DeepSeek
 (MLA, which megatron-core can only BUILD on CPU: see mcore_ref.build_mla_model_for_names) mzoo's
 names and shapes are exactly the ones megatron-core's modules declare."""
 
@@ -11,7 +11,7 @@ import dist as D
 import mcore_ref as R
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.checkpoint import Target
@@ -36,6 +36,11 @@ DEEPSEEK = {
                                 kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                 topk_method="greedy", norm_topk_prob=False, max_position_embeddings=128),
 }
+# layer 1 dense (mlp_only_layers), raw top-k softmax weights (norm_topk_prob false: moe_router_pre_softmax)
+QWEN3_MOE = Qwen3MoeConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
+                           max_position_embeddings=128)
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 PADDED = 1024
 
@@ -90,6 +95,22 @@ def test_megatron_core_loads_mzoo_torch_dist_at_another_ep(mixtral, tmp_path):
     out = tmp_path / "mc"
     convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
     cfg = open_source(out).cfg
+    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):  # written EP1, read EP2
+        assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
+
+
+def test_megatron_core_loads_mzoo_qwen3_moe_at_another_ep(tmp_path):
+    from conftest import make_moe_model
+
+    path = make_moe_model(tmp_path / "qwen3-moe", QWEN3_MOE)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(IDS).logits
+    out = tmp_path / "mc"
+    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
+    (out / "mzoo.yaml").unlink()  # megatron-core is built from what the Megatron args alone say
+    cfg = open_source(out).cfg
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [True, False, True] and cfg.qk_layernorm
+    assert cfg.architecture_differences(open_source(path).cfg) == []
     for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):  # written EP1, read EP2
         assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4
 

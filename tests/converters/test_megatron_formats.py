@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, LlamaConfig
+from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from mzoo.ckpt.atomic import OutputError
 from mzoo.ckpt.hf import CheckpointError
@@ -26,7 +26,14 @@ MODELS = {
     "llama-tied": LlamaConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=True),
     "gpt2": GPT2Config(vocab_size=1001, n_embd=64, n_head=4, n_layer=4, n_positions=64),
+    # q/k/v biases without an o bias, tied
+    "qwen2": Qwen2Config(vocab_size=999, hidden_size=64, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=4, intermediate_size=96, tie_word_embeddings=True),
+    # per-head q/k norms, head_dim 32 (not 64 / 4)
+    "qwen3": Qwen3Config(vocab_size=999, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, intermediate_size=96),
 }
+QWEN = ("qwen2", "qwen3")
 
 # (format, tp, pp, vpp, first, last, spec)
 LAYOUTS = [
@@ -64,8 +71,12 @@ def sources(tmp_path_factory):
     return {name: make_hf_model(root / name, cfg) for name, cfg in MODELS.items()}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
-@pytest.mark.parametrize("model", MODELS)
+ROUND_TRIPS = [(m, l) for m in MODELS for l in LAYOUTS if m not in QWEN]
+# Qwen's blocks (qkv bias, q/k norms, own head_dim) through each format, TP, PP, VPP and spelling once
+ROUND_TRIPS += [(m, LAYOUTS[i]) for m in QWEN for i in (1, 4, 6, 9)]
+
+
+@pytest.mark.parametrize("model, layout", ROUND_TRIPS, ids=[f"{m}-{_layout_id(l)}" for m, l in ROUND_TRIPS])
 def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
     fmt, tp, pp, vpp, first, last, spec = layout
     src = sources[model]
@@ -78,6 +89,7 @@ def test_round_trip_is_bit_exact(sources, tmp_path, model, layout):
     assert set(before) == set(after)
     for name in before:
         assert torch.equal(before[name], after[name]), name
+    assert not open_source(src).cfg.architecture_differences(open_source(back).cfg)
     # the layout on disk is what was asked for
     m = open_source(mid)
     assert (m.fmt, m.megatron.spelling) == (fmt, spec)

@@ -1,4 +1,4 @@
-"""Mixtral and DeepSeek (V2, V2-Lite, V3) adapters: config round trips through transformers' own
+"""Mixtral and DeepSeek (V2, V2-Lite, V3) adapters (and Qwen3-MoE's fused spelling): config round trips through transformers' own
 config classes, HF -> canonical -> HF bit-exact on every tensor, the fused in-memory expert spelling
 on read, ignored MTP layers, presets transformers accepts, and one-sentence errors."""
 
@@ -12,7 +12,8 @@ import torch
 from conftest import all_safetensors, hf_roundtrip, make_moe_model
 from informative import perturb_hf_
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig,
+                          Qwen3MoeConfig)
 
 from mzoo.ckpt.hf import HFReader
 from mzoo.config import ConfigError
@@ -195,9 +196,17 @@ def _save_both_spellings(config, path: Path) -> tuple[Path, Path]:
     return path / "fused", path / "per_expert"
 
 
-@pytest.mark.parametrize("case", ["mixtral", "v3"])
+# Qwen3-MoE: layer 0 dense (mlp_only_layers), layer 1 routed; the same on-disk expert names as DeepSeek's
+FUSED = {**CONFIGS, "qwen3-moe": Qwen3MoeConfig(vocab_size=200, hidden_size=32, intermediate_size=48,
+                                                moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                num_experts_per_tok=2, mlp_only_layers=[0],
+                                                max_position_embeddings=128)}
+
+
+@pytest.mark.parametrize("case", ["mixtral", "v3", "qwen3-moe"])
 def test_fused_expert_spelling_reads_like_per_expert(tmp_path, case):
-    fused, per_expert = _save_both_spellings(CONFIGS[case], tmp_path)
+    fused, per_expert = _save_both_spellings(FUSED[case], tmp_path)
     a, b = HFReader(fused), HFReader(per_expert)
     assert not any(".experts.0." in n for n in a.names()) and any(".experts.0." in n for n in b.names())
     # transformers reads both spellings into the same model

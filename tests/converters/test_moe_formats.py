@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
@@ -47,6 +47,10 @@ MODELS = {
                                          n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
                                          q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                          v_head_dim=16, topk_method="greedy", norm_topk_prob=False),
+    # q/k norms, head_dim 32, no shared experts; layer 2 in mlp_only_layers (per-layer torch_dist keys)
+    "qwen3-moe": Qwen3MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+                                num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                norm_topk_prob=True, mlp_only_layers=[2]),
 }
 
 
@@ -71,7 +75,8 @@ SUBSET = [("torch", 2, 2, 4, "local", False), ("torch", 1, 2, 2, "te", True), ("
           ("torch_dist", 1, 2, 4, "local", False)]
 ZARR = [("zarr", 2, 1, 2, "te", False), ("zarr", 1, 2, 4, "local", False)]
 CASES = ([("mixtral", c) for c in GRID + ZARR] + [("deepseek-v3", c) for c in GRID + ZARR]
-         + [("deepseek-v2-lite", c) for c in SUBSET + ZARR[:1]])
+         + [("deepseek-v2-lite", c) for c in SUBSET + ZARR[:1]]
+         + [("qwen3-moe", c) for c in SUBSET + ZARR[:1] + [("torch_dist", 2, 2, 2, "local", False)]])
 
 
 def _tensors(path):
@@ -238,10 +243,15 @@ def test_config_survives_args_alone(sources, tmp_path):
         convert(open_source(sources[model]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
         (out / "mzoo.yaml").unlink()
         assert open_source(out).cfg.architecture_differences(cfg) == []
-    for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny"):
+    for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny", "qwen3-30b-a3b",
+                 "qwen3-moe-tiny", "qwen2.5-7b", "qwen2-tiny", "qwen3-0.6b", "qwen3-tiny"):
         cfg = resolve(name)
         args = config_to_args(cfg, MegatronCheckpoint(layout=Layout(tp=2, ep=4)), torch.bfloat16)
         assert args_to_config(args).architecture_differences(cfg) == [], name
+        assert args_to_config(args).family == cfg.family, name
+    # Qwen3-MoE's mlp_only_layers as Megatron's per-layer moe_layer_freq list
+    args = config_to_args(resolve("qwen3-moe-tiny"), MegatronCheckpoint(), torch.float32)
+    assert args.moe_layer_freq == [1, 0] and args.qk_layernorm and args.kv_channels == 32
 
 
 def test_moe_layer_freq_forms():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_moe_model
 from informative import perturb_model_
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
 
 from mzoo.config import ModelConfig
 from mzoo.converters.hf import load_hf_model
@@ -26,7 +26,14 @@ DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_int
                 num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
                 num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=128)
+QWEN3_MOE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                 max_position_embeddings=128)
 CASES = {
+    "qwen3-moe-normalised": lambda: Qwen3MoeConfig(**QWEN3_MOE, num_hidden_layers=2, norm_topk_prob=True),
+    # layers 1 and 5 sparse (step 2, layer 3 listed dense); raw softmax weights
+    "qwen3-moe-step2-mlp-only": lambda: Qwen3MoeConfig(**QWEN3_MOE, num_hidden_layers=6, norm_topk_prob=False,
+                                                       decoder_sparse_step=2, mlp_only_layers=[3]),
     "mixtral-gqa": lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, max_position_embeddings=128),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, LlamaConfig
+from transformers import GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config
 
 from mzoo.converters.hf import load_hf_model
 from mzoo.jobs.verify import sample_tokens
@@ -26,6 +26,20 @@ LLAMA_CASES = {
                         head_dim=32),
     "biases": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
                    attention_bias=True, mlp_bias=True),
+}
+
+# Qwen2: q/k/v biases, no o bias; Qwen3: per-head q/k RMSNorm, head_dim of its own (not hidden / heads)
+QWEN_CASES = {
+    "qwen2-gqa": lambda kw: Qwen2Config(**kw, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        intermediate_size=160, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 1e6}),
+    "qwen2-tied-mqa": lambda kw: Qwen2Config(**kw, hidden_size=96, num_attention_heads=6, num_key_value_heads=1,
+                                             intermediate_size=128, tie_word_embeddings=True),
+    "qwen3-head-dim-32": lambda kw: Qwen3Config(**kw, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=32, intermediate_size=160),
+    "qwen3-tied-head-dim-16": lambda kw: Qwen3Config(**kw, hidden_size=64, num_attention_heads=8,
+                                                     num_key_value_heads=4, head_dim=16, intermediate_size=96,
+                                                     tie_word_embeddings=True),
 }
 
 GPT2_CASES = {
@@ -55,6 +69,12 @@ def test_llama_matches_transformers(hf_factory, case):
     kw.update(LLAMA_CASES[case])
     path = hf_factory(LlamaConfig(**kw))
     _compare(path, kw["vocab_size"])
+
+
+@pytest.mark.parametrize("case", QWEN_CASES)
+def test_qwen_matches_transformers(hf_factory, case):
+    kw = dict(vocab_size=1000, num_hidden_layers=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    _compare(hf_factory(QWEN_CASES[case](kw)), kw["vocab_size"])
 
 
 @pytest.mark.parametrize("case", GPT2_CASES)

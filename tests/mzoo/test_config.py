@@ -30,7 +30,25 @@ BAD = {
     "pattern symbol": ({"num_layers": 2, "ssm": {"hybrid_pattern": "MX"}}, "unknown symbols"),
     "negative size": ({"hidden_size": -4}, "hidden_size must be a positive integer"),
     "nested unknown key": ({"rope": {"thetaa": 1.0}}, "did you mean 'theta'"),
+    "dense layer out of range": ({"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 8, "dense_layers": [2]}},
+                                 "increasing layer indices below num_layers (2)"),
+    "dense layer already dense": ({"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 8, "first_k_dense": 1,
+                                           "dense_layers": [0]}}, "dense already, so drop them"),
 }
+
+
+def test_moe_placement_has_one_spelling_per_pattern():
+    """Qwen3-MoE's decoder_sparse_step / mlp_only_layers and Megatron's moe_layer_freq list read alike."""
+    from mzoo.config import moe_placement
+
+    assert moe_placement([1, 1, 1, 1]) == dict(first_k_dense=0, layer_freq=1, dense_layers=[])
+    assert moe_placement([0, 1, 0, 1, 0, 1]) == dict(first_k_dense=1, layer_freq=2, dense_layers=[])
+    assert moe_placement([0, 1, 0, 0, 0, 1]) == dict(first_k_dense=1, layer_freq=4, dense_layers=[])  # widest step
+    assert moe_placement([0, 1, 0, 1, 0, 0, 0, 1]) == dict(first_k_dense=1, layer_freq=2, dense_layers=[5])
+    assert moe_placement([1, 0, 1, 1]) == dict(first_k_dense=0, layer_freq=1, dense_layers=[1])
+    cfg = get("qwen3-moe-tiny").config.replace(num_layers=8, **{"moe.first_k_dense": 1, "moe.layer_freq": 2,
+                                                                 "moe.dense_layers": [5]})
+    assert list(cfg.moe_layers) == [1, 3, 7] and cfg.block_kinds == {"attention", "mlp", "moe"}
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -49,6 +49,13 @@ COUNT_CASES = [
     ("deepseek-tiny", Layout(tp=2, pp=3, dp=4, ep=4)),
     ("deepseek-v2-lite", Layout(tp=2, pp=3, dp=2, ep=2, first_stage_layers=9, last_stage_layers=9)),  # MLA without q_lora
     ("deepseek-v3", Layout(tp=2, pp=16, dp=64, ep=64, first_stage_layers=4, last_stage_layers=1)),  # 61 layers over 16 stages
+    ("qwen2-tiny", Layout(tp=2, pp=2, dp=1)),  # q/k/v biases without an o bias, tied
+    ("qwen2.5-7b", Layout(tp=4, pp=2, dp=2)),
+    ("qwen3-tiny", Layout(tp=2, pp=2, dp=1)),  # per-head q/k norms, head_dim 32 != 64 / 4
+    ("qwen3-32b", Layout(tp=8, pp=4, vpp=2, dp=1)),
+    ("qwen3-moe-tiny", Layout(tp=2, pp=2, dp=2, ep=2)),  # a dense layer listed in mlp_only_layers
+    ("qwen3-30b-a3b", Layout(tp=2, pp=4, dp=8, ep=8)),
+    ("qwen3-235b-a22b", Layout(tp=4, pp=4, dp=16, ep=16, first_stage_layers=22, last_stage_layers=22)),
     ("mamba-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba1-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba-hybrid-tiny", Layout(tp=2, pp=2, dp=1)),
@@ -276,6 +283,10 @@ MEASURED = [  # (model, training): state-bound (2 steps: the moments are touched
     (dict(name="m-full", family="llama", vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
           num_query_groups=2, ffn_hidden_size=688, max_position_embeddings=1024),
      dict(seq_len=256, micro_batch=8, global_batch=16, steps=1, recompute="full")),
+    # Qwen3's per-head q/k norms with a wide head_dim (128): the copy of q its norm keeps shows
+    (dict(name="m-qk-norm", family="qwen3", vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
+          num_query_groups=2, head_dim=128, qk_layernorm=True, ffn_hidden_size=688, max_position_embeddings=1024),
+     dict(seq_len=256, micro_batch=8, global_batch=16, steps=1)),
 ]
 
 

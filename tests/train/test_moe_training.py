@@ -2,7 +2,8 @@
 EP4 on real gloo ranks give the loss curve of one process holding every expert, step for step
 (fp32, 1e-5), for a Mixtral-style model (softmax top-2, load-balancing loss) and a DeepSeek-V3-style
 one (MLA, a dense first layer, a shared expert, sigmoid group-limited routing with the
-aux-loss-free expert bias updated every step)."""
+aux-loss-free expert bias updated every step), and a Qwen3-MoE one (q/k norms, unnormalised top-k
+weights, a dense layer listed in mlp_only_layers) at EP2, EP2 x TP2 + SP and EP2 x PP2."""
 
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ DEEPSEEK = ModelConfig(
                   bias_update_rate=1e-2),
     mla=MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
 )
-MODELS = {"mixtral": MIXTRAL, "deepseek": DEEPSEEK}
+# Qwen3-MoE: q/k norms, head_dim 16 (not 32 / 4), raw softmax top-2 weights, layer 2 dense (mlp_only_layers)
+QWEN3_MOE = ModelConfig(family="qwen3_moe", vocab_size=250, hidden_size=32, num_layers=4, num_attention_heads=4,
+                        num_query_groups=2, head_dim=16, qk_layernorm=True, ffn_hidden_size=48,
+                        max_position_embeddings=64,
+                        moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=24, norm_topk_prob=False,
+                                      dense_layers=[2], aux_loss_coeff=1e-2))
+MODELS = {"mixtral": MIXTRAL, "deepseek": DEEPSEEK, "qwen3-moe": QWEN3_MOE}
 STEPS = 20
 
 
@@ -79,9 +86,13 @@ def test_single_process_learns_and_balances(reference, name):
         ("deepseek", dict(pp=2, dp=2, ep=2), 4, False),
         ("mixtral", dict(dp=4, ep=4), 4, True),
         ("deepseek", dict(tp=2), 2, False),
+        ("qwen3-moe", dict(dp=2, ep=2), 2, True),
+        ("qwen3-moe", dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4, False),
+        ("qwen3-moe", dict(pp=2, dp=2, ep=2), 4, False),  # the second stage starts with the listed dense layer
     ],
     ids=["mixtral-ep2", "deepseek-ep2-distopt", "mixtral-ep2xtp2", "deepseek-ep2xtp2-sp", "mixtral-ep2xpp2-distopt",
-         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2"],
+         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "qwen3-moe-ep2-distopt", "qwen3-moe-ep2xtp2-sp",
+         "qwen3-moe-ep2xpp2"],
 )
 def test_moe_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = reference[name]

@@ -1,5 +1,6 @@
 """Loss curves of TP2, DP2 (plain and distributed optimizer) and TP2 x DP2 on real gloo ranks
-equal a single-process run of the same model and global batch at every step (fp32, 1e-5)."""
+equal a single-process run of the same model and global batch at every step (fp32, 1e-5); pipeline
+layouts, and the Qwen2 / Qwen3 attention (q/k/v biases, q/k norms) at TP2+SP and TP2 x PP2."""
 
 from __future__ import annotations
 
@@ -161,6 +162,29 @@ def test_pipeline_loss_curve_matches_single_process(cfg, layout, world):
         assert max(abs(a - b) for a, b in zip(losses, expected)) <= 1e-5, (losses, expected)
 
 
+# Qwen2 (q/k/v biases without an o bias, tied) and Qwen3 (per-head q/k norms, head_dim 16 != 32 / 4):
+# the biases split over TP with their heads, each TP rank's q/k norm grads come from its own heads
+QWEN = {"qwen2": CFG4.replace(family="qwen2", add_qkv_bias=True, tie_embeddings=True),
+        "qwen3": CFG4.replace(family="qwen3", qk_layernorm=True, head_dim=16)}
+
+
+def _qwen_worker(rank, world, layout):
+    torch.manual_seed(0)
+    return {name: _train_chunks(cfg, ParallelState.build(Layout(**layout))) for name, cfg in QWEN.items()}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout, world", [(dict(tp=2, sequence_parallel=True), 2), (dict(tp=2, pp=2), 4)],
+                         ids=["tp2-sp", "tp2xpp2"])
+def test_qwen_loss_curves_match_single_process(layout, world):
+    torch.set_num_threads(1)
+    expected = {name: _train_chunks(cfg, ParallelState.single()) for name, cfg in QWEN.items()}
+    assert all(e[-1] < e[0] - 0.3 for e in expected.values())
+    for result in D.run(_qwen_worker, world, layout):
+        for name, losses in result.items():
+            assert max(abs(a - b) for a, b in zip(losses, expected[name])) <= 1e-5, (name, losses, expected[name])
+
+
 def _measured_flops_per_token(cfg: ModelConfig, tokens: torch.Tensor, labels: torch.Tensor) -> float:
     """FLOPs torch counts in one forward and backward of the real model; attention runs in the math
     kernel, whose matmuls the counter sees (the fused CPU kernel is invisible to it)."""
@@ -188,6 +212,9 @@ def test_flops_and_mfu_are_reported():
     # a tied embedding still multiplies the hidden states by the vocabulary for the logits
     tied = cfg.replace(tie_embeddings=True)
     assert flops_per_token(tied, 16) == pytest.approx(_measured_flops_per_token(tied, tokens, labels))
+    # Qwen3's head_dim (16, not 32 / 4) sizes the projections and the attention products
+    qwen3 = cfg.replace(family="qwen3", qk_layernorm=True, head_dim=16)
+    assert flops_per_token(qwen3, 16) == pytest.approx(_measured_flops_per_token(qwen3, tokens, labels))
 
     tcfg = TrainConfig(seq_len=16, micro_batch=2, global_batch=8, steps=1, peak_tflops=2.0)
     model = build_model(cfg)

@@ -12,7 +12,8 @@ from mzoo.zoo import get, names, presets
 REQUIRED = """gpt2 gpt2-medium gpt2-large gpt2-xl gpt3-175b llama2-7b llama2-13b llama2-70b llama3-8b llama3-70b
 llama3.1-8b llama3.1-70b llama3.1-405b llama3.2-1b llama3.2-3b mixtral-8x7b mixtral-8x22b deepseek-v2-lite
 deepseek-v2 deepseek-v3 mamba-130m mamba-370m mamba-790m mamba-1.4b mamba-2.8b mamba2-130m mamba2-370m
-mamba2-780m mamba2-1.3b mamba2-2.7b mamba2-hybrid-8b""".split()
+mamba2-780m mamba2-1.3b mamba2-2.7b mamba2-hybrid-8b qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen2.5-14b
+qwen2.5-32b qwen2.5-72b qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b qwen3-14b qwen3-32b qwen3-30b-a3b qwen3-235b-a22b""".split()
 
 # Numbers the issue quotes, held to 0.5% independently of the preset files.
 QUOTED = {
@@ -29,7 +30,7 @@ def test_required_presets_and_tiny_variants_exist():
     table = presets()
     missing = [n for n in REQUIRED if n not in table]
     assert not missing, missing
-    for family in ("gpt", "llama", "mixtral", "deepseek", "mamba"):
+    for family in ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba"):
         assert any(n.endswith("-tiny") for n in names(family)), family
     for name, preset in table.items():
         assert preset.config.source, f"{name} cites no source"
@@ -58,6 +59,12 @@ def test_exact_known_counts():
     assert get("gpt2").count.total == 124_439_808
     assert get("llama3-8b").count.total == 8_030_261_248
     assert get("llama3.1-405b").count.total == 405_853_388_800
+    # Qwen: the tied 0.5B (q/k/v biases), the 0.6B with per-head q/k norms and head_dim 128, the MoE pair
+    assert get("qwen2.5-0.5b").count.total == 494_032_768
+    assert get("qwen2.5-7b").count.total == 7_615_616_512
+    assert get("qwen3-0.6b").count.total == 596_049_920
+    assert (get("qwen3-30b-a3b").count.total, get("qwen3-30b-a3b").count.active) == (30_532_122_624, 3_353_032_704)
+    assert get("qwen3-235b-a22b").count.active == 22_190_763_520
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(presets()) if get(n).config.family in BUILDABLE_FAMILIES])

@@ -17,7 +17,7 @@ import torch
 from mzoo.ckpt.hf import CheckpointError
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint, Spelling
 from mzoo.ckpt.megatron.lm_defaults import lm_defaults
-from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig
+from mzoo.config import MLAConfig, MoEConfig, ModelConfig, RopeConfig, SSMConfig, moe_placement
 from mzoo.layout import Layout
 
 
@@ -74,7 +74,7 @@ def _moe_args(cfg: ModelConfig, ckpt: MegatronCheckpoint) -> dict[str, Any]:
         return out
     shared = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
     freq: int | list[int] = moe.layer_freq
-    if moe.first_k_dense:  # Megatron-LM spells DeepSeek's dense prefix as a per-layer list
+    if moe.first_k_dense or moe.dense_layers:  # Megatron-LM spells dense layers as a per-layer list
         freq = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
     out.update(
         moe_router_topk=moe.top_k,
@@ -323,12 +323,7 @@ def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoE
     if not experts:
         return None
     pattern = moe_layer_pattern(a.get("moe_layer_freq", 1), num_layers)
-    ones = [i for i, x in enumerate(pattern) if x]
-    first = ones[0] if ones else num_layers
-    freq = ones[1] - ones[0] if len(ones) > 1 else 1
-    if pattern != [int(i >= first and (i - first) % freq == 0) for i in range(num_layers)]:
-        raise CheckpointError(f"moe_layer_freq {pattern} is not a dense prefix followed by every-N-th MoE layers, "
-                              "which is all mzoo's MoEConfig can express.")
+    placement = moe_placement(pattern) if any(pattern) else dict(first_k_dense=num_layers, layer_freq=1)
     fm = a.get("moe_ffn_hidden_size") or ffn
     shared_size = a.get("moe_shared_expert_intermediate_size") or 0
     shared = a.get("mzoo_moe_num_shared_experts")
@@ -350,8 +345,7 @@ def _moe_from_args(a: dict[str, Any], ffn: int, num_layers: int) -> Optional[MoE
         topk_group=a.get("moe_router_group_topk"),
         routed_scaling_factor=float(a.get("moe_router_topk_scaling_factor") or 1.0),
         norm_topk_prob=bool(norm),
-        first_k_dense=first,
-        layer_freq=freq,
+        **placement,
         aux_loss_coeff=float(a.get("moe_aux_loss_coeff") or 0.0),
         bias_update_rate=float(a.get("moe_router_bias_update_rate") or 1e-3),
     )

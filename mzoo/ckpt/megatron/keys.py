@@ -39,7 +39,7 @@ def non_homogeneous(cfg: ModelConfig) -> bool:
     hybrid model (MambaStack never stacks); otherwise stacked."""
     if cfg.ssm is not None:
         return True
-    return cfg.moe is not None and (cfg.moe.first_k_dense > 0 or cfg.moe.layer_freq > 1)
+    return cfg.moe is not None and (cfg.moe.first_k_dense > 0 or cfg.moe.layer_freq > 1 or bool(cfg.moe.dense_layers))
 
 
 def dist_key(name: str, cfg: ModelConfig, spelling: Spelling, stacked: bool) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
