@@ -18,7 +18,7 @@ from mzoo.errors import UserError
 from mzoo.parallel.lora import ColumnLoRA, LoRAConfig, RowLoRA, freeze, global_shape, init_adapter_tensor, is_adapter
 from mzoo.parallel.sharding import to_local
 
-LORA_FAMILIES = ("llama", "mixtral")  # separate q/k/v and gate/up projections in Hugging Face
+LORA_FAMILIES = ("llama", "mixtral", "qwen2", "qwen3", "qwen3_moe")  # separate q/k/v and gate/up projections in HF
 
 
 def check_lora(cfg: ModelConfig, lora: LoRAConfig) -> None:

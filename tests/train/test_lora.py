@@ -388,3 +388,34 @@ def test_plan_knows_lora_memory():
     (theirs,) = json.loads(full.output)
     assert ours["feasible"] and not theirs["feasible"]
     assert ours["memory"]["gradients_gb"] < 0.2 < 29 < theirs["memory"]["gradients_gb"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_peft_adapter_on_qwen_loads_into_mzoo_with_peft_logits(hf_factory, tmp_path, family):
+    """Qwen2 (q/k/v biases without an o bias) and Qwen3 (per-head q/k norms, head_dim != hidden/heads):
+    an adapter peft makes on all seven projections gives peft's logits in mzoo (the fused q/k/v rows
+    interleave per query group around the base's biases and norms)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    from mzoo.converters.hf import load_hf_model
+    from mzoo.converters.peft import read_adapter
+
+    kw = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    path = hf_factory(Qwen2Config(**kw) if family == "qwen2" else Qwen3Config(**kw, head_dim=16))
+    torch.manual_seed(0)
+    made = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                          LoraConfig(r=3, lora_alpha=6, init_lora_weights=False,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    made.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        theirs = made.eval()(IDS).logits
+    cfg, model = load_hf_model(path)
+    lora, tensors = read_adapter(tmp_path / "theirs", cfg)
+    add_lora(model, cfg, lora)
+    load_adapters(model, tensors)
+    with torch.no_grad():
+        ours = model.eval()(IDS)
+    assert (ours - theirs).abs().max() <= 1e-4
