@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
@@ -47,6 +47,9 @@ MODELS = {
                                          n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=1,
                                          q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                          v_head_dim=16, topk_method="greedy", norm_topk_prob=False),
+    # GPT-OSS: sinks, biases on attention, router and experts (stacked, gate/up interleaved), windows
+    "gpt-oss": GptOssConfig(**COMMON, intermediate_size=32, num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
 }
 
 
@@ -71,7 +74,9 @@ SUBSET = [("torch", 2, 2, 4, "local", False), ("torch", 1, 2, 2, "te", True), ("
           ("torch_dist", 1, 2, 4, "local", False)]
 ZARR = [("zarr", 2, 1, 2, "te", False), ("zarr", 1, 2, 4, "local", False)]
 CASES = ([("mixtral", c) for c in GRID + ZARR] + [("deepseek-v3", c) for c in GRID + ZARR]
-         + [("deepseek-v2-lite", c) for c in SUBSET + ZARR[:1]])
+         + [("deepseek-v2-lite", c) for c in SUBSET + ZARR[:1]]
+         + [("gpt-oss", c) for c in [("torch", 2, 2, 2, "te", False), ("torch", 1, 2, 2, "local", True),
+                                     ("torch_dist", 2, 2, 2, "te", False), ("zarr", 2, 1, 2, "local", False)]])
 
 
 def _tensors(path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_moe_model
 from informative import perturb_model_
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig
+from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig
 
 from mzoo.config import ModelConfig
 from mzoo.converters.hf import load_hf_model
@@ -26,7 +26,19 @@ DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_int
                 num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
                 num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=128)
+# GPT-OSS: windows (8, 5) shorter than the 40-token sequences, sinks ~N(0, 1), biases everywhere;
+# swiglu_limit 0.3 makes the clamp cut many of these small activations
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+               max_position_embeddings=256,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
 CASES = {
+    "gpt-oss-alternating": lambda: GptOssConfig(**GPT_OSS),
+    "gpt-oss-clamped-mha-3-layers": lambda: GptOssConfig(**{**GPT_OSS, "num_key_value_heads": 4, "num_hidden_layers": 3,
+                                                            "sliding_window": 5, "swiglu_limit": 0.3}),
+    "gpt-oss-all-windowed-top1": lambda: GptOssConfig(**{**GPT_OSS, "num_experts_per_tok": 1,
+                                                         "layer_types": ["sliding_attention"] * 2}),
     "mixtral-gqa": lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, max_position_embeddings=128),
@@ -58,7 +70,9 @@ def test_matches_transformers(tmp_path, case):
         if hasattr(layer.mlp, "experts"):
             assert not layer.mlp.experts.uses_grouped_gemm(ids.new_zeros(1, cfg.hidden_size))  # CPU default: loop
             layer.mlp.experts.grouped_gemm = True  # asked for: torch's CPU grouped GEMM, the same numbers
-            assert layer.mlp.experts.uses_grouped_gemm(ids.new_zeros(1, cfg.hidden_size, dtype=torch.float32))
+            # expert biases (GPT-OSS) always take the per-expert loop
+            assert layer.mlp.experts.uses_grouped_gemm(ids.new_zeros(1, cfg.hidden_size, dtype=torch.float32)) \
+                is not cfg.add_bias_linear
     with torch.no_grad():
         assert (ours(ids) - got).abs().max().item() <= 1e-6
 
@@ -98,12 +112,13 @@ def _sharded(rank, world, name, layout):
             spec, grad = get_spec(p), ref_params[cname].grad
             expect = spec.shard(grad, state.tp_rank, state.tp) if spec.axis == "tp" else grad
             worst, checked = max(worst, (p.grad - expect).abs().max().item()), checked + 1
-    assert checked == cfg.moe.num_experts // state.config.ep * 2 * sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
+    per_expert = 4 if cfg.add_bias_linear else 2  # fc1, fc2 (+ their biases: GPT-OSS)
+    assert checked == cfg.moe.num_experts // state.config.ep * per_expert * sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
     return (got - expected).abs().max().item(), worst
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])
+@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny", "gpt-oss-tiny"])
 @pytest.mark.parametrize("layout, world", [(dict(tp=2), 2), (dict(tp=2, sequence_parallel=True), 2),
                                            (dict(dp=2, ep=2), 2), (dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4)],
                          ids=["tp2", "tp2-sp", "ep2", "tp2xep2-sp"])
