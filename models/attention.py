@@ -6,7 +6,8 @@ the probabilities of the real keys sum to less than one (Megatron's SoftmaxOne, 
 eager GptOss attention). A windowed layer lets query i see keys j with i - w < j <= i. SDPA takes
 neither, so this path computes the scores explicitly ([b, h, s, s] per layer): exact, the
 reference; dropout is drawn on the probabilities after the sink is dropped, as both references do.
-Under context parallelism `Layout.validate_for` refuses these layers before any work.
+Under context parallelism the tiled attention (mzoo/parallel/blockwise.py) computes both exactly
+(`Layout.validate_for` refuses attention dropout there, as for every model).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from mzoo.config import ModelConfig
+from mzoo.parallel.context import ContextParallelAttention
 from mzoo.parallel.sharding import ShardSpec, set_spec
 from mzoo.parallel.state import ParallelState
 
@@ -34,10 +36,12 @@ class CoreAttention(nn.Module):
             heads = cfg.num_attention_heads // state.tp
             self.softmax_offset = set_spec(nn.Parameter(torch.empty(heads, dtype=dtype)), HEADS)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                dropout: float, state: ParallelState, scale: Optional[float] = None) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout: float,
+                state: ParallelState, scale: Optional[float] = None) -> torch.Tensor:
         """q [b, h, s, d], k/v [b, g, sk, d] (the last s keys are the queries' own positions),
-        `mask` [b, 1, s, sk] bool or None (causal) -> [b, h, s, d]."""
+        `mask` [b, 1, s, sk] bool or None (causal), or this CP rank's chunks -> [b, h, s, d]."""
+        if isinstance(mask, ContextParallelAttention):  # tiled, with the sink and the window
+            return mask(q, k, v, scale, self.softmax_offset, self.window)
         s, sk = q.shape[2], k.shape[2]
         allowed = causal_window_mask(s, sk, self.window, q.device)
         if mask is not None:

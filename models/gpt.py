@@ -108,7 +108,7 @@ class SelfAttention(nn.Module):
 
     def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None,
                         mask: Optional[Mask] = None) -> torch.Tensor:
-        if self.core_attention is not None:  # CP is refused for it (Layout.validate_for): mask is a tensor
+        if self.core_attention is not None:  # sinks / window: eager, or tiled under CP
             return self.core_attention(q, k, v, mask, self.dropout if self.training else 0.0, self.state)
         return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache,
                               enable_gqa=self.groups != self.heads, mask=mask)

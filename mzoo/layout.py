@@ -105,9 +105,6 @@ class Layout:
         if self.cp > 1 and "mamba" in kinds:
             raise ConfigError(f"context parallelism (--cp {self.cp}) is for attention models; Mamba layers scan the "
                               "whole sequence in one rank; use --cp 1.")
-        if self.cp > 1 and (cfg.softmax_type != "vanilla" or cfg.window_size is not None):
-            raise ConfigError(f"context parallelism (--cp {self.cp}) has no attention sinks or sliding window yet (its "
-                              "tiled attention computes neither); use --cp 1 for this model.")
         if self.cp > 1 and cfg.attention_dropout:
             raise ConfigError(f"context parallelism (--cp {self.cp}) has no attention dropout (its tiled attention "
                               f"draws none); set attention_dropout to 0 (now {cfg.attention_dropout}) or use --cp 1.")
