@@ -243,10 +243,16 @@ def test_config_survives_args_alone(sources, tmp_path):
         convert(open_source(sources[model]), out, Target("torch", MegatronCheckpoint(layout=Layout(ep=2))))
         (out / "mzoo.yaml").unlink()
         assert open_source(out).cfg.architecture_differences(cfg) == []
-    for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny"):
+    for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny", "gpt-oss-20b",
+                 "gpt-oss-tiny"):
         cfg = resolve(name)
         args = config_to_args(cfg, MegatronCheckpoint(layout=Layout(tp=2, ep=4)), torch.bfloat16)
-        assert args_to_config(args).architecture_differences(cfg) == [], name
+        got = args_to_config(args)
+        assert got.architecture_differences(cfg) == [], name
+        gpt_oss = ("softmax_type", "window_size", "window_attn_skip_freq", "activation_func_clamp_value",
+                   "glu_linear_offset", "rope")  # what only the GPT-OSS args say (Megatron-Bridge's names)
+        assert [getattr(got, f) for f in gpt_oss] == [getattr(cfg, f) for f in gpt_oss], name
+    assert vars(config_to_args(resolve("gpt-oss-20b"), MegatronCheckpoint(), torch.bfloat16))["window_size"] == (127, 0)
 
 
 def test_moe_layer_freq_forms():
