@@ -147,9 +147,12 @@ class Experts(nn.Module):
         """x [N, H] sorted by local expert, `sizes` rows each (`counts`: the same on x's device) ->
         partial outputs [N, H] (summed over TP later)."""
         if self.uses_grouped_gemm(x):
-            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in self.local_experts],
-                                 [e.linear_fc2.weight for e in self.local_experts], self._ffn,
-                                 E.grouped_row_multiple(x.device))
+            experts = self.local_experts
+            biased = experts[0].linear_fc1.bias is not None
+            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in experts],
+                                 [e.linear_fc2.weight for e in experts], self._ffn, E.grouped_row_multiple(x.device),
+                                 [e.linear_fc1.bias for e in experts] if biased else None,
+                                 [e.linear_fc2.bias for e in experts] if biased else None, self.state.tp_rank == 0)
         outs = []
         for expert, part in zip(self.local_experts, x.split(sizes)):
             h = self._ffn(F.linear(part, expert.linear_fc1.weight, expert.linear_fc1.bias))
@@ -158,8 +161,6 @@ class Experts(nn.Module):
 
     def uses_grouped_gemm(self, x: torch.Tensor) -> bool:
         if self.grouped_gemm is False or len(self.local_experts) < 2:
-            return False
-        if self.local_experts[0].linear_fc1.bias is not None:  # expert biases: the per-expert loop
             return False
         if self.grouped_gemm is None and x.device.type != "cuda":
             return False
