@@ -59,9 +59,16 @@ class CoreAttention(nn.Module):
         if self.softmax_offset is not None:
             probs = probs[..., :-1]
         if dropout:
-            with state.rng.fork():  # this rank's heads: its own dropout stream
-                probs = torch.nn.functional.dropout(probs, dropout, True)
+            probs = _dropout_in_rank_stream(probs, dropout, state)
         return torch.matmul(probs.to(v.dtype), v)
+
+
+@torch.compiler.disable
+def _dropout_in_rank_stream(probs: torch.Tensor, p: float, state: ParallelState) -> torch.Tensor:
+    """Dropout on this rank's heads from its own stream; eager inside a compiled layer, as
+    models/gpt.py's `_attention_with_dropout` (the tracker swaps generator states in Python)."""
+    with state.rng.fork():
+        return torch.nn.functional.dropout(probs, p, True)
 
 
 def causal_window_mask(s: int, sk: int, window: Optional[int], device) -> torch.Tensor:

@@ -3,7 +3,7 @@ EP4 on real gloo ranks give the loss curve of one process holding every expert, 
 (fp32, 1e-5), for a Mixtral-style model (softmax top-2, load-balancing loss) and a DeepSeek-V3-style
 one (MLA, a dense first layer, a shared expert, sigmoid group-limited routing with the
 aux-loss-free expert bias updated every step) and a GPT-OSS-style one (sinks, sliding windows, biased
-router and experts, clamped GLU) at EP2 and TP2 (SP)."""
+router and experts, clamped GLU) at EP2, TP2 (SP) and PP2."""
 
 from __future__ import annotations
 
@@ -91,9 +91,11 @@ def test_single_process_learns_and_balances(reference, name):
         ("deepseek", dict(tp=2), 2, False),
         ("gpt-oss", dict(dp=2, ep=2), 2, False),
         ("gpt-oss", dict(tp=2, sequence_parallel=True), 2, False),
+        ("gpt-oss", dict(pp=2), 2, False),  # stage 1's layer is global layer 1: full attention, not windowed
     ],
     ids=["mixtral-ep2", "deepseek-ep2-distopt", "mixtral-ep2xtp2", "deepseek-ep2xtp2-sp", "mixtral-ep2xpp2-distopt",
-         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "gpt-oss-ep2", "gpt-oss-tp2-sp"],
+         "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "gpt-oss-ep2", "gpt-oss-tp2-sp",
+         "gpt-oss-pp2"],
 )
 def test_moe_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = reference[name]
