@@ -128,7 +128,8 @@ def test_presets_are_configs_transformers_builds(preset):
     assert count == p.count.total
 
 
-@pytest.mark.parametrize("preset", ["mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"])
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "gpt-oss-20b",
+                                    "gpt-oss-120b"])
 def test_published_config_spelling_reads_as_the_preset(preset):
     """Hub config.json files predate transformers 5: top-level rope_theta, rope_scaling with 'type',
     and (DeepSeek) extra keys such as MTP layers and seq_aux that mzoo ignores."""
@@ -140,6 +141,9 @@ def test_published_config_spelling_reads_as_the_preset(preset):
     hf["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
     if cfg.family == "deepseek":
         hf.update(num_nextn_predict_layers=1, seq_aux=True, ep_size=1, head_dim=None)
+    if cfg.family == "gpt_oss":  # openai's config.json: the MXFP4 note (the HF reader's concern) and extras
+        hf.update(initial_context_length=4096, experts_per_token=4,
+                  quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]})
     back = for_hf_config(hf).config_from_hf(hf)
     assert cfg.architecture_differences(back) == [] and back.rope == cfg.rope
 
