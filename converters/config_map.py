@@ -155,6 +155,8 @@ def rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
             setattr(rope, key, float(params[key]))
     if params.get("original_max_position_embeddings"):
         rope.original_max_position_embeddings = int(params["original_max_position_embeddings"])
+    if params.get("truncate") is not None:
+        rope.truncate = bool(params["truncate"])
     rope.rotary_percent = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
     return rope
 
@@ -167,6 +169,8 @@ def rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
         out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
     if rope.scaling == "yarn":
         out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow)
+        if not rope.truncate:
+            out["truncate"] = False
         if rope.mscale is not None:
             out.update(mscale=rope.mscale, mscale_all_dim=rope.mscale_all_dim)
     if rope.scaling in ("llama3", "yarn"):

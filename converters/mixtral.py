@@ -71,7 +71,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     window = hf.get("sliding_window")
     if window is not None and window < positions:
         raise ConfigError(
-            f"Mixtral config has sliding_window {window} below max_position_embeddings {positions}; mzoo has no "
+            f"Mixtral config has sliding_window {window} below max_position_embeddings {positions}; mzoo's mixtral family has no "
             "sliding-window attention, so set sliding_window to null (or lower max_position_embeddings to it)."
         )
     fields = KEYS.read(hf)

@@ -15,7 +15,7 @@ from mzoo.parallel.state import ParallelState
 
 # The families mzoo builds: one decoder (GPTModel) for all of them; a config with an `ssm` section is a
 # Mamba (or hybrid) model whatever its family.
-BUILDABLE_FAMILIES = ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba")
+BUILDABLE_FAMILIES = ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba", "gpt_oss")
 
 
 def model_class(cfg: ModelConfig) -> Callable[..., nn.Module]:

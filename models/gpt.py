@@ -43,6 +43,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swiglu": F.silu,  # gated: act(gate) * up
     "geglu": F.gelu,
+    "quick_geglu": lambda x: x * torch.sigmoid(1.702 * x),  # gated (GPT-OSS; Megatron's quick_gelu)
 }
 
 
@@ -80,7 +81,7 @@ def _attention_with_dropout(q, k, v, mask, dropout: float, causal: bool, scale, 
 class SelfAttention(nn.Module):
     """Grouped-query attention with a fused QKV laid out per query group: [q heads; k; v]."""
 
-    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
+    def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None, layer: int = 0):
         super().__init__()
         tp = state.tp
         self.heads, self.groups, self.dim = cfg.num_attention_heads // tp, cfg.groups // tp, cfg.kv_channels
@@ -99,12 +100,19 @@ class SelfAttention(nn.Module):
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * self.dim, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype
         )
+        self.core_attention = None  # sinks and / or a sliding window (GPT-OSS): models/attention.py
+        if cfg.softmax_type != "vanilla" or cfg.window_size is not None:
+            from mzoo.models.attention import CoreAttention
+
+            self.core_attention = CoreAttention(cfg, state, layer, dtype)
         self.recompute = False  # selective recomputation of the core attention
         self.state, self.dropout = state, cfg.attention_dropout
-        self.layer_number = 0  # global index, set by the layer: keys of the inference cache
+        self.layer_number = layer  # global index: keys of the inference cache
 
     def _core_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache=None,
                         mask: Optional[Mask] = None) -> torch.Tensor:
+        if self.core_attention is not None:  # sinks / window: eager, or tiled under CP
+            return self.core_attention(q, k, v, mask, self.dropout if self.training else 0.0, self.state)
         return core_attention(q, k, v, self.dropout if self.training else 0.0, self.state, cache,
                               enable_gqa=self.groups != self.heads, mask=mask)
 
@@ -139,7 +147,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None, fused_norm: bool = True):
         super().__init__()
-        self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
+        self.gated, self.act, self.glu = cfg.gated, ACTIVATIONS[cfg.activation], glu_options(cfg)
         width = ffn * (2 if self.gated else 1)
         kw = dict(bias=cfg.add_bias_linear, sections=(ffn, ffn) if self.gated else None, dtype=dtype)
         if fused_norm:
@@ -152,10 +160,15 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)
         if self.gated:
-            h = gated(h, self.act)
+            h = gated(h, self.act, *self.glu)
         else:
             h = self.act(h)
         return self.linear_fc2(h)
+
+
+def glu_options(cfg: ModelConfig) -> tuple[Optional[float], float]:
+    """(clamp, linear offset) of the gated activation: (None, 0.0) is plain act(gate) * up."""
+    return cfg.activation_func_clamp_value, cfg.glu_linear_offset
 
 
 class TransformerLayer(nn.Module):
@@ -172,7 +185,7 @@ class TransformerLayer(nn.Module):
             self.input_layernorm = _separate_norm(cfg, dtype)
             self.self_attention = MLASelfAttention(cfg, state, dtype)
         else:
-            self.self_attention = SelfAttention(cfg, state, dtype)
+            self.self_attention = SelfAttention(cfg, state, dtype, number)
         if cfg.is_moe_layer(number):
             from mzoo.models.moe import MoELayer
 

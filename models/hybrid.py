@@ -56,8 +56,7 @@ class AttentionLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, number: int, dtype=None):
         super().__init__()
-        self.self_attention = SelfAttention(cfg, state, dtype)
-        self.self_attention.layer_number = number
+        self.self_attention = SelfAttention(cfg, state, dtype, number)
         self.state, self.p = state, cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, rope=None, cache=None, mask=None) -> torch.Tensor:

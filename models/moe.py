@@ -43,11 +43,15 @@ class Router(nn.Module):
             self.expert_bias = set_spec(
                 nn.Parameter(torch.zeros(moe.num_experts, dtype=torch.float32), requires_grad=False), REPLICATED
             )
+        self.bias: Optional[nn.Parameter] = None
+        if cfg.add_bias_linear:  # GPT-OSS: the router is a linear with bias (Megatron's TopKRouter.bias)
+            self.bias = set_spec(nn.Parameter(torch.empty(moe.num_experts, dtype=dtype)), REPLICATED)
+            mark_sequence_parallel(self.bias)
         self.register_buffer("tokens_per_expert", torch.zeros(moe.num_experts, dtype=torch.float64), persistent=False)
         self.aux_loss: Optional[torch.Tensor] = None  # last load-balancing loss (detached), for logging
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         return logits.sigmoid() if self.moe.score_function == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,16 +86,39 @@ class Router(nn.Module):
 
 class Expert(nn.Module):
     """One expert's weights, split over TP like a dense MLP; the MoE layer does the TP
-    communication once for all experts, so these linears are used as plain weights."""
+    communication once for all experts, so these linears are used as plain weights. With
+    add_bias_linear (GPT-OSS) fc1's bias splits with its rows and fc2's is added by TP rank 0 only,
+    before the layer's TP reduction, so it counts once (see `_add_on_first_rank`)."""
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, ffn: int, dtype=None):
         super().__init__()
         gated = cfg.gated
         self.linear_fc1 = ColumnParallelLinear(cfg.hidden_size, ffn * (2 if gated else 1), state,
-                                               sections=(ffn, ffn) if gated else None, dtype=dtype)
-        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, dtype=dtype)
+                                               bias=cfg.add_bias_linear, sections=(ffn, ffn) if gated else None,
+                                               dtype=dtype)
+        self.linear_fc2 = RowParallelLinear(ffn, cfg.hidden_size, state, bias=cfg.add_bias_linear, dtype=dtype)
+        if self.linear_fc2.bias is not None:  # its grad is whole on every TP rank: never summed over TP
+            self.linear_fc2.bias.sequence_parallel = False
         for p in self.parameters():
             p.expert_parallel = True  # differs across EP ranks: reduced over expert-data-parallel ranks
+
+
+class _AddOnFirstRank(torch.autograd.Function):
+    """x + bias on TP rank 0, x elsewhere: the partial sums reduced over TP then hold the bias once.
+    The gradient of the partial outputs is the same on every TP rank (the reduction's backward
+    copies it), so every rank's bias gets the whole gradient, as a replicated parameter must."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, add: bool) -> torch.Tensor:
+        return x + bias if add else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.sum(0), None
+
+
+def _add_on_first_rank(x: torch.Tensor, bias: Optional[torch.Tensor], state: ParallelState) -> torch.Tensor:
+    return x if bias is None else _AddOnFirstRank.apply(x, bias, state.tp_rank == 0)
 
 
 class Experts(nn.Module):
@@ -101,9 +128,9 @@ class Experts(nn.Module):
 
     def __init__(self, cfg: ModelConfig, state: ParallelState, dtype=None):
         super().__init__()
-        from mzoo.models.gpt import ACTIVATIONS
+        from mzoo.models.gpt import ACTIVATIONS, glu_options
 
-        self.gated, self.act = cfg.gated, ACTIVATIONS[cfg.activation]
+        self.gated, self.act, self.glu, self.state = cfg.gated, ACTIVATIONS[cfg.activation], glu_options(cfg), state
         count = cfg.moe.num_experts // state.config.ep
         self.local_experts = nn.ModuleList(Expert(cfg, state, cfg.moe.ffn_hidden_size, dtype) for _ in range(count))
         # None: the grouped GEMM where it pays (CUDA's CUTLASS kernel); True: wherever torch runs it
@@ -113,20 +140,23 @@ class Experts(nn.Module):
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return gated(h, self.act)
+            return gated(h, self.act, *self.glu)
         return self.act(h)
 
     def forward(self, x: torch.Tensor, sizes: list[int], counts: torch.Tensor) -> torch.Tensor:
         """x [N, H] sorted by local expert, `sizes` rows each (`counts`: the same on x's device) ->
         partial outputs [N, H] (summed over TP later)."""
         if self.uses_grouped_gemm(x):
-            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in self.local_experts],
-                                 [e.linear_fc2.weight for e in self.local_experts], self._ffn,
-                                 E.grouped_row_multiple(x.device))
+            experts = self.local_experts
+            biased = experts[0].linear_fc1.bias is not None
+            return E.grouped_mlp(x, sizes, counts, [e.linear_fc1.weight for e in experts],
+                                 [e.linear_fc2.weight for e in experts], self._ffn, E.grouped_row_multiple(x.device),
+                                 [e.linear_fc1.bias for e in experts] if biased else None,
+                                 [e.linear_fc2.bias for e in experts] if biased else None, self.state.tp_rank == 0)
         outs = []
         for expert, part in zip(self.local_experts, x.split(sizes)):
-            h = self._ffn(F.linear(part, expert.linear_fc1.weight))
-            outs.append(F.linear(h, expert.linear_fc2.weight))
+            h = self._ffn(F.linear(part, expert.linear_fc1.weight, expert.linear_fc1.bias))
+            outs.append(_add_on_first_rank(F.linear(h, expert.linear_fc2.weight), expert.linear_fc2.bias, self.state))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
     def uses_grouped_gemm(self, x: torch.Tensor) -> bool:

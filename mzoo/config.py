@@ -19,11 +19,11 @@ import yaml
 
 from mzoo.errors import UserError
 
-FAMILIES = ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba")
-Activation = Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu", "squared_relu", "silu"]
+FAMILIES = ("gpt", "llama", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek", "mamba", "gpt_oss")
+Activation = Literal["gelu", "gelu_tanh", "swiglu", "geglu", "quick_geglu", "relu", "squared_relu", "silu"]
 Normalization = Literal["layernorm", "rmsnorm"]
 PositionEmbedding = Literal["learned", "rope", "none"]
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu", "quick_geglu")  # quick_geglu: x * sigmoid(1.702 x) gate (GPT-OSS)
 # Megatron hybrid layer symbols: Mamba mixer, self-attention, dense MLP, MoE.
 HYBRID_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
@@ -48,6 +48,7 @@ class RopeConfig:
     beta_slow: float = 1.0
     mscale: Optional[float] = None
     mscale_all_dim: Optional[float] = None
+    truncate: bool = True  # yarn: round the correction range to whole dimensions (GPT-OSS: false)
     rotary_percent: float = 1.0
 
 
@@ -142,6 +143,14 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0  # after attention/MLP outputs and embeddings (Megatron's hidden_dropout)
     attention_dropout: float = 0.0  # on attention probabilities
+    # GPT-OSS attention (Megatron-Core's names): "learnable" adds one learned logit per head to the
+    # softmax's denominator (attention sinks, `core_attention.softmax_offset`)
+    softmax_type: Literal["vanilla", "learnable"] = "vanilla"
+    window_size: Optional[int] = None  # sliding window: keys a query sees, itself included (HF sliding_window)
+    window_attn_skip_freq: Optional[int] = None  # every Nth layer (1-based) attends fully; None: all windowed
+    # clamped GLU (GPT-OSS): gate clamped above, linear part to [-v, v], act(gate) * (linear + offset)
+    activation_func_clamp_value: Optional[float] = None
+    glu_linear_offset: float = 0.0
     moe: Optional[MoEConfig] = None
     mla: Optional[MLAConfig] = None
     ssm: Optional[SSMConfig] = None
@@ -194,6 +203,13 @@ class ModelConfig:
         dense = set(self.moe.dense_layers)
         return tuple(i for i in every if i not in dense)
 
+    def is_window_layer(self, index: int) -> bool:
+        """Whether attention layer `index` (global, 0-based) uses the sliding window (Megatron's
+        is_layer_window_attention on the 1-based layer number)."""
+        if self.window_size is None:
+            return False
+        return self.window_attn_skip_freq is None or (index + 1) % self.window_attn_skip_freq != 0
+
     def is_moe_layer(self, index: int) -> bool:
         """Whether transformer layer `index` (global, 0-based) uses routed experts."""
         return index in self.moe_layers
@@ -203,7 +219,7 @@ class ModelConfig:
         names, sources, dropout and init settings do not count."""
         fields_ = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "groups", "kv_channels",
                    "ffn_hidden_size", "activation", "normalization", "position_embedding", "tie_embeddings",
-                   "add_bias_linear", "add_qkv_bias", "qk_layernorm", "moe", "mla", "ssm")
+                   "add_bias_linear", "add_qkv_bias", "qk_layernorm", "softmax_type", "moe", "mla", "ssm")
         def arch(name: str, cfg: "ModelConfig") -> Any:
             value = getattr(cfg, name)
             if name == "moe" and value is not None:  # balancing coefficients shape training, not weights
@@ -278,6 +294,14 @@ class ModelConfig:
             self._validate_attention(fail)
         if kinds & {"mlp", "moe"} and self.ffn_hidden_size <= 0 and self.moe is None:
             fail(f"ffn_hidden_size must be positive, got {self.ffn_hidden_size}.")
+        if self.window_size is not None and self.window_size <= 0:
+            fail(f"window_size must be a positive number of tokens (or null for full attention), got {self.window_size}.")
+        if self.window_attn_skip_freq is not None and (self.window_size is None or self.window_attn_skip_freq <= 0):
+            fail("window_attn_skip_freq needs a window_size and must be positive; set both or neither.")
+        if self.activation_func_clamp_value is not None and (not self.gated or self.activation_func_clamp_value <= 0):
+            fail("activation_func_clamp_value needs a gated activation and must be positive.")
+        if self.glu_linear_offset and not self.gated:
+            fail(f"glu_linear_offset ({self.glu_linear_offset}) needs a gated activation (swiglu, geglu, quick_geglu).")
         if self.position_embedding == "learned" and self.max_position_embeddings <= 0:
             fail("learned position embeddings need max_position_embeddings > 0.")
 

@@ -62,11 +62,14 @@ def perturb_model_(model: torch.nn.Module, seed: int = 0) -> None:
 def perturb_hf_(model: torch.nn.Module, moe: bool = False) -> None:
     """A transformers model, from torch's global RNG (seed it first): every 1-D parameter moved by
     N(0, SCALE); with `moe`, routers drawn from N(0, 0.5) so that they make clear choices (no near-ties
-    between experts) and DeepSeek's expert-score corrections (buffers) from N(0, SCALE)."""
+    between experts), DeepSeek's expert-score corrections (buffers) from N(0, SCALE), GPT-OSS's stacked
+    expert biases ([E, n]) moved like 1-D ones and its attention sinks drawn from N(0, 1), so they matter."""
     for name, p in model.named_parameters():
-        if p.dim() == 1:
+        if name.endswith("self_attn.sinks"):
+            p.normal_(0.0, 1.0)
+        elif p.dim() == 1 or (name.endswith("_proj_bias") and p.dim() == 2):
             p.add_(torch.randn_like(p) * SCALE)
-        elif moe and name.endswith("gate.weight"):  # the router
+        elif moe and name.endswith(("gate.weight", "router.weight")):  # the router
             p.normal_(0.0, 0.5)
     if moe:
         for name, b in model.named_buffers():

@@ -93,10 +93,12 @@ LOCAL_TO_CHECKPOINT = {
 def _activation(name: str):
     """mzoo activation -> (gated_linear_unit, activation_func) in megatron-core terms."""
     from megatron.core.activations import squared_relu
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.transformer.utils import openai_gelu
 
     return {
         "swiglu": (True, F.silu),
+        "quick_geglu": (True, quick_gelu),
         "geglu": (True, F.gelu),
         "gelu": (False, F.gelu),
         "gelu_tanh": (False, openai_gelu),
@@ -159,8 +161,8 @@ def unsupported(cfg: ModelConfig) -> Optional[str]:
         return "Mamba needs the mamba-ssm kernels"
     if cfg.position_embedding == "rope":
         r = cfg.rope
-        if r.scaling == "yarn":
-            return "YaRN rope is only used with MLA here"
+        if r.scaling == "yarn" and cfg.family != "gpt_oss":
+            return "YaRN rope is only used with MLA and GPT-OSS here"
         if r.scaling == "llama3" and (r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings) != (
             1.0,
             4.0,
@@ -246,9 +248,33 @@ def config_kwargs(cfg: ModelConfig, tp: int, ep: int = 1, **overrides: Any) -> d
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         **moe_config(cfg, ep),
+        **_gpt_oss_config(cfg),
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def _gpt_oss_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Sinks, the sliding window, the clamped GLU and yarn as Megatron-Bridge's GPT-OSS provider sets
+    them (TransformerConfig fields; the yarn_* ones GPTModel and the attention read from the config)."""
+    if cfg.softmax_type == "vanilla" and cfg.window_size is None and cfg.activation_func_clamp_value is None:
+        return {}
+    out: dict[str, Any] = dict(softmax_type=cfg.softmax_type, glu_linear_offset=cfg.glu_linear_offset,
+                               activation_func_clamp_value=cfg.activation_func_clamp_value)
+    if cfg.window_size is not None:
+        out.update(window_size=(cfg.window_size - 1, 0), window_attn_skip_freq=cfg.window_attn_skip_freq)
+    return out
+
+
+def _yarn_attributes(config, cfg: ModelConfig) -> None:
+    """The yarn_* attributes megatron-core's GPTModel and attention read with getattr (Megatron-Bridge's
+    GPTModelProvider declares them; TransformerConfig 0.16.1 does not)."""
+    r = cfg.rope
+    config.yarn_rotary_scaling_factor = r.factor
+    config.yarn_original_max_position_embeddings = r.original_max_position_embeddings
+    config.yarn_beta_fast, config.yarn_beta_slow = r.beta_fast, r.beta_slow
+    config.yarn_mscale, config.yarn_mscale_all_dim = r.mscale, r.mscale_all_dim
+    config.yarn_correction_range_round_to_int = r.truncate
 
 
 def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -264,6 +290,8 @@ def gpt_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         kw.update(rotary_base=cfg.rope.theta, rotary_percent=cfg.rope.rotary_percent)
         if cfg.rope.scaling == "linear":
             kw["seq_len_interpolation_factor"] = cfg.rope.factor
+        elif cfg.rope.scaling == "yarn":
+            kw["position_embedding_type"] = "yarn"
         elif cfg.rope.scaling == "llama3":
             kw.update(rope_scaling=True, rope_scaling_factor=cfg.rope.factor)
     return kw
@@ -281,6 +309,8 @@ def build_gpt_model(cfg: ModelConfig, tp: int, padded_vocab: Optional[int] = Non
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(cfg, tp, ep)
+    if cfg.position_embedding == "rope" and cfg.rope.scaling == "yarn":
+        _yarn_attributes(config, cfg)
     if cfg.moe is not None:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=config.normalization)
     else:

@@ -101,5 +101,18 @@ def install_cpu_shim() -> None:
             moe_utils.te_general_gemm = None
     except ImportError:  # pragma: no cover - other megatron-core versions
         pass
+    # Sliding-window attention (GPT-OSS) without TE: fused_softmax's torch path builds the window mask
+    # with get_sliding_window_causal_mask, which allocates it on device="cuda". The same triu/tril
+    # on the CPU; nothing else of the softmax changes.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_sliding_window_causal_mask = _cpu_sliding_window_causal_mask
 
     _INSTALLED = True
+
+
+def _cpu_sliding_window_causal_mask(sq, skv, window_size):
+    """megatron.core.transformer.utils.get_sliding_window_causal_mask (0.16.1), allocated on the CPU."""
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    mu = torch.triu(m, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(mu, diagonal=skv - sq + window_size[1])

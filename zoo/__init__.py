@@ -20,7 +20,8 @@ from mzoo.config import FAMILIES, ConfigError, ModelConfig
 from mzoo.params import ParamCount, count_params
 
 PRESET_DIR = Path(__file__).parent / "presets"
-_PUBLISHED_KEYS = ("published_params", "published_active_params", "published_tolerance")
+_PUBLISHED_KEYS = ("published_params", "published_active_params", "published_tolerance",
+                   "published_active_excludes_embedding")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,15 @@ class Preset:
     published_active_params: Optional[float]
     published_tolerance: float = 0.005  # relative; wider only where a preset's comment says why
     recipe: Optional[Recipe] = None
+    published_active_excludes_embedding: bool = False  # GPT-OSS's model card counts the unembedding only
+
+    @property
+    def active_as_published(self) -> int:
+        """The exact active count in the published number's sense (without the input embedding where
+        the publisher leaves it out: a lookup, no compute)."""
+        active = self.count.active
+        return active - self.config.vocab_size * self.config.hidden_size if self.published_active_excludes_embedding \
+            else active
 
     @property
     def name(self) -> str:
@@ -74,7 +84,7 @@ def _load(path: Path) -> Preset:
     cfg = ModelConfig.from_dict(data, where=f"preset {path.stem}")
     tolerance = published["published_tolerance"] or 0.005
     return Preset(cfg, published["published_params"], published["published_active_params"], float(tolerance),
-                  _recipe(recipe, path.stem))
+                  _recipe(recipe, path.stem), bool(published["published_active_excludes_embedding"]))
 
 
 def _recipe(data: Optional[dict], name: str) -> Optional[Recipe]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from mzoo.errors import UserError
 
 import json
+import re
 import math
 import struct
 from pathlib import Path
@@ -307,6 +308,37 @@ def parse_size(text: str) -> int:
 _ST_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
+_ROW = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def stacked_row(name: str) -> tuple[str, Optional[int]]:
+    """'a.b[3]' -> ('a.b', 3): row 3 of a stacked tensor; a plain name -> (name, None)."""
+    match = _ROW.match(name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
+def fold_rows(plan: list[tuple[str, tuple[int, ...], torch.dtype]]
+              ) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, int]]:
+    """A plan whose rows `name[i]` (GPT-OSS's stacked experts: one canonical tensor per row) become
+    one tensor [rows, ...] placed where its last row arrives, and the row count of each. The writer
+    keeps a stacked tensor's rows until then: memory holds one stacked tensor (all experts of a
+    layer's weight), the unit transformers itself stores."""
+    last: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+    for i, (name, shape, dtype) in enumerate(plan):
+        base, row = stacked_row(name)
+        if row is not None:
+            last[base] = (last.get(base, (0,))[0] + 1, i, tuple(shape), dtype)
+    out = []
+    for i, (name, shape, dtype) in enumerate(plan):
+        base, row = stacked_row(name)
+        if row is None:
+            out.append((name, shape, dtype))
+        elif last[base][1] == i:
+            count, _, row_shape, kept = last[base]
+            out.append((base, (count, *row_shape), kept))
+    return out, {base: v[0] for base, v in last.items()}
+
+
 class HFWriter:
     """Streams tensors into safetensors shards whose headers are known in advance.
 
@@ -318,6 +350,8 @@ class HFWriter:
     def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_bytes: int = 5 * 10**9):
         self.folder = Path(folder)
+        plan, self.row_counts = fold_rows(plan)
+        self.rows: dict[str, dict[int, torch.Tensor]] = {}
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
         for name, shape, dtype in plan:
@@ -353,7 +387,12 @@ class HFWriter:
         self.current = index
 
     def add(self, name: str, tensor: torch.Tensor | TensorExtents) -> None:
-        """The next planned tensor: its bytes, or extents of other files (copied by the kernel)."""
+        """The next planned tensor: its bytes, or extents of other files (copied by the kernel); or
+        row `name[i]` of a stacked tensor, kept until its last row arrives (see fold_rows)."""
+        base, row = stacked_row(name)
+        if row is not None:
+            self._add_row(base, row, tensor)
+            return
         expected, shape, dtype, shard = self.order[self.position]
         if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise ValueError(f"writer expected {expected} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
@@ -364,6 +403,16 @@ class HFWriter:
         else:
             self.sink.write_tensor(tensor)
         self.position += 1
+
+    def _add_row(self, base: str, row: int, tensor: torch.Tensor | TensorExtents) -> None:
+        count = self.row_counts.get(base)
+        rows = self.rows.setdefault(base, {})
+        if count is None or isinstance(tensor, TensorExtents) or not 0 <= row < count or row in rows:
+            raise ValueError(f"writer got an unplanned row {base}[{row}]")
+        rows[row] = tensor
+        if len(rows) == count:
+            del self.rows[base]
+            self.add(base, torch.stack([rows[i] for i in range(count)]))
 
     def close(self) -> list[str]:
         """Wait until every shard is written and fsynced; write the index. Returns the files."""

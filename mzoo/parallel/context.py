@@ -74,9 +74,11 @@ class ContextParallelAttention:
         return cls(chunk_indices(seq, cp, state.cp_rank, device), gathered_indices(seq, cp, device),
                    segments, k_segments, state)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None
-                 ) -> torch.Tensor:
-        """q [b, hq, s_local, d], k / v [b, hk, s_local, d]: attention over the whole sequence."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                 sinks: Optional[torch.Tensor] = None, window: Optional[int] = None) -> torch.Tensor:
+        """q [b, hq, s_local, d], k / v [b, hk, s_local, d]: attention over the whole sequence (with
+        GPT-OSS's per-head `sinks` and sliding `window` where given)."""
         group = self.state.cp_group
         k, v = (C.gather_from_sp(t.permute(2, 0, 1, 3), group).permute(1, 2, 0, 3) for t in (k, v))
-        return blockwise_attention(q, k, v, self.q_index, self.k_index, self.q_segments, self.k_segments, scale)
+        return blockwise_attention(q, k, v, self.q_index, self.k_index, self.q_segments, self.k_segments, scale,
+                                   sinks=sinks, window=window)

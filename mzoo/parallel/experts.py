@@ -160,16 +160,44 @@ def grouped_row_multiple(device: torch.device) -> int:
 
 def grouped_mlp(x: torch.Tensor, sizes: list[int], counts: torch.Tensor, fc1: Sequence[torch.Tensor],
                 fc2: Sequence[torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor],
-                row_multiple: int = 1) -> torch.Tensor:
+                row_multiple: int = 1, fc1_bias: Optional[Sequence[torch.Tensor]] = None,
+                fc2_bias: Optional[Sequence[torch.Tensor]] = None, add_fc2_bias: bool = True) -> torch.Tensor:
     """Expert MLPs on rows sorted by expert (`sizes` rows each; `counts` the same on x's device):
     fc2_e(activation(fc1_e(x))) for every expert e in two `torch._grouped_mm` calls. Groups are
-    padded with zero rows to `row_multiple` (dropped again after), offsets computed on the device."""
+    padded with zero rows to `row_multiple` (dropped again after), offsets computed on the device.
+    Expert biases (GPT-OSS) are added per group; fc2's only where `add_fc2_bias` (TP rank 0: see
+    models/moe.py), its gradient taken on every rank."""
     padded = sizes if row_multiple == 1 else [max(row_multiple, -(-n // row_multiple) * row_multiple) for n in sizes]
     if row_multiple > 1:
         counts = ((counts + row_multiple - 1) // row_multiple * row_multiple).clamp_min(row_multiple)
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = activation(grouped_linear(_resize_blocks(x, sizes, padded), stack_weights(fc1), offsets))
-    return _resize_blocks(grouped_linear(h, stack_weights(fc2), offsets), padded, sizes)
+    group = None
+    if fc1_bias is not None or fc2_bias is not None:  # each row's expert, on the device (no host sync)
+        group = torch.repeat_interleave(torch.arange(len(padded), device=x.device), counts, output_size=sum(padded))
+    h = grouped_linear(_resize_blocks(x, sizes, padded), stack_weights(fc1), offsets)
+    if fc1_bias is not None:
+        h = _GroupBias.apply(h, stack_weights(fc1_bias), group, counts, True)
+    out = grouped_linear(activation(h), stack_weights(fc2), offsets)
+    if fc2_bias is not None:
+        out = _GroupBias.apply(out, stack_weights(fc2_bias), group, counts, add_fc2_bias)
+    return _resize_blocks(out, padded, sizes)
+
+
+class _GroupBias(torch.autograd.Function):
+    """rows [N, w] + bias[group of the row] ([G, w] stacked biases), or the rows unchanged where `add`
+    is false. Backward: the bias gradient is each group's row sum (a segment reduction, no
+    scatter-add), taken whether or not this rank added the bias."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, bias: torch.Tensor, group: torch.Tensor, counts: torch.Tensor,
+                add: bool) -> torch.Tensor:
+        ctx.save_for_backward(counts)
+        return rows + bias.index_select(0, group).to(rows.dtype) if add else rows.view_as(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (counts,) = ctx.saved_tensors
+        return grad, torch.segment_reduce(grad, "sum", lengths=counts, axis=0), None, None, None
 
 
 def _resize_blocks(x: torch.Tensor, sizes: list[int], new: list[int]) -> torch.Tensor:

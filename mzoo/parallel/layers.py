@@ -64,37 +64,42 @@ def apply_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return _RMSNorm.apply(x, weight, eps)
 
 
+def _glu(h: torch.Tensor, act, clamp: Optional[float], offset: float) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    if clamp is not None:  # GPT-OSS: gate clamped above, the linear half on both sides
+        gate, up = gate.clamp(max=clamp), up.clamp(-clamp, clamp)
+    return act(gate) * (up + offset if offset else up)
+
+
 class _GatedActivation(torch.autograd.Function):
     """act(gate) * up on fc1's output [gate; up], keeping only that output for backward and
     recomputing the activation there (Megatron's fused SwiGLU does the same): plain autograd would
     also keep act(gate), one more [tokens, ffn] tensor per layer. Same forward and gradients."""
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, act) -> torch.Tensor:
-        ctx.act = act
+    def forward(ctx, h: torch.Tensor, act, clamp: Optional[float], offset: float) -> torch.Tensor:
+        ctx.act, ctx.clamp, ctx.offset = act, clamp, offset
         ctx.save_for_backward(h)
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
+        return _glu(h, act, clamp, offset)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (h,) = ctx.saved_tensors
         with torch.enable_grad():
             x = h.detach().requires_grad_()
-            gate, up = x.chunk(2, dim=-1)
-            out = ctx.act(gate) * up
+            out = _glu(x, ctx.act, ctx.clamp, ctx.offset)
         (dh,) = torch.autograd.grad(out, x, grad)
-        return dh, None
+        return dh, None, None, None
 
 
-def gated(h: torch.Tensor, act) -> torch.Tensor:
-    """The gated activation of a [gate; up] fc1 output (SwiGLU, GeGLU). Inside a compiled layer it is
-    the plain expression: dynamo cannot trace the custom backward's `autograd.grad`, and inductor's
-    partitioner recomputes cheap pointwise ops such as act(gate) in backward instead of saving them."""
+def gated(h: torch.Tensor, act, clamp: Optional[float] = None, offset: float = 0.0) -> torch.Tensor:
+    """The gated activation of a [gate; up] fc1 output (SwiGLU, GeGLU; GPT-OSS's clamped form with
+    `clamp` and act(gate) * (up + offset)). Inside a compiled layer it is the plain expression:
+    dynamo cannot trace the custom backward's `autograd.grad`, and inductor's partitioner recomputes
+    cheap pointwise ops such as act(gate) in backward instead of saving them."""
     if torch.compiler.is_compiling():
-        gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return _GatedActivation.apply(h, act)
+        return _glu(h, act, clamp, offset)
+    return _GatedActivation.apply(h, act, clamp, offset)
 
 
 def _param(shape: Sequence[int], spec: ShardSpec, dtype: Optional[torch.dtype]) -> nn.Parameter:

@@ -98,7 +98,7 @@ def block_params(cfg: ModelConfig, block: str, s: Shard) -> BlockParams:
         rows = (a + 2 * g) * d // t
         n = _norm(cfg, h) + rows * h + (rows if cfg.add_qkv_bias or bias else 0)
         n += h * a * d // t + (h if bias else 0) + (2 * _norm(cfg, d) if cfg.qk_layernorm else 0)
-        return BlockParams(dense=n)
+        return BlockParams(dense=n + (a // t if cfg.softmax_type == "learnable" else 0))  # sinks: per head
     if block == "mla":
         m, a = cfg.mla, cfg.num_attention_heads
         qk = m.qk_nope_head_dim + m.qk_rope_head_dim
@@ -115,8 +115,9 @@ def block_params(cfg: ModelConfig, block: str, s: Shard) -> BlockParams:
     if block == "moe":
         moe = cfg.moe
         shared_ffn = (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size) * moe.num_shared_experts
-        dense = _norm(cfg, h) + moe.num_experts * h + (_mlp(cfg, shared_ffn, t, bias) if shared_ffn else 0)
-        expert = moe.num_experts // s.ep * _mlp(cfg, moe.ffn_hidden_size, s.etp, False)  # experts carry no bias
+        dense = _norm(cfg, h) + moe.num_experts * (h + (1 if bias else 0))  # router (+ bias: GPT-OSS)
+        dense += _mlp(cfg, shared_ffn, t, bias) if shared_ffn else 0
+        expert = moe.num_experts // s.ep * _mlp(cfg, moe.ffn_hidden_size, s.etp, bias)  # biases: GPT-OSS
         return BlockParams(dense=dense, expert=expert, frozen=moe.num_experts if moe.expert_bias else 0)
     if block == "mamba":
         return BlockParams(dense=_mamba(cfg, t))
@@ -238,7 +239,7 @@ def block_flops(cfg: ModelConfig, block: str, seq_len: int) -> BlockFlops:
     h = cfg.hidden_size
     if block == "gqa":
         a, g, d = cfg.num_attention_heads, cfg.groups, cfg.kv_channels
-        return BlockFlops(2 * h * (a + 2 * g) * d + 2 * a * d * h, 4 * a * d * seq_len)
+        return BlockFlops(2 * h * (a + 2 * g) * d + 2 * a * d * h, 4 * a * d * attended_keys(cfg, seq_len))
     if block == "mla":
         m, a = cfg.mla, cfg.num_attention_heads
         qk, up = m.qk_nope_head_dim + m.qk_rope_head_dim, m.qk_nope_head_dim + m.v_head_dim
@@ -263,6 +264,17 @@ def block_flops(cfg: ModelConfig, block: str, seq_len: int) -> BlockFlops:
         scan = 2 * dims["nheads"] * ssm.chunk_size * (ssm.d_state + ssm.head_dim) + 4 * di * ssm.d_state
         return BlockFlops(2 * h * dims["in_proj"] + 2 * di * h, 2 * dims["conv_dim"] * ssm.d_conv + scan)
     raise ValueError(f"unknown block {block}")
+
+
+def attended_keys(cfg: ModelConfig, seq_len: int) -> float:
+    """Keys a query's scores span, averaged over the attention layers: the sequence, or at most the
+    window on sliding-window layers (GPT-OSS alternates them). An average, so the whole model's count
+    is exact and a pipeline stage's is its share of it."""
+    if cfg.window_size is None:
+        return float(seq_len)
+    freq, n = cfg.window_attn_skip_freq, cfg.num_layers
+    windowed = n if freq is None else n - n // freq  # counted, not walked (is_window_layer per layer)
+    return (windowed * min(seq_len, cfg.window_size) + (cfg.num_layers - windowed) * seq_len) / cfg.num_layers
 
 
 def _mlp_flops(cfg: ModelConfig, ffn: int) -> float:

@@ -98,6 +98,33 @@ def _gathered_kv(model: Model, layout: Layout, stage: Stage, profile: Profile, s
     return per_layer * kept, per_layer if kept < attention else 0.0
 
 
+def _eager_scores(model: Model, layout: Layout, stage: Stage, profile: Profile, settings: Settings
+                  ) -> tuple[float, float]:
+    """(saved, working) bytes per local token of mzoo's eager sink / sliding-window attention
+    (models/attention.py, GPT-OSS without CP): each attention layer keeps its softmax output
+    [heads / tp, s, s + 1] and its [s, s] bool mask for backward (none while recomputed, then one
+    layer's worth); its keys and values repeated per query head take the place of what SDPA keeps
+    (measured: tests/mzoo/test_plan.py). The working peak adds one layer's scores and masked scores.
+    Megatron's fused kernels (and CP's tiles) keep no [s, s] tensor."""
+    cfg = model.cfg
+    if not profile.engine or layout.cp > 1 or (cfg.softmax_type == "vanilla" and cfg.window_size is None):
+        return 0.0, 0.0
+    heads, seq, e = cfg.num_attention_heads / layout.tp, settings.seq_len, profile.act
+    per_layer = e * heads * (seq + 1) + seq / settings.micro_batch  # + the bool mask
+    working = 2 * e * heads * seq
+    attention = sum(n for blocks, n in model.kinds(stage.ranges) if "gqa" in blocks)
+    if not attention:
+        return 0.0, 0.0
+    if "core_attn" in recomputed_modules(profile, settings):
+        return 0.0, per_layer + working
+    kept = attention
+    if settings.recompute == "full":
+        layers = stage.num_layers
+        recomputed = layers if settings.recompute_layers is None else min(layers, settings.recompute_layers * stage.chunks)
+        kept = attention * (layers - recomputed) / max(1, layers)
+    return per_layer * kept, working + (per_layer if kept < attention else 0.0)
+
+
 def _attention_tile(cfg: ModelConfig, layout: Layout, settings: Settings, profile: Profile) -> float:
     """Bytes alive inside one tiled (CP) attention of mzoo's engine: one fp32 tile of scores,
     probabilities and their gradients; never at the same time as the loss's logits."""
@@ -140,7 +167,8 @@ def stage_memory(cfg, layout: Layout, settings: Settings, profile: Profile, stag
     m = settings.microbatches(layout)
     per_token, working = _stage_activations(model, stage, shard, profile, settings)
     kept_kv, kv_working = _gathered_kv(model, layout, stage, profile, settings)
-    per_token, working = per_token + kept_kv, working + kv_working
+    kept_scores, scores_working = _eager_scores(model, layout, stage, profile, settings)
+    per_token, working = per_token + kept_kv + kept_scores, working + kv_working + scores_working
     activations = T * per_token * in_flight(layout, stage.rank, m)
     h, e, sh = cfg.hidden_size, profile.act, (1.0 / layout.tp if sp else 1.0)
     logits = 0.0

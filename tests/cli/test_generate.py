@@ -1,5 +1,5 @@
 """`mzoo generate`: greedy decoding with the inference cache (recurrent states for Mamba) equals
-transformers' `generate` token for token (LLaMA, GPT-2, Qwen2, Qwen3, Qwen3-MoE, Mixtral, DeepSeek-V2 and -V3, Mamba-1,
+transformers' `generate` token for token (LLaMA, GPT-2, Qwen2, Qwen3, Qwen3-MoE, Mixtral, DeepSeek-V2 and -V3, GPT-OSS, Mamba-1,
 Mamba-2 and a NemotronH hybrid), from Hugging Face and from a Megatron
 checkpoint at another layout; sampling is reproducible and top-p keeps only the nucleus; text
 prompts stream through the tokenizer token by token; bad input is one sentence."""
@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from conftest import make_hf_model, make_moe_model
-from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GPT2Config, LlamaConfig,
-                          Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig, Qwen2Config, Qwen3Config,
-                          Qwen3MoeConfig)
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GPT2Config, GptOssConfig,
+                          LlamaConfig, Mamba2Config, MambaConfig, MixtralConfig, NemotronHConfig, Qwen2Config,
+                          Qwen3Config, Qwen3MoeConfig)
 from typer.testing import CliRunner
 
 from mzoo.cli.main import app
@@ -48,6 +48,11 @@ MODELS = {
     "deepseek-v2": (make_moe_model, lambda: DeepseekV2Config(**DEEPSEEK, topk_method="greedy")),
     "deepseek-v3": (make_moe_model, lambda: DeepseekV3Config(**DEEPSEEK, n_group=2, topk_group=1,
                                                              routed_scaling_factor=2.5)),
+    # windows of 4 over a 26-token decode, sinks and biases: the cache's keys outside the window are masked
+    "gpt-oss": (make_moe_model, lambda: GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=32,
+                                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                     head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                                     sliding_window=4, max_position_embeddings=64)),
     "mamba1": (make_hf_model, lambda: MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2,
                                                   expand=2, conv_kernel=4)),
     "mamba2": (make_hf_model, lambda: Mamba2Config(vocab_size=VOCAB, hidden_size=64, num_heads=8, head_dim=16,

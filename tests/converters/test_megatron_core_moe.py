@@ -11,7 +11,8 @@ import dist as D
 import mcore_ref as R
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig,
+                          Qwen3MoeConfig)
 
 from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
 from mzoo.ckpt.megatron.checkpoint import Target
@@ -41,6 +42,12 @@ QWEN3_MOE = Qwen3MoeConfig(vocab_size=1000, hidden_size=64, intermediate_size=96
                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1],
                            max_position_embeddings=128)
+# windows of 4 over 12 tokens, sinks, biases on attention, router and experts; yarn without truncation
+GPT_OSS = GptOssConfig(vocab_size=1000, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                       max_position_embeddings=128, swiglu_limit=0.5,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0,
+                                        "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
 PADDED = 1024
 
@@ -166,3 +173,19 @@ def test_mzoo_deepseek_names_are_megatron_cores(tmp_path, variant, tp, ep):
     mine = {k: (v[1] if v[0] == "tensor" else None) for k, v in meta.items()}
     mc_keys = {k: v for _, keys in results for k, v in keys.items()}  # each EP rank declares its experts' objects
     assert mine == mc_keys, set(mine) ^ set(mc_keys)
+
+
+def test_megatron_core_loads_mzoo_gpt_oss_at_ep2(tmp_path):
+    """GPT-OSS as Megatron-Bridge configures megatron-core (softmax_type learnable, window_size (w-1, 0),
+    window_attn_skip_freq 2, quick_gelu clamped with glu_linear_offset 1, yarn, biased router and
+    experts): megatron-core at EP2 loads mzoo's torch_dist (written at EP1) with transformers' logits."""
+    from conftest import make_moe_model
+
+    path = make_moe_model(tmp_path / "hf", GPT_OSS)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(IDS).logits
+    out = tmp_path / "mc"
+    convert(open_source(path), out, Target("torch_dist", MegatronCheckpoint(layout=Layout(ep=1), spelling="local")))
+    cfg = open_source(out).cfg
+    for logits in map(R.unpack, D.run(_load_dist, 2, cfg, out / "release", IDS)):
+        assert (logits[..., :1000] - expected).abs().max().item() <= 1e-4

@@ -1,4 +1,4 @@
-"""Mixtral and DeepSeek (V2, V2-Lite, V3) adapters (and Qwen3-MoE's fused spelling): config round trips through transformers' own
+"""Mixtral, DeepSeek (V2, V2-Lite, V3) and GPT-OSS adapters (and Qwen3-MoE's fused spelling): config round trips through transformers' own
 config classes, HF -> canonical -> HF bit-exact on every tensor, the fused in-memory expert spelling
 on read, ignored MTP layers, presets transformers accepts, and one-sentence errors."""
 
@@ -12,8 +12,8 @@ import torch
 from conftest import all_safetensors, hf_roundtrip, make_moe_model
 from informative import perturb_hf_
 from safetensors.torch import load_file, save_file
-from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig,
-                          Qwen3MoeConfig)
+from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GptOssConfig,
+                          MixtralConfig, Qwen3MoeConfig)
 
 from mzoo.ckpt.hf import HFReader
 from mzoo.config import ConfigError
@@ -40,6 +40,12 @@ CONFIGS = {
                                    n_group=2, topk_group=1, routed_scaling_factor=16.0),
     "v3": DeepseekV3Config(**MLA, q_lora_rank=16, n_shared_experts=1, n_group=2, topk_group=1,
                            rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "gpt-oss": GptOssConfig(vocab_size=200, hidden_size=32, intermediate_size=16, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                            num_experts_per_tok=2, sliding_window=8, max_position_embeddings=256, swiglu_limit=3.0),
+    "gpt-oss-all-windowed": GptOssConfig(vocab_size=200, hidden_size=32, intermediate_size=16, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=4, head_dim=8, num_local_experts=2,
+                                         num_experts_per_tok=1, layer_types=["sliding_attention"] * 3),
     "v3-no-q-lora-tied": DeepseekV3Config(**{**MLA, "first_k_dense_replace": 0}, q_lora_rank=None, n_shared_experts=2,
                                           n_group=1, topk_group=1, norm_topk_prob=False, tie_word_embeddings=True),
 }
@@ -52,6 +58,7 @@ MIXTRAL_KEYS = KEYS + ("num_key_value_heads", "head_dim", "num_local_experts", "
 DEEPSEEK_KEYS = KEYS + ("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts",
                         "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob", "q_lora_rank",
                         "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group")
+GPT_OSS_KEYS = MIXTRAL_KEYS + ("sliding_window", "layer_types", "swiglu_limit", "swiglu_alpha", "attention_bias")
 
 
 def _hf_dict(config) -> dict:
@@ -59,7 +66,7 @@ def _hf_dict(config) -> dict:
 
 
 def _arch(config) -> dict:
-    keys = MIXTRAL_KEYS if config.model_type == "mixtral" else DEEPSEEK_KEYS
+    keys = {"mixtral": MIXTRAL_KEYS, "gpt_oss": GPT_OSS_KEYS}.get(config.model_type, DEEPSEEK_KEYS)
     out = {k: getattr(config, k) for k in keys}
     if config.model_type == "mixtral":
         out["head_dim"] = config.head_dim or config.hidden_size // config.num_attention_heads
@@ -107,7 +114,8 @@ def test_config_fields_map_as_documented():
 
 
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "mixtral-8x7b", "mixtral-8x22b", "deepseek-tiny",
-                                    "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"])
+                                    "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "gpt-oss-tiny", "gpt-oss-20b",
+                                    "gpt-oss-120b"])
 def test_presets_are_configs_transformers_builds(preset):
     p = get(preset)
     written = for_family(p.config.family).config_to_hf(p.config)
@@ -121,7 +129,8 @@ def test_presets_are_configs_transformers_builds(preset):
     assert count == p.count.total
 
 
-@pytest.mark.parametrize("preset", ["mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3"])
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "gpt-oss-20b",
+                                    "gpt-oss-120b"])
 def test_published_config_spelling_reads_as_the_preset(preset):
     """Hub config.json files predate transformers 5: top-level rope_theta, rope_scaling with 'type',
     and (DeepSeek) extra keys such as MTP layers and seq_aux that mzoo ignores."""
@@ -133,6 +142,9 @@ def test_published_config_spelling_reads_as_the_preset(preset):
     hf["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
     if cfg.family == "deepseek":
         hf.update(num_nextn_predict_layers=1, seq_aux=True, ep_size=1, head_dim=None)
+    if cfg.family == "gpt_oss":  # openai's config.json: the MXFP4 note (the HF reader's concern) and extras
+        hf.update(initial_context_length=4096, experts_per_token=4,
+                  quantization_config={"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]})
     back = for_hf_config(hf).config_from_hf(hf)
     assert cfg.architecture_differences(back) == [] and back.rope == cfg.rope
 
@@ -155,7 +167,7 @@ def test_two_wildcard_patterns_and_read_only_spellings():
 
 
 # ---- (b) HF -> canonical -> HF, bit-exact ------------------------------------------------------------
-@pytest.mark.parametrize("case", ["mixtral", "v2-lite", "v2-grouped", "v3", "v3-no-q-lora-tied"])
+@pytest.mark.parametrize("case", ["mixtral", "v2-lite", "v2-grouped", "v3", "v3-no-q-lora-tied", "gpt-oss"])
 def test_hf_canonical_hf_is_bit_exact(tmp_path, case):
     src = make_moe_model(tmp_path / "src", CONFIGS[case])
     hf_roundtrip(src, tmp_path / "out")
@@ -168,7 +180,7 @@ def test_hf_canonical_hf_is_bit_exact(tmp_path, case):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == CONFIGS[case].model_type
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-tiny", "gpt-oss-tiny"])
 def test_init_writes_what_from_pretrained_loads(tmp_path, preset):
     cfg = get(preset).config
     out = save_hf(cfg, random_canonical(cfg, seed=3), tmp_path / preset)
@@ -262,6 +274,9 @@ def _one_sentence(e: pytest.ExceptionInfo) -> str:
     ("v3", {"n_shared_experts": 0}, "shared experts"),
     ("v3", {"quantization_config": {"quant_method": "fp8"}}, "quantized"),
     ("v3", {"kv_lora_rank": None}, "kv_lora_rank"),
+    ("gpt-oss", {"swiglu_alpha": 1.5}, "swiglu_alpha"),
+    ("gpt-oss", {"attention_bias": False}, "attention_bias"),
+    ("gpt-oss", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types"),
 ])
 def test_unsupported_hf_configs_fail_with_one_sentence(case, change, match):
     hf = {**_hf_dict(CONFIGS[case]), **change}
@@ -282,6 +297,8 @@ def test_mixtral_sliding_window_covering_every_position_is_fine():
     ("mixtral-tiny", {"moe.score_function": "sigmoid"}, "softmax routing"),
     ("deepseek-tiny", {"moe.expert_bias": False}, "expert_bias"),
     ("deepseek-tiny", {"moe.layer_freq": 2}, "layer_freq"),
+    ("gpt-oss-tiny", {"softmax_type": "vanilla"}, "attention sinks"),
+    ("gpt-oss-tiny", {"glu_linear_offset": 0.0}, "glu_linear_offset 1"),
     ("deepseek-tiny", {"moe.shared_expert_ffn_hidden_size": 64}, "shared experts as wide"),
     ("deepseek-tiny", {"moe.score_function": "softmax", "moe.expert_bias": False, "moe.norm_topk_prob": True},
      "norm_topk_prob"),

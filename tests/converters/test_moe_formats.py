@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+from transformers import DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig, Qwen3MoeConfig
 
 from mzoo.ckpt import dcp_meta
 from mzoo.ckpt.hf import CheckpointError
@@ -51,6 +51,9 @@ MODELS = {
     "qwen3-moe": Qwen3MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
                                 num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
                                 norm_topk_prob=True, mlp_only_layers=[2]),
+    # GPT-OSS: sinks, biases on attention, router and experts (stacked, gate/up interleaved), windows
+    "gpt-oss": GptOssConfig(**COMMON, intermediate_size=32, num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
+                            num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
 }
 
 
@@ -76,7 +79,9 @@ SUBSET = [("torch", 2, 2, 4, "local", False), ("torch", 1, 2, 2, "te", True), ("
 ZARR = [("zarr", 2, 1, 2, "te", False), ("zarr", 1, 2, 4, "local", False)]
 CASES = ([("mixtral", c) for c in GRID + ZARR] + [("deepseek-v3", c) for c in GRID + ZARR]
          + [("deepseek-v2-lite", c) for c in SUBSET + ZARR[:1]]
-         + [("qwen3-moe", c) for c in SUBSET + ZARR[:1] + [("torch_dist", 2, 2, 2, "local", False)]])
+         + [("qwen3-moe", c) for c in SUBSET + ZARR[:1] + [("torch_dist", 2, 2, 2, "local", False)]]
+         + [("gpt-oss", c) for c in [("torch", 2, 2, 2, "te", False), ("torch", 1, 2, 2, "local", True),
+                                     ("torch_dist", 2, 2, 2, "te", False), ("zarr", 2, 1, 2, "local", False)]])
 
 
 def _tensors(path):
@@ -244,14 +249,19 @@ def test_config_survives_args_alone(sources, tmp_path):
         (out / "mzoo.yaml").unlink()
         assert open_source(out).cfg.architecture_differences(cfg) == []
     for name in ("mixtral-8x7b", "deepseek-v2-lite", "deepseek-v2", "deepseek-v3", "deepseek-tiny", "qwen3-30b-a3b",
-                 "qwen3-moe-tiny", "qwen2.5-7b", "qwen2-tiny", "qwen3-0.6b", "qwen3-tiny"):
+                 "qwen3-moe-tiny", "qwen2.5-7b", "qwen2-tiny", "qwen3-0.6b", "qwen3-tiny", "gpt-oss-20b", "gpt-oss-tiny"):
         cfg = resolve(name)
         args = config_to_args(cfg, MegatronCheckpoint(layout=Layout(tp=2, ep=4)), torch.bfloat16)
-        assert args_to_config(args).architecture_differences(cfg) == [], name
-        assert args_to_config(args).family == cfg.family, name
+        got = args_to_config(args)
+        assert got.architecture_differences(cfg) == [], name
+        assert got.family == cfg.family, name
+        gpt_oss = ("softmax_type", "window_size", "window_attn_skip_freq", "activation_func_clamp_value",
+                   "glu_linear_offset", "rope")  # what only the GPT-OSS args say (Megatron-Bridge's names)
+        assert [getattr(got, f) for f in gpt_oss] == [getattr(cfg, f) for f in gpt_oss], name
     # Qwen3-MoE's mlp_only_layers as Megatron's per-layer moe_layer_freq list
     args = config_to_args(resolve("qwen3-moe-tiny"), MegatronCheckpoint(), torch.float32)
     assert args.moe_layer_freq == [1, 0] and args.qk_layernorm and args.kv_channels == 32
+    assert vars(config_to_args(resolve("gpt-oss-20b"), MegatronCheckpoint(), torch.bfloat16))["window_size"] == (127, 0)
 
 
 def test_moe_layer_freq_forms():

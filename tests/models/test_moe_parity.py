@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import make_moe_model
 from informative import perturb_model_
-from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, Qwen3MoeConfig
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, GptOssConfig, MixtralConfig,
+                          Qwen3MoeConfig)
 
 from mzoo.config import ModelConfig
 from mzoo.converters.hf import load_hf_model
@@ -29,11 +30,23 @@ DEEPSEEK = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_int
 QWEN3_MOE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
                  max_position_embeddings=128)
+# GPT-OSS: windows (8, 5) shorter than the 40-token sequences, sinks ~N(0, 1), biases everywhere;
+# swiglu_limit 0.3 makes the clamp cut many of these small activations
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+               max_position_embeddings=256,
+               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})
 CASES = {
     "qwen3-moe-normalised": lambda: Qwen3MoeConfig(**QWEN3_MOE, num_hidden_layers=2, norm_topk_prob=True),
     # layers 1 and 5 sparse (step 2, layer 3 listed dense); raw softmax weights
     "qwen3-moe-step2-mlp-only": lambda: Qwen3MoeConfig(**QWEN3_MOE, num_hidden_layers=6, norm_topk_prob=False,
                                                        decoder_sparse_step=2, mlp_only_layers=[3]),
+    "gpt-oss-alternating": lambda: GptOssConfig(**GPT_OSS),
+    "gpt-oss-clamped-mha-3-layers": lambda: GptOssConfig(**{**GPT_OSS, "num_key_value_heads": 4, "num_hidden_layers": 3,
+                                                            "sliding_window": 5, "swiglu_limit": 0.3}),
+    "gpt-oss-all-windowed-top1": lambda: GptOssConfig(**{**GPT_OSS, "num_experts_per_tok": 1,
+                                                         "layer_types": ["sliding_attention"] * 2}),
     "mixtral-gqa": lambda: MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                                          num_experts_per_tok=2, max_position_embeddings=128),
@@ -105,16 +118,22 @@ def _sharded(rank, world, name, layout):
             spec, grad = get_spec(p), ref_params[cname].grad
             expect = spec.shard(grad, state.tp_rank, state.tp) if spec.axis == "tp" else grad
             worst, checked = max(worst, (p.grad - expect).abs().max().item()), checked + 1
-    assert checked == cfg.moe.num_experts // state.config.ep * 2 * sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
+    per_expert = 4 if cfg.add_bias_linear else 2  # fc1, fc2 (+ their biases: GPT-OSS)
+    assert checked == cfg.moe.num_experts // state.config.ep * per_expert * sum(map(cfg.is_moe_layer, range(cfg.num_layers)))
     return (got - expected).abs().max().item(), worst
 
 
+LAYOUTS = {"tp2": (dict(tp=2), 2), "tp2-sp": (dict(tp=2, sequence_parallel=True), 2), "ep2": (dict(dp=2, ep=2), 2),
+           "tp2xep2-sp": (dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4)}
+# GPT-OSS: TP x EP x SP at once (its expert biases under both); its EP2 and TP2 + SP training curves
+# are tests/train/test_moe_training.py's
+SHARDED = [(n, lay) for n in ("mixtral-tiny", "deepseek-tiny") for lay in LAYOUTS] + [("gpt-oss-tiny", "tp2xep2-sp")]
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["mixtral-tiny", "deepseek-tiny"])
-@pytest.mark.parametrize("layout, world", [(dict(tp=2), 2), (dict(tp=2, sequence_parallel=True), 2),
-                                           (dict(dp=2, ep=2), 2), (dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4)],
-                         ids=["tp2", "tp2-sp", "ep2", "tp2xep2-sp"])
-def test_sharded_forward_and_grads_match_one_process(name, layout, world):
+@pytest.mark.parametrize("name, layout_id", SHARDED, ids=[f"{lay}-{n}" for n, lay in SHARDED])
+def test_sharded_forward_and_grads_match_one_process(name, layout_id):
+    layout, world = LAYOUTS[layout_id]
     for logits_diff, grad_diff in D.run(_sharded, world, name, layout):
         assert logits_diff <= 1e-5
         assert grad_diff <= 1e-6

@@ -113,3 +113,52 @@ def test_chunks_are_megatrons_load_balanced_split():
     assert sorted(gathered_indices(24, 3).tolist()) == list(range(24))
     state = ParallelState.single()
     assert chunk_indices(8, state.config.cp, state.cp_rank).tolist() == list(range(8))
+
+
+def _sink_window_reference(q, k, v, sinks, window):
+    """GPT-OSS's eager attention (models/attention.py, itself equal to transformers' GptOss)."""
+    from mzoo.config import ModelConfig
+    from mzoo.models.attention import CoreAttention
+
+    heads, groups = q.shape[1], k.shape[1]
+    cfg = ModelConfig(family="gpt_oss", hidden_size=heads * 8, num_layers=1, num_attention_heads=heads,
+                      num_query_groups=groups, softmax_type="learnable", window_size=window)
+    core = CoreAttention(cfg, ParallelState.single(), 0)
+    del core.softmax_offset  # the test's leaf tensor in its place, so its gradient is the test's
+    core.softmax_offset = sinks
+    return core(q, k, v, None, 0.0, ParallelState.single())
+
+
+@pytest.mark.parametrize("cp, tile", [(1, 512), (2, 5), (3, 3)])
+@pytest.mark.parametrize("window", [None, 1, 5], ids=["sinks", "sinks-window1", "sinks-window5"])
+def test_sinks_and_window_match_the_eager_path(cp, tile, window):
+    """GPT-OSS under CP: per-head sinks in every row's denominator and a sliding window in the tile
+    mask give the eager path's output and gradients (sinks' own included) on every rank's rows."""
+    q, k, v, grad = _inputs(4, 2, seed=5)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+    ref = _sink_window_reference(*leaves, window)
+    ref_grads = _grads(ref, grad, *leaves)
+    keys = gathered_indices(S, cp)
+    kq, kk, kv, ks = (t.clone().requires_grad_() for t in (q, k[:, :, keys], v[:, :, keys], sinks))
+    total = [torch.zeros_like(t) for t in (q, k, v, sinks)]
+    for rank in range(cp):
+        rows = chunk_indices(S, cp, rank)
+        out = blockwise_attention(kq[:, :, rows], kk, kv, rows, keys, tile=tile, sinks=ks, window=window)
+        torch.testing.assert_close(out, ref[:, :, rows].detach(), rtol=0, atol=2e-6)
+        dq, dk, dv, dsink = _grads(out, grad[:, :, rows], kq, kk, kv, ks)
+        total[0] += dq
+        total[1][:, :, keys] += dk
+        total[2][:, :, keys] += dv
+        total[3] += dsink
+    for got, want in zip(total, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-6)
+
+
+def test_tiles_outside_the_window_are_skipped():
+    """One process, 24 keys in tiles of 4, window 4: a query tile sees its own tile and the one before."""
+    from mzoo.parallel.blockwise import _pairs, _tiles
+
+    idx = torch.arange(S)
+    pairs = list(_pairs(_tiles(idx, 4), _tiles(idx, 4), segmented=False, window=4))
+    assert len(pairs) == 6 * 2 - 1

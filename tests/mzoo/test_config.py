@@ -34,6 +34,12 @@ BAD = {
                                  "increasing layer indices below num_layers (2)"),
     "dense layer already dense": ({"moe": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 8, "first_k_dense": 1,
                                            "dense_layers": [0]}}, "dense already, so drop them"),
+    "empty window": ({"window_size": 0}, "window_size must be a positive number of tokens"),
+    "window layers without a window": ({"window_attn_skip_freq": 2}, "window_attn_skip_freq needs a window_size"),
+    "clamp on an ungated activation": ({"activation": "gelu", "activation_func_clamp_value": 7.0},
+                                       "activation_func_clamp_value needs a gated activation"),
+    "glu offset on an ungated activation": ({"activation": "gelu", "glu_linear_offset": 1.0}, "glu_linear_offset"),
+    "unknown softmax type": ({"softmax_type": "off-by-one"}, "softmax_type must be one of"),
 }
 
 
@@ -96,6 +102,15 @@ def test_padded_vocab_follows_megatron():
     cfg = get("llama3-8b").config
     assert cfg.padded_vocab_size(1) == 128256
     assert cfg.padded_vocab_size(8) == 129024
+
+
+def test_window_layers_follow_megatrons_skip_freq():
+    """window_attn_skip_freq N: every Nth layer (1-based) attends fully, as Megatron's
+    is_layer_window_attention and transformers' GPT-OSS layer_types (sliding first)."""
+    cfg = get("gpt-oss-20b").config
+    assert [cfg.is_window_layer(i) for i in range(4)] == [True, False, True, False]
+    assert all(map(cfg.replace(window_attn_skip_freq=None).is_window_layer, range(4)))
+    assert not any(map(get("llama-tiny").config.is_window_layer, range(2)))
 
 
 def test_block_kinds_answer_which_blocks_a_model_has():

@@ -60,6 +60,8 @@ COUNT_CASES = [
     ("mamba1-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba-hybrid-tiny", Layout(tp=2, pp=2, dp=1)),
     ("mamba2-hybrid-8b", Layout(tp=4, pp=4, dp=1)),
+    ("gpt-oss-tiny", Layout(tp=2, pp=2, dp=2, ep=2)),  # sinks per head, router and expert biases
+    ("gpt-oss-120b", Layout(tp=2, pp=4, dp=8, ep=8)),
 ]
 
 
@@ -287,6 +289,12 @@ MEASURED = [  # (model, training): state-bound (2 steps: the moments are touched
     (dict(name="m-qk-norm", family="qwen3", vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
           num_query_groups=2, head_dim=128, qk_layernorm=True, ffn_hidden_size=688, max_position_embeddings=1024),
      dict(seq_len=256, micro_batch=8, global_batch=16, steps=1)),
+    # GPT-OSS's eager sink / window attention keeps [s, s + 1] probabilities per layer; biased experts
+    (dict(name="m-sinks", family="gpt_oss", vocab_size=4096, hidden_size=256, num_layers=4, num_attention_heads=4,
+          num_query_groups=2, head_dim=64, ffn_hidden_size=256, activation="quick_geglu", max_position_embeddings=1024,
+          add_bias_linear=True, add_qkv_bias=True, softmax_type="learnable", window_size=64, window_attn_skip_freq=2,
+          activation_func_clamp_value=7.0, glu_linear_offset=1.0, moe=dict(num_experts=4, top_k=2, ffn_hidden_size=256)),
+     dict(seq_len=256, micro_batch=8, global_batch=16, steps=1)),
 ]
 
 
@@ -420,3 +428,17 @@ def test_cp2_with_full_recompute_holds_4x_the_sequence():
     assert mib(1, 4096, "full") > 1.2 * one_at_s
     assert mib(2, 4096, "full") == pytest.approx(mib(1, 2048, "full"), rel=0.01)
     assert mib(2, 4096, "none") > 1.5 * one_at_s  # without recompute, CP2 at 4S does not fit
+
+
+def test_window_layers_attend_to_fewer_keys():
+    """GPT-OSS: windowed layers (every other one) count at most window_size keys per query, so the
+    attention FLOPs are the full layers' plus the windowed layers' min(seq, window) share."""
+    from mzoo.plan.costs import block_flops
+
+    cfg = get("gpt-oss-20b").config
+    a, d = cfg.num_attention_heads, cfg.kv_channels
+    full = cfg.replace(window_size=None, window_attn_skip_freq=None)
+    assert block_flops(cfg, "gqa", 4096).core == pytest.approx(4 * a * d * (12 * 128 + 12 * 4096) / 24)
+    assert block_flops(full, "gqa", 4096).core == 4 * a * d * 4096
+    assert block_flops(cfg, "gqa", 64).core == block_flops(full, "gqa", 64).core  # shorter than the window
+    assert model_flops_per_token(cfg, 4096) < model_flops_per_token(full, 4096)

@@ -87,7 +87,7 @@ def test_kinds_equal_the_per_layer_walk_on_every_preset(name, monkeypatch):
     assert flops == pytest.approx(3.0 * fwd, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny", "mamba-hybrid-tiny", "mamba-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "deepseek-tiny", "mamba-hybrid-tiny", "mamba-tiny", "gpt-oss-tiny"])
 def test_ten_million_layers_are_planned_without_listing_them(name, monkeypatch):
     """The config's per-layer list (`layer_types`, 10M entries) is never asked for: memory, per-rank
     parameters and FLOPs come from counts (a walk took minutes here)."""

@@ -2,8 +2,9 @@
 EP4 on real gloo ranks give the loss curve of one process holding every expert, step for step
 (fp32, 1e-5), for a Mixtral-style model (softmax top-2, load-balancing loss) and a DeepSeek-V3-style
 one (MLA, a dense first layer, a shared expert, sigmoid group-limited routing with the
-aux-loss-free expert bias updated every step), and a Qwen3-MoE one (q/k norms, unnormalised top-k
-weights, a dense layer listed in mlp_only_layers) at EP2, EP2 x TP2 + SP and EP2 x PP2."""
+aux-loss-free expert bias updated every step), a Qwen3-MoE one (q/k norms, unnormalised top-k
+weights, a dense layer listed in mlp_only_layers) at EP2, EP2 x TP2 + SP and EP2 x PP2, and a GPT-OSS-style
+one (sinks, sliding windows, biased router and experts, clamped GLU) at EP2, TP2 (SP) and PP2."""
 
 from __future__ import annotations
 
@@ -36,7 +37,16 @@ QWEN3_MOE = ModelConfig(family="qwen3_moe", vocab_size=250, hidden_size=32, num_
                         max_position_embeddings=64,
                         moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=24, norm_topk_prob=False,
                                       dense_layers=[2], aux_loss_coeff=1e-2))
-MODELS = {"mixtral": MIXTRAL, "deepseek": DEEPSEEK, "qwen3-moe": QWEN3_MOE}
+# GPT-OSS: sinks, windows of 4 on 16-token sequences, biases on attention, router and experts, clamped GLU
+GPT_OSS = ModelConfig(
+    family="gpt_oss", vocab_size=250, hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
+    head_dim=8, ffn_hidden_size=16, activation="quick_geglu", max_position_embeddings=64, add_bias_linear=True,
+    add_qkv_bias=True, softmax_type="learnable", window_size=4, window_attn_skip_freq=2,
+    activation_func_clamp_value=0.5, glu_linear_offset=1.0,
+    rope=RopeConfig(theta=150000.0, scaling="yarn", factor=4.0, original_max_position_embeddings=16, truncate=False),
+    moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=16, aux_loss_coeff=1e-2),
+)
+MODELS = {"mixtral": MIXTRAL, "deepseek": DEEPSEEK, "qwen3-moe": QWEN3_MOE, "gpt-oss": GPT_OSS}
 STEPS = 20
 
 
@@ -89,10 +99,13 @@ def test_single_process_learns_and_balances(reference, name):
         ("qwen3-moe", dict(dp=2, ep=2), 2, True),
         ("qwen3-moe", dict(tp=2, dp=2, ep=2, sequence_parallel=True), 4, False),
         ("qwen3-moe", dict(pp=2, dp=2, ep=2), 4, False),  # the second stage starts with the listed dense layer
+        ("gpt-oss", dict(dp=2, ep=2), 2, False),
+        ("gpt-oss", dict(tp=2, sequence_parallel=True), 2, False),
+        ("gpt-oss", dict(pp=2), 2, False),  # stage 1's layer is global layer 1: full attention, not windowed
     ],
     ids=["mixtral-ep2", "deepseek-ep2-distopt", "mixtral-ep2xtp2", "deepseek-ep2xtp2-sp", "mixtral-ep2xpp2-distopt",
          "deepseek-ep2xpp2", "mixtral-ep4-distopt", "deepseek-tp2", "qwen3-moe-ep2-distopt", "qwen3-moe-ep2xtp2-sp",
-         "qwen3-moe-ep2xpp2"],
+         "qwen3-moe-ep2xpp2", "gpt-oss-ep2", "gpt-oss-tp2-sp", "gpt-oss-pp2"],
 )
 def test_moe_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = reference[name]

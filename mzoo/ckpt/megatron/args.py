@@ -28,7 +28,36 @@ def config_to_args(cfg: ModelConfig, ckpt: MegatronCheckpoint, dtype: torch.dtyp
     args = argparse.Namespace(**lm_defaults())
     vars(args).update(vars(_dense_args(cfg, ckpt, dtype)))
     vars(args).update(_moe_args(cfg, ckpt), **_mla_args(cfg), **_ssm_args(cfg, ckpt), **_tokenizer_args(cfg, tokenizer))
+    vars(args).update(_attention_variant_args(cfg))
     return args
+
+
+def _attention_variant_args(cfg: ModelConfig) -> dict[str, Any]:
+    """GPT-OSS's attention sinks, sliding window and clamped GLU in Megatron-Core's TransformerConfig
+    names (Megatron-Bridge's GPT-OSS provider sets the same): window_size is (w - 1, 0), the tokens
+    before the query and after it."""
+    out: dict[str, Any] = dict(softmax_type=cfg.softmax_type, glu_linear_offset=cfg.glu_linear_offset,
+                               activation_func_clamp_value=cfg.activation_func_clamp_value,
+                               quick_geglu=cfg.activation == "quick_geglu")
+    out["window_size"] = (cfg.window_size - 1, 0) if cfg.window_size is not None else None
+    out["window_attn_skip_freq"] = cfg.window_attn_skip_freq
+    if cfg.rope.scaling == "yarn":
+        out["yarn_correction_range_round_to_int"] = cfg.rope.truncate
+    return out
+
+
+def _attention_variant_from_args(a: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields `_attention_variant_args` wrote (Megatron's defaults where absent)."""
+    window = a.get("window_size")
+    if window is not None and (len(window) != 2 or window[1] != 0 or window[0] < 0):
+        raise CheckpointError(f"the checkpoint's args have window_size {tuple(window)}; mzoo handles causal windows "
+                              "(w - 1, 0) only.")
+    clamp = a.get("activation_func_clamp_value")
+    return dict(softmax_type=a.get("softmax_type") or "vanilla",
+                window_size=window[0] + 1 if window is not None else None,
+                window_attn_skip_freq=a.get("window_attn_skip_freq") if window is not None else None,
+                activation_func_clamp_value=float(clamp) if clamp is not None else None,
+                glu_linear_offset=float(a.get("glu_linear_offset") or 0.0))
 
 
 def _tokenizer_args(cfg: ModelConfig, tokenizer: Optional[Path]) -> dict[str, Any]:
@@ -189,7 +218,9 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
 
     position = a.get("position_embedding_type", "learned_absolute")
     position = {"learned_absolute": "learned"}.get(position, position)
-    if a.get("swiglu"):
+    if a.get("quick_geglu"):
+        activation = "quick_geglu"
+    elif a.get("swiglu"):
         activation = "swiglu"
     elif a.get("squared_relu"):
         activation = "squared_relu"
@@ -210,6 +241,7 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         rope.mscale = float(a["mscale"]) if a.get("mscale") is not None else None
         rope.mscale_all_dim = float(a["mscale_all_dim"]) if a.get("mscale_all_dim") is not None else None
         rope.original_max_position_embeddings = a.get("original_max_position_embeddings") or 4096
+        rope.truncate = bool(a.get("yarn_correction_range_round_to_int", True))
     heads = need("num_attention_heads")
     groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
     mla = _mla_from_args(a)
@@ -245,6 +277,7 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         moe=moe,
         mla=mla,
         ssm=ssm,
+        **_attention_variant_from_args(a),
     )
     cfg.validate("the checkpoint's args")
     return cfg
@@ -367,6 +400,8 @@ MODEL_ARGS = (
     "moe_grouped_gemm", "moe_router_score_function", "moe_router_enable_expert_bias", "multi_latent_attention",
     "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "is_hybrid_model",
     "hybrid_override_pattern", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
+    "softmax_type", "window_size", "window_attn_skip_freq", "activation_func_clamp_value", "glu_linear_offset",
+    "quick_geglu",
 )
 
 
