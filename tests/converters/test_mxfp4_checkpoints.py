@@ -147,3 +147,48 @@ def test_transformers_loads_what_the_reader_reads_from_a_gpt_oss_mxfp4_folder(tm
     assert sum(reader.shape(n) == (4, 64, 64) and reader.dtype(n) == "BF16" for n in reader.names()) == 2
     for name in reader.names():
         assert torch.equal(reader.get(name), loaded[name]), name
+
+
+def test_gpt_oss_stored_mxfp4_runs_and_converts_as_transformers_dequantises_it(tmp_path):
+    """The published GPT-OSS layout end to end, with F != H so a transposed down_proj cannot pass: mzoo's
+    model built from the MXFP4 folder gives the logits of transformers' own dequantising loader
+    (fp32), and hf -> megatron (TP2 EP2, torch_dist) -> hf writes plain bf16 experts equal to them."""
+    from transformers import GptOssConfig, Mxfp4Config
+
+    from mzoo.converters.hf import load_hf_model
+    from mzoo.layout import Layout
+    from mzoo.ckpt.megatron.checkpoint import MegatronCheckpoint
+
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    perturb_hf_(model, moe=True)
+    stored = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, 64, 64] and [E, 32, 64]
+            stored[name + "_blocks"], stored[name + "_scales"] = quantize(value.contiguous())
+        else:
+            stored[name] = value.contiguous()
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": MXFP4}))
+    theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
+                                                  dtype=torch.float32).eval()
+    assert theirs.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 64)  # [E, F, H]: F != H
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    _, ours = load_hf_model(folder)
+    with torch.no_grad():
+        assert (ours.eval()(ids) - theirs(ids).logits).abs().max() <= 1e-4
+    lay = MegatronCheckpoint(layout=Layout(tp=2, ep=2))
+    convert(open_source(folder), tmp_path / "mc", Target("torch_dist", lay))
+    convert(open_source(tmp_path / "mc"), tmp_path / "back", Target("hf"))
+    back = HFReader(tmp_path / "back")
+    assert back.quantization is None and "quantization_config" not in back.config
+    reader = HFReader(folder)
+    assert sorted(back.names()) == sorted(reader.names())
+    for name in reader.names():
+        assert torch.equal(back.get(name), reader.get(name)), name
