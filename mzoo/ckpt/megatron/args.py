@@ -241,7 +241,10 @@ def args_to_config(args: argparse.Namespace) -> ModelConfig:
         rope.mscale = float(a["mscale"]) if a.get("mscale") is not None else None
         rope.mscale_all_dim = float(a["mscale_all_dim"]) if a.get("mscale_all_dim") is not None else None
         rope.original_max_position_embeddings = a.get("original_max_position_embeddings") or 4096
-        rope.truncate = bool(a.get("yarn_correction_range_round_to_int", True))
+        # unset (absent, or null as Megatron-Bridge's run_config.yaml writes it for DeepSeek): rounded, the
+        # default of transformers and of Bridge's own Hugging Face export of the same model
+        rounding = a.get("yarn_correction_range_round_to_int")
+        rope.truncate = True if rounding is None else bool(rounding)
     heads = need("num_attention_heads")
     groups = a.get("num_query_groups") if a.get("group_query_attention") else heads
     mla = _mla_from_args(a)
