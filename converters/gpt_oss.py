@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from mzoo.config import ConfigError, ModelConfig, MoEConfig
+from mzoo.converters import llama
 from mzoo.converters.adapter import Adapter, register
 from mzoo.converters.config_map import CORE, Key, KeyTable, number, rope_from_hf
-from mzoo.converters.mapping import QKV, Direct, Mapping, MappingTable
+from mzoo.converters.mapping import Direct, Mapping, MappingTable
 
 L = "decoder.layers.*."
 H = "model.layers.*."
@@ -73,18 +74,9 @@ class Row(Mapping):
         return {"x": tensor}
 
 
-TABLE = MappingTable([
-    Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-    Direct("decoder.final_layernorm.weight", "model.norm.weight"),
-    Direct("output_layer.weight", "lm_head.weight"),
-    Direct(L + "self_attention.linear_qkv.layer_norm_weight", H + "input_layernorm.weight"),
-    QKV(L + "self_attention.linear_qkv.weight",
-        {"q": H + "self_attn.q_proj.weight", "k": H + "self_attn.k_proj.weight", "v": H + "self_attn.v_proj.weight"}),
-    QKV(L + "self_attention.linear_qkv.bias",
-        {"q": H + "self_attn.q_proj.bias", "k": H + "self_attn.k_proj.bias", "v": H + "self_attn.v_proj.bias"}),
+# LLaMA's rows (embedding, norms, output, q/k/v/o with their biases; its dense MLP rows are never asked for)
+TABLE = MappingTable(llama.TABLE.mappings + [
     Direct(L + "self_attention.core_attention.softmax_offset", H + "self_attn.sinks"),
-    Direct(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
-    Direct(L + "self_attention.linear_proj.bias", H + "self_attn.o_proj.bias"),
     Direct(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
     Direct(L + "mlp.router.weight", H + "mlp.router.weight"),
     Direct(L + "mlp.router.bias", H + "mlp.router.bias"),
