@@ -51,7 +51,7 @@ class DeviceRequired(TorchFunctionMode):
 
 
 FAMILIES = ["llama-tiny", "gpt-tiny", "mixtral-tiny", "deepseek-tiny", "mamba1-tiny", "mamba-tiny",
-            "mamba-hybrid-tiny"]
+            "mamba-hybrid-tiny", "qwen3-tiny", "qwen3-moe-tiny", "gpt-oss-tiny"]
 
 
 def _sampler(vocab: int, seq_len: int, packed: bool = False):
