@@ -118,6 +118,25 @@ def test_a_whole_mxfp4_tensor_is_read_not_copied(tmp_path):
     assert len(canonical_tensors(cfg)) == len(open_source(quantised).tensors)
 
 
+def _gpt_oss_mxfp4(tmp_path: Path, config, seed: int) -> Path:
+    """A tiny GPT-OSS saved as the published checkpoints are: experts ([E, H, 2F] gate_up_proj and
+    [E, F, H] down_proj) as MXFP4 blocks + scales, the rest bf16."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    perturb_hf_(model, moe=True)
+    stored = {}
+    for name, value in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            stored[name + "_blocks"], stored[name + "_scales"] = quantize(value.contiguous())
+        else:
+            stored[name] = value.contiguous()
+    folder = tmp_path / "gpt-oss"
+    folder.mkdir()
+    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": MXFP4}))
+    return folder
+
+
 def test_transformers_loads_what_the_reader_reads_from_a_gpt_oss_mxfp4_folder(tmp_path):
     """A tiny GPT-OSS saved as the published checkpoints are (experts MXFP4, the rest bf16): transformers'
     own loader (dequantize=True, its CPU path) holds exactly the tensors HFReader presents, names included."""
@@ -127,19 +146,7 @@ def test_transformers_loads_what_the_reader_reads_from_a_gpt_oss_mxfp4_folder(tm
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                           num_experts_per_tok=2, max_position_embeddings=64,
                           layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(4)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    perturb_hf_(model, moe=True)
-    stored = {}
-    for name, value in model.state_dict().items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, H, 2F] and [E, F, H]
-            stored[name + "_blocks"], stored[name + "_scales"] = quantize(value.contiguous())
-        else:
-            stored[name] = value.contiguous()
-    folder = tmp_path / "gpt-oss"
-    folder.mkdir()
-    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": MXFP4}))
+    folder = _gpt_oss_mxfp4(tmp_path, config, seed=4)
     loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
                                                   dtype=torch.bfloat16).state_dict()
     reader = HFReader(folder)
@@ -163,19 +170,7 @@ def test_gpt_oss_stored_mxfp4_runs_and_converts_as_transformers_dequantises_it(t
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                           num_experts_per_tok=2, max_position_embeddings=64, sliding_window=4,
                           layer_types=["sliding_attention", "full_attention"])
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    perturb_hf_(model, moe=True)
-    stored = {}
-    for name, value in model.state_dict().items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, 64, 64] and [E, 32, 64]
-            stored[name + "_blocks"], stored[name + "_scales"] = quantize(value.contiguous())
-        else:
-            stored[name] = value.contiguous()
-    folder = tmp_path / "gpt-oss"
-    folder.mkdir()
-    save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps({**config.to_dict(), "quantization_config": MXFP4}))
+    folder = _gpt_oss_mxfp4(tmp_path, config, seed=5)  # experts [E, 64, 64] and [E, 32, 64]
     theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=Mxfp4Config(dequantize=True),
                                                   dtype=torch.float32).eval()
     assert theirs.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 64)  # [E, F, H]: F != H
