@@ -72,7 +72,7 @@ def sites(cfg: ModelConfig, parts: Optional[tuple[str, ...]] = None) -> list[Sit
 
 
 def save_adapter(cfg: ModelConfig, lora: LoRAConfig, tensors: dict[str, torch.Tensor], out: Path,
-                 base_model: str = "", overwrite: bool = True,
+                 base_model: str = "", overwrite: bool = False,
                  extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write canonical adapter tensors as a peft folder that PeftModel.from_pretrained loads; `extra`
     adds files to it before it is switched in (a training run's optimizer state, which peft ignores)."""

@@ -87,7 +87,7 @@ def lora_hooks(base: Hooks, lora: LoRAConfig, start: Optional[dict], seed: int, 
             load_adapters(model, start)
 
     def save(cfg, tensors, root, iteration, extra):
-        save_adapter(cfg, lora, tensors, root, base_model, extra=extra)
+        save_adapter(cfg, lora, tensors, root, base_model, overwrite=True, extra=extra)  # root: checked by check_save
 
     return Hooks(build, load, save, base.make_samplers)
 
