@@ -58,6 +58,33 @@ def install() -> None:
             signal.signal(sig, _raise)
 
 
+
+@contextmanager
+def workers_forked() -> Iterator[None]:
+    """Fork worker processes inside this block: SIGTERM and SIGINT stay blocked in every process and
+    thread it starts, until a worker's initializer calls `worker_defaults()`. A worker forked with
+    `install()`'s handler would turn the pool's SIGTERM into `Stopped`, which Python may deliver where
+    it is swallowed (a `__del__`, a library's broad except), leaving the worker alive and
+    `Pool.terminate()` waiting for it forever. A signal that arrives meanwhile waits, then reaches
+    this process when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def worker_defaults() -> None:
+    """In a worker forked under `workers_forked()`: SIGTERM kills it at once (the kernel's default
+    action, so the parent's terminate always works), SIGINT is left to the parent (Ctrl-C reaches the
+    whole process group; the parent unwinds and ends its workers), then the signals are unblocked."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
 class StopFlag:
     """Records SIGTERM/SIGINT instead of raising, and notices a supervising parent's death."""
 

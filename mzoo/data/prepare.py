@@ -29,6 +29,7 @@ from mzoo.data.errors import DataError
 from mzoo.ckpt.atomic import check_space, disk_full
 from mzoo.data.indexed import IndexedDatasetWriter, PathLike, bin_path, idx_path, optimal_dtype, pending_path
 from mzoo.data.tokenizer import Tokenizer, load_tokenizer
+from mzoo.signals import worker_defaults, workers_forked
 
 INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
@@ -235,6 +236,7 @@ _WORKER: dict = {}
 
 
 def _worker_init(tokenizer_path: str, append_eod: bool, special_tokens: bool, dtype_name: str) -> None:
+    worker_defaults()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -262,9 +264,10 @@ def _encoded(chunks: Iterator[tuple[list[str], int]], cfg: PrepareConfig, tok: T
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(cfg.workers, initializer=_worker_init,
-                    initargs=(str(tok.path), cfg.append_eod, cfg.include_special_tokens,
-                              np.dtype(dtype).name))
+    with workers_forked():  # the pool's helper threads inherit the mask, so do workers they restart
+        pool = ctx.Pool(cfg.workers, initializer=_worker_init,
+                        initargs=(str(tok.path), cfg.append_eod, cfg.include_special_tokens,
+                                  np.dtype(dtype).name))
     try:
         pending: deque = deque()
         for texts, nbytes in chunks:

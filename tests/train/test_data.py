@@ -511,6 +511,50 @@ def test_errors_are_one_sentence_and_leave_nothing(tmp_path, tok_dirs):
         assert r.exit_code == 2 and "pip install pyarrow" in _one_sentence(r.stderr)
 
 
+
+FAIL_MIDWAY = """
+import sys
+from pathlib import Path
+from mzoo.data.errors import DataError
+from mzoo.data.prepare import PrepareConfig, prepare
+from mzoo.signals import install
+install()  # what every mzoo command runs first: SIGTERM raises Stopped
+good, bad, tok, out, n = sys.argv[1:]
+for i in range(int(n)):
+    try:
+        prepare(PrepareConfig(inputs=[Path(good), Path(bad)], tokenizer=Path(tok), out=f"{out}{i}", workers=2))
+    except DataError:
+        continue
+    raise SystemExit("the broken input was accepted")
+print("ended", n)
+"""
+
+
+def test_a_run_that_fails_midway_always_ends_its_workers(tmp_path, tok_dirs):
+    """Pool.terminate() after a midway failure, 20 times: workers forked with mzoo's own SIGTERM
+    handler could survive the pool's SIGTERM (Python ran the handler where its exception was lost),
+    and terminate then waited for them forever; a CI run hung here. Workers now take SIGTERM's
+    default action."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    good = _jsonl(tmp_path / "good.jsonl", _texts(600, 4))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text().splitlines()[0] + "\n{not json\n")
+    proc = subprocess.Popen([sys.executable, "-c", FAIL_MIDWAY, str(good), str(bad), str(tok_dirs[0]),
+                             str(tmp_path / "out"), "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the hung workers too
+        proc.communicate()
+        pytest.fail("prepare hung in Pool.terminate() after a midway failure")
+    assert proc.returncode == 0 and out.split() == ["ended", "20"], err
+    assert not any(tmp_path.glob("out*")), "a failed run left files"
+
 def test_tokenizer_loading_and_vocab_check(tok_dirs):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
