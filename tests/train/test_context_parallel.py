@@ -1,6 +1,7 @@
 """Context parallelism on real gloo ranks: CP2 alone and composed with TP (+SP), PP, DP (distributed
-optimizer) and EP, and GPT-OSS's sinks and sliding windows under CP2, give the loss curve of one process training the same model on the same global
-batches, step for step (fp32, 20 steps, 1e-5); the model's norms are informative (not all ones)."""
+optimizer) and EP, GPT-OSS's sinks and sliding windows under CP2, and Qwen3-MoE's per-head q/k norms
+(their gradients summed over CP and TP) under CP2 x TP2 + SP, give the loss curve of one process
+training the same model on the same global batches, step for step (fp32, 20 steps, 1e-5); the model's norms are informative (not all ones)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dist as D
 import pytest
 import torch
 from informative import noise
-from test_moe_training import DEEPSEEK, GPT_OSS, MIXTRAL
+from test_moe_training import DEEPSEEK, GPT_OSS, MIXTRAL, QWEN3_MOE
 from test_training_parity import CFG, counting_sampler
 
 from mzoo.config import ConfigError, ModelConfig
@@ -23,7 +24,8 @@ from mzoo.zoo import get
 STEPS = 20
 SEQ = 16
 MODELS = {"llama": CFG.replace(num_layers=4), "mixtral": MIXTRAL, "deepseek": DEEPSEEK,
-          "gpt-oss": GPT_OSS.replace(hidden_size=64)}  # learns 0.3 in 20 steps
+          "gpt-oss": GPT_OSS.replace(hidden_size=64),  # learns 0.3 in 20 steps
+          "qwen3-moe": QWEN3_MOE}
 
 
 @torch.no_grad()
@@ -77,9 +79,10 @@ def _expected(reference: dict, name: str) -> list[float]:
         ("mixtral", dict(cp=2, ep=2), 2, True),
         ("deepseek", dict(cp=2), 2, False),
         ("gpt-oss", dict(cp=2), 2, False),
+        ("qwen3-moe", dict(cp=2, tp=2, sequence_parallel=True), 4, False),
     ],
     ids=["cp2", "cp2xtp2", "cp2xtp2-sp", "cp2xpp2", "cp2xdp2-distopt", "mixtral-cp2xep2-distopt", "deepseek-mla-cp2",
-         "gpt-oss-sinks-window-cp2"],
+         "gpt-oss-sinks-window-cp2", "qwen3-moe-qknorm-cp2xtp2-sp"],
 )
 def test_cp_loss_curve_matches_single_process(reference, name, layout, world, dist_opt):
     expected = _expected(reference, name)
