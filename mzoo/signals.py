@@ -61,12 +61,13 @@ def install() -> None:
 
 @contextmanager
 def workers_forked() -> Iterator[None]:
-    """Fork worker processes inside this block: SIGTERM and SIGINT stay blocked in every process and
-    thread it starts, until a worker's initializer calls `worker_defaults()`. A worker forked with
-    `install()`'s handler would turn the pool's SIGTERM into `Stopped`, which Python may deliver where
-    it is swallowed (a `__del__`, a library's broad except), leaving the worker alive and
-    `Pool.terminate()` waiting for it forever. A signal that arrives meanwhile waits, then reaches
-    this process when the block ends."""
+    """Fork worker processes inside this block: SIGTERM and SIGINT are blocked in this thread, so in
+    every process it forks and every thread it starts (a pool's helper threads, which restart dead
+    workers), until a worker's initializer calls `worker_defaults()`. A worker forked with `install()`'s
+    handler turns the pool's SIGTERM into `Stopped`, which Python may raise where it is swallowed (a
+    `__del__`, a library's broad except): the worker lives on and `Pool.terminate()` waits for it
+    forever. A signal sent to this thread meanwhile is delivered when the block ends (one sent to the
+    process may be taken by another thread and raise here as usual)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,7 +81,8 @@ def workers_forked() -> Iterator[None]:
 def worker_defaults() -> None:
     """In a worker forked under `workers_forked()`: SIGTERM kills it at once (the kernel's default
     action, so the parent's terminate always works), SIGINT is left to the parent (Ctrl-C reaches the
-    whole process group; the parent unwinds and ends its workers), then the signals are unblocked."""
+    whole process group; the parent unwinds and ends its workers); then the signals are unblocked. A
+    parent killed outright needs nothing here: its pool's task pipe closes and the workers exit."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
